@@ -1,0 +1,21 @@
+# Two entry points that work on a fresh machine with Python 3.11 and nothing installed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/tfrewrite: setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: demo test fixtures
+demo: $(BIN)/tfrewrite
+	$(BIN)/tfrewrite fixtures/vgg_digits.tflite /tmp/vgg_digits_rank.tflite --rank 16
+
+test: $(BIN)/tfrewrite
+	$(BIN)/python -m pytest -n0 tests 2>/dev/null || $(BIN)/python -m pytest tests
+
+fixtures:
+	$(BIN)/pip install -q -e '.[test,fixtures]'
+	$(BIN)/python fixtures/make_fixtures.py
