@@ -1,0 +1,336 @@
+"""The in-memory graph that passes edit.
+
+Model → Subgraphs → Operators and Tensors that point at each other directly. Indices, the operator-code
+table, buffer numbering, signature and metadata indices exist only in the file; `io` rebuilds them on write.
+Options, quantization and sparsity parameters are kept as the schema's object-API values and written back
+unchanged unless a pass replaces them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import schema
+
+# TensorType → numpy dtype for the types whose constants we can view as arrays.
+NUMPY_DTYPES = {
+    schema.TensorType.FLOAT32: np.dtype("<f4"),
+    schema.TensorType.FLOAT16: np.dtype("<f2"),
+    schema.TensorType.FLOAT64: np.dtype("<f8"),
+    schema.TensorType.INT8: np.dtype("i1"),
+    schema.TensorType.UINT8: np.dtype("u1"),
+    schema.TensorType.INT16: np.dtype("<i2"),
+    schema.TensorType.UINT16: np.dtype("<u2"),
+    schema.TensorType.INT32: np.dtype("<i4"),
+    schema.TensorType.UINT32: np.dtype("<u4"),
+    schema.TensorType.INT64: np.dtype("<i8"),
+    schema.TensorType.UINT64: np.dtype("<u8"),
+    schema.TensorType.BOOL: np.dtype("?"),
+    schema.TensorType.COMPLEX64: np.dtype("<c8"),
+    schema.TensorType.COMPLEX128: np.dtype("<c16"),
+}
+TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def tensor_type_for(dtype) -> int:
+    dtype = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).itemsize > 1 else np.dtype(dtype)
+    for code, d in NUMPY_DTYPES.items():
+        if d == dtype:
+            return code
+    raise ValueError(f"no TFLite tensor type for numpy dtype {dtype}")
+
+
+class Buffer:
+    """Raw bytes of a constant; one Buffer may back several tensors (shared weights stay shared)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        # A uint8 view (often on the memory-mapped input file) or any bytes-like object.
+        self.data = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+@dataclass(eq=False)
+class Tensor:
+    name: str
+    type: int
+    shape: list[int]
+    buffer: Buffer | None = None
+    quantization: Any = None  # schema.QuantizationParametersT
+    sparsity: Any = None  # schema.SparsityParametersT
+    shape_signature: list[int] | None = None
+    is_variable: bool = False
+    has_rank: bool = False
+    variant_tensors: Any = None
+    external_buffer: int = 0
+
+    @property
+    def is_constant(self) -> bool:
+        return self.buffer is not None and self.buffer.nbytes > 0
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        return NUMPY_DTYPES.get(self.type)
+
+    @property
+    def data(self) -> np.ndarray | None:
+        """The constant as an array (a view, not a copy); None for non-constants and sparse tensors."""
+        if not self.is_constant or self.sparsity is not None or self.dtype is None:
+            return None
+        return self.buffer.data.view(self.dtype).reshape(self.shape)
+
+    def set_data(self, array: np.ndarray) -> None:
+        """Give this tensor new constant data in a buffer of its own."""
+        array = np.ascontiguousarray(array)
+        self.type = tensor_type_for(array.dtype)
+        self.shape = [int(d) for d in array.shape]
+        self.shape_signature = None
+        self.sparsity = None
+        self.buffer = Buffer(array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES.get(self.type, str(self.type)).lower()
+
+    def __repr__(self):
+        return f"Tensor({self.name!r}, {self.type_name}, {self.shape})"
+
+
+@dataclass(eq=False)
+class OpCode:
+    builtin: int
+    custom_code: str | None = None
+    version: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.builtin == schema.BuiltinOperator.CUSTOM:
+            return f"CUSTOM({self.custom_code})"
+        return OP_NAMES.get(self.builtin, f"OP_{self.builtin}")
+
+    def key(self):
+        return (self.builtin, self.custom_code, self.version)
+
+
+@dataclass(eq=False)
+class Operator:
+    opcode: OpCode
+    inputs: list[Tensor | None]
+    outputs: list[Tensor]
+    builtin_options: Any = None
+    builtin_options_type: int = 0
+    builtin_options2: Any = None
+    builtin_options2_type: int = 0
+    custom_options: bytes | None = None
+    custom_options_format: int = 0
+    mutating_variable_inputs: list[bool] | None = None
+    intermediates: list[Tensor] = field(default_factory=list)
+    debug_metadata_index: int = -1
+
+    @property
+    def builtin(self) -> int:
+        return self.opcode.builtin
+
+    @property
+    def name(self) -> str:
+        return self.opcode.name
+
+    def __repr__(self):
+        outs = ", ".join(t.name for t in self.outputs)
+        return f"Operator({self.name} -> {outs})"
+
+
+@dataclass(eq=False)
+class Subgraph:
+    tensors: list[Tensor] = field(default_factory=list)
+    operators: list[Operator] = field(default_factory=list)
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    name: str | None = None
+    debug_metadata_index: int = -1
+
+    # --- queries --------------------------------------------------------------------------------------
+    def producers(self) -> dict[int, Operator]:
+        """id(tensor) → the operator that writes it."""
+        return {id(t): op for op in self.operators for t in op.outputs}
+
+    def consumers(self) -> dict[int, list[Operator]]:
+        """id(tensor) → operators that read it, in execution order."""
+        readers: dict[int, list[Operator]] = {}
+        for op in self.operators:
+            for t in _op_reads(op):
+                readers.setdefault(id(t), []).append(op)
+        return readers
+
+    def producer_of(self, tensor: Tensor) -> Operator | None:
+        return next((op for op in self.operators if any(t is tensor for t in op.outputs)), None)
+
+    def consumers_of(self, tensor: Tensor) -> list[Operator]:
+        return [op for op in self.operators if any(t is tensor for t in _op_reads(op))]
+
+    # --- edits ----------------------------------------------------------------------------------------
+    def add_tensor(self, tensor: Tensor) -> Tensor:
+        self.tensors.append(tensor)
+        return tensor
+
+    def add_constant(self, name: str, array: np.ndarray, quantization=None) -> Tensor:
+        tensor = Tensor(name=self.unique_name(name), type=0, shape=[])
+        tensor.set_data(array)
+        tensor.quantization = quantization
+        return self.add_tensor(tensor)
+
+    def add_activation(self, name: str, type: int, shape: Iterable[int], like: Tensor | None = None) -> Tensor:
+        """A new non-constant tensor; `like` lends its dynamic batch dimension, if any."""
+        shape = [int(d) for d in shape]
+        signature = None
+        if like is not None and like.shape_signature is not None and len(like.shape_signature) and like.shape_signature[0] < 0:
+            signature = [-1] + shape[1:]
+        return self.add_tensor(Tensor(name=self.unique_name(name), type=type, shape=shape,
+                                      shape_signature=signature))
+
+    def unique_name(self, name: str) -> str:
+        taken = {t.name for t in self.tensors}
+        if name not in taken:
+            return name
+        i = 1
+        while f"{name}_{i}" in taken:
+            i += 1
+        return f"{name}_{i}"
+
+    def replace_operator(self, old: Operator, chain: list[Operator]) -> None:
+        """Put `chain` where `old` was in execution order; the chain must write old's outputs itself."""
+        i = next(i for i, op in enumerate(self.operators) if op is old)
+        self.operators[i:i + 1] = chain
+
+    def insert_before(self, anchor: Operator, ops: list[Operator]) -> None:
+        i = next(i for i, op in enumerate(self.operators) if op is anchor)
+        self.operators[i:i] = ops
+
+    def rewire(self, old: Tensor, new: Tensor, after: Operator | None = None) -> None:
+        """Make every reader of `old` (only those after `after`, when given) read `new` instead."""
+        started = after is None
+        for op in self.operators:
+            if not started:
+                started = op is after
+                continue
+            op.inputs = [new if t is old else t for t in op.inputs]
+            op.intermediates = [new if t is old else t for t in op.intermediates]
+        self.outputs = [new if t is old else t for t in self.outputs]
+
+    def cleanup(self, keep: Iterable[Tensor] = ()) -> None:
+        """Drop operators whose outputs nobody needs, then tensors nobody references."""
+        keep_ids = {id(t) for t in keep} | {id(t) for t in self.inputs} | {id(t) for t in self.outputs}
+        live = set(keep_ids)
+        kept_ops = []
+        for op in reversed(self.operators):
+            side_effects = op.builtin in _SIDE_EFFECT_OPS or not op.outputs or any(t.is_variable for t in op.inputs if t)
+            if side_effects or any(id(t) in live for t in op.outputs):
+                kept_ops.append(op)
+                live.update(id(t) for t in _op_reads(op))
+                live.update(id(t) for t in op.outputs)
+        self.operators = kept_ops[::-1]
+        self.tensors = [t for t in self.tensors if id(t) in live or t.is_variable]
+
+    def check_topological_order(self) -> None:
+        """Raise ValueError when an operator reads a tensor that is written only later."""
+        written = {id(t) for t in self.inputs}
+        written |= {id(t) for t in self.tensors if t.is_constant or t.is_variable}
+        later = {id(t) for op in self.operators for t in op.outputs}
+        for op in self.operators:
+            for t in _op_reads(op):
+                if id(t) in later and id(t) not in written:
+                    raise ValueError(f"{op} reads {t.name!r} before it is written")
+            written.update(id(t) for t in op.outputs)
+
+    def toposort(self) -> None:
+        """Stable topological order of the operators (Kahn's algorithm, original order breaks ties)."""
+        producers = self.producers()
+        index = {id(op): i for i, op in enumerate(self.operators)}
+        deps = {id(op): {index[id(producers[id(t)])] for t in _op_reads(op) if id(t) in producers}
+                - {index[id(op)]} for op in self.operators}
+        done: set[int] = set()
+        order: list[Operator] = []
+        pending = list(self.operators)
+        while pending:
+            ready = [op for op in pending if deps[id(op)] <= done]
+            if not ready:
+                raise ValueError("the graph has a cycle")
+            op = ready[0]
+            order.append(op)
+            done.add(index[id(op)])
+            pending.remove(op)
+        self.operators = order
+
+
+# Operators that must stay even when nothing reads their outputs.
+_SIDE_EFFECT_OPS = {
+    schema.BuiltinOperator.ASSIGN_VARIABLE, schema.BuiltinOperator.CALL_ONCE,
+    schema.BuiltinOperator.VAR_HANDLE, schema.BuiltinOperator.CUSTOM,
+    schema.BuiltinOperator.WHILE, schema.BuiltinOperator.IF,
+} | ({schema.BuiltinOperator.HASHTABLE_IMPORT} if hasattr(schema.BuiltinOperator, "HASHTABLE_IMPORT") else set())
+
+
+def _op_reads(op: Operator) -> list[Tensor]:
+    return [t for t in op.inputs if t is not None]
+
+
+@dataclass(eq=False)
+class SignatureDef:
+    key: str
+    subgraph: Subgraph
+    inputs: list[tuple[str, Tensor]]
+    outputs: list[tuple[str, Tensor]]
+
+
+@dataclass(eq=False)
+class Model:
+    subgraphs: list[Subgraph] = field(default_factory=list)
+    version: int = 3
+    description: str | None = None
+    signature_defs: list[SignatureDef] = field(default_factory=list)
+    # (name, Buffer) pairs, in file order.
+    metadata: list[tuple[str, Buffer]] = field(default_factory=list)
+    # Buffers the metadata_buffer list names (deprecated field, kept for old readers).
+    metadata_buffer: list[Buffer] = field(default_factory=list)
+
+    @property
+    def main(self) -> Subgraph:
+        return self.subgraphs[0]
+
+    def operators(self) -> Iterable[tuple[Subgraph, Operator]]:
+        for sg in self.subgraphs:
+            for op in sg.operators:
+                yield sg, op
+
+    def find_operators(self, builtin: int | None = None, pattern: str | None = None):
+        rx = re.compile(pattern) if pattern else None
+        for sg, op in self.operators():
+            if builtin is not None and op.builtin != builtin:
+                continue
+            if rx and not any(rx.search(t.name) for t in op.outputs):
+                continue
+            yield sg, op
+
+    def get_metadata(self, name: str) -> Buffer | None:
+        return next((b for n, b in self.metadata if n == name), None)
+
+    def set_metadata(self, name: str, data: bytes) -> None:
+        buf = Buffer(np.frombuffer(bytes(data), np.uint8))
+        for i, (n, _) in enumerate(self.metadata):
+            if n == name:
+                self.metadata[i] = (name, buf)
+                return
+        self.metadata.append((name, buf))
+
+    def cleanup(self) -> None:
+        for sg in self.subgraphs:
+            keep = [t for sig in self.signature_defs if sig.subgraph is sg for _, t in sig.inputs + sig.outputs]
+            sg.cleanup(keep)

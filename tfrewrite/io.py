@@ -1,0 +1,573 @@
+"""Read a .tflite file into the graph IR and write the IR back.
+
+Reading memory-maps the file; weight buffers are numpy views on the map, so nothing is copied until a pass
+changes a weight. Everything is validated before it is trusted, and the work done is bounded by the file
+size, so a hostile file gets a `ModelError` quickly instead of a hang, a huge allocation or a traceback.
+
+Writing packs everything but the weights with the flatbuffers builder, then appends the weight bytes after it
+(16-byte aligned, straight from the input map) and patches the offsets of the Buffer tables to point at them.
+Above 2 GiB the weights go after the flatbuffer in the large-model layout (Buffer.offset/size) instead.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import flatbuffers
+import numpy as np
+
+from . import schema
+from .graph import Buffer, Model, OpCode, Operator, SignatureDef, Subgraph, Tensor
+
+FILE_IDENTIFIER = b"TFL3"
+ALIGNMENT = 16
+# A flatbuffer addresses at most 2 GiB; keep a margin for the tables themselves.
+FLATBUFFER_LIMIT = 2**31 - 2**20
+_PLACEHOLDER = 0x7FFFFFFF
+
+
+class ModelError(Exception):
+    """The file is not a valid TFLite model; the message says what and where."""
+
+
+# ================================================================================================ reading
+def read(path: str | os.PathLike) -> Model:
+    path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path}: is a directory, not a .tflite file")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ModelError(f"{path}: empty file")
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ModelError(f"{path}: {e.strerror or e}") from None
+    return read_buffer(data, name=str(path))
+
+
+def read_buffer(data, name: str = "<buffer>") -> Model:
+    """Parse a model held in `data` (bytes, mmap, ...); weight arrays are views on `data`."""
+    reader = _Reader(data, name)
+    try:
+        return reader.model()
+    except ModelError:
+        raise
+    except RecursionError:
+        raise ModelError(f"{name}: nesting too deep, {reader.where}") from None
+    except (struct.error, IndexError, ValueError, TypeError, OverflowError, UnicodeDecodeError,
+            AttributeError, KeyError, MemoryError) as e:
+        raise ModelError(f"{name}: malformed flatbuffer {reader.where} ({type(e).__name__}: {e})") from None
+
+
+class _Reader:
+    def __init__(self, data, name):
+        self.data = data
+        self.name = name
+        self.size = len(data)
+        # Every table visit costs one unit; a valid file has at most one table per 4 bytes, so a file whose
+        # vectors alias each other to multiply the work runs out of budget instead of hanging.
+        self.budget = self.size // 4 + 1024
+        self.where = "in the file header"
+
+    def fail(self, message):
+        raise ModelError(f"{self.name}: {message} ({self.where})")
+
+    def spend(self, n=1):
+        self.budget -= n
+        if self.budget < 0:
+            self.fail("more tables than the file can hold")
+
+    def vector_length(self, n, elem_size=4):
+        if n < 0 or n * elem_size > self.size:
+            self.fail(f"vector of {n} entries does not fit in a {self.size}-byte file")
+        self.spend(n)
+        return n
+
+    def index(self, i, n, what):
+        i = int(i)
+        if not 0 <= i < n:
+            self.fail(f"{what} {i} is out of range [0, {n})")
+        return i
+
+    # ------------------------------------------------------------------------------------------------
+    def model(self) -> Model:
+        if self.size < 8:
+            self.fail(f"only {self.size} bytes: too short for a TFLite model")
+        if bytes(self.data[4:8]) != FILE_IDENTIFIER:
+            self.fail(f"file identifier is {bytes(self.data[4:8])!r}, not {FILE_IDENTIFIER!r}: not a TFLite model")
+        root = struct.unpack_from("<I", self.data, 0)[0]
+        if root + 4 > self.size:
+            self.fail(f"root table offset {root} is past the end of the file")
+        fb = schema.Model.GetRootAs(self.data, 0)
+        self.check_table(fb._tab.Pos)
+        version = fb.Version()
+        if version != 3:
+            self.fail(f"schema version {version} is not supported (expected 3)")
+
+        self.where = "in the buffer table"
+        buffers = [self.buffer(fb, i) for i in range(self.vector_length(fb.BuffersLength()))]
+        if not buffers:
+            self.fail("model has no buffers (buffer 0 must exist)")
+
+        self.where = "in the operator-code table"
+        opcodes = []
+        for i in range(self.vector_length(fb.OperatorCodesLength())):
+            oc = fb.OperatorCodes(i)
+            self.check_table(oc._tab.Pos)
+            builtin = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
+            custom = oc.CustomCode()
+            opcodes.append(OpCode(builtin, custom.decode("utf-8") if custom is not None else None, oc.Version()))
+
+        n_subgraphs = self.vector_length(fb.SubgraphsLength())
+        if n_subgraphs == 0:
+            self.fail("model has no subgraphs")
+        subgraphs = [self.subgraph(fb.Subgraphs(i), i, buffers, opcodes, n_subgraphs) for i in range(n_subgraphs)]
+
+        model = Model(subgraphs=subgraphs, version=version)
+        desc = fb.Description()
+        model.description = desc.decode("utf-8") if desc is not None else None
+
+        self.where = "in the metadata"
+        for i in range(self.vector_length(fb.MetadataLength())):
+            m = fb.Metadata(i)
+            self.check_table(m._tab.Pos)
+            name = m.Name()
+            model.metadata.append((name.decode("utf-8") if name is not None else "",
+                                   buffers[self.index(m.Buffer(), len(buffers), f"metadata {i} buffer")]))
+        if fb.MetadataBufferLength():
+            mb = fb.MetadataBufferAsNumpy()
+            model.metadata_buffer = [buffers[self.index(b, len(buffers), "metadata_buffer entry")] for b in mb]
+
+        self.where = "in the signature defs"
+        for i in range(self.vector_length(fb.SignatureDefsLength())):
+            sd = fb.SignatureDefs(i)
+            self.check_table(sd._tab.Pos)
+            sg = subgraphs[self.index(sd.SubgraphIndex(), n_subgraphs, f"signature {i} subgraph")]
+            key = sd.SignatureKey()
+
+            def maps(n, get):
+                out = []
+                for j in range(self.vector_length(n)):
+                    tm = get(j)
+                    self.check_table(tm._tab.Pos)
+                    t = sg.tensors[self.index(tm.TensorIndex(), len(sg.tensors), f"signature {i} tensor")]
+                    out.append((tm.Name().decode("utf-8") if tm.Name() is not None else "", t))
+                return out
+            model.signature_defs.append(SignatureDef(
+                key=key.decode("utf-8") if key is not None else "", subgraph=sg,
+                inputs=maps(sd.InputsLength(), sd.Inputs), outputs=maps(sd.OutputsLength(), sd.Outputs)))
+
+        self.where = "in the external buffers"
+        if fb.ExternalBufferGroupsLength() or fb.ExternalBuffersLength():
+            self.vector_length(fb.ExternalBufferGroupsLength())
+            self.vector_length(fb.ExternalBuffersLength())
+            full = schema.ModelT()
+            full.externalBufferGroups = [schema.ExternalBufferGroupT.InitFromObj(fb.ExternalBufferGroups(i))
+                                         for i in range(fb.ExternalBufferGroupsLength())]
+            full.externalBuffers = [schema.ExternalBufferT.InitFromObj(fb.ExternalBuffers(i))
+                                    for i in range(fb.ExternalBuffersLength())]
+            model.external = (full.externalBufferGroups, full.externalBuffers)
+        return model
+
+    def check_table(self, pos):
+        """The table and its vtable lie inside the file."""
+        self.spend()
+        if not 0 <= pos <= self.size - 4:
+            self.fail(f"table at offset {pos} is outside the file")
+        vt = pos - struct.unpack_from("<i", self.data, pos)[0]
+        if not 0 <= vt <= self.size - 4:
+            self.fail(f"vtable of the table at offset {pos} is outside the file")
+        vt_len, obj_len = struct.unpack_from("<HH", self.data, vt)
+        if vt_len < 4 or vt + vt_len > self.size or pos + obj_len > self.size:
+            self.fail(f"table at offset {pos} runs past the end of the file")
+
+    def buffer(self, fb, i) -> Buffer:
+        self.where = f"in buffer {i}"
+        b = fb.Buffers(i)
+        self.check_table(b._tab.Pos)
+        offset, size = b.Offset(), b.Size()
+        if offset > 1:  # large-model layout: the bytes follow the flatbuffer, addressed from the file start
+            if offset + size > self.size:
+                self.fail(f"data [{offset}, {offset + size}) lies past the end of the {self.size}-byte file")
+            return Buffer(np.frombuffer(self.data, np.uint8, size, offset))
+        n = b.DataLength()
+        if n == 0:
+            return Buffer(np.zeros(0, np.uint8))
+        start = b._tab.Vector(4)
+        if start + n > self.size:
+            self.fail(f"data of {n} bytes at offset {start} runs past the end of the file")
+        return Buffer(np.frombuffer(self.data, np.uint8, n, start))
+
+    def subgraph(self, fb, si, buffers, opcodes, n_subgraphs) -> Subgraph:
+        self.where = f"in subgraph {si}"
+        self.check_table(fb._tab.Pos)
+        sg = Subgraph()
+        name = fb.Name()
+        sg.name = name.decode("utf-8") if name is not None else None
+        sg.debug_metadata_index = fb.DebugMetadataIndex()
+        n_tensors = self.vector_length(fb.TensorsLength())
+        for ti in range(n_tensors):
+            self.where = f"in subgraph {si}, tensor {ti}"
+            sg.tensors.append(self.tensor(fb.Tensors(ti), buffers))
+        tensors = sg.tensors
+
+        def tensor_list(vec, what, optional=False):
+            out = []
+            for j in vec:
+                j = int(j)
+                if optional and j == -1:
+                    out.append(None)
+                else:
+                    out.append(tensors[self.index(j, n_tensors, what)])
+            return out
+
+        self.where = f"in subgraph {si}"
+        sg.inputs = tensor_list(self.int_vector(fb.InputsLength(), fb.InputsAsNumpy), "input tensor")
+        sg.outputs = tensor_list(self.int_vector(fb.OutputsLength(), fb.OutputsAsNumpy), "output tensor")
+        # Blockwise / multi-axis quantization name tensors by index: turn them into references.
+        for t in tensors:
+            details = getattr(t.quantization, "details", None)
+            if isinstance(details, (getattr(schema, "BlockwiseQuantizationT", ()), getattr(schema, "MultiAxisQuantizationT", ()))):
+                details.scales = tensors[self.index(details.scales, n_tensors, "quantization scales tensor")]
+                details.zeroPoints = (tensors[self.index(details.zeroPoints, n_tensors, "quantization zero-point tensor")]
+                                      if details.zeroPoints >= 0 else None)
+
+        for oi in range(self.vector_length(fb.OperatorsLength())):
+            self.where = f"in subgraph {si}, operator {oi}"
+            o = fb.Operators(oi)
+            self.check_table(o._tab.Pos)
+            opcode = opcodes[self.index(o.OpcodeIndex(), len(opcodes), "operator-code index")]
+            op = Operator(
+                opcode=opcode,
+                inputs=tensor_list(self.int_vector(o.InputsLength(), o.InputsAsNumpy), "input tensor", optional=True),
+                outputs=tensor_list(self.int_vector(o.OutputsLength(), o.OutputsAsNumpy), "output tensor", optional=True),
+                intermediates=tensor_list(self.int_vector(o.IntermediatesLength(), o.IntermediatesAsNumpy), "intermediate tensor"),
+                custom_options_format=o.CustomOptionsFormat(),
+                debug_metadata_index=o.DebugMetadataIndex(),
+            )
+            if o.CustomOptionsLength():
+                n = self.vector_length(o.CustomOptionsLength(), 1) and o.CustomOptionsLength()
+                op.custom_options = bytes(o.CustomOptionsAsNumpy()[:n])
+            large_offset, large_size = o.LargeCustomOptionsOffset(), o.LargeCustomOptionsSize()
+            if large_offset > 1:
+                if large_offset + large_size > self.size:
+                    self.fail("large custom options lie past the end of the file")
+                op.custom_options = bytes(self.data[large_offset:large_offset + large_size])
+            if o.MutatingVariableInputsLength():
+                op.mutating_variable_inputs = [bool(x) for x in o.MutatingVariableInputsAsNumpy()]
+            if o.BuiltinOptionsType():
+                table = o.BuiltinOptions()
+                if table is not None:
+                    self.check_table(table.Pos)
+                    op.builtin_options_type = o.BuiltinOptionsType()
+                    op.builtin_options = schema.BuiltinOptionsCreator(op.builtin_options_type, table)
+            if o.BuiltinOptions2Type():
+                table = o.BuiltinOptions2()
+                if table is not None:
+                    self.check_table(table.Pos)
+                    op.builtin_options2_type = o.BuiltinOptions2Type()
+                    op.builtin_options2 = schema.BuiltinOptions2Creator(op.builtin_options2_type, table)
+            if any(t is None for t in op.outputs):
+                self.fail("an operator output is -1")
+            for attr, value in _subgraph_references(op):
+                for v in (value if isinstance(value, (list, tuple, np.ndarray)) else [value]):
+                    self.index(v, n_subgraphs, f"{attr} subgraph")
+            sg.operators.append(op)
+        return sg
+
+    def int_vector(self, n, as_numpy):
+        if not n:
+            return []
+        self.vector_length(n)
+        return as_numpy()
+
+    def tensor(self, fb, buffers) -> Tensor:
+        self.check_table(fb._tab.Pos)
+        shape = [int(d) for d in self.int_vector(fb.ShapeLength(), fb.ShapeAsNumpy)]
+        name = fb.Name()
+        t = Tensor(
+            name=name.decode("utf-8", errors="replace") if name is not None else "",
+            type=fb.Type(), shape=shape,
+            shape_signature=[int(d) for d in fb.ShapeSignatureAsNumpy()] if fb.ShapeSignatureLength() else None,
+            is_variable=fb.IsVariable(), has_rank=fb.HasRank(), external_buffer=fb.ExternalBuffer(),
+        )
+        self.vector_length(len(shape_signature := (t.shape_signature or [])))
+        if any(d < 0 for d in shape) and not shape_signature:
+            pass  # unknown-rank placeholders use -1 in shape; harmless
+        bi = self.index(fb.Buffer(), len(buffers), "buffer index")
+        if bi != 0:
+            t.buffer = buffers[bi]
+        q = fb.Quantization()
+        if q is not None:
+            self.check_table(q._tab.Pos)
+            for n in (q.ScaleLength(), q.ZeroPointLength(), q.MinLength(), q.MaxLength()):
+                self.vector_length(n)
+            t.quantization = schema.QuantizationParametersT.InitFromObj(q)
+        s = fb.Sparsity()
+        if s is not None:
+            self.check_table(s._tab.Pos)
+            self.vector_length(s.TraversalOrderLength())
+            self.vector_length(s.BlockMapLength())
+            self.vector_length(s.DimMetadataLength())
+            t.sparsity = schema.SparsityParametersT.InitFromObj(s)
+        if fb.VariantTensorsLength():
+            self.vector_length(fb.VariantTensorsLength())
+            t.variant_tensors = [schema.VariantSubTypeT.InitFromObj(fb.VariantTensors(i))
+                                 for i in range(fb.VariantTensorsLength())]
+        if t.is_constant and t.sparsity is None and t.dtype is not None and all(d >= 0 for d in shape):
+            expected = int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize
+            if expected != t.buffer.nbytes:
+                self.fail(f"tensor {t.name!r} of shape {shape} needs {expected} bytes, its buffer has {t.buffer.nbytes}")
+        return t
+
+
+def _subgraph_references(op: Operator):
+    """(attribute, value) pairs of every option field that names a subgraph by index."""
+    for options in (op.builtin_options, op.builtin_options2):
+        if options is None:
+            continue
+        for attr, value in vars(options).items():
+            if attr.endswith(("SubgraphIndex", "SubgraphIndices")) or attr == "subgraph":
+                yield attr, value
+
+
+# ================================================================================================ writing
+def write(model: Model, path: str | os.PathLike, large_layout: bool | None = None) -> int:
+    """Write atomically (temp file in the target folder, then rename). Returns the file size.
+
+    `large_layout`: None chooses by size; True forces weights after the flatbuffer (for tests).
+    """
+    path = Path(path)
+    plan = _Plan(model)
+    header, patches = plan.pack(large_layout)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            pos = len(header)
+            for buf, _ in patches:
+                pad = (-(pos + (0 if plan.large else 4))) % ALIGNMENT
+                f.write(b"\0" * pad)
+                pos += pad
+                if not plan.large:
+                    f.write(struct.pack("<I", buf.nbytes))
+                    pos += 4
+                f.write(memoryview(buf.data).cast("B") if buf.data.flags.c_contiguous else buf.data.tobytes())
+                pos += buf.nbytes
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return pos
+
+
+def to_bytes(model: Model, large_layout: bool | None = None) -> bytes:
+    """The file as bytes (tests and in-memory use)."""
+    plan = _Plan(model)
+    header, patches = plan.pack(large_layout)
+    out = bytearray(header)
+    for buf, _ in patches:
+        out += b"\0" * ((-(len(out) + (0 if plan.large else 4))) % ALIGNMENT)
+        if not plan.large:
+            out += struct.pack("<I", buf.nbytes)
+        out += buf.data.tobytes()
+    return bytes(out)
+
+
+class _Plan:
+    """Turns the IR back into indices and packs the flatbuffer part of the file."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.buffers: list[Buffer] = []  # index 0 is the empty sentinel, not stored here
+        self.buffer_index: dict[int, int] = {}
+        self.opcodes: list[OpCode] = []
+        self.opcode_index: dict[tuple, int] = {}
+
+    def buffer_of(self, buf: Buffer | None) -> int:
+        if buf is None or buf.nbytes == 0:
+            return 0
+        i = self.buffer_index.get(id(buf))
+        if i is None:
+            self.buffers.append(buf)
+            i = self.buffer_index[id(buf)] = len(self.buffers)
+        return i
+
+    def opcode_of(self, opcode: OpCode) -> int:
+        key = opcode.key()
+        i = self.opcode_index.get(key)
+        if i is None:
+            self.opcodes.append(opcode)
+            i = self.opcode_index[key] = len(self.opcodes) - 1
+        return i
+
+    def pack(self, large_layout):
+        model = self.model
+        subgraphs = [self.subgraph_t(sg) for sg in model.subgraphs]
+        metadata = [schema.MetadataT(name=name, buffer=self.buffer_of(buf)) for name, buf in model.metadata]
+        metadata_buffer = [self.buffer_of(b) for b in model.metadata_buffer]
+        sg_index = {id(sg): i for i, sg in enumerate(model.subgraphs)}
+        signature_defs = []
+        for sig in model.signature_defs:
+            tindex = {id(t): i for i, t in enumerate(sig.subgraph.tensors)}
+            signature_defs.append(schema.SignatureDefT(
+                inputs=[schema.TensorMapT(name=n, tensorIndex=tindex[id(t)]) for n, t in sig.inputs],
+                outputs=[schema.TensorMapT(name=n, tensorIndex=tindex[id(t)]) for n, t in sig.outputs],
+                signatureKey=sig.key, subgraphIndex=sg_index[id(sig.subgraph)]))
+        data_bytes = sum(b.nbytes + ALIGNMENT + 4 for b in self.buffers)
+        self.large = bool(large_layout) if large_layout is not None else data_bytes > FLATBUFFER_LIMIT
+
+        builder = flatbuffers.Builder(1024 + 256 * sum(len(sg.tensors) + len(sg.operators) for sg in model.subgraphs))
+        op_codes = [schema.OperatorCodeT(deprecatedBuiltinCode=min(oc.builtin, schema.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES),
+                                         customCode=oc.custom_code, version=oc.version, builtinCode=oc.builtin)
+                    for oc in self.opcodes]
+        offsets = {}
+        offsets["operatorCodes"] = _vector_of_tables(builder, op_codes, schema.ModelStartOperatorCodesVector)
+        offsets["subgraphs"] = _vector_of_tables(builder, subgraphs, schema.ModelStartSubgraphsVector)
+        if model.description is not None:
+            offsets["description"] = builder.CreateString(model.description)
+        # Buffers: empty tables with a placeholder where the data offset goes, patched after packing.
+        schema.BufferStart(builder)
+        buffer_tables = [schema.BufferEnd(builder)]  # buffer 0: the empty sentinel
+        for _ in self.buffers:
+            schema.BufferStart(builder)
+            if self.large:
+                builder.PrependUint64Slot(2, _PLACEHOLDER, 0)  # size
+                builder.PrependUint64Slot(1, _PLACEHOLDER, 0)  # offset
+            else:
+                builder.PrependUint32Slot(0, _PLACEHOLDER, 0)  # data (uoffset to the vector)
+            buffer_tables.append(schema.BufferEnd(builder))
+        schema.ModelStartBuffersVector(builder, len(buffer_tables))
+        for off in reversed(buffer_tables):
+            builder.PrependUOffsetTRelative(off)
+        offsets["buffers"] = builder.EndVector()
+        if metadata_buffer:
+            offsets["metadataBuffer"] = builder.CreateNumpyVector(np.array(metadata_buffer, np.int32))
+        if metadata:
+            offsets["metadata"] = _vector_of_tables(builder, metadata, schema.ModelStartMetadataVector)
+        if signature_defs:
+            offsets["signatureDefs"] = _vector_of_tables(builder, signature_defs, schema.ModelStartSignatureDefsVector)
+        external = getattr(model, "external", None)
+        if external:
+            offsets["externalBufferGroups"] = _vector_of_tables(builder, external[0], schema.ModelStartExternalBufferGroupsVector)
+            offsets["externalBuffers"] = _vector_of_tables(builder, external[1], schema.ModelStartExternalBuffersVector)
+        schema.ModelStart(builder)
+        schema.ModelAddVersion(builder, model.version)
+        for field_name, adder in (("operatorCodes", schema.ModelAddOperatorCodes), ("subgraphs", schema.ModelAddSubgraphs),
+                                  ("description", schema.ModelAddDescription), ("buffers", schema.ModelAddBuffers),
+                                  ("metadataBuffer", schema.ModelAddMetadataBuffer), ("metadata", schema.ModelAddMetadata),
+                                  ("signatureDefs", schema.ModelAddSignatureDefs),
+                                  ("externalBufferGroups", schema.ModelAddExternalBufferGroups),
+                                  ("externalBuffers", schema.ModelAddExternalBuffers)):
+            if field_name in offsets:
+                adder(builder, offsets[field_name])
+        root = schema.ModelEnd(builder)
+        builder.Finish(root, file_identifier=FILE_IDENTIFIER)
+        header = bytearray(builder.Bytes[builder.Head():])
+        total = len(header)
+        header += b"\0" * ((-len(header)) % 4)
+
+        # Patch each Buffer table now that the data positions are known.
+        pos = len(header)
+        patches = []
+        for i, buf in enumerate(self.buffers, start=1):
+            table = total - buffer_tables[i]
+            if self.large:
+                pos += (-pos) % ALIGNMENT
+                data_pos = pos
+                pos += buf.nbytes
+                _patch_field(header, table, 1, "<Q", data_pos)
+                _patch_field(header, table, 2, "<Q", buf.nbytes)
+            else:
+                pos += (-(pos + 4)) % ALIGNMENT
+                vector_pos = pos
+                pos += 4 + buf.nbytes
+                field_pos = _field_position(header, table, 0)
+                struct.pack_into("<I", header, field_pos, vector_pos - field_pos)
+            patches.append((buf, pos))
+        if not self.large and pos > 2**31 - 1:
+            raise ValueError("model exceeds 2 GiB; write it with the large-model layout")
+        return bytes(header), patches
+
+    def subgraph_t(self, sg: Subgraph):
+        tindex = {id(t): i for i, t in enumerate(sg.tensors)}
+
+        def idx(ts, optional=False):
+            out = []
+            for t in ts:
+                if t is None:
+                    if not optional:
+                        raise ValueError("a required tensor reference is missing")
+                    out.append(-1)
+                    continue
+                if id(t) not in tindex:
+                    raise ValueError(f"tensor {t.name!r} is used but not listed in its subgraph")
+                out.append(tindex[id(t)])
+            return np.array(out, np.int32)
+
+        tensors = []
+        for t in sg.tensors:
+            quant = t.quantization
+            details = getattr(quant, "details", None)
+            if details is not None and isinstance(getattr(details, "scales", None), Tensor):
+                quant = _copy(quant)
+                quant.details = _copy(details)
+                quant.details.scales = tindex[id(details.scales)]
+                quant.details.zeroPoints = tindex[id(details.zeroPoints)] if details.zeroPoints is not None else -1
+            tensors.append(schema.TensorT(
+                shape=np.array(t.shape, np.int32), type=t.type, buffer=self.buffer_of(t.buffer), name=t.name,
+                quantization=quant, isVariable=t.is_variable, sparsity=t.sparsity,
+                shapeSignature=np.array(t.shape_signature, np.int32) if t.shape_signature is not None else None,
+                hasRank=t.has_rank, variantTensors=t.variant_tensors, externalBuffer=t.external_buffer))
+        operators = []
+        for op in sg.operators:
+            o = schema.OperatorT(
+                opcodeIndex=self.opcode_of(op.opcode), inputs=idx(op.inputs, optional=True), outputs=idx(op.outputs),
+                builtinOptionsType=op.builtin_options_type, builtinOptions=op.builtin_options,
+                customOptions=np.frombuffer(op.custom_options, np.uint8) if op.custom_options is not None else None,
+                customOptionsFormat=op.custom_options_format,
+                mutatingVariableInputs=op.mutating_variable_inputs,
+                intermediates=idx(op.intermediates) if op.intermediates else None,
+                builtinOptions2Type=op.builtin_options2_type, builtinOptions2=op.builtin_options2,
+                debugMetadataIndex=op.debug_metadata_index)
+            operators.append(o)
+        return schema.SubGraphT(tensors=tensors, inputs=idx(sg.inputs), outputs=idx(sg.outputs), operators=operators,
+                                name=sg.name, debugMetadataIndex=sg.debug_metadata_index)
+
+
+def _copy(obj):
+    new = object.__new__(type(obj))
+    new.__dict__.update(vars(obj))
+    return new
+
+
+def _vector_of_tables(builder, objects, start_vector):
+    offsets = [o.Pack(builder) for o in objects]
+    start_vector(builder, len(offsets))
+    for off in reversed(offsets):
+        builder.PrependUOffsetTRelative(off)
+    return builder.EndVector()
+
+
+def _field_position(buf, table, field_index):
+    vtable = table - struct.unpack_from("<i", buf, table)[0]
+    vt_len = struct.unpack_from("<H", buf, vtable)[0]
+    slot = 4 + 2 * field_index
+    if slot >= vt_len:
+        raise AssertionError("placeholder field missing from its vtable")
+    rel = struct.unpack_from("<H", buf, vtable + slot)[0]
+    if rel == 0:
+        raise AssertionError("placeholder field missing from its table")
+    return table + rel
+
+
+def _patch_field(buf, table, field_index, fmt, value):
+    struct.pack_into(fmt, buf, _field_position(buf, table, field_index), value)

@@ -1,0 +1,207 @@
+"""CP (CANDECOMP/PARAFAC) decomposition of 3-way tensors by regularised ALS.
+
+Intended for conv kernels reshaped to ``[out, kh*kw, in]``: the rank-R factors give
+pointwise(in->R) with ``in_factor``, depthwise kh x kw with ``mid_factor`` and
+pointwise(R->out) with ``out_factor``.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+# A component whose scale exceeds this multiple of ||X_hat|| only exists by
+# cancelling against others: the fit is (near) degenerate.
+DEGENERACY_LIMIT = 10.0
+# Ridge on the ALS normal equations, relative to the mean diagonal of the Gram
+# matrix: caps its condition number at ~1e9 and biases the fit by ~1e-9.
+_BASE_RIDGE = 1e-9
+# Absolute ridges (times ||X||^(4/3), the scale of a factor Gram) tried when every
+# plain attempt degenerates: they bound the component norms at some cost in error.
+_RIDGE_LADDER = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass
+class CPResult:
+    """Result of :func:`cp3`.
+
+    ``degeneracy`` is ``max_r ||a_r|| ||b_r|| ||c_r|| / ||X_hat||``: about 1 or less
+    for a healthy fit (a component cannot be larger than the whole without
+    cancelling), and ``> DEGENERACY_LIMIT`` (10) flags cancelling components.
+    ``init`` names the attempt that won, e.g. ``"svd"``, ``"random"`` or
+    ``"svd+ridge1e-02"`` when a stronger ridge was needed to bound the norms.
+    """
+
+    out_factor: np.ndarray
+    mid_factor: np.ndarray
+    in_factor: np.ndarray
+    rel_error: float
+    n_iter: int
+    init: str
+    degeneracy: float
+
+
+def cp_reconstruct(out_factor, mid_factor, in_factor):
+    """Dense ``[T, K, S]`` tensor ``sum_r a_r (x) b_r (x) c_r``."""
+    a = np.asarray(out_factor)
+    b = np.asarray(mid_factor)
+    c = np.asarray(in_factor)
+    ab = (a[:, None, :] * b[None, :, :]).reshape(-1, a.shape[1])
+    return (ab @ c.T).reshape(a.shape[0], b.shape[0], c.shape[0])
+
+
+def cp3(tensor, rank, seed=0, n_iter_max=200, tol=1e-7):
+    """Rank-``rank`` CP decomposition of a 3-way tensor ``[T, K, S]`` by CP-ALS.
+
+    SVD init first; if that result is NaN or degenerate, a seeded random init is
+    tried and the best non-degenerate result kept. If all are degenerate (the
+    best rank-R approximation may not exist), the best attempt is rerun with an
+    increasing ridge until its components are bounded. Deterministic for a
+    given ``seed``. Factors are float64 with each component's scale split as a
+    cube root over the three factors (signs kept), components sorted by scale.
+    Stops when the relative error changes by less than ``tol`` between sweeps.
+    """
+    x = np.asarray(tensor, dtype=np.float64)
+    if x.ndim != 3:
+        raise ValueError(f"cp3 needs a 3-way tensor, got shape {x.shape}")
+    rank = int(rank)
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    norm_x = float(np.linalg.norm(x))
+    if norm_x == 0.0 or not np.isfinite(norm_x):
+        if not np.isfinite(norm_x):
+            raise ValueError("tensor contains NaN or inf")
+        zeros = [np.zeros((d, rank)) for d in x.shape]
+        return CPResult(*zeros, rel_error=0.0, n_iter=0, init="zero", degeneracy=0.0)
+
+    attempts = []
+    for init in ("svd", "random"):
+        factors = _init_factors(x, rank, init, seed)
+        res = _als(x, factors, n_iter_max, tol, _BASE_RIDGE, None, norm_x, init)
+        attempts.append(res)
+        if _healthy(res):
+            break
+    good = [r for r in attempts if _healthy(r)]
+    if good:
+        return min(good, key=lambda r: r.rel_error)
+
+    finite = [r for r in attempts if np.isfinite(r.rel_error)] or attempts
+    best = min(finite, key=lambda r: r.rel_error)
+    init = best.init if best in finite and np.isfinite(best.rel_error) else "svd"
+    for ridge in _RIDGE_LADDER:
+        factors = _init_factors(x, rank, init, seed)
+        lam = ridge * norm_x ** (4.0 / 3.0)
+        res = _als(x, factors, n_iter_max, tol, _BASE_RIDGE, lam, norm_x,
+                   f"{init}+ridge{ridge:.0e}")
+        if _healthy(res):
+            return res
+        best = res
+    return best
+
+
+def _healthy(res):
+    return np.isfinite(res.rel_error) and res.degeneracy <= DEGENERACY_LIMIT
+
+
+def _leading_vectors(unfolding, count):
+    """Up to ``count`` leading left singular vectors, from the small Gram matrix."""
+    gram = unfolding @ unfolding.T
+    lam, vec = np.linalg.eigh(gram)
+    vec = vec[:, ::-1][:, :count]
+    # Deterministic signs: largest-magnitude entry of each vector positive.
+    idx = np.argmax(np.abs(vec), axis=0)
+    vec = vec * np.sign(vec[idx, np.arange(vec.shape[1])] + 0.0)[None, :]
+    return vec
+
+
+def _init_factors(x, rank, init, seed):
+    t, k, s = x.shape
+    rng = np.random.default_rng(seed)
+    if init == "random":
+        factors = [rng.standard_normal((d, rank)) for d in x.shape]
+        return [f / np.linalg.norm(f, axis=0) for f in factors]
+    unfoldings = (x.reshape(t, k * s), x.transpose(1, 0, 2).reshape(k, t * s),
+                  x.transpose(2, 0, 1).reshape(s, t * k))
+    factors = []
+    for d, unf in zip(x.shape, unfoldings):
+        vec = _leading_vectors(unf, rank)
+        if vec.shape[1] < rank:
+            # rank > mode size (e.g. K = 9): pad with seeded random unit columns.
+            pad = rng.standard_normal((d, rank - vec.shape[1]))
+            vec = np.hstack([vec, pad / np.linalg.norm(pad, axis=0)])
+        factors.append(vec)
+    return factors
+
+
+def _solve_normal(mttkrp, gram, base_ridge, lam):
+    """Solve ``F (G + ridge I) = M`` for ``F`` (symmetric positive (semi)definite G)."""
+    r = gram.shape[0]
+    ridge = base_ridge * max(float(np.trace(gram)) / r, 1e-300)
+    if lam is not None:
+        ridge += lam
+    g = gram + ridge * np.eye(r)
+    try:
+        chol = np.linalg.cholesky(g)
+        y = np.linalg.solve(chol, mttkrp.T)
+        return np.linalg.solve(chol.T, y).T
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(g, mttkrp.T, rcond=None)[0].T
+
+
+def _balance(factors):
+    """Split each component's scale as a cube root over the factors (signs kept)."""
+    norms = [np.linalg.norm(f, axis=0) for f in factors]
+    weight = norms[0] * norms[1] * norms[2]
+    target = np.cbrt(weight)
+    out = []
+    for f, n in zip(factors, norms):
+        scale = np.where(n > 0, target / np.where(n > 0, n, 1.0), 0.0)
+        out.append(f * scale)
+    return out, weight
+
+
+def _als(x, factors, n_iter_max, tol, base_ridge, lam, norm_x, label):
+    t, k, s = x.shape
+    a, b, c = factors
+    x_ts = x.reshape(t * k, s)  # contract the in-mode with one matmul
+    x_t = x.reshape(t, k * s)   # contract the out-mode with one matmul
+    prev_err = np.inf
+    err = np.inf
+    n_iter = 0
+    for it in range(n_iter_max):
+        n_iter = it + 1
+        # Mode 0 and mode 1 share X x_S C, which does not change until C does.
+        z = (x_ts @ c).reshape(t, k, -1)                  # [T, K, R]
+        a = _solve_normal(np.einsum("tkr,kr->tr", z, b), (b.T @ b) * (c.T @ c),
+                          base_ridge, lam)
+        b = _solve_normal(np.einsum("tkr,tr->kr", z, a), (a.T @ a) * (c.T @ c),
+                          base_ridge, lam)
+        w = (a.T @ x_t).reshape(-1, k, s)                 # [R, K, S]
+        m2 = np.einsum("rks,kr->sr", w, b)
+        c = _solve_normal(m2, (a.T @ a) * (b.T @ b), base_ridge, lam)
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(np.isfinite(c))):
+            err = np.nan
+            break
+        # ||X - X_hat||^2 = ||X||^2 - 2<X, X_hat> + ||X_hat||^2, all from small matrices.
+        inner = float(np.sum(m2 * c))
+        hat_sq = float(np.sum((a.T @ a) * (b.T @ b) * (c.T @ c)))
+        err = np.sqrt(max(norm_x ** 2 - 2.0 * inner + hat_sq, 0.0)) / norm_x
+        (a, b, c), _ = _balance([a, b, c])  # keeps the ridge symmetric across modes
+        if abs(prev_err - err) < tol:
+            break
+        prev_err = err
+    return _finish(x, [a, b, c], norm_x, n_iter, label, err)
+
+
+def _finish(x, factors, norm_x, n_iter, label, err):
+    if not np.isfinite(err):
+        return CPResult(*factors, rel_error=float("nan"), n_iter=n_iter, init=label,
+                        degeneracy=float("inf"))
+    factors, weight = _balance(factors)
+    order = np.argsort(-weight, kind="stable")
+    a, b, c = (f[:, order] for f in factors)
+    x_hat = cp_reconstruct(a, b, c)
+    rel_error = float(np.linalg.norm(x - x_hat) / norm_x)
+    norm_hat = float(np.linalg.norm(x_hat))
+    top = float(weight.max()) if weight.size else 0.0
+    degeneracy = top / norm_hat if norm_hat > 0 else (0.0 if top == 0 else float("inf"))
+    return CPResult(a, b, c, rel_error=rel_error, n_iter=n_iter, init=label,
+                    degeneracy=float(degeneracy))

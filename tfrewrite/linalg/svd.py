@@ -1,0 +1,149 @@
+"""Low-rank matrix factorisation: truncated SVD, balanced factors, rank choice."""
+import numpy as np
+
+# Below this many elements a full LAPACK SVD is cheap enough (~0.3 s at 1e6).
+_FULL_SVD_MAX_ELEMENTS = 1_000_000
+# Rows per chunk when streaming a float32 matrix through a float64 product.
+_CHUNK_ROWS = 2048
+
+
+def truncated_svd(matrix, rank, seed=0):
+    """Top-``rank`` singular triplets ``(U [m,r], s [r], Vt [r,n])`` in float64.
+
+    Small matrices (< 1e6 elements) or ``rank >= min(shape)/2`` use a full thin SVD.
+    Otherwise a seeded randomized subspace iteration is used: the power iterations
+    run in float32 (only the subspace is needed, and a Ritz value's error is the
+    square of the subspace error), the final Rayleigh-Ritz step is float64.
+    Singular values then match LAPACK to ~1e-10 relative when the spectrum has a
+    gap after ``rank``; on flat spectra the iteration is capped and the trailing
+    singular values may be slightly underestimated (they converge from below).
+    """
+    a = np.asarray(matrix)
+    if a.ndim != 2:
+        raise ValueError(f"truncated_svd needs a 2-D array, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64)
+    rank = int(rank)
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    rank = min(rank, min(a.shape))
+    if a.size < _FULL_SVD_MAX_ELEMENTS or 2 * rank >= min(a.shape):
+        u, s, vt = np.linalg.svd(a.astype(np.float64, copy=False), full_matrices=False)
+        return u[:, :rank], s[:rank], vt[:rank]
+    return _subspace_svd(a, rank, seed=seed)
+
+
+def _subspace_svd(a, rank, seed=0, oversample=None, max_iter=12, tol=1e-7):
+    """Randomized subspace iteration with a float64 Rayleigh-Ritz finish."""
+    if a.shape[0] < a.shape[1]:
+        # Work on the tall orientation; the transposed view costs nothing.
+        v, s, ut = _subspace_svd(a.T, rank, seed, oversample, max_iter, tol)
+        return ut.T, s, v.T
+    m, n = a.shape
+    if oversample is None:
+        oversample = max(16, rank // 2)
+    width = min(n, rank + oversample)
+    a32 = a.astype(np.float32, copy=False)
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(a32 @ rng.standard_normal((n, width)).astype(np.float32))
+    prev = None
+    for _ in range(max_iter):
+        z = a32.T @ q  # [n, width]; A ~= q @ z.T on the current subspace
+        s = np.linalg.svd(z.astype(np.float64), compute_uv=False)[:rank]
+        if prev is not None and np.max(np.abs(s - prev) / np.maximum(s, s[0] * 1e-30)) < tol:
+            break
+        prev = s
+        v, _ = np.linalg.qr(z)
+        q, _ = np.linalg.qr(a32 @ v)
+    q = q.astype(np.float64)
+    # Rayleigh-Ritz in float64, streaming row chunks so no float64 copy of A is made.
+    z = np.zeros((n, width))
+    for start in range(0, m, _CHUNK_ROWS):
+        block = a[start:start + _CHUNK_ROWS].astype(np.float64, copy=False)
+        z += block.T @ q[start:start + _CHUNK_ROWS]
+    ub, s, vt = np.linalg.svd(z.T, full_matrices=False)
+    return q @ ub[:, :rank], s[:rank], vt[:rank]
+
+
+def lowrank_factors(matrix, rank):
+    """Factors ``left [m,r]``, ``right [r,n]`` (float32) with ``left @ right ~= matrix``.
+
+    Each singular value is split as sqrt into both sides so the two factors have
+    similar magnitudes (safer for float32 / later quantisation).
+    """
+    u, s, vt = truncated_svd(matrix, rank)
+    root = np.sqrt(s)
+    return (u * root).astype(np.float32), (root[:, None] * vt).astype(np.float32)
+
+
+def rank_for_energy(singular_values, energy):
+    """Smallest r with ``sum(s[:r]**2) / sum(s**2) >= energy``.
+
+    ``singular_values`` must be *all* of them (the full spectrum): the denominator
+    is the total energy. A 1e-12 relative slack absorbs rounding so that
+    ``energy=1.0`` returns the numerical rank. Returns at least 1.
+    """
+    s = np.sort(np.abs(np.asarray(singular_values, dtype=np.float64)).ravel())[::-1]
+    if not 0.0 <= energy <= 1.0:
+        raise ValueError(f"energy must be in [0, 1], got {energy}")
+    if s.size == 0:
+        raise ValueError("no singular values given")
+    cumulative = np.cumsum(s * s)
+    total = cumulative[-1]
+    if total == 0.0:
+        return 1
+    r = int(np.searchsorted(cumulative, energy * total * (1.0 - 1e-12), side="left")) + 1
+    return max(1, min(r, s.size))
+
+
+def svd_break_even_rank(m, n):
+    """Largest r with ``r*(m+n) < m*n`` (above it the factors are not smaller)."""
+    return (int(m) * int(n) - 1) // (int(m) + int(n))
+
+
+def rank_for_ratio(m, n, ratio):
+    """Rank whose factor params ``r*(m+n)`` are about ``m*n/ratio`` (floor, >= 1)."""
+    if ratio <= 0:
+        raise ValueError(f"ratio must be > 0, got {ratio}")
+    return max(1, int(np.floor(int(m) * int(n) / (ratio * (int(m) + int(n))))))
+
+
+def whitened_lowrank_factors(matrix, input_cov, rank, damping=1e-6):
+    """Rank-r ``(left [m,r], right [r,n])`` minimising ``||(W - left@right) S||_F``.
+
+    ``W`` maps inputs x (length n) to outputs ``W @ x``; ``input_cov`` is the
+    second-moment matrix ``E[x x^T]`` and ``S S^T = input_cov + damping*mean(diag)*I``,
+    so the objective is the expected squared output error on those inputs.
+    With ``C`` the Cholesky factor the optimum is exact: the best rank-r
+    approximation ``M_r`` of ``M = W C``, mapped back as ``M_r C^{-1}``.
+    The damping keeps ``C^{-1}`` bounded when some input directions never occur.
+    """
+    from scipy import linalg as sla
+
+    w = np.asarray(matrix, dtype=np.float64)
+    cov = np.asarray(input_cov, dtype=np.float64)
+    n = w.shape[1]
+    if cov.shape != (n, n):
+        raise ValueError(f"input_cov must be [{n},{n}], got {cov.shape}")
+    cov = 0.5 * (cov + cov.T)
+    scale = float(np.mean(np.diag(cov)))
+    if not scale > 0.0:
+        scale = 1.0
+    cov = cov + damping * scale * np.eye(n)
+    try:
+        c = sla.cholesky(cov, lower=True)  # cov = c @ c.T
+        m_ = w @ c
+        u, s, vt = truncated_svd(m_, rank)
+        root = np.sqrt(s)
+        # right = diag(root) vt c^{-1}  <=>  c^T right^T = vt^T diag(root)
+        right = sla.solve_triangular(c, (root[:, None] * vt).T, lower=True, trans="T").T
+    except np.linalg.LinAlgError:
+        # Not numerically positive definite even after damping: eigh and clip.
+        lam, vec = np.linalg.eigh(cov)
+        lam = np.maximum(lam, damping * scale)
+        m_ = (w @ vec) * np.sqrt(lam)
+        u, s, vt = truncated_svd(m_, rank)
+        root = np.sqrt(s)
+        right = ((root[:, None] * vt) / np.sqrt(lam)) @ vec.T
+    left = u * root
+    return left.astype(np.float32), right.astype(np.float32)

@@ -1,0 +1,5 @@
+"""The TFLite flatbuffer schema (generated, with the object API), as LiteRT ships it.
+
+Only `io` and the op builders in `ops/` touch these classes; passes work on `graph`.
+"""
+from ai_edge_litert.schema_py_generated import *  # noqa: F401,F403
