@@ -1,0 +1,32 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+sys.path.insert(0, str(FIXTURES))  # fixtures/digits.py loads the committed data splits
+
+ALL_FIXTURES = sorted(p.name for p in FIXTURES.glob("*.tflite"))
+# Fixtures the stock interpreter can run (the custom op has no kernel).
+RUNNABLE = [f for f in ALL_FIXTURES if f != "custom_op.tflite"]
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path
+
+
+def outputs(model, xnnpack=True, seed=0, samples=2):
+    """Outputs of every signature-less invoke on seeded random inputs."""
+    from tfrewrite import verify
+    it = verify.interpreter(model, xnnpack=xnnpack)
+    return [verify.invoke(it, x) for x in verify.random_inputs(it, samples, seed)]
+
+
+def assert_outputs_equal(a, b):
+    assert len(a) == len(b)
+    for xa, xb in zip(a, b):
+        for ya, yb in zip(xa, xb):
+            np.testing.assert_array_equal(ya, yb)

@@ -1,0 +1,182 @@
+"""Broken, truncated and hostile files: one error line, exit status 2, no output file, never a traceback."""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, ROOT
+from tfrewrite import cli, io, schema
+
+SMALL = FIXTURES / "two_signatures.tflite"
+CONTROL_FLOW = FIXTURES / "control_flow.tflite"
+
+
+def _run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_rejected(capsys, tmp, data: bytes, label: str):
+    bad = tmp / "bad.tflite"
+    bad.write_bytes(data)
+    out = tmp / "out.tflite"
+    start = time.monotonic()
+    code, _, err = _run_cli(capsys, bad, out)
+    assert time.monotonic() - start < 10, f"{label}: took too long"
+    assert code == 2, f"{label}: exit {code}, stderr {err!r}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tfrewrite: error: "), f"{label}: {err!r}"
+    assert not out.exists(), f"{label}: an output file was written"
+    assert [p.name for p in tmp.iterdir()] == ["bad.tflite"], f"{label}: temp files left behind"
+    code, _, err = _run_cli(capsys, "inspect", bad)
+    assert code == 2 and err.startswith("tfrewrite: error: ") and err.count("\n") == 1, f"{label}: inspect {err!r}"
+
+
+def test_empty_file(capsys, tmp):
+    _assert_rejected(capsys, tmp, b"", "empty")
+
+
+def test_not_a_tflite_file(capsys, tmp):
+    _assert_rejected(capsys, tmp, b"PK\x03\x04 this is a zip file, not a model" * 10, "zip")
+    _assert_rejected(capsys, tmp, os.urandom(0) + bytes(range(256)) * 40, "noise")
+
+
+def test_wrong_identifier(capsys, tmp):
+    data = bytearray(SMALL.read_bytes())
+    data[4:8] = b"XXXX"
+    _assert_rejected(capsys, tmp, bytes(data), "identifier")
+
+
+def test_truncations_at_many_offsets(capsys, tmp):
+    data = SMALL.read_bytes()
+    cuts = sorted(set([1, 4, 7, 8, 12, 16, 64, 100] + list(np.linspace(20, len(data) - 1, 40).astype(int))))
+    for cut in cuts:
+        _assert_rejected(capsys, tmp, data[:cut], f"truncated at {cut}")
+
+
+def test_directory_and_missing_file(capsys, tmp):
+    code, _, err = _run_cli(capsys, tmp, tmp / "o.tflite")
+    assert code == 2 and err.startswith("tfrewrite: error:") and "directory" in err
+    code, _, err = _run_cli(capsys, tmp / "missing.tflite", tmp / "o.tflite")
+    assert code == 2 and err.startswith("tfrewrite: error:")
+    assert not (tmp / "o.tflite").exists()
+
+
+def test_flipped_bytes_never_crash(capsys, tmp):
+    data = CONTROL_FLOW.read_bytes()
+    rng = np.random.default_rng(1)
+    for trial in range(120):
+        mutated = bytearray(data)
+        for pos in rng.integers(0, len(data), size=rng.integers(1, 6)):
+            mutated[pos] = int(rng.integers(0, 256))
+        bad, out = tmp / "bad.tflite", tmp / "out.tflite"
+        bad.write_bytes(bytes(mutated))
+        start = time.monotonic()
+        code, _, err = _run_cli(capsys, bad, out)
+        assert time.monotonic() - start < 10
+        assert code in (0, 2), f"trial {trial}: exit {code}: {err}"
+        if code == 2:
+            assert err.startswith("tfrewrite: error: ") and err.count("\n") == 1
+            assert not out.exists()
+        out.unlink(missing_ok=True)
+
+
+def _mutated(edit):
+    m = schema.ModelT.InitFromPackedBuf(bytearray(CONTROL_FLOW.read_bytes()), 0)
+    edit(m)
+    import flatbuffers
+    b = flatbuffers.Builder(1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def _first_op_with(m, builtin):
+    for sg in m.subgraphs:
+        for op in sg.operators:
+            code = m.operatorCodes[op.opcodeIndex]
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+                return op
+    raise AssertionError("fixture lacks the op")
+
+
+OUT_OF_RANGE = {
+    "tensor buffer index": lambda m: setattr(m.subgraphs[0].tensors[0], "buffer", 10_000),
+    "operator input": lambda m: m.subgraphs[0].operators[0].inputs.__setitem__(0, 10_000),
+    "operator output": lambda m: m.subgraphs[0].operators[0].outputs.__setitem__(0, -5),
+    "operator code index": lambda m: setattr(m.subgraphs[0].operators[0], "opcodeIndex", 77),
+    "subgraph input": lambda m: setattr(m.subgraphs[0], "inputs", [99_999]),
+    "metadata buffer": lambda m: setattr(m.metadata[0], "buffer", 5_000),
+    "signature subgraph": lambda m: setattr(m.signatureDefs[0], "subgraphIndex", 9),
+    "signature tensor": lambda m: setattr(m.signatureDefs[0].inputs[0], "tensorIndex", 4_000),
+    "while body subgraph": lambda m: setattr(_first_op_with(m, schema.BuiltinOperator.WHILE).builtinOptions,
+                                             "bodySubgraphIndex", 42),
+    "if branch subgraph": lambda m: setattr(_first_op_with(m, schema.BuiltinOperator.IF).builtinOptions,
+                                            "thenSubgraphIndex", -3),
+    "large buffer offset": lambda m: [setattr(m.buffers[-1], "offset", 10**9), setattr(m.buffers[-1], "size", 10)],
+    "weight size": lambda m: setattr(next(t for sg in m.subgraphs for t in sg.tensors
+                                          if m.buffers[t.buffer].data is not None and len(m.buffers[t.buffer].data) > 4),
+                                     "shape", np.array([10_000, 10_000], np.int32)),
+}
+
+
+@pytest.mark.parametrize("what", sorted(OUT_OF_RANGE))
+def test_out_of_range_indices(capsys, tmp, what):
+    model_t = schema.ModelT.InitFromPackedBuf(bytearray(CONTROL_FLOW.read_bytes()), 0)
+    if what.startswith("signature") and not model_t.signatureDefs:
+        pytest.skip("fixture has no signature")
+    _assert_rejected(capsys, tmp, _mutated(OUT_OF_RANGE[what]), what)
+
+
+def test_aliased_vectors_do_not_hang(capsys, tmp):
+    """Many subgraph entries pointing at one big subgraph: the work budget stops it quickly."""
+    m = schema.ModelT.InitFromPackedBuf(bytearray(CONTROL_FLOW.read_bytes()), 0)
+    import flatbuffers
+    b = flatbuffers.Builder(1024)
+    sg = m.subgraphs[0].Pack(b)
+    n = 200_000
+    schema.ModelStartSubgraphsVector(b, n)
+    for _ in range(n):
+        b.PrependUOffsetTRelative(sg)
+    vec = b.EndVector()
+    schema.ModelStart(b)
+    schema.ModelAddVersion(b, 3)
+    schema.ModelAddSubgraphs(b, vec)
+    b.Finish(schema.ModelEnd(b), file_identifier=b"TFL3")
+    _assert_rejected(capsys, tmp, bytes(b.Output()), "aliased subgraphs")
+
+
+def test_output_over_input_is_refused(capsys, tmp):
+    target = tmp / "m.tflite"
+    target.write_bytes(SMALL.read_bytes())
+    before = target.read_bytes()
+    code, _, err = _run_cli(capsys, target, target)
+    assert code == 2 and "overwrite the input" in err
+    assert target.read_bytes() == before
+
+
+def test_bad_usage_is_exit_2(capsys, tmp):
+    code, _, err = _run_cli(capsys, SMALL, tmp / "o.tflite", "--rank", "0")
+    assert code == 2 and err.startswith("tfrewrite: error:")
+    code, _, err = _run_cli(capsys, SMALL, tmp / "o.tflite", "--rank", "4", "--ratio", "3")
+    assert code == 2 and err.startswith("tfrewrite: error:")
+    code, _, err = _run_cli(capsys, SMALL, tmp / "o.tflite", "--only", "([")
+    assert code == 2 and "regular expression" in err
+    code, _, err = _run_cli(capsys)
+    assert code == 2 and err.startswith("tfrewrite: error:")
+    assert not (tmp / "o.tflite").exists()
+
+
+def test_console_script_end_to_end(tmp):
+    """The installed command: one line on stderr and exit 2 for a bad file, no traceback."""
+    bad = tmp / "bad.tflite"
+    bad.write_bytes(b"\x00" * 100)
+    r = subprocess.run([sys.executable, "-m", "tfrewrite.cli", str(bad), str(tmp / "o.tflite")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("tfrewrite: error:")
+    r = subprocess.run([sys.executable, "-m", "tfrewrite.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "--rank" in r.stdout

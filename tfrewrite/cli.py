@@ -1,0 +1,164 @@
+"""Command line: argument parsing and printing only; the work happens in `rewrite`, `analysis`, `verify`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for bad input
+        raise UsageError(message)
+
+
+def _rewrite_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tfrewrite", description=(
+        "Rewrite a .tflite model to make it smaller and faster, without retraining. "
+        "Other commands: 'tfrewrite inspect MODEL', 'tfrewrite compare A B'."))
+    p.add_argument("input", help="the .tflite model to read (never written)")
+    p.add_argument("output", help="where to write the rewritten model (atomically)")
+    g = p.add_argument_group("low rank (FULLY_CONNECTED: SVD; CONV_2D: CP or Tucker-2)")
+    g.add_argument("--rank", type=int, help="rank for every rewritten layer")
+    g.add_argument("--fc-rank", type=int, help="rank for FULLY_CONNECTED layers")
+    g.add_argument("--conv-rank", type=int, help="rank for CONV_2D layers (CP/Tucker-2 rank for kxk, SVD rank for 1x1)")
+    g.add_argument("--ratio", type=float, help="per layer, the rank that cuts its parameters X-fold")
+    g.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of the squared norm")
+    g.add_argument("--conv-method", choices=["cp", "tucker2"], default="cp", help="decomposition of kxk convs (default cp)")
+    s = p.add_argument_group("selection")
+    s.add_argument("--only", metavar="REGEX", help="rewrite only ops whose output tensor name matches")
+    s.add_argument("--skip", metavar="REGEX", help="leave ops whose output tensor name matches")
+    s.add_argument("--min-params", type=int, default=0, metavar="N", help="leave layers with fewer weights alone")
+    o = p.add_argument_group("output")
+    o.add_argument("--report", metavar="FILE.json", help="write a JSON report of every considered op")
+    o.add_argument("--quiet", action="store_true", help="print only the total line")
+    return p
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tfrewrite inspect", description="One row per operator, then totals.")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ printing
+def _fmt_int(n) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _table(headers, rows) -> str:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(w) if i in (2, 3) or not c[:1].isdigit() else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _short(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def print_inspect(summary: dict) -> None:
+    rows = []
+    for r in summary["ops"]:
+        weight = f"{'x'.join(map(str, r['weight_shape']))} {r['weight_dtype']}{' sparse' if r['weight_sparse'] else ''}" if r["weight_shape"] else "-"
+        zeros = f"{100 * r['zero_fraction']:.1f}%" if r["zero_fraction"] is not None else "-"
+        rows.append([r["subgraph"], r["index"], r["op"], _short(r["output"]), weight, _fmt_int(r["params"]),
+                     _fmt_int(r["macs"]) if r["macs"] else "-", zeros])
+    print(_table(["sg", "#", "op", "output", "weight", "params", "MACs", "zeros"], rows))
+    t = summary["totals"]
+    print(f"total: {len(summary['ops'])} ops, {_fmt_int(t['params'])} params, {_fmt_int(t['macs'])} MACs, "
+          f"weights {_fmt_bytes(t['weight_bytes'])}, file {_fmt_bytes(summary['file_bytes'])}")
+
+
+def print_report(report: dict, quiet: bool = False) -> None:
+    if not quiet and report["layers"]:
+        rows = []
+        for e in report["layers"]:
+            shape = "x".join(map(str, e["weight_shape"]))
+            rank = e.get("rank")
+            rank = "x".join(map(str, rank)) if isinstance(rank, list) else (rank if rank is not None else "-")
+            err = f"{e['rel_error']:.3f}" if e.get("rel_error") is not None else "-"
+            action = e["action"] if e["action"] != "skipped" else f"skipped: {e['reason']}"
+            rows.append([e["index"], e["op"], _short(e["output"], 40), shape, action, rank,
+                         f"{_fmt_int(e['params_before'])}→{_fmt_int(e['params_after'])}",
+                         f"{_fmt_int(e['macs_before'])}→{_fmt_int(e['macs_after'])}", err])
+        print(_table(["#", "op", "output", "weight", "action", "rank", "params", "MACs", "w.err"], rows))
+    t = report["totals"]
+    print(f"total: file {_fmt_bytes(t['file_bytes_before'])} → {_fmt_bytes(t['file_bytes_after'])} "
+          f"({t['file_bytes_before'] / max(t['file_bytes_after'], 1):.2f}x smaller), "
+          f"params {_fmt_int(t['params_before'])} → {_fmt_int(t['params_after'])}, "
+          f"MACs {_fmt_int(t['macs_before'])} → {_fmt_int(t['macs_after'])}")
+    for note in report.get("notes", []):
+        print(note)
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_inspect(argv) -> int:
+    args = _inspect_parser().parse_args(argv)
+    from . import analysis, io
+    model = io.read(args.model)
+    summary = analysis.summary(model, file_bytes=os.path.getsize(args.model))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print_inspect(summary)
+    return EXIT_OK
+
+
+def cmd_rewrite(argv) -> int:
+    args = _rewrite_parser().parse_args(argv)
+    from . import rewrite
+    try:
+        options = rewrite.Options.from_namespace(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    report = rewrite.run(args.input, args.output, options, progress=sys.stderr.isatty())
+    print_report(report, quiet=args.quiet)
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .io import ModelError
+    try:
+        if argv[:1] == ["inspect"]:
+            return cmd_inspect(argv[1:])
+        return cmd_rewrite(argv)
+    except (UsageError, ModelError) as e:
+        print(f"tfrewrite: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tfrewrite: error: interrupted", file=sys.stderr)
+        return EXIT_FAULT
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:  # an internal fault: one line unless asked for the traceback
+        if os.environ.get("TFREWRITE_DEBUG"):
+            raise
+        print(f"tfrewrite: internal error: {type(e).__name__}: {e} (set TFREWRITE_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return EXIT_FAULT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""What every rewrite pass shares: reading a layer's weight in whatever form it is stored, emitting new
+weights in the same form, choosing which ops to consider, and the report entry."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import ops, schema
+from ..analysis import numel, static_shape
+from ..graph import Model, Operator, Subgraph, Tensor
+
+OP = schema.BuiltinOperator
+T = schema.TensorType
+
+
+@dataclass
+class LayerWeight:
+    """A layer's weight as float32 values, plus how it is stored: 'float32', 'float16' (behind DEQUANTIZE) or
+    'int8' (dynamic-range: int8 constant read directly by a hybrid kernel)."""
+    kind: str
+    values: np.ndarray
+    stored: Tensor
+    per_channel: bool = False
+
+
+class Skip(Exception):
+    """This op is left as it is; the message is the reason the report gives."""
+
+
+def read_weight(op: Operator, producers: dict, index: int = 1) -> LayerWeight:
+    w = op.inputs[index] if len(op.inputs) > index else None
+    if w is None:
+        raise Skip("no weight input")
+    if w.is_constant:
+        if w.sparsity is not None:
+            raise Skip("sparse weight")
+        if w.type == T.FLOAT32:
+            return LayerWeight("float32", np.asarray(w.data, np.float32), w)
+        if w.type == T.INT8 and w.quantization is not None and w.quantization.scale is not None:
+            if op.inputs[0] is None or op.inputs[0].type != T.FLOAT32:
+                raise Skip("full-integer int8 model (needs calibration)")
+            q = w.quantization
+            scale = np.asarray(q.scale, np.float32)
+            zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros_like(scale), np.float32)
+            data = w.data.astype(np.float32)
+            if len(scale) > 1:
+                shape = [1] * data.ndim
+                shape[q.quantizedDimension] = -1
+                values = (data - zero.reshape(shape)) * scale.reshape(shape)
+            else:
+                values = (data - zero[0]) * scale[0]
+            return LayerWeight("int8", values.astype(np.float32), w, per_channel=len(scale) > 1)
+        raise Skip(f"{w.type_name} weights are not supported")
+    producer = producers.get(id(w))
+    if producer is not None and producer.builtin == OP.DEQUANTIZE:
+        src = producer.inputs[0]
+        if src is not None and src.is_constant and src.sparsity is None and src.type == T.FLOAT16:
+            return LayerWeight("float16", np.asarray(src.data, np.float32), src)
+        if src is not None and src.sparsity is not None:
+            raise Skip("sparse weight")
+        raise Skip("weight behind DEQUANTIZE is not float16")
+    if producer is not None and producer.builtin == OP.DENSIFY:
+        raise Skip("sparse weight (behind DENSIFY)")
+    raise Skip("weight is not a constant")
+
+
+def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, quant_axis: int = 0
+                ) -> tuple[Tensor, list[Operator]]:
+    """A new weight holding `values`, stored as `like` is; returns the tensor the op reads and any ops
+    (a DEQUANTIZE) that must run before it."""
+    from ..linalg import quant
+    values = np.ascontiguousarray(values, np.float32)
+    if like.kind == "float32":
+        return sg.add_constant(name, values), []
+    if like.kind == "float16":
+        stored = sg.add_constant(name + "_fp16", quant.to_float16(values))
+        out = sg.add_activation(name, T.FLOAT32, values.shape)
+        return out, [ops.dequantize(stored, out)]
+    if like.kind == "int8":
+        axis = quant_axis if like.per_channel else None
+        q, scales = quant.quantize_symmetric_int8(values, axis=axis)
+        qp = schema.QuantizationParametersT()
+        qp.scale = np.asarray(scales, np.float32).reshape(-1)
+        qp.zeroPoint = np.zeros(len(qp.scale), np.int64)
+        qp.quantizedDimension = axis or 0
+        return sg.add_constant(name, q, quantization=qp), []
+    raise ValueError(like.kind)
+
+
+def stored_weight_values(tensor_values: np.ndarray, like: LayerWeight, quant_axis: int = 0) -> np.ndarray:
+    """The float values a weight will really have after storage (for numpy references and error reports)."""
+    from ..linalg import quant
+    if like.kind == "float16":
+        return quant.to_float16(tensor_values).astype(np.float32)
+    if like.kind == "int8":
+        axis = quant_axis if like.per_channel else None
+        q, scales = quant.quantize_symmetric_int8(tensor_values, axis=axis)
+        return quant.dequantize_int8(q, scales, axis=axis).astype(np.float32)
+    return tensor_values.astype(np.float32)
+
+
+@dataclass
+class Selection:
+    only: str | None = None
+    skip: str | None = None
+    min_params: int = 0
+    # id(op) → (subgraph, index) before any pass ran, so the report names ops as the input file does.
+    positions: dict = field(default_factory=dict)
+
+    def reason_to_skip(self, op: Operator, n_params: int) -> str | None:
+        name = op.outputs[0].name if op.outputs else ""
+        if self.only and not re.search(self.only, name):
+            return "not matched by --only"
+        if self.skip and re.search(self.skip, name):
+            return "matched by --skip"
+        if n_params < self.min_params:
+            return f"fewer than {self.min_params} weights (--min-params)"
+        return None
+
+
+def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, selection: Selection) -> dict:
+    si, oi = selection.positions.get(id(op)) or (
+        next(i for i, s in enumerate(model.subgraphs) if s is sg), next(i for i, o in enumerate(sg.operators) if o is op))
+    return {"subgraph": si, "index": oi, "op": op.name, "output": op.outputs[0].name if op.outputs else "",
+            "kind": kind, "weight_shape": None, "weight_dtype": None, "action": "skipped", "method": None,
+            "rank": None, "params_before": 0, "params_after": 0, "macs_before": 0, "macs_after": 0,
+            "rel_error": None, "reason": None}
+
+
+def rel_error(original: np.ndarray, approx: np.ndarray) -> float:
+    n = float(np.linalg.norm(original))
+    return float(np.linalg.norm(original - approx)) / n if n > 0 else 0.0
+
+
+def pixels(t: Tensor) -> int:
+    """Batch × height × width of an NHWC activation."""
+    return numel(static_shape(t)[:-1])
+
+
+@dataclass
+class RankPolicy:
+    rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    force: bool = False
+    method: str = "cp"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.rank is not None or self.ratio is not None or self.energy is not None

@@ -1,0 +1,172 @@
+"""CONV_2D rewrites.
+
+- k×k, CP: CONV_2D 1×1 (in → R) → DEPTHWISE_CONV_2D k×k (R channels; stride, padding, dilation) →
+  CONV_2D 1×1 (R → out; bias, activation), from the CP decomposition of the kernel viewed as [out, k·k, in].
+- k×k, Tucker-2: CONV_2D 1×1 (in → R_in) → CONV_2D k×k (R_in → R_out) → CONV_2D 1×1 (R_out → out).
+- 1×1: two 1×1 CONV_2D by truncated SVD (rank as for k×k convs); the stride goes to the first (cheaper, and
+  exact for 1×1).
+
+The first op of every chain has no bias, so zero padding of its output equals padding of the input.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ops, schema
+from ..analysis import static_shape
+from ..graph import Model, Operator, Subgraph
+from . import lowrank_fc
+from .common import (LayerWeight, RankPolicy, Selection, Skip, emit_weight, new_entry, pixels, read_weight,
+                     rel_error, stored_weight_values)
+
+OP = schema.BuiltinOperator
+T = schema.TensorType
+
+
+def choose_rank(kernel: np.ndarray, policy: RankPolicy):
+    """CP: an int R; Tucker-2: (R_out, R_in). `kernel` is [out, k·k, in]."""
+    from ..linalg import rank
+    o, k, i = kernel.shape
+    if policy.method == "tucker2":
+        if policy.rank is not None:
+            return min(policy.rank, o), min(policy.rank, i)
+        if policy.ratio is not None:
+            return rank.tucker2_ranks_for_ratio(o, k, i, policy.ratio)
+        return rank.tucker2_ranks_for_energy(kernel, policy.energy)
+    if policy.rank is not None:
+        return max(1, policy.rank)
+    if policy.ratio is not None:
+        return rank.cp_rank_for_ratio(o, k, i, policy.ratio)
+    return rank.cp_rank_for_energy(kernel, policy.energy)
+
+
+def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, policy: RankPolicy,
+               selection: Selection) -> dict:
+    entry = new_entry(model, sg, op, "conv", selection)
+    try:
+        weight = read_weight(op, producers)
+        _rewrite(sg, op, weight, policy, selection, entry)
+    except Skip as e:
+        entry["reason"] = str(e)
+    return entry
+
+
+def _rewrite(sg, op, weight: LayerWeight, policy, selection, entry):
+    w = weight.values
+    if w.ndim != 4:
+        raise Skip("weight is not 4-D")
+    o, kh, kw, i = w.shape
+    x, bias, out = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None), op.outputs[0]
+    opts = op.builtin_options
+    in_pixels, out_pixels = pixels(x), pixels(out)
+    bias_params = int(np.prod(bias.shape)) if bias is not None and bias.is_constant else 0
+    dense_macs = out_pixels * kh * kw * i * o
+    entry.update(kind="conv1x1" if kh == kw == 1 else "conv", weight_shape=[o, kh, kw, i], weight_dtype=weight.kind,
+                 params_before=w.size + bias_params, params_after=w.size + bias_params,
+                 macs_before=dense_macs, macs_after=dense_macs)
+    reason = selection.reason_to_skip(op, w.size)
+    if reason:
+        raise Skip(reason)
+    if static_shape(x)[-1] != i:
+        raise Skip("grouped convolution")
+    if x.type != T.FLOAT32 or out.type != T.FLOAT32:
+        raise Skip("input or output is not float32")
+    if kh == kw == 1:
+        return _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels)
+    if not policy.active:
+        raise Skip("no rank given")
+
+    kernel = w.reshape(o, kh * kw, i)
+    base = out.name.split(";")[0]
+    stride = (opts.strideH, opts.strideW)
+    dilation = (opts.dilationHFactor, opts.dilationWFactor)
+    act = opts.fusedActivationFunction
+    k = kh * kw
+    if policy.method == "tucker2":
+        from ..linalg import rank as rk, tucker
+        r_out, r_in = choose_rank(kernel, policy)
+        params = rk.tucker2_params(o, k, i, r_out, r_in)
+        macs = in_pixels * i * r_in + out_pixels * k * r_in * r_out + out_pixels * r_out * o
+        _check_profit(policy, params, w.size, macs, dense_macs, f"ranks {r_out}x{r_in}")
+        res = tucker.tucker2(kernel, r_out, r_in)
+        first = res.in_factor.T.reshape(r_in, 1, 1, i)
+        middle = res.core.reshape(r_out, kh, kw, r_in)
+        last = res.out_factor.reshape(o, 1, 1, r_out)
+        w1, pre1 = emit_weight(sg, f"{base}/tucker2/in", first, weight, 0)
+        w2, pre2 = emit_weight(sg, f"{base}/tucker2/core", middle, weight, 0)
+        w3, pre3 = emit_weight(sg, f"{base}/tucker2/out", last, weight, 0)
+        z1 = sg.add_activation(f"{base}/tucker2/z1", T.FLOAT32, static_shape(x)[:-1] + [r_in], like=x)
+        z2 = sg.add_activation(f"{base}/tucker2/z2", T.FLOAT32, static_shape(out)[:-1] + [r_out], like=out)
+        chain = [ops.conv2d(x, w1, None, z1),
+                 ops.conv2d(z1, w2, None, z2, stride=stride, padding=opts.padding, dilation=dilation),
+                 ops.conv2d(z2, w3, bias, out, activation=act)]
+        sf, sm, sl = (stored_weight_values(a, weight, 0) for a in (first, middle, last))
+        approx = np.einsum("tp,pkq,sq->tks", sl.reshape(o, r_out), sm.reshape(r_out, k, r_in), sf.reshape(r_in, i).T)
+        entry.update(method="tucker2", rank=[int(r_out), int(r_in)])
+        extra = {"init": "hosvd"}
+    else:
+        from ..linalg import cp, rank as rk
+        r = choose_rank(kernel, policy)
+        params = rk.cp_params(o, k, i, r)
+        macs = in_pixels * i * r + out_pixels * k * r + out_pixels * r * o
+        _check_profit(policy, params, w.size, macs, dense_macs, f"rank {r}")
+        res = cp.cp3(kernel, r)
+        first = res.in_factor.T.reshape(r, 1, 1, i)
+        middle = res.mid_factor.reshape(1, kh, kw, r)
+        last = res.out_factor.reshape(o, 1, 1, r)
+        w1, pre1 = emit_weight(sg, f"{base}/cp/in", first, weight, 0)
+        w2, pre2 = emit_weight(sg, f"{base}/cp/depthwise", middle, weight, 3)
+        w3, pre3 = emit_weight(sg, f"{base}/cp/out", last, weight, 0)
+        z1 = sg.add_activation(f"{base}/cp/z1", T.FLOAT32, static_shape(x)[:-1] + [r], like=x)
+        z2 = sg.add_activation(f"{base}/cp/z2", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
+        chain = [ops.conv2d(x, w1, None, z1),
+                 ops.depthwise_conv2d(z1, w2, None, z2, stride=stride, padding=opts.padding, dilation=dilation),
+                 ops.conv2d(z2, w3, bias, out, activation=act)]
+        sf, sm, sl = (stored_weight_values(a, weight, ax) for a, ax in ((first, 0), (middle, 3), (last, 0)))
+        from ..linalg.cp import cp_reconstruct
+        approx = cp_reconstruct(sl.reshape(o, r), sm.reshape(k, r), sf.reshape(r, i).T)
+        entry.update(method="cp", rank=int(r))
+        extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
+    sg.replace_operator(op, pre1 + pre2 + pre3 + chain)
+    entry.update(action="rewritten", params_after=params + bias_params, macs_after=macs,
+                 rel_error=rel_error(kernel, approx), **extra)
+    entry["factors"] = {"first": sf, "middle": sm, "last": sl}
+
+
+def _check_profit(policy, params, dense_params, macs, dense_macs, what):
+    if not policy.force and (params >= dense_params or macs >= dense_macs):
+        raise Skip(f"{what} does not reduce parameters and MACs")
+
+
+def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels):
+    if not policy.active:
+        raise Skip("no rank given")
+    o, _, _, i = weight.values.shape
+    w = weight.values.reshape(o, i)
+    r = lowrank_fc.choose_rank(w, policy)
+    pb, pa, mb, ma = lowrank_fc.costs(out_pixels, o, i, r)
+    _check_profit(policy, pa, pb, ma, mb, f"rank {r}")
+    left, right = lowrank_fc.factorize(w, r, policy)
+    x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
+    base = out.name.split(";")[0]
+    w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0)
+    w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0)
+    mid = sg.add_activation(f"{base}/lowrank/mid", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
+    chain = [ops.conv2d(x, w1, None, mid, stride=(opts.strideH, opts.strideW), padding=opts.padding),
+             ops.conv2d(mid, w2, bias, out, activation=opts.fusedActivationFunction)]
+    sg.replace_operator(op, pre1 + pre2 + chain)
+    sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
+    sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
+    entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                 rel_error=rel_error(w, sl.reshape(o, r) @ sr.reshape(r, i)))
+    entry["factors"] = {"left": sl, "right": sr}
+
+
+def run(model: Model, policy: RankPolicy, selection: Selection, progress=None) -> list[dict]:
+    entries = []
+    for sg in model.subgraphs:
+        for op in [op for op in sg.operators if op.builtin == OP.CONV_2D]:
+            entries.append(rewrite_op(model, sg, op, sg.producers(), policy, selection))
+            if progress:
+                progress(entries[-1])
+    return entries

@@ -1,0 +1,128 @@
+"""FULLY_CONNECTED [out, in] → FULLY_CONNECTED (in → r, no bias) → FULLY_CONNECTED (r → out, bias, activation).
+
+Truncated SVD of the weight. The first op keeps `keep_num_dims` so inputs of rank > 2 flatten (or not)
+exactly as before; the second carries the bias, the fused activation and the original output tensor.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ops, schema
+from ..analysis import numel, static_shape
+from ..graph import Model, Operator, Subgraph
+from .common import (LayerWeight, RankPolicy, Selection, Skip, emit_weight, new_entry, read_weight, rel_error,
+                     stored_weight_values)
+
+OP = schema.BuiltinOperator
+
+
+def choose_rank(weight: np.ndarray, policy: RankPolicy) -> int:
+    from ..linalg import svd
+    m, n = weight.shape
+    if policy.rank is not None:
+        return max(1, min(policy.rank, m, n))
+    if policy.ratio is not None:
+        return min(svd.rank_for_ratio(m, n, policy.ratio), m, n)
+    return rank_for_energy(weight, policy.energy)
+
+
+def rank_for_energy(weight: np.ndarray, energy: float) -> int:
+    """Smallest rank keeping `energy` of ‖W‖²; grows a truncated SVD instead of computing the full one."""
+    from ..linalg import svd
+    total = float(np.sum(np.square(weight, dtype=np.float64)))
+    if total == 0:
+        return 1
+    full = min(weight.shape)
+    r = min(64, full)
+    while True:
+        _, s, _ = svd.truncated_svd(weight, r)
+        kept = np.cumsum(s.astype(np.float64) ** 2) / total
+        hit = np.nonzero(kept >= energy * (1 - 1e-12))[0]
+        if len(hit):
+            return int(hit[0]) + 1
+        if r == full:
+            return full
+        r = min(full, 2 * r)
+
+
+def factorize(weight: np.ndarray, rank: int, policy: RankPolicy) -> tuple[np.ndarray, np.ndarray]:
+    """(left [out, r], right [r, in]); data-aware when the policy carries the layer's input covariance."""
+    from ..linalg import svd
+    cov = policy.extra.get("input_cov")
+    if cov is not None:
+        return svd.whitened_lowrank_factors(weight, cov, rank)
+    return svd.lowrank_factors(weight, rank)
+
+
+def costs(rows: int, m: int, n: int, r: int) -> tuple[int, int, int, int]:
+    """(params before, after, MACs before, after) of an [m, n] layer applied to `rows` rows at rank r."""
+    return m * n, r * (m + n), rows * m * n, rows * r * (m + n)
+
+
+def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, policy: RankPolicy,
+               selection: Selection) -> dict:
+    entry = new_entry(model, sg, op, "fc", selection)
+    try:
+        weight = read_weight(op, producers)
+        _rewrite(sg, op, weight, policy, selection, entry)
+    except Skip as e:
+        entry["reason"] = str(e)
+    return entry
+
+
+def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, selection: Selection, entry: dict):
+    w = weight.values
+    m, n = w.shape
+    x, bias = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None)
+    out = op.outputs[0]
+    options = op.builtin_options or schema.FullyConnectedOptionsT()
+    rows = numel(static_shape(out)) // m
+    bias_params = numel(bias.shape) if bias is not None and bias.is_constant else 0
+    entry.update(weight_shape=[m, n], weight_dtype=weight.kind, params_before=m * n + bias_params,
+                 params_after=m * n + bias_params, macs_before=rows * m * n, macs_after=rows * m * n)
+    reason = selection.reason_to_skip(op, m * n)
+    if reason:
+        raise Skip(reason)
+    if getattr(options, "weightsFormat", 0) != 0:
+        raise Skip("shuffled weights format")
+    if x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
+        raise Skip("input or output is not float32")
+    if not policy.active:
+        raise Skip("no rank given")
+    r = choose_rank(w, policy)
+    pb, pa, mb, ma = costs(rows, m, n, r)
+    if not policy.force and (pa >= pb or ma >= mb):
+        raise Skip(f"rank {r} does not reduce parameters and MACs (break-even below {(m * n) // (m + n) + 1})")
+
+    left, right = factorize(w, r, policy)
+    base = out.name.split(";")[0]
+    w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right, weight)
+    w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left, weight)
+    keep = bool(getattr(options, "keepNumDims", False))
+    mid_shape = (static_shape(x)[:-1] if keep else [numel(static_shape(x)) // n]) + [r]
+    mid = sg.add_activation(f"{base}/lowrank/mid", schema.TensorType.FLOAT32, mid_shape, like=x)
+    if x.shape_signature is not None and not keep and any(d < 0 for d in x.shape_signature):
+        mid.shape_signature = [-1, r]
+    asym = bool(getattr(options, "asymmetricQuantizeInputs", False))
+    fc1 = ops.fully_connected(x, w1, None, mid, keep_num_dims=keep, asymmetric_quantize_inputs=asym)
+    fc2 = ops.fully_connected(mid, w2, bias, out, activation=options.fusedActivationFunction, keep_num_dims=keep,
+                              asymmetric_quantize_inputs=asym)
+    sg.replace_operator(op, pre1 + pre2 + [fc1, fc2])
+
+    stored_left = stored_weight_values(left, weight)
+    stored_right = stored_weight_values(right, weight)
+    entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                 rel_error=rel_error(w, stored_left @ stored_right))
+    entry["factors"] = {"left": stored_left, "right": stored_right}
+
+
+def run(model: Model, policy: RankPolicy, selection: Selection, progress=None) -> list[dict]:
+    entries = []
+    for sg in model.subgraphs:
+        targets = [op for op in sg.operators if op.builtin == OP.FULLY_CONNECTED]
+        for op in targets:
+            producers = sg.producers()
+            entries.append(rewrite_op(model, sg, op, producers, policy, selection))
+            if progress:
+                progress(entries[-1])
+    return entries

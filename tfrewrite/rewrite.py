@@ -1,0 +1,164 @@
+"""The main job: read a model, run the requested passes in order, write it, and say what was done."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import analysis, io, schema
+from .ops import versions
+from .passes.common import RankPolicy, Selection
+
+
+@dataclass
+class Options:
+    rank: int | None = None
+    fc_rank: int | None = None
+    conv_rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    conv_method: str = "cp"
+    only: str | None = None
+    skip: str | None = None
+    min_params: int = 0
+    force: bool = False
+    report: str | None = None
+
+    @classmethod
+    def from_namespace(cls, ns) -> "Options":
+        fields = {k: getattr(ns, k) for k in cls.__dataclass_fields__ if hasattr(ns, k)}
+        options = cls(**fields)
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        import re
+        for name in ("rank", "fc_rank", "conv_rank"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.ratio is not None and not self.ratio > 1:
+            raise ValueError("--ratio must be greater than 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ValueError("--energy must be in (0, 1]")
+        if sum(x is not None for x in (self.rank, self.ratio, self.energy)) > 1:
+            raise ValueError("choose one of --rank, --ratio and --energy")
+        if self.min_params < 0:
+            raise ValueError("--min-params must be >= 0")
+        for flag, rx in (("--only", self.only), ("--skip", self.skip)):
+            if rx is not None:
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    raise ValueError(f"{flag}: bad regular expression: {e}") from None
+
+    def fc_policy(self) -> RankPolicy:
+        rank = self.fc_rank if self.fc_rank is not None else self.rank
+        return RankPolicy(rank=rank, ratio=None if rank is not None else self.ratio,
+                          energy=None if rank is not None else self.energy, force=self.force)
+
+    def conv_policy(self) -> RankPolicy:
+        rank = self.conv_rank if self.conv_rank is not None else self.rank
+        return RankPolicy(rank=rank, ratio=None if rank is not None else self.ratio,
+                          energy=None if rank is not None else self.energy, force=self.force,
+                          method=self.conv_method)
+
+    @property
+    def any_technique(self) -> bool:
+        return self.fc_policy().active or self.conv_policy().active
+
+
+class Progress:
+    """One line per layer on a terminal (stderr), overwritten in place."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.start = total, 0, enabled, time.monotonic()
+
+    def __call__(self, entry: dict) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        name = entry["output"][-40:]
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{time.monotonic() - self.start:6.1f}s {name:<40}")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def rewrite_model(model, options: Options, progress=None) -> list[dict]:
+    """Run the passes on `model` in place; returns one report entry per considered op."""
+    from .passes import cp_conv, lowrank_fc
+    positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
+    selection = Selection(only=options.only, skip=options.skip, min_params=options.min_params, positions=positions)
+    entries = []
+    if options.any_technique:
+        entries += cp_conv.run(model, options.conv_policy(), selection, progress)
+        entries += lowrank_fc.run(model, options.fc_policy(), selection, progress)
+        if any(e["action"] == "rewritten" for e in entries):
+            model.cleanup()
+            update_min_runtime_version(model)
+    entries.sort(key=lambda e: (e["subgraph"], e["index"]))
+    return entries
+
+
+def count_targets(model) -> int:
+    OP = schema.BuiltinOperator
+    return sum(op.builtin in (OP.CONV_2D, OP.FULLY_CONNECTED) for _, op in model.operators())
+
+
+def update_min_runtime_version(model) -> None:
+    """Raise the `min_runtime_version` metadata when an emitted op version needs a newer runtime."""
+    needed = versions.min_runtime_version((op.opcode.builtin, op.opcode.version) for _, op in model.operators())
+    buf = model.get_metadata("min_runtime_version")
+    current = bytes(buf.data).rstrip(b"\0").decode("ascii", "replace") if buf is not None else None
+    if current is None or versions.compare_runtime_versions(needed, current) > 0:
+        # The converter stores it as a zero-padded 16-byte string.
+        model.set_metadata("min_runtime_version", needed.encode("ascii").ljust(16, b"\0"))
+
+
+def run(input_path, output_path, options: Options, progress: bool = False) -> dict:
+    input_path, output_path = Path(input_path), Path(output_path)
+    if output_path.exists() and input_path.exists() and os.path.samefile(input_path, output_path):
+        raise io.ModelError(f"{output_path}: the output would overwrite the input; choose another path")
+    if output_path.is_dir():
+        raise io.ModelError(f"{output_path}: is a directory")
+    if not output_path.parent.exists() and str(output_path.parent):
+        raise io.ModelError(f"{output_path.parent}: no such directory")
+    model = io.read(input_path)
+    size_before = os.path.getsize(input_path)
+    before = analysis.summary(model)["totals"]
+    bar = Progress(count_targets(model), enabled=progress)
+    entries = rewrite_model(model, options, bar)
+    size_after = io.write(model, output_path)
+    after = analysis.summary(model)["totals"]
+    notes = []
+    if not options.any_technique:
+        notes.append("no technique option given: the model was re-serialized unchanged")
+    report = {
+        "input": str(input_path), "output": str(output_path),
+        "options": {k: v for k, v in vars(options).items() if k != "report"},
+        "layers": [{k: v for k, v in e.items() if k != "factors"} for e in entries],
+        "totals": {
+            "file_bytes_before": size_before, "file_bytes_after": size_after,
+            "params_before": before["params"], "params_after": after["params"],
+            "macs_before": before["macs"], "macs_after": after["macs"],
+            "weight_bytes_before": before["weight_bytes"], "weight_bytes_after": after["weight_bytes"],
+        },
+        "notes": notes,
+    }
+    if options.report:
+        write_json(report, options.report)
+    return report
+
+
+def write_json(obj, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
