@@ -23,9 +23,9 @@ def _per_channel(t: Tensor) -> bool:
     return q is not None and q.scale is not None and len(q.scale) > 1
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *, stride=(1, 1), padding=Padding.VALID,
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor, *, stride=(1, 1), padding=Padding.VALID,
            dilation=(1, 1), activation=Activation.NONE, weight_type: int | None = None) -> Operator:
-    """CONV_2D; `weight_type` is the stored type when the weight arrives through DEQUANTIZE."""
+    """CONV_2D. The builtin kernel requires a bias (conv.cc: has_bias), so callers pass a zero one if needed."""
     options = schema.Conv2DOptionsT()
     options.padding = padding
     options.strideH, options.strideW = int(stride[0]), int(stride[1])
@@ -38,7 +38,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *, strid
                     builtin_options=options, builtin_options_type=schema.BuiltinOptions.Conv2DOptions)
 
 
-def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *, stride=(1, 1),
+def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor, *, stride=(1, 1),
                      padding=Padding.VALID, dilation=(1, 1), activation=Activation.NONE, depth_multiplier=1,
                      weight_type: int | None = None) -> Operator:
     options = schema.DepthwiseConv2DOptionsT()

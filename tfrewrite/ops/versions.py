@@ -34,10 +34,12 @@ see ``tests/test_ops_versions.py``):
   output's type.
 * The TF converter's 16x8 path (``EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8``)
   does NOT go through these rules: ``lite.py`` routes ``activations_type == int16`` to the legacy
-  ``tensorflow/lite/tools/optimize/quantize_model.cc`` quantizer, which writes the fixed versions
-  of ``operator_property.cc`` (CONV_2D 3, DEPTHWISE_CONV_2D 3, FULLY_CONNECTED 4) and
-  ``model_utils.cc::MakeDequantizeOperator`` (DEQUANTIZE 2), and leaves a stale
-  ``min_runtime_version``.  See ``LEGACY_16X8_QUANTIZER_VERSIONS``.
+  ``tensorflow/lite/tools/optimize/quantize_model.cc`` quantizer.  Its
+  ``model_utils.cc::SetOperatorCodeVersion`` raises the float model's version to
+  ``operator_property.cc``'s ``property.version`` (CONV_2D 3, DEPTHWISE_CONV_2D 3,
+  FULLY_CONNECTED 4) only if lower -- so a keep_num_dims FC stays 5 --, inserted DEQUANTIZE ops get
+  version 2 (``MakeDequantizeOperator``), and the ``min_runtime_version`` metadata is left stale.
+  See ``LEGACY_16X8_QUANTIZER_VERSIONS``.
 
 TensorType ints are the TFLite schema's (``schema.fbs``): FLOAT32=0, FLOAT16=1, INT32=2,
 UINT8=3, INT64=4, INT16=7, INT8=9, INT4=17 ...

@@ -89,6 +89,11 @@ def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, 
     raise ValueError(like.kind)
 
 
+def zero_bias(sg: Subgraph, name: str, channels: int) -> Tensor:
+    """The builtin CONV_2D and DEPTHWISE_CONV_2D kernels insist on a bias input; float32 like the activations."""
+    return sg.add_constant(name, np.zeros(channels, np.float32))
+
+
 def stored_weight_values(tensor_values: np.ndarray, like: LayerWeight, quant_axis: int = 0) -> np.ndarray:
     """The float values a weight will really have after storage (for numpy references and error reports)."""
     from ..linalg import quant

@@ -17,7 +17,7 @@ from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
 from . import lowrank_fc
 from .common import (LayerWeight, RankPolicy, Selection, Skip, emit_weight, new_entry, pixels, read_weight,
-                     rel_error, stored_weight_values)
+                     rel_error, stored_weight_values, zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -97,8 +97,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, selection, entry):
         w3, pre3 = emit_weight(sg, f"{base}/tucker2/out", last, weight, 0)
         z1 = sg.add_activation(f"{base}/tucker2/z1", T.FLOAT32, static_shape(x)[:-1] + [r_in], like=x)
         z2 = sg.add_activation(f"{base}/tucker2/z2", T.FLOAT32, static_shape(out)[:-1] + [r_out], like=out)
-        chain = [ops.conv2d(x, w1, None, z1),
-                 ops.conv2d(z1, w2, None, z2, stride=stride, padding=opts.padding, dilation=dilation),
+        chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/tucker2/in_bias", r_in), z1),
+                 ops.conv2d(z1, w2, zero_bias(sg, f"{base}/tucker2/core_bias", r_out), z2, stride=stride,
+                            padding=opts.padding, dilation=dilation),
                  ops.conv2d(z2, w3, bias, out, activation=act)]
         sf, sm, sl = (stored_weight_values(a, weight, 0) for a in (first, middle, last))
         approx = np.einsum("tp,pkq,sq->tks", sl.reshape(o, r_out), sm.reshape(r_out, k, r_in), sf.reshape(r_in, i).T)
@@ -119,8 +120,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, selection, entry):
         w3, pre3 = emit_weight(sg, f"{base}/cp/out", last, weight, 0)
         z1 = sg.add_activation(f"{base}/cp/z1", T.FLOAT32, static_shape(x)[:-1] + [r], like=x)
         z2 = sg.add_activation(f"{base}/cp/z2", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
-        chain = [ops.conv2d(x, w1, None, z1),
-                 ops.depthwise_conv2d(z1, w2, None, z2, stride=stride, padding=opts.padding, dilation=dilation),
+        chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/cp/in_bias", r), z1),
+                 ops.depthwise_conv2d(z1, w2, zero_bias(sg, f"{base}/cp/depthwise_bias", r), z2, stride=stride,
+                                      padding=opts.padding, dilation=dilation),
                  ops.conv2d(z2, w3, bias, out, activation=act)]
         sf, sm, sl = (stored_weight_values(a, weight, ax) for a, ax in ((first, 0), (middle, 3), (last, 0)))
         from ..linalg.cp import cp_reconstruct
@@ -152,7 +154,8 @@ def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels):
     w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0)
     w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0)
     mid = sg.add_activation(f"{base}/lowrank/mid", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
-    chain = [ops.conv2d(x, w1, None, mid, stride=(opts.strideH, opts.strideW), padding=opts.padding),
+    chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/lowrank/right_bias", r), mid, stride=(opts.strideH, opts.strideW),
+                        padding=opts.padding),
              ops.conv2d(mid, w2, bias, out, activation=opts.fusedActivationFunction)]
     sg.replace_operator(op, pre1 + pre2 + chain)
     sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
