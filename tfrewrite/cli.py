@@ -31,10 +31,21 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio", type=float, help="per layer, the rank that cuts its parameters X-fold")
     g.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of the squared norm")
     g.add_argument("--conv-method", choices=["cp", "tucker2"], default="cp", help="decomposition of kxk convs (default cp)")
+    g = p.add_argument_group("pruning (stored in TFLite's sparse format)")
+    g.add_argument("--prune", type=float, metavar="S", help="per layer, zero the smallest weights to sparsity S")
+    g.add_argument("--prune-block", metavar="1x4", help="prune FULLY_CONNECTED weights in whole 1x4 blocks")
+    g.add_argument("--prune-depthwise", action="store_true", help="prune DEPTHWISE_CONV_2D too (off by default)")
+    g.add_argument("--sparse-encode", action="store_true",
+                   help="store weights that already hold enough zeros in the sparse format (implied by --prune)")
+    g = p.add_argument_group("quantization (weights only)")
+    g.add_argument("--quantize", choices=["float16", "int8"], help="store weights as float16 or int8")
     s = p.add_argument_group("selection")
     s.add_argument("--only", metavar="REGEX", help="rewrite only ops whose output tensor name matches")
     s.add_argument("--skip", metavar="REGEX", help="leave ops whose output tensor name matches")
     s.add_argument("--min-params", type=int, default=0, metavar="N", help="leave layers with fewer weights alone")
+    s.add_argument("--recipe", metavar="FILE.json", help="per-layer settings (schemas/recipe.schema.json); "
+                   "the command-line options are the defaults")
+    s.add_argument("--force", action="store_true", help="rewrite even where the rank saves nothing (for checks)")
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE.json", help="write a JSON report of every considered op")
     o.add_argument("--quiet", action="store_true", help="print only the total line")
@@ -132,7 +143,10 @@ def cmd_rewrite(argv) -> int:
         options = rewrite.Options.from_namespace(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    report = rewrite.run(args.input, args.output, options, progress=sys.stderr.isatty())
+    try:
+        report = rewrite.run(args.input, args.output, options, progress=sys.stderr.isatty())
+    except rewrite.RecipeError as e:
+        raise UsageError(str(e)) from None
     print_report(report, quiet=args.quiet)
     return EXIT_OK
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import analysis, io, schema
 from .ops import versions
-from .passes.common import RankPolicy, Selection
+from .plan import LayerSettings, Plan, RecipeError, load_recipe, parse_block
 
 
 @dataclass
@@ -25,6 +25,12 @@ class Options:
     skip: str | None = None
     min_params: int = 0
     force: bool = False
+    prune: float | None = None
+    prune_block: str | None = None
+    prune_depthwise: bool = False
+    sparse_encode: bool = False
+    quantize: str | None = None
+    recipe: str | None = None
     report: str | None = None
 
     @classmethod
@@ -46,6 +52,11 @@ class Options:
             raise ValueError("--energy must be in (0, 1]")
         if sum(x is not None for x in (self.rank, self.ratio, self.energy)) > 1:
             raise ValueError("choose one of --rank, --ratio and --energy")
+        if self.prune is not None and not 0 <= self.prune < 1:
+            raise ValueError("--prune must be a sparsity in [0, 1)")
+        parse_block(self.prune_block)
+        if self.quantize not in (None, "float16", "int8"):
+            raise ValueError("--quantize must be float16 or int8")
         if self.min_params < 0:
             raise ValueError("--min-params must be >= 0")
         for flag, rx in (("--only", self.only), ("--skip", self.skip)):
@@ -55,20 +66,16 @@ class Options:
                 except re.error as e:
                     raise ValueError(f"{flag}: bad regular expression: {e}") from None
 
-    def fc_policy(self) -> RankPolicy:
-        rank = self.fc_rank if self.fc_rank is not None else self.rank
-        return RankPolicy(rank=rank, ratio=None if rank is not None else self.ratio,
-                          energy=None if rank is not None else self.energy, force=self.force)
+    def defaults(self) -> LayerSettings:
+        return LayerSettings(rank=self.rank, fc_rank=self.fc_rank, conv_rank=self.conv_rank, ratio=self.ratio,
+                             energy=self.energy, conv_method=self.conv_method, force=self.force,
+                             prune=self.prune, prune_block=parse_block(self.prune_block),
+                             prune_depthwise=self.prune_depthwise, quantize=self.quantize)
 
-    def conv_policy(self) -> RankPolicy:
-        rank = self.conv_rank if self.conv_rank is not None else self.rank
-        return RankPolicy(rank=rank, ratio=None if rank is not None else self.ratio,
-                          energy=None if rank is not None else self.energy, force=self.force,
-                          method=self.conv_method)
-
-    @property
-    def any_technique(self) -> bool:
-        return self.fc_policy().active or self.conv_policy().active
+    def plan(self) -> Plan:
+        rules = load_recipe(self.recipe) if self.recipe else []
+        return Plan(defaults=self.defaults(), rules=rules, only=self.only, skip=self.skip,
+                    min_params=self.min_params)
 
 
 class Progress:
@@ -91,18 +98,28 @@ class Progress:
         sys.stderr.flush()
 
 
-def rewrite_model(model, options: Options, progress=None) -> list[dict]:
-    """Run the passes on `model` in place; returns one report entry per considered op."""
+def rewrite_model(model, options: Options, progress=None, plan: Plan | None = None) -> list[dict]:
+    """Run the passes on `model` in place, in the order decompose, prune, quantize, encode sparse.
+    Returns one report entry per op each pass considered."""
     from .passes import cp_conv, lowrank_fc
-    positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
-    selection = Selection(only=options.only, skip=options.skip, min_params=options.min_params, positions=positions)
+    plan = plan or options.plan()
+    plan.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
     entries = []
-    if options.any_technique:
-        entries += cp_conv.run(model, options.conv_policy(), selection, progress)
-        entries += lowrank_fc.run(model, options.fc_policy(), selection, progress)
-        if any(e["action"] == "rewritten" for e in entries):
-            model.cleanup()
-            update_min_runtime_version(model)
+    if plan.uses("lowrank"):
+        entries += cp_conv.run(model, plan, progress)
+        entries += lowrank_fc.run(model, plan, progress)
+    if plan.uses("prune"):
+        from .passes import prune
+        entries += prune.run(model, plan, progress)
+    if plan.uses("quantize"):
+        from .passes import quantize
+        entries += quantize.run(model, plan, progress)
+    if plan.uses("prune") or options.sparse_encode:
+        from .passes import sparse_encode
+        entries += sparse_encode.run(model, plan, progress)
+    if any(e["action"] != "skipped" for e in entries):
+        model.cleanup()
+        update_min_runtime_version(model)
     entries.sort(key=lambda e: (e["subgraph"], e["index"]))
     return entries
 
@@ -130,15 +147,16 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         raise io.ModelError(f"{output_path}: is a directory")
     if not output_path.parent.exists() and str(output_path.parent):
         raise io.ModelError(f"{output_path.parent}: no such directory")
+    plan = options.plan()
     model = io.read(input_path)
     size_before = os.path.getsize(input_path)
     before = analysis.summary(model)["totals"]
     bar = Progress(count_targets(model), enabled=progress)
-    entries = rewrite_model(model, options, bar)
+    entries = rewrite_model(model, options, bar, plan)
     size_after = io.write(model, output_path)
     after = analysis.summary(model)["totals"]
     notes = []
-    if not options.any_technique:
+    if not entries:
         notes.append("no technique option given: the model was re-serialized unchanged")
     report = {
         "input": str(input_path), "output": str(output_path),

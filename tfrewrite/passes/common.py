@@ -2,7 +2,6 @@
 weights in the same form, choosing which ops to consider, and the report entry."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,27 +105,8 @@ def stored_weight_values(tensor_values: np.ndarray, like: LayerWeight, quant_axi
     return tensor_values.astype(np.float32)
 
 
-@dataclass
-class Selection:
-    only: str | None = None
-    skip: str | None = None
-    min_params: int = 0
-    # id(op) → (subgraph, index) before any pass ran, so the report names ops as the input file does.
-    positions: dict = field(default_factory=dict)
-
-    def reason_to_skip(self, op: Operator, n_params: int) -> str | None:
-        name = op.outputs[0].name if op.outputs else ""
-        if self.only and not re.search(self.only, name):
-            return "not matched by --only"
-        if self.skip and re.search(self.skip, name):
-            return "matched by --skip"
-        if n_params < self.min_params:
-            return f"fewer than {self.min_params} weights (--min-params)"
-        return None
-
-
-def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, selection: Selection) -> dict:
-    si, oi = selection.positions.get(id(op)) or (
+def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, plan) -> dict:
+    si, oi = plan.positions.get(id(op)) or (
         next(i for i, s in enumerate(model.subgraphs) if s is sg), next(i for i, o in enumerate(sg.operators) if o is op))
     return {"subgraph": si, "index": oi, "op": op.name, "output": op.outputs[0].name if op.outputs else "",
             "kind": kind, "weight_shape": None, "weight_dtype": None, "action": "skipped", "method": None,

@@ -16,7 +16,7 @@ from .. import ops, schema
 from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
 from . import lowrank_fc
-from .common import (LayerWeight, RankPolicy, Selection, Skip, emit_weight, new_entry, pixels, read_weight,
+from .common import (LayerWeight, RankPolicy, Skip, emit_weight, new_entry, pixels, read_weight,
                      rel_error, stored_weight_values, zero_bias)
 
 OP = schema.BuiltinOperator
@@ -40,18 +40,19 @@ def choose_rank(kernel: np.ndarray, policy: RankPolicy):
     return rank.cp_rank_for_energy(kernel, policy.energy)
 
 
-def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, policy: RankPolicy,
-               selection: Selection) -> dict:
-    entry = new_entry(model, sg, op, "conv", selection)
+def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) -> dict:
+    """Rewrite one CONV_2D as the plan says; returns its report entry (skipped ones say why)."""
+    entry = new_entry(model, sg, op, "conv", plan)
+    policy = plan.rank_policy(op, "conv")
     try:
         weight = read_weight(op, producers)
-        _rewrite(sg, op, weight, policy, selection, entry)
+        _rewrite(sg, op, weight, policy, plan, entry)
     except Skip as e:
         entry["reason"] = str(e)
     return entry
 
 
-def _rewrite(sg, op, weight: LayerWeight, policy, selection, entry):
+def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
     w = weight.values
     if w.ndim != 4:
         raise Skip("weight is not 4-D")
@@ -64,7 +65,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, selection, entry):
     entry.update(kind="conv1x1" if kh == kw == 1 else "conv", weight_shape=[o, kh, kw, i], weight_dtype=weight.kind,
                  params_before=w.size + bias_params, params_after=w.size + bias_params,
                  macs_before=dense_macs, macs_after=dense_macs)
-    reason = selection.reason_to_skip(op, w.size)
+    reason = plan.reason_to_skip(op, w.size)
     if reason:
         raise Skip(reason)
     if static_shape(x)[-1] != i:
@@ -165,11 +166,11 @@ def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels):
     entry["factors"] = {"left": sl, "right": sr}
 
 
-def run(model: Model, policy: RankPolicy, selection: Selection, progress=None) -> list[dict]:
+def run(model: Model, plan, progress=None) -> list[dict]:
     entries = []
     for sg in model.subgraphs:
         for op in [op for op in sg.operators if op.builtin == OP.CONV_2D]:
-            entries.append(rewrite_op(model, sg, op, sg.producers(), policy, selection))
+            entries.append(rewrite_op(model, sg, op, sg.producers(), plan))
             if progress:
                 progress(entries[-1])
     return entries

@@ -10,7 +10,7 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
-from .common import (LayerWeight, RankPolicy, Selection, Skip, emit_weight, new_entry, read_weight, rel_error,
+from .common import (LayerWeight, RankPolicy, Skip, emit_weight, new_entry, read_weight, rel_error,
                      stored_weight_values)
 
 OP = schema.BuiltinOperator
@@ -59,18 +59,19 @@ def costs(rows: int, m: int, n: int, r: int) -> tuple[int, int, int, int]:
     return m * n, r * (m + n), rows * m * n, rows * r * (m + n)
 
 
-def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, policy: RankPolicy,
-               selection: Selection) -> dict:
-    entry = new_entry(model, sg, op, "fc", selection)
+def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) -> dict:
+    """Rewrite one FULLY_CONNECTED as the plan says; returns its report entry (skipped ones say why)."""
+    entry = new_entry(model, sg, op, "fc", plan)
+    policy = plan.rank_policy(op, "fc")
     try:
         weight = read_weight(op, producers)
-        _rewrite(sg, op, weight, policy, selection, entry)
+        _rewrite(sg, op, weight, policy, plan, entry)
     except Skip as e:
         entry["reason"] = str(e)
     return entry
 
 
-def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, selection: Selection, entry: dict):
+def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict):
     w = weight.values
     m, n = w.shape
     x, bias = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None)
@@ -80,7 +81,7 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     bias_params = numel(bias.shape) if bias is not None and bias.is_constant else 0
     entry.update(weight_shape=[m, n], weight_dtype=weight.kind, params_before=m * n + bias_params,
                  params_after=m * n + bias_params, macs_before=rows * m * n, macs_after=rows * m * n)
-    reason = selection.reason_to_skip(op, m * n)
+    reason = plan.reason_to_skip(op, m * n)
     if reason:
         raise Skip(reason)
     if getattr(options, "weightsFormat", 0) != 0:
@@ -116,13 +117,13 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     entry["factors"] = {"left": stored_left, "right": stored_right}
 
 
-def run(model: Model, policy: RankPolicy, selection: Selection, progress=None) -> list[dict]:
+def run(model: Model, plan, progress=None) -> list[dict]:
     entries = []
     for sg in model.subgraphs:
         targets = [op for op in sg.operators if op.builtin == OP.FULLY_CONNECTED]
         for op in targets:
             producers = sg.producers()
-            entries.append(rewrite_op(model, sg, op, producers, policy, selection))
+            entries.append(rewrite_op(model, sg, op, producers, plan))
             if progress:
                 progress(entries[-1])
     return entries

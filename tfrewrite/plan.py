@@ -1,0 +1,178 @@
+"""What to do to each layer: command-line defaults, overridden per layer by an ordered recipe.
+
+A recipe (JSON, `schemas/recipe.schema.json`) is a list of rules; each names a regex on the op's output tensor
+name and any of rank / ratio / energy / conv_method / prune / prune_block / quantize / skip. Later rules
+override earlier ones; the command line gives the defaults. Passes ask the plan, never the options.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .graph import Operator
+from .passes.common import RankPolicy
+
+
+@dataclass
+class LayerSettings:
+    rank: int | None = None          # both kinds, unless fc_rank / conv_rank say otherwise
+    fc_rank: int | None = None
+    conv_rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    conv_method: str = "cp"
+    prune: float | None = None       # target sparsity of this layer
+    prune_block: tuple[int, int] | None = None
+    prune_depthwise: bool = False
+    quantize: str | None = None      # None, "float16" or "int8"
+    skip: bool = False
+    force: bool = False
+
+    def rank_policy(self, kind: str) -> RankPolicy:
+        explicit = self.fc_rank if kind == "fc" else self.conv_rank
+        rank = explicit if explicit is not None else self.rank
+        return RankPolicy(rank=rank, ratio=None if rank is not None else self.ratio,
+                          energy=None if rank is not None else self.energy, force=self.force,
+                          method=self.conv_method)
+
+
+RULE_KEYS = {"match", "rank", "fc_rank", "conv_rank", "ratio", "energy", "conv_method", "prune", "prune_block",
+             "quantize", "skip"}
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def load_recipe(path) -> list[dict]:
+    """Read and validate a recipe file; raise RecipeError with a one-line reason."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise RecipeError(f"{path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid JSON ({e})") from None
+    return validate_recipe(doc, str(path))
+
+
+def validate_recipe(doc, where: str = "recipe") -> list[dict]:
+    """Check a recipe against schemas/recipe.schema.json (by hand: no jsonschema dependency at run time)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("rules"), list):
+        raise RecipeError(f"{where}: a recipe is an object with a list 'rules'")
+    extra = set(doc) - {"rules", "description", "version"}
+    if extra:
+        raise RecipeError(f"{where}: unknown key(s) {sorted(extra)}")
+    rules = []
+    for i, rule in enumerate(doc["rules"]):
+        at = f"{where}: rules[{i}]"
+        if not isinstance(rule, dict):
+            raise RecipeError(f"{at} is not an object")
+        unknown = set(rule) - RULE_KEYS
+        if unknown:
+            raise RecipeError(f"{at}: unknown key(s) {sorted(unknown)}")
+        if not isinstance(rule.get("match"), str):
+            raise RecipeError(f"{at}: 'match' (a regex on the output tensor name) is required")
+        try:
+            re.compile(rule["match"])
+        except re.error as e:
+            raise RecipeError(f"{at}: bad regex {rule['match']!r}: {e}") from None
+        for key in ("rank", "fc_rank", "conv_rank"):
+            if key in rule and (type(rule[key]) is not int or rule[key] < 1):
+                raise RecipeError(f"{at}: '{key}' must be an integer >= 1")
+        if "ratio" in rule and (not _number(rule["ratio"]) or rule["ratio"] <= 1):
+            raise RecipeError(f"{at}: 'ratio' must be a number > 1")
+        if "energy" in rule and (not _number(rule["energy"]) or not 0 < rule["energy"] <= 1):
+            raise RecipeError(f"{at}: 'energy' must be in (0, 1]")
+        if "conv_method" in rule and rule["conv_method"] not in ("cp", "tucker2"):
+            raise RecipeError(f"{at}: 'conv_method' must be 'cp' or 'tucker2'")
+        if "prune" in rule and (not _number(rule["prune"]) or not 0 <= rule["prune"] < 1):
+            raise RecipeError(f"{at}: 'prune' must be a sparsity in [0, 1)")
+        if "prune_block" in rule and rule["prune_block"] not in ("1x1", "1x4", "1x16"):
+            raise RecipeError(f"{at}: 'prune_block' must be '1x1', '1x4' or '1x16'")
+        if "quantize" in rule and rule["quantize"] not in ("none", "float16", "int8"):
+            raise RecipeError(f"{at}: 'quantize' must be 'none', 'float16' or 'int8'")
+        if "skip" in rule and not isinstance(rule["skip"], bool):
+            raise RecipeError(f"{at}: 'skip' must be true or false")
+        rules.append(rule)
+    return rules
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_block(text: str | None) -> tuple[int, int] | None:
+    if text is None or text == "1x1":
+        return None
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise ValueError(f"block {text!r} is not of the form 1x4")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass
+class Plan:
+    defaults: LayerSettings = field(default_factory=LayerSettings)
+    rules: list[dict] = field(default_factory=list)
+    only: str | None = None
+    skip: str | None = None
+    min_params: int = 0
+    # id(op) → (subgraph, index) before any pass ran, so the report names ops as the input file does.
+    positions: dict = field(default_factory=dict)
+    # Per-op extra data for data-aware fitting: id(op) → dict (input covariance, ...).
+    layer_data: dict = field(default_factory=dict)
+
+    def settings(self, op: Operator) -> LayerSettings:
+        name = op.outputs[0].name if op.outputs else ""
+        s = self.defaults
+        for rule in self.rules:
+            if re.search(rule["match"], name):
+                changes = {k: v for k, v in rule.items() if k != "match"}
+                if any(k in changes for k in ("rank", "ratio", "energy")):
+                    # A rule's rank choice replaces the default's, whichever form either takes.
+                    s = replace(s, rank=None, ratio=None, energy=None)
+                if "quantize" in changes and changes["quantize"] == "none":
+                    changes["quantize"] = None
+                if "prune_block" in changes:
+                    changes["prune_block"] = parse_block(changes["prune_block"])
+                s = replace(s, **changes)
+        return s
+
+    def reason_to_skip(self, op: Operator, n_params: int) -> str | None:
+        name = op.outputs[0].name if op.outputs else ""
+        if self.only and not re.search(self.only, name):
+            return "not matched by --only"
+        if self.skip and re.search(self.skip, name):
+            return "matched by --skip"
+        if n_params < self.min_params:
+            return f"fewer than {self.min_params} weights (--min-params)"
+        if self.settings(op).skip:
+            return "skipped by the recipe"
+        return None
+
+    def rank_policy(self, op: Operator, kind: str) -> RankPolicy:
+        policy = self.settings(op).rank_policy(kind)
+        data = self.layer_data.get(id(op))
+        if data:
+            policy.extra.update(data)
+        return policy
+
+    # Which techniques any layer may use (so a pass can be skipped outright).
+    def uses(self, technique: str) -> bool:
+        candidates = [self.defaults] + [self.settings_of_rule(r) for r in self.rules]
+        if technique == "lowrank":
+            return any(s.rank_policy("fc").active or s.rank_policy("conv").active for s in candidates)
+        if technique == "prune":
+            return any(s.prune for s in candidates)
+        if technique == "quantize":
+            return any(s.quantize for s in candidates)
+        raise ValueError(technique)
+
+    def settings_of_rule(self, rule: dict) -> LayerSettings:
+        changes = {k: v for k, v in rule.items() if k not in ("match", "prune_block")}
+        if changes.get("quantize") == "none":
+            changes["quantize"] = None
+        return replace(self.defaults, **changes)
