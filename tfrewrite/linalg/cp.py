@@ -51,8 +51,9 @@ def cp_reconstruct(out_factor, mid_factor, in_factor):
 def cp3(tensor, rank, seed=0, n_iter_max=200, tol=1e-7):
     """Rank-``rank`` CP decomposition of a 3-way tensor ``[T, K, S]`` by CP-ALS.
 
-    SVD init first; if that result is NaN or degenerate, a seeded random init is
-    tried and the best non-degenerate result kept. If all are degenerate (the
+    SVD init first; if that result is NaN, degenerate or has a dead (zero)
+    component, a seeded random init is tried and the best non-degenerate result
+    kept. If all are degenerate (the
     best rank-R approximation may not exist), the best attempt is rerun with an
     increasing ridge until its components are bounded. Deterministic for a
     given ``seed``. Factors are float64 with each component's scale split as a
@@ -77,28 +78,34 @@ def cp3(tensor, rank, seed=0, n_iter_max=200, tol=1e-7):
         factors = _init_factors(x, rank, init, seed)
         res = _als(x, factors, n_iter_max, tol, _BASE_RIDGE, None, norm_x, init)
         attempts.append(res)
-        if _healthy(res):
+        # A dead (exactly zero) component wastes rank: ALS cannot revive it, so it
+        # is also a reason to try the other init.
+        if _healthy(res) and not _has_dead_component(res):
             break
     good = [r for r in attempts if _healthy(r)]
     if good:
         return min(good, key=lambda r: r.rel_error)
 
-    finite = [r for r in attempts if np.isfinite(r.rel_error)] or attempts
-    best = min(finite, key=lambda r: r.rel_error)
-    init = best.init if best in finite and np.isfinite(best.rel_error) else "svd"
+    finite = [r for r in attempts if np.isfinite(r.rel_error)]
+    init = min(finite, key=lambda r: r.rel_error).init if finite else "random"
+    res = attempts[-1]
     for ridge in _RIDGE_LADDER:
         factors = _init_factors(x, rank, init, seed)
         lam = ridge * norm_x ** (4.0 / 3.0)
         res = _als(x, factors, n_iter_max, tol, _BASE_RIDGE, lam, norm_x,
                    f"{init}+ridge{ridge:.0e}")
         if _healthy(res):
-            return res
-        best = res
-    return best
+            break
+    return res
 
 
 def _healthy(res):
-    return np.isfinite(res.rel_error) and res.degeneracy <= DEGENERACY_LIMIT
+    return bool(np.isfinite(res.rel_error)) and res.degeneracy <= DEGENERACY_LIMIT
+
+
+def _has_dead_component(res):
+    weight = np.linalg.norm(res.out_factor, axis=0) ** 3  # balanced: scale = norm^3
+    return bool(weight.size) and float(weight.min()) <= 1e-10 * float(weight.max())
 
 
 def _leading_vectors(unfolding, count):

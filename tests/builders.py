@@ -1,0 +1,115 @@
+"""Single-layer models built with tfrewrite's own IR, and numpy references of the layers we emit."""
+import numpy as np
+
+from tfrewrite import io, ops, schema
+from tfrewrite.graph import Model, Subgraph, Tensor
+from tfrewrite.linalg import quant
+
+T = schema.TensorType
+ACT = {"NONE": schema.ActivationFunctionType.NONE, "RELU": schema.ActivationFunctionType.RELU,
+       "RELU6": schema.ActivationFunctionType.RELU6}
+PAD = {"SAME": schema.Padding.SAME, "VALID": schema.Padding.VALID}
+
+
+def conv_out_size(size, k, stride, dilation, padding):
+    eff = (k - 1) * dilation + 1
+    return -(-size // stride) if padding == "SAME" else -(-(size - eff + 1) // stride)
+
+
+def _weight(sg, name, values, form, axis):
+    """A weight stored as `form`: the tensor the op reads, and any DEQUANTIZE to run first."""
+    if form == "float32":
+        return sg.add_constant(name, values.astype(np.float32)), []
+    if form == "float16":
+        c = sg.add_constant(name + "_fp16", values.astype(np.float16))
+        out = sg.add_activation(name, T.FLOAT32, values.shape)
+        return out, [ops.dequantize(c, out)]
+    if form == "int8":
+        q, scales = quant.quantize_symmetric_int8(values, axis=axis)
+        qp = schema.QuantizationParametersT()
+        qp.scale = np.asarray(scales, np.float32).reshape(-1)
+        qp.zeroPoint = np.zeros(len(qp.scale), np.int64)
+        qp.quantizedDimension = axis
+        return sg.add_constant(name, q, quantization=qp), []
+    raise ValueError(form)
+
+
+def stored(values, form, axis=0):
+    """The float values a weight really has once stored as `form`."""
+    if form == "float16":
+        return values.astype(np.float16).astype(np.float64)
+    if form == "int8":
+        q, s = quant.quantize_symmetric_int8(values, axis=axis)
+        return quant.dequantize_int8(q, s, axis=axis).astype(np.float64)
+    return values.astype(np.float64)
+
+
+def conv_model(weight, bias=None, input_hw=(9, 9), batch=1, stride=1, padding="SAME", dilation=1, act="NONE",
+               form="float32", name="layer/conv"):
+    o, kh, kw, i = weight.shape
+    sg = Subgraph()
+    x = sg.add_tensor(Tensor("input", T.FLOAT32, [batch, *input_hw, i]))
+    oh = conv_out_size(input_hw[0], kh, stride, dilation, padding)
+    ow = conv_out_size(input_hw[1], kw, stride, dilation, padding)
+    y = sg.add_tensor(Tensor(name, T.FLOAT32, [batch, oh, ow, o]))
+    w, pre = _weight(sg, "layer/kernel", weight, form, 0)
+    b = sg.add_constant("layer/bias", bias.astype(np.float32)) if bias is not None else \
+        sg.add_constant("layer/bias", np.zeros(o, np.float32))
+    op = ops.conv2d(x, w, b, y, stride=(stride, stride), padding=PAD[padding], dilation=(dilation, dilation),
+                    activation=ACT[act])
+    sg.operators = pre + [op]
+    sg.inputs, sg.outputs = [x], [y]
+    return io.to_bytes(Model(subgraphs=[sg]))
+
+
+def fc_model(weight, bias=None, input_shape=(1, 16), keep_num_dims=False, act="NONE", form="float32",
+             name="layer/fc"):
+    m, n = weight.shape
+    sg = Subgraph()
+    x = sg.add_tensor(Tensor("input", T.FLOAT32, list(input_shape)))
+    rows = int(np.prod(input_shape)) // n
+    out_shape = list(input_shape[:-1]) + [m] if keep_num_dims else [rows, m]
+    y = sg.add_tensor(Tensor(name, T.FLOAT32, out_shape))
+    w, pre = _weight(sg, "layer/weight", weight, form, 0)
+    b = sg.add_constant("layer/bias", bias.astype(np.float32)) if bias is not None else None
+    op = ops.fully_connected(x, w, b, y, activation=ACT[act], keep_num_dims=keep_num_dims)
+    sg.operators = pre + [op]
+    sg.inputs, sg.outputs = [x], [y]
+    return io.to_bytes(Model(subgraphs=[sg]))
+
+
+# ------------------------------------------------------------------------------------ numpy references
+def activation(y, act):
+    if act == "RELU":
+        return np.maximum(y, 0)
+    if act == "RELU6":
+        return np.clip(y, 0, 6)
+    return y
+
+
+def conv2d(x, w, b=None, stride=1, padding="SAME", dilation=1):
+    """NHWC x, [O,kh,kw,I] w; TF padding rules (extra pad at the end)."""
+    n, h, wd, c = x.shape
+    o, kh, kw, _ = w.shape
+    oh = conv_out_size(h, kh, stride, dilation, padding)
+    ow = conv_out_size(wd, kw, stride, dilation, padding)
+    if padding == "SAME":
+        ph = max((oh - 1) * stride + (kh - 1) * dilation + 1 - h, 0)
+        pw = max((ow - 1) * stride + (kw - 1) * dilation + 1 - wd, 0)
+        x = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    y = np.zeros((n, oh, ow, o))
+    for a in range(kh):
+        for bb in range(kw):
+            patch = x[:, a * dilation: a * dilation + (oh - 1) * stride + 1: stride,
+                      bb * dilation: bb * dilation + (ow - 1) * stride + 1: stride, :]
+            y += patch @ w[:, a, bb, :].T
+    return y + (b if b is not None else 0)
+
+
+def depthwise2d(x, w, stride=1, padding="SAME", dilation=1):
+    """w: [1, kh, kw, C], depth multiplier 1."""
+    c = x.shape[-1]
+    kh, kw = w.shape[1:3]
+    out = [conv2d(x[..., j:j + 1], w[:, :, :, j].reshape(1, kh, kw, 1), None, stride, padding, dilation)
+           for j in range(c)]
+    return np.concatenate(out, axis=-1)
