@@ -14,7 +14,7 @@ demo: $(BIN)/tfrewrite
 	$(BIN)/tfrewrite fixtures/vgg_digits.tflite /tmp/vgg_digits_rank.tflite --rank 16
 
 test: $(BIN)/tfrewrite
-	$(BIN)/python -m pytest -n0 tests 2>/dev/null || $(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests
 
 fixtures:
 	$(BIN)/pip install -q -e '.[test,fixtures]'

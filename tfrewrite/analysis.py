@@ -81,7 +81,7 @@ def macs(op: Operator, weight: Tensor | None) -> int:
     return 0
 
 
-def op_row(sg_index: int, op_index: int, op: Operator, producers: dict) -> dict:
+def op_row(sg_index: int, op_index: int, op: Operator, producers: dict, zeros: bool = True) -> dict:
     weight = None
     if op.builtin in WEIGHTED_OPS and len(op.inputs) > 1:
         weight = stored_constant(op.inputs[1], producers)
@@ -102,15 +102,16 @@ def op_row(sg_index: int, op_index: int, op: Operator, producers: dict) -> dict:
         "weight_sparse": weight is not None and weight.sparsity is not None,
         "params": params,
         "macs": macs(op, weight),
-        "zero_fraction": round(zero_fraction(weight), 4) if weight is not None else None,
+        "zero_fraction": round(zero_fraction(weight), 4) if weight is not None and zeros else None,
     }
 
 
-def op_rows(model: Model) -> list[dict]:
+def op_rows(model: Model, zeros: bool = True) -> list[dict]:
+    """One row per operator; `zeros=False` skips counting zero weights (it reads every weight byte)."""
     rows = []
     for si, sg in enumerate(model.subgraphs):
         producers = sg.producers()
-        rows.extend(op_row(si, oi, op, producers) for oi, op in enumerate(sg.operators))
+        rows.extend(op_row(si, oi, op, producers, zeros) for oi, op in enumerate(sg.operators))
     return rows
 
 
@@ -125,8 +126,8 @@ def weight_bytes(model: Model) -> int:
     return total
 
 
-def summary(model: Model, file_bytes: int | None = None) -> dict:
-    rows = op_rows(model)
+def summary(model: Model, file_bytes: int | None = None, zeros: bool = True) -> dict:
+    rows = op_rows(model, zeros)
     return {
         "file_bytes": file_bytes,
         "ops": rows,

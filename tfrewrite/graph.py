@@ -47,11 +47,13 @@ def tensor_type_for(dtype) -> int:
 class Buffer:
     """Raw bytes of a constant; one Buffer may back several tensors (shared weights stay shared)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "source")
 
-    def __init__(self, data):
+    def __init__(self, data, source: tuple[str, int] | None = None):
         # A uint8 view (often on the memory-mapped input file) or any bytes-like object.
         self.data = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        # (path, offset) when the bytes are an untouched region of a file: the writer copies them in the kernel.
+        self.source = source
 
     @property
     def nbytes(self) -> int:

@@ -46,12 +46,13 @@ def read(path: str | os.PathLike) -> Model:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise ModelError(f"{path}: {e.strerror or e}") from None
-    return read_buffer(data, name=str(path))
+    return read_buffer(data, name=str(path), source=str(path.resolve()))
 
 
-def read_buffer(data, name: str = "<buffer>") -> Model:
-    """Parse a model held in `data` (bytes, mmap, ...); weight arrays are views on `data`."""
-    reader = _Reader(data, name)
+def read_buffer(data, name: str = "<buffer>", source: str | None = None) -> Model:
+    """Parse a model held in `data` (bytes, mmap, ...); weight arrays are views on `data`.
+    `source`: the file `data` maps, so that unchanged weights can be copied file to file on write."""
+    reader = _Reader(data, name, source)
     try:
         return reader.model()
     except ModelError:
@@ -64,8 +65,9 @@ def read_buffer(data, name: str = "<buffer>") -> Model:
 
 
 class _Reader:
-    def __init__(self, data, name):
+    def __init__(self, data, name, source=None):
         self.data = data
+        self.source = source
         self.name = name
         self.size = len(data)
         # Every table visit costs one unit; a valid file has at most one table per 4 bytes, so a file whose
@@ -193,14 +195,14 @@ class _Reader:
         if offset > 1:  # large-model layout: the bytes follow the flatbuffer, addressed from the file start
             if offset + size > self.size:
                 self.fail(f"data [{offset}, {offset + size}) lies past the end of the {self.size}-byte file")
-            return Buffer(np.frombuffer(self.data, np.uint8, size, offset))
+            return Buffer(np.frombuffer(self.data, np.uint8, size, offset), self.source and (self.source, offset))
         n = b.DataLength()
         if n == 0:
             return Buffer(np.zeros(0, np.uint8))
         start = b._tab.Vector(4)
         if start + n > self.size:
             self.fail(f"data of {n} bytes at offset {start} runs past the end of the file")
-        return Buffer(np.frombuffer(self.data, np.uint8, n, start))
+        return Buffer(np.frombuffer(self.data, np.uint8, n, start), self.source and (self.source, start))
 
     def subgraph(self, fb, si, buffers, opcodes, n_subgraphs) -> Subgraph:
         self.where = f"in subgraph {si}"
@@ -345,18 +347,17 @@ def write(model: Model, path: str | os.PathLike, large_layout: bool | None = Non
     plan = _Plan(model)
     header, patches = plan.pack(large_layout)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    sources: dict[str, int] = {}
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb", buffering=0) as f:
             f.write(header)
             pos = len(header)
             for buf, _ in patches:
                 pad = (-(pos + (0 if plan.large else 4))) % ALIGNMENT
-                f.write(b"\0" * pad)
-                pos += pad
-                if not plan.large:
-                    f.write(struct.pack("<I", buf.nbytes))
-                    pos += 4
-                f.write(memoryview(buf.data).cast("B") if buf.data.flags.c_contiguous else buf.data.tobytes())
+                prefix = b"\0" * pad + (b"" if plan.large else struct.pack("<I", buf.nbytes))
+                f.write(prefix)
+                pos += len(prefix)
+                _write_data(f, buf, sources)
                 pos += buf.nbytes
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -366,7 +367,32 @@ def write(model: Model, path: str | os.PathLike, large_layout: bool | None = Non
         except OSError:
             pass
         raise
+    finally:
+        for src in sources.values():
+            os.close(src)
     return pos
+
+
+def _write_data(f, buf: Buffer, sources: dict) -> None:
+    """Write one buffer's bytes: copied file to file in the kernel when they are an untouched region of the
+    input (no page faults on the map, no user-space copy), else from memory."""
+    if buf.source is not None and buf.nbytes >= 1 << 16 and hasattr(os, "copy_file_range"):
+        path, offset = buf.source
+        start, done = f.tell(), 0
+        try:
+            if path not in sources:
+                sources[path] = os.open(path, os.O_RDONLY)
+            while done < buf.nbytes:
+                n = os.copy_file_range(sources[path], f.fileno(), buf.nbytes - done, offset + done)
+                if n <= 0:
+                    raise OSError("copy_file_range made no progress")
+                done += n
+            return
+        except OSError:  # another file system, or a kernel without it: fall back to a plain write
+            f.seek(start)
+            f.truncate()
+    data = buf.data
+    f.write(memoryview(data).cast("B") if data.flags.c_contiguous else data.tobytes())
 
 
 def to_bytes(model: Model, large_layout: bool | None = None) -> bytes:

@@ -150,11 +150,11 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     plan = options.plan()
     model = io.read(input_path)
     size_before = os.path.getsize(input_path)
-    before = analysis.summary(model)["totals"]
+    before = analysis.summary(model, zeros=False)["totals"]
     bar = Progress(count_targets(model), enabled=progress)
     entries = rewrite_model(model, options, bar, plan)
     size_after = io.write(model, output_path)
-    after = analysis.summary(model)["totals"]
+    after = analysis.summary(model, zeros=False)["totals"]
     notes = []
     if not entries:
         notes.append("no technique option given: the model was re-serialized unchanged")

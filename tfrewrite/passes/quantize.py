@@ -1,0 +1,293 @@
+"""Weight-only quantization: float16 (behind DEQUANTIZE) or dynamic-range int8.
+
+- float16, as the TF converter's float16 option writes it: the float32 constant becomes a float16 constant
+  (same name) read by a DEQUANTIZE (version 3) at the top of the subgraph, whose float32 output the layer
+  reads. Activations and compute stay float32.
+- int8, as the converter's dynamic-range option writes it: the weight of CONV_2D, DEPTHWISE_CONV_2D and
+  FULLY_CONNECTED with float32 activations becomes int8 itself, symmetric, one scale per output channel
+  (quantized dimension 0; 3 for depthwise), zero point 0; the op's version is raised to the hybrid
+  per-channel one (CONV_2D 5, DEPTHWISE_CONV_2D 6, FULLY_CONNECTED 12 with asymmetric_quantize_inputs, as
+  the converter sets it). Large float32 constants of other ops become int8 behind a DEQUANTIZE.
+  An all-zero channel gets scale 1.0 (XNNPACK rejects a zero scale).
+
+Biases (input 2 of conv / depthwise / FC, input 3 of TRANSPOSE_CONV) stay float32. Weights below
+`--min-params` stay as they are; constants of other ops must also have at least 1024 elements unless
+`--min-params` is given. A constant shared by several ops (one Buffer) is quantized once and stays shared,
+and only when every reader asks for the same thing. Sparse weights, weights behind DENSIFY and weights
+already float16 / int8 are left with a reason.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ops, schema
+from ..analysis import numel
+from ..graph import Buffer, Model, OpCode, Operator, Subgraph, Tensor
+from ..ops import versions
+from .common import Skip, new_entry, read_weight
+
+OP = schema.BuiltinOperator
+T = schema.TensorType
+
+LAYER_OPS = {OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED}
+# Input index of the bias, which stays float32.
+BIAS_INPUT = {OP.CONV_2D: 2, OP.DEPTHWISE_CONV_2D: 2, OP.FULLY_CONNECTED: 2, OP.TRANSPOSE_CONV: 3, OP.CONV_3D: 2}
+# Ops whose constant inputs are never quantized here (they are the storage machinery itself).
+NOT_READERS = {OP.DEQUANTIZE, OP.DENSIFY, OP.QUANTIZE}
+# "Large constant weights" of ops other than conv / depthwise / FC, unless --min-params says otherwise.
+OTHER_MIN_ELEMENTS = 1024
+
+
+class _Use:
+    """One op input reading a float32 constant."""
+
+    __slots__ = ("sg", "op", "index", "tensor", "entry", "mode", "reason", "hybrid", "axis")
+
+    def __init__(self, sg, op, index, tensor):
+        self.sg, self.op, self.index, self.tensor = sg, op, index, tensor
+        self.entry = None
+        self.mode = None
+        self.reason = None
+        self.hybrid = False
+        self.axis = None
+
+
+def run(model: Model, plan, progress=None) -> list[dict]:
+    entries: list[dict] = []
+    groups: dict[int, list[_Use]] = {}  # id(Buffer) → every use of a float32 constant on that buffer
+    for sg in model.subgraphs:
+        producers = sg.producers()
+        # Constants that must keep their float32 type whatever their other readers want.
+        blocked = {id(t) for t in sg.outputs}
+        for op in sg.operators:
+            for i, t in enumerate(op.inputs):
+                if t is not None and (op.builtin in NOT_READERS or i == BIAS_INPUT.get(op.builtin)):
+                    blocked.add(id(t))
+        for op in list(sg.operators):
+            if op.builtin in NOT_READERS:
+                continue
+            for i, t in enumerate(op.inputs):
+                if t is None or i == BIAS_INPUT.get(op.builtin):
+                    continue
+                if op.builtin in LAYER_OPS and i == 1 and not _is_float_constant(t):
+                    entries.append(_layer_weight_entry(model, sg, op, producers, plan))
+                    continue
+                if not _is_float_constant(t):
+                    continue
+                use = _Use(sg, op, i, t)
+                _judge(model, use, plan, id(t) in blocked)
+                if use.entry is not None:
+                    entries.append(use.entry)
+                groups.setdefault(id(t.buffer), []).append(use)
+    for uses in groups.values():
+        _quantize_group(uses)
+    if progress:
+        for e in entries:
+            if e["op"] in ("CONV_2D", "FULLY_CONNECTED"):
+                progress(e)
+    return entries
+
+
+def _is_float_constant(t: Tensor) -> bool:
+    return t.is_constant and t.type == T.FLOAT32 and t.sparsity is None and not t.is_variable
+
+
+def _layer_weight_entry(model, sg, op, producers, plan) -> dict:
+    """Report entry of a conv / FC whose weight is not a dense float32 constant."""
+    entry = _entry(model, sg, op, plan)
+    mode = plan.settings(op).quantize
+    try:
+        w = read_weight(op, producers)
+    except Skip as e:
+        entry["reason"] = str(e)
+        return entry
+    entry.update(weight_shape=list(w.stored.shape), weight_dtype=w.kind, dtype_after=w.kind,
+                 params_before=numel(w.stored.shape), params_after=numel(w.stored.shape))
+    if w.kind == mode:
+        entry["reason"] = f"already {w.kind}"
+    elif w.kind == "float16":
+        entry["reason"] = "already float16 (int8 needs the float32 weights: quantize the float32 model)"
+    else:
+        entry["reason"] = f"already {w.kind} (smaller than {mode})" if mode else f"already {w.kind}"
+    return entry
+
+
+def _entry(model, sg, op, plan) -> dict:
+    entry = new_entry(model, sg, op, "quantize", plan)
+    entry.update(dtype_after=None, bytes_before=0, bytes_after=0)
+    return entry
+
+
+def _judge(model, use: _Use, plan, blocked: bool) -> None:
+    """Decide what this use asks for; make its report entry (None for small constants of other ops)."""
+    op, t = use.op, use.tensor
+    n = numel(t.shape)
+    layer_weight = op.builtin in LAYER_OPS and use.index == 1
+    minimum = plan.min_params if layer_weight or plan.min_params > 0 else OTHER_MIN_ELEMENTS
+    if not layer_weight and n < minimum:
+        return  # a small constant of another op: not a weight worth reporting
+    entry = use.entry = _entry(model, use.sg, op, plan)
+    entry.update(weight_shape=list(t.shape), weight_dtype="float32", dtype_after="float32",
+                 params_before=n, params_after=n, bytes_before=t.buffer.nbytes, bytes_after=t.buffer.nbytes)
+    if not layer_weight:
+        entry["input"] = use.index
+    reason = plan.reason_to_skip(op, n)
+    mode = plan.settings(op).quantize
+    if reason is None and mode is None:
+        reason = "no quantization asked for this layer"
+    if reason is None and blocked:
+        reason = "the constant is also a bias, a subgraph output or read by DEQUANTIZE/QUANTIZE"
+    if reason is None and mode == "int8" and layer_weight:
+        use.hybrid, use.axis = _hybrid_form(op, t)
+    use.mode, use.reason = mode, reason
+
+
+def _hybrid_form(op: Operator, t: Tensor) -> tuple[bool, int | None]:
+    """(whether the op can read the int8 weight directly, quantized dimension)."""
+    x, out = op.inputs[0], op.outputs[0]
+    if x is None or x.type != T.FLOAT32 or out.type != T.FLOAT32:
+        return False, None
+    if op.builtin == OP.CONV_2D:
+        if len(t.shape) != 4 or (x.shape and len(x.shape) == 4 and x.shape[3] != t.shape[3]):
+            return False, None  # grouped: no hybrid kernel
+        return True, 0
+    if op.builtin == OP.DEPTHWISE_CONV_2D:
+        return (True, 3) if len(t.shape) == 4 else (False, None)
+    if op.builtin == OP.FULLY_CONNECTED:
+        if getattr(op.builtin_options, "weightsFormat", 0) != 0 or len(t.shape) != 2:
+            return False, None
+        return True, 0
+    return False, None
+
+
+def _quantize_group(uses: list[_Use]) -> None:
+    reasons = [u.reason for u in uses if u.reason]
+    modes = {u.mode for u in uses}
+    tensors = list({id(u.tensor): u.tensor for u in uses}.values())
+    problem = None
+    if reasons:
+        problem = "shared weight: another reader is left as it is"
+    elif len(modes) != 1:
+        problem = "shared weight: its readers ask for different quantization"
+    elif len({tuple(t.shape) for t in tensors}) != 1:
+        problem = "buffer shared by tensors of different shapes"
+    elif any(u.entry is None for u in uses):
+        problem = "shared with a small constant input of another op"
+    if problem:
+        for u in uses:
+            if u.entry is not None and not u.reason:
+                u.entry["reason"] = problem
+            elif u.entry is not None:
+                u.entry["reason"] = u.reason
+        return
+    mode = modes.pop()
+    values = np.asarray(tensors[0].data, np.float32)
+    before = tensors[0].buffer.nbytes
+    if mode == "float16":
+        _to_float16(uses, tensors, values)
+    else:
+        _to_int8(uses, tensors, values)
+    after = tensors[0].buffer.nbytes
+    for k, u in enumerate(uses):
+        u.entry.update(action="quantized", dtype_after=_dtype_after(u, mode), reason=None,
+                       bytes_before=before if k == 0 else 0, bytes_after=after if k == 0 else 0)
+        u.entry["method"] = u.entry["dtype_after"]
+        if len(uses) > 1:
+            u.entry["shared"] = True
+            if k:
+                u.entry["reason"] = "shared weight (bytes counted at its first reader)"
+
+
+def _dtype_after(use: _Use, mode: str) -> str:
+    if mode == "float16":
+        return "float16"
+    if use.hybrid:
+        return "int8 per-channel (hybrid)" if len(use.tensor.quantization.scale) > 1 else "int8 (hybrid)"
+    return "int8 (dequantize)"
+
+
+def _to_float16(uses, tensors, values) -> None:
+    from ..linalg import quant
+    buffer = Buffer(quant.to_float16(values).reshape(-1).view(np.uint8))
+    for t in tensors:
+        sg = next(u.sg for u in uses if u.tensor is t)
+        out = sg.add_activation(t.name + "1", T.FLOAT32, t.shape)  # the converter's naming
+        for u in uses:
+            if u.tensor is t:
+                u.op.inputs[u.index] = out
+        t.type, t.buffer, t.quantization, t.shape_signature = T.FLOAT16, buffer, None, None
+        sg.operators.insert(_dequantize_position(sg), ops.dequantize(t, out))
+
+
+def _to_int8(uses, tensors, values) -> None:
+    from ..linalg import quant
+    axes = {u.axis for u in uses if u.hybrid}
+    if len(axes) > 1:  # readers want different channel axes: all read through a DEQUANTIZE
+        for u in uses:
+            u.hybrid, u.axis = False, None
+        axes = set()
+    if axes:
+        axis = axes.pop()
+    else:
+        axis = 0 if values.ndim >= 2 and values.shape[0] > 1 else None
+    q, scales = quant.quantize_symmetric_int8(values, axis=axis)
+    buffer = Buffer(np.ascontiguousarray(q).reshape(-1).view(np.uint8))
+    for t in tensors:
+        qp = schema.QuantizationParametersT()
+        qp.scale = np.asarray(scales, np.float32).reshape(-1)
+        qp.zeroPoint = np.zeros(len(qp.scale), np.int64)
+        qp.quantizedDimension = axis or 0
+        t.type, t.buffer, t.quantization, t.shape_signature = T.INT8, buffer, qp, None
+        sg = next(u.sg for u in uses if u.tensor is t)
+        indirect = [u for u in uses if u.tensor is t and not u.hybrid]
+        if indirect:
+            out = sg.add_activation(t.name + "1", T.FLOAT32, t.shape)
+            for u in indirect:
+                u.op.inputs[u.index] = out
+            per_channel = versions.dequantize_is_per_channel(len(qp.scale), t.shape, qp.quantizedDimension)
+            dq = ops.dequantize(t, out)
+            dq.opcode = ops.opcode_for(OP.DEQUANTIZE, versions.dequantize_version(T.INT8, per_channel))
+            sg.operators.insert(_dequantize_position(sg), dq)
+    done = set()
+    for u in uses:
+        if u.hybrid and id(u.op) not in done:
+            done.add(id(u.op))
+            _make_hybrid(u.op)
+
+
+def _make_hybrid(op: Operator) -> None:
+    """Raise the version of a conv / FC that now reads an int8 weight (and set the FC options the converter
+    sets). Only raises, like the converter; a new OpCode, since OpCodes are shared between ops."""
+    x, w, out = op.inputs[0], op.inputs[1], op.outputs[0]
+    n_scales = len(w.quantization.scale)
+    if op.builtin == OP.CONV_2D:
+        version = versions.conv2d_version(x.type, T.INT8, output_type=out.type,
+                                          per_channel_hybrid=versions.conv2d_is_per_channel(n_scales, w.shape))
+    elif op.builtin == OP.DEPTHWISE_CONV_2D:
+        version = versions.depthwise_conv2d_version(
+            x.type, T.INT8, output_type=out.type,
+            per_channel_hybrid=versions.depthwise_conv2d_is_per_channel(n_scales, w.shape))
+    else:
+        options = _copy(op.builtin_options) if op.builtin_options is not None else schema.FullyConnectedOptionsT()
+        options.asymmetricQuantizeInputs = True
+        op.builtin_options, op.builtin_options_type = options, schema.BuiltinOptions.FullyConnectedOptions
+        version = versions.fully_connected_version(
+            x.type, T.INT8, out.type, keep_num_dims=bool(options.keepNumDims), asymmetric_quantize_inputs=True,
+            per_channel_hybrid=versions.fully_connected_is_per_channel(n_scales, w.shape),
+            num_inputs=len(op.inputs))
+    op.opcode = OpCode(op.opcode.builtin, op.opcode.custom_code, max(op.opcode.version, version))
+
+
+def _dequantize_position(sg: Subgraph) -> int:
+    """After the DEQUANTIZE ops at the top of the subgraph (where the converter puts them)."""
+    i = 0
+    while i < len(sg.operators) and sg.operators[i].builtin == OP.DEQUANTIZE and \
+            sg.operators[i].inputs[0] is not None and sg.operators[i].inputs[0].is_constant:
+        i += 1
+    return i
+
+
+def _copy(obj):
+    new = object.__new__(type(obj))
+    new.__dict__.update(vars(obj))
+    return new

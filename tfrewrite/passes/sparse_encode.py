@@ -1,0 +1,280 @@
+"""Store weights that hold enough zeros in TFLite's sparse format, in the form each kernel can really use.
+
+The rules (established against LiteRT's kernels, /work/shared/notes/tflite-sparsity.md; each has a test):
+
+* FULLY_CONNECTED, float32 in / weight / out: the weight tensor itself becomes sparse — 1×4 blocks when whole
+  blocks are zero (block sparsity / element sparsity > 0.9, as the TF converter decides), CSR otherwise —
+  and the operator gets version 8 exactly. The XNNPACK delegate refuses an FC at version 8 (the builtin
+  sparse kernel runs it); at versions 1–7 it would take the op and read the short buffer as dense: NaN.
+* FULLY_CONNECTED, full-integer int8: 1×16 blocks only, weight zero point 0; version 8 (per-tensor and
+  per-channel scales: LiteRT 2.3's kernel matches the dense one to one output quantum, see the tests).
+* Hybrid FULLY_CONNECTED (float input, int8 weight): never sparse — its sparse kernel gives wrong results.
+* Everything else (CONV_2D, DEPTHWISE_CONV_2D, an FC weight behind a DEQUANTIZE, a float32 weight some
+  other op also reads): sparse constant → DENSIFY → the op (float32 and float16 data; for float16 the
+  DENSIFY goes before the existing DEQUANTIZE). A sparse tensor fed straight into a conv gives NaN.
+* int8 data through DENSIFY makes XNNPACK fail to prepare: int8 conv weights stay dense.
+* A weight is encoded only when at least MIN_ZERO_FRACTION of it is zero and the encoding (values + index
+  vectors + table overhead) is smaller than the dense bytes. Index vectors use the smallest type that fits
+  (uint8 / uint16 / int32); the tensor keeps its dense shape.
+A weight shared by several ops is decided and encoded once.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import schema
+from ..analysis import numel
+from ..graph import Buffer, Model, Operator, Subgraph, Tensor
+from ..linalg import sparse
+from ..ops import builders, versions
+from .common import Skip, new_entry
+from .prune import TARGETS, StoredWeight, find_stored_weight
+
+OP = schema.BuiltinOperator
+T = schema.TensorType
+DIM = schema.DimensionType
+SIV = schema.SparseIndexVector
+
+MIN_ZERO_FRACTION = 0.3      # the TF converter leaves weights below 30 % zeros dense
+FLOAT_BLOCK_RATIO = 0.9      # float FC: 1x4 blocks when block sparsity / element sparsity exceeds this
+INT8_FC_BLOCK = (1, 16)
+FLOAT_FC_BLOCK = (1, 4)
+# Rough flatbuffer cost of a SparsityParameters table (per dim metadata) and of a DENSIFY op + its tensor.
+SPARSITY_TABLE_BYTES, DIM_BYTES, DENSIFY_BYTES = 48, 40, 96
+
+_INDEX_VECTORS = {np.dtype(np.uint8): (SIV.Uint8Vector, schema.Uint8VectorT),
+                  np.dtype(np.uint16): (SIV.Uint16Vector, schema.Uint16VectorT),
+                  np.dtype(np.int32): (SIV.Int32Vector, schema.Int32VectorT)}
+_INDEX_DTYPES = {SIV.Uint8Vector: np.uint8, SIV.Uint16Vector: np.uint16, SIV.Int32Vector: np.int32}
+
+
+# ------------------------------------------------------------------------------- schema <-> SparseEncoding
+def _index_vector(values: np.ndarray):
+    dtype = sparse.smallest_index_dtype(int(values.max()) if values.size else 0)
+    code, cls = _INDEX_VECTORS[dtype]
+    vec = cls()
+    vec.values = np.ascontiguousarray(values, dtype)
+    return code, vec
+
+
+def to_sparsity(enc: sparse.SparseEncoding) -> "schema.SparsityParametersT":
+    """The schema's SparsityParameters for an encoding (index vectors in the smallest type that fits)."""
+    sp = schema.SparsityParametersT()
+    sp.traversalOrder = np.asarray(enc.traversal_order, np.int32)
+    sp.blockMap = np.asarray(enc.block_map, np.int32) if len(enc.block_map) else None
+    sp.dimMetadata = []
+    for meta in enc.dims:
+        d = schema.DimensionMetadataT()
+        if meta.format == "DENSE":
+            d.format, d.denseSize = DIM.DENSE, int(meta.dense_size)
+        else:
+            d.format = DIM.SPARSE_CSR
+            d.arraySegmentsType, d.arraySegments = _index_vector(np.asarray(meta.segments))
+            d.arrayIndicesType, d.arrayIndices = _index_vector(np.asarray(meta.indices))
+        sp.dimMetadata.append(d)
+    return sp
+
+
+def from_sparsity(tensor: Tensor) -> sparse.SparseEncoding:
+    """A sparse tensor's values and parameters as a SparseEncoding (decode it with linalg.sparse.decode)."""
+    sp = tensor.sparsity
+    dims = []
+    for d in sp.dimMetadata:
+        if d.format == DIM.DENSE:
+            dims.append(sparse.DimMeta("DENSE", dense_size=int(d.denseSize)))
+        else:
+            dims.append(sparse.DimMeta("SPARSE_CSR", segments=np.asarray(d.arraySegments.values).astype(np.int64),
+                                       indices=np.asarray(d.arrayIndices.values).astype(np.int64)))
+    return sparse.SparseEncoding(
+        values=tensor.buffer.data.view(tensor.dtype).copy(),
+        traversal_order=[int(v) for v in sp.traversalOrder],
+        block_map=[int(v) for v in (sp.blockMap if sp.blockMap is not None else [])],
+        dims=dims, dense_shape=tuple(int(d) for d in tensor.shape))
+
+
+def stored_nbytes(enc: sparse.SparseEncoding, densify: bool) -> int:
+    """Bytes the encoded weight adds to the file, index vectors in their stored (smallest) types."""
+    total = np.asarray(enc.values).nbytes + SPARSITY_TABLE_BYTES + DIM_BYTES * len(enc.dims)
+    for meta in enc.dims:
+        if meta.format == "SPARSE_CSR":
+            for v in (np.asarray(meta.segments), np.asarray(meta.indices)):
+                total += v.size * sparse.smallest_index_dtype(int(v.max()) if v.size else 0).itemsize
+    return int(total) + (DENSIFY_BYTES if densify else 0)
+
+
+def index_dtypes(tensor: Tensor) -> list[str]:
+    names = {SIV.Uint8Vector: "uint8", SIV.Uint16Vector: "uint16", SIV.Int32Vector: "int32"}
+    out = []
+    for d in tensor.sparsity.dimMetadata:
+        if d.format == DIM.SPARSE_CSR:
+            out += [names[d.arraySegmentsType], names[d.arrayIndicesType]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ decisions
+def _fc_direct_kind(op: Operator, weight: Tensor) -> str | None:
+    """'float32' or 'int8' when this FC can read `weight` sparse itself (version 8); None otherwise."""
+    if op.builtin != OP.FULLY_CONNECTED or len(op.inputs) < 2 or op.inputs[1] is not weight:
+        return None
+    x, out = op.inputs[0], op.outputs[0]
+    if x is None or getattr(op.builtin_options, "weightsFormat", 0) != 0 or len(weight.shape) != 2:
+        return None
+    if x.type == T.FLOAT32 and weight.type == T.FLOAT32 and out.type == T.FLOAT32:
+        return "float32"
+    if x.type == T.INT8 and weight.type == T.INT8 and out.type == T.INT8:
+        return "int8"
+    return None
+
+
+def _fc_version(op: Operator) -> int:
+    x, w, out = op.inputs[0], op.inputs[1], op.outputs[0]
+    options = op.builtin_options
+    return versions.fully_connected_version(
+        x.type, w.type, out.type, keep_num_dims=bool(getattr(options, "keepNumDims", False)), sparse_weights=True,
+        asymmetric_quantize_inputs=bool(getattr(options, "asymmetricQuantizeInputs", False)),
+        num_inputs=len(op.inputs))
+
+
+class Decision:
+    def __init__(self, enc=None, method=None, densify=False, reason=None, bytes_before=0, bytes_after=0):
+        self.enc, self.method, self.densify, self.reason = enc, method, densify, reason
+        self.bytes_before, self.bytes_after = bytes_before, bytes_after
+
+
+def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[Operator]) -> Decision:
+    """How to store one weight, given every op that reads it (directly or through its DEQUANTIZE)."""
+    t = weight.tensor
+    raw = np.asarray(weight.raw)
+    dense_bytes = t.buffer.nbytes
+    zf = 1.0 - np.count_nonzero(raw) / max(raw.size, 1)
+    if zf < MIN_ZERO_FRACTION:
+        return Decision(reason=f"only {100 * zf:.1f}% zeros (encoding needs {100 * MIN_ZERO_FRACTION:.0f}%)")
+    fc_kinds = [_fc_direct_kind(op, t) for op in direct_readers] if weight.carrier is None else []
+    direct_fc = bool(fc_kinds) and all(k is not None for k in fc_kinds) and len(set(fc_kinds)) == 1 \
+        and len(direct_readers) == len(readers)
+    if t.type == T.INT8:
+        if any(op.builtin == OP.FULLY_CONNECTED and op.inputs[0] is not None and op.inputs[0].type == T.FLOAT32
+               for op in readers) and not direct_fc:
+            return Decision(reason="hybrid FULLY_CONNECTED (float input, int8 weight): its sparse kernel gives "
+                                   "wrong results; stays dense")
+        if not direct_fc:
+            return Decision(reason="int8 weight: int8 through DENSIFY makes XNNPACK fail to prepare; stays dense")
+        if raw.shape[1] % INT8_FC_BLOCK[1]:
+            return Decision(reason=f"int8 FULLY_CONNECTED needs 1x16 blocks; {raw.shape[1]} inputs do not divide")
+        bzf = sparse.block_sparsity(raw, INT8_FC_BLOCK)
+        if bzf < MIN_ZERO_FRACTION:
+            return Decision(reason=f"int8 FULLY_CONNECTED reads 1x16 blocks only; only {100 * bzf:.1f}% of them "
+                                   "are all zero (prune with --prune-block)")
+        enc, method = sparse.encode_blocks(raw, INT8_FC_BLOCK), "block1x16, FC v8"
+    elif t.type not in (T.FLOAT32, T.FLOAT16):
+        return Decision(reason=f"{t.type_name} weights are not encoded")
+    elif direct_fc and t.type == T.FLOAT32:
+        enc, method = sparse.encode_csr_last_dim(raw), "csr, FC v8"
+        if raw.shape[1] % FLOAT_FC_BLOCK[1] == 0:
+            bzf = sparse.block_sparsity(raw, FLOAT_FC_BLOCK)
+            if zf > 0 and bzf / zf > FLOAT_BLOCK_RATIO:
+                enc, method = sparse.encode_blocks(raw, FLOAT_FC_BLOCK), "block1x4, FC v8"
+    else:
+        enc, method = sparse.encode_csr_last_dim(raw), "csr + DENSIFY"
+    densify = method.endswith("DENSIFY")
+    after = stored_nbytes(enc, densify)
+    if after >= dense_bytes:
+        return Decision(reason=f"encoding does not save bytes ({after} >= {dense_bytes} dense, {100 * zf:.1f}% zeros)",
+                        bytes_before=dense_bytes, bytes_after=dense_bytes)
+    return Decision(enc, method, densify, bytes_before=dense_bytes, bytes_after=after)
+
+
+def apply(sg: Subgraph, weight: StoredWeight, decision: Decision, direct_readers: list[Operator]) -> None:
+    t = weight.tensor
+    values = np.ascontiguousarray(decision.enc.values, t.dtype)
+    buf = Buffer(values.reshape(-1).view(np.uint8))
+    sp = to_sparsity(decision.enc)
+    if not decision.densify:
+        t.buffer, t.sparsity = buf, sp
+        for op in direct_readers:
+            op.opcode = builders.opcode_for(OP.FULLY_CONNECTED, _fc_version(op))
+        return
+    # The original tensor becomes DENSIFY's (dense, non-constant) output, so every reader stays wired.
+    stored = sg.add_tensor(Tensor(name=sg.unique_name(t.name + "/sparse"), type=t.type, shape=list(t.shape),
+                                  buffer=buf, quantization=t.quantization, sparsity=sp))
+    t.buffer = None
+    first = next(op for op in sg.operators if any(x is t for x in op.inputs))
+    sg.insert_before(first, [builders.densify(stored, t)])
+
+
+# ------------------------------------------------------------------------------------------------------ run
+def run(model: Model, plan, progress=None) -> list[dict]:
+    buffer_users: dict[int, int] = {}
+    for sg in model.subgraphs:
+        for t in sg.tensors:
+            if t.buffer is not None:
+                buffer_users[id(t.buffer)] = buffer_users.get(id(t.buffer), 0) + 1
+    entries = []
+    for sg in model.subgraphs:
+        entries += _run_subgraph(model, sg, plan, buffer_users, progress)
+    return entries
+
+
+def _run_subgraph(model, sg, plan, buffer_users, progress) -> list[dict]:
+    producers = sg.producers()
+    consumers = sg.consumers()
+    targets = [op for op in sg.operators if op.builtin in TARGETS]
+    per_op: list[tuple[Operator, dict, StoredWeight | None]] = []
+    groups: dict[int, list[Operator]] = {}
+    for op in targets:
+        entry = new_entry(model, sg, op, "sparse_encode", plan)
+        w = op.inputs[1] if len(op.inputs) > 1 else None
+        entry["weight_shape"] = list(w.shape) if w is not None else []
+        weight = None
+        try:
+            weight = find_stored_weight(op, producers)
+            n = numel(weight.tensor.shape)
+            entry.update(weight_dtype=weight.kind, params_before=n, params_after=n)
+            reason = plan.reason_to_skip(op, n)
+            if reason:
+                raise Skip(reason)
+            if buffer_users.get(id(weight.tensor.buffer), 0) > 1:
+                raise Skip("its buffer is shared by several tensors")
+            groups.setdefault(id(weight.tensor), []).append(op)
+        except Skip as e:
+            entry["reason"] = str(e)
+            weight = None
+        per_op.append((op, entry, weight))
+
+    decisions: dict[int, Decision] = {}
+    for op, entry, weight in per_op:
+        if weight is None:
+            continue
+        key = id(weight.tensor)
+        if key not in decisions:
+            t = weight.tensor
+            direct = consumers.get(id(t), [])
+            if weight.carrier is not None:
+                readers = [r for c in direct for r in consumers.get(id(c.outputs[0]), [])]
+                odd = [c for c in direct if c.builtin != OP.DEQUANTIZE]
+            else:
+                readers = list(direct)
+                odd = [r for r in readers if r.builtin not in TARGETS or r.inputs[1] is not t]
+            zf = 1.0 - np.count_nonzero(weight.raw) / max(numel(t.shape), 1)
+            if odd:
+                decision = Decision(reason=f"the weight is also read by {odd[0].name}")
+            elif any(r in targets and r not in groups[key] for r in readers):
+                decision = Decision(reason="the weight is shared with a layer excluded from encoding")
+            else:
+                decision = decide(weight, readers, direct)
+            decision.zero_fraction = round(zf, 6)
+            if decision.enc is not None:
+                apply(sg, weight, decision, direct)
+            decisions[key] = decision
+        d = decisions[key]
+        entry.update(bytes_before=d.bytes_before, bytes_after=d.bytes_after, zero_fraction=d.zero_fraction)
+        if d.enc is not None:
+            entry.update(action="encoded", method=d.method, params_after=int(np.asarray(d.enc.values).size))
+            if entry is not next(e for o, e, w in per_op if w is not None and w.tensor is weight.tensor):
+                entry["reason"] = "weight shared with an earlier layer, encoded once"
+        else:
+            entry["reason"] = d.reason
+    for _, entry, _ in per_op:
+        if progress:
+            progress(entry)
+    return [e for _, e, _ in per_op]
