@@ -14,13 +14,29 @@ from tfrewrite.linalg import (
 
 def lowrank_plus_noise(m, n, k, noise, seed):
     rng = np.random.default_rng(seed)
-    u = np.linalg.qr(rng.standard_normal((m, k)))[0]
-    v = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    # Gaussian columns / sqrt(dim) are near-orthonormal; no QR needed.
+    u = rng.standard_normal((m, k)) / np.sqrt(m)
+    v = rng.standard_normal((n, k)) / np.sqrt(n)
     return (u * np.geomspace(100.0, 1.0, k)) @ v.T + noise * rng.standard_normal((m, n))
 
 
+def exact_svd(a):
+    """Reference thin SVD; for big inputs via the small-side Gram matrix (cheaper
+    than LAPACK's gesdd with vectors, still ~1e-12 accurate for these spectra)."""
+    a = a.astype(np.float64)
+    if a.size < 200_000:
+        return np.linalg.svd(a, full_matrices=False)
+    if a.shape[0] < a.shape[1]:
+        v, s, ut = exact_svd(a.T)
+        return ut.T, s, v.T
+    lam, w = np.linalg.eigh(a.T @ a)
+    lam, w = lam[::-1], w[:, ::-1]
+    s = np.sqrt(np.clip(lam, 0, None))
+    return (a @ w) / s, s, w.T
+
+
 def assert_matches_exact(a, rank, u, s, vt, s_tol=1e-6, vec_tol=1e-5):
-    ue, se, vte = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+    ue, se, vte = exact_svd(a)
     assert u.shape == (a.shape[0], rank) and s.shape == (rank,) and vt.shape == (rank, a.shape[1])
     assert np.max(np.abs(s - se[:rank]) / se[:rank]) <= s_tol
     # Well-separated singular values: vectors agree up to sign.
@@ -36,7 +52,7 @@ def test_small_matrix_matches_lapack():
     assert_matches_exact(a, 10, u, s, vt, s_tol=1e-12, vec_tol=1e-10)
 
 
-@pytest.mark.parametrize("shape", [(3000, 500), (500, 3000)])
+@pytest.mark.parametrize("shape", [(2100, 480), (480, 2100)])
 def test_randomized_path_matches_lapack(shape):
     # > 1e6 elements and rank < min/2: the randomized path is taken.
     a = lowrank_plus_noise(*shape, k=60, noise=1e-3, seed=1).astype(np.float32)
@@ -55,7 +71,7 @@ def test_randomized_path_direct_and_deterministic():
 
 def test_randomized_path_error_near_optimal_on_flat_spectrum():
     rng = np.random.default_rng(4)
-    a = rng.standard_normal((1500, 700))
+    a = rng.standard_normal((900, 400))
     u, s, vt = S._subspace_svd(a, 30)
     se = np.linalg.svd(a, compute_uv=False)
     best = np.sqrt(np.sum(se[30:] ** 2))

@@ -175,7 +175,7 @@ def test_densify_in_litert_gives_back_the_pruned_weight():
 
 @pytest.mark.parametrize("cols,seg,idx", [(200, "uint8", "uint8"), (300, "uint8", "uint16"),
                                           (2048, "int32", "uint16")])
-def test_smallest_index_type(cols, seg, idx):
+def test_smallest_index_type(cols, seg, idx, direct_csr):
     rows = 4 if cols < 2048 else 160
     w = pruned((rows, cols), 0.8).astype(np.float32)
     _, entries, m = rewritten(B.fc_model(w, None, (1, cols)), sparse_encode=True)
@@ -186,8 +186,25 @@ def test_smallest_index_type(cols, seg, idx):
 
 
 # --------------------------------------------------------------------------------------- FULLY_CONNECTED
+def test_float_fc_with_random_zeros_goes_through_densify_by_default():
+    w = pruned((64, 128), 0.8)
+    dense = B.fc_model(w, None, (1, 128))
+    out, entries, m = rewritten(dense, sparse_encode=True)
+    assert entries[0]["method"] == "csr + DENSIFY"
+    assert [op.name for op in m.main.operators] == ["DENSIFY", "FULLY_CONNECTED"]
+    check_rules(m)
+    x = np.random.default_rng(4).standard_normal((1, 128))
+    for xnn in (True, False):
+        np.testing.assert_array_equal(run1(out, x, xnn), run1(dense, x, xnn))
+
+
+@pytest.fixture
+def direct_csr(monkeypatch):
+    monkeypatch.setattr(se, "FLOAT_FC_RANDOM", "direct")
+
+
 @pytest.mark.parametrize("block", [False, True])
-def test_float_fc_is_read_sparse_at_version_8_and_lower_versions_give_nan_under_xnnpack(block):
+def test_float_fc_is_read_sparse_at_version_8_and_lower_versions_give_nan_under_xnnpack(block, direct_csr):
     w = pruned((64, 128), 0.8)
     if block:  # whole 1x4 blocks → block encoding
         w = np.where(sparse.prune_blocks(np.random.default_rng(0).standard_normal((64, 128)), 0.8, (1, 4)),
@@ -210,7 +227,7 @@ def test_float_fc_is_read_sparse_at_version_8_and_lower_versions_give_nan_under_
     assert np.isnan(bad).any() or not np.allclose(bad, run1(dense, x, True), atol=1e-3)
 
 
-def test_fc_without_bias_and_batched_input():
+def test_fc_without_bias_and_batched_input(direct_csr):
     w = pruned((32, 64), 0.7)
     dense = B.fc_model(w, None, (3, 64))
     out, entries, m = rewritten(dense, sparse_encode=True)
@@ -299,15 +316,15 @@ def test_conv_weights_go_through_densify_and_a_direct_sparse_conv_is_garbage():
 
 
 def test_depthwise_float16_weights_go_through_densify_then_dequantize():
-    w = pruned((1, 3, 3, 24), 0.8)
+    w = pruned((1, 3, 3, 96), 0.8)
     from tfrewrite.graph import Model, Subgraph, Tensor
     from tfrewrite import ops
     sg = Subgraph()
-    x = sg.add_tensor(Tensor("input", T.FLOAT32, [1, 8, 8, 24]))
-    y = sg.add_tensor(Tensor("dw", T.FLOAT32, [1, 8, 8, 24]))
+    x = sg.add_tensor(Tensor("input", T.FLOAT32, [1, 8, 8, 96]))
+    y = sg.add_tensor(Tensor("dw", T.FLOAT32, [1, 8, 8, 96]))
     c = sg.add_constant("k_fp16", w.astype(np.float16))
     k = sg.add_activation("k", T.FLOAT32, w.shape)
-    sg.operators = [ops.dequantize(c, k), ops.depthwise_conv2d(x, k, sg.add_constant("b", np.zeros(24, np.float32)), y,
+    sg.operators = [ops.dequantize(c, k), ops.depthwise_conv2d(x, k, sg.add_constant("b", np.zeros(96, np.float32)), y,
                                                                padding=schema.Padding.SAME)]
     sg.inputs, sg.outputs = [x], [y]
     dense = io.to_bytes(Model(subgraphs=[sg]))
@@ -315,7 +332,7 @@ def test_depthwise_float16_weights_go_through_densify_then_dequantize():
     assert entries[0]["method"] == "csr + DENSIFY"
     assert [op.name for op in m.main.operators] == ["DENSIFY", "DEQUANTIZE", "DEPTHWISE_CONV_2D"]
     check_rules(m)
-    xin = np.random.default_rng(8).standard_normal((1, 8, 8, 24))
+    xin = np.random.default_rng(8).standard_normal((1, 8, 8, 96))
     for xnn in (True, False):
         np.testing.assert_array_equal(run1(out, xin, xnn), run1(dense, xin, xnn))
 
@@ -352,7 +369,7 @@ def test_encode_only_where_it_saves_bytes_and_above_the_zero_threshold():
     assert entries[0]["action"] == "skipped" and "does not save bytes" in entries[0]["reason"]
 
 
-def test_shared_weight_is_encoded_once_and_both_fcs_get_version_8():
+def test_shared_weight_is_encoded_once_and_both_fcs_get_version_8(direct_csr):
     base = io.read(FIXTURES / "shared_weight.tflite")
     dense = prune_only(io.to_bytes(base), prune=0.6)
     out, entries, m = rewritten(dense, sparse_encode=True)

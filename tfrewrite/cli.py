@@ -46,6 +46,16 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", metavar="FILE.json", help="per-layer settings (schemas/recipe.schema.json); "
                    "the command-line options are the defaults")
     s.add_argument("--force", action="store_true", help="rewrite even where the rank saves nothing (for checks)")
+    v = p.add_argument_group("verification (a fidelity gate for build pipelines)")
+    v.add_argument("--verify", action="store_true", help="compare the rewritten model with the input after writing")
+    v.add_argument("--data", metavar="FILE.npz", help="inputs for --verify (arrays named after the model inputs; "
+                   "optional 'labels'); default: seeded random inputs")
+    v.add_argument("--max-error", type=float, metavar="X", help="fail (exit 3, no output) when an output's "
+                   "relative L2 error exceeds X")
+    v.add_argument("--min-top5-agree", type=float, metavar="Y", help="fail (exit 3, no output) when top-5 "
+                   "agreement with the input model is below Y")
+    v.add_argument("--samples", type=int, default=8, help="random samples when no --data (default 8)")
+    v.add_argument("--runs", type=int, default=10, help="timed runs per model (default 10)")
     o = p.add_argument_group("output")
     o.add_argument("--report", metavar="FILE.json", help="write a JSON report of every considered op")
     o.add_argument("--quiet", action="store_true", help="print only the total line")
@@ -56,6 +66,23 @@ def _inspect_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tfrewrite inspect", description="One row per operator, then totals.")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tfrewrite compare", description="Size, parameters, MACs, latency and output fidelity of "
+                "model B against model A, run in the LiteRT interpreter.")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--data", metavar="FILE.npz", help="inputs (arrays named after the model inputs or the "
+                   "signature's inputs, first axis = samples) and optional integer 'labels'")
+    p.add_argument("--samples", type=int, default=8, help="seeded random samples when no --data (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=20, help="timed runs per model, interleaved (default 20)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-xnnpack", action="store_true", help="use the builtin kernels only")
+    p.add_argument("--signature", metavar="KEY", help="which signature to run (models with several)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -123,7 +150,44 @@ def print_report(report: dict, quiet: bool = False) -> None:
         print(note)
 
 
+def print_compare(r: dict) -> None:
+    rows = []
+    for key in ("a", "b"):
+        m = r[key]
+        lat = f"{m['latency_ms']:.3f}" if m["latency_ms"] is not None else "-"
+        rows.append([key.upper(), _fmt_bytes(m["file_bytes"]), _fmt_int(m["params"]), _fmt_int(m["macs"]), lat])
+    print(_table(["model", "file", "params", "MACs", "latency ms"], rows))
+    if r.get("speedup"):
+        print(f"speed-up B vs A: {r['speedup']:.2f}x (median of interleaved runs)")
+    rows = []
+    for o in r["outputs"]:
+        pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"
+        rows.append([_short(o["name"], 40), f"{o['rel_l2']:.3g}", f"{o['max_abs']:.3g}", f"{o['cosine']:.6f}",
+                     pct(o["top1_agree"]), pct(o["top5_agree"])])
+    print(_table(["output", "rel L2", "max abs", "cosine", "top-1 agree", "top-5 agree"], rows))
+    if "accuracy" in r:
+        acc = r["accuracy"]
+        print(f"accuracy on {r['samples']} labelled samples: A top-1 {100 * acc['a']['top1']:.2f}% top-5 "
+              f"{100 * acc['a']['top5']:.2f}%, B top-1 {100 * acc['b']['top1']:.2f}% top-5 {100 * acc['b']['top5']:.2f}%")
+
+
 # ------------------------------------------------------------------------------------------ commands
+def cmd_compare(argv) -> int:
+    args = _compare_parser().parse_args(argv)
+    if args.samples < 1 or args.runs < 1 or args.threads < 1:
+        raise UsageError("--samples, --runs and --threads must be at least 1")
+    from . import io, verify
+    for path in (args.a, args.b):
+        io.read(path)  # a clear error for a bad file before the interpreter sees it
+    result = verify.compare(args.a, args.b, data=args.data, samples=args.samples, seed=args.seed, runs=args.runs,
+                            threads=args.threads, xnnpack=not args.no_xnnpack, signature=args.signature)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_compare(result)
+    return EXIT_OK
+
+
 def cmd_inspect(argv) -> int:
     args = _inspect_parser().parse_args(argv)
     from . import analysis, io
@@ -147,18 +211,26 @@ def cmd_rewrite(argv) -> int:
         report = rewrite.run(args.input, args.output, options, progress=sys.stderr.isatty())
     except rewrite.RecipeError as e:
         raise UsageError(str(e)) from None
+    except rewrite.VerifyFailed as e:
+        print(f"tfrewrite: verification failed: {e}; no output written", file=sys.stderr)
+        return EXIT_VERIFY
     print_report(report, quiet=args.quiet)
+    if "verify" in report:
+        print_compare(report["verify"])
     return EXIT_OK
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .io import ModelError
+    from .verify import DataError
     try:
         if argv[:1] == ["inspect"]:
             return cmd_inspect(argv[1:])
+        if argv[:1] == ["compare"]:
+            return cmd_compare(argv[1:])
         return cmd_rewrite(argv)
-    except (UsageError, ModelError) as e:
+    except (UsageError, ModelError, DataError) as e:
         print(f"tfrewrite: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -65,6 +65,10 @@ def validate_recipe(doc, where: str = "recipe") -> list[dict]:
     extra = set(doc) - {"rules", "description", "version"}
     if extra:
         raise RecipeError(f"{where}: unknown key(s) {sorted(extra)}")
+    if "description" in doc and not isinstance(doc["description"], str):
+        raise RecipeError(f"{where}: 'description' must be a string")
+    if "version" in doc and not _integer(doc["version"]):
+        raise RecipeError(f"{where}: 'version' must be an integer")
     rules = []
     for i, rule in enumerate(doc["rules"]):
         at = f"{where}: rules[{i}]"
@@ -80,8 +84,10 @@ def validate_recipe(doc, where: str = "recipe") -> list[dict]:
         except re.error as e:
             raise RecipeError(f"{at}: bad regex {rule['match']!r}: {e}") from None
         for key in ("rank", "fc_rank", "conv_rank"):
-            if key in rule and (type(rule[key]) is not int or rule[key] < 1):
+            if key in rule and (not _integer(rule[key]) or rule[key] < 1):
                 raise RecipeError(f"{at}: '{key}' must be an integer >= 1")
+            if key in rule:  # JSON Schema counts 2.0 as an integer too
+                rule = {**rule, key: int(rule[key])}
         if "ratio" in rule and (not _number(rule["ratio"]) or rule["ratio"] <= 1):
             raise RecipeError(f"{at}: 'ratio' must be a number > 1")
         if "energy" in rule and (not _number(rule["energy"]) or not 0 < rule["energy"] <= 1):
@@ -98,6 +104,11 @@ def validate_recipe(doc, where: str = "recipe") -> list[dict]:
             raise RecipeError(f"{at}: 'skip' must be true or false")
         rules.append(rule)
     return rules
+
+
+def _integer(v) -> bool:
+    """An integer as JSON Schema means it: 3 or 3.0, never a boolean."""
+    return type(v) is int or (type(v) is float and v.is_integer())
 
 
 def _number(v) -> bool:

@@ -32,6 +32,12 @@ class Options:
     quantize: str | None = None
     recipe: str | None = None
     report: str | None = None
+    verify: bool = False
+    data: str | None = None
+    max_error: float | None = None
+    min_top5_agree: float | None = None
+    samples: int = 8
+    runs: int = 10
 
     @classmethod
     def from_namespace(cls, ns) -> "Options":
@@ -59,6 +65,14 @@ class Options:
             raise ValueError("--quantize must be float16 or int8")
         if self.min_params < 0:
             raise ValueError("--min-params must be >= 0")
+        if not self.verify and (self.data or self.max_error is not None or self.min_top5_agree is not None):
+            raise ValueError("--data, --max-error and --min-top5-agree need --verify")
+        if self.max_error is not None and not self.max_error >= 0:
+            raise ValueError("--max-error must be >= 0")
+        if self.min_top5_agree is not None and not 0 <= self.min_top5_agree <= 1:
+            raise ValueError("--min-top5-agree must be in [0, 1]")
+        if self.samples < 1 or self.runs < 1:
+            raise ValueError("--samples and --runs must be at least 1")
         for flag, rx in (("--only", self.only), ("--skip", self.skip)):
             if rx is not None:
                 try:
@@ -76,6 +90,10 @@ class Options:
         rules = load_recipe(self.recipe) if self.recipe else []
         return Plan(defaults=self.defaults(), rules=rules, only=self.only, skip=self.skip,
                     min_params=self.min_params)
+
+
+class VerifyFailed(Exception):
+    """The rewritten model broke a fidelity bound; no output was written."""
 
 
 class Progress:
@@ -153,26 +171,58 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     before = analysis.summary(model, zeros=False)["totals"]
     bar = Progress(count_targets(model), enabled=progress)
     entries = rewrite_model(model, options, bar, plan)
-    size_after = io.write(model, output_path)
-    after = analysis.summary(model, zeros=False)["totals"]
-    notes = []
-    if not entries:
-        notes.append("no technique option given: the model was re-serialized unchanged")
-    report = {
-        "input": str(input_path), "output": str(output_path),
-        "options": {k: v for k, v in vars(options).items() if k != "report"},
-        "layers": [{k: v for k, v in e.items() if k != "factors"} for e in entries],
-        "totals": {
-            "file_bytes_before": size_before, "file_bytes_after": size_after,
-            "params_before": before["params"], "params_after": after["params"],
-            "macs_before": before["macs"], "macs_after": after["macs"],
-            "weight_bytes_before": before["weight_bytes"], "weight_bytes_after": after["weight_bytes"],
-        },
-        "notes": notes,
-    }
+    target = output_path.with_name(f".{output_path.name}.verify.tmp") if options.verify else output_path
+    try:
+        size_after = io.write(model, target)
+        after = analysis.summary(model, zeros=False)["totals"]
+        notes = []
+        if not entries:
+            notes.append("no technique option given: the model was re-serialized unchanged")
+        report = {
+            "input": str(input_path), "output": str(output_path),
+            "options": {k: v for k, v in vars(options).items() if k != "report"},
+            "layers": [{k: v for k, v in e.items() if k != "factors"} for e in entries],
+            "totals": {
+                "file_bytes_before": size_before, "file_bytes_after": size_after,
+                "params_before": before["params"], "params_after": after["params"],
+                "macs_before": before["macs"], "macs_after": after["macs"],
+                "weight_bytes_before": before["weight_bytes"], "weight_bytes_after": after["weight_bytes"],
+            },
+            "notes": notes,
+        }
+        if options.verify:
+            report["verify"] = verify_against(input_path, target, options)
+            if not report["verify"]["passed"]:
+                if options.report:
+                    write_json(report, options.report)
+                raise VerifyFailed("; ".join(report["verify"]["failures"]))
+            os.replace(target, output_path)
+    finally:
+        if options.verify and target.exists():
+            target.unlink()
     if options.report:
         write_json(report, options.report)
     return report
+
+
+def verify_against(original, rewritten, options: Options) -> dict:
+    """Compare the rewritten model with the original and check the bounds the options give."""
+    from . import verify
+    result = verify.compare(original, rewritten, data=options.data, samples=options.samples, runs=options.runs)
+    failures = []
+    if options.max_error is not None:
+        worst = max(o["rel_l2"] for o in result["outputs"])
+        if worst > options.max_error:
+            failures.append(f"output relative L2 error {worst:.4g} exceeds --max-error {options.max_error:g}")
+    if options.min_top5_agree is not None:
+        agrees = [o["top5_agree"] for o in result["outputs"] if o["top5_agree"] is not None]
+        if not agrees:
+            failures.append("--min-top5-agree given but no output looks like a classifier")
+        elif min(agrees) < options.min_top5_agree:
+            failures.append(f"top-5 agreement {min(agrees):.4g} is below --min-top5-agree {options.min_top5_agree:g}")
+    result["passed"] = not failures
+    result["failures"] = failures
+    return result
 
 
 def write_json(obj, path) -> None:

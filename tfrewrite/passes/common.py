@@ -114,6 +114,20 @@ def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, plan) -> dict
             "rel_error": None, "reason": None}
 
 
+def lowrank_rel_error(weight: np.ndarray, left: np.ndarray, right: np.ndarray) -> float:
+    """‖W − L·R‖ / ‖W‖ without forming L·R: ‖W‖² − 2⟨L, W·Rᵀ⟩ + ⟨LᵀL, R·Rᵀ⟩ (float64 sums)."""
+    if weight.size < 1_000_000:
+        return rel_error(weight, left @ right)
+    left, right = left.astype(np.float64), right.astype(np.float64)
+    norm2 = float(np.sum(np.square(weight, dtype=np.float64)))
+    # float64 products where affordable; for the largest layers float32 (error floor ~3e-4 relative).
+    wr = weight.astype(np.float64) @ right.T if weight.size < 20_000_000 else \
+        (weight @ right.T.astype(np.float32)).astype(np.float64)
+    cross = float(np.sum(left * wr))
+    own = float(np.sum((left.T @ left) * (right @ right.T)))
+    return float(np.sqrt(max(norm2 - 2 * cross + own, 0.0) / norm2)) if norm2 > 0 else 0.0
+
+
 def rel_error(original: np.ndarray, approx: np.ndarray) -> float:
     n = float(np.linalg.norm(original))
     return float(np.linalg.norm(original - approx)) / n if n > 0 else 0.0

@@ -16,7 +16,7 @@ from .. import ops, schema
 from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
 from . import lowrank_fc
-from .common import (LayerWeight, RankPolicy, Skip, emit_weight, new_entry, pixels, read_weight,
+from .common import (LayerWeight, RankPolicy, Skip, emit_weight, lowrank_rel_error, new_entry, pixels, read_weight,
                      rel_error, stored_weight_values, zero_bias)
 
 OP = schema.BuiltinOperator
@@ -162,7 +162,7 @@ def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels):
     sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
     sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
     entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-                 rel_error=rel_error(w, sl.reshape(o, r) @ sr.reshape(r, i)))
+                 rel_error=lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i)))
     entry["factors"] = {"left": sl, "right": sr}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
-from .common import (LayerWeight, RankPolicy, Skip, emit_weight, new_entry, read_weight, rel_error,
+from .common import (LayerWeight, RankPolicy, Skip, emit_weight, lowrank_rel_error, new_entry, read_weight,
                      stored_weight_values)
 
 OP = schema.BuiltinOperator
@@ -113,7 +113,7 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     stored_left = stored_weight_values(left, weight)
     stored_right = stored_weight_values(right, weight)
     entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-                 rel_error=rel_error(w, stored_left @ stored_right))
+                 rel_error=lowrank_rel_error(w, stored_left, stored_right))
     entry["factors"] = {"left": stored_left, "right": stored_right}
 
 

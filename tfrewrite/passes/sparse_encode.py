@@ -2,9 +2,10 @@
 
 The rules (established against LiteRT's kernels, /work/shared/notes/tflite-sparsity.md; each has a test):
 
-* FULLY_CONNECTED, float32 in / weight / out: the weight tensor itself becomes sparse — 1×4 blocks when whole
-  blocks are zero (block sparsity / element sparsity > 0.9, as the TF converter decides), CSR otherwise —
-  and the operator gets version 8 exactly. The XNNPACK delegate refuses an FC at version 8 (the builtin
+* FULLY_CONNECTED, float32 in / weight / out: 1×4 blocks when whole blocks are zero (block sparsity / element
+  sparsity > 0.9, as the TF converter decides): the weight tensor itself becomes sparse and the operator gets
+  version 8 exactly. Random sparsity: CSR + DENSIFY by default (like the converter; the direct CSR kernel is
+  slower than XNNPACK's dense one on x86), or CSR read directly at version 8 with FLOAT_FC_RANDOM = "direct". The XNNPACK delegate refuses an FC at version 8 (the builtin
   sparse kernel runs it); at versions 1–7 it would take the op and read the short buffer as dense: NaN.
 * FULLY_CONNECTED, full-integer int8: 1×16 blocks only, weight zero point 0; version 8 (per-tensor and
   per-channel scales: LiteRT 2.3's kernel matches the dense one to one output quantum, see the tests).
@@ -37,9 +38,15 @@ SIV = schema.SparseIndexVector
 
 MIN_ZERO_FRACTION = 0.3      # the TF converter leaves weights below 30 % zeros dense
 FLOAT_BLOCK_RATIO = 0.9      # float FC: 1x4 blocks when block sparsity / element sparsity exceeds this
+# Float FC with random (not block) sparsity: "densify" (CSR + DENSIFY, XNNPACK's dense kernel; the default) or
+# "direct" (CSR read by the builtin sparse kernel at version 8). On x86 the direct CSR kernel is a scalar,
+# single-threaded loop ≈ 2x slower than XNNPACK's dense FC (MobileNetV2 224 at 50 %: +5 % end-to-end), while
+# both store the same bytes (DENSIFY adds ~100 B); 1x4 blocks are read directly (about as fast as dense).
+FLOAT_FC_RANDOM = "densify"
 INT8_FC_BLOCK = (1, 16)
 FLOAT_FC_BLOCK = (1, 4)
-# Rough flatbuffer cost of a SparsityParameters table (per dim metadata) and of a DENSIFY op + its tensor.
+# Flatbuffer cost of a SparsityParameters table (+ per dim metadata) and of a DENSIFY op + its tensor; measured
+# on written files: ~132 B for a 2-D FC weight, ~310 B for a 4-D conv weight with its DENSIFY.
 SPARSITY_TABLE_BYTES, DIM_BYTES, DENSIFY_BYTES = 48, 40, 96
 
 _INDEX_VECTORS = {np.dtype(np.uint8): (SIV.Uint8Vector, schema.Uint8VectorT),
@@ -169,7 +176,7 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
     elif t.type not in (T.FLOAT32, T.FLOAT16):
         return Decision(reason=f"{t.type_name} weights are not encoded")
     elif direct_fc and t.type == T.FLOAT32:
-        enc, method = sparse.encode_csr_last_dim(raw), "csr, FC v8"
+        enc, method = sparse.encode_csr_last_dim(raw), "csr, FC v8" if FLOAT_FC_RANDOM == "direct" else "csr + DENSIFY"
         if raw.shape[1] % FLOAT_FC_BLOCK[1] == 0:
             bzf = sparse.block_sparsity(raw, FLOAT_FC_BLOCK)
             if zf > 0 and bzf / zf > FLOAT_BLOCK_RATIO:
