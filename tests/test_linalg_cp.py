@@ -99,6 +99,19 @@ def test_degenerate_tensor_bounded_and_reported():
     assert res.rel_error < cp3(x, 1).rel_error
 
 
+def test_ridge_ladder_bounds_components(monkeypatch):
+    # With a strict limit every plain attempt counts as degenerate: the ridge
+    # ladder must kick in and bring the components under it.
+    from tfrewrite.linalg import cp as cp_module
+
+    monkeypatch.setattr(cp_module, "DEGENERACY_LIMIT", 1.2)
+    x = degenerate_tensor(seed=1)
+    res = cp_module.cp3(x, 2)
+    assert "ridge" in res.init
+    assert res.degeneracy <= 1.2
+    assert np.isfinite(res.rel_error) and res.rel_error < 0.5
+
+
 def test_degeneracy_near_one_for_well_posed_fit():
     x = random_cp_tensor((10, 9, 11), 3, seed=8)
     assert cp3(x, 3).degeneracy <= 1.2

@@ -53,12 +53,14 @@ def cp3(tensor, rank, seed=0, n_iter_max=200, tol=1e-7):
 
     SVD init first; if that result is NaN, degenerate or has a dead (zero)
     component, a seeded random init is tried and the best non-degenerate result
-    kept. If all are degenerate (the
-    best rank-R approximation may not exist), the best attempt is rerun with an
-    increasing ridge until its components are bounded. Deterministic for a
+    kept. If all are degenerate (the best rank-R approximation may not exist),
+    the best attempt is rerun with an increasing ridge until its components
+    are bounded. Deterministic for a
     given ``seed``. Factors are float64 with each component's scale split as a
     cube root over the three factors (signs kept), components sorted by scale.
     Stops when the relative error changes by less than ``tol`` between sweeps.
+    Each sweep costs two ``T*K*S*R`` matmuls (no explicit Khatri-Rao product):
+    [512, 9, 512] at rank 128 is ~0.05 s of single-thread CPU time per sweep.
     """
     x = np.asarray(tensor, dtype=np.float64)
     if x.ndim != 3:
@@ -83,9 +85,11 @@ def cp3(tensor, rank, seed=0, n_iter_max=200, tol=1e-7):
         if _healthy(res) and not _has_dead_component(res):
             break
     good = [r for r in attempts if _healthy(r)]
-    if good:
+    if any(not _has_dead_component(r) for r in good):
         return min(good, key=lambda r: r.rel_error)
 
+    # Every attempt is degenerate, NaN, or healthy only by wasting components:
+    # bound the norms of the best-fitting attempt with an increasing ridge.
     finite = [r for r in attempts if np.isfinite(r.rel_error)]
     init = min(finite, key=lambda r: r.rel_error).init if finite else "random"
     res = attempts[-1]
@@ -95,8 +99,9 @@ def cp3(tensor, rank, seed=0, n_iter_max=200, tol=1e-7):
         res = _als(x, factors, n_iter_max, tol, _BASE_RIDGE, lam, norm_x,
                    f"{init}+ridge{ridge:.0e}")
         if _healthy(res):
+            good.append(res)
             break
-    return res
+    return min(good, key=lambda r: r.rel_error) if good else res
 
 
 def _healthy(res):
