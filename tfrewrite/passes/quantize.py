@@ -11,8 +11,8 @@
   An all-zero channel gets scale 1.0 (XNNPACK rejects a zero scale).
 
 Biases (input 2 of conv / depthwise / FC, input 3 of TRANSPOSE_CONV) stay float32. Weights below
-`--min-params` stay as they are; constants of other ops must also have at least 1024 elements unless
-`--min-params` is given. A constant shared by several ops (one Buffer) is quantized once and stays shared,
+`--min-params` stay as they are; without `--min-params`, int8 layer weights and constants of other ops need
+at least 1024 elements (the converter's dynamic-range default), float16 layer weights have no minimum. A constant shared by several ops (one Buffer) is quantized once and stays shared,
 and only when every reader asks for the same thing. Sparse weights, weights behind DENSIFY and weights
 already float16 / int8 are left with a reason.
 """
@@ -36,6 +36,9 @@ BIAS_INPUT = {OP.CONV_2D: 2, OP.DEPTHWISE_CONV_2D: 2, OP.FULLY_CONNECTED: 2, OP.
 NOT_READERS = {OP.DEQUANTIZE, OP.DENSIFY, OP.QUANTIZE}
 # "Large constant weights" of ops other than conv / depthwise / FC, unless --min-params says otherwise.
 OTHER_MIN_ELEMENTS = 1024
+# int8 conv / depthwise / FC weights, unless --min-params says otherwise: the TF converter's dynamic-range
+# default (weights_min_num_elements = 1024). float16 has no such minimum (the converter has none either).
+INT8_MIN_ELEMENTS = 1024
 
 
 class _Use:
@@ -133,6 +136,10 @@ def _judge(model, use: _Use, plan, blocked: bool) -> None:
         entry["input"] = use.index
     reason = plan.reason_to_skip(op, n)
     mode = plan.settings(op).quantize
+    if reason is None and mode == "int8" and layer_weight and plan.min_params == 0 and n < INT8_MIN_ELEMENTS:
+        # Like the converter's dynamic range: a small layer saves a few hundred bytes (less after its
+        # per-channel scales) and costs accuracy and speed in the hybrid kernel.
+        reason = f"fewer than {INT8_MIN_ELEMENTS} weights (int8 default, as the TF converter; --min-params sets it)"
     if reason is None and mode is None:
         reason = "no quantization asked for this layer"
     if reason is None and blocked:
