@@ -46,6 +46,14 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", metavar="FILE.json", help="per-layer settings (schemas/recipe.schema.json); "
                    "the command-line options are the defaults")
     s.add_argument("--force", action="store_true", help="rewrite even where the rank saves nothing (for checks)")
+    d = p.add_argument_group("data-aware fitting (a few real inputs, no retraining)")
+    d.add_argument("--calibration", metavar="FILE.npz", help="sample inputs (arrays named after the model inputs); "
+                   "low-rank layers are then fitted to their outputs on them, with bias correction")
+    d.add_argument("--sequential", action="store_true", help="fit each layer on the activations of the already "
+                   "rewritten layers before it")
+    d.add_argument("--target-size", type=float, metavar="X", help="choose every layer's rank so the file gets X "
+                   "times smaller with the least measured damage")
+    d.add_argument("--target-macs", type=float, metavar="X", help="the same for X times fewer MACs")
     v = p.add_argument_group("verification (a fidelity gate for build pipelines)")
     v.add_argument("--verify", action="store_true", help="compare the rewritten model with the input after writing")
     v.add_argument("--data", metavar="FILE.npz", help="inputs for --verify (arrays named after the model inputs; "

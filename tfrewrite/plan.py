@@ -133,10 +133,16 @@ class Plan:
     min_params: int = 0
     # id(op) → (subgraph, index) before any pass ran, so the report names ops as the input file does.
     positions: dict = field(default_factory=dict)
-    # Per-op extra data for data-aware fitting: id(op) → dict (input covariance, ...).
+    # Per-op extra data for data-aware fitting: id(op) → dict (calibration rows, their mean, ...).
     layer_data: dict = field(default_factory=dict)
+    # id(op) → LayerSettings chosen by the global budget search (override the defaults and the recipe).
+    budget: dict = field(default_factory=dict)
+    # What calibration did (for the report), or None.
+    calibration: dict | None = None
 
     def settings(self, op: Operator) -> LayerSettings:
+        if id(op) in self.budget:
+            return self.budget[id(op)]
         name = op.outputs[0].name if op.outputs else ""
         s = self.defaults
         for rule in self.rules:
@@ -175,6 +181,8 @@ class Plan:
     def uses(self, technique: str) -> bool:
         candidates = [self.defaults] + [self.settings_of_rule(r) for r in self.rules]
         if technique == "lowrank":
+            if self.budget:
+                return True
             return any(s.rank_policy("fc").active or s.rank_policy("conv").active for s in candidates)
         if technique == "prune":
             return any(s.prune for s in candidates)

@@ -32,6 +32,10 @@ class Options:
     quantize: str | None = None
     recipe: str | None = None
     report: str | None = None
+    calibration: str | None = None
+    sequential: bool = False
+    target_size: float | None = None
+    target_macs: float | None = None
     verify: bool = False
     data: str | None = None
     max_error: float | None = None
@@ -65,6 +69,18 @@ class Options:
             raise ValueError("--quantize must be float16 or int8")
         if self.min_params < 0:
             raise ValueError("--min-params must be >= 0")
+        if self.sequential and not self.calibration:
+            raise ValueError("--sequential needs --calibration")
+        for flag, v in (("--target-size", self.target_size), ("--target-macs", self.target_macs)):
+            if v is not None and not v > 1:
+                raise ValueError(f"{flag} must be greater than 1")
+        if (self.target_size or self.target_macs) and not self.calibration:
+            raise ValueError("--target-size and --target-macs need --calibration (the damage is measured on it)")
+        if self.target_size and self.target_macs:
+            raise ValueError("choose one of --target-size and --target-macs")
+        if (self.target_size or self.target_macs) and (self.rank or self.fc_rank or self.conv_rank or self.ratio
+                                                       or self.energy):
+            raise ValueError("--target-size/--target-macs choose the ranks themselves; drop --rank/--ratio/--energy")
         if not self.verify and (self.data or self.max_error is not None or self.min_top5_agree is not None):
             raise ValueError("--data, --max-error and --min-top5-agree need --verify")
         if self.max_error is not None and not self.max_error >= 0:
@@ -116,13 +132,50 @@ class Progress:
         sys.stderr.flush()
 
 
-def rewrite_model(model, options: Options, progress=None, plan: Plan | None = None) -> list[dict]:
+def calibration_samples(model, path) -> list[list]:
+    """The calibration file's samples, checked against the model's inputs (names, shapes, dtypes, NaN)."""
+    from . import verify
+    source = model if isinstance(model, (str, Path)) else io.to_bytes(model)
+    samples, _ = verify.Runner(source, xnnpack=True).samples_from(path)
+    return samples
+
+
+def lowrank_candidates(model, plan: Plan) -> list:
+    """FULLY_CONNECTED and CONV_2D ops of the main subgraph that a low-rank pass may rewrite."""
+    OP = schema.BuiltinOperator
+    out = []
+    for op in model.main.operators:
+        if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D) or op.inputs[0] is None:
+            continue
+        if op.inputs[0].type != schema.TensorType.FLOAT32 or len(op.inputs) < 2 or op.inputs[1] is None:
+            continue
+        if len(op.inputs[1].shape) != (2 if op.builtin == OP.FULLY_CONNECTED else 4):
+            continue
+        name_ok = plan.reason_to_skip(op, 1 << 62) is None
+        if name_ok:
+            out.append(op)
+    return out
+
+
+def rewrite_model(model, options: Options, progress=None, plan: Plan | None = None, source=None) -> list[dict]:
     """Run the passes on `model` in place, in the order decompose, prune, quantize, encode sparse.
-    Returns one report entry per op each pass considered."""
+    Returns one report entry per op each pass considered. `source`: the model's file, for calibration."""
     from .passes import cp_conv, lowrank_fc
     plan = plan or options.plan()
     plan.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
     entries = []
+    if options.calibration:
+        from . import calibrate
+        samples = calibration_samples(source or model, options.calibration)
+        targets = lowrank_candidates(model, plan)
+        rows = calibrate.collect(model, samples, targets)
+        for op in targets:
+            plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean}
+        plan.calibration = {"file": str(options.calibration), "samples": len(samples),
+                            "layers": len(targets)}
+        if options.target_size or options.target_macs:
+            from .passes import budget
+            plan.calibration["budget"] = budget.choose_ranks(model, plan, options, source)
     if plan.uses("lowrank"):
         entries += cp_conv.run(model, plan, progress)
         entries += lowrank_fc.run(model, plan, progress)
@@ -170,7 +223,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     size_before = os.path.getsize(input_path)
     before = analysis.summary(model, zeros=False)["totals"]
     bar = Progress(count_targets(model), enabled=progress)
-    entries = rewrite_model(model, options, bar, plan)
+    entries = rewrite_model(model, options, bar, plan, source=input_path)
     target = output_path.with_name(f".{output_path.name}.verify.tmp") if options.verify else output_path
     try:
         size_after = io.write(model, target)
@@ -190,6 +243,8 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
             },
             "notes": notes,
         }
+        if plan.calibration:
+            report["calibration"] = plan.calibration
         if options.verify:
             report["verify"] = verify_against(input_path, target, options)
             if not report["verify"]["passed"]:

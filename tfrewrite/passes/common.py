@@ -88,6 +88,46 @@ def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, 
     raise ValueError(like.kind)
 
 
+def layer_metric(policy: "RankPolicy"):
+    """The damped input metric of this layer's calibration rows, or None without calibration data."""
+    rows = policy.extra.get("rows")
+    if rows is None:
+        return None
+    if "metric" not in policy.extra:
+        from ..linalg import fit
+        policy.extra["metric"] = fit.input_metric(rows, policy.extra.get("damping", fit.DEFAULT_DAMPING))
+    return policy.extra["metric"]
+
+
+def bias_values(bias: Tensor | None, producers: dict, channels: int) -> np.ndarray:
+    """The bias as float32 values (zeros when there is none), also when stored float16 behind DEQUANTIZE."""
+    if bias is None:
+        return np.zeros(channels, np.float32)
+    if bias.is_constant and bias.data is not None:
+        return np.asarray(bias.data, np.float32)
+    producer = producers.get(id(bias))
+    if producer is not None and producer.builtin == OP.DEQUANTIZE and producer.inputs[0].data is not None:
+        return np.asarray(producer.inputs[0].data, np.float32)
+    raise Skip("bias is not a constant")
+
+
+def finish_data_aware(sg: Subgraph, entry: dict, policy: "RankPolicy", weight: np.ndarray, approx,
+                      bias: Tensor | None, producers: dict, name: str) -> Tensor | None:
+    """With calibration data: report the layer's output error and return a bias shifted so that the mean
+    output on the samples matches the original's (bias correction). Without: the bias unchanged.
+    `approx` is a callable giving the stored approximation of `weight` (only formed when needed)."""
+    metric = layer_metric(policy)
+    if metric is None:
+        return bias
+    from ..linalg import fit
+    approx = approx()
+    entry["output_error"] = fit.output_error(weight, approx, metric)
+    shift = fit.bias_shift(weight, approx, policy.extra["mean"])
+    values = bias_values(bias, producers, weight.shape[0]) + shift.astype(np.float32)
+    entry["bias_corrected"] = True
+    return sg.add_constant(name, values.astype(np.float32))
+
+
 def zero_bias(sg: Subgraph, name: str, channels: int) -> Tensor:
     """The builtin CONV_2D and DEPTHWISE_CONV_2D kernels insist on a bias input; float32 like the activations."""
     return sg.add_constant(name, np.zeros(channels, np.float32))

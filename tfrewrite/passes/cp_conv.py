@@ -16,8 +16,9 @@ from .. import ops, schema
 from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
 from . import lowrank_fc
-from .common import (LayerWeight, RankPolicy, Skip, emit_weight, lowrank_rel_error, new_entry, pixels, read_weight,
-                     rel_error, stored_weight_values, zero_bias)
+from ..linalg import fit
+from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_metric, lowrank_rel_error,
+                     new_entry, pixels, read_weight, rel_error, stored_weight_values, zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -46,13 +47,13 @@ def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) 
     policy = plan.rank_policy(op, "conv")
     try:
         weight = read_weight(op, producers)
-        _rewrite(sg, op, weight, policy, plan, entry)
+        _rewrite(sg, op, weight, policy, plan, entry, producers)
     except Skip as e:
         entry["reason"] = str(e)
     return entry
 
 
-def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
+def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     w = weight.values
     if w.ndim != 4:
         raise Skip("weight is not 4-D")
@@ -73,7 +74,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
     if x.type != T.FLOAT32 or out.type != T.FLOAT32:
         raise Skip("input or output is not float32")
     if kh == kw == 1:
-        return _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels)
+        return _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels, producers)
     if not policy.active:
         raise Skip("no rank given")
 
@@ -83,6 +84,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
     dilation = (opts.dilationHFactor, opts.dilationWFactor)
     act = opts.fusedActivationFunction
     k = kh * kw
+    metric = layer_metric(policy)
     if policy.method == "tucker2":
         from ..linalg import rank as rk, tucker
         r_out, r_in = choose_rank(kernel, policy)
@@ -90,9 +92,17 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
         macs = in_pixels * i * r_in + out_pixels * k * r_in * r_out + out_pixels * r_out * o
         _check_profit(policy, params, w.size, macs, dense_macs, f"ranks {r_out}x{r_in}")
         res = tucker.tucker2(kernel, r_out, r_in)
+        out_factor, core = res.out_factor, res.core
+        if metric is not None:
+            # Keep the input factor, fit output factor and core to the layer's outputs (reduced-rank regression).
+            out_factor, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric, policy.extra["rows"])
         first = res.in_factor.T.reshape(r_in, 1, 1, i)
-        middle = res.core.reshape(r_out, kh, kw, r_in)
-        last = res.out_factor.reshape(o, 1, 1, r_out)
+        middle = core.reshape(r_out, kh, kw, r_in)
+        last = out_factor.reshape(o, 1, 1, r_out)
+        sf, sm, sl = (stored_weight_values(a, weight, 0) for a in (first, middle, last))
+        approx = np.einsum("tp,pkq,sq->tks", sl.reshape(o, r_out), sm.reshape(r_out, k, r_in), sf.reshape(r_in, i).T)
+        bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
+                                 producers, f"{base}/tucker2/bias")
         w1, pre1 = emit_weight(sg, f"{base}/tucker2/in", first, weight, 0)
         w2, pre2 = emit_weight(sg, f"{base}/tucker2/core", middle, weight, 0)
         w3, pre3 = emit_weight(sg, f"{base}/tucker2/out", last, weight, 0)
@@ -102,20 +112,29 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
                  ops.conv2d(z1, w2, zero_bias(sg, f"{base}/tucker2/core_bias", r_out), z2, stride=stride,
                             padding=opts.padding, dilation=dilation),
                  ops.conv2d(z2, w3, bias, out, activation=act)]
-        sf, sm, sl = (stored_weight_values(a, weight, 0) for a in (first, middle, last))
-        approx = np.einsum("tp,pkq,sq->tks", sl.reshape(o, r_out), sm.reshape(r_out, k, r_in), sf.reshape(r_in, i).T)
         entry.update(method="tucker2", rank=[int(r_out), int(r_in)])
         extra = {"init": "hosvd"}
     else:
         from ..linalg import cp, rank as rk
+        from ..linalg.cp import cp_reconstruct
         r = choose_rank(kernel, policy)
         params = rk.cp_params(o, k, i, r)
         macs = in_pixels * i * r + out_pixels * k * r + out_pixels * r * o
         _check_profit(policy, params, w.size, macs, dense_macs, f"rank {r}")
         res = cp.cp3(kernel, r)
+        out_factor = res.out_factor
         first = res.in_factor.T.reshape(r, 1, 1, i)
         middle = res.mid_factor.reshape(1, kh, kw, r)
-        last = res.out_factor.reshape(o, 1, 1, r)
+        sf, sm = stored_weight_values(first, weight, 0), stored_weight_values(middle, weight, 3)
+        if metric is not None:
+            # The pointwise → depthwise part maps a patch to z = Φᵀ·patch; fit the last 1×1 to the outputs.
+            phi = (sm.reshape(k, 1, r) * sf.reshape(r, i).T[None, :, :]).reshape(k * i, r)
+            out_factor = fit.refit_output_factor(w.reshape(o, -1), phi, metric, policy.extra["rows"])
+        last = out_factor.reshape(o, 1, 1, r)
+        sl = stored_weight_values(last, weight, 0)
+        approx = cp_reconstruct(sl.reshape(o, r), sm.reshape(k, r), sf.reshape(r, i).T)
+        bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
+                                 producers, f"{base}/cp/bias")
         w1, pre1 = emit_weight(sg, f"{base}/cp/in", first, weight, 0)
         w2, pre2 = emit_weight(sg, f"{base}/cp/depthwise", middle, weight, 3)
         w3, pre3 = emit_weight(sg, f"{base}/cp/out", last, weight, 0)
@@ -125,9 +144,6 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
                  ops.depthwise_conv2d(z1, w2, zero_bias(sg, f"{base}/cp/depthwise_bias", r), z2, stride=stride,
                                       padding=opts.padding, dilation=dilation),
                  ops.conv2d(z2, w3, bias, out, activation=act)]
-        sf, sm, sl = (stored_weight_values(a, weight, ax) for a, ax in ((first, 0), (middle, 3), (last, 0)))
-        from ..linalg.cp import cp_reconstruct
-        approx = cp_reconstruct(sl.reshape(o, r), sm.reshape(k, r), sf.reshape(r, i).T)
         entry.update(method="cp", rank=int(r))
         extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
     sg.replace_operator(op, pre1 + pre2 + pre3 + chain)
@@ -141,7 +157,7 @@ def _check_profit(policy, params, dense_params, macs, dense_macs, what):
         raise Skip(f"{what} does not reduce parameters and MACs")
 
 
-def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels):
+def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels, producers):
     if not policy.active:
         raise Skip("no rank given")
     o, _, _, i = weight.values.shape
@@ -152,6 +168,10 @@ def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels):
     left, right = lowrank_fc.factorize(w, r, policy)
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     base = out.name.split(";")[0]
+    sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
+    sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
+    bias = finish_data_aware(sg, entry, policy, w, lambda: sl.reshape(o, r) @ sr.reshape(r, i), bias, producers,
+                             f"{base}/lowrank/bias")
     w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0)
     w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0)
     mid = sg.add_activation(f"{base}/lowrank/mid", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
@@ -159,8 +179,6 @@ def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels):
                         padding=opts.padding),
              ops.conv2d(mid, w2, bias, out, activation=opts.fusedActivationFunction)]
     sg.replace_operator(op, pre1 + pre2 + chain)
-    sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
-    sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
     entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
                  rel_error=lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i)))
     entry["factors"] = {"left": sl, "right": sr}

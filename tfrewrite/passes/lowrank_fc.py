@@ -10,8 +10,8 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
-from .common import (LayerWeight, RankPolicy, Skip, emit_weight, lowrank_rel_error, new_entry, read_weight,
-                     stored_weight_values)
+from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_metric, lowrank_rel_error,
+                     new_entry, read_weight, stored_weight_values)
 
 OP = schema.BuiltinOperator
 
@@ -46,11 +46,12 @@ def rank_for_energy(weight: np.ndarray, energy: float) -> int:
 
 
 def factorize(weight: np.ndarray, rank: int, policy: RankPolicy) -> tuple[np.ndarray, np.ndarray]:
-    """(left [out, r], right [r, in]); data-aware when the policy carries the layer's input covariance."""
-    from ..linalg import svd
-    cov = policy.extra.get("input_cov")
-    if cov is not None:
-        return svd.whitened_lowrank_factors(weight, cov, rank)
+    """(left [out, r], right [r, in]): fitted to the layer's outputs on calibration rows when the policy has
+    them, else to the weights (truncated SVD)."""
+    from ..linalg import fit, svd
+    metric = layer_metric(policy)
+    if metric is not None:
+        return fit.output_lowrank_factors(weight, metric, rank)
     return svd.lowrank_factors(weight, rank)
 
 
@@ -65,13 +66,13 @@ def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) 
     policy = plan.rank_policy(op, "fc")
     try:
         weight = read_weight(op, producers)
-        _rewrite(sg, op, weight, policy, plan, entry)
+        _rewrite(sg, op, weight, policy, plan, entry, producers)
     except Skip as e:
         entry["reason"] = str(e)
     return entry
 
 
-def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict):
+def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict, producers: dict):
     w = weight.values
     m, n = w.shape
     x, bias = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None)
@@ -96,7 +97,11 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         raise Skip(f"rank {r} does not reduce parameters and MACs (break-even below {(m * n) // (m + n) + 1})")
 
     left, right = factorize(w, r, policy)
+    stored_left = stored_weight_values(left, weight)
+    stored_right = stored_weight_values(right, weight)
     base = out.name.split(";")[0]
+    bias = finish_data_aware(sg, entry, policy, w, lambda: stored_left @ stored_right, bias, producers,
+                             f"{base}/lowrank/bias")
     w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right, weight)
     w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left, weight)
     keep = bool(getattr(options, "keepNumDims", False))
@@ -110,8 +115,6 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
                               asymmetric_quantize_inputs=asym)
     sg.replace_operator(op, pre1 + pre2 + [fc1, fc2])
 
-    stored_left = stored_weight_values(left, weight)
-    stored_right = stored_weight_values(right, weight)
     entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
                  rel_error=lowrank_rel_error(w, stored_left, stored_right))
     entry["factors"] = {"left": stored_left, "right": stored_right}

@@ -1,0 +1,120 @@
+"""Calibration: run the original model on sample inputs and keep, for every layer to be rewritten, a bounded
+random sample of its input rows (FC input rows, conv pixels, or k·k·C conv patches in kernel order).
+
+The layer inputs are read by adding them to the model's outputs in a copy that LiteRT runs with XNNPACK, one
+sample at a time; each sample's activations are cut down to the rows a fit needs before the next runs, so the
+activations of the whole model are never held for more than one sample.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import io, schema
+from .analysis import static_shape
+from .graph import Model, Operator
+
+OP = schema.BuiltinOperator
+# A layer keeps at most this many rows, and at most this many bytes of them.
+MAX_ROWS = 4096
+MAX_BYTES = 48 << 20
+
+
+@dataclass
+class LayerRows:
+    rows: np.ndarray  # [N, dim] float32
+    mean: np.ndarray  # [dim] float64: mean input row (for bias correction)
+
+
+def row_dim(op: Operator) -> int:
+    w = op.inputs[1]
+    shape = w.shape
+    if op.builtin == OP.FULLY_CONNECTED:
+        return shape[1]
+    return shape[1] * shape[2] * shape[3]
+
+
+def _patch_rows(x: np.ndarray, op: Operator, count: int, rng) -> np.ndarray:
+    """`count` random k×k×C patches (kernel order [kh, kw, C]) at the conv's output positions."""
+    o = op.builtin_options
+    kh, kw = op.inputs[1].shape[1:3]
+    sh, sw, dh, dw = o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor
+    out_h, out_w = static_shape(op.outputs[0])[1:3]
+    _, h, w, c = x.shape
+    if o.padding == schema.Padding.SAME:
+        ph = max((out_h - 1) * sh + (kh - 1) * dh + 1 - h, 0)
+        pw = max((out_w - 1) * sw + (kw - 1) * dw + 1 - w, 0)
+        x = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    positions = out_h * out_w
+    pick = rng.choice(positions, size=min(count, positions), replace=False)
+    ys, xs = np.divmod(np.sort(pick), out_w)
+    rows = np.empty((len(pick), kh, kw, c), np.float32)
+    for a in range(kh):
+        for b in range(kw):
+            rows[:, a, b, :] = x[0, ys * sh + a * dh, xs * sw + b * dw, :]
+    return rows.reshape(len(pick), -1)
+
+
+def _rows_of(x: np.ndarray, op: Operator, count: int, rng) -> np.ndarray:
+    if op.builtin == OP.FULLY_CONNECTED:
+        n = op.inputs[1].shape[1]
+        rows = x.reshape(-1, n)
+        if len(rows) > count:
+            rows = rows[np.sort(rng.choice(len(rows), count, replace=False))]
+        return rows.astype(np.float32)
+    return _patch_rows(x, op, count, rng)
+
+
+def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], seed: int = 0,
+            progress=None) -> dict[int, LayerRows]:
+    """id(op) → sampled input rows, for layers of the main subgraph fed by `samples` (lists of model inputs)."""
+    from . import verify
+    sg = model.main
+    ops = [op for op in ops if op in sg.operators]
+    if not ops or not samples:
+        return {}
+    wanted = []
+    for op in ops:
+        if all(t is not op.inputs[0] for t in wanted):
+            wanted.append(op.inputs[0])
+    extra = [t for t in wanted if all(t is not u for u in sg.inputs)]
+    saved_outputs = list(sg.outputs)
+    sg.outputs = saved_outputs + [t for t in extra if all(t is not u for u in saved_outputs)]
+    try:
+        data = io.to_bytes(model)
+        n_outputs = len(sg.outputs)
+        out_tensors = list(sg.outputs)
+    finally:
+        sg.outputs = saved_outputs
+    it = verify.interpreter(data)
+    details = it.get_output_details()
+    assert len(details) == n_outputs
+    index_of = {}
+    for t in wanted:
+        pos = next((i for i, u in enumerate(sg.inputs) if u is t), None)
+        if pos is not None:
+            index_of[id(t)] = ("input", pos)
+        else:
+            index_of[id(t)] = ("output", next(i for i, u in enumerate(out_tensors) if u is t))
+    rng = np.random.default_rng(seed)
+    budget = {}
+    for op in ops:
+        dim = row_dim(op)
+        budget[id(op)] = max(1, min(MAX_ROWS, MAX_BYTES // (4 * dim)))
+    per_sample = {k: max(1, math.ceil(v / len(samples))) for k, v in budget.items()}
+    chunks: dict[int, list[np.ndarray]] = {id(op): [] for op in ops}
+    for i, inputs in enumerate(samples):
+        outs = verify.invoke(it, inputs)
+        for op in ops:
+            kind, pos = index_of[id(op.inputs[0])]
+            x = inputs[pos] if kind == "input" else outs[pos]
+            chunks[id(op)].append(_rows_of(np.asarray(x, np.float32), op, per_sample[id(op)], rng))
+        if progress:
+            progress(i + 1, len(samples))
+    result = {}
+    for op in ops:
+        rows = np.concatenate(chunks.pop(id(op)))[: budget[id(op)] * 2]
+        result[id(op)] = LayerRows(rows=rows, mean=rows.mean(axis=0, dtype=np.float64))
+    return result

@@ -1,0 +1,121 @@
+"""Fitting a layer's *outputs* on sample inputs instead of its weights.
+
+A layer maps input rows x (length n: FC inputs, conv pixels, or k·k·C conv patches) to W·x. With sample rows
+X [N, n] the fits below minimise the expected output error
+
+    E ‖(W − Ŵ) x‖² + δ ‖W − Ŵ‖²_F   =   ‖(W − Ŵ) Σ^½‖²_F,   Σ = XᵀX / N + δ I,
+
+where the damping δ (a fraction of the mean input energy) keeps directions that the few samples never visit
+close to the original weights. Σ is never formed when n is large: its eigen-decomposition comes from the Gram
+matrix of the smaller side of X, and Σ^±½ act as "√δ·I plus a low-rank correction".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_DAMPING = 0.05
+
+
+@dataclass
+class InputMetric:
+    """Σ = V·diag(lam)·Vᵀ + δ·(I − V·Vᵀ): `basis` V [n, k] orthonormal, `lam` [k] (δ included), `delta` δ."""
+    basis: np.ndarray
+    lam: np.ndarray
+    delta: float
+    n: int
+
+    def sqrt_apply(self, w: np.ndarray, power: float = 0.5) -> np.ndarray:
+        """W·Σ^power for W [m, n] (power ±½ or 1)."""
+        v = self.basis
+        wv = w @ v
+        base = self.delta ** power
+        return base * w + (wv * (self.lam ** power - base)) @ v.T
+
+
+def input_metric(rows: np.ndarray, damping: float = DEFAULT_DAMPING) -> InputMetric:
+    """The damped second-moment metric of sample input rows [N, n] (float64 maths)."""
+    x = np.asarray(rows, np.float64)
+    n_rows, n = x.shape
+    energy = float(np.sum(x * x)) / max(n_rows, 1) / n  # mean of diag(XᵀX/N)
+    delta = damping * energy if energy > 0 else 1.0
+    if n <= n_rows:
+        lam, v = np.linalg.eigh(x.T @ x / n_rows)
+    else:
+        # Eigenvectors of XᵀX from the small Gram X·Xᵀ: v = Xᵀu / σ.
+        g_lam, u = np.linalg.eigh(x @ x.T / n_rows)
+        keep = g_lam > g_lam.max(initial=0.0) * 1e-12
+        g_lam, u = g_lam[keep], u[:, keep]
+        v = (x.T @ u) / np.sqrt(g_lam * n_rows)
+        lam = g_lam
+    lam = np.maximum(lam, 0.0) + delta
+    return InputMetric(basis=v, lam=lam, delta=delta, n=n)
+
+
+def output_lowrank_factors(weight: np.ndarray, metric: InputMetric, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-r (left [m, r], right [r, n]) minimising ‖(W − L·R) Σ^½‖_F: the truncated SVD of W·Σ^½, mapped back
+    through Σ^-½. Exact for this objective (Eckart–Young in the Σ metric)."""
+    from .svd import truncated_svd
+    w = np.asarray(weight, np.float64)
+    u, s, vt = truncated_svd(metric.sqrt_apply(w, 0.5), rank)
+    root = np.sqrt(s)
+    right = metric.sqrt_apply(root[:, None] * vt, -0.5)
+    return (u * root).astype(np.float32), right.astype(np.float32)
+
+
+def whitened_singular_values(weight: np.ndarray, metric: InputMetric) -> np.ndarray:
+    """All singular values of W·Σ^½: damage(r)² = Σ_{i>r} s_i² / Σ s_i² for every rank at once."""
+    m = metric.sqrt_apply(np.asarray(weight, np.float64), 0.5)
+    small = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(small)[::-1], 0.0))
+
+
+def output_error(weight: np.ndarray, approx: np.ndarray, metric: InputMetric) -> float:
+    """‖(W − Ŵ) Σ^½‖ / ‖W Σ^½‖: the layer's relative output error on the (damped) sample inputs."""
+    w = np.asarray(weight, np.float64)
+    d = metric.sqrt_apply(w - np.asarray(approx, np.float64), 0.5)
+    ref = metric.sqrt_apply(w, 0.5)
+    den = float(np.linalg.norm(ref))
+    return float(np.linalg.norm(d)) / den if den > 0 else 0.0
+
+
+def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputMetric, rows: np.ndarray
+                        ) -> np.ndarray:
+    """Given the chain's linear map to its bottleneck, z = Φᵀx (Φ = `features` [n, R]), the last factor
+    A [m, R] minimising ‖(W − A·Φᵀ) Σ^½‖: A = (W·Σ·Φ)(Φᵀ·Σ·Φ)⁻¹ — ridge least squares on the samples."""
+    w = np.asarray(weight, np.float64)
+    phi = np.asarray(features, np.float64)
+    x = np.asarray(rows, np.float64)
+    n_rows = x.shape[0]
+    xphi = x @ phi
+    # Σ·Φ with Σ = XᵀX/N + δI (the metric's δ: same objective as the SVD fits).
+    sigma_phi = x.T @ xphi / n_rows + metric.delta * phi
+    gram = phi.T @ sigma_phi
+    gram = 0.5 * (gram + gram.T) + 1e-12 * np.trace(gram) / len(gram) * np.eye(len(gram))
+    return np.linalg.solve(gram, (w @ sigma_phi).T).T
+
+
+def tucker2_output_fit(weight3: np.ndarray, in_factor: np.ndarray, rank_out: int, metric: InputMetric,
+                       rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tucker-2 of a conv kernel [O, K, C] fitted to outputs: given the input factor V [C, R_in], the output
+    factor U [O, R_out] and core [R_out, K, R_in] by reduced-rank regression — the best unconstrained map from
+    the reduced patches z = (I_K ⊗ Vᵀ)x, then its top-R_out output directions in the Σ metric."""
+    o, k, c = weight3.shape
+    v = np.asarray(in_factor, np.float64)
+    r_in = v.shape[1]
+    phi = np.kron(np.eye(k), v)  # [K·C, K·R_in]: patch → reduced patch (patch layout is [K, C])
+    a = refit_output_factor(weight3.reshape(o, k * c), phi, metric, rows)  # [O, K·R_in]
+    x = np.asarray(rows, np.float64)
+    z = x @ phi
+    cov_z = z.T @ z / x.shape[0] + metric.delta * (phi.T @ phi)
+    pred = a @ cov_z @ a.T  # covariance of the predicted outputs
+    lam, vec = np.linalg.eigh(0.5 * (pred + pred.T))
+    u = vec[:, ::-1][:, :rank_out]
+    core = (u.T @ a).reshape(rank_out, k, r_in)
+    return u, core
+
+
+def bias_shift(weight: np.ndarray, approx: np.ndarray, mean_input: np.ndarray) -> np.ndarray:
+    """(W − Ŵ)·E[x]: added to the bias, the mean output on the samples matches the original's."""
+    return (np.asarray(weight, np.float64) - np.asarray(approx, np.float64)) @ np.asarray(mean_input, np.float64)
