@@ -137,23 +137,39 @@ def print_inspect(summary: dict) -> None:
 
 
 def print_report(report: dict, quiet: bool = False) -> None:
-    if not quiet and report["layers"]:
+    layers = report["layers"]
+    if not quiet and layers:
+        data_aware = any("output_error" in e for e in layers)
+        budget = any("damage" in e for e in layers)
+        headers = ["#", "op", "output", "weight", "action", "rank", "params", "MACs", "w.err"]
+        headers += ["out.err"] if data_aware else []
+        headers += ["damage", "share"] if budget else []
         rows = []
-        for e in report["layers"]:
-            shape = "x".join(map(str, e["weight_shape"]))
+        for e in layers:
+            shape = "x".join(map(str, e["weight_shape"])) if e["weight_shape"] else "-"
             rank = e.get("rank")
             rank = "x".join(map(str, rank)) if isinstance(rank, list) else (rank if rank is not None else "-")
             err = f"{e['rel_error']:.3f}" if e.get("rel_error") is not None else "-"
             action = e["action"] if e["action"] != "skipped" else f"skipped: {e['reason']}"
-            rows.append([e["index"], e["op"], _short(e["output"], 40), shape, action, rank,
-                         f"{_fmt_int(e['params_before'])}→{_fmt_int(e['params_after'])}",
-                         f"{_fmt_int(e['macs_before'])}→{_fmt_int(e['macs_after'])}", err])
-        print(_table(["#", "op", "output", "weight", "action", "rank", "params", "MACs", "w.err"], rows))
+            row = [e["index"], e["op"], _short(e["output"], 40), shape, action, rank,
+                   f"{_fmt_int(e['params_before'])}→{_fmt_int(e['params_after'])}",
+                   f"{_fmt_int(e['macs_before'])}→{_fmt_int(e['macs_after'])}", err]
+            if data_aware:
+                row.append(f"{e['output_error']:.3f}" if e.get("output_error") is not None else "-")
+            if budget:
+                row += [f"{e['damage']:.3f}" if "damage" in e else "-",
+                        f"{100 * e['budget_share']:.1f}%" if "budget_share" in e else "-"]
+            rows.append(row)
+        print(_table(headers, rows))
     t = report["totals"]
     print(f"total: file {_fmt_bytes(t['file_bytes_before'])} → {_fmt_bytes(t['file_bytes_after'])} "
           f"({t['file_bytes_before'] / max(t['file_bytes_after'], 1):.2f}x smaller), "
           f"params {_fmt_int(t['params_before'])} → {_fmt_int(t['params_after'])}, "
           f"MACs {_fmt_int(t['macs_before'])} → {_fmt_int(t['macs_after'])}")
+    budget = (report.get("calibration") or {}).get("budget")
+    if budget:
+        print(f"budget: {budget['target']}, {'reached' if budget['reached'] else 'NOT reached'} at damage level "
+              f"{budget['damage_level']:.3f} (estimated {budget['estimate']:.2f}x)")
     for note in report.get("notes", []):
         print(note)
 

@@ -29,6 +29,7 @@ class LayerSettings:
     quantize: str | None = None      # None, "float16" or "int8"
     skip: bool = False
     force: bool = False
+    skip_reason: str | None = None   # set by the budget search for layers it keeps dense
 
     def rank_policy(self, kind: str) -> RankPolicy:
         explicit = self.fc_rank if kind == "fc" else self.conv_rank
@@ -137,6 +138,7 @@ class Plan:
     layer_data: dict = field(default_factory=dict)
     # id(op) → LayerSettings chosen by the global budget search (override the defaults and the recipe).
     budget: dict = field(default_factory=dict)
+    budget_info: dict = field(default_factory=dict)
     # What calibration did (for the report), or None.
     calibration: dict | None = None
 
@@ -166,7 +168,10 @@ class Plan:
             return "matched by --skip"
         if n_params < self.min_params:
             return f"fewer than {self.min_params} weights (--min-params)"
-        if self.settings(op).skip:
+        settings = self.settings(op)
+        if settings.skip_reason:
+            return settings.skip_reason
+        if settings.skip:
             return "skipped by the recipe"
         return None
 

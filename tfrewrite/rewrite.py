@@ -179,18 +179,25 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     if plan.uses("lowrank"):
         entries += cp_conv.run(model, plan, progress)
         entries += lowrank_fc.run(model, plan, progress)
+    # The progress bar counts the low-rank layers, the slow part; the other passes take moments.
     if plan.uses("prune"):
         from .passes import prune
-        entries += prune.run(model, plan, progress)
+        entries += prune.run(model, plan)
     if plan.uses("quantize"):
         from .passes import quantize
-        entries += quantize.run(model, plan, progress)
+        entries += quantize.run(model, plan)
     if plan.uses("prune") or options.sparse_encode:
         from .passes import sparse_encode
-        entries += sparse_encode.run(model, plan, progress)
+        entries += sparse_encode.run(model, plan)
     if any(e["action"] != "skipped" for e in entries):
         model.cleanup()
         update_min_runtime_version(model)
+    if plan.budget_info:
+        by_position = {plan.positions[k]: v for k, v in plan.budget_info.items() if k in plan.positions}
+        for e in entries:
+            info = by_position.get((e["subgraph"], e["index"]))
+            if info is not None and e["kind"] in ("fc", "conv", "conv1x1"):
+                e["damage"], e["budget_share"] = info["damage"], info["share"]
     entries.sort(key=lambda e: (e["subgraph"], e["index"]))
     return entries
 

@@ -144,16 +144,18 @@ def _init_factors(x, rank, init, seed):
 
 
 def _solve_normal(mttkrp, gram, base_ridge, lam):
-    """Solve ``F (G + ridge I) = M`` for ``F`` (symmetric positive (semi)definite G)."""
+    """Solve ``F (G + ridge I) = M`` for ``F`` (symmetric positive (semi)definite G).
+
+    One LAPACK call (``gesv``): each call to a threaded factorisation costs thread
+    hand-offs, which on a loaded machine dominate these R x R systems.
+    """
     r = gram.shape[0]
     ridge = base_ridge * max(float(np.trace(gram)) / r, 1e-300)
     if lam is not None:
         ridge += lam
     g = gram + ridge * np.eye(r)
     try:
-        chol = np.linalg.cholesky(g)
-        y = np.linalg.solve(chol, mttkrp.T)
-        return np.linalg.solve(chol.T, y).T
+        return np.linalg.solve(g, mttkrp.T).T
     except np.linalg.LinAlgError:
         return np.linalg.lstsq(g, mttkrp.T, rcond=None)[0].T
 
@@ -170,33 +172,76 @@ def _balance(factors):
     return out, weight
 
 
+# Above this many multiply-adds per MTTKRP (T*K*S*R) the two big products of a
+# sweep run in float32: they only steer the iteration (errors ~1e-7 relative),
+# the normal equations, error and the final dense check stay float64.
+_FLOAT32_MTTKRP = 50_000_000
+# Line search (Bro 1998; as tensorly's parafac(linesearch=True)): after each
+# sweep try jumping ``it ** (1 / pow)`` times the sweep's step; ``pow`` grows
+# after ``_LS_MAX_FAIL`` rejected jumps.
+_LS_POW, _LS_MAX_FAIL = 2.0, 4
+
+
 def _als(x, factors, n_iter_max, tol, base_ridge, lam, norm_x, label):
     t, k, s = x.shape
     a, b, c = factors
-    x_ts = x.reshape(t * k, s)  # contract the in-mode with one matmul
-    x_t = x.reshape(t, k * s)   # contract the out-mode with one matmul
+    rank = a.shape[1]
+    dt = np.float32 if t * k * s * rank >= _FLOAT32_MTTKRP else np.float64
+    xd = x.astype(dt, copy=False)
+    x_ts = xd.reshape(t * k, s)  # contract the in-mode with one matmul
+    x_t = xd.reshape(t, k * s)   # contract the out-mode with one matmul
+
+    def contract_in(cf):  # X x_S C: [T, K, R], shared by the mode-0 and mode-1 updates
+        return (x_ts @ cf.astype(dt, copy=False)).reshape(t, k, -1).astype(np.float64, copy=False)
+
+    def error(inner, ga, gb, gc):
+        # ||X - X_hat||^2 = ||X||^2 - 2<X, X_hat> + ||X_hat||^2, all from small matrices.
+        return np.sqrt(max(norm_x ** 2 - 2.0 * inner + float(np.sum(ga * gb * gc)), 0.0)) / norm_x
+
+    search = lam is None  # a ridge fit's objective is not the plain error the search compares
+    ls_pow, ls_fail = _LS_POW, 0
     prev_err = np.inf
     err = np.inf
     n_iter = 0
+    z = contract_in(c)
+    gb, gc = b.T @ b, c.T @ c
     for it in range(n_iter_max):
         n_iter = it + 1
-        # Mode 0 and mode 1 share X x_S C, which does not change until C does.
-        z = (x_ts @ c).reshape(t, k, -1)                  # [T, K, R]
-        a = _solve_normal(np.einsum("tkr,kr->tr", z, b), (b.T @ b) * (c.T @ c),
-                          base_ridge, lam)
-        b = _solve_normal(np.einsum("tkr,tr->kr", z, a), (a.T @ a) * (c.T @ c),
-                          base_ridge, lam)
-        w = (a.T @ x_t).reshape(-1, k, s)                 # [R, K, S]
-        m2 = np.einsum("rks,kr->sr", w, b)
-        c = _solve_normal(m2, (a.T @ a) * (b.T @ b), base_ridge, lam)
+        old = (a, b, c)
+        a = _solve_normal(np.einsum("tkr,kr->tr", z, b), gb * gc, base_ridge, lam)
+        ga = a.T @ a
+        b = _solve_normal(np.einsum("tkr,tr->kr", z, a), ga * gc, base_ridge, lam)
+        gb = b.T @ b
+        w = (a.astype(dt).T @ x_t).reshape(-1, k, s)      # [R, K, S]
+        m2 = np.einsum("rks,kr->sr", w, b).astype(np.float64, copy=False)
+        c = _solve_normal(m2, ga * gb, base_ridge, lam)
         if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(np.isfinite(c))):
             err = np.nan
             break
-        # ||X - X_hat||^2 = ||X||^2 - 2<X, X_hat> + ||X_hat||^2, all from small matrices.
-        inner = float(np.sum(m2 * c))
-        hat_sq = float(np.sum((a.T @ a) * (b.T @ b) * (c.T @ c)))
-        err = np.sqrt(max(norm_x ** 2 - 2.0 * inner + hat_sq, 0.0)) / norm_x
+        gc = c.T @ c
+        err = error(float(np.sum(m2 * c)), ga, gb, gc)
         (a, b, c), _ = _balance([a, b, c])  # keeps the ridge symmetric across modes
+        z = None
+        if search and it > 0:
+            jump = (it + 1) ** (1.0 / ls_pow)
+            cand = [f0 + jump * (f1 - f0) for f0, f1 in zip(old, (a, b, c))]
+            if all(np.all(np.isfinite(f)) for f in cand):
+                zc = contract_in(cand[2])
+                grams = [f.T @ f for f in cand]
+                err_c = error(float(np.einsum("tkr,tr,kr->", zc, cand[0], cand[1], optimize=True)), *grams)
+                if err_c < err:
+                    (a, b, c), _ = _balance(cand)
+                    err = err_c
+                    # Balancing only rescales columns: X x_S C follows C's column norms.
+                    before = np.linalg.norm(cand[2], axis=0)
+                    z = zc * (np.linalg.norm(c, axis=0) / np.where(before > 0, before, 1.0))
+                else:
+                    ls_fail += 1
+                    if ls_fail > _LS_MAX_FAIL:
+                        ls_pow, ls_fail = ls_pow + 1.0, 0
+        if z is None:
+            z = contract_in(c)
+        gb, gc = b.T @ b, c.T @ c
         if abs(prev_err - err) < tol:
             break
         prev_err = err
