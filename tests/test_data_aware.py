@@ -1,0 +1,186 @@
+"""Data-aware compression: output fitting, bias correction, the global budget, and the accuracy bars on the
+trained VGG-style fixture (calibration split distinct from the held-out test split)."""
+import json
+
+import numpy as np
+import pytest
+
+import builders as B
+from conftest import FIXTURES, ROOT
+from digits import load_split
+from tfrewrite import cli, io, rewrite, verify
+from tfrewrite.linalg import fit, svd
+
+VGG = FIXTURES / "vgg_digits.tflite"
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    x, _ = load_split("calib", 32)
+    path = tmp_path_factory.mktemp("calib") / "calib32.npz"
+    np.savez(path, image=x)
+    return path
+
+
+def accuracy(model) -> float:
+    x, y = load_split("test", 32)
+    it = verify.interpreter(model)
+    pred = [verify.invoke(it, [x[i:i + 1]])[0].argmax() for i in range(len(x))]
+    return float(np.mean(np.array(pred) == y))
+
+
+# ------------------------------------------------------------------------------------------------ maths
+def _correlated_rows(n_rows, n, rank=12):
+    return RNG.standard_normal((n_rows, rank)) @ RNG.standard_normal((rank, n)) + 0.05 * RNG.standard_normal((n_rows, n))
+
+
+@pytest.mark.parametrize("n_rows", [40, 400])  # fewer and more samples than input features
+def test_output_fitted_svd_is_optimal_in_the_data_metric(n_rows):
+    w = RNG.standard_normal((60, 100))
+    x = _correlated_rows(n_rows, 100)
+    metric = fit.input_metric(x, 0.01)
+    left, right = fit.output_lowrank_factors(w, metric, 8)
+    l2, r2 = svd.lowrank_factors(w, 8)
+    err_data, err_plain = fit.output_error(w, left @ right, metric), fit.output_error(w, l2 @ r2, metric)
+    assert err_data < 0.8 * err_plain
+    s = fit.whitened_singular_values(w, metric)
+    assert err_data == pytest.approx(np.sqrt(np.sum(s[8:] ** 2) / np.sum(s ** 2)), rel=1e-5)
+    # Same answer as forming Σ explicitly.
+    cov = x.T @ x / n_rows
+    l3, r3 = svd.whitened_lowrank_factors(w, cov, 8, damping=metric.delta / (np.trace(cov) / 100))
+    assert fit.output_error(w, l3 @ r3, metric) == pytest.approx(err_data, rel=1e-4)
+
+
+def test_bias_shift_matches_the_mean_output():
+    w = RNG.standard_normal((30, 50))
+    x = _correlated_rows(300, 50) + 2.0  # a large mean, as after a RELU
+    metric = fit.input_metric(x)
+    left, right = fit.output_lowrank_factors(w, metric, 4)
+    approx = left.astype(np.float64) @ right
+    shift = fit.bias_shift(w, approx, x.mean(axis=0))
+    np.testing.assert_allclose((x @ approx.T + shift).mean(axis=0), (x @ w.T).mean(axis=0), atol=1e-9)
+
+
+def test_tucker2_and_cp_output_fits_beat_weight_fits():
+    from tfrewrite.linalg import cp, tucker
+    kernel = RNG.standard_normal((24, 9, 16))
+    rows = _correlated_rows(600, 9 * 16, rank=20)
+    metric = fit.input_metric(rows)
+    w = kernel.reshape(24, -1)
+    res = tucker.tucker2(kernel, 8, 6)
+    plain = np.einsum("tp,pkq,sq->tks", res.out_factor, res.core, res.in_factor).reshape(24, -1)
+    u, core = fit.tucker2_output_fit(kernel, res.in_factor, 8, metric, rows)
+    fitted = np.einsum("tp,pkq,sq->tks", u, core, res.in_factor).reshape(24, -1)
+    assert fit.output_error(w, fitted, metric) < 0.9 * fit.output_error(w, plain, metric)
+    c = cp.cp3(kernel, 10)
+    phi = (c.mid_factor[:, None, :] * c.in_factor[None, :, :]).reshape(9 * 16, 10)
+    a = fit.refit_output_factor(w, phi, metric, rows)
+    assert fit.output_error(w, a @ phi.T, metric) < fit.output_error(w, c.out_factor @ phi.T, metric)
+
+
+# ------------------------------------------------------------------------------------------ the model
+def test_calibrated_layers_match_the_original_mean_and_beat_plain(calib, tmp):
+    plain, aware = tmp / "plain.tflite", tmp / "aware.tflite"
+    rep = tmp / "r.json"
+    assert cli.main([str(VGG), str(plain), "--rank", "16", "--quiet"]) == 0
+    assert cli.main([str(VGG), str(aware), "--rank", "16", "--calibration", str(calib), "--report", str(rep),
+                     "--quiet"]) == 0
+    report = json.loads(rep.read_text())
+    done = [e for e in report["layers"] if e["action"] == "rewritten"]
+    assert done and all(e.get("bias_corrected") and e["output_error"] < e["rel_error"] for e in done)
+    assert report["calibration"]["samples"] == 100
+    x, _ = load_split("calib", 32)
+    xs = [[x[i:i + 1]] for i in range(len(x))]
+    ref, p, a = (np.concatenate([o[0] for o in verify.run(m, xs)]) for m in (VGG, plain, aware))
+    assert np.linalg.norm(a - ref) < 0.5 * np.linalg.norm(p - ref)
+
+
+def test_accuracy_bars_on_the_trained_fixture(calib, tmp):
+    """Measured (2026-12-01, this machine): original 97.50 %; plain --rank 48 (4.9x smaller) 88.61 %;
+    data-aware --target-size 5 96.94 %; --target-size 10 95.28 %. Bars from issue 7: at 5x the data-aware loss
+    is at most half the plain loss, at 10x the loss is at most 3 points."""
+    base = accuracy(VGG)
+    plain5, aware5, aware10 = tmp / "p5.tflite", tmp / "a5.tflite", tmp / "a10.tflite"
+    assert cli.main([str(VGG), str(plain5), "--rank", "48", "--quiet"]) == 0
+    assert cli.main([str(VGG), str(aware5), "--target-size", "5", "--calibration", str(calib), "--quiet"]) == 0
+    assert cli.main([str(VGG), str(aware10), "--target-size", "10", "--calibration", str(calib), "--quiet"]) == 0
+    size = VGG.stat().st_size
+    assert size / plain5.stat().st_size >= 4.8 and size / aware5.stat().st_size >= 5.0
+    assert size / aware10.stat().st_size >= 10.0
+    loss_plain5 = base - accuracy(plain5)
+    loss_aware5 = base - accuracy(aware5)
+    loss_aware10 = base - accuracy(aware10)
+    assert loss_plain5 > 0.03
+    assert loss_aware5 <= 0.5 * loss_plain5, (loss_aware5, loss_plain5)
+    assert loss_aware10 <= 0.03, loss_aware10
+
+
+def test_budget_is_deterministic_and_reported(calib, tmp, capsys):
+    reports = []
+    for name in ("a", "b"):
+        rep = tmp / f"{name}.json"
+        assert cli.main([str(VGG), str(tmp / f"{name}.tflite"), "--target-macs", "4", "--calibration", str(calib),
+                         "--conv-method", "tucker2", "--report", str(rep)]) == 0
+        reports.append(json.loads(rep.read_text()))
+    assert (tmp / "a.tflite").read_bytes() == (tmp / "b.tflite").read_bytes()
+    budget = reports[0]["calibration"]["budget"]
+    assert budget["reached"] and budget == reports[1]["calibration"]["budget"]
+    t = reports[0]["totals"]
+    assert t["macs_before"] / t["macs_after"] >= 4
+    for layer in budget["layers"]:
+        assert {"output", "rank", "damage", "share", "candidates"} <= set(layer)
+    assert abs(sum(layer["share"] for layer in budget["layers"]) - 1) < 1e-3
+    text = capsys.readouterr().out
+    assert "damage" in text and "share" in text and "budget: 4x fewer MACs, reached" in text
+    import jsonschema
+    jsonschema.validate(reports[0], json.loads((ROOT / "schemas" / "report.schema.json").read_text()))
+
+
+BAD = {
+    "wrong name": lambda x: {"pixels": x},
+    "wrong shape": lambda x: {"image": x[:, :, :16]},
+    "wrong dtype": lambda x: {"image": (x * 255).astype(np.uint8)},
+    "empty": lambda x: {"image": x[:0]},
+    "nan": lambda x: {"image": np.where(x > 0.5, np.nan, x).astype(np.float32)},
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD))
+def test_bad_calibration_files(tmp, capsys, what):
+    x, _ = load_split("calib", 32)
+    path = tmp / "c.npz"
+    np.savez(path, **BAD[what](x[:4]))
+    out = tmp / "o.tflite"
+    code = cli.main([str(VGG), str(out), "--rank", "16", "--calibration", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("tfrewrite: error:") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_calibration_options_need_each_other(tmp, capsys):
+    for args in (["--target-size", "5"], ["--sequential", "--rank", "4"], ["--target-size", "5", "--rank", "4",
+                                                                           "--calibration", "x.npz"]):
+        code = cli.main([str(VGG), str(tmp / "o.tflite"), *args])
+        assert code == 2 and capsys.readouterr().err.startswith("tfrewrite: error:")
+
+
+def test_fc_with_calibration_on_a_built_model():
+    """A single FC whose inputs live in a low-dimensional subspace: the data-aware rank-4 model matches the
+    original on such inputs far better than the weight-fitted one."""
+    w = RNG.standard_normal((32, 64))
+    model = B.fc_model(w, RNG.standard_normal(32), (1, 64), act="NONE")
+    basis = RNG.standard_normal((4, 64))
+    x = RNG.standard_normal((200, 4)) @ basis
+    m_plain, m_aware = io.read_buffer(model), io.read_buffer(model)
+    rewrite.rewrite_model(m_plain, rewrite.Options(fc_rank=4))
+    plan = rewrite.Options(fc_rank=4).plan()
+    op = m_aware.main.operators[0]
+    plan.layer_data[id(op)] = {"rows": x.astype(np.float32), "mean": x.mean(axis=0)}
+    rewrite.rewrite_model(m_aware, rewrite.Options(fc_rank=4), plan=plan)
+    samples = [[x[i:i + 1].astype(np.float32)] for i in range(20)]
+    ref = np.concatenate([o[0] for o in verify.run(model, samples)])
+    plain = np.concatenate([o[0] for o in verify.run(io.to_bytes(m_plain), samples)])
+    aware = np.concatenate([o[0] for o in verify.run(io.to_bytes(m_aware), samples)])
+    assert np.linalg.norm(aware - ref) < 0.01 * np.linalg.norm(ref)
+    assert np.linalg.norm(plain - ref) > 0.1 * np.linalg.norm(ref)
