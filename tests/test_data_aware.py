@@ -184,3 +184,30 @@ def test_fc_with_calibration_on_a_built_model():
     aware = np.concatenate([o[0] for o in verify.run(io.to_bytes(m_aware), samples)])
     assert np.linalg.norm(aware - ref) < 0.01 * np.linalg.norm(ref)
     assert np.linalg.norm(plain - ref) > 0.1 * np.linalg.norm(ref)
+
+
+def test_cross_term_reduces_to_the_plain_fit_when_inputs_are_unchanged():
+    w = RNG.standard_normal((20, 30))
+    x = _correlated_rows(200, 30)
+    metric = fit.input_metric(x)
+    cross = fit.cross_term(w, metric, x, x)
+    l1, r1 = fit.output_lowrank_factors(w, metric, 5)
+    l2, r2 = fit.output_lowrank_factors(w, metric, 5, cross)
+    np.testing.assert_allclose(l1.astype(np.float64) @ r1, l2.astype(np.float64) @ r2, atol=1e-4)
+    # With changed inputs x' = x + noise, the cross fit predicts W·x from x' better than the plain one.
+    x2 = x + 0.3 * RNG.standard_normal(x.shape)
+    m2 = fit.input_metric(x2)
+    c2 = fit.cross_term(w, m2, x2, x)
+    la, ra = fit.output_lowrank_factors(w, m2, 5, c2)
+    lb, rb = fit.output_lowrank_factors(w, m2, 5)
+    target = x @ w.T
+    assert np.linalg.norm(x2 @ (la @ ra).T - target) < np.linalg.norm(x2 @ (lb @ rb).T - target)
+
+
+def test_sequential_fitting_accounts_for_compounding_errors(calib, tmp):
+    """Measured: --rank 16 with calibration 93.06 %, with --sequential 96.39 % (original 97.50 %)."""
+    one, seq = tmp / "one.tflite", tmp / "seq.tflite"
+    assert cli.main([str(VGG), str(one), "--rank", "16", "--calibration", str(calib), "--quiet"]) == 0
+    assert cli.main([str(VGG), str(seq), "--rank", "16", "--calibration", str(calib), "--sequential", "--quiet"]) == 0
+    assert one.stat().st_size == seq.stat().st_size
+    assert accuracy(seq) >= accuracy(one) + 0.01

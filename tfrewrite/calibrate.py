@@ -8,6 +8,7 @@ activations of the whole model are never held for more than one sample.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,18 +99,21 @@ def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], 
             index_of[id(t)] = ("input", pos)
         else:
             index_of[id(t)] = ("output", next(i for i, u in enumerate(out_tensors) if u is t))
-    rng = np.random.default_rng(seed)
     budget = {}
     for op in ops:
         dim = row_dim(op)
         budget[id(op)] = max(1, min(MAX_ROWS, MAX_BYTES // (4 * dim)))
     per_sample = {k: max(1, math.ceil(v / len(samples))) for k, v in budget.items()}
     chunks: dict[int, list[np.ndarray]] = {id(op): [] for op in ops}
+    # Positions depend only on (seed, layer name, sample): the original and a partly rewritten model give
+    # rows at the same places, which sequential fitting pairs up.
+    keys = {id(op): zlib.crc32(op.outputs[0].name.encode()) for op in ops}
     for i, inputs in enumerate(samples):
         outs = verify.invoke(it, inputs)
         for op in ops:
             kind, pos = index_of[id(op.inputs[0])]
             x = inputs[pos] if kind == "input" else outs[pos]
+            rng = np.random.default_rng([seed, keys[id(op)], i])
             chunks[id(op)].append(_rows_of(np.asarray(x, np.float32), op, per_sample[id(op)], rng))
         if progress:
             progress(i + 1, len(samples))

@@ -176,9 +176,12 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         if options.target_size or options.target_macs:
             from .passes import budget
             plan.calibration["budget"] = budget.choose_ranks(model, plan, options, source)
+    if options.sequential and plan.uses("lowrank"):
+        entries += sequential_lowrank(model, plan, samples, targets, progress)
     if plan.uses("lowrank"):
-        entries += cp_conv.run(model, plan, progress)
-        entries += lowrank_fc.run(model, plan, progress)
+        done = {(e["subgraph"], e["index"]) for e in entries}
+        entries += [e for e in cp_conv.run(model, plan, progress) if (e["subgraph"], e["index"]) not in done]
+        entries += [e for e in lowrank_fc.run(model, plan, progress) if (e["subgraph"], e["index"]) not in done]
     # The progress bar counts the low-rank layers, the slow part; the other passes take moments.
     if plan.uses("prune"):
         from .passes import prune
@@ -199,6 +202,30 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             if info is not None and e["kind"] in ("fc", "conv", "conv1x1"):
                 e["damage"], e["budget_share"] = info["damage"], info["share"]
     entries.sort(key=lambda e: (e["subgraph"], e["index"]))
+    return entries
+
+
+def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> list[dict]:
+    """Rewrite the main subgraph's layers in execution order, each fitted on the activations of the already
+    rewritten layers before it (paired with the original activations at the same positions), so that errors
+    compounding through the network are accounted for."""
+    from . import calibrate
+    from .passes import cp_conv, lowrank_fc
+    OP = schema.BuiltinOperator
+    entries = []
+    for op in list(targets):
+        if op not in model.main.operators:
+            continue
+        data = plan.layer_data[id(op)]
+        if entries and any(e["action"] == "rewritten" for e in entries):
+            now = calibrate.collect(model, samples, [op])[id(op)]
+            plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean, "target_rows": data["rows"],
+                                       "target_mean": data["mean"]}
+        producers = model.main.producers()
+        pass_ = lowrank_fc if op.builtin == OP.FULLY_CONNECTED else cp_conv
+        entries.append(pass_.rewrite_op(model, model.main, op, producers, plan))
+        if progress:
+            progress(entries[-1])
     return entries
 
 

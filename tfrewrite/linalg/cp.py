@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .svd import single_threaded_lapack
+
 # A component whose scale exceeds this multiple of ||X_hat|| only exists by
 # cancelling against others: the fit is (near) degenerate.
 DEGENERACY_LIMIT = 10.0
@@ -48,7 +50,7 @@ def cp_reconstruct(out_factor, mid_factor, in_factor):
     return (ab @ c.T).reshape(a.shape[0], b.shape[0], c.shape[0])
 
 
-def cp3(tensor, rank, seed=0, n_iter_max=200, tol=1e-7):
+def cp3(tensor, rank, seed=0, n_iter_max=25, tol=1e-7):
     """Rank-``rank`` CP decomposition of a 3-way tensor ``[T, K, S]`` by CP-ALS.
 
     SVD init first; if that result is NaN, degenerate or has a dead (zero)
@@ -116,7 +118,8 @@ def _has_dead_component(res):
 def _leading_vectors(unfolding, count):
     """Up to ``count`` leading left singular vectors, from the small Gram matrix."""
     gram = unfolding @ unfolding.T
-    lam, vec = np.linalg.eigh(gram)
+    with single_threaded_lapack():
+        lam, vec = np.linalg.eigh(gram)
     vec = vec[:, ::-1][:, :count]
     # Deterministic signs: largest-magnitude entry of each vector positive.
     idx = np.argmax(np.abs(vec), axis=0)
@@ -146,18 +149,18 @@ def _init_factors(x, rank, init, seed):
 def _solve_normal(mttkrp, gram, base_ridge, lam):
     """Solve ``F (G + ridge I) = M`` for ``F`` (symmetric positive (semi)definite G).
 
-    One LAPACK call (``gesv``): each call to a threaded factorisation costs thread
-    hand-offs, which on a loaded machine dominate these R x R systems.
+    One single-threaded LAPACK call (``gesv``; see :func:`.svd.single_threaded_lapack`).
     """
     r = gram.shape[0]
     ridge = base_ridge * max(float(np.trace(gram)) / r, 1e-300)
     if lam is not None:
         ridge += lam
     g = gram + ridge * np.eye(r)
-    try:
-        return np.linalg.solve(g, mttkrp.T).T
-    except np.linalg.LinAlgError:
-        return np.linalg.lstsq(g, mttkrp.T, rcond=None)[0].T
+    with single_threaded_lapack():
+        try:
+            return np.linalg.solve(g, mttkrp.T).T
+        except np.linalg.LinAlgError:
+            return np.linalg.lstsq(g, mttkrp.T, rcond=None)[0].T
 
 
 def _balance(factors):

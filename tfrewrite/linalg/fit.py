@@ -53,12 +53,25 @@ def input_metric(rows: np.ndarray, damping: float = DEFAULT_DAMPING) -> InputMet
     return InputMetric(basis=v, lam=lam, delta=delta, n=n)
 
 
-def output_lowrank_factors(weight: np.ndarray, metric: InputMetric, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def cross_term(weight: np.ndarray, metric: InputMetric, rows: np.ndarray, target_rows: np.ndarray) -> np.ndarray:
+    """B = W·E[t·xᵀ] + δ·W, for fitting Ŵ·x to the original W·t when the layer's inputs have changed from t
+    (original model) to x (already rewritten layers before it; rows sampled at the same positions).
+    Without a change (t = x) B = W·Σ, and every fit below reduces to its plain form."""
+    w = np.asarray(weight, np.float64)
+    x = np.asarray(rows, np.float64)
+    t = np.asarray(target_rows, np.float64)
+    return (w @ t.T) @ x / x.shape[0] + metric.delta * w
+
+
+def output_lowrank_factors(weight: np.ndarray, metric: InputMetric, rank: int, cross: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """Rank-r (left [m, r], right [r, n]) minimising ‖(W − L·R) Σ^½‖_F: the truncated SVD of W·Σ^½, mapped back
-    through Σ^-½. Exact for this objective (Eckart–Young in the Σ metric)."""
+    through Σ^-½. Exact for this objective (Eckart–Young in the Σ metric). With `cross` (B of `cross_term`) the
+    objective is E‖W·t − L·R·x‖² + δ‖W − L·R‖² instead: reduced-rank regression, the SVD of B·Σ^-½."""
     from .svd import truncated_svd
     w = np.asarray(weight, np.float64)
-    u, s, vt = truncated_svd(metric.sqrt_apply(w, 0.5), rank)
+    target = metric.sqrt_apply(w, 0.5) if cross is None else metric.sqrt_apply(np.asarray(cross, np.float64), -0.5)
+    u, s, vt = truncated_svd(target, rank)
     root = np.sqrt(s)
     right = metric.sqrt_apply(root[:, None] * vt, -0.5)
     return (u * root).astype(np.float32), right.astype(np.float32)
@@ -80,8 +93,8 @@ def output_error(weight: np.ndarray, approx: np.ndarray, metric: InputMetric) ->
     return float(np.linalg.norm(d)) / den if den > 0 else 0.0
 
 
-def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputMetric, rows: np.ndarray
-                        ) -> np.ndarray:
+def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputMetric, rows: np.ndarray,
+                        cross: np.ndarray | None = None) -> np.ndarray:
     """Given the chain's linear map to its bottleneck, z = Φᵀx (Φ = `features` [n, R]), the last factor
     A [m, R] minimising ‖(W − A·Φᵀ) Σ^½‖: A = (W·Σ·Φ)(Φᵀ·Σ·Φ)⁻¹ — ridge least squares on the samples."""
     w = np.asarray(weight, np.float64)
@@ -93,11 +106,12 @@ def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputM
     sigma_phi = x.T @ xphi / n_rows + metric.delta * phi
     gram = phi.T @ sigma_phi
     gram = 0.5 * (gram + gram.T) + 1e-12 * np.trace(gram) / len(gram) * np.eye(len(gram))
-    return np.linalg.solve(gram, (w @ sigma_phi).T).T
+    rhs = w @ sigma_phi if cross is None else np.asarray(cross, np.float64) @ phi
+    return np.linalg.solve(gram, rhs.T).T
 
 
 def tucker2_output_fit(weight3: np.ndarray, in_factor: np.ndarray, rank_out: int, metric: InputMetric,
-                       rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                       rows: np.ndarray, cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tucker-2 of a conv kernel [O, K, C] fitted to outputs: given the input factor V [C, R_in], the output
     factor U [O, R_out] and core [R_out, K, R_in] by reduced-rank regression — the best unconstrained map from
     the reduced patches z = (I_K ⊗ Vᵀ)x, then its top-R_out output directions in the Σ metric."""
@@ -105,7 +119,7 @@ def tucker2_output_fit(weight3: np.ndarray, in_factor: np.ndarray, rank_out: int
     v = np.asarray(in_factor, np.float64)
     r_in = v.shape[1]
     phi = np.kron(np.eye(k), v)  # [K·C, K·R_in]: patch → reduced patch (patch layout is [K, C])
-    a = refit_output_factor(weight3.reshape(o, k * c), phi, metric, rows)  # [O, K·R_in]
+    a = refit_output_factor(weight3.reshape(o, k * c), phi, metric, rows, cross)  # [O, K·R_in]
     x = np.asarray(rows, np.float64)
     z = x @ phi
     cov_z = z.T @ z / x.shape[0] + metric.delta * (phi.T @ phi)
@@ -116,6 +130,10 @@ def tucker2_output_fit(weight3: np.ndarray, in_factor: np.ndarray, rank_out: int
     return u, core
 
 
-def bias_shift(weight: np.ndarray, approx: np.ndarray, mean_input: np.ndarray) -> np.ndarray:
-    """(W − Ŵ)·E[x]: added to the bias, the mean output on the samples matches the original's."""
-    return (np.asarray(weight, np.float64) - np.asarray(approx, np.float64)) @ np.asarray(mean_input, np.float64)
+def bias_shift(weight: np.ndarray, approx: np.ndarray, mean_input: np.ndarray,
+               target_mean: np.ndarray | None = None) -> np.ndarray:
+    """W·E[t] − Ŵ·E[x] (t = x unless the inputs changed): added to the bias, the mean output on the samples
+    matches the original's."""
+    t = mean_input if target_mean is None else target_mean
+    return np.asarray(weight, np.float64) @ np.asarray(t, np.float64) - \
+        np.asarray(approx, np.float64) @ np.asarray(mean_input, np.float64)

@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .svd import single_threaded_lapack
+
 
 @dataclass
 class TuckerResult:
@@ -21,7 +23,9 @@ def tucker2_reconstruct(out_factor, core, in_factor):
 
 def _leading_vectors(unfolding, count):
     """``count`` leading left singular vectors (via the small Gram matrix, float64)."""
-    lam, vec = np.linalg.eigh(unfolding @ unfolding.T)
+    gram = unfolding @ unfolding.T
+    with single_threaded_lapack():
+        lam, vec = np.linalg.eigh(gram)
     vec = vec[:, ::-1][:, :count]
     # Deterministic signs: largest-magnitude entry of each vector positive.
     idx = np.argmax(np.abs(vec), axis=0)

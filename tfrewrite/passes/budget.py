@@ -65,11 +65,12 @@ def _candidates(op, weight, policy, method):
             continue
         seen.add(key)
         if method == "tucker2":
-            res = tucker.tucker2(kernel, r_out, r_in)
+            # A few HOOI sweeps: the damage ranking, not the last digit, matters here.
+            res = tucker.tucker2(kernel, r_out, r_in, n_iter_max=5, tol=1e-5)
             u, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric, rows)
             approx = np.einsum("tp,pkq,sq->tks", u, core, res.in_factor)
         else:
-            # Fewer ALS sweeps than the final fit: the damage ranking, not the last digit, matters here.
+            # Fewer ALS sweeps than the final fit, for the same reason.
             res = cp.cp3(kernel, key, n_iter_max=40, tol=1e-5)
             phi = (res.mid_factor[:, None, :] * res.in_factor[None, :, :]).reshape(k * i, key)
             a = fit.refit_output_factor(w.reshape(o, -1), phi, metric, rows)

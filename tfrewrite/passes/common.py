@@ -99,6 +99,14 @@ def layer_metric(policy: "RankPolicy"):
     return policy.extra["metric"]
 
 
+def layer_cross(policy: "RankPolicy", weight_matrix: np.ndarray):
+    """For sequential fitting (inputs changed by earlier rewrites): the cross term B, else None."""
+    if policy.extra.get("target_rows") is None:
+        return None
+    from ..linalg import fit
+    return fit.cross_term(weight_matrix, layer_metric(policy), policy.extra["rows"], policy.extra["target_rows"])
+
+
 def bias_values(bias: Tensor | None, producers: dict, channels: int) -> np.ndarray:
     """The bias as float32 values (zeros when there is none), also when stored float16 behind DEQUANTIZE."""
     if bias is None:
@@ -122,7 +130,7 @@ def finish_data_aware(sg: Subgraph, entry: dict, policy: "RankPolicy", weight: n
     from ..linalg import fit
     approx = approx()
     entry["output_error"] = fit.output_error(weight, approx, metric)
-    shift = fit.bias_shift(weight, approx, policy.extra["mean"])
+    shift = fit.bias_shift(weight, approx, policy.extra["mean"], policy.extra.get("target_mean"))
     values = bias_values(bias, producers, weight.shape[0]) + shift.astype(np.float32)
     entry["bias_corrected"] = True
     return sg.add_constant(name, values.astype(np.float32))

@@ -10,8 +10,8 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
-from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_metric, lowrank_rel_error,
-                     new_entry, read_weight, stored_weight_values)
+from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_cross, layer_metric,
+                     lowrank_rel_error, new_entry, read_weight, stored_weight_values)
 
 OP = schema.BuiltinOperator
 
@@ -51,7 +51,7 @@ def factorize(weight: np.ndarray, rank: int, policy: RankPolicy) -> tuple[np.nda
     from ..linalg import fit, svd
     metric = layer_metric(policy)
     if metric is not None:
-        return fit.output_lowrank_factors(weight, metric, rank)
+        return fit.output_lowrank_factors(weight, metric, rank, layer_cross(policy, weight))
     return svd.lowrank_factors(weight, rank)
 
 
