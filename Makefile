@@ -11,7 +11,7 @@ $(BIN)/tfrewrite: setup.cfg pyproject.toml
 
 .PHONY: demo test fixtures
 demo: $(BIN)/tfrewrite
-	$(BIN)/tfrewrite fixtures/vgg_digits.tflite /tmp/vgg_digits_rank.tflite --rank 32
+	$(BIN)/tfrewrite fixtures/vgg_digits.tflite /tmp/vgg_digits_rank32.tflite --rank 32 --verify
 
 test: $(BIN)/tfrewrite
 	$(BIN)/python -m pytest tests
