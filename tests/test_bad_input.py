@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, ROOT
-from tfrewrite import cli, io, schema
+from tfrewrite import cli, schema
 
 SMALL = FIXTURES / "two_signatures.tflite"
 CONTROL_FLOW = FIXTURES / "control_flow.tflite"

@@ -1,6 +1,5 @@
 """Read → write without loss, on every fixture the converter produced."""
 import hashlib
-import struct
 
 import numpy as np
 import pytest
@@ -213,3 +212,43 @@ def test_write_is_atomic_and_leaves_no_temp_file(tmp, monkeypatch):
         io.write(model, target)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp.iterdir()] == ["out.tflite"]
+
+
+def test_inspect_json_rows_and_totals(capsys):
+    from tfrewrite import cli
+    assert cli.main(["inspect", str(FIXTURES / "vgg_digits.tflite"), "--json"]) == 0
+    doc = __import__("json").loads(capsys.readouterr().out)
+    assert set(doc) == {"file_bytes", "ops", "totals"} and set(doc["totals"]) == {"params", "macs", "weight_bytes"}
+    assert doc["file_bytes"] == (FIXTURES / "vgg_digits.tflite").stat().st_size
+    rows = doc["ops"]
+    conv = rows[1]  # 3x3 conv 32 → 32 at 32x32, SAME
+    assert conv["op"] == "CONV_2D" and conv["weight_shape"] == [32, 3, 3, 32] and conv["weight_dtype"] == "float32"
+    assert conv["macs"] == 32 * 32 * 32 * 3 * 3 * 32 and conv["params"] == 32 * 9 * 32 + 32
+    fc = [r for r in rows if r["op"] == "FULLY_CONNECTED"][0]
+    assert fc["weight_shape"] == [256, 2048] and fc["macs"] == 256 * 2048
+    assert doc["totals"]["params"] == sum(r["params"] for r in rows)
+    assert doc["totals"]["macs"] == sum(r["macs"] for r in rows)
+    for key in ("subgraph", "index", "op", "output", "weight_shape", "weight_dtype", "params", "macs", "zero_fraction"):
+        assert key in rows[0]
+    # Depthwise MACs and the zero share of sparse (DENSIFY-fed) weights.
+    assert cli.main(["inspect", str(FIXTURES / "mobilenetv2_digits_sparse.tflite"), "--json"]) == 0
+    rows = __import__("json").loads(capsys.readouterr().out)["ops"]
+    dw = [r for r in rows if r["op"] == "DEPTHWISE_CONV_2D"][0]
+    assert dw["macs"] > 0 and dw["weight_shape"][0] == 1
+    sparse = [r for r in rows if r["weight_sparse"]]
+    assert sparse and all(r["zero_fraction"] >= 0.45 for r in sparse)
+    # The table form: one row per op and a total line.
+    assert cli.main(["inspect", str(FIXTURES / "control_flow.tflite")]) == 0
+    text = capsys.readouterr().out
+    assert "WHILE" in text and text.strip().splitlines()[-1].startswith("total:")
+
+
+def test_plain_rewrite_says_unchanged_and_internal_fault_is_one_line(tmp, capsys, monkeypatch):
+    from tfrewrite import cli, rewrite
+    out = tmp / "o.tflite"
+    assert cli.main([str(FIXTURES / "vgg_digits.tflite"), str(out)]) == 0
+    assert "re-serialized unchanged" in capsys.readouterr().out
+    monkeypatch.setattr(rewrite, "rewrite_model", lambda *a, **k: 1 / 0)
+    assert cli.main([str(FIXTURES / "vgg_digits.tflite"), str(tmp / "p.tflite")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tfrewrite: internal error:") and err.count("\n") == 1

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import FIXTURES, ROOT
 from tfrewrite import io, plan, schema, verify
-from tfrewrite.rewrite import Options, rewrite_model
+from tfrewrite.rewrite import Options
 
 jsonschema = pytest.importorskip("jsonschema")
 

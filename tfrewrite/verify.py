@@ -22,24 +22,27 @@ def interpreter(model, xnnpack: bool = True, threads: int = 1):
     return it
 
 
+def _random_arrays(specs, rng) -> list[np.ndarray]:
+    """One seeded array per (shape, dtype): normal floats, small integers, booleans; unknown dims count as 1."""
+    arrays = []
+    for shape, dtype in specs:
+        shape = [s if s > 0 else 1 for s in shape]
+        dtype = np.dtype(dtype)
+        if dtype.kind == "f":
+            arrays.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype == np.bool_:
+            arrays.append(rng.integers(0, 2, shape).astype(bool))
+        else:
+            info = np.iinfo(dtype)
+            arrays.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, shape).astype(dtype))
+    return arrays
+
+
 def random_inputs(it, samples: int = 1, seed: int = 0) -> list[list[np.ndarray]]:
     """Seeded inputs of the right shapes and dtypes: `samples` lists, one array per model input."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(samples):
-        arrays = []
-        for d in it.get_input_details():
-            shape = [s if s > 0 else 1 for s in d["shape"]]
-            dtype = np.dtype(d["dtype"])
-            if dtype.kind == "f":
-                arrays.append(rng.standard_normal(shape).astype(dtype))
-            elif dtype == np.bool_:
-                arrays.append(rng.integers(0, 2, shape).astype(bool))
-            else:
-                info = np.iinfo(dtype)
-                arrays.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, shape).astype(dtype))
-        out.append(arrays)
-    return out
+    specs = [(d["shape"], d["dtype"]) for d in it.get_input_details()]
+    return [_random_arrays(specs, rng) for _ in range(samples)]
 
 
 def invoke(it, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -102,20 +105,7 @@ class Runner:
 
     def random_samples(self, samples: int, seed: int = 0) -> list[list[np.ndarray]]:
         rng = np.random.default_rng(seed)
-        out = []
-        for _ in range(samples):
-            arrays = []
-            for _, shape, dtype in self.inputs:
-                shape = [d if d > 0 else 1 for d in shape]
-                if dtype.kind == "f":
-                    arrays.append(rng.standard_normal(shape).astype(dtype))
-                elif dtype == np.bool_:
-                    arrays.append(rng.integers(0, 2, shape).astype(bool))
-                else:
-                    info = np.iinfo(dtype)
-                    arrays.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, shape).astype(dtype))
-            out.append(arrays)
-        return out
+        return [_random_arrays([(shape, dtype) for _, shape, dtype in self.inputs], rng) for _ in range(samples)]
 
     def samples_from(self, path, limit: int | None = None) -> tuple[list[list[np.ndarray]], np.ndarray | None]:
         """Samples from an .npz: one array per input, named after the input (tensor or signature name), the

@@ -76,8 +76,9 @@ def _subspace_svd(a, rank, seed=0, oversample=None, max_iter=4, tol=1e-3):
     (``m n^2``, one float32 SYRK); then the steps multiply by it instead (4096 x
     25088 at rank 704: 5 s for the Gram matrix vs 2.3 s per product). Only the
     short side is orthonormalised, by Cholesky-QR on its small Gram matrix. The
-    final ``y = A v`` is float64 when cheap (``m n width <= 2e9``), else float32
-    (singular values then err by ~1e-6 of ``s_1``).
+    final Rayleigh-Ritz step is float64 when cheap (``m n width <= 2e9``), else
+    float32 products (singular values then err by ~1e-6 of ``s_1``, and ``U`` is
+    orthonormal to ~1e-6: what float32 factors hold anyway).
     """
     if a.shape[0] < a.shape[1]:
         # Work on the tall orientation; the transposed view costs nothing.
@@ -88,19 +89,20 @@ def _subspace_svd(a, rank, seed=0, oversample=None, max_iter=4, tol=1e-3):
         oversample = max(32, rank // 4)
     width = min(n, rank + oversample)
     a32 = a.astype(np.float32, copy=False)
-    if 2 * (max_iter + 1) * width > n:
-        gram32 = a32.T @ a32  # SYRK
+    gram32 = a32.T @ a32 if 2 * (max_iter + 1) * width > n else None  # SYRK
 
-        def step(v):
+    def step(v):  # A^T A v
+        if gram32 is not None:
             return gram32 @ v.astype(np.float32)
-    else:
-        def step(v):  # A^T A v
-            return a32.T @ (a32 @ v.astype(np.float32))
+        return a32.T @ (a32 @ v.astype(np.float32))
     rng = np.random.default_rng(seed)
     v = _orthonormal(step(rng.standard_normal((n, width)).astype(np.float32)))
     top_prev = None
     for _ in range(max_iter):
         z = step(v)
+        if gram32 is not None:  # cheap steps: take them all, no convergence test
+            v = _orthonormal(z)
+            continue
         # Top Ritz vectors of A^T A on span(v): stop once their span stops moving.
         # Ritz values are useless for this in float32 (noise ~eps*s_1^2), angles are not.
         h = v.T @ z.astype(np.float64)
@@ -114,32 +116,40 @@ def _subspace_svd(a, rank, seed=0, oversample=None, max_iter=4, tol=1e-3):
             if 1.0 - np.min(cosines) ** 2 <= tol * tol:
                 break
         top_prev = top
-    # Rayleigh-Ritz: y = A v (float64 streamed by row chunks, no float64 copy of
-    # A; or float32 for huge A), then the SVD of y through its small Gram matrix.
-    if m * n * width <= 2e9:
+    # Rayleigh-Ritz on span(v): the SVD of y = A v through its small Gram matrix.
+    exact = m * n * width <= 2e9
+    if exact:  # float64, A streamed by row chunks (no float64 copy of A)
         y = np.empty((m, width))
         for start in range(0, m, _CHUNK_ROWS):
             y[start:start + _CHUNK_ROWS] = a[start:start + _CHUNK_ROWS].astype(np.float64) @ v
+        gram = y.T @ y
+    elif gram32 is not None:  # y^T y = v^T (A^T A) v, and y itself is never needed
+        gram = v.T @ step(v).astype(np.float64)
     else:
         y = (a32 @ v.astype(np.float32)).astype(np.float64)
-    gram = y.T @ y
+        gram = y.T @ y
     with single_threaded_lapack():
-        lam, w = np.linalg.eigh(gram)
+        lam, w = np.linalg.eigh(0.5 * (gram + gram.T))
     lam, w = lam[::-1][:rank], w[:, ::-1][:, :rank]
     s = np.sqrt(np.clip(lam, 0.0, None))
     safe = np.where(s > 0, s, 1.0)
-    u = (y @ w) / safe
-    # The Gram route leaves u orthonormal only to ~eps*(s_1/s_i)^2: one
-    # Cholesky-QR pass (cheap: rank x rank) restores it.
-    gram = u.T @ u
-    with single_threaded_lapack():
-        try:
-            inv = np.linalg.inv(np.linalg.cholesky(gram))
-        except np.linalg.LinAlgError:
-            inv = None
-            u, _ = np.linalg.qr(u)
-    if inv is not None:
-        u = u @ inv.T
+    if not exact and gram32 is not None:
+        u = (a32 @ ((v @ w) / safe).astype(np.float32)).astype(np.float64)
+    else:
+        u = (y @ w) / safe
+    if exact:
+        # The Gram route leaves u orthonormal only to ~eps*(s_1/s_i)^2: one
+        # Cholesky-QR pass (cheap here: m x rank) restores it. Huge matrices
+        # skip it: their u is orthonormal to float32 precision (~1e-6).
+        gram = u.T @ u
+        with single_threaded_lapack():
+            try:
+                inv = np.linalg.inv(np.linalg.cholesky(gram))
+            except np.linalg.LinAlgError:
+                inv = None
+                u, _ = np.linalg.qr(u)
+        if inv is not None:
+            u = u @ inv.T
     return u, s, (v @ w).T
 
 

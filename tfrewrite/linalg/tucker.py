@@ -32,7 +32,7 @@ def _leading_vectors(unfolding, count):
     return vec * np.sign(vec[idx, np.arange(vec.shape[1])] + 0.0)[None, :]
 
 
-def tucker2(tensor, rank_out, rank_in, n_iter_max=50, tol=1e-8):
+def tucker2(tensor, rank_out, rank_in, n_iter_max=10, tol=1e-8):
     """Tucker-2 of ``[T, K, S]``: ``out_factor [T,R_out]``, ``core [R_out,K,R_in]``, ``in_factor [S,R_in]``.
 
     HOSVD init, then HOOI alternating between modes 0 and 2 (mode 1, the small

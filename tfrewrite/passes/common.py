@@ -198,3 +198,26 @@ class RankPolicy:
     @property
     def active(self) -> bool:
         return self.rank is not None or self.ratio is not None or self.energy is not None
+
+
+def rewrite_one(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, kind: str, rewrite) -> dict:
+    """Run `rewrite(sg, op, weight, policy, plan, entry, producers)` on one op; a Skip becomes the entry's
+    reason. Returns the op's report entry."""
+    entry = new_entry(model, sg, op, kind, plan)
+    policy = plan.rank_policy(op, kind)
+    try:
+        rewrite(sg, op, read_weight(op, producers), policy, plan, entry, producers)
+    except Skip as e:
+        entry["reason"] = str(e)
+    return entry
+
+
+def rewrite_all(model: Model, plan, builtin: int, rewrite_op, progress=None) -> list[dict]:
+    """`rewrite_op` on every op of one builtin kind, in every subgraph, in execution order."""
+    entries = []
+    for sg in model.subgraphs:
+        for op in [op for op in sg.operators if op.builtin == builtin]:
+            entries.append(rewrite_op(model, sg, op, sg.producers(), plan))
+            if progress:
+                progress(entries[-1])
+    return entries

@@ -18,7 +18,7 @@ from ..graph import Model, Operator, Subgraph
 from . import lowrank_fc
 from ..linalg import fit
 from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_cross, layer_metric,
-                     lowrank_rel_error, new_entry, pixels, read_weight, rel_error, stored_weight_values, zero_bias)
+                     lowrank_rel_error, pixels, rel_error, rewrite_all, rewrite_one, stored_weight_values, zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -43,14 +43,7 @@ def choose_rank(kernel: np.ndarray, policy: RankPolicy):
 
 def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) -> dict:
     """Rewrite one CONV_2D as the plan says; returns its report entry (skipped ones say why)."""
-    entry = new_entry(model, sg, op, "conv", plan)
-    policy = plan.rank_policy(op, "conv")
-    try:
-        weight = read_weight(op, producers)
-        _rewrite(sg, op, weight, policy, plan, entry, producers)
-    except Skip as e:
-        entry["reason"] = str(e)
-    return entry
+    return rewrite_one(model, sg, op, producers, plan, "conv", _rewrite)
 
 
 def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
@@ -187,10 +180,4 @@ def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels, p
 
 
 def run(model: Model, plan, progress=None) -> list[dict]:
-    entries = []
-    for sg in model.subgraphs:
-        for op in [op for op in sg.operators if op.builtin == OP.CONV_2D]:
-            entries.append(rewrite_op(model, sg, op, sg.producers(), plan))
-            if progress:
-                progress(entries[-1])
-    return entries
+    return rewrite_all(model, plan, OP.CONV_2D, rewrite_op, progress)

@@ -11,7 +11,7 @@ from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
 from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_cross, layer_metric,
-                     lowrank_rel_error, new_entry, read_weight, stored_weight_values)
+                     lowrank_rel_error, rewrite_all, rewrite_one, stored_weight_values)
 
 OP = schema.BuiltinOperator
 
@@ -62,14 +62,7 @@ def costs(rows: int, m: int, n: int, r: int) -> tuple[int, int, int, int]:
 
 def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) -> dict:
     """Rewrite one FULLY_CONNECTED as the plan says; returns its report entry (skipped ones say why)."""
-    entry = new_entry(model, sg, op, "fc", plan)
-    policy = plan.rank_policy(op, "fc")
-    try:
-        weight = read_weight(op, producers)
-        _rewrite(sg, op, weight, policy, plan, entry, producers)
-    except Skip as e:
-        entry["reason"] = str(e)
-    return entry
+    return rewrite_one(model, sg, op, producers, plan, "fc", _rewrite)
 
 
 def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict, producers: dict):
@@ -121,12 +114,4 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
 
 
 def run(model: Model, plan, progress=None) -> list[dict]:
-    entries = []
-    for sg in model.subgraphs:
-        targets = [op for op in sg.operators if op.builtin == OP.FULLY_CONNECTED]
-        for op in targets:
-            producers = sg.producers()
-            entries.append(rewrite_op(model, sg, op, producers, plan))
-            if progress:
-                progress(entries[-1])
-    return entries
+    return rewrite_all(model, plan, OP.FULLY_CONNECTED, rewrite_op, progress)
