@@ -70,12 +70,12 @@ def test_tucker2_and_cp_output_fits_beat_weight_fits():
     w = kernel.reshape(24, -1)
     res = tucker.tucker2(kernel, 8, 6)
     plain = np.einsum("tp,pkq,sq->tks", res.out_factor, res.core, res.in_factor).reshape(24, -1)
-    u, core = fit.tucker2_output_fit(kernel, res.in_factor, 8, metric, rows)
+    u, core = fit.tucker2_output_fit(kernel, res.in_factor, 8, metric)
     fitted = np.einsum("tp,pkq,sq->tks", u, core, res.in_factor).reshape(24, -1)
     assert fit.output_error(w, fitted, metric) < 0.9 * fit.output_error(w, plain, metric)
     c = cp.cp3(kernel, 10)
     phi = (c.mid_factor[:, None, :] * c.in_factor[None, :, :]).reshape(9 * 16, 10)
-    a = fit.refit_output_factor(w, phi, metric, rows)
+    a = fit.refit_output_factor(w, phi, metric)
     assert fit.output_error(w, a @ phi.T, metric) < fit.output_error(w, c.out_factor @ phi.T, metric)
 
 

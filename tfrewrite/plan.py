@@ -179,7 +179,7 @@ class Plan:
         policy = self.settings(op).rank_policy(kind)
         data = self.layer_data.get(id(op))
         if data:
-            policy.extra.update(data)
+            policy.extra = data  # shared, so the layer's input metric is computed once (budget, then the fit)
         return policy
 
     # Which techniques any layer may use (so a pass can be skipped outright).

@@ -175,6 +175,18 @@ def _balance(factors):
     return out, weight
 
 
+def _balance_grams(factors, grams):
+    """:func:`_balance` that also rescales the factors' Gram matrices (no new products)."""
+    norms = [np.linalg.norm(f, axis=0) for f in factors]
+    target = np.cbrt(norms[0] * norms[1] * norms[2])
+    out, out_grams = [], []
+    for f, n, g in zip(factors, norms, grams):
+        scale = np.where(n > 0, target / np.where(n > 0, n, 1.0), 0.0)
+        out.append(f * scale)
+        out_grams.append(g * np.outer(scale, scale))
+    return out, out_grams
+
+
 # Above this many multiply-adds per MTTKRP (T*K*S*R) the two big products of a
 # sweep run in float32: they only steer the iteration (errors ~1e-7 relative),
 # the normal equations, error and the final dense check stay float64.
@@ -223,17 +235,20 @@ def _als(x, factors, n_iter_max, tol, base_ridge, lam, norm_x, label):
             break
         gc = c.T @ c
         err = error(float(np.sum(m2 * c)), ga, gb, gc)
-        (a, b, c), _ = _balance([a, b, c])  # keeps the ridge symmetric across modes
+        (a, b, c), grams = _balance_grams([a, b, c], [ga, gb, gc])  # keeps the ridge symmetric
         z = None
         if search and it > 0:
             jump = (it + 1) ** (1.0 / ls_pow)
             cand = [f0 + jump * (f1 - f0) for f0, f1 in zip(old, (a, b, c))]
             if all(np.all(np.isfinite(f)) for f in cand):
                 zc = contract_in(cand[2])
-                grams = [f.T @ f for f in cand]
-                err_c = error(float(np.einsum("tkr,tr,kr->", zc, cand[0], cand[1], optimize=True)), *grams)
+                # Candidate Gram matrices only feed the error test: float32 like the MTTKRPs when large.
+                cgrams = [(f.astype(dt).T @ f.astype(dt)).astype(np.float64) for f in cand]
+                inner = float(np.sum(np.einsum("tkr,kr->tr", zc, cand[1]) * cand[0]))
+                err_c = error(inner, *cgrams)
                 if err_c < err:
                     (a, b, c), _ = _balance(cand)
+                    grams = [f.T @ f for f in (a, b, c)]
                     err = err_c
                     # Balancing only rescales columns: X x_S C follows C's column norms.
                     before = np.linalg.norm(cand[2], axis=0)
@@ -244,7 +259,7 @@ def _als(x, factors, n_iter_max, tol, base_ridge, lam, norm_x, label):
                         ls_pow, ls_fail = ls_pow + 1.0, 0
         if z is None:
             z = contract_in(c)
-        gb, gc = b.T @ b, c.T @ c
+        _, gb, gc = grams
         if abs(prev_err - err) < tol:
             break
         prev_err = err

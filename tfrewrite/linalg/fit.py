@@ -33,6 +33,11 @@ class InputMetric:
         base = self.delta ** power
         return base * w + (wv * (self.lam ** power - base)) @ v.T
 
+    def apply(self, phi: np.ndarray) -> np.ndarray:
+        """Σ·Φ for Φ [n, R], through the eigenbasis (cheaper than touching the sample rows again)."""
+        v = self.basis
+        return v @ ((self.lam - self.delta)[:, None] * (v.T @ phi)) + self.delta * phi
+
 
 def input_metric(rows: np.ndarray, damping: float = DEFAULT_DAMPING) -> InputMetric:
     """The damped second-moment metric of sample input rows [N, n] (float64 maths)."""
@@ -93,17 +98,13 @@ def output_error(weight: np.ndarray, approx: np.ndarray, metric: InputMetric) ->
     return float(np.linalg.norm(d)) / den if den > 0 else 0.0
 
 
-def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputMetric, rows: np.ndarray,
+def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputMetric,
                         cross: np.ndarray | None = None) -> np.ndarray:
     """Given the chain's linear map to its bottleneck, z = Φᵀx (Φ = `features` [n, R]), the last factor
     A [m, R] minimising ‖(W − A·Φᵀ) Σ^½‖: A = (W·Σ·Φ)(Φᵀ·Σ·Φ)⁻¹ — ridge least squares on the samples."""
     w = np.asarray(weight, np.float64)
     phi = np.asarray(features, np.float64)
-    x = np.asarray(rows, np.float64)
-    n_rows = x.shape[0]
-    xphi = x @ phi
-    # Σ·Φ with Σ = XᵀX/N + δI (the metric's δ: same objective as the SVD fits).
-    sigma_phi = x.T @ xphi / n_rows + metric.delta * phi
+    sigma_phi = metric.apply(phi)  # Σ = XᵀX/N + δI: the same objective as the SVD fits
     gram = phi.T @ sigma_phi
     gram = 0.5 * (gram + gram.T) + 1e-12 * np.trace(gram) / len(gram) * np.eye(len(gram))
     rhs = w @ sigma_phi if cross is None else np.asarray(cross, np.float64) @ phi
@@ -111,7 +112,7 @@ def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputM
 
 
 def tucker2_output_fit(weight3: np.ndarray, in_factor: np.ndarray, rank_out: int, metric: InputMetric,
-                       rows: np.ndarray, cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tucker-2 of a conv kernel [O, K, C] fitted to outputs: given the input factor V [C, R_in], the output
     factor U [O, R_out] and core [R_out, K, R_in] by reduced-rank regression — the best unconstrained map from
     the reduced patches z = (I_K ⊗ Vᵀ)x, then its top-R_out output directions in the Σ metric."""
@@ -119,10 +120,8 @@ def tucker2_output_fit(weight3: np.ndarray, in_factor: np.ndarray, rank_out: int
     v = np.asarray(in_factor, np.float64)
     r_in = v.shape[1]
     phi = np.kron(np.eye(k), v)  # [K·C, K·R_in]: patch → reduced patch (patch layout is [K, C])
-    a = refit_output_factor(weight3.reshape(o, k * c), phi, metric, rows, cross)  # [O, K·R_in]
-    x = np.asarray(rows, np.float64)
-    z = x @ phi
-    cov_z = z.T @ z / x.shape[0] + metric.delta * (phi.T @ phi)
+    a = refit_output_factor(weight3.reshape(o, k * c), phi, metric, cross)  # [O, K·R_in]
+    cov_z = phi.T @ metric.apply(phi)
     pred = a @ cov_z @ a.T  # covariance of the predicted outputs
     lam, vec = np.linalg.eigh(0.5 * (pred + pred.T))
     u = vec[:, ::-1][:, :rank_out]

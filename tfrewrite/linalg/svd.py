@@ -101,7 +101,7 @@ def _subspace_svd(a, rank, seed=0, oversample=None, max_iter=4, tol=1e-3):
     for _ in range(max_iter):
         z = step(v)
         if gram32 is not None:  # cheap steps: take them all, no convergence test
-            v = _orthonormal(z)
+            v = _orthonormal(z, passes=1)  # the span is what counts until the last step
             continue
         # Top Ritz vectors of A^T A on span(v): stop once their span stops moving.
         # Ritz values are useless for this in float32 (noise ~eps*s_1^2), angles are not.
@@ -116,6 +116,8 @@ def _subspace_svd(a, rank, seed=0, oversample=None, max_iter=4, tol=1e-3):
             if 1.0 - np.min(cosines) ** 2 <= tol * tol:
                 break
         top_prev = top
+    if gram32 is not None and max_iter > 0:
+        v = _orthonormal(v, passes=1)  # second Cholesky-QR pass of the last step
     # Rayleigh-Ritz on span(v): the SVD of y = A v through its small Gram matrix.
     exact = m * n * width <= 2e9
     if exact:  # float64, A streamed by row chunks (no float64 copy of A)
@@ -153,19 +155,19 @@ def _subspace_svd(a, rank, seed=0, oversample=None, max_iter=4, tol=1e-3):
     return u, s, (v @ w).T
 
 
-def _orthonormal(z):
+def _orthonormal(z, passes=2):
     """Orthonormal float64 basis of the columns of the short ``n x width`` block ``z``.
 
-    Cholesky-QR twice in float64 (the second pass restores the orthogonality the
-    first loses to the Gram matrix's squared condition number; it is exact when
-    ``cond(z) < ~1e7``). The triangular factor is inverted (width x width) and
+    Cholesky-QR ``passes`` times in float64 (a second pass restores the
+    orthogonality the first loses to the Gram matrix's squared condition number;
+    two are exact when ``cond(z) < ~1e7``). The triangular factor is inverted (width x width) and
     applied by a matrix product. Householder QR when the Gram matrix is too
     ill-conditioned for that (the second Gram matrix is then far from I).
     """
     q = z.astype(np.float64)
     eye = np.eye(q.shape[1])
     try:
-        for attempt in range(2):
+        for attempt in range(passes):
             gram = q.T @ q
             if attempt == 1 and not np.max(np.abs(gram - eye)) < 0.1:
                 raise np.linalg.LinAlgError("first Cholesky-QR pass too inaccurate")

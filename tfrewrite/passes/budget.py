@@ -26,7 +26,6 @@ def _candidates(op, weight, policy, method):
     """(ratio, rank, params, macs, damage) for each profitable candidate of one layer."""
     from ..linalg import cp, fit, rank as rk, svd, tucker
     metric = layer_metric(policy)
-    rows = policy.extra["rows"]
     w = weight.values
     out = []
     if op.builtin == OP.FULLY_CONNECTED or (w.ndim == 4 and w.shape[1] == w.shape[2] == 1):
@@ -67,13 +66,13 @@ def _candidates(op, weight, policy, method):
         if method == "tucker2":
             # A few HOOI sweeps: the damage ranking, not the last digit, matters here.
             res = tucker.tucker2(kernel, r_out, r_in, n_iter_max=5, tol=1e-5)
-            u, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric, rows)
+            u, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric)
             approx = np.einsum("tp,pkq,sq->tks", u, core, res.in_factor)
         else:
             # Fewer ALS sweeps than the final fit, for the same reason.
             res = cp.cp3(kernel, key, n_iter_max=40, tol=1e-5)
             phi = (res.mid_factor[:, None, :] * res.in_factor[None, :, :]).reshape(k * i, key)
-            a = fit.refit_output_factor(w.reshape(o, -1), phi, metric, rows)
+            a = fit.refit_output_factor(w.reshape(o, -1), phi, metric)
             approx = (a @ phi.T).reshape(o, k, i)
         damage = fit.output_error(w.reshape(o, -1), approx.reshape(o, -1), metric)
         out.append((ratio, key, params, macs, damage))

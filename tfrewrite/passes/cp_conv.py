@@ -88,7 +88,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         out_factor, core = res.out_factor, res.core
         if metric is not None:
             # Keep the input factor, fit output factor and core to the layer's outputs (reduced-rank regression).
-            out_factor, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric, policy.extra["rows"],
+            out_factor, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric,
                                                       layer_cross(policy, w.reshape(o, -1)))
         first = res.in_factor.T.reshape(r_in, 1, 1, i)
         middle = core.reshape(r_out, kh, kw, r_in)
@@ -123,8 +123,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         if metric is not None:
             # The pointwise → depthwise part maps a patch to z = Φᵀ·patch; fit the last 1×1 to the outputs.
             phi = (sm.reshape(k, 1, r) * sf.reshape(r, i).T[None, :, :]).reshape(k * i, r)
-            out_factor = fit.refit_output_factor(w.reshape(o, -1), phi, metric, policy.extra["rows"],
-                                                 layer_cross(policy, w.reshape(o, -1)))
+            out_factor = fit.refit_output_factor(w.reshape(o, -1), phi, metric, layer_cross(policy, w.reshape(o, -1)))
         last = out_factor.reshape(o, 1, 1, r)
         sl = stored_weight_values(last, weight, 0)
         approx = cp_reconstruct(sl.reshape(o, r), sm.reshape(k, r), sf.reshape(r, i).T)
