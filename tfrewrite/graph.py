@@ -302,6 +302,8 @@ class Model:
     metadata: list[tuple[str, Buffer]] = field(default_factory=list)
     # Buffers the metadata_buffer list names (deprecated field, kept for old readers).
     metadata_buffer: list[Buffer] = field(default_factory=list)
+    # External buffer groups and buffers (schema object-API values), passed through unchanged.
+    external: tuple | None = None
 
     @property
     def main(self) -> Subgraph:

@@ -167,12 +167,10 @@ class _Reader:
         if fb.ExternalBufferGroupsLength() or fb.ExternalBuffersLength():
             self.vector_length(fb.ExternalBufferGroupsLength())
             self.vector_length(fb.ExternalBuffersLength())
-            full = schema.ModelT()
-            full.externalBufferGroups = [schema.ExternalBufferGroupT.InitFromObj(fb.ExternalBufferGroups(i))
-                                         for i in range(fb.ExternalBufferGroupsLength())]
-            full.externalBuffers = [schema.ExternalBufferT.InitFromObj(fb.ExternalBuffers(i))
-                                    for i in range(fb.ExternalBuffersLength())]
-            model.external = (full.externalBufferGroups, full.externalBuffers)
+            model.external = ([schema.ExternalBufferGroupT.InitFromObj(fb.ExternalBufferGroups(i))
+                               for i in range(fb.ExternalBufferGroupsLength())],
+                              [schema.ExternalBufferT.InitFromObj(fb.ExternalBuffers(i))
+                               for i in range(fb.ExternalBuffersLength())])
         return model
 
     def check_table(self, pos):
@@ -297,9 +295,6 @@ class _Reader:
             shape_signature=[int(d) for d in fb.ShapeSignatureAsNumpy()] if fb.ShapeSignatureLength() else None,
             is_variable=fb.IsVariable(), has_rank=fb.HasRank(), external_buffer=fb.ExternalBuffer(),
         )
-        self.vector_length(len(shape_signature := (t.shape_signature or [])))
-        if any(d < 0 for d in shape) and not shape_signature:
-            pass  # unknown-rank placeholders use -1 in shape; harmless
         bi = self.index(fb.Buffer(), len(buffers), "buffer index")
         if bi != 0:
             t.buffer = buffers[bi]
@@ -481,7 +476,7 @@ class _Plan:
             offsets["metadata"] = _vector_of_tables(builder, metadata, schema.ModelStartMetadataVector)
         if signature_defs:
             offsets["signatureDefs"] = _vector_of_tables(builder, signature_defs, schema.ModelStartSignatureDefsVector)
-        external = getattr(model, "external", None)
+        external = model.external
         if external:
             offsets["externalBufferGroups"] = _vector_of_tables(builder, external[0], schema.ModelStartExternalBufferGroupsVector)
             offsets["externalBuffers"] = _vector_of_tables(builder, external[1], schema.ModelStartExternalBuffersVector)
