@@ -32,6 +32,13 @@ def single_threaded_lapack():
     return ctl.limit(limits=1, user_api="blas")
 
 
+def squared_norm(a, rows_per_chunk=1024) -> float:
+    """‖A‖²_F summed in float64 by row chunks (a float64 copy of a 25088×4096 weight would be 800 MB)."""
+    a = np.asarray(a)
+    return sum(float(np.sum(np.square(a[i:i + rows_per_chunk], dtype=np.float64)))
+               for i in range(0, len(a), rows_per_chunk))
+
+
 def truncated_svd(matrix, rank, seed=0):
     """Top-``rank`` singular triplets ``(U [m,r], s [r], Vt [r,n])`` in float64.
 

@@ -29,7 +29,7 @@ def choose_rank(weight: np.ndarray, policy: RankPolicy) -> int:
 def rank_for_energy(weight: np.ndarray, energy: float) -> int:
     """Smallest rank keeping `energy` of ‖W‖²; grows a truncated SVD instead of computing the full one."""
     from ..linalg import svd
-    total = float(np.sum(np.square(weight, dtype=np.float64)))
+    total = svd.squared_norm(weight)
     if total == 0:
         return 1
     full = min(weight.shape)
