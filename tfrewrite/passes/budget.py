@@ -1,7 +1,8 @@
 """A whole-model budget (`--target-size X`, `--target-macs X`) spread over the layers where it hurts least.
 
 For every low-rank candidate layer the damage of a few candidate ranks is measured on the calibration rows —
-the layer's relative output error after the same data-aware fit the rewrite will use — then a search over one
+the layer's relative output error after the same data-aware fit the rewrite will use (for large convs, the
+whitened-spectrum estimate described at EXACT_CONV_LIMIT) — then a search over one
 shared damage level picks, for each layer, the cheapest candidate whose damage stays under it (AIMET's greedy
 ratio selection, with a layer-local damage measure). The smallest level that meets the target wins.
 Deterministic: fixed candidates, seeded decompositions, ties broken by layer order.
@@ -19,6 +20,11 @@ from .common import Skip, layer_metric, pixels, read_weight
 
 OP = schema.BuiltinOperator
 CANDIDATE_RATIOS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# Above this many kernel weights a k×k conv's candidates are not each fitted (a CP fit of a 512×3×3×512 kernel
+# at rank 1500 takes tens of seconds): their damage is read off the whitened spectrum of the kernel's [out, k·k·in]
+# matrix at the rank with the same number of parameters — the same measure the FC layers get, from one
+# eigen-decomposition per layer.
+EXACT_CONV_LIMIT = 300_000
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 
 
@@ -48,6 +54,10 @@ def _candidates(op, weight, policy, method):
     k = kh * kw
     kernel = w.reshape(o, k, i)
     in_px, out_px = pixels(op.inputs[0]), pixels(op.outputs[0])
+    exact = w.size <= EXACT_CONV_LIMIT
+    if not exact:
+        s = fit.whitened_singular_values(w.reshape(o, -1), metric)
+        total = float(np.sum(s ** 2))
     seen = set()
     for ratio in CANDIDATE_RATIOS:
         if method == "tucker2":
@@ -63,6 +73,11 @@ def _candidates(op, weight, policy, method):
         if key in seen or params >= w.size or macs >= out_px * k * i * o:
             continue
         seen.add(key)
+        if not exact:
+            r_eq = max(1, int(params // (o + k * i)))
+            damage = float(np.sqrt(np.sum(s[r_eq:] ** 2) / total)) if total > 0 else 0.0
+            out.append((ratio, key, params, macs, damage))
+            continue
         if method == "tucker2":
             # A few HOOI sweeps: the damage ranking, not the last digit, matters here.
             res = tucker.tucker2(kernel, r_out, r_in, n_iter_max=5, tol=1e-5)
