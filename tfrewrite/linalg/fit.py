@@ -74,8 +74,10 @@ def output_lowrank_factors(weight: np.ndarray, metric: InputMetric, rank: int, c
     through Σ^-½. Exact for this objective (Eckart–Young in the Σ metric). With `cross` (B of `cross_term`) the
     objective is E‖W·t − L·R·x‖² + δ‖W − L·R‖² instead: reduced-rank regression, the SVD of B·Σ^-½."""
     from .svd import truncated_svd
-    w = np.asarray(weight, np.float64)
+    w = np.asarray(weight)
     target = metric.sqrt_apply(w, 0.5) if cross is None else metric.sqrt_apply(np.asarray(cross, np.float64), -0.5)
+    if target.size > 10_000_000:  # large layers: the truncated SVD works in float32 anyway; halve the memory
+        target = target.astype(np.float32)
     u, s, vt = truncated_svd(target, rank)
     root = np.sqrt(s)
     right = metric.sqrt_apply(root[:, None] * vt, -0.5)
@@ -96,6 +98,23 @@ def output_error(weight: np.ndarray, approx: np.ndarray, metric: InputMetric) ->
     ref = metric.sqrt_apply(w, 0.5)
     den = float(np.linalg.norm(ref))
     return float(np.linalg.norm(d)) / den if den > 0 else 0.0
+
+
+def lowrank_output_error(weight: np.ndarray, left: np.ndarray, right: np.ndarray, metric: InputMetric) -> float:
+    """`output_error` of Ŵ = L·R without forming Ŵ or a float64 copy of W (VGG16's fc1 is 400 MB in float32):
+    ‖(W − LR)Σ^½‖² = δ‖W − LR‖² + Σ_j (λ_j − δ)‖(W − LR)v_j‖²."""
+    from .svd import squared_norm
+    v = metric.basis
+    left64, right64 = np.asarray(left, np.float64), np.asarray(right, np.float64)
+    wv = weight @ v
+    dv = wv - left64 @ (right64 @ v)
+    extra = metric.lam - metric.delta
+    w_norm2 = squared_norm(weight)
+    wr = np.asarray(weight @ right64.T.astype(weight.dtype), np.float64)
+    diff_norm2 = w_norm2 - 2 * float(np.sum(left64 * wr)) + float(np.sum((left64.T @ left64) * (right64 @ right64.T)))
+    num = metric.delta * max(diff_norm2, 0.0) + float(np.sum(extra * np.sum(dv * dv, axis=0)))
+    den = metric.delta * w_norm2 + float(np.sum(extra * np.sum(wv * wv, axis=0)))
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
 
 def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputMetric,

@@ -25,6 +25,9 @@ CANDIDATE_RATIOS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 # matrix at the rank with the same number of parameters — the same measure the FC layers get, from one
 # eigen-decomposition per layer.
 EXACT_CONV_LIMIT = 300_000
+# The whitened spectrum of an FC weight is computed up to the rank where m·n·r reaches this (VGG16's 4096×25088
+# fc1: rank 292, a truncated SVD); candidates above it are not offered.
+SPECTRUM_WORK_LIMIT = 3e10
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 
 
@@ -39,12 +42,19 @@ def _candidates(op, weight, policy, method):
         mat = w.reshape(m, -1)
         n = mat.shape[1]
         count = numel(static_shape(op.outputs[0])) // m
-        s = fit.whitened_singular_values(mat, metric)
-        total = float(np.sum(s ** 2))
+        r_cap = int(SPECTRUM_WORK_LIMIT // (m * n))
+        if r_cap >= min(m, n) // 2:
+            s = fit.whitened_singular_values(mat, metric)
+            total = float(np.sum(s ** 2))
+        else:
+            whitened = metric.sqrt_apply(mat, 0.5).astype(np.float32)
+            _, s, _ = svd.truncated_svd(whitened, r_cap)
+            total = svd.squared_norm(whitened)
+            del whitened
         seen = set()
         for ratio in CANDIDATE_RATIOS:
             r = min(svd.rank_for_ratio(m, n, ratio), m, n)
-            if r in seen or r * (m + n) >= m * n:
+            if r in seen or r * (m + n) >= m * n or r > len(s):
                 continue
             seen.add(r)
             damage = float(np.sqrt(np.sum(s[r:] ** 2) / total)) if total > 0 else 0.0

@@ -123,14 +123,22 @@ def finish_data_aware(sg: Subgraph, entry: dict, policy: "RankPolicy", weight: n
                       bias: Tensor | None, producers: dict, name: str) -> Tensor | None:
     """With calibration data: report the layer's output error and return a bias shifted so that the mean
     output on the samples matches the original's (bias correction). Without: the bias unchanged.
-    `approx` is a callable giving the stored approximation of `weight` (only formed when needed)."""
+    `approx` is the stored approximation of `weight` as a (left, right) pair of factors, or a callable that
+    forms it (only called when needed)."""
     metric = layer_metric(policy)
     if metric is None:
         return bias
     from ..linalg import fit
-    approx = approx()
-    entry["output_error"] = fit.output_error(weight, approx, metric)
-    shift = fit.bias_shift(weight, approx, policy.extra["mean"], policy.extra.get("target_mean"))
+    mean, target_mean = policy.extra["mean"], policy.extra.get("target_mean")
+    if isinstance(approx, tuple):  # never form L·R: FC weights can be 25088×4096
+        left, right = (np.asarray(a, np.float64) for a in approx)
+        entry["output_error"] = fit.lowrank_output_error(weight, left, right, metric)
+        t = mean if target_mean is None else target_mean
+        shift = np.asarray(weight @ np.asarray(t, weight.dtype), np.float64) - left @ (right @ np.asarray(mean, np.float64))
+    else:
+        approx = approx()
+        entry["output_error"] = fit.output_error(weight, approx, metric)
+        shift = fit.bias_shift(weight, approx, mean, target_mean)
     values = bias_values(bias, producers, weight.shape[0]) + shift.astype(np.float32)
     entry["bias_corrected"] = True
     return sg.add_constant(name, values.astype(np.float32))

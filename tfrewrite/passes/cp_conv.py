@@ -164,7 +164,7 @@ def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels, p
     base = out.name.split(";")[0]
     sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
     sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
-    bias = finish_data_aware(sg, entry, policy, w, lambda: sl.reshape(o, r) @ sr.reshape(r, i), bias, producers,
+    bias = finish_data_aware(sg, entry, policy, w, (sl.reshape(o, r), sr.reshape(r, i)), bias, producers,
                              f"{base}/lowrank/bias")
     w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0)
     w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0)

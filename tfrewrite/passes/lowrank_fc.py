@@ -93,7 +93,7 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     stored_left = stored_weight_values(left, weight)
     stored_right = stored_weight_values(right, weight)
     base = out.name.split(";")[0]
-    bias = finish_data_aware(sg, entry, policy, w, lambda: stored_left @ stored_right, bias, producers,
+    bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias, producers,
                              f"{base}/lowrank/bias")
     w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right, weight)
     w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left, weight)
