@@ -57,7 +57,8 @@ def _candidates(op, weight, policy, method):
             if r in seen or r * (m + n) >= m * n or r > len(s):
                 continue
             seen.add(r)
-            damage = float(np.sqrt(np.sum(s[r:] ** 2) / total)) if total > 0 else 0.0
+            # The energy left out: from the total, since `s` may hold only the leading values.
+            damage = float(np.sqrt(max(total - np.sum(s[:r] ** 2), 0.0) / total)) if total > 0 else 0.0
             out.append((ratio, r, r * (m + n), count * r * (m + n), damage))
         return out
     o, kh, kw, i = w.shape
