@@ -9,13 +9,17 @@ $(BIN)/tfrewrite: setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: demo test fixtures
+.PHONY: demo test fixtures bench
 demo: $(BIN)/tfrewrite
 	$(BIN)/tfrewrite fixtures/vgg_digits.tflite /tmp/vgg_digits_rank32.tflite --rank 32 --verify
 
 test: $(BIN)/tfrewrite
 	$(BIN)/python -m pytest tests
 
-fixtures:
+fixtures: $(BIN)/tfrewrite
 	$(BIN)/pip install -q -e '.[test,fixtures]'
 	$(BIN)/python fixtures/make_fixtures.py
+
+bench: $(BIN)/tfrewrite
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/reproduce.py
