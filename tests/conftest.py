@@ -1,5 +1,11 @@
+import os
 import sys
 from pathlib import Path
+
+# One BLAS thread for the tests: the maths here is mostly small factorizations, which a multi-threaded OpenBLAS
+# makes many times slower as soon as another process competes for the two cores. Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest

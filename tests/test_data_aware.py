@@ -120,19 +120,19 @@ def test_budget_is_deterministic_and_reported(calib, tmp, capsys):
     reports = []
     for name in ("a", "b"):
         rep = tmp / f"{name}.json"
-        assert cli.main([str(VGG), str(tmp / f"{name}.tflite"), "--target-macs", "4", "--calibration", str(calib),
-                         "--conv-method", "tucker2", "--report", str(rep)]) == 0
+        assert cli.main([str(VGG), str(tmp / f"{name}.tflite"), "--target-macs", "2", "--calibration", str(calib),
+                         "--conv-method", "tucker2", "--only", "conv2|conv3|fc", "--report", str(rep)]) == 0
         reports.append(json.loads(rep.read_text()))
     assert (tmp / "a.tflite").read_bytes() == (tmp / "b.tflite").read_bytes()
     budget = reports[0]["calibration"]["budget"]
     assert budget["reached"] and budget == reports[1]["calibration"]["budget"]
     t = reports[0]["totals"]
-    assert t["macs_before"] / t["macs_after"] >= 4
+    assert t["macs_before"] / t["macs_after"] >= 2
     for layer in budget["layers"]:
         assert {"output", "rank", "damage", "share", "candidates"} <= set(layer)
     assert abs(sum(layer["share"] for layer in budget["layers"]) - 1) < 1e-3
     text = capsys.readouterr().out
-    assert "damage" in text and "share" in text and "budget: 4x fewer MACs, reached" in text
+    assert "damage" in text and "share" in text and "budget: 2x fewer MACs, reached" in text
     import jsonschema
     jsonschema.validate(reports[0], json.loads((ROOT / "schemas" / "report.schema.json").read_text()))
 
