@@ -26,7 +26,9 @@ CANDIDATE_RATIOS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 # eigen-decomposition per layer.
 EXACT_CONV_LIMIT = 300_000
 # The whitened spectrum of an FC weight is computed up to the rank where m·n·r reaches this (VGG16's 4096×25088
-# fc1: rank 292, a truncated SVD); candidates above it are not offered.
+# fc1: rank 292, a truncated SVD). Beyond it the energy not yet captured is taken as spread evenly over the
+# remaining singular values: a spectrum that decreases puts more of it in the next ones, so the damage of a
+# larger rank is over-estimated, never under-estimated.
 SPECTRUM_WORK_LIMIT = 3e10
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 
@@ -51,14 +53,20 @@ def _candidates(op, weight, policy, method):
             _, s, _ = svd.truncated_svd(whitened, r_cap)
             total = svd.squared_norm(whitened)
             del whitened
+        captured = np.cumsum(s.astype(np.float64) ** 2)
+        known, rest = len(s), min(m, n) - len(s)
         seen = set()
         for ratio in CANDIDATE_RATIOS:
             r = min(svd.rank_for_ratio(m, n, ratio), m, n)
-            if r in seen or r * (m + n) >= m * n or r > len(s):
+            if r in seen or r * (m + n) >= m * n:
                 continue
             seen.add(r)
-            # The energy left out: from the total, since `s` may hold only the leading values.
-            damage = float(np.sqrt(max(total - np.sum(s[:r] ** 2), 0.0) / total)) if total > 0 else 0.0
+            if r <= known:
+                kept = captured[r - 1]
+            else:  # beyond the computed spectrum: the remaining energy spread evenly (see above)
+                tail = max(total - captured[-1], 0.0)
+                kept = captured[-1] + tail * (r - known) / max(rest, 1)
+            damage = float(np.sqrt(max(total - kept, 0.0) / total)) if total > 0 else 0.0
             out.append((ratio, r, r * (m + n), count * r * (m + n), damage))
         return out
     o, kh, kw, i = w.shape
