@@ -30,6 +30,9 @@ EXACT_CONV_LIMIT = 300_000
 # remaining singular values: a spectrum that decreases puts more of it in the next ones, so the damage of a
 # larger rank is over-estimated, never under-estimated.
 SPECTRUM_WORK_LIMIT = 3e10
+# CP candidates whose ALS work (rank × kernel weights per sweep) exceeds this are not offered: a rank-1500 CP of
+# a 512×3×3×512 kernel takes minutes to fit and saves only a third of the weights.
+CP_WORK_LIMIT = 1.2e9
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 
 
@@ -86,6 +89,8 @@ def _candidates(op, weight, policy, method):
             macs = in_px * i * r_in + out_px * k * r_in * r_out + out_px * r_out * o
         else:
             r = rk.cp_rank_for_ratio(o, k, i, ratio)
+            if r * w.size > CP_WORK_LIMIT:
+                continue
             key = r
             params = rk.cp_params(o, k, i, r)
             macs = in_px * i * r + out_px * k * r + out_px * r * o
