@@ -8,8 +8,10 @@ activations of the whole model are never held for more than one sample.
 from __future__ import annotations
 
 import math
+import tempfile
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -83,13 +85,17 @@ def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], 
     extra = [t for t in wanted if all(t is not u for u in sg.inputs)]
     saved_outputs = list(sg.outputs)
     sg.outputs = saved_outputs + [t for t in extra if all(t is not u for u in saved_outputs)]
-    try:
-        data = io.to_bytes(model)
-        n_outputs = len(sg.outputs)
-        out_tensors = list(sg.outputs)
-    finally:
-        sg.outputs = saved_outputs
-    it = verify.interpreter(data)
+    # Through a temporary file, not bytes: the interpreter maps it, and untouched weights are copied file to
+    # file, so a 550 MB model costs no extra copies in memory.
+    with tempfile.TemporaryDirectory(prefix="tfrewrite-calib-") as tmp:
+        path = Path(tmp) / "instrumented.tflite"
+        try:
+            io.write(model, path)
+            n_outputs = len(sg.outputs)
+            out_tensors = list(sg.outputs)
+        finally:
+            sg.outputs = saved_outputs
+        it = verify.interpreter(path)
     details = it.get_output_details()
     assert len(details) == n_outputs
     index_of = {}
