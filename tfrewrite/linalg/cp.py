@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .svd import single_threaded_lapack
+from .svd import leading_left_vectors, single_threaded_lapack
 
 # A component whose scale exceeds this multiple of ||X_hat|| only exists by
 # cancelling against others: the fit is (near) degenerate.
@@ -119,18 +119,6 @@ def _has_dead_component(res):
     return bool(weight.size) and float(weight.min()) <= 1e-10 * float(weight.max())
 
 
-def _leading_vectors(unfolding, count):
-    """Up to ``count`` leading left singular vectors, from the small Gram matrix."""
-    gram = unfolding @ unfolding.T
-    with single_threaded_lapack():
-        lam, vec = np.linalg.eigh(gram)
-    vec = vec[:, ::-1][:, :count]
-    # Deterministic signs: largest-magnitude entry of each vector positive.
-    idx = np.argmax(np.abs(vec), axis=0)
-    vec = vec * np.sign(vec[idx, np.arange(vec.shape[1])] + 0.0)[None, :]
-    return vec
-
-
 def _init_factors(x, rank, init, seed):
     t, k, s = x.shape
     rng = np.random.default_rng(seed)
@@ -141,7 +129,7 @@ def _init_factors(x, rank, init, seed):
                   x.transpose(2, 0, 1).reshape(s, t * k))
     factors = []
     for d, unf in zip(x.shape, unfoldings):
-        vec = _leading_vectors(unf, rank)
+        vec = leading_left_vectors(unf, rank)
         if vec.shape[1] < rank:
             # rank > mode size (e.g. K = 9): pad with seeded random unit columns.
             pad = rng.standard_normal((d, rank - vec.shape[1]))

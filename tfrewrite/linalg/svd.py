@@ -32,6 +32,17 @@ def single_threaded_lapack():
     return ctl.limit(limits=1, user_api="blas")
 
 
+def leading_left_vectors(unfolding, count):
+    """Up to ``count`` leading left singular vectors of a short, wide matrix, from its small Gram matrix
+    (float64), with deterministic signs (each vector's largest-magnitude entry positive)."""
+    gram = unfolding @ unfolding.T
+    with single_threaded_lapack():
+        _, vec = np.linalg.eigh(gram)
+    vec = vec[:, ::-1][:, :count]
+    idx = np.argmax(np.abs(vec), axis=0)
+    return vec * np.sign(vec[idx, np.arange(vec.shape[1])] + 0.0)[None, :]
+
+
 def squared_norm(a, rows_per_chunk=1024) -> float:
     """‖A‖²_F summed in float64 by row chunks (a float64 copy of a 25088×4096 weight would be 800 MB)."""
     a = np.asarray(a)

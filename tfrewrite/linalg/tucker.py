@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .svd import single_threaded_lapack
+from .svd import leading_left_vectors
 
 
 @dataclass
@@ -21,17 +21,6 @@ def tucker2_reconstruct(out_factor, core, in_factor):
     return np.einsum("tp,pkq,sq->tks", out_factor, core, in_factor, optimize=True)
 
 
-def _leading_vectors(unfolding, count):
-    """``count`` leading left singular vectors (via the small Gram matrix, float64)."""
-    gram = unfolding @ unfolding.T
-    with single_threaded_lapack():
-        lam, vec = np.linalg.eigh(gram)
-    vec = vec[:, ::-1][:, :count]
-    # Deterministic signs: largest-magnitude entry of each vector positive.
-    idx = np.argmax(np.abs(vec), axis=0)
-    return vec * np.sign(vec[idx, np.arange(vec.shape[1])] + 0.0)[None, :]
-
-
 def tucker2(tensor, rank_out, rank_in, n_iter_max=10, tol=1e-8):
     """Tucker-2 of ``[T, K, S]``: ``out_factor [T,R_out]``, ``core [R_out,K,R_in]``, ``in_factor [S,R_in]``.
 
@@ -47,14 +36,14 @@ def tucker2(tensor, rank_out, rank_in, n_iter_max=10, tol=1e-8):
     r_out = max(1, min(int(rank_out), t))
     r_in = max(1, min(int(rank_in), s))
     norm_x = float(np.linalg.norm(x))
-    u_out = _leading_vectors(x.reshape(t, k * s), r_out)
-    u_in = _leading_vectors(x.transpose(2, 0, 1).reshape(s, t * k), r_in)
+    u_out = leading_left_vectors(x.reshape(t, k * s), r_out)
+    u_in = leading_left_vectors(x.transpose(2, 0, 1).reshape(s, t * k), r_in)
     prev = np.inf
     for _ in range(n_iter_max):
         y = (x.reshape(t * k, s) @ u_in).reshape(t, k * r_in)          # X x_2 U_in^T
-        u_out = _leading_vectors(y, r_out)
+        u_out = leading_left_vectors(y, r_out)
         z = (u_out.T @ x.reshape(t, k * s)).reshape(r_out * k, s)      # X x_0 U_out^T
-        u_in = _leading_vectors(z.T, r_in)
+        u_in = leading_left_vectors(z.T, r_in)
         core = (z @ u_in).reshape(r_out, k, r_in)
         if norm_x == 0.0:
             break
