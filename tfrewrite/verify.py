@@ -6,6 +6,10 @@ prepares its packed weights) are never timed.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,9 +21,35 @@ def interpreter(model, xnnpack: bool = True, threads: int = 1):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     kwargs = {"model_path": str(model)} if isinstance(model, (str, Path)) else {"model_content": bytes(model)}
-    it = Interpreter(**kwargs, num_threads=threads, experimental_op_resolver_type=resolver)
-    it.allocate_tensors()
+    with _quiet_runtime_info():
+        it = Interpreter(**kwargs, num_threads=threads, experimental_op_resolver_type=resolver)
+        it.allocate_tensors()
     return it
+
+
+@contextlib.contextmanager
+def _quiet_runtime_info():
+    """The runtime prints 'INFO: Created TensorFlow Lite XNNPACK delegate' on the process's stderr for every
+    interpreter; drop those lines (anything else it prints is passed on)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            rest = [line for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not line.startswith("INFO: ")]
+            if rest:
+                sys.stderr.write("".join(rest))
 
 
 def _random_arrays(specs, rng) -> list[np.ndarray]:
