@@ -539,8 +539,8 @@ class _Plan:
             quant = t.quantization
             details = getattr(quant, "details", None)
             if details is not None and isinstance(getattr(details, "scales", None), Tensor):
-                quant = _copy(quant)
-                quant.details = _copy(details)
+                quant = schema.shallow_copy(quant)
+                quant.details = schema.shallow_copy(details)
                 quant.details.scales = tindex[id(details.scales)]
                 quant.details.zeroPoints = tindex[id(details.zeroPoints)] if details.zeroPoints is not None else -1
             tensors.append(schema.TensorT(
@@ -562,12 +562,6 @@ class _Plan:
             operators.append(o)
         return schema.SubGraphT(tensors=tensors, inputs=idx(sg.inputs), outputs=idx(sg.outputs), operators=operators,
                                 name=sg.name, debugMetadataIndex=sg.debug_metadata_index)
-
-
-def _copy(obj):
-    new = object.__new__(type(obj))
-    new.__dict__.update(vars(obj))
-    return new
 
 
 def _vector_of_tables(builder, objects, start_vector):

@@ -275,7 +275,7 @@ def _make_hybrid(op: Operator) -> None:
             x.type, T.INT8, output_type=out.type,
             per_channel_hybrid=versions.depthwise_conv2d_is_per_channel(n_scales, w.shape))
     else:
-        options = _copy(op.builtin_options) if op.builtin_options is not None else schema.FullyConnectedOptionsT()
+        options = schema.shallow_copy(op.builtin_options) if op.builtin_options is not None else schema.FullyConnectedOptionsT()
         options.asymmetricQuantizeInputs = True
         op.builtin_options, op.builtin_options_type = options, schema.BuiltinOptions.FullyConnectedOptions
         version = versions.fully_connected_version(
@@ -293,8 +293,3 @@ def _dequantize_position(sg: Subgraph) -> int:
         i += 1
     return i
 
-
-def _copy(obj):
-    new = object.__new__(type(obj))
-    new.__dict__.update(vars(obj))
-    return new
