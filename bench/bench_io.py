@@ -67,6 +67,7 @@ def main():
     if not MODEL.exists():
         subprocess.run([sys.executable, str(HERE / "make_models.py")], check=True)
     size = MODEL.stat().st_size
+    load_before = os.getloadavg()
     results = {"tfrewrite": [], "naive": []}
     with tempfile.TemporaryDirectory(dir=HERE / "cache") as tmp:
         for r in range(args.repeats):
@@ -89,6 +90,8 @@ def main():
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, {_cpu()}, Python {platform.python_version()}",
+        f"- load average (1/5/15 min) before / after: {'/'.join(f'{v:.2f}' for v in load_before)} / "
+        f"{'/'.join(f'{v:.2f}' for v in os.getloadavg())} (the machine is shared)",
         f"- model: `bench/cache/vgg16.tflite` ({size / 1e6:.1f} MB, keras VGG16 weights=None, made by "
         "`bench/make_models.py`)",
         f"- command: `python bench/bench_io.py --repeats {args.repeats}` (each run a fresh process, methods "
