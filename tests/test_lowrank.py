@@ -307,3 +307,17 @@ def test_vgg_fixture_accuracy_at_5x_and_10x(rank, tmp):
     assert cli.main([str(FIXTURES / "vgg_digits.tflite"), str(out), "--rank", str(rank), "--quiet"]) == 0
     assert (FIXTURES / "vgg_digits.tflite").stat().st_size / out.stat().st_size >= smaller
     assert abs(_accuracy(out) - expected) <= 0.02
+
+
+def test_a_shared_weight_gets_shared_factors():
+    src = FIXTURES / "shared_weight.tflite"
+    model = io.read(src)
+    entries = rewrite.rewrite_model(model, rewrite.Options(fc_rank=16, force=True))
+    assert [e["action"] for e in entries] == ["rewritten", "rewritten"]
+    fcs = [op for op in model.main.operators if op.builtin == OP.FULLY_CONNECTED]
+    assert len(fcs) == 4
+    assert fcs[0].inputs[1] is fcs[2].inputs[1] and fcs[1].inputs[1] is fcs[3].inputs[1]
+    data = io.to_bytes(model)
+    x = RNG.standard_normal(verify.interpreter(src).get_input_details()[0]["shape"])
+    for xnn in (True, False):
+        assert _rel(_run(src.read_bytes(), x, xnn), _run(data, x, xnn)) < 1e-5

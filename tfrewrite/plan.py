@@ -141,6 +141,8 @@ class Plan:
     budget_info: dict = field(default_factory=dict)
     # What calibration did (for the report), or None.
     calibration: dict | None = None
+    # (id(weight buffer), rank) → factors already emitted for a weight that several ops share.
+    shared_factors: dict = field(default_factory=dict)
 
     def settings(self, op: Operator) -> LayerSettings:
         if id(op) in self.budget:

@@ -89,14 +89,24 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     if not policy.force and (pa >= pb or ma >= mb):
         raise Skip(f"rank {r} does not reduce parameters and MACs (break-even below {(m * n) // (m + n) + 1})")
 
-    left, right = factorize(w, r, policy)
-    stored_left = stored_weight_values(left, weight)
-    stored_right = stored_weight_values(right, weight)
     base = out.name.split(";")[0]
+    # A weight shared by several FCs gets one pair of factors, shared too (not with data-aware fits: each
+    # layer's inputs differ, so each gets its own).
+    shared_key = (id(weight.stored.buffer), r) if layer_metric(policy) is None else None
+    shared = plan.shared_factors.get(shared_key) if shared_key else None
+    if shared is not None:
+        left, right, stored_left, stored_right, w1, w2 = shared
+        pre1 = pre2 = []
+    else:
+        left, right = factorize(w, r, policy)
+        stored_left = stored_weight_values(left, weight)
+        stored_right = stored_weight_values(right, weight)
+        w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right, weight)
+        w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left, weight)
+        if shared_key:
+            plan.shared_factors[shared_key] = (left, right, stored_left, stored_right, w1, w2)
     bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias, producers,
                              f"{base}/lowrank/bias")
-    w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right, weight)
-    w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left, weight)
     keep = bool(getattr(options, "keepNumDims", False))
     mid_shape = (static_shape(x)[:-1] if keep else [numel(static_shape(x)) // n]) + [r]
     mid = sg.add_activation(f"{base}/lowrank/mid", schema.TensorType.FLOAT32, mid_shape, like=x)
