@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import schema
-from .graph import Model, Operator, Subgraph, Tensor
+from .graph import Model, Operator, Tensor
 
 OP = schema.BuiltinOperator
 # Operators whose input 1 is "the weight" of the layer.
@@ -48,8 +48,6 @@ def zero_fraction(t: Tensor) -> float:
     data = t.data
     if data is None:
         return 0.0
-    if data.dtype.kind == "f":
-        return float(np.count_nonzero(data == 0)) / n
     return float(np.count_nonzero(data == 0)) / n
 
 
@@ -137,10 +135,3 @@ def summary(model: Model, file_bytes: int | None = None, zeros: bool = True) -> 
             "weight_bytes": weight_bytes(model),
         },
     }
-
-
-def subgraph_totals(sg: Subgraph) -> tuple[int, int]:
-    """(params, macs) of one subgraph."""
-    producers = sg.producers()
-    rows = [op_row(0, i, op, producers) for i, op in enumerate(sg.operators)]
-    return sum(r["params"] for r in rows), sum(r["macs"] for r in rows)

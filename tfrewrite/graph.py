@@ -7,7 +7,6 @@ unchanged unless a pass replaces them.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -313,15 +312,6 @@ class Model:
         for sg in self.subgraphs:
             for op in sg.operators:
                 yield sg, op
-
-    def find_operators(self, builtin: int | None = None, pattern: str | None = None):
-        rx = re.compile(pattern) if pattern else None
-        for sg, op in self.operators():
-            if builtin is not None and op.builtin != builtin:
-                continue
-            if rx and not any(rx.search(t.name) for t in op.outputs):
-                continue
-            yield sg, op
 
     def get_metadata(self, name: str) -> Buffer | None:
         return next((b for n, b in self.metadata if n == name), None)

@@ -339,21 +339,15 @@ def write(model: Model, path: str | os.PathLike, large_layout: bool | None = Non
     `large_layout`: None chooses by size; True forces weights after the flatbuffer (for tests).
     """
     path = Path(path)
-    plan = _Plan(model)
-    header, patches = plan.pack(large_layout)
+    header, chunks, size = _Plan(model).pack(large_layout)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     sources: dict[str, int] = {}
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
             f.write(header)
-            pos = len(header)
-            for buf, _ in patches:
-                pad = (-(pos + (0 if plan.large else 4))) % ALIGNMENT
-                prefix = b"\0" * pad + (b"" if plan.large else struct.pack("<I", buf.nbytes))
+            for prefix, buf in chunks:
                 f.write(prefix)
-                pos += len(prefix)
                 _write_data(f, buf, sources)
-                pos += buf.nbytes
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -365,7 +359,7 @@ def write(model: Model, path: str | os.PathLike, large_layout: bool | None = Non
     finally:
         for src in sources.values():
             os.close(src)
-    return pos
+    return size
 
 
 def _write_data(f, buf: Buffer, sources: dict) -> None:
@@ -392,13 +386,10 @@ def _write_data(f, buf: Buffer, sources: dict) -> None:
 
 def to_bytes(model: Model, large_layout: bool | None = None) -> bytes:
     """The file as bytes (tests and in-memory use)."""
-    plan = _Plan(model)
-    header, patches = plan.pack(large_layout)
+    header, chunks, _ = _Plan(model).pack(large_layout)
     out = bytearray(header)
-    for buf, _ in patches:
-        out += b"\0" * ((-(len(out) + (0 if plan.large else 4))) % ALIGNMENT)
-        if not plan.large:
-            out += struct.pack("<I", buf.nbytes)
+    for prefix, buf in chunks:
+        out += prefix
         out += buf.data.tobytes()
     return bytes(out)
 
@@ -496,27 +487,28 @@ class _Plan:
         total = len(header)
         header += b"\0" * ((-len(header)) % 4)
 
-        # Patch each Buffer table now that the data positions are known.
+        # Lay the weights out after the header and patch each Buffer table to point at them. Each buffer's
+        # prefix (alignment padding, plus the vector length inline) is returned so writers only copy bytes.
         pos = len(header)
-        patches = []
+        chunks = []
         for i, buf in enumerate(self.buffers, start=1):
             table = total - buffer_tables[i]
             if self.large:
-                pos += (-pos) % ALIGNMENT
-                data_pos = pos
-                pos += buf.nbytes
-                _patch_field(header, table, 1, "<Q", data_pos)
+                prefix = b"\0" * ((-pos) % ALIGNMENT)
+                pos += len(prefix)
+                _patch_field(header, table, 1, "<Q", pos)
                 _patch_field(header, table, 2, "<Q", buf.nbytes)
             else:
-                pos += (-(pos + 4)) % ALIGNMENT
-                vector_pos = pos
-                pos += 4 + buf.nbytes
+                vector_pos = pos + (-(pos + 4)) % ALIGNMENT
+                prefix = b"\0" * (vector_pos - pos) + struct.pack("<I", buf.nbytes)
                 field_pos = _field_position(header, table, 0)
                 struct.pack_into("<I", header, field_pos, vector_pos - field_pos)
-            patches.append((buf, pos))
+                pos += len(prefix)
+            pos += buf.nbytes
+            chunks.append((prefix, buf))
         if not self.large and pos > 2**31 - 1:
             raise ValueError("model exceeds 2 GiB; write it with the large-model layout")
-        return bytes(header), patches
+        return bytes(header), chunks, pos
 
     def subgraph_t(self, sg: Subgraph):
         tindex = {id(t): i for i, t in enumerate(sg.tensors)}
