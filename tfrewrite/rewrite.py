@@ -163,6 +163,12 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     plan = plan or options.plan()
     plan.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
     entries = []
+    # Problems the input already has are not ours to fix; any new one after a pass is a fault of that pass.
+    known_problems = model.problems()
+
+    def checked(pass_entries: list[dict]) -> list[dict]:
+        model.validate(known_problems)
+        return pass_entries
     if options.calibration:
         from . import calibrate
         samples = calibration_samples(source or model, options.calibration, options.signature)
@@ -176,24 +182,25 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             from .passes import budget
             plan.calibration["budget"] = budget.choose_ranks(model, plan, options, source)
     if options.sequential and plan.uses("lowrank"):
-        entries += sequential_lowrank(model, plan, samples, targets, progress)
+        entries += checked(sequential_lowrank(model, plan, samples, targets, progress))
     if plan.uses("lowrank"):
         done = {(e["subgraph"], e["index"]) for e in entries}
-        entries += [e for e in cp_conv.run(model, plan, progress) if (e["subgraph"], e["index"]) not in done]
-        entries += [e for e in lowrank_fc.run(model, plan, progress) if (e["subgraph"], e["index"]) not in done]
+        entries += [e for e in checked(cp_conv.run(model, plan, progress)) if (e["subgraph"], e["index"]) not in done]
+        entries += [e for e in checked(lowrank_fc.run(model, plan, progress)) if (e["subgraph"], e["index"]) not in done]
     # The progress bar counts the low-rank layers, the slow part; the other passes take moments.
     if plan.uses("prune"):
         from .passes import prune
-        entries += prune.run(model, plan)
+        entries += checked(prune.run(model, plan))
     if plan.uses("quantize"):
         from .passes import quantize
-        entries += quantize.run(model, plan)
+        entries += checked(quantize.run(model, plan))
     if plan.uses("prune") or options.sparse_encode:
         from .passes import sparse_encode
-        entries += sparse_encode.run(model, plan)
+        entries += checked(sparse_encode.run(model, plan))
     if any(e["action"] != "skipped" for e in entries):
         model.cleanup()
         update_min_runtime_version(model)
+        model.validate(known_problems)
     if plan.budget_info:
         by_position = {plan.positions[k]: v for k, v in plan.budget_info.items() if k in plan.positions}
         for e in entries:
