@@ -27,6 +27,8 @@ class LayerSettings:
     prune_block: tuple[int, int] | None = None
     prune_depthwise: bool = False
     quantize: str | None = None      # None, "float16" or "int8"
+    prune_channels: float | None = None  # share of each channel group to remove
+    channel_multiple: int | None = None  # kept channel counts are multiples of this (default 8)
     skip: bool = False
     force: bool = False
     skip_reason: str | None = None   # set by the budget search for layers it keeps dense
@@ -40,7 +42,7 @@ class LayerSettings:
 
 
 RULE_KEYS = {"match", "rank", "fc_rank", "conv_rank", "ratio", "energy", "conv_method", "prune", "prune_block",
-             "quantize", "skip"}
+             "quantize", "skip", "prune_channels", "channel_multiple"}
 
 
 class RecipeError(ValueError):
@@ -101,6 +103,12 @@ def validate_recipe(doc, where: str = "recipe") -> list[dict]:
             raise RecipeError(f"{at}: 'prune_block' must be '1x1', '1x4' or '1x16'")
         if "quantize" in rule and rule["quantize"] not in ("none", "float16", "int8"):
             raise RecipeError(f"{at}: 'quantize' must be 'none', 'float16' or 'int8'")
+        if "prune_channels" in rule and (not _number(rule["prune_channels"]) or not 0 <= rule["prune_channels"] < 1):
+            raise RecipeError(f"{at}: 'prune_channels' must be a share in [0, 1)")
+        if "channel_multiple" in rule:
+            if not _integer(rule["channel_multiple"]) or rule["channel_multiple"] < 1:
+                raise RecipeError(f"{at}: 'channel_multiple' must be an integer >= 1")
+            rule = {**rule, "channel_multiple": int(rule["channel_multiple"])}
         if "skip" in rule and not isinstance(rule["skip"], bool):
             raise RecipeError(f"{at}: 'skip' must be true or false")
         rules.append(rule)
@@ -195,6 +203,8 @@ class Plan:
             return any(s.prune for s in candidates)
         if technique == "quantize":
             return any(s.quantize for s in candidates)
+        if technique == "prune_channels":
+            return any(s.prune_channels for s in candidates)
         raise ValueError(technique)
 
     def settings_of_rule(self, rule: dict) -> LayerSettings:

@@ -30,6 +30,8 @@ class Options:
     prune_depthwise: bool = False
     sparse_encode: bool = False
     quantize: str | None = None
+    prune_channels: float | None = None
+    channel_multiple: int = 8
     recipe: str | None = None
     report: str | None = None
     calibration: str | None = None
@@ -65,6 +67,10 @@ class Options:
         if self.prune is not None and not 0 <= self.prune < 1:
             raise ValueError("--prune must be a sparsity in [0, 1)")
         parse_block(self.prune_block)
+        if self.prune_channels is not None and not 0 <= self.prune_channels < 1:
+            raise ValueError("--prune-channels must be a share in [0, 1)")
+        if self.channel_multiple < 1:
+            raise ValueError("--channel-multiple must be at least 1")
         if self.quantize not in (None, "float16", "int8"):
             raise ValueError("--quantize must be float16 or int8")
         if self.min_params < 0:
@@ -100,7 +106,8 @@ class Options:
         return LayerSettings(rank=self.rank, fc_rank=self.fc_rank, conv_rank=self.conv_rank, ratio=self.ratio,
                              energy=self.energy, conv_method=self.conv_method, force=self.force,
                              prune=self.prune, prune_block=parse_block(self.prune_block),
-                             prune_depthwise=self.prune_depthwise, quantize=self.quantize)
+                             prune_depthwise=self.prune_depthwise, quantize=self.quantize,
+                             prune_channels=self.prune_channels, channel_multiple=self.channel_multiple)
 
     def plan(self) -> Plan:
         rules = load_recipe(self.recipe) if self.recipe else []
@@ -164,6 +171,10 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     plan = plan or options.plan()
     plan.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
     entries = []
+    if plan.uses("prune_channels"):
+        # First: it changes the shapes every later pass (and the calibration rows) see.
+        from .passes import prune_channels
+        entries += prune_channels.run(model, plan)
     if options.calibration:
         from . import calibrate
         samples = calibration_samples(source or model, options.calibration)
