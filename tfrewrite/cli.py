@@ -37,6 +37,11 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-depthwise", action="store_true", help="prune DEPTHWISE_CONV_2D too (off by default)")
     g.add_argument("--sparse-encode", action="store_true",
                    help="store weights that already hold enough zeros in the sparse format (implied by --prune)")
+    g = p.add_argument_group("structured pruning (whole channels removed: a smaller dense model)")
+    g.add_argument("--prune-channels", type=float, metavar="F", help="remove share F of every channel group "
+                   "(with --calibration: chosen and refitted on the data)")
+    g.add_argument("--channel-multiple", type=int, default=8, metavar="N",
+                   help="kept channel counts are multiples of N (default 8)")
     g = p.add_argument_group("quantization (weights only)")
     g.add_argument("--quantize", choices=["float16", "int8"], help="store weights as float16 or int8")
     s = p.add_argument_group("selection")

@@ -31,6 +31,8 @@ class Options:
     prune_depthwise: bool = False
     sparse_encode: bool = False
     quantize: str | None = None
+    prune_channels: float | None = None
+    channel_multiple: int = 8
     recipe: str | None = None
     report: str | None = None
     calibration: str | None = None
@@ -57,7 +59,8 @@ class Options:
         rules (plan.check_layer_values)."""
         import re
         layer = {k: getattr(self, k) for k in ("rank", "fc_rank", "conv_rank", "ratio", "energy", "conv_method",
-                                               "prune", "prune_block", "quantize")}
+                                               "prune", "prune_block", "quantize", "prune_channels",
+                                               "channel_multiple")}
         check_layer_values({k: v for k, v in layer.items() if v is not None}, lambda k: "--" + k.replace("_", "-"))
         if self.quantize == "none":
             raise ValueError("--quantize must be float16 or int8")
@@ -94,7 +97,8 @@ class Options:
         return LayerSettings(rank=self.rank, fc_rank=self.fc_rank, conv_rank=self.conv_rank, ratio=self.ratio,
                              energy=self.energy, conv_method=self.conv_method, force=self.force,
                              prune=self.prune, prune_block=parse_block(self.prune_block),
-                             prune_depthwise=self.prune_depthwise, quantize=self.quantize)
+                             prune_depthwise=self.prune_depthwise, quantize=self.quantize,
+                             prune_channels=self.prune_channels, channel_multiple=self.channel_multiple)
 
     def plan(self) -> Plan:
         rules = load_recipe(self.recipe) if self.recipe else []
@@ -169,6 +173,10 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     def checked(pass_entries: list[dict]) -> list[dict]:
         model.validate(known_problems)
         return pass_entries
+    if plan.uses("prune_channels"):
+        # First: it changes the shapes every later pass (and the calibration rows) see.
+        from .passes import prune_channels
+        entries += checked(prune_channels.run(model, plan))
     if options.calibration:
         from . import calibrate
         samples = calibration_samples(source or model, options.calibration, options.signature)
