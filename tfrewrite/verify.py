@@ -122,9 +122,11 @@ class Runner:
         if self.runner is not None:
             details = self.runner.get_input_details()
             self.inputs = [(name, [int(v) for v in d["shape"]], np.dtype(d["dtype"])) for name, d in sorted(details.items())]
+            self.input_quantization = [tuple(d.get("quantization", (0.0, 0))) for _, d in sorted(details.items())]
             self.outputs = sorted(self.runner.get_output_details())
         else:
             self.inputs = [(d["name"], [int(v) for v in d["shape"]], np.dtype(d["dtype"])) for d in self.it.get_input_details()]
+            self.input_quantization = [tuple(d["quantization"]) for d in self.it.get_input_details()]
             self.outputs = [d["name"] for d in self.it.get_output_details()]
 
     def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -163,8 +165,14 @@ class Runner:
         if missing:
             raise DataError(f"{path}: no array for input(s) {missing}")
         counts = set()
-        for name, shape, dtype in self.inputs:
+        for (name, shape, dtype), (scale, zero) in zip(self.inputs, self.input_quantization):
             a = arrays[name]
+            if dtype.kind in "iu" and a.dtype.kind == "f" and scale > 0:
+                # Real values for a quantized input: quantized with the input's own scale and zero point.
+                if not np.all(np.isfinite(a)):
+                    raise DataError(f"{path}: array {name!r} holds NaN or infinite values")
+                info = np.iinfo(dtype)
+                a = arrays[name] = np.clip(np.round(a / scale) + zero, info.min, info.max).astype(dtype)
             if a.ndim == 0 or a.shape[0] == 0:
                 raise DataError(f"{path}: array {name!r} is empty")
             per_sample = [d if d > 0 else None for d in shape[1:]]

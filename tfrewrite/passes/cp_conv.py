@@ -15,7 +15,7 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
-from . import lowrank_fc
+from . import int8_chain, lowrank_fc
 from ..linalg import fit
 from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_cross, layer_metric,
                      lowrank_rel_error, pixels, rel_error, rewrite_all, rewrite_one, stored_weight_values, zero_bias)
@@ -64,7 +64,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         raise Skip(reason)
     if static_shape(x)[-1] != i:
         raise Skip("grouped convolution")
-    if x.type != T.FLOAT32 or out.type != T.FLOAT32:
+    if weight.full_integer:
+        int8_chain.check(op, weight, policy)
+    elif x.type != T.FLOAT32 or out.type != T.FLOAT32:
         raise Skip("input or output is not float32")
     if kh == kw == 1:
         return _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels, producers)
@@ -90,6 +92,11 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
             # Keep the input factor, fit output factor and core to the layer's outputs (reduced-rank regression).
             out_factor, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric,
                                                       layer_cross(policy, w.reshape(o, -1)))
+        if weight.full_integer:
+            factors, approx = int8_chain.kxk(sg, op, weight, policy, entry, "tucker2", res.in_factor.T, core, out_factor,
+                                            base)
+            return _finish_int8(entry, factors, kernel, approx, "tucker2", [int(r_out), int(r_in)], params + bias_params,
+                                macs, init="hosvd")
         first = res.in_factor.T.reshape(r_in, 1, 1, i)
         middle = core.reshape(r_out, kh, kw, r_in)
         last = out_factor.reshape(o, 1, 1, r_out)
@@ -124,6 +131,11 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
             # The pointwise → depthwise part maps a patch to z = Φᵀ·patch; fit the last 1×1 to the outputs.
             phi = (sm.reshape(k, 1, r) * sf.reshape(r, i).T[None, :, :]).reshape(k * i, r)
             out_factor = fit.refit_output_factor(w.reshape(o, -1), phi, metric, layer_cross(policy, w.reshape(o, -1)))
+        cp_info = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
+        if weight.full_integer:
+            factors, approx = int8_chain.kxk(sg, op, weight, policy, entry, "cp", res.in_factor.T, res.mid_factor,
+                                            out_factor, base)
+            return _finish_int8(entry, factors, kernel, approx, "cp", int(r), params + bias_params, macs, **cp_info)
         last = out_factor.reshape(o, 1, 1, r)
         sl = stored_weight_values(last, weight, 0)
         approx = cp_reconstruct(sl.reshape(o, r), sm.reshape(k, r), sf.reshape(r, i).T)
@@ -139,11 +151,16 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
                                       padding=opts.padding, dilation=dilation),
                  ops.conv2d(z2, w3, bias, out, activation=act)]
         entry.update(method="cp", rank=int(r))
-        extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
+        extra = cp_info
     sg.replace_operator(op, pre1 + pre2 + pre3 + chain)
     entry.update(action="rewritten", params_after=params + bias_params, macs_after=macs,
                  rel_error=rel_error(kernel, approx), **extra)
     entry["factors"] = {"first": sf, "middle": sm, "last": sl}
+
+
+def _finish_int8(entry, factors, kernel, approx, method, rank, params, macs, **extra):
+    entry.update(action="rewritten", method=method, rank=rank, params_after=params, macs_after=macs,
+                 rel_error=rel_error(kernel, approx), factors=factors, **extra)
 
 
 def _check_profit(policy, params, dense_params, macs, dense_macs, what):
@@ -162,6 +179,12 @@ def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels, p
     left, right = lowrank_fc.factorize(w, r, policy)
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     base = out.name.split(";")[0]
+    if weight.full_integer:
+        factors = int8_chain.svd(sg, op, weight, policy, entry, left, right, base)
+        entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                     rel_error=lowrank_rel_error(w, factors["left"], factors["right"]),
+                     factors={"left": factors["left"].reshape(o, 1, 1, r), "right": factors["right"].reshape(r, 1, 1, i)})
+        return
     sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
     sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
     bias = finish_data_aware(sg, entry, policy, w, (sl.reshape(o, r), sr.reshape(r, i)), bias, producers,
