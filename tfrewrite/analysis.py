@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import schema
+from .ops import semantics
 from .graph import Model, Operator, Tensor
 
 OP = schema.BuiltinOperator
 # Operators whose input 1 is "the weight" of the layer.
-WEIGHTED_OPS = {OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED, OP.TRANSPOSE_CONV, OP.BATCH_MATMUL,
-                OP.CONV_3D, OP.EMBEDDING_LOOKUP}
+WEIGHTED_OPS = semantics.WEIGHTED_OPS
 # Operators that only turn a stored constant into its runtime form; their params are counted at the reader.
 WEIGHT_CARRIERS = {OP.DEQUANTIZE, OP.DENSIFY}
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
+EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class UsageError(Exception):
@@ -37,6 +37,11 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-depthwise", action="store_true", help="prune DEPTHWISE_CONV_2D too (off by default)")
     g.add_argument("--sparse-encode", action="store_true",
                    help="store weights that already hold enough zeros in the sparse format (implied by --prune)")
+    g = p.add_argument_group("structured pruning (whole channels removed: a smaller dense model)")
+    g.add_argument("--prune-channels", type=float, metavar="F", help="remove share F of every channel group "
+                   "(with --calibration: chosen and refitted on the data)")
+    g.add_argument("--channel-multiple", type=int, default=8, metavar="N",
+                   help="kept channel counts are multiples of N (default 8)")
     g = p.add_argument_group("quantization (weights only)")
     g.add_argument("--quantize", choices=["float16", "int8"], help="store weights as float16 or int8")
     s = p.add_argument_group("selection")
@@ -246,7 +251,7 @@ def cmd_rewrite(argv) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .io import ModelError
+    from .io import ModelError, PathError
     from .verify import DataError
     try:
         if argv[:1] == ["inspect"]:
@@ -254,12 +259,12 @@ def main(argv=None) -> int:
         if argv[:1] == ["compare"]:
             return cmd_compare(argv[1:])
         return cmd_rewrite(argv)
-    except (UsageError, ModelError, DataError) as e:
+    except (UsageError, ModelError, PathError, DataError) as e:
         print(f"tfrewrite: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tfrewrite: error: interrupted", file=sys.stderr)
-        return EXIT_FAULT
+        print("tfrewrite: interrupted; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:  # an internal fault: one line unless asked for the traceback
