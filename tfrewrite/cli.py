@@ -67,6 +67,8 @@ def _rewrite_parser() -> argparse.ArgumentParser:
                    "relative L2 error exceeds X")
     v.add_argument("--min-top5-agree", type=float, metavar="Y", help="fail (exit 3, no output) when top-5 "
                    "agreement with the input model is below Y")
+    v.add_argument("--signature", metavar="KEY", help="the signature whose inputs the --calibration and --data "
+                   "files name (default: the main subgraph's, or the one signature they fit)")
     v.add_argument("--samples", type=int, default=8, help="random samples when no --data (default 8)")
     v.add_argument("--runs", type=int, default=10, help="timed runs per model (default 10)")
     o = p.add_argument_group("output")
@@ -188,6 +190,10 @@ def print_compare(r: dict) -> None:
     print(_table(["model", "file", "params", "MACs", "latency ms"], rows))
     if r.get("speedup"):
         print(f"speed-up B vs A: {r['speedup']:.2f}x (median of interleaved runs)")
+    if r.get("note"):
+        print(r["note"])
+    if not r["outputs"]:
+        return
     rows = []
     for o in r["outputs"]:
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"

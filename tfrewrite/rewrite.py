@@ -45,6 +45,7 @@ class Options:
     min_top5_agree: float | None = None
     samples: int = 8
     runs: int = 10
+    signature: str | None = None
 
     @classmethod
     def from_namespace(cls, ns) -> "Options":
@@ -129,11 +130,16 @@ class Progress:
         sys.stderr.flush()
 
 
-def calibration_samples(model, path) -> list[list]:
-    """The calibration file's samples, checked against the model's inputs (names, shapes, dtypes, NaN)."""
+def calibration_samples(model, path, signature: str | None = None) -> list[list]:
+    """The calibration file's samples (in batches of the model's batch size), checked against the model's
+    inputs (names, shapes, dtypes, values); they may name the inputs of any one signature of the main subgraph."""
     from . import verify
     source = model if isinstance(model, (str, Path)) else io.to_bytes(model)
-    samples, _ = verify.Runner(source, xnnpack=True).samples_from(path)
+    runner, samples, _, _ = verify.open_data(source, path, signature)
+    if runner.subgraph is not runner.model.main:
+        raise verify.DataError(f"{path}: feeds signature {runner.signature!r}, which runs subgraph "
+                               f"{runner.model.subgraphs.index(runner.subgraph)}; data-aware fitting works on the "
+                               f"main subgraph (subgraph 0) only")
     return samples
 
 
@@ -174,7 +180,7 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         entries += checked(prune_channels.run(model, plan))
     if options.calibration:
         from . import calibrate
-        samples = calibration_samples(source or model, options.calibration)
+        samples = calibration_samples(source or model, options.calibration, options.signature)
         targets = lowrank_candidates(model, plan)
         rows = calibrate.collect(model, samples, targets)
         for op in targets:
@@ -268,6 +274,10 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
             int8_chain.is_full_integer(op) for op in lowrank_candidates(model, plan)):
         raise io.ModelError(f"{input_path}: a full-integer int8 model: low rank needs --calibration (the new "
                             "intermediate tensors get their int8 ranges from it)")
+    keys = [d.key for d in model.signature_defs]
+    if options.signature is not None and options.signature not in keys:
+        from .verify import DataError
+        raise DataError(f"--signature {options.signature!r}: the model has {'signatures ' + ', '.join(keys) if keys else 'no signatures'}")
     size_before = os.path.getsize(input_path)
     before = analysis.summary(model, zeros=False)["totals"]
     bar = Progress(count_targets(model), enabled=progress)
@@ -316,7 +326,8 @@ def _written(write, path):
 def verify_against(original, rewritten, options: Options) -> dict:
     """Compare the rewritten model with the original and check the bounds the options give."""
     from . import verify
-    result = verify.compare(original, rewritten, data=options.data, samples=options.samples, runs=options.runs)
+    result = verify.compare(original, rewritten, data=options.data, samples=options.samples, runs=options.runs,
+                            signature=options.signature)
     failures = []
     if options.max_error is not None:
         worst = max(o["rel_l2"] for o in result["outputs"])

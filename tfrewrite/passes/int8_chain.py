@@ -43,10 +43,12 @@ def per_tensor(t: Tensor) -> tuple[float, int]:
     return float(np.float32(q.scale[0])), zero
 
 
-def check(op: Operator, weight: LayerWeight, policy: RankPolicy) -> None:
+def check(op: Operator, weight: LayerWeight, policy: RankPolicy, entry: dict) -> None:
     """Skip what the int8 chains cannot rewrite; a full-integer layer needs its calibration rows."""
     if not is_full_integer(op):
         raise Skip("mixed int8 / float activations")
+    if entry.get("shared"):
+        raise Skip("full-integer weight shared by several ops (each chain is fitted to its own layer)")
     if policy.extra.get("rows") is None:
         raise Skip("full-integer int8 layer: needs --calibration")
     per_tensor(op.inputs[0])
