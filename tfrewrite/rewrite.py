@@ -174,13 +174,16 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     def checked(pass_entries: list[dict]) -> list[dict]:
         model.validate(known_problems)
         return pass_entries
+    samples = None
     if plan.uses("prune_channels"):
         # First: it changes the shapes every later pass (and the calibration rows) see.
         from .passes import prune_channels
-        entries += checked(prune_channels.run(model, plan))
+        if options.calibration:
+            samples = calibration_samples(source or model, options.calibration, options.signature)
+        entries += checked(prune_channels.run(model, plan, samples=samples))
     if options.calibration:
         from . import calibrate
-        samples = calibration_samples(source or model, options.calibration, options.signature)
+        samples = samples or calibration_samples(source or model, options.calibration, options.signature)
         targets = lowrank_candidates(model, plan)
         rows = calibrate.collect(model, samples, targets)
         for op in targets:
