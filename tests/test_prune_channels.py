@@ -275,3 +275,23 @@ def test_calibration_keeps_accuracy_at_half_the_channels(tmp_path):
     # The originals score 97.5 % (float) and 97.2 % (int8) on the 360 test images.
     assert acc["vgg_digits"] >= tflite_accuracy(FIXTURES / "vgg_digits.tflite", "test", 32) - 0.01
     assert abs(acc["vgg_digits_int8"] - acc["vgg_digits"]) <= 0.01
+
+
+def test_a_bias_shared_with_an_unpruned_layer_gets_a_private_copy():
+    rng = np.random.default_rng(5)
+    n = Net(rng, [1, 6, 6, 4])
+    c1 = n.conv("c1", n.x, 16)
+    c2 = n.conv("c2", c1, 16)
+    n.sg.operators[1].inputs[2] = n.sg.operators[0].inputs[2]  # the converter shares equal constants
+    original = n.finish(c2)                                    # c2 is the output: its group stays
+    m, plan = prune(original, prune_channels=0.5)
+    entries = pc.run(m, plan)
+    assert [e["output"] for e in entries if e["action"] == "pruned"] == ["c1"]
+    conv1, conv2 = m.main.operators
+    assert conv1.inputs[2].shape == [8] and conv2.inputs[2].shape == [16] and conv1.inputs[2] is not conv2.inputs[2]
+    inputs = [[rng.standard_normal((1, 6, 6, 4)).astype(np.float32)]]
+    m.main.cleanup()
+    # c1's removed channels are constant: the fold into c2's (private) bias keeps the output exact.
+    reference = zeroed_reference(original, pc.choose(io.read_buffer(original), plan))
+    np.testing.assert_allclose(outputs(io.to_bytes(m), inputs)[0], outputs(reference, inputs)[0],
+                               rtol=1e-4, atol=1e-4)
