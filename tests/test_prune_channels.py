@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from tfrewrite import io, ops, rewrite, schema, verify
+from tfrewrite import analysis, io, ops, rewrite, schema, verify
 from tfrewrite.graph import Model, Operator, Subgraph, Tensor
 from tfrewrite.ops import semantics
 from tfrewrite.passes import prune_channels as pc
@@ -169,9 +169,10 @@ def test_pruned_model_equals_original_with_removed_channels_at_their_bias(fracti
     for w, a, b in zip(want, got, got_ref_kernels):
         np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
-    rows = {r["output"]: r for r in __import__("tfrewrite.analysis", fromlist=["x"]).op_rows(io.read_buffer(pruned))}
+    rows = {r["output"]: r for r in analysis.op_rows(io.read_buffer(pruned))}
     keep = pc.kept_count(16, fraction, 8)
-    assert rows["c1"]["weight_shape"] == [keep, 3, 3, 3]
+    assert rows["c1"]["weight_shape"] == [keep, 3, 3, 3] and rows["c1"]["channels"] == [3, keep]
+    assert rows["add"]["channels"] is None and rows["c2"]["channels"] == [keep, keep]
     assert rows["dw"]["weight_shape"] == [1, 3, 3, 2 * keep]
     assert rows["fc1"]["weight_shape"] == [pc.kept_count(24, fraction, 8), 9 * (2 * keep + keep)]
     shape = next(op for op in m.main.operators if op.builtin == OP.RESHAPE)
@@ -211,7 +212,6 @@ def test_barriers_leave_groups_untouched():
 
 
 def test_semantics_table_is_one_source():
-    from tfrewrite import analysis
     from tfrewrite.passes import prune, quantize
     assert prune.TARGETS is semantics.LAYER_OPS and quantize.LAYER_OPS is semantics.LAYER_OPS
     assert analysis.WEIGHTED_OPS is semantics.WEIGHTED_OPS

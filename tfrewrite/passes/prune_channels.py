@@ -857,6 +857,8 @@ def run(model: Model, plan, progress=None, samples=None) -> list[dict]:
     entries = []
     for sg, g, groups, removed in choose(model, plan, samples):
         before = {k: layer_cost(layer) for k, layer in g.layers.items()}
+        shapes = {id(op): list(op.inputs[1].shape) for op in sg.operators
+                  if op.builtin in semantics.LAYERS and len(op.inputs) > 1 and op.inputs[1] is not None}
         data = {k: plan.layer_data.pop(("channels", k)) for k in list(g.layers) if ("channels", k) in plan.layer_data}
         errors = refit_readers(model, g, removed, data, samples) if removed and data else {}
         if removed:
@@ -864,7 +866,7 @@ def run(model: Model, plan, progress=None, samples=None) -> list[dict]:
         for group in groups:
             if _lead(group) is None:
                 continue  # channels no layer writes (model inputs, outputs of other ops): nothing to report
-            entries.append(_entry(model, sg, g, group, plan, before, errors))
+            entries.append(_entry(model, sg, g, group, plan, before, errors, shapes))
             if progress:
                 progress(entries[-1])
     return entries
@@ -891,7 +893,7 @@ def _lead(group: ChannelGroup) -> Operator | None:
     return next((op for op in group.members if op.builtin in semantics.LAYERS and id(op.outputs[0]) in tids), None)
 
 
-def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict, errors: dict) -> dict:
+def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict, errors: dict, shapes: dict) -> dict:
     lead = _lead(group)
     entry = new_entry(model, sg, lead, "channels", plan)
     layers = [g.layers[id(op)] for op in group.members if id(op) in g.layers]
@@ -901,8 +903,7 @@ def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict, 
     after = [layer_cost(layer) for layer in layers]
     weight = lead.inputs[1] if len(lead.inputs) > 1 else None
     entry.update(
-        weight_shape=list(weight.shape) if weight is not None else None,
-        weight_dtype=weight.type_name if weight is not None else None,
+        weight_shape=shapes.get(id(lead)), weight_dtype=weight.type_name if weight is not None else None,
         action="pruned" if pruned else "skipped", reason=None if pruned else group.reason,
         members=[op.outputs[0].name if op.outputs else op.name for op in group.members],
         channels_before=group.channels, channels_after=len(group.chosen) if pruned else group.channels,
