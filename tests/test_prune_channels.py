@@ -219,7 +219,8 @@ def test_semantics_table_is_one_source():
     assert not semantics.is_barrier(OP.HARD_SWISH) and not semantics.is_barrier(OP.CONCATENATION)
 
 
-@pytest.mark.parametrize("name", ["vgg_digits_int8.tflite", "vgg_digits_fp16.tflite", "mobilenetv2_digits.tflite"])
+@pytest.mark.parametrize("name", ["vgg_digits_int8.tflite", "vgg_digits_fp16.tflite", "mobilenetv2_digits.tflite",
+                                  "resnet_concat_digits.tflite"])
 def test_fixtures_prune_and_run_with_and_without_xnnpack(tmp_path, name):
     out = tmp_path / "out.tflite"
     report = rewrite.run(FIXTURES / name, out, rewrite.Options(prune_channels=0.5))
@@ -295,3 +296,16 @@ def test_a_bias_shared_with_an_unpruned_layer_gets_a_private_copy():
     reference = zeroed_reference(original, pc.choose(io.read_buffer(original), plan))
     np.testing.assert_allclose(outputs(io.to_bytes(m), inputs)[0], outputs(reference, inputs)[0],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_converted_residual_concat_groups():
+    m, plan = prune((FIXTURES / "resnet_concat_digits.tflite").read_bytes(), prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, plan)
+    pruned = [grp for grp in groups if grp.reason is None]
+    kinds = sorted((len(grp.producers), grp.channels) for grp in pruned)
+    # stem + second conv of block 1 (joined by the ADD), each concatenated branch joined through the ADD of
+    # block 2 with its half of that block's second conv, the first convs of both blocks, the head, the FC.
+    assert kinds == [(1, 32), (1, 64), (1, 64), (1, 96), (2, 32), (2, 32), (2, 32)]
+    cat = next(op for op in sg.operators if op.builtin == OP.CONCATENATION).outputs[0]
+    halves = [grp for grp in pruned if any(t is cat for t in grp.tensors)]
+    assert len(halves) == 2 and all(grp.channels == 32 for grp in halves)
