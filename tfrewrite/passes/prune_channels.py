@@ -730,11 +730,7 @@ def collect_reader_data(model: Model, readers: list[Layer], samples, moments: bo
     for r in readers:
         if id(r.op) not in collected:
             continue
-        rows = collected[id(r.op)].rows.astype(np.float64)
-        q = r.op.inputs[0].quantization
-        if r.op.inputs[0].type in (T.INT8, T.UINT8) and q is not None and q.scale is not None and len(q.scale):
-            zero = q.zeroPoint[0] if q.zeroPoint is not None and len(q.zeroPoint) else 0
-            rows = (rows - zero) * q.scale[0]
+        rows = collected[id(r.op)].rows.astype(np.float64)  # real values, also for int8 inputs
         mean, cov = ch.moments(rows, full=moments and rows.shape[1] <= ch.FULL_COLUMNS)
         out[id(r.op)] = ReaderData(rows, mean, cov)
     return out
