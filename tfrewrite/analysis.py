@@ -128,6 +128,24 @@ def weight_bytes(model: Model) -> int:
     return total
 
 
+def nonzero_params(model: Model) -> int:
+    """Stored weights that are not zero, counted per reading op as `params` is (a sparse tensor's missing
+    entries are zeros): what pruning really leaves."""
+    total = 0
+    for sg in model.subgraphs:
+        producers = sg.producers()
+        for op in sg.operators:
+            if op.builtin in WEIGHT_CARRIERS:
+                continue
+            for t in op.inputs:
+                c = stored_constant(t, producers)
+                if c is None:
+                    continue
+                values = c.buffer.data.view(c.dtype) if c.sparsity is not None and c.dtype is not None else c.data
+                total += int(np.count_nonzero(values)) if values is not None else numel(c.shape)
+    return total
+
+
 def summary(model: Model, file_bytes: int | None = None, zeros: bool = True) -> dict:
     rows = op_rows(model, zeros)
     return {
