@@ -135,7 +135,8 @@ class Options:
                     raise OptionError(f"{self.recipe}: rules[{i}]: '{key}' has no effect without {needs}")
         if self.only is not None and self.only == self.skip:
             raise OptionError("--only and --skip give the same expression: every layer would be skipped")
-        if self.calibration and not (plan.uses_data() or self.target_size or self.target_macs):
+        if self.calibration and not (plan.uses_data() or self.target_size or self.target_macs
+                                     or self.quantize == "full-int8"):
             return ["--calibration: no layer is fitted to it (no rank option); it only measures the output error"]
         return []
 
