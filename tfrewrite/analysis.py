@@ -100,6 +100,10 @@ def op_row(sg_index: int, op_index: int, op: Operator, producers: dict, zeros: b
         "weight_sparse": weight is not None and weight.sparsity is not None,
         "params": params,
         "macs": macs(op, weight),
+        # Input → output channels (last axis) of a layer, what structured pruning changes.
+        "channels": ([int(op.inputs[0].shape[-1]) if op.inputs[0] is not None and op.inputs[0].shape else None,
+                      int(op.outputs[0].shape[-1]) if op.outputs[0].shape else None]
+                     if op.builtin in semantics.LAYERS and op.outputs and op.inputs else None),
         "zero_fraction": round(zero_fraction(weight), 4) if weight is not None and zeros else None,
     }
 

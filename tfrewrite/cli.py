@@ -51,7 +51,9 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--channel-multiple", type=int, default=8, metavar="N",
                    help="kept channel counts are multiples of N (default 8)")
     g = p.add_argument_group("quantization (weights only)")
-    g.add_argument("--quantize", choices=["float16", "int8"], help="store weights as float16 or int8")
+    g.add_argument("--quantize", choices=["float16", "int8", "full-int8"],
+                   help="store weights as float16 or int8; full-int8: the whole model to int8 activations and "
+                        "weights after the other passes (needs --calibration and ai-edge-quantizer)")
     s = p.add_argument_group("selection")
     s.add_argument("--only", metavar="REGEX", help="rewrite only ops whose output tensor name matches")
     s.add_argument("--skip", metavar="REGEX", help="leave ops whose output tensor name matches")
@@ -143,9 +145,10 @@ def print_inspect(summary: dict) -> None:
     for r in summary["ops"]:
         weight = f"{'x'.join(map(str, r['weight_shape']))} {r['weight_dtype']}{' sparse' if r['weight_sparse'] else ''}" if r["weight_shape"] else "-"
         zeros = f"{100 * r['zero_fraction']:.1f}%" if r["zero_fraction"] is not None else "-"
-        rows.append([r["subgraph"], r["index"], r["op"], _short(r["output"]), weight, _fmt_int(r["params"]),
-                     _fmt_int(r["macs"]) if r["macs"] else "-", zeros])
-    print(_table(["sg", "#", "op", "output", "weight", "params", "MACs", "zeros"], rows))
+        channels = "→".join("?" if c is None else str(c) for c in r["channels"]) if r.get("channels") else "-"
+        rows.append([r["subgraph"], r["index"], r["op"], _short(r["output"]), weight, channels,
+                     _fmt_int(r["params"]), _fmt_int(r["macs"]) if r["macs"] else "-", zeros])
+    print(_table(["sg", "#", "op", "output", "weight", "channels", "params", "MACs", "zeros"], rows))
     t = summary["totals"]
     print(f"total: {len(summary['ops'])} ops, {_fmt_int(t['params'])} params, {_fmt_int(t['macs'])} MACs, "
           f"weights {_fmt_bytes(t['weight_bytes'])}, file {_fmt_bytes(summary['file_bytes'])}")
@@ -164,6 +167,8 @@ def print_report(report: dict, quiet: bool = False) -> None:
             shape = "x".join(map(str, e["weight_shape"])) if e["weight_shape"] else "-"
             rank = e.get("rank")
             rank = "x".join(map(str, rank)) if isinstance(rank, list) else (rank if rank is not None else "-")
+            if "channels_before" in e:  # structured pruning: a group's channel count
+                rank = f"{e['channels_before']}→{e['channels_after']} ch"
             err = f"{e['rel_error']:.3f}" if e.get("rel_error") is not None else "-"
             action = e["action"] if e["action"] != "skipped" else f"skipped: {e['reason']}"
             row = [e["subgraph"], e["index"], e["op"], _short(e["output"], 40), shape, action, rank,
