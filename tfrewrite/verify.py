@@ -32,7 +32,7 @@ def check_run_options(samples: int, runs: int, threads: int = 1, seed: int = 0) 
         raise ValueError("--seed must be a non-negative integer")
 
 
-class NotRunnable(Exception):
+class NotRunnable(RuntimeError):
     """A model the LiteRT interpreter refuses or fails on (a custom op without a kernel, an input it cannot
     take); the message says which model and the runtime's reason, on one line."""
 
