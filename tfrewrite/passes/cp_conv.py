@@ -15,7 +15,7 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
-from . import lowrank_fc
+from . import int8_chain, lowrank_fc
 from ..linalg import fit
 from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_cross, layer_metric,
                      lowrank_rel_error, pixels, rel_error, rewrite_all, rewrite_one, shared_key, emit_shared,
@@ -65,7 +65,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         raise Skip(reason)
     if static_shape(x)[-1] != i:
         raise Skip("grouped convolution")
-    if x.type != T.FLOAT32 or out.type != T.FLOAT32:
+    if weight.full_integer:
+        int8_chain.check(op, weight, policy, entry)
+    elif x.type != T.FLOAT32 or out.type != T.FLOAT32:
         raise Skip("input or output is not float32")
     if kh == kw == 1:
         return _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels, producers)
@@ -85,6 +87,15 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         params = rk.tucker2_params(o, k, i, r_out, r_in)
         macs = in_pixels * i * r_in + out_pixels * k * r_in * r_out + out_pixels * r_out * o
         _check_profit(policy, params, w.size, macs, dense_macs, f"ranks {r_out}x{r_in}")
+        if weight.full_integer:
+            from ..linalg import tucker
+            res = tucker.tucker2(kernel, r_out, r_in)
+            out_factor, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric,
+                                                      layer_cross(policy, w.reshape(o, -1)))
+            factors, approx = int8_chain.kxk(sg, op, weight, policy, entry, "tucker2", res.in_factor.T, core,
+                                             out_factor, base)
+            return _finish_int8(entry, factors, kernel, approx, "tucker2", [int(r_out), int(r_in)],
+                                params + bias_params, macs, init="hosvd")
 
         def make():
             from ..linalg import tucker
@@ -123,6 +134,13 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         params = rk.cp_params(o, k, i, r)
         macs = in_pixels * i * r + out_pixels * k * r + out_pixels * r * o
         _check_profit(policy, params, w.size, macs, dense_macs, f"rank {r}")
+        if weight.full_integer:  # the int8 chain refits the last factor on its quantized intermediate itself
+            from ..linalg import cp
+            res = cp.cp3(kernel, r)
+            factors, approx = int8_chain.kxk(sg, op, weight, policy, entry, "cp", res.in_factor.T, res.mid_factor,
+                                             res.out_factor, base)
+            return _finish_int8(entry, factors, kernel, approx, "cp", int(r), params + bias_params, macs,
+                                init=res.init, degeneracy=round(float(res.degeneracy), 4), n_iter=int(res.n_iter))
 
         def make():
             from ..linalg import cp
@@ -163,6 +181,11 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     entry["factors"] = {"first": sf, "middle": sm, "last": sl}
 
 
+def _finish_int8(entry, factors, kernel, approx, method, rank, params, macs, **extra):
+    entry.update(action="rewritten", method=method, rank=rank, params_after=params, macs_after=macs,
+                 rel_error=rel_error(kernel, approx), factors=factors, **extra)
+
+
 def _check_profit(policy, params, dense_params, macs, dense_macs, what):
     if not policy.force and (params >= dense_params or macs >= dense_macs):
         raise Skip(f"{what} does not reduce parameters and MACs")
@@ -178,6 +201,13 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
     _check_profit(policy, pa, pb, ma, mb, f"rank {r}")
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     base = out.name.split(";")[0]
+    if weight.full_integer:
+        left, right = lowrank_fc.factorize(w, r, policy)
+        factors = int8_chain.svd(sg, op, weight, policy, entry, left, right, base)
+        entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                     rel_error=lowrank_rel_error(w, factors["left"], factors["right"]),
+                     factors={"left": factors["left"].reshape(o, 1, 1, r), "right": factors["right"].reshape(r, 1, 1, i)})
+        return
 
     def make():
         left, right = lowrank_fc.factorize(w, r, policy)

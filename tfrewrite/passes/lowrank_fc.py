@@ -10,6 +10,7 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
+from . import int8_chain
 from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_cross, layer_metric,
                      lowrank_rel_error, rewrite_all, rewrite_one, shared_key, emit_shared, stored_weight_values)
 
@@ -80,7 +81,9 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         raise Skip(reason)
     if getattr(options, "weightsFormat", 0) != 0:
         raise Skip("shuffled weights format")
-    if x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
+    if weight.full_integer:
+        int8_chain.check(op, weight, policy, entry)
+    elif x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
         raise Skip("input or output is not float32")
     if not policy.active:
         raise Skip("no rank given")
@@ -90,6 +93,12 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         raise Skip(f"rank {r} does not reduce parameters and MACs (break-even below {(m * n) // (m + n) + 1})")
 
     base = out.name.split(";")[0]
+    if weight.full_integer:
+        left, right = factorize(w, r, policy)
+        factors = int8_chain.svd(sg, op, weight, policy, entry, left, right, base)
+        entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                     rel_error=lowrank_rel_error(w, factors["left"], factors["right"]), factors=factors)
+        return
 
     def make():
         left, right = factorize(w, r, policy)
