@@ -325,17 +325,16 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         target = staged.path(output_path)
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
-        notes = []
+        notes = [] if any(e["action"] != "skipped" for e in entries) else [nothing_done(options, entries)]
         if size_after > size_before and not options.force:
             # Never a larger file unless asked for (--force): the input goes out as it is, and the report says so.
-            _undo_entries(entries, f"undone: the rewritten file ({size_after} bytes) was larger than the input "
-                                   f"({size_before} bytes)")
-            notes.append(f"the rewrite made the file larger ({size_after} > {size_before} bytes): the input was "
-                         "written unchanged (--force keeps such a rewrite)")
+            if not notes:
+                _undo_entries(entries, f"undone: the rewritten file ({size_after} bytes) was larger than the input "
+                                       f"({size_before} bytes)")
+                notes.append(f"the rewrite made the file larger ({size_after} > {size_before} bytes): the input "
+                             "was written unchanged (--force keeps such a rewrite)")
             size_after, model = _written(lambda: _copy_unchanged(input_path, target), output_path), io.read(input_path)
         after = analysis.summary(model, zeros=False)["totals"]
-        if not notes and not any(e["action"] != "skipped" for e in entries):
-            notes.append(nothing_done(options, entries))
         fidelity = None
         if not notes:
             fidelity = measure_output_error(input_path, target, options)
