@@ -255,3 +255,30 @@ def test_lowrank_then_full_int8(calib, tmp_path):
     scale = float(sg.operators[-1].inputs[0].quantization.scale[0])
     on, off = (verify.run(out, [[im[None]] for im in x[:24]], xnnpack=xnn) for xnn in (True, False))
     assert max(float(np.abs(a[0] - b[0]).max()) / scale for a, b in zip(on, off)) <= 8 + 1e-3
+
+
+def test_int8_pointwise_convs_of_mobilenetv2(tmp_path):
+    """1×1 CONV_2D → two int8 1×1 CONV_2D (SVD) in the full-integer MobileNetV2 (stride and RELU6 kept):
+    versions, per-channel weights, each op within 1 LSB with XNNPACK on and off, accuracy kept."""
+    source = FIXTURES / "mobilenetv2_digits_int8.tflite"
+    (name, _), = io.read(source).signature_defs[0].inputs
+    x, y = load_split("calib", 96)
+    np.savez(tmp_path / "calib.npz", **{name: x[:32]})
+    out = tmp_path / "o.tflite"
+    report = rewrite.run(source, out, rewrite.Options(ratio=1.6, only="Conv_1|block_1[56]_expand",
+                                                      calibration=str(tmp_path / "calib.npz")))
+    done = [e for e in report["layers"] if e["action"] == "rewritten"]
+    assert len(done) == 3 and {e["kind"] for e in done} == {"conv1x1"}
+    model = io.read(out)
+    new = [op for op in model.main.operators if "/lowrank/" in op.outputs[0].name
+           or (op.inputs[0] is not None and "/lowrank/" in op.inputs[0].name)]
+    assert len(new) == 6
+    for op in new:
+        assert op.builtin == OP.CONV_2D and op.opcode.version == 3
+        assert [t.type for t in op.inputs] == [T.INT8, T.INT8, T.INT32]
+        assert len(op.inputs[1].quantization.scale) == op.inputs[1].shape[0]
+    x, y = load_split("test", 96)
+    assert max(_per_op_lsb(model, out, new, x[:6]).values()) <= 1
+    it = verify.interpreter(out)
+    acc = np.mean([verify.invoke(it, [x[i:i + 1]])[0].argmax() == y[i] for i in range(0, len(x), 2)])
+    assert acc >= 0.95  # the int8 original: 98.3 % on all 360
