@@ -126,7 +126,7 @@ def zeroed_reference(model_bytes, choices) -> bytes:
                 op = ref.main.operators[index[id(layer.op)]]
                 w = np.array(op.inputs[1].data)
                 w[removed[id(y)]] = 0
-                op.inputs[1].set_data(w)
+                op.inputs[1] = ref.main.add_constant(op.inputs[1].name + "/zeroed", w)  # not the shared one
     return io.to_bytes(ref)
 
 
@@ -309,3 +309,19 @@ def test_converted_residual_concat_groups():
     cat = next(op for op in sg.operators if op.builtin == OP.CONCATENATION).outputs[0]
     halves = [grp for grp in pruned if any(t is cat for t in grp.tensors)]
     assert len(halves) == 2 and all(grp.channels == 32 for grp in halves)
+
+
+def test_a_weight_shared_by_two_layers_is_sliced_for_each():
+    """The converter's shared Dense: both FULLY_CONNECTED ops read one weight; the first one's output channels
+    go, so it loses rows and the second loses columns of its own copy."""
+    original = (FIXTURES / "shared_weight.tflite").read_bytes()
+    m, plan = prune(original, prune_channels=0.5)
+    choices = pc.choose(m, plan)
+    reference = zeroed_reference(original, choices)
+    for sg, g, groups, removed in choices:
+        pc.apply(g, removed)
+    first, second = [op for op in m.main.operators if op.builtin == OP.FULLY_CONNECTED]
+    assert first.inputs[1].shape == [8, 16] and second.inputs[1].shape == [16, 8]
+    inputs = verify.random_inputs(verify.interpreter(original), 3)
+    for want, got in zip(outputs(reference, inputs), outputs(io.to_bytes(m), inputs)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
