@@ -340,9 +340,17 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         target = staged.path(output_path)
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
-        after = analysis.summary(model, zeros=False)["totals"]
         changed = options.quantize == "full-int8" or any(e["action"] != "skipped" for e in entries)
         notes = [] if changed else [nothing_done(options, entries)]
+        if size_after > size_before and not options.force:
+            # Never a larger file unless asked for (--force): the input goes out as it is, and the report says so.
+            if not notes:
+                _undo_entries(entries, f"undone: the rewritten file ({size_after} bytes) was larger than the input "
+                                       f"({size_before} bytes)")
+                notes.append(f"the rewrite made the file larger ({size_after} > {size_before} bytes): the input "
+                             "was written unchanged (--force keeps such a rewrite)")
+            size_after, model = _written(lambda: _copy_unchanged(input_path, target), output_path), io.read(input_path)
+        after = analysis.summary(model, zeros=False)["totals"]
         fidelity = None
         if not notes:
             fidelity = measure_output_error(input_path, target, options)
@@ -380,6 +388,18 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
             raise VerifyFailed("; ".join(report["verify"]["failures"]))
         staged.commit()
     return report
+
+
+def _copy_unchanged(source, target) -> int:
+    import shutil
+    shutil.copyfile(source, target)
+    return os.path.getsize(target)
+
+
+def _undo_entries(entries: list[dict], reason: str) -> None:
+    for e in entries:
+        if e["action"] != "skipped":
+            e.update(action="skipped", reason=reason, params_after=e["params_before"], macs_after=e["macs_before"])
 
 
 # Above this relative L2 error of an output on a few inputs, the summary warns that the model is probably broken.
