@@ -107,11 +107,12 @@ class Staged:
         return Path(tmp)
 
     def commit(self, targets=None) -> None:
-        """Move the staged files (or those for `targets`) into place, with Ctrl-C held back until all moved."""
+        """Move the staged files (or those for `targets`) into place, with Ctrl-C and SIGTERM held back until
+        all moved."""
         chosen = [(t, p) for t, p in self.pending if targets is None or p in [Path(x) for x in targets]]
         blocked = hasattr(signal, "pthread_sigmask")
         if blocked:
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             for tmp, target in chosen:
                 os.replace(tmp, target)

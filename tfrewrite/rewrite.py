@@ -91,8 +91,8 @@ class Options:
             raise ValueError("--max-error must be >= 0")
         if self.min_top5_agree is not None and not 0 <= self.min_top5_agree <= 1:
             raise ValueError("--min-top5-agree must be in [0, 1]")
-        if self.samples < 1 or self.runs < 1:
-            raise ValueError("--samples and --runs must be at least 1")
+        from .verify import check_run_options
+        check_run_options(self.samples, self.runs)
         for flag, rx in (("--only", self.only), ("--skip", self.skip)):
             if rx is not None:
                 try:
