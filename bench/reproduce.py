@@ -434,7 +434,7 @@ def peer_lines() -> list[str]:
         lines += ["### Structured channel pruning (`--prune-channels F`)", "",
                   "From [`results/prune_channels.md`](results/prune_channels.md) (recorded by "
                   "`bench/bench_prune_channels.py`, not re-run here):", ""]
-        lines += [line for line in c.read_text().splitlines()[2:] if not line.startswith("# ")]
+        lines += ["##" + line if line.startswith("## ") else line for line in c.read_text().splitlines()[2:]]
         lines.append("")
     return lines
 
