@@ -15,7 +15,9 @@ import pytest
 
 import builders as B
 from conftest import ALL_FIXTURES, FIXTURES
-from tfrewrite import cli, verify
+from tfrewrite import cli, io, schema, verify
+
+T = schema.TensorType
 
 FULL = os.environ.get("TFREWRITE_SWEEP") == "full"
 
@@ -40,8 +42,10 @@ OPTION_SETS = {
 }
 # Fixtures the fast subset takes (small ones); the full sweep takes them all.
 FAST_FIXTURES = ["two_signatures.tflite", "shared_weight.tflite", "control_flow.tflite", "custom_op.tflite"]
-# Relative L2 distance allowed between the XNNPACK and the reference kernels on one output (both float).
-XNNPACK_AGREEMENT = 1e-3
+# Relative L2 distance allowed between the XNNPACK and the reference kernels on one output (both float), and for
+# models with integer activations, where the two round differently by an output quantum or two (a softmax
+# quantized in steps of 1/256 moves by a few percent).
+XNNPACK_AGREEMENT, XNNPACK_AGREEMENT_INTEGER = 1e-3, 0.08
 # Known faults outside this part of the work, named (the case runs; a fix makes it pass and xfail strict fails).
 KNOWN = {("custom_op.tflite", "verify"): "reliability-cli area: --verify on a model whose custom op has no kernel "
                                         "exits 1 (internal error: unresolved custom op) instead of 2"}
@@ -121,11 +125,14 @@ def test_sweep(name, options, tmp_path):
     # The paths may disagree as much as they do on the input (a hybrid FC without asymmetric_quantize_inputs), not more.
     input_gap = {key: [rel_l2(b, a) if a.dtype.kind == "f" else 0.0 for a, b in zip(outs, signature_runs(data, False)[key])]
                  for key, outs in signature_runs(data, True).items()}
+    integer = any(t.type in (T.INT8, T.INT16) and not t.is_constant for sg in io.read_buffer(written).subgraphs
+                  for t in sg.tensors)
+    allowed = XNNPACK_AGREEMENT_INTEGER if integer else XNNPACK_AGREEMENT
     with_xnnpack, reference = signature_runs(written, True), signature_runs(written, False)
     for key in with_xnnpack:
         for a, b, gap in zip(with_xnnpack[key], reference[key], input_gap[key]):
             assert np.isfinite(a).all() and np.isfinite(b).all(), (key, "non-finite output")
             if a.dtype.kind == "f":
-                assert rel_l2(b, a) <= XNNPACK_AGREEMENT + 1.5 * gap, (key, rel_l2(b, a), gap)
+                assert rel_l2(b, a) <= allowed + 1.5 * gap, (key, rel_l2(b, a), gap)
             else:
                 assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= 1, key
