@@ -166,10 +166,11 @@ def print_report(report: dict, quiet: bool = False) -> None:
           f"({t['file_bytes_before'] / max(t['file_bytes_after'], 1):.2f}x smaller), "
           f"params {_fmt_int(t['params_before'])} → {_fmt_int(t['params_after'])}, "
           f"MACs {_fmt_int(t['macs_before'])} → {_fmt_int(t['macs_after'])}")
-    budget = (report.get("calibration") or {}).get("budget")
+    budget = report.get("budget")
     if budget:
-        print(f"budget: {budget['target']}, {'reached' if budget['reached'] else 'NOT reached'} at damage level "
-              f"{budget['damage_level']:.3f} (estimated {budget['estimate']:.2f}x)")
+        print(f"budget: {budget['target']}, {'reached' if budget['reached'] else 'NOT reached'}: "
+              f"{budget['achieved']:.2f}x at damage level {budget['damage_level']:.3f} "
+              f"(estimated {budget['estimate']:.2f}x; damage {budget['damage']})")
     for note in report.get("notes", []):
         print(note)
 

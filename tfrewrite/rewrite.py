@@ -140,48 +140,39 @@ def calibration_samples(model, path) -> list[list]:
     return samples
 
 
-def lowrank_candidates(model, plan: Plan) -> list:
-    """FULLY_CONNECTED and CONV_2D ops of the main subgraph that a low-rank pass may rewrite."""
-    OP = schema.BuiltinOperator
-    out = []
-    for op in model.main.operators:
-        if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D) or op.inputs[0] is None:
-            continue
-        if op.inputs[0].type != schema.TensorType.FLOAT32 or len(op.inputs) < 2 or op.inputs[1] is None:
-            continue
-        if len(op.inputs[1].shape) != (2 if op.builtin == OP.FULLY_CONNECTED else 4):
-            continue
-        name_ok = plan.reason_to_skip(op, 1 << 62) is None
-        if name_ok:
-            out.append(op)
-    return out
-
-
 def rewrite_model(model, options: Options, progress=None, plan: Plan | None = None, source=None) -> list[dict]:
     """Run the passes on `model` in place, in the order decompose, prune, quantize, encode sparse.
     Returns one report entry per op each pass considered. `source`: the model's file, for calibration."""
     from .passes import cp_conv, lowrank_fc
     plan = plan or options.plan()
-    plan.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
+    plan.remember_input(model)
+    lowrank = (cp_conv, lowrank_fc)
     entries = []
     if options.calibration:
         from . import calibrate
         samples = calibration_samples(source or model, options.calibration)
-        targets = lowrank_candidates(model, plan)
+        targets = sorted((op for pass_ in lowrank for op in pass_.candidates(model, plan) if op in model.main.operators),
+                         key=lambda op: plan.positions[id(op)])
         rows = calibrate.collect(model, samples, targets)
         for op in targets:
             plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean}
-        plan.calibration = {"file": str(options.calibration), "samples": len(samples),
-                            "layers": len(targets)}
-        if options.target_size or options.target_macs:
-            from .passes import budget
-            plan.calibration["budget"] = budget.choose_ranks(model, plan, options, source)
+        plan.calibration = {"file": str(options.calibration), "samples": len(samples), "layers": len(targets)}
+    if options.target_size or options.target_macs:
+        from . import budget
+        by_macs = options.target_macs is not None
+        if by_macs:
+            total = analysis.summary(model, zeros=False)["totals"]["macs"]
+        else:
+            total = os.path.getsize(source) if isinstance(source, (str, Path)) else len(io.to_bytes(model))
+        plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
+            model, plan, options.target_macs if by_macs else options.target_size, by_macs, total, lowrank)
+    done = set()
     if options.sequential and plan.uses("lowrank"):
         entries += sequential_lowrank(model, plan, samples, targets, progress)
+        done = {id(op) for op in targets}
     if plan.uses("lowrank"):
-        done = {(e["subgraph"], e["index"]) for e in entries}
-        entries += [e for e in cp_conv.run(model, plan, progress) if (e["subgraph"], e["index"]) not in done]
-        entries += [e for e in lowrank_fc.run(model, plan, progress) if (e["subgraph"], e["index"]) not in done]
+        entries += cp_conv.run(model, plan, progress, done)
+        entries += lowrank_fc.run(model, plan, progress, done)
     # The progress bar counts the low-rank layers, the slow part; the other passes take moments.
     if plan.uses("prune"):
         from .passes import prune
@@ -208,7 +199,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
 def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> list[dict]:
     """Rewrite the main subgraph's layers in execution order, each fitted on the activations of the already
     rewritten layers before it (paired with the original activations at the same positions), so that errors
-    compounding through the network are accounted for."""
+    compounding through the network are accounted for. Only the input model's layers: never the factor layers
+    a rewrite before it emitted."""
     from . import calibrate
     from .passes import cp_conv, lowrank_fc
     OP = schema.BuiltinOperator
@@ -279,6 +271,8 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         }
         if plan.calibration:
             report["calibration"] = plan.calibration
+        if plan.budget_summary:
+            report["budget"] = judge_budget(plan.budget_summary, report["totals"])
         if options.verify:
             report["verify"] = verify_against(input_path, target, options)
             if not report["verify"]["passed"]:
@@ -292,6 +286,16 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     if options.report:
         write_json(report, options.report)
     return report
+
+
+def judge_budget(summary: dict, totals: dict) -> dict:
+    """The budget's summary with `achieved` measured on the written file (or the rewritten model's MACs) and
+    `reached` true only when that meets the goal: the planner's own figure is an estimate."""
+    if summary["measure"] == "macs":
+        achieved = totals["macs_before"] / max(totals["macs_after"], 1)
+    else:
+        achieved = totals["file_bytes_before"] / max(totals["file_bytes_after"], 1)
+    return {**summary, "achieved": round(achieved, 3), "reached": achieved >= summary["goal"]}
 
 
 def verify_against(original, rewritten, options: Options) -> dict:
