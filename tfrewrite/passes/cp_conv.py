@@ -17,9 +17,9 @@ from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
 from . import lowrank_fc
 from ..linalg import fit
-from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_weight, finish_data_aware,
-                     layer_cross, layer_metric, lowrank_rel_error, pixels, refuse_degenerate, rel_error, rewrite_all,
-                     rewrite_one, stored_weight_values, usable_option, zero_bias)
+from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
+                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, pixels, refuse_degenerate,
+                     rel_error, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option, zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -184,7 +184,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     opts = op.builtin_options
     in_pixels, out_pixels = pixels(x), pixels(out)
     if kh == kw == 1:
-        return _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels, producers)
+        return _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels, producers)
     if not policy.active:
         raise Skip("no rank given")
 
@@ -203,14 +203,21 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     refuse_degenerate(policy, rank, (o, k * i), in_channels=i)
     if policy.method == "tucker2":
         r_out, r_in = rank
-        (sf, sm, sl), approx = fit_tucker2(kernel, rank, weight, kh, kw, metric, cross)
-        weight_error = rel_error(kernel, approx)
-        refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+
+        def make():
+            (sf, sm, sl), approx = fit_tucker2(kernel, rank, weight, kh, kw, metric, cross)
+            weight_error = rel_error(kernel, approx)
+            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+            emitted = [emit_weight(sg, f"{base}/tucker2/in", sf, weight, 0),
+                       emit_weight(sg, f"{base}/tucker2/core", sm, weight, 0),
+                       emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0)]
+            return emitted, (sf, sm, sl, approx, weight_error, {"init": "hosvd"})
+
+        emitted = emit_shared(plan, sg, shared_key(weight, "tucker2", r_out, r_in), make) if entry.get("shared") \
+            else make()
+        ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
                                  producers, f"{base}/tucker2/bias")
-        w1, pre1 = emit_weight(sg, f"{base}/tucker2/in", sf, weight, 0)
-        w2, pre2 = emit_weight(sg, f"{base}/tucker2/core", sm, weight, 0)
-        w3, pre3 = emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0)
         z1 = sg.add_activation(f"{base}/tucker2/z1", T.FLOAT32, static_shape(x)[:-1] + [r_in], like=x)
         z2 = sg.add_activation(f"{base}/tucker2/z2", T.FLOAT32, static_shape(out)[:-1] + [r_out], like=out)
         chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/tucker2/in_bias", r_in), z1),
@@ -218,17 +225,23 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
                             padding=opts.padding, dilation=dilation),
                  ops.conv2d(z2, w3, bias, out, activation=act)]
         entry.update(method="tucker2", rank=[int(r_out), int(r_in)])
-        extra = {"init": "hosvd"}
     else:
         r = rank
-        res, (sf, sm, sl), approx = fit_cp(kernel, r, weight, kh, kw, metric, cross)
-        weight_error = rel_error(kernel, approx)
-        refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+
+        def make():
+            res, (sf, sm, sl), approx = fit_cp(kernel, r, weight, kh, kw, metric, cross)
+            weight_error = rel_error(kernel, approx)
+            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+            emitted = [emit_weight(sg, f"{base}/cp/in", sf, weight, 0),
+                       emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3),
+                       emit_weight(sg, f"{base}/cp/out", sl, weight, 0)]
+            extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
+            return emitted, (sf, sm, sl, approx, weight_error, extra)
+
+        emitted = emit_shared(plan, sg, shared_key(weight, "cp", r), make) if entry.get("shared") else make()
+        ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
                                  producers, f"{base}/cp/bias")
-        w1, pre1 = emit_weight(sg, f"{base}/cp/in", sf, weight, 0)
-        w2, pre2 = emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3)
-        w3, pre3 = emit_weight(sg, f"{base}/cp/out", sl, weight, 0)
         z1 = sg.add_activation(f"{base}/cp/z1", T.FLOAT32, static_shape(x)[:-1] + [r], like=x)
         z2 = sg.add_activation(f"{base}/cp/z2", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
         chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/cp/in_bias", r), z1),
@@ -236,7 +249,6 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
                                       padding=opts.padding, dilation=dilation),
                  ops.conv2d(z2, w3, bias, out, activation=act)]
         entry.update(method="cp", rank=int(r))
-        extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
     sg.replace_operator(op, pre1 + pre2 + pre3 + chain)
     entry.update(action="rewritten", params_after=params + bias_params, macs_after=macs, rel_error=weight_error,
                  **extra)
@@ -248,7 +260,7 @@ def _check_profit(policy, params, dense_params, macs, dense_macs, what):
         raise Skip(f"{what} does not reduce parameters and MACs")
 
 
-def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels, producers):
+def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels, producers):
     if not policy.active:
         raise Skip("no rank given")
     o, _, _, i = weight.values.shape
@@ -257,17 +269,23 @@ def _rewrite_1x1(sg, op, weight, policy, entry, bias, bias_params, out_pixels, p
     pb, pa, mb, ma = lowrank_fc.costs(out_pixels, o, i, r)
     _check_profit(policy, pa, pb, ma, mb, f"rank {r}")
     refuse_degenerate(policy, r, (o, i))
-    left, right = lowrank_fc.factorize(w, r, policy)
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     base = out.name.split(";")[0]
-    sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
-    sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
-    weight_error = lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i))
-    refuse_degenerate(policy, r, (o, i), weight_error=weight_error)
+
+    def make():
+        left, right = lowrank_fc.factorize(w, r, policy)
+        sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
+        sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
+        weight_error = lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i))
+        refuse_degenerate(policy, r, (o, i), weight_error=weight_error)
+        emitted = [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0),
+                   emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0)]
+        return emitted, (sl, sr, weight_error)
+
+    emitted = emit_shared(plan, sg, shared_key(weight, "svd1x1", r), make) if entry.get("shared") else make()
+    ((w1, pre1), (w2, pre2)), (sl, sr, weight_error) = emitted
     bias = finish_data_aware(sg, entry, policy, w, (sl.reshape(o, r), sr.reshape(r, i)), bias, producers,
                              f"{base}/lowrank/bias")
-    w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0)
-    w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0)
     mid = sg.add_activation(f"{base}/lowrank/mid", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
     chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/lowrank/right_bias", r), mid, stride=(opts.strideH, opts.strideW),
                         padding=opts.padding),

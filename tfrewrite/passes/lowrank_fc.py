@@ -10,9 +10,9 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
-from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_weight, finish_data_aware,
-                     layer_cross, layer_metric, lowrank_rel_error, refuse_degenerate, rewrite_all, rewrite_one,
-                     stored_weight_values, usable_option)
+from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
+                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, refuse_degenerate, rewrite_all,
+                     rewrite_one, shared_key, stored_weight_values, usable_option)
 
 OP = schema.BuiltinOperator
 # The spectrum of a weight (whitened by the calibration metric when there is one) is computed up to the rank
@@ -167,24 +167,19 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     refuse_degenerate(policy, r, (m, n))
 
     base = out.name.split(";")[0]
-    # A weight shared by several FCs gets one pair of factors, shared too (not with data-aware fits: each
-    # layer's inputs differ, so each gets its own).
-    shared_key = (id(weight.stored.buffer), r) if layer_metric(policy) is None else None
-    shared = plan.shared_factors.get(shared_key) if shared_key else None
-    if shared is not None:
-        left, right, stored_left, stored_right, w1, w2 = shared[:6]
-        pre1 = pre2 = []
-        weight_error = shared[6]
-    else:
+
+    def make():
         left, right = factorize(w, r, policy)
-        stored_left = stored_weight_values(left, weight)
-        stored_right = stored_weight_values(right, weight)
-        weight_error = lowrank_rel_error(w, stored_left, stored_right)
+        stored = stored_weight_values(left, weight), stored_weight_values(right, weight)
+        weight_error = lowrank_rel_error(w, *stored)
         refuse_degenerate(policy, r, (m, n), weight_error=weight_error)
-        w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right, weight)
-        w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left, weight)
-        if shared_key:
-            plan.shared_factors[shared_key] = (left, right, stored_left, stored_right, w1, w2, weight_error)
+        emitted = [emit_weight(sg, f"{base}/lowrank/right", right, weight),
+                   emit_weight(sg, f"{base}/lowrank/left", left, weight)]
+        return emitted, (*stored, weight_error)
+
+    # A weight shared by several FCs (in any subgraph) gets one pair of factors, shared too.
+    emitted = emit_shared(plan, sg, shared_key(weight, "svd", r), make) if entry.get("shared") else make()
+    ((w1, pre1), (w2, pre2)), (stored_left, stored_right, weight_error) = emitted
     bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias, producers,
                              f"{base}/lowrank/bias")
     keep = bool(getattr(options, "keepNumDims", False))

@@ -7,14 +7,15 @@ pruned in 1×16 blocks instead, the only block its sparse kernel reads.
 
 The weight keeps its storage form: float32, float16 behind a DEQUANTIZE, or int8 (dynamic-range or
 full-integer, pruned in the integer domain: a zeroed value is exactly the zero point 0). Only the zeros are
-written here; `sparse_encode` stores them in TFLite's sparse format. A weight shared by several ops is
-pruned once, with the settings of its first reader.
+written here; `sparse_encode` stores them in TFLite's sparse format. A weight shared by several ops (in any
+subgraph: one Buffer) is pruned once, with the settings of its first reader, and stays one shared Buffer.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import schema
+from ..ops import semantics
 from ..analysis import macs, numel
 from ..graph import Model, Operator, Subgraph, Tensor
 from ..linalg import sparse
@@ -22,7 +23,7 @@ from .common import Skip, new_entry
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
-TARGETS = (OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED)
+TARGETS = semantics.LAYER_OPS
 # The only block the full-integer int8 sparse FULLY_CONNECTED kernel reads.
 INT8_FC_BLOCK = (1, 16)
 
@@ -114,10 +115,12 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
         nonzero = int(np.count_nonzero(weight.raw))
         entry.update(weight_dtype=weight.kind, params_before=nonzero, params_after=nonzero,
                      sparsity_before=round(1 - nonzero / max(n, 1), 6), sparsity_after=round(1 - nonzero / max(n, 1), 6))
-        if id(weight.tensor) in done:
-            raise Skip(f"shares its weight with {done[id(weight.tensor)]}, pruned once there")
-        others = [c for c in sg.consumers_of(weight.tensor)
-                  if not (c.builtin == OP.DEQUANTIZE or (c.builtin in TARGETS and c.inputs[1] is weight.tensor))]
+        if id(weight.tensor.buffer) in done:
+            raise Skip(f"shares its weight with {done[id(weight.tensor.buffer)]}, pruned once there")
+        # Every reader of the stored weight, in any subgraph, must be a layer reading it as its weight.
+        sharers = model.sharers(weight.tensor)
+        others = [c for _, c, i in model.readers(sharers)
+                  if not (c.builtin == OP.DEQUANTIZE or (c.builtin in TARGETS and i == 1))]
         if others:
             raise Skip(f"the weight is also read by {others[0].name}")
         reason = plan.reason_to_skip(op, n)
@@ -130,8 +133,9 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
         keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
         raw = np.asarray(weight.raw)
         pruned = np.where(keep, raw, np.zeros((), raw.dtype)).astype(raw.dtype)
-        weight.tensor.set_data(pruned)  # a new buffer: the input file's map is never written
-        done[id(weight.tensor)] = f"{op.name} {op.outputs[0].name!r}"
+        # A new buffer (the input file's map is never written), still shared by every tensor that shared it.
+        model.set_shared_data(weight.tensor, pruned)
+        done[id(weight.tensor.buffer)] = f"{op.name} {op.outputs[0].name!r}"
         after = int(np.count_nonzero(pruned))
         entry.update(action="pruned", method=method, params_after=after, sparsity_after=round(1 - after / max(n, 1), 6))
     except Skip as e:
@@ -141,9 +145,9 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
 
 def run(model: Model, plan, progress=None) -> list[dict]:
     entries = []
+    done: dict = {}  # id(new Buffer) of weights pruned already → their first reader
     for sg in model.subgraphs:
         producers = sg.producers()
-        done: dict = {}
         for op in [op for op in sg.operators if op.builtin in TARGETS]:
             entries.append(prune_op(model, sg, op, producers, plan, done))
             if progress:
