@@ -169,6 +169,7 @@ class Runner:
             self.inputs = [(n, [int(v) for v in details[n]["shape"]], np.dtype(details[n]["dtype"])) for n in names]
             self.signature_shapes = [[int(v) for v in details[n].get("shape_signature", details[n]["shape"])]
                                      for n in names]
+            self.input_quantization = [tuple(details[n].get("quantization", (0.0, 0))) for n in names]
             self.outputs = sorted(self.runner.get_output_details())
         else:
             self.subgraph = self.model.main
@@ -176,6 +177,7 @@ class Runner:
             self.tensors = list(self.subgraph.inputs)
             self.inputs = [(d["name"], [int(v) for v in d["shape"]], np.dtype(d["dtype"])) for d in details]
             self.signature_shapes = [[int(v) for v in d.get("shape_signature", d["shape"])] for d in details]
+            self.input_quantization = [tuple(d.get("quantization", (0.0, 0))) for d in details]
             self.outputs = [d["name"] for d in self.it.get_output_details()]
         # A batch dimension fixed above 1 (input [3, H, W, C]): data files are fed in batches of that size.
         fixed = {s[0] for s in self.signature_shapes if len(s) >= 1 and s[0] > 1}
@@ -244,8 +246,14 @@ class Runner:
         whole = all(arrays[n].ndim == len(sig) + 1 and _fits(arrays[n].shape[1:], sig)
                     for (n, _, _), sig in zip(self.inputs, self.signature_shapes))
         counts = set()
-        for (name, shape, dtype), sig in zip(self.inputs, self.signature_shapes):
+        for (name, shape, dtype), sig, (scale, zero) in zip(self.inputs, self.signature_shapes, self.input_quantization):
             a = arrays[name]
+            if dtype.kind in "iu" and a.dtype.kind == "f" and scale > 0:
+                # Real values for a quantized input: quantized with the input's own scale and zero point.
+                if not np.all(np.isfinite(a)):
+                    raise DataError(f"{path}: array {name!r} holds NaN or infinite values")
+                info = np.iinfo(dtype)
+                a = arrays[name] = np.clip(np.round(a / scale) + zero, info.min, info.max).astype(dtype)
             if a.ndim == 0 or a.shape[0] == 0:
                 raise DataError(f"{path}: array {name!r} is empty")
             if not whole and (a.ndim != len(shape) or not _fits(a.shape[1:], sig[1:])):
@@ -411,6 +419,43 @@ def compare(model_a, model_b, data=None, samples: int = 8, seed: int = 0, runs: 
     else:
         result["speedup"] = None
     return result
+
+
+class CandidateFailed(Exception):
+    """The model under test does not run where the reference does."""
+
+
+def output_error(reference, candidate, inputs=None, samples: int = 4, signature: str | None = None,
+                 seed: int = 0) -> dict:
+    """Relative L2 error of every output of `candidate` against `reference` on `inputs` (Runner batches) or on
+    `samples` generated ones; `worst` is None when the candidate's outputs are not finite where the reference's
+    are. When the reference itself does not run (a custom op without a kernel, ...) nothing is measured and
+    `reason` says why; when only the candidate fails, CandidateFailed."""
+    try:
+        ra = Runner(reference, True, 1, signature)
+        inputs = inputs or ra.random_samples(samples, seed)
+        outs_a = ra.per_sample(inputs)
+    except Exception as e:  # whatever the runtime raises for a model it cannot run
+        return {"measured": False, "reason": f"the input model does not run in LiteRT: {_first_line(e)}"}
+    try:
+        rb = Runner(candidate, True, 1, signature)
+        outs_b = rb.per_sample(inputs)
+    except Exception as e:
+        raise CandidateFailed(_first_line(e)) from None
+    rows = []
+    for j, name in enumerate(ra.outputs):
+        a = np.concatenate([o[j].reshape(-1) for o in outs_a]).astype(np.float64)
+        b = np.concatenate([o[j].reshape(-1) for o in outs_b]).astype(np.float64)
+        broken = bool(np.any(~np.isfinite(b) & np.isfinite(a)))
+        rows.append({"name": name, "rel_l2": None if broken else fidelity(a, b)["rel_l2"]})
+    errors = [r["rel_l2"] for r in rows]
+    worst = None if any(e is None for e in errors) else max(errors, default=0.0)
+    return {"measured": True, "samples": len(inputs), "worst": worst, "outputs": rows}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def _signature_keys(model) -> set[str]:

@@ -18,11 +18,13 @@ T = schema.TensorType
 @dataclass
 class LayerWeight:
     """A layer's weight as float32 values, plus how it is stored: 'float32', 'float16' (behind DEQUANTIZE) or
-    'int8' (dynamic-range: int8 constant read directly by a hybrid kernel)."""
+    'int8' (an int8 constant read directly: by a hybrid kernel, or by the integer kernels of a full-integer
+    layer, `full_integer`)."""
     kind: str
     values: np.ndarray
     stored: Tensor
     per_channel: bool = False
+    full_integer: bool = False
 
 
 class RankOption(NamedTuple):
@@ -90,8 +92,8 @@ def read_weight(op: Operator, producers: dict, index: int = 1) -> LayerWeight:
         if w.type == T.FLOAT32:
             return LayerWeight("float32", np.asarray(w.data, np.float32), w)
         if w.type == T.INT8 and w.quantization is not None and w.quantization.scale is not None:
-            if op.inputs[0] is None or op.inputs[0].type != T.FLOAT32:
-                raise Skip("full-integer int8 model (needs calibration)")
+            if op.inputs[0] is None or op.inputs[0].type not in (T.FLOAT32, T.INT8):
+                raise Skip(f"{op.inputs[0].type_name if op.inputs[0] is not None else 'missing'} input")
             q = w.quantization
             scale = np.asarray(q.scale, np.float32)
             zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros_like(scale), np.float32)
@@ -102,7 +104,8 @@ def read_weight(op: Operator, producers: dict, index: int = 1) -> LayerWeight:
                 values = (data - zero.reshape(shape)) * scale.reshape(shape)
             else:
                 values = (data - zero[0]) * scale[0]
-            return LayerWeight("int8", values.astype(np.float32), w, per_channel=len(scale) > 1)
+            return LayerWeight("int8", values.astype(np.float32), w, per_channel=len(scale) > 1,
+                               full_integer=op.inputs[0].type == T.INT8)
         raise Skip(f"{w.type_name} weights are not supported")
     producer = producers.get(id(w))
     if producer is not None and producer.builtin == OP.DEQUANTIZE:

@@ -15,7 +15,7 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
-from . import lowrank_fc
+from . import int8_chain, lowrank_fc
 from ..linalg import fit
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
                      finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, pixels, refuse_degenerate,
@@ -61,7 +61,10 @@ def check(op: Operator, weight: LayerWeight, plan) -> None:
     x, out = op.inputs[0], op.outputs[0]
     if x is None or static_shape(x)[-1] != w.shape[3]:
         raise Skip("grouped convolution")
-    if x.type != T.FLOAT32 or out.type != T.FLOAT32:
+    if weight.full_integer:
+        if not int8_chain.is_full_integer(op):
+            raise Skip("mixed int8 / float activations")
+    elif x.type != T.FLOAT32 or out.type != T.FLOAT32:
         raise Skip("input or output is not float32")
 
 
@@ -183,6 +186,8 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     check(op, weight, plan)
     opts = op.builtin_options
     in_pixels, out_pixels = pixels(x), pixels(out)
+    if weight.full_integer:
+        int8_chain.check(op, weight, policy, entry)
     if kh == kw == 1:
         return _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels, producers)
     if not policy.active:
@@ -203,6 +208,15 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     refuse_degenerate(policy, rank, (o, k * i), in_channels=i)
     if policy.method == "tucker2":
         r_out, r_in = rank
+        if weight.full_integer:
+            from ..linalg import tucker
+            res = tucker.tucker2(kernel, r_out, r_in)
+            out_factor, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric,
+                                                      layer_cross(policy, w.reshape(o, -1)))
+            factors, approx = int8_chain.kxk(sg, op, weight, policy, entry, "tucker2", res.in_factor.T, core,
+                                             out_factor, base)
+            return _finish_int8(entry, factors, kernel, approx, "tucker2", [int(r_out), int(r_in)],
+                                params + bias_params, macs, init="hosvd")
 
         def make():
             (sf, sm, sl), approx = fit_tucker2(kernel, rank, weight, kh, kw, metric, cross)
@@ -227,6 +241,13 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         entry.update(method="tucker2", rank=[int(r_out), int(r_in)])
     else:
         r = rank
+        if weight.full_integer:  # the int8 chain refits the last factor on its quantized intermediate itself
+            from ..linalg import cp
+            res = cp.cp3(kernel, r)
+            factors, approx = int8_chain.kxk(sg, op, weight, policy, entry, "cp", res.in_factor.T, res.mid_factor,
+                                             res.out_factor, base)
+            return _finish_int8(entry, factors, kernel, approx, "cp", int(r), params + bias_params, macs,
+                                init=res.init, degeneracy=round(float(res.degeneracy), 4), n_iter=int(res.n_iter))
 
         def make():
             res, (sf, sm, sl), approx = fit_cp(kernel, r, weight, kh, kw, metric, cross)
@@ -255,6 +276,11 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     entry["factors"] = {"first": sf, "middle": sm, "last": sl}
 
 
+def _finish_int8(entry, factors, kernel, approx, method, rank, params, macs, **extra):
+    entry.update(action="rewritten", method=method, rank=rank, params_after=params, macs_after=macs,
+                 rel_error=rel_error(kernel, approx), factors=factors, **extra)
+
+
 def _check_profit(policy, params, dense_params, macs, dense_macs, what):
     if not policy.force and (params >= dense_params or macs >= dense_macs):
         raise Skip(f"{what} does not reduce parameters and MACs")
@@ -271,6 +297,13 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
     refuse_degenerate(policy, r, (o, i))
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     base = out.name.split(";")[0]
+    if weight.full_integer:
+        left, right = lowrank_fc.factorize(w, r, policy)
+        factors = int8_chain.svd(sg, op, weight, policy, entry, left, right, base)
+        entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                     rel_error=lowrank_rel_error(w, factors["left"], factors["right"]),
+                     factors={"left": factors["left"].reshape(o, 1, 1, r), "right": factors["right"].reshape(r, 1, 1, i)})
+        return
 
     def make():
         left, right = lowrank_fc.factorize(w, r, policy)

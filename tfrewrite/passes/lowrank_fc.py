@@ -10,6 +10,7 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
+from . import int8_chain
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
                      finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, refuse_degenerate, rewrite_all,
                      rewrite_one, shared_key, stored_weight_values, usable_option)
@@ -34,7 +35,10 @@ def check(op: Operator, weight: LayerWeight, plan) -> None:
     if getattr(options, "weightsFormat", 0) != 0:
         raise Skip("shuffled weights format")
     x, out = op.inputs[0], op.outputs[0]
-    if x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
+    if weight.full_integer:
+        if not int8_chain.is_full_integer(op):
+            raise Skip("mixed int8 / float activations")
+    elif x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
         raise Skip("input or output is not float32")
 
 
@@ -158,6 +162,8 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         entry.update(weight_shape=[m, n], weight_dtype=weight.kind, params_before=m * n + bias_params,
                      params_after=m * n + bias_params, macs_before=rows * m * n, macs_after=rows * m * n)
     check(op, weight, plan)
+    if weight.full_integer:
+        int8_chain.check(op, weight, policy, entry)
     if not policy.active:
         raise Skip("no rank given")
     r = choose_rank(w, policy)
@@ -167,6 +173,12 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     refuse_degenerate(policy, r, (m, n))
 
     base = out.name.split(";")[0]
+    if weight.full_integer:
+        left, right = factorize(w, r, policy)
+        factors = int8_chain.svd(sg, op, weight, policy, entry, left, right, base)
+        entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                     rel_error=lowrank_rel_error(w, factors["left"], factors["right"]), factors=factors)
+        return
 
     def make():
         left, right = factorize(w, r, policy)
