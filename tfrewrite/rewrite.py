@@ -177,6 +177,14 @@ def calibration_samples(model, path, signature: str | None = None) -> list[list]
     return samples
 
 
+def lowrank_targets(model, plan: Plan) -> list:
+    """The main subgraph's ops the low-rank passes may rewrite (their own `candidates`), in execution order."""
+    from .passes import cp_conv, lowrank_fc
+    order = {id(op): i for i, op in enumerate(model.main.operators)}
+    return sorted((op for pass_ in (cp_conv, lowrank_fc) for op in pass_.candidates(model, plan) if id(op) in order),
+                  key=lambda op: order[id(op)])
+
+
 def rewrite_model(model, options: Options, progress=None, plan: Plan | None = None, source=None) -> list[dict]:
     """Run the passes on `model` in place, in the order decompose, prune, quantize, encode sparse.
     Returns one report entry per op each pass considered. `source`: the model's file, for calibration."""
@@ -201,8 +209,7 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     if options.calibration:
         from . import calibrate
         samples = samples or calibration_samples(source or model, options.calibration, options.signature)
-        targets = sorted((op for pass_ in lowrank for op in pass_.candidates(model, plan) if op in model.main.operators),
-                         key=lambda op: plan.positions[id(op)])
+        targets = lowrank_targets(model, plan)
         rows = calibrate.collect(model, samples, targets)
         for op in targets:
             plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean}
@@ -300,7 +307,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     model = io.read(input_path)
     from .passes import int8_chain
     if plan.uses("lowrank") and not options.calibration and any(
-            int8_chain.is_full_integer(op) for op in lowrank_candidates(model, plan)):
+            int8_chain.is_full_integer(op) for op in lowrank_targets(model, plan)):
         raise io.ModelError(f"{input_path}: a full-integer int8 model: low rank needs --calibration (the new "
                             "intermediate tensors get their int8 ranges from it)")
     keys = [d.key for d in model.signature_defs]
