@@ -6,11 +6,19 @@ import json
 import os
 import sys
 
-EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 
 class UsageError(Exception):
     pass
+
+
+class Terminated(BaseException):
+    """SIGTERM (a build system's timeout): unwinds like Ctrl-C, so temporary files are removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,14 +51,16 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--channel-multiple", type=int, default=8, metavar="N",
                    help="kept channel counts are multiples of N (default 8)")
     g = p.add_argument_group("quantization (weights only)")
-    g.add_argument("--quantize", choices=["float16", "int8"], help="store weights as float16 or int8")
+    g.add_argument("--quantize", choices=["float16", "int8", "full-int8"],
+                   help="store weights as float16 or int8; full-int8: the whole model to int8 activations and "
+                        "weights after the other passes (needs --calibration and ai-edge-quantizer)")
     s = p.add_argument_group("selection")
     s.add_argument("--only", metavar="REGEX", help="rewrite only ops whose output tensor name matches")
     s.add_argument("--skip", metavar="REGEX", help="leave ops whose output tensor name matches")
     s.add_argument("--min-params", type=int, default=0, metavar="N", help="leave layers with fewer weights alone")
     s.add_argument("--recipe", metavar="FILE.json", help="per-layer settings (schemas/recipe.schema.json); "
                    "the command-line options are the defaults")
-    s.add_argument("--force", action="store_true", help="rewrite even where the rank saves nothing (for checks)")
+    s.add_argument("--force", action="store_true", help="keep rewrites that save nothing or make the file larger (for checks)")
     d = p.add_argument_group("data-aware fitting (a few real inputs, no retraining)")
     d.add_argument("--calibration", metavar="FILE.npz", help="sample inputs (arrays named after the model inputs); "
                    "low-rank layers are then fitted to their outputs on them, with bias correction")
@@ -226,9 +236,11 @@ def print_compare(r: dict) -> None:
 # ------------------------------------------------------------------------------------------ commands
 def cmd_compare(argv) -> int:
     args = _compare_parser().parse_args(argv)
-    if args.samples < 1 or args.runs < 1 or args.threads < 1:
-        raise UsageError("--samples, --runs and --threads must be at least 1")
     from . import io, verify
+    try:
+        verify.check_run_options(args.samples, args.runs, args.threads, args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for path in (args.a, args.b):
         io.read(path)  # a clear error for a bad file before the interpreter sees it
     result = verify.compare(args.a, args.b, data=args.data, samples=args.samples, seed=args.seed, runs=args.runs,
@@ -276,21 +288,39 @@ def cmd_rewrite(argv) -> int:
 
 
 def main(argv=None) -> int:
+    import signal
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        installed = True
+    except ValueError:  # not the main thread: leave signals alone
+        installed = False
+    try:
+        return _main(argv)
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main(argv) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .io import ModelError, PathError
-    from .verify import DataError
+    from .verify import DataError, NotRunnable
     try:
         if argv[:1] == ["inspect"]:
             return cmd_inspect(argv[1:])
         if argv[:1] == ["compare"]:
             return cmd_compare(argv[1:])
         return cmd_rewrite(argv)
-    except (UsageError, ModelError, PathError, DataError) as e:
+    except (UsageError, ModelError, PathError, DataError, NotRunnable) as e:
         print(f"tfrewrite: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("tfrewrite: interrupted; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("tfrewrite: terminated; nothing written", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:  # an internal fault: one line unless asked for the traceback

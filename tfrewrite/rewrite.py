@@ -61,6 +61,13 @@ class Options:
         layer = {k: getattr(self, k) for k in ("rank", "fc_rank", "conv_rank", "ratio", "energy", "conv_method",
                                                "prune", "prune_block", "quantize", "prune_channels",
                                                "channel_multiple")}
+        if self.quantize == "full-int8":  # a whole-model step, not a per-layer storage form
+            del layer["quantize"]
+            if not self.calibration:
+                raise ValueError("--quantize full-int8 needs --calibration (the activation ranges are measured on it)")
+            from .passes import full_int8
+            if not full_int8.available():
+                raise ValueError(f"--quantize full-int8 needs ai-edge-quantizer: {full_int8.INSTALL_HINT}")
         check_layer_values({k: v for k, v in layer.items() if v is not None}, lambda k: "--" + k.replace("_", "-"))
         if self.quantize == "none":
             raise ValueError("--quantize must be float16 or int8")
@@ -84,8 +91,8 @@ class Options:
             raise ValueError("--max-error must be >= 0")
         if self.min_top5_agree is not None and not 0 <= self.min_top5_agree <= 1:
             raise ValueError("--min-top5-agree must be in [0, 1]")
-        if self.samples < 1 or self.runs < 1:
-            raise ValueError("--samples and --runs must be at least 1")
+        from .verify import check_run_options
+        check_run_options(self.samples, self.runs)
         for flag, rx in (("--only", self.only), ("--skip", self.skip)):
             if rx is not None:
                 try:
@@ -97,7 +104,8 @@ class Options:
         return LayerSettings(rank=self.rank, fc_rank=self.fc_rank, conv_rank=self.conv_rank, ratio=self.ratio,
                              energy=self.energy, conv_method=self.conv_method or "cp", force=self.force,
                              prune=self.prune, prune_block=parse_block(self.prune_block),
-                             prune_depthwise=self.prune_depthwise, quantize=self.quantize,
+                             prune_depthwise=self.prune_depthwise,
+                             quantize=None if self.quantize == "full-int8" else self.quantize,
                              prune_channels=self.prune_channels, channel_multiple=self.channel_multiple)
 
     def plan(self) -> Plan:
@@ -117,7 +125,8 @@ class Options:
         for flag, given, needs, used in (("--prune-block", self.prune_block is not None, prunes, prune),
                                          ("--prune-depthwise", self.prune_depthwise, prunes, prune),
                                          ("--conv-method", self.conv_method is not None, ranks, lowrank),
-                                         ("--force", self.force, ranks, lowrank),
+                                         ("--force", self.force, "a technique option (it keeps rewrites that "
+                                          "save nothing or make the file larger)", bool(asked_techniques(self))),
                                          ("--sequential", self.sequential, ranks, lowrank)):
             if given and not used:
                 raise OptionError(f"{flag} has no effect without {needs}")
@@ -127,7 +136,8 @@ class Options:
                     raise OptionError(f"{self.recipe}: rules[{i}]: '{key}' has no effect without {needs}")
         if self.only is not None and self.only == self.skip:
             raise OptionError("--only and --skip give the same expression: every layer would be skipped")
-        if self.calibration and not (plan.uses_data() or self.target_size or self.target_macs):
+        if self.calibration and not (plan.uses_data() or self.target_size or self.target_macs
+                                     or self.quantize == "full-int8"):
             return ["--calibration: no layer is fitted to it (no rank option); it only measures the output error"]
         return []
 
@@ -220,7 +230,11 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         if by_macs:
             total = analysis.summary(model, zeros=False)["totals"]["macs"]
         else:
-            total = os.path.getsize(source) if isinstance(source, (str, Path)) else len(io.to_bytes(model))
+            # After channel pruning the input file no longer measures the model: the budget then counts the pruned
+            # model's own bytes (the target applies on top of the pruning).
+            pruned = any(e["kind"] == "channels" and e["action"] == "pruned" for e in entries)
+            total = os.path.getsize(source) if isinstance(source, (str, Path)) and not pruned \
+                else len(io.to_bytes(model))
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
             model, plan, options.target_macs if by_macs else options.target_size, by_macs, total, lowrank)
     done = set()
@@ -237,6 +251,12 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     if plan.uses("quantize"):
         from .passes import quantize
         entries += checked(quantize.run(model, plan))
+    if options.quantize == "full-int8":
+        from .passes import full_int8
+        plan.calibration = dict(plan.calibration or {}, full_int8=full_int8.run(model, options.calibration,
+                                                                                options.signature))
+        update_min_runtime_version(model)
+        model.validate(known_problems)
     if plan.uses("prune") or options.sparse_encode:
         from .passes import sparse_encode
         entries += checked(sparse_encode.run(model, plan))
@@ -323,8 +343,17 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         target = staged.path(output_path)
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
+        changed = options.quantize == "full-int8" or any(e["action"] != "skipped" for e in entries)
+        notes = [] if changed else [nothing_done(options, entries)]
+        if size_after > size_before and not options.force:
+            # Never a larger file unless asked for (--force): the input goes out as it is, and the report says so.
+            if not notes:
+                _undo_entries(entries, f"undone: the rewritten file ({size_after} bytes) was larger than the input "
+                                       f"({size_before} bytes)")
+                notes.append(f"the rewrite made the file larger ({size_after} > {size_before} bytes): the input "
+                             "was written unchanged (--force keeps such a rewrite)")
+            size_after, model = _written(lambda: _copy_unchanged(input_path, target), output_path), io.read(input_path)
         after = analysis.summary(model, zeros=False)["totals"]
-        notes = [] if any(e["action"] != "skipped" for e in entries) else [nothing_done(options, entries)]
         fidelity = None
         if not notes:
             fidelity = measure_output_error(input_path, target, options)
@@ -376,6 +405,18 @@ def judge_budget(summary: dict, totals: dict) -> dict:
     return {**summary, "achieved": round(achieved, 3), "reached": achieved >= summary["goal"]}
 
 
+def _copy_unchanged(source, target) -> int:
+    import shutil
+    shutil.copyfile(source, target)
+    return os.path.getsize(target)
+
+
+def _undo_entries(entries: list[dict], reason: str) -> None:
+    for e in entries:
+        if e["action"] != "skipped":
+            e.update(action="skipped", reason=reason, params_after=e["params_before"], macs_after=e["macs_before"])
+
+
 # Above this relative L2 error of an output on a few inputs, the summary warns that the model is probably broken.
 OUTPUT_ERROR_WARNING = 0.5
 # How many inputs (calibration samples, else generated) the output error is measured on.
@@ -385,11 +426,16 @@ TECHNIQUE_OPTIONS = ("rank", "fc_rank", "conv_rank", "ratio", "energy", "target_
                      "prune_channels", "quantize", "sparse_encode", "recipe")
 
 
+def asked_techniques(options: Options) -> list[str]:
+    """The technique options given, as typed ('--rank 4', '--sparse-encode')."""
+    return [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k in TECHNIQUE_OPTIONS
+            if (v := getattr(options, k, None)) not in (None, False)]
+
+
 def nothing_done(options: Options, entries: list[dict]) -> str:
     """Why the model came out unchanged: no technique asked for, no layer of a kind it applies to, or the
     reasons the layers considered were left as they are."""
-    asked = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k in TECHNIQUE_OPTIONS
-             if (v := getattr(options, k, None)) not in (None, False)]
+    asked = asked_techniques(options)
     if not asked:
         return "no technique option given: the model was re-serialized unchanged"
     asked = ", ".join(asked)
