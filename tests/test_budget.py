@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
+import builders as B
 from conftest import FIXTURES
 from digits import load_split
-from tfrewrite import cli
+from tfrewrite import cli, io, rewrite
 from tfrewrite.budget import BudgetLayer, allocate, cost
 from tfrewrite.passes.common import RankOption
 
@@ -94,3 +95,24 @@ def test_sequential_never_rewrites_its_own_factor_layers(calib, tmp):
     assert len(report["layers"]) == 9  # the input's 6 CONV_2D and 3 FULLY_CONNECTED, each once
     rewritten = [e for e in report["layers"] if e["action"] == "rewritten"]
     assert rewritten and all(e["params_before"] / e["params_after"] < 3.5 for e in rewritten)
+
+
+def _decaying(rng, m, n):
+    u, _ = np.linalg.qr(rng.standard_normal((m, min(m, n))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, min(m, n))))
+    return (u / (1 + np.arange(min(m, n)))) @ v.T
+
+
+def test_ratio_refuses_degenerate_layers_unless_forced():
+    rng = np.random.default_rng(3)
+    output_layer = B.fc_model(_decaying(rng, 10, 256), rng.standard_normal(10), (1, 256))  # 10-way: rank 1 at 5x
+    stem = B.conv_model(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), None, (9, 9))  # 3 input channels
+    for model_bytes, why in ((output_layer, "degenerate"), (stem, "input channels")):
+        for force in (False, True):
+            model = io.read_buffer(model_bytes)
+            entry = rewrite.rewrite_model(model, rewrite.Options(ratio=2 if why == "input channels" else 5,
+                                                                 force=force))[0]
+            if force:
+                assert entry["action"] == "rewritten"
+            else:
+                assert entry["action"] == "skipped" and why in entry["reason"] and "--force" in entry["reason"]

@@ -78,8 +78,6 @@ class Options:
         for flag, v in (("--target-size", self.target_size), ("--target-macs", self.target_macs)):
             if v is not None and not (v > 1 and math.isfinite(v)):
                 raise ValueError(f"{flag} must be a number greater than 1")
-        if (self.target_size or self.target_macs) and not self.calibration:
-            raise ValueError("--target-size and --target-macs need --calibration (the damage is measured on it)")
         if self.target_size and self.target_macs:
             raise ValueError("choose one of --target-size and --target-macs")
         if (self.target_size or self.target_macs) and (self.rank or self.fc_rank or self.conv_rank or self.ratio
@@ -216,14 +214,21 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         if options.calibration:
             samples = calibration_samples(source or model, options.calibration, options.signature)
         entries += checked(prune_channels.run(model, plan, samples=samples))
-    if options.calibration:
+    generated = not options.calibration and bool(options.target_size or options.target_macs)
+    if options.calibration or generated:
         from . import calibrate
-        samples = samples or calibration_samples(source or model, options.calibration, options.signature)
+        if options.calibration:
+            samples = samples or calibration_samples(source or model, options.calibration, options.signature)
+        else:  # no data: the model's response to generated images (calibrate.GENERATED_SAMPLES)
+            samples = calibrate.generated_samples(source if isinstance(source, (str, Path)) else io.to_bytes(model),
+                                                  signature=options.signature)
         targets = lowrank_targets(model, plan)
         rows = calibrate.collect(model, samples, targets)
+        extra = {"damping": calibrate.GENERATED_DAMPING} if generated else {}
         for op in targets:
-            plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean}
-        plan.calibration = {"file": str(options.calibration), "samples": len(samples), "layers": len(targets)}
+            plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
+        if options.calibration:
+            plan.calibration = {"file": str(options.calibration), "samples": len(samples), "layers": len(targets)}
     if options.target_size or options.target_macs:
         from . import budget
         by_macs = options.target_macs is not None
@@ -237,6 +242,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
                 else len(io.to_bytes(model))
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
             model, plan, options.target_macs if by_macs else options.target_size, by_macs, total, lowrank)
+        if generated:
+            plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
     done = set()
     if options.sequential and plan.uses("lowrank"):
         entries += checked(sequential_lowrank(model, plan, samples, targets, progress))
