@@ -54,7 +54,9 @@ def test_chains_are_int8_with_the_right_versions_and_quantization(rewritten):
     assert {e["method"] for e in done.values()} == {"cp", "tucker2", "svd"} and len(done) == 7
     # The first conv (3x3x3x32, 864 int8 weights) would gain bytes: its chain's scales and biases cost more.
     (first,) = [e for e in report["layers"] if "conv1_1" in e["output"]]
-    assert first["action"] == "skipped" and first["reason"].startswith("does not pay")
+    # (--ratio also refuses it: 3 input channels make a degenerate rewrite.)
+    assert first["action"] == "skipped" and (first["reason"].startswith("does not pay")
+                                             or "input channels" in first["reason"])
     model, original = io.read(path), io.read(INT8_VGG)
     sg = model.main
     new_ops = [op for op in sg.operators if op.builtin in (OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED)]
