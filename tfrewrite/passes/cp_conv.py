@@ -222,9 +222,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
             (sf, sm, sl), approx = fit_tucker2(kernel, rank, weight, kh, kw, metric, cross)
             weight_error = rel_error(kernel, approx)
             refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
-            emitted = [emit_weight(sg, f"{base}/tucker2/in", sf, weight, 0),
+            emitted = [emit_weight(sg, f"{base}/tucker2/in", sf, weight, 0, hybrid=False),
                        emit_weight(sg, f"{base}/tucker2/core", sm, weight, 0),
-                       emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0)]
+                       emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0, hybrid=False)]
             return emitted, (sf, sm, sl, approx, weight_error, {"init": "hosvd"})
 
         emitted = emit_shared(plan, sg, shared_key(weight, "tucker2", r_out, r_in), make) if entry.get("shared") \
@@ -253,9 +253,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
             res, (sf, sm, sl), approx = fit_cp(kernel, r, weight, kh, kw, metric, cross)
             weight_error = rel_error(kernel, approx)
             refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
-            emitted = [emit_weight(sg, f"{base}/cp/in", sf, weight, 0),
+            emitted = [emit_weight(sg, f"{base}/cp/in", sf, weight, 0, hybrid=False),
                        emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3),
-                       emit_weight(sg, f"{base}/cp/out", sl, weight, 0)]
+                       emit_weight(sg, f"{base}/cp/out", sl, weight, 0, hybrid=False)]
             extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
             return emitted, (sf, sm, sl, approx, weight_error, extra)
 
@@ -311,8 +311,8 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
         sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
         weight_error = lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i))
         refuse_degenerate(policy, r, (o, i), weight_error=weight_error)
-        emitted = [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0),
-                   emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0)]
+        emitted = [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0, hybrid=False),
+                   emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0, hybrid=False)]
         return emitted, (sl, sr, weight_error)
 
     emitted = emit_shared(plan, sg, shared_key(weight, "svd1x1", r), make) if entry.get("shared") else make()
