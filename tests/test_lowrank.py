@@ -332,3 +332,18 @@ def test_a_shared_weight_gets_shared_factors():
     x = rng.standard_normal(verify.interpreter(src).get_input_details()[0]["shape"])
     for xnn in (True, False):
         assert _rel(_run(src.read_bytes(), x, xnn), _run(data, x, xnn)) < 1e-5
+
+
+def test_rank_one_factors_of_a_dynamic_int8_model_get_the_per_channel_op_versions(tmp):
+    """A rank-1 factor quantized per channel has a single scale, which TFLite's version rule still counts as
+    per-channel (one scale per output channel): the emitted ops must carry that version (it was an internal
+    error: 'version 4 is below the 6 its tensors need')."""
+    from tfrewrite import cli
+    src = FIXTURES / "vgg_digits_dynint8.tflite"
+    out = tmp / "o.tflite"
+    assert cli.main([str(src), str(out), "--conv-rank", "1", "--quiet"]) == 0
+    model = io.read(out)
+    assert not model.problems()
+    assert any(op.builtin == OP.DEPTHWISE_CONV_2D and op.opcode.version >= 6 for _, op in model.operators())
+    x = verify.random_inputs(verify.interpreter(out), 1, 0)[0][0]
+    assert _rel(_run(out.read_bytes(), x, True), _run(out.read_bytes(), x, False)) < 1e-5
