@@ -159,7 +159,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
             sl = stored_weight_values(last, weight, 0)
             approx = cp_reconstruct(sl.reshape(o, r), sm.reshape(k, r), sf.reshape(r, i).T)
             emitted = [emit_weight(sg, f"{base}/cp/in", first, weight, 0, hybrid=False),
-                       emit_weight(sg, f"{base}/cp/depthwise", middle, weight, 3),
+                       emit_weight(sg, f"{base}/cp/depthwise", middle, weight, 3, hybrid=False),
                        emit_weight(sg, f"{base}/cp/out", last, weight, 0, hybrid=False)]
             extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
             return emitted, (sf, sm, sl, approx, extra)
