@@ -72,7 +72,7 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("verification (a fidelity gate for build pipelines)")
     v.add_argument("--verify", action="store_true", help="compare the rewritten model with the input after writing")
     v.add_argument("--data", metavar="FILE.npz", help="inputs for --verify (arrays named after the model inputs; "
-                   "optional 'labels'); default: seeded random inputs")
+                   "optional 'labels'); default: seeded generated inputs")
     v.add_argument("--max-error", type=float, metavar="X", help="fail (exit 3, no output) when an output's "
                    "relative L2 error exceeds X")
     v.add_argument("--min-top5-agree", type=float, metavar="Y", help="fail (exit 3, no output) when top-5 "
@@ -101,7 +101,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.add_argument("--data", metavar="FILE.npz", help="inputs (arrays named after the model inputs or the "
                    "signature's inputs, first axis = samples) and optional integer 'labels'")
-    p.add_argument("--samples", type=int, default=8, help="seeded random samples when no --data (default 8)")
+    p.add_argument("--samples", type=int, default=8, help="seeded generated samples when no --data (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=20, help="timed runs per model, interleaved (default 20)")
     p.add_argument("--threads", type=int, default=1)

@@ -219,9 +219,10 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         from . import calibrate
         if options.calibration:
             samples = samples or calibration_samples(source or model, options.calibration, options.signature)
-        else:  # no data: the model's response to generated images (calibrate.GENERATED_SAMPLES)
-            samples = calibrate.generated_samples(source if isinstance(source, (str, Path)) else io.to_bytes(model),
-                                                  signature=options.signature)
+        else:  # no data: the model's response to generated images
+            from . import verify
+            samples = verify.generated_samples(source if isinstance(source, (str, Path)) else io.to_bytes(model),
+                                               calibrate.GENERATED_SAMPLES, options.signature)
         targets = lowrank_targets(model, plan)
         rows = calibrate.collect(model, samples, targets)
         extra = {"damping": calibrate.GENERATED_DAMPING} if generated else {}
@@ -463,21 +464,14 @@ def nothing_done(options: Options, entries: list[dict]) -> str:
 
 def measure_output_error(original, rewritten, options: Options) -> dict:
     """The rewritten model's output error against the input's on a few inputs: the first calibration samples
-    when given, else generated ones in the range the model reads them in. A rewritten model that does not run
+    when given, else generated ones (`verify.generated_samples`: images for image inputs, where standard normal
+    noise called a good 5x rewrite of a trained classifier "probably broken"). A rewritten model that does not run
     where the input does is a fault (RewriteFault: nothing is written)."""
     from . import verify
     signature, inputs, kind = options.signature, None, "generated"
     if options.calibration:
         runner, batches, _, _ = verify.open_data(original, options.calibration, options.signature)
         signature, inputs, kind = runner.signature, batches[:OUTPUT_ERROR_SAMPLES], "calibration"
-    else:
-        # The same generated inputs the data-free budget judges layers on (images for image inputs): standard
-        # normal noise called a good 5x rewrite of a trained classifier "probably broken" (error 0.54 on noise).
-        from . import calibrate
-        try:
-            inputs = calibrate.generated_samples(original, OUTPUT_ERROR_SAMPLES, options.signature)
-        except Exception:  # the input model does not run in LiteRT: output_error says so
-            inputs = None
     try:
         result = verify.output_error(original, rewritten, inputs, OUTPUT_ERROR_SAMPLES, signature)
     except verify.CandidateFailed as e:

@@ -247,6 +247,17 @@ class Runner:
         return [[_plausible_array(shape, dtype, spec, rng) for (_, shape, dtype), spec in zip(self.inputs, specs)]
                 for _ in range(samples)]
 
+    def generated_samples(self, samples: int, seed: int = 0) -> list[list[np.ndarray]]:
+        """`random_samples`, with dead-leaves images for image-shaped float inputs (see `generated_samples`)."""
+        out = self.random_samples(samples, seed)
+        rng = np.random.default_rng(seed)
+        for sample in out:
+            for j, (_, shape, dtype) in enumerate(self.inputs):
+                if dtype.kind == "f" and len(shape) == 4 and 1 <= shape[3] <= 4 and min(shape[1:3]) > 1:
+                    sample[j] = np.stack([dead_leaves(rng, shape[1], shape[2], shape[3])
+                                          for _ in range(max(shape[0], 1))]).astype(dtype)
+        return out
+
     def matches(self, keys) -> bool:
         """Whether arrays named `keys` feed exactly this runner's inputs."""
         return _names_match([n for n, _, _ in self.inputs], keys)
@@ -389,6 +400,37 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
 
 
+def dead_leaves(rng, height: int, width: int, channels: int, shapes: int = 24) -> np.ndarray:
+    """One [height, width, channels] image in [0, 1] of `shapes` random discs, boxes and strokes."""
+    def colour():
+        return rng.uniform(0, 1, channels if rng.random() < 0.5 else 1)
+    img = np.empty((height, width, channels), np.float32)
+    img[:] = colour()
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(shapes):
+        value, kind = colour(), rng.integers(3)
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        size = max(height, width) * rng.uniform(0.05, 0.4)
+        if kind == 0:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < size ** 2
+        elif kind == 1:
+            mask = (abs(yy - cy) < size) & (abs(xx - cx) < size * rng.uniform(0.2, 1))
+        else:
+            angle = rng.uniform(0, np.pi)
+            across = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
+            mask = (across < max(1.0, 0.15 * size)) & ((yy - cy) ** 2 + (xx - cx) ** 2 < (2 * size) ** 2)
+        img[mask] = value
+    return img
+
+
+def generated_samples(source, count: int, signature: str | None = None, seed: int = 0) -> list[list[np.ndarray]]:
+    """`count` inputs for a model without data: image-shaped float inputs ([N, H, W, 1..4]) get dead-leaves
+    images (edges and flat regions, in [0, 1]; closer to natural images than noise), any other input the runner's
+    seeded values in the range the model reads it in. The rewrite's output-error check, the data-free budget,
+    --verify and compare without data all use these."""
+    return Runner(source, xnnpack=True, signature=signature).generated_samples(count, seed)
+
+
 def compare_outputs(outs_a: list[list[np.ndarray]], outs_b: list[list[np.ndarray]], names: list[str],
                     labels: np.ndarray | None = None) -> tuple[list[dict], dict | None]:
     """Fidelity of B against A per output over all samples; top-1/top-5 agreement for classifier-like outputs
@@ -428,7 +470,7 @@ def compare(model_a, model_b, data=None, samples: int = 8, seed: int = 0, runs: 
         ra, inputs_a, labels, count = open_data(model_a, data, signature, xnnpack, threads)
     else:
         ra = Runner(model_a, xnnpack, threads, signature)
-        inputs_a = ra.random_samples(samples, seed)
+        inputs_a = ra.generated_samples(samples, seed)
     rb = Runner(model_b, xnnpack, threads, ra.signature if ra.signature in _signature_keys(model_b) else signature)
     result["samples"] = count if count is not None else len(inputs_a)  # samples, or model runs on whole inputs
     if ra.inputs == rb.inputs:
@@ -446,7 +488,7 @@ def compare(model_a, model_b, data=None, samples: int = 8, seed: int = 0, runs: 
                 rb, inputs_b, _, _ = open_data(model_b, data, None, xnnpack, threads)
             except DataError:
                 pass
-        inputs_b = inputs_b or rb.random_samples(1, seed)
+        inputs_b = inputs_b or rb.generated_samples(1, seed)
         describe = lambda r: ", ".join(f"{n} {s} {d}" for n, s, d in r.inputs)
         result["outputs"] = []
         result["note"] = (f"the models have different inputs (A: {describe(ra)}; B: {describe(rb)}): output "
@@ -473,7 +515,7 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
     `reason` says why; when only the candidate fails, CandidateFailed."""
     try:
         ra = Runner(reference, True, 1, signature)
-        inputs = inputs or ra.random_samples(samples, seed)
+        inputs = inputs or ra.generated_samples(samples, seed)
         outs_a = ra.per_sample(inputs)
         names = ra.outputs
         del ra  # one interpreter at a time: XNNPACK's packed weights of a large model are freed first
