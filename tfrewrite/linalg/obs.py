@@ -52,19 +52,21 @@ def hessian(rows: np.ndarray, damping: float = DEFAULT_DAMPING) -> tuple[np.ndar
 
 
 def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
-    """U upper triangular with H⁻¹ = UᵀU. Adds damping when rounding makes H⁻¹ lose definiteness."""
+    """U upper triangular with H⁻¹ = UᵀU, without forming H⁻¹: with J the reversal, chol(JHJ) = M gives
+    H = RRᵀ with R = JMJ upper triangular, so U = R⁻¹. Adds damping when rounding breaks definiteness."""
     from scipy import linalg
     h = np.asarray(h, np.float64)
     extra = 0.0
     mean_diag = float(np.mean(np.diag(h)))
     for _ in range(8):
         try:
-            c, low = linalg.cho_factor(h + extra * np.eye(len(h)), lower=True, check_finite=False)
-            inv = linalg.cho_solve((c, low), np.eye(len(h)), check_finite=False)
-            inv = 0.5 * (inv + inv.T)
-            return linalg.cholesky(inv, lower=False, check_finite=False)
+            m = linalg.cholesky(h[::-1, ::-1] + extra * np.eye(len(h)), lower=True, check_finite=False)
+            u, info = linalg.lapack.dtrtri(np.ascontiguousarray(m[::-1, ::-1]), lower=0)
+            if info == 0:
+                return u
         except linalg.LinAlgError:
-            extra = max(extra * 10, 1e-6 * mean_diag if mean_diag > 0 else 1e-6)
+            pass
+        extra = max(extra * 10, 1e-6 * mean_diag if mean_diag > 0 else 1e-6)
     raise np.linalg.LinAlgError("the damped input Hessian is not positive definite")
 
 
@@ -151,11 +153,11 @@ def _sparsegpt_chunk(w: np.ndarray, u: np.ndarray, quota: np.ndarray, width: int
 
 
 def sparsegpt(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int = 1,
-              damping: float = DEFAULT_DAMPING, max_dim: int = MAX_DIM, column_block: int = COLUMN_BLOCK
-              ) -> tuple[np.ndarray, np.ndarray]:
+              damping: float = DEFAULT_DAMPING, max_dim: int = MAX_DIM, column_block: int = COLUMN_BLOCK,
+              h: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Prune weight [m, n] (output × input) to `sparsity` in 1×`width` blocks along the input dimension,
     minimising the output error on sample input rows [N, n]. Returns (updated weight float32 with exact zeros,
-    keep mask)."""
+    keep mask). `h`: the damped H of `rows` when the caller has it (n ≤ max_dim)."""
     w_in = np.asarray(weight)
     m, n = w_in.shape
     if not 0.0 <= sparsity <= 1.0:
@@ -169,7 +171,7 @@ def sparsegpt(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int 
     chunks = _chunks(n, max_dim, column_block)
 
     def factor(a, b):
-        return inverse_cholesky_upper(hessian(x[:, a:b], damping)[0])
+        return inverse_cholesky_upper(h if h is not None and len(chunks) == 1 else hessian(x[:, a:b], damping)[0])
 
     # Pass 1: the layer-wide split of the units to remove over the column blocks, by OBS saliency. With one
     # chunk its factor is kept; with several, each is recomputed in pass 2 (one n² factor in memory at a time).
@@ -238,8 +240,8 @@ def start_weights(weight: np.ndarray, rows: np.ndarray, target_rows: np.ndarray 
     return linalg.cho_solve(linalg.cho_factor(h), rhs.T).T
 
 
-def refit_kept(weight: np.ndarray, keep: np.ndarray, rows: np.ndarray, damping: float = DEFAULT_DAMPING
-               ) -> np.ndarray:
+def refit_kept(weight: np.ndarray, keep: np.ndarray, rows: np.ndarray, damping: float = DEFAULT_DAMPING,
+               h: np.ndarray | None = None) -> np.ndarray:
     """For a given mask, every row's kept weights at the exact optimum of (w − ŵ)ᵀH(w − ŵ) (pruned ones zero).
     Fewer rows N than inputs n: a ridge problem of size N per row, ŵ_K = w_K + A_Kᵀ(δI + A_K A_Kᵀ)⁻¹ A_P w_P;
     otherwise H_KK ŵ_K = H_K: w. Returns float32."""
@@ -257,12 +259,14 @@ def refit_kept(weight: np.ndarray, keep: np.ndarray, rows: np.ndarray, damping: 
             g = eye + a_k @ a_k.T if len(k_idx) <= len(p_idx) else eye + lr.gram - a_p @ a_p.T
             out[i, k_idx] = w[k_idx] + a_k.T @ np.linalg.solve(g, a_p @ w[p_idx])
         return out
-    h, _ = hessian(x, damping)
+    from scipy import linalg
+    if h is None:
+        h, _ = hessian(x, damping)
     for i in range(m):
         w = np.asarray(w_all[i], np.float64)
         k_idx = np.flatnonzero(keep[i])
         if len(k_idx):
-            out[i, k_idx] = np.linalg.solve(h[np.ix_(k_idx, k_idx)], h[k_idx] @ w)
+            out[i, k_idx] = linalg.solve(h[np.ix_(k_idx, k_idx)], h[k_idx] @ w, assume_a="pos", check_finite=False)
     return out
 
 
@@ -295,9 +299,10 @@ def prune(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int = 1,
         keep = ~np.repeat(_lowest(scores, int(round(sparsity * scores.size))), width, axis=1)
         del scores
         return refit_kept(w0, keep, x, damping), keep, "obs"
-    pruned, keep = sparsegpt(w0, x, sparsity, width=width, damping=damping, max_dim=max_dim)
+    h = hessian(x, damping)[0] if n <= max_dim else None
+    pruned, keep = sparsegpt(w0, x, sparsity, width=width, damping=damping, max_dim=max_dim, h=h)
     if refit_cost(m, n, len(x), sparsity) <= REFIT_BUDGET:
-        return refit_kept(w0, keep, x, damping), keep, "sparsegpt+refit"
+        return refit_kept(w0, keep, x, damping, h=h if len(x) >= n else None), keep, "sparsegpt+refit"
     return pruned, keep, "sparsegpt"
 
 
