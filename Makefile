@@ -3,10 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-$(BIN)/tfrewrite: setup.cfg pyproject.toml
+$(BIN)/tfrewrite: setup.cfg pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 .PHONY: demo test fixtures bench
@@ -17,9 +17,9 @@ test: $(BIN)/tfrewrite
 	$(BIN)/python -m pytest tests
 
 fixtures: $(BIN)/tfrewrite
-	$(BIN)/pip install -q -e '.[test,fixtures]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,fixtures]'
 	$(BIN)/python fixtures/make_fixtures.py
 
 bench: $(BIN)/tfrewrite
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench]'
 	$(BIN)/python bench/reproduce.py

@@ -36,3 +36,21 @@ def assert_outputs_equal(a, b):
     for xa, xb in zip(a, b):
         for ya, yb in zip(xa, xb):
             np.testing.assert_array_equal(ya, yb)
+
+
+@pytest.fixture(autouse=True)
+def validate_after_every_pass(monkeypatch):
+    """Every pass a test runs directly is followed by the graph invariant check (rewrite_model does it itself):
+    a pass may not add a problem the model did not have before it."""
+    from tfrewrite.passes import cp_conv, lowrank_fc, prune, quantize, sparse_encode
+
+    def checked(run):
+        def wrapper(model, *args, **kwargs):
+            known = model.problems()
+            result = run(model, *args, **kwargs)
+            model.validate(known)
+            return result
+        return wrapper
+
+    for module in (cp_conv, lowrank_fc, prune, quantize, sparse_encode):
+        monkeypatch.setattr(module, "run", checked(module.run))

@@ -148,3 +148,20 @@ def test_reconstruct_matches_einsum():
     rng = np.random.default_rng(12)
     a, b, c = rng.standard_normal((5, 3)), rng.standard_normal((9, 3)), rng.standard_normal((4, 3))
     np.testing.assert_allclose(cp_reconstruct(a, b, c), np.einsum("tr,kr,sr->tks", a, b, c), atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cp3_fits_at_least_as_well_as_tensorly(seed):
+    """tensorly's parafac is an independent CP-ALS: on a conv-like kernel ours reaches an error no worse than
+    its own (we keep ours for speed, so an oracle guards its accuracy)."""
+    tl_decomposition = pytest.importorskip("tensorly.decomposition")
+    import tensorly as tl
+    x = conv_like_tensor(seed)
+    rank = 8
+    ours = cp3(x, rank, seed=seed)
+    cp = tl_decomposition.parafac(tl.tensor(x), rank, init="svd", n_iter_max=200, tol=1e-9, random_state=seed)
+    theirs = float(np.linalg.norm(x - tl.cp_to_tensor(cp)) / np.linalg.norm(x))
+    assert ours.rel_error <= theirs * 1.02 + 1e-9
+    # And our reported error is the true error of our factors.
+    recon = cp_reconstruct(ours.out_factor, ours.mid_factor, ours.in_factor)
+    assert abs(np.linalg.norm(x - recon) / np.linalg.norm(x) - ours.rel_error) < 1e-6

@@ -62,6 +62,10 @@ BAD = [
     {"rules": [{"match": ".", "skip": "yes"}]},
     {"rules": [{"match": ".", "skip": 1}]},
     {"rules": [{"match": ".", "Rank": 4}]},          # unknown rule key
+    {"rules": [{"match": ".", "rank": 4, "ratio": 3}]},  # refused on the command line too
+    {"rules": [{"match": ".", "ratio": 3, "energy": 0.9}]},
+    {"rules": [{"match": ".", "prune_block": "0x4"}]},
+    {"rules": [{"match": ".", "prune_block": "4x1"}]},
 ]
 
 
@@ -134,6 +138,35 @@ def test_cli_rejects_a_malformed_recipe(tmp, content):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tfrewrite: error: ") and "recipe.json" in lines[0], r.stderr
     assert not out.exists() and r.stdout == ""
+
+
+@pytest.mark.parametrize("content", [
+    '{"rules": [{"match": ".", "prune": NaN}]}',
+    '{"rules": [{"match": ".", "ratio": Infinity}]}',
+    '{"rules": [{"match": ".", "ratio": 1e400}]}',  # reads as infinity
+    '{"rules": [' * 100_000,
+    '[' * 100_000 + ']' * 100_000,
+])
+def test_non_json_numbers_and_deep_nesting_are_refused(tmp, content):
+    recipe = tmp / "recipe.json"
+    recipe.write_text(content)
+    with pytest.raises(plan.RecipeError) as e:
+        plan.load_recipe(recipe)
+    assert str(e.value).startswith(str(recipe)) and "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_one_check_for_command_line_and_recipe_values():
+    for block in ("0x4", "1x0", "4x1", "2x2", "1x1000000", "x4"):
+        with pytest.raises(ValueError, match="--prune-block"):
+            Options(prune=0.5, prune_block=block).validate()
+        with pytest.raises(plan.RecipeError, match="'prune_block'"):
+            plan.validate_recipe({"rules": [{"match": ".", "prune_block": block}]})
+    for ok in ("1x1", "1x4", "1x16"):
+        Options(prune=0.5, prune_block=ok).validate()
+    with pytest.raises(ValueError, match="choose one of --rank, --ratio, --energy"):
+        Options(rank=4, ratio=3).validate()
+    with pytest.raises(plan.RecipeError, match="choose one of 'rank', 'ratio', 'energy'"):
+        plan.validate_recipe({"rules": [{"match": ".", "rank": 4, "ratio": 3}]})
 
 
 def test_cli_missing_recipe_file(tmp):

@@ -452,3 +452,47 @@ def test_int8_dynamic_range_model_keeps_int8_weights_dense():
     assert any("hybrid" in r for r in reasons) and any("DENSIFY" in r for r in reasons)
     for xnn in (True, False):
         assert_close(outputs(dense, xnn), outputs(out, xnn), exact=True)
+
+
+# ------------------------------------------------------------------------------------- all-zero weights
+@pytest.mark.parametrize("layer,form,options,method", [
+    ("fc", "float32", {"sparse_encode": True}, "block1x4, FC v8"),    # already all zero
+    ("fc", "float32", {"prune": 0.999999}, "block1x4, FC v8"),        # pruned to no nonzeros
+    ("fc", "float16", {"prune": 0.999999}, "csr + DENSIFY"),
+    ("fc", "float32", {"prune": 0.999999, "quantize": "float16"}, "csr + DENSIFY"),
+    ("conv", "float32", {"prune": 0.999999}, "csr + DENSIFY"),
+    ("conv", "float32", {"prune": 0.999999, "quantize": "float16"}, "csr + DENSIFY"),  # DENSIFY, then DEQUANTIZE
+])
+def test_an_all_zero_weight_is_stored_with_one_explicit_zero_and_runs(layer, form, options, method):
+    """An encoding with no stored values is an empty buffer: LiteRT rejects the tensor ("lacks data"), and a
+    DENSIFY reading it is not fed by a constant. One explicit zero is stored instead."""
+    rng = np.random.default_rng(7)
+    if layer == "conv":
+        w, b = rng.standard_normal((16, 3, 3, 8)), rng.standard_normal(16)
+        dense = B.conv_model(w, b, input_hw=(6, 6), form=form)
+        zero = B.conv_model(0 * w, b, input_hw=(6, 6))
+        x = rng.standard_normal((1, 6, 6, 8))
+    else:
+        w, b = rng.standard_normal((32, 64)) * (0 if options.get("sparse_encode") else 1), rng.standard_normal(32)
+        dense = B.fc_model(w, b, (1, 64), form=form)
+        zero = B.fc_model(0 * w, b, (1, 64))
+        x = rng.standard_normal((1, 64))
+    out, entries, m = rewritten(dense, **options)
+    assert [e["method"] for e in entries if e["action"] == "encoded"] == [method]
+    assert m.problems() == []
+    for _, t in sparse_tensors(m):
+        assert t.buffer is not None and t.buffer.nbytes > 0
+    check_rules(m)
+    for xnn in (True, False):
+        np.testing.assert_array_equal(run1(out, x, xnn), run1(zero, x, xnn))
+
+
+def test_validate_names_a_sparse_tensor_without_data():
+    m = io.read_buffer(B.fc_model(np.zeros((8, 16)), None, (1, 16)))
+    plan = rewrite.Options(sparse_encode=True).plan()
+    plan.positions = {}
+    se.run(m, plan)
+    (t,) = [t for _, t in sparse_tensors(m)]
+    t.buffer = None
+    with pytest.raises(ValueError, match="sparse but has no stored values"):
+        m.validate()

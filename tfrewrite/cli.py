@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
+EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class UsageError(Exception):
@@ -246,7 +246,7 @@ def cmd_rewrite(argv) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .io import ModelError
+    from .io import ModelError, PathError
     from .verify import DataError
     try:
         if argv[:1] == ["inspect"]:
@@ -254,12 +254,12 @@ def main(argv=None) -> int:
         if argv[:1] == ["compare"]:
             return cmd_compare(argv[1:])
         return cmd_rewrite(argv)
-    except (UsageError, ModelError, DataError) as e:
+    except (UsageError, ModelError, PathError, DataError) as e:
         print(f"tfrewrite: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tfrewrite: error: interrupted", file=sys.stderr)
-        return EXIT_FAULT
+        print("tfrewrite: interrupted; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:  # an internal fault: one line unless asked for the traceback

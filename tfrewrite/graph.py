@@ -197,6 +197,20 @@ class Subgraph:
         return self.add_tensor(Tensor(name=self.unique_name(name), type=type, shape=shape,
                                       shape_signature=signature))
 
+    def own_tensor(self, tensor: Tensor) -> Tensor:
+        """This subgraph's tensor for a constant: `tensor` itself when listed here, else a tensor of this
+        subgraph over the same Buffer (tensors belong to one subgraph; a weight shared across subgraphs is
+        one Buffer with a tensor in each)."""
+        if any(t is tensor for t in self.tensors):
+            return tensor
+        for t in self.tensors:
+            if tensor.buffer is not None and t.buffer is tensor.buffer and t.type == tensor.type and \
+                    t.shape == tensor.shape and t.sparsity is tensor.sparsity and t.quantization is tensor.quantization:
+                return t
+        return self.add_tensor(Tensor(name=self.unique_name(tensor.name), type=tensor.type, shape=list(tensor.shape),
+                                      buffer=tensor.buffer, quantization=tensor.quantization,
+                                      sparsity=tensor.sparsity))
+
     def unique_name(self, name: str) -> str:
         taken = {t.name for t in self.tensors}
         if name not in taken:
@@ -328,3 +342,48 @@ class Model:
         for sg in self.subgraphs:
             keep = [t for sig in self.signature_defs if sig.subgraph is sg for _, t in sig.inputs + sig.outputs]
             sg.cleanup(keep)
+
+    # --- shared constants -----------------------------------------------------------------------------
+    def buffer_users(self) -> dict[int, list[tuple[Subgraph, Tensor]]]:
+        """id(Buffer) → every (subgraph, tensor) over that buffer: a weight shared across ops, subgraphs or
+        signatures is one Buffer with one tensor per subgraph (or several tensors in one subgraph)."""
+        users: dict[int, list[tuple[Subgraph, Tensor]]] = {}
+        for sg in self.subgraphs:
+            for t in sg.tensors:
+                if t.buffer is not None and t.buffer.nbytes:
+                    users.setdefault(id(t.buffer), []).append((sg, t))
+        return users
+
+    def sharers(self, tensor: Tensor) -> list[tuple[Subgraph, Tensor]]:
+        """Every (subgraph, tensor) over `tensor`'s buffer, `tensor` itself included."""
+        if tensor.buffer is None or not tensor.buffer.nbytes:
+            return [(sg, t) for sg in self.subgraphs for t in sg.tensors if t is tensor]
+        return [(sg, t) for sg in self.subgraphs for t in sg.tensors if t.buffer is tensor.buffer]
+
+    def readers(self, tensors: Iterable[tuple[Subgraph, Tensor]]) -> list[tuple[Subgraph, Operator, int]]:
+        """(subgraph, op, input index) of every op input reading one of `tensors`."""
+        wanted = {id(t) for _, t in tensors}
+        return [(sg, op, i) for sg in self.subgraphs for op in sg.operators
+                for i, t in enumerate(op.inputs) if t is not None and id(t) in wanted]
+
+    def set_shared_data(self, tensor: Tensor, array: np.ndarray) -> None:
+        """New constant data for `tensor` and every tensor sharing its buffer: one new Buffer, still shared
+        (setting each tensor's data on its own would store the weight once per tensor)."""
+        sharers = self.sharers(tensor)
+        tensor.set_data(array)
+        for _, t in sharers:
+            if t is not tensor:
+                t.type, t.shape, t.shape_signature, t.sparsity, t.buffer = \
+                    tensor.type, list(tensor.shape), None, None, tensor.buffer
+
+    # --- invariants -----------------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """What makes the model unwritable or unrunnable, one line each (empty when it is sound)."""
+        from .invariants import model_problems
+        return model_problems(self)
+
+    def validate(self, known: Iterable[str] = ()) -> None:
+        """Raise ValueError on any problem not in `known` (the input's own, which a rewrite did not cause)."""
+        new = [p for p in self.problems() if p not in set(known)]
+        if new:
+            raise ValueError("invalid graph: " + "; ".join(new[:5]) + (f" (+{len(new) - 5} more)" if len(new) > 5 else ""))

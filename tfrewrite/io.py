@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -31,6 +33,101 @@ _PLACEHOLDER = 0x7FFFFFFF
 
 class ModelError(Exception):
     """The file is not a valid TFLite model; the message says what and where."""
+
+
+class PathError(Exception):
+    """A path the run cannot use (missing, a folder, unwritable, or the same file as another); checked before
+    any work."""
+
+
+# ================================================================================================ paths
+def _identity(path: Path):
+    """What makes two paths the same file: device and inode when it exists (hard links, symlinks), else the
+    resolved path."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", str(path.resolve()))
+
+
+def check_paths(reads: dict, writes: dict) -> None:
+    """Before any work: every file to read is an existing file; every file to write is a new or regular file
+    in an existing folder we can create files in, and none of them is a file read or another file written.
+    `reads`, `writes`: what the path is for (e.g. '--report') → path, or None when not given."""
+    reads = {k: Path(v) for k, v in reads.items() if v is not None}
+    writes = {k: Path(v) for k, v in writes.items() if v is not None}
+    seen = {}
+    for what, path in reads.items():
+        if not path.exists():
+            raise PathError(f"{what} {path}: no such file")
+        if path.is_dir():
+            raise PathError(f"{what} {path}: is a directory, not a file")
+        seen.setdefault(_identity(path), what)
+    for what, path in writes.items():
+        if path.is_dir():
+            raise PathError(f"{what} {path}: is a directory; give a file name")
+        if path.exists() and not stat.S_ISREG(os.stat(path).st_mode):
+            raise PathError(f"{what} {path}: exists and is not a regular file")
+        same = seen.get(_identity(path))
+        if same is not None:
+            raise PathError(f"{what} {path} is the same file as the {same}; writing it would overwrite the "
+                            f"{same}, choose another path")
+        seen[_identity(path)] = what
+        folder = path.parent
+        if not folder.is_dir():
+            raise PathError(f"{what} {path}: no such folder {folder}")
+        try:  # the only check that holds for every user, file system and mount option
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise PathError(f"{what} {path}: cannot write into {folder} ({e.strerror or e})") from None
+
+
+class Staged:
+    """Files written under temporary names beside their targets and moved into place together by `commit`;
+    whatever is not committed is removed on leaving the `with` block, so an error or Ctrl-C leaves nothing."""
+
+    def __init__(self):
+        self.pending: list[tuple[Path, Path]] = []
+
+    def __enter__(self):
+        return self
+
+    def path(self, target) -> Path:
+        """A fresh temporary file beside `target`, to be moved onto it by `commit`."""
+        target = Path(target)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        except OSError as e:
+            raise PathError(f"{target}: cannot write ({e.strerror or e})") from None
+        os.close(fd)
+        self.pending.append((Path(tmp), target))
+        return Path(tmp)
+
+    def commit(self, targets=None) -> None:
+        """Move the staged files (or those for `targets`) into place, with Ctrl-C held back until all moved."""
+        chosen = [(t, p) for t, p in self.pending if targets is None or p in [Path(x) for x in targets]]
+        blocked = hasattr(signal, "pthread_sigmask")
+        if blocked:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for tmp, target in chosen:
+                os.replace(tmp, target)
+                self.pending.remove((tmp, target))
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def __exit__(self, *exc):
+        for tmp, _ in self.pending:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        self.pending.clear()
+        return False
 
 
 # ================================================================================================ reading

@@ -7,6 +7,7 @@ override earlier ones; the command line gives the defaults. Passes ask the plan,
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,14 +48,21 @@ class RecipeError(ValueError):
     pass
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_recipe(path) -> list[dict]:
     """Read and validate a recipe file; raise RecipeError with a one-line reason."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
+        # Python's reader accepts NaN and Infinity, which JSON does not.
+        doc = json.loads(path.read_text(), parse_constant=_no_constant)
     except OSError as e:
         raise RecipeError(f"{path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise RecipeError(f"{path}: not valid JSON ({e})") from None
     return validate_recipe(doc, str(path))
 
@@ -84,25 +92,11 @@ def validate_recipe(doc, where: str = "recipe") -> list[dict]:
             re.compile(rule["match"])
         except re.error as e:
             raise RecipeError(f"{at}: bad regex {rule['match']!r}: {e}") from None
-        for key in ("rank", "fc_rank", "conv_rank"):
-            if key in rule and (not _integer(rule[key]) or rule[key] < 1):
-                raise RecipeError(f"{at}: '{key}' must be an integer >= 1")
-            if key in rule:  # JSON Schema counts 2.0 as an integer too
-                rule = {**rule, key: int(rule[key])}
-        if "ratio" in rule and (not _number(rule["ratio"]) or rule["ratio"] <= 1):
-            raise RecipeError(f"{at}: 'ratio' must be a number > 1")
-        if "energy" in rule and (not _number(rule["energy"]) or not 0 < rule["energy"] <= 1):
-            raise RecipeError(f"{at}: 'energy' must be in (0, 1]")
-        if "conv_method" in rule and rule["conv_method"] not in ("cp", "tucker2"):
-            raise RecipeError(f"{at}: 'conv_method' must be 'cp' or 'tucker2'")
-        if "prune" in rule and (not _number(rule["prune"]) or not 0 <= rule["prune"] < 1):
-            raise RecipeError(f"{at}: 'prune' must be a sparsity in [0, 1)")
-        if "prune_block" in rule and rule["prune_block"] not in ("1x1", "1x4", "1x16"):
-            raise RecipeError(f"{at}: 'prune_block' must be '1x1', '1x4' or '1x16'")
-        if "quantize" in rule and rule["quantize"] not in ("none", "float16", "int8"):
-            raise RecipeError(f"{at}: 'quantize' must be 'none', 'float16' or 'int8'")
-        if "skip" in rule and not isinstance(rule["skip"], bool):
-            raise RecipeError(f"{at}: 'skip' must be true or false")
+        try:
+            rule = {"match": rule["match"], **check_layer_values({k: v for k, v in rule.items() if k != "match"},
+                                                                 lambda key: f"'{key}'")}
+        except ValueError as e:
+            raise RecipeError(f"{at}: {e}") from None
         rules.append(rule)
     return rules
 
@@ -113,16 +107,55 @@ def _integer(v) -> bool:
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite number (1e400 reads as infinity)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The blocks the sparse kernels read: 1x4 (float FULLY_CONNECTED), 1x16 (full-integer int8 FULLY_CONNECTED).
+BLOCKS = {"1x1": None, "1x4": (1, 4), "1x16": (1, 16)}
 
 
 def parse_block(text: str | None) -> tuple[int, int] | None:
-    if text is None or text == "1x1":
+    if text is None:
         return None
-    m = re.fullmatch(r"(\d+)x(\d+)", text)
-    if not m:
-        raise ValueError(f"block {text!r} is not of the form 1x4")
-    return int(m.group(1)), int(m.group(2))
+    if text not in BLOCKS:
+        raise ValueError(f"block {text!r}: must be one of {', '.join(BLOCKS)}")
+    return BLOCKS[text]
+
+
+def check_layer_values(values: dict, name) -> dict:
+    """The one check of per-layer settings, for command-line options and recipe rules alike;
+    `name(key)` is how the message names a setting. Returns the values with integers as int."""
+    values = dict(values)
+    for key in ("rank", "fc_rank", "conv_rank"):
+        if key in values:
+            if not _integer(values[key]) or values[key] < 1:
+                raise ValueError(f"{name(key)} must be an integer >= 1")
+            values[key] = int(values[key])  # JSON Schema counts 2.0 as an integer too
+    if "ratio" in values and (not _number(values["ratio"]) or not values["ratio"] > 1):
+        raise ValueError(f"{name('ratio')} must be a number > 1")
+    if "energy" in values and (not _number(values["energy"]) or not 0 < values["energy"] <= 1):
+        raise ValueError(f"{name('energy')} must be in (0, 1]")
+    given = [k for k in ("rank", "ratio", "energy") if k in values]
+    if len(given) > 1:
+        raise ValueError(f"choose one of {', '.join(name(k) for k in ('rank', 'ratio', 'energy'))} "
+                         f"(got {' and '.join(name(k) for k in given)})")
+    if "conv_method" in values and values["conv_method"] not in ("cp", "tucker2"):
+        raise ValueError(f"{name('conv_method')} must be 'cp' or 'tucker2'")
+    if "prune" in values and (not _number(values["prune"]) or not 0 <= values["prune"] < 1):
+        raise ValueError(f"{name('prune')} must be a sparsity in [0, 1)")
+    if "prune_block" in values:
+        if not isinstance(values["prune_block"], str):
+            raise ValueError(f"{name('prune_block')} must be one of {', '.join(BLOCKS)}")
+        try:
+            parse_block(values["prune_block"])
+        except ValueError as e:
+            raise ValueError(f"{name('prune_block')}: {e}") from None
+    if "quantize" in values and values["quantize"] not in ("none", "float16", "int8"):
+        raise ValueError(f"{name('quantize')} must be 'none', 'float16' or 'int8'")
+    if "skip" in values and not isinstance(values["skip"], bool):
+        raise ValueError(f"{name('skip')} must be true or false")
+    return values
 
 
 @dataclass

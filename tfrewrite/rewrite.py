@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from . import analysis, io, schema
 from .ops import versions
-from .plan import LayerSettings, Plan, RecipeError, load_recipe, parse_block
+from .plan import LayerSettings, Plan, RecipeError, check_layer_values, load_recipe, parse_block
 
 
 @dataclass
@@ -51,29 +52,21 @@ class Options:
         return options
 
     def validate(self) -> None:
+        """Each option on its own and against the others; the per-layer values by the same check as recipe
+        rules (plan.check_layer_values)."""
         import re
-        for name in ("rank", "fc_rank", "conv_rank"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.ratio is not None and not self.ratio > 1:
-            raise ValueError("--ratio must be greater than 1")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise ValueError("--energy must be in (0, 1]")
-        if sum(x is not None for x in (self.rank, self.ratio, self.energy)) > 1:
-            raise ValueError("choose one of --rank, --ratio and --energy")
-        if self.prune is not None and not 0 <= self.prune < 1:
-            raise ValueError("--prune must be a sparsity in [0, 1)")
-        parse_block(self.prune_block)
-        if self.quantize not in (None, "float16", "int8"):
+        layer = {k: getattr(self, k) for k in ("rank", "fc_rank", "conv_rank", "ratio", "energy", "conv_method",
+                                               "prune", "prune_block", "quantize")}
+        check_layer_values({k: v for k, v in layer.items() if v is not None}, lambda k: "--" + k.replace("_", "-"))
+        if self.quantize == "none":
             raise ValueError("--quantize must be float16 or int8")
         if self.min_params < 0:
             raise ValueError("--min-params must be >= 0")
         if self.sequential and not self.calibration:
             raise ValueError("--sequential needs --calibration")
         for flag, v in (("--target-size", self.target_size), ("--target-macs", self.target_macs)):
-            if v is not None and not v > 1:
-                raise ValueError(f"{flag} must be greater than 1")
+            if v is not None and not (v > 1 and math.isfinite(v)):
+                raise ValueError(f"{flag} must be a number greater than 1")
         if (self.target_size or self.target_macs) and not self.calibration:
             raise ValueError("--target-size and --target-macs need --calibration (the damage is measured on it)")
         if self.target_size and self.target_macs:
@@ -164,6 +157,12 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     plan = plan or options.plan()
     plan.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
     entries = []
+    # Problems the input already has are not ours to fix; any new one after a pass is a fault of that pass.
+    known_problems = model.problems()
+
+    def checked(pass_entries: list[dict]) -> list[dict]:
+        model.validate(known_problems)
+        return pass_entries
     if options.calibration:
         from . import calibrate
         samples = calibration_samples(source or model, options.calibration)
@@ -177,29 +176,29 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             from .passes import budget
             plan.calibration["budget"] = budget.choose_ranks(model, plan, options, source)
     if options.sequential and plan.uses("lowrank"):
-        entries += sequential_lowrank(model, plan, samples, targets, progress)
+        entries += checked(sequential_lowrank(model, plan, samples, targets, progress))
     if plan.uses("lowrank"):
         done = {(e["subgraph"], e["index"]) for e in entries}
-        entries += [e for e in cp_conv.run(model, plan, progress) if (e["subgraph"], e["index"]) not in done]
-        entries += [e for e in lowrank_fc.run(model, plan, progress) if (e["subgraph"], e["index"]) not in done]
+        entries += [e for e in checked(cp_conv.run(model, plan, progress)) if (e["subgraph"], e["index"]) not in done]
+        entries += [e for e in checked(lowrank_fc.run(model, plan, progress)) if (e["subgraph"], e["index"]) not in done]
     # The progress bar counts the low-rank layers, the slow part; the other passes take moments.
     if plan.uses("prune"):
         from .passes import prune
         pruned_one_by_one = set()
         if options.sequential:
-            seq = sequential_prune(model, plan, samples, targets)
+            entries += checked(sequential_prune(model, plan, samples, targets))
             pruned_one_by_one = {id(op) for op in targets}
-            entries += seq
-        entries += prune.run(model, plan, skip=pruned_one_by_one)
+        entries += checked(prune.run(model, plan, skip=pruned_one_by_one))
     if plan.uses("quantize"):
         from .passes import quantize
-        entries += quantize.run(model, plan)
+        entries += checked(quantize.run(model, plan))
     if plan.uses("prune") or options.sparse_encode:
         from .passes import sparse_encode
-        entries += sparse_encode.run(model, plan)
+        entries += checked(sparse_encode.run(model, plan))
     if any(e["action"] != "skipped" for e in entries):
         model.cleanup()
         update_min_runtime_version(model)
+        model.validate(known_problems)
     if plan.budget_info:
         by_position = {plan.positions[k]: v for k, v in plan.budget_info.items() if k in plan.positions}
         for e in entries:
@@ -272,22 +271,23 @@ def update_min_runtime_version(model) -> None:
 
 
 def run(input_path, output_path, options: Options, progress: bool = False) -> dict:
+    """The whole job. Paths are checked before any work; the model and the report are written under temporary
+    names and moved into place together at the end (both or neither; on a broken --verify bound, the report
+    only)."""
     input_path, output_path = Path(input_path), Path(output_path)
-    if output_path.exists() and input_path.exists() and os.path.samefile(input_path, output_path):
-        raise io.ModelError(f"{output_path}: the output would overwrite the input; choose another path")
-    if output_path.is_dir():
-        raise io.ModelError(f"{output_path}: is a directory")
-    if not output_path.parent.exists() and str(output_path.parent):
-        raise io.ModelError(f"{output_path.parent}: no such directory")
+    io.check_paths(reads={"input model": input_path, "--calibration file": options.calibration,
+                          "--recipe file": options.recipe, "--data file": options.data},
+                   writes={"output": output_path, "--report": options.report})
     plan = options.plan()
     model = io.read(input_path)
     size_before = os.path.getsize(input_path)
     before = analysis.summary(model, zeros=False)["totals"]
     bar = Progress(count_targets(model), enabled=progress)
     entries = rewrite_model(model, options, bar, plan, source=input_path)
-    target = output_path.with_name(f".{output_path.name}.verify.tmp") if options.verify else output_path
-    try:
-        size_after = io.write(model, target)
+    with io.Staged() as staged:
+        target = staged.path(output_path)
+        report_target = staged.path(options.report) if options.report else None
+        size_after = _written(lambda: io.write(model, target), output_path)
         after = analysis.summary(model, zeros=False)["totals"]
         notes = []
         if not entries:
@@ -308,17 +308,21 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
             report["calibration"] = plan.calibration
         if options.verify:
             report["verify"] = verify_against(input_path, target, options)
-            if not report["verify"]["passed"]:
-                if options.report:
-                    write_json(report, options.report)
-                raise VerifyFailed("; ".join(report["verify"]["failures"]))
-            os.replace(target, output_path)
-    finally:
-        if options.verify and target.exists():
-            target.unlink()
-    if options.report:
-        write_json(report, options.report)
+        if report_target is not None:
+            _written(lambda: write_json(report, report_target), options.report)
+        if options.verify and not report["verify"]["passed"]:
+            staged.commit([options.report] if options.report else [])
+            raise VerifyFailed("; ".join(report["verify"]["failures"]))
+        staged.commit()
     return report
+
+
+def _written(write, path):
+    """Run `write`; a file system that refuses (full, read-only, quota) is a path error, not a fault."""
+    try:
+        return write()
+    except OSError as e:
+        raise io.PathError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def verify_against(original, rewritten, options: Options) -> dict:
@@ -342,7 +346,4 @@ def verify_against(original, rewritten, options: Options) -> dict:
 
 
 def write_json(obj, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    Path(path).write_text(json.dumps(obj, indent=1) + "\n")

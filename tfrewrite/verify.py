@@ -140,11 +140,7 @@ class Runner:
     def samples_from(self, path, limit: int | None = None) -> tuple[list[list[np.ndarray]], np.ndarray | None]:
         """Samples from an .npz: one array per input, named after the input (tensor or signature name), the
         first axis indexing samples; an optional `labels` array. Raises DataError with one clear reason."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise DataError(f"{path}: not a readable .npz file ({e})") from None
+        data = load_npz(path)
         labels = data.pop("labels", None)
         names = [n for n, _, _ in self.inputs]
         aliases = {}
@@ -173,8 +169,7 @@ class Runner:
                                 f"{', '.join(str(d) for d in shape[1:])}]")
             if a.dtype.kind not in "biuf" or (dtype.kind == "f") != (a.dtype.kind == "f"):
                 raise DataError(f"{path}: array {name!r} has dtype {a.dtype}, the input wants {dtype}")
-            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-                raise DataError(f"{path}: array {name!r} holds NaN or infinite values")
+            arrays[name] = a = _cast(a, dtype, f"{path}: array {name!r}")
             counts.add(a.shape[0])
         if len(counts) != 1:
             raise DataError(f"{path}: inputs hold different numbers of samples {sorted(counts)}")
@@ -184,8 +179,38 @@ class Runner:
         if limit is not None:
             n = min(n, limit)
             labels = labels[:n] if labels is not None else None
-        samples = [[arrays[name][i:i + 1].astype(dtype) for name, _, dtype in self.inputs] for i in range(n)]
+        samples = [[arrays[name][i:i + 1] for name, _, _ in self.inputs] for i in range(n)]
         return samples, labels
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file; anything unreadable (truncated, not a zip, pickled objects) is a DataError."""
+    import zipfile
+    import zlib
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: a single array, not an .npz file of named arrays")
+        with z:
+            return {k: z[k] for k in z.files}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
+def _cast(a: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """`a` as the input's dtype; values the dtype cannot hold (1e300 in float32, 300 in int8, NaN) are refused
+    here, after the cast, rather than found as a failure deep in a fit."""
+    if dtype.kind in "iu" and a.dtype.kind in "biu":
+        info = np.iinfo(dtype)
+        if a.size and (a.min() < info.min or a.max() > info.max):
+            raise DataError(f"{what} holds values outside the {dtype} range [{info.min}, {info.max}]")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = a.astype(dtype)
+    if cast.dtype.kind == "f" and not np.all(np.isfinite(cast)):
+        raise DataError(f"{what} holds NaN, infinite values or values too large for {dtype}")
+    return cast
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:

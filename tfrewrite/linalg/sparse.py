@@ -70,6 +70,8 @@ def encode_csr_last_dim(dense):
         raise ValueError("need at least a 1-D tensor")
     rows = x.reshape(-1, x.shape[-1])
     mask = rows != 0
+    if not mask.any() and mask.size:
+        mask.flat[0] = True  # one explicit zero: TFLite rejects a sparse tensor with no stored values
     _, cols = np.nonzero(mask)  # row-major order = traversal order
     dims = [DimMeta("DENSE", dense_size=int(d)) for d in x.shape[:-1]]
     dims.append(_csr_dim(mask.sum(axis=1), cols, x.shape[-1]))
@@ -103,6 +105,8 @@ def encode_blocks(dense_2d, block=(1, 4)):
     bh, bw = _check_blocks(x.shape, block)
     blocks = _block_view(x, bh, bw)
     keep = np.any(blocks != 0, axis=(2, 3))
+    if not keep.any() and keep.size:
+        keep.flat[0] = True  # one explicit zero block: TFLite rejects a sparse tensor with no stored values
     _, bcols = np.nonzero(keep)
     block_dims = [d for d, b in enumerate((bh, bw)) if b > 1]
     grid = (x.shape[0] // bh, x.shape[1] // bw)

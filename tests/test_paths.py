@@ -1,0 +1,143 @@
+"""Every path a run writes is checked against every path it reads before any work; the model and the report are
+written together at the end, or neither; Ctrl-C leaves nothing behind."""
+import errno
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from tfrewrite import cli, io, rewrite
+
+SMALL = FIXTURES / "two_signatures.tflite"
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _folder(tmp):
+    """A folder with an input model, a recipe and a calibration file; returns their paths."""
+    model = tmp / "in.tflite"
+    model.write_bytes(SMALL.read_bytes())
+    recipe = tmp / "recipe.json"
+    recipe.write_text(json.dumps({"rules": [{"match": ".", "quantize": "float16"}]}))
+    calib = tmp / "calib.npz"
+    np.savez(calib, x=np.zeros((2, 1, 4), np.float32))
+    return model, recipe, calib
+
+
+def _snapshot(tmp):
+    return {p.name: p.read_bytes() for p in tmp.iterdir() if p.is_file()}
+
+
+def _assert_refused(capsys, tmp, *argv, words=()):
+    before = _snapshot(tmp)
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tfrewrite: error: "), err
+    for w in words:
+        assert w in err, err
+    assert _snapshot(tmp) == before, "a file was changed, written or left behind"
+
+
+def test_report_or_output_over_a_file_read(capsys, tmp):
+    model, recipe, calib = _folder(tmp)
+    out = tmp / "out.tflite"
+    _assert_refused(capsys, tmp, model, out, "--report", model, words=["--report", "input model"])
+    _assert_refused(capsys, tmp, model, out, "--report", out, words=["--report", "output"])
+    _assert_refused(capsys, tmp, model, out, "--recipe", recipe, "--report", recipe, words=["--recipe file"])
+    _assert_refused(capsys, tmp, model, recipe, "--recipe", recipe, words=["--recipe file"])
+    _assert_refused(capsys, tmp, model, calib, "--rank", "2", "--calibration", calib, words=["--calibration file"])
+    _assert_refused(capsys, tmp, model, out, "--verify", "--data", calib, "--report", calib, words=["--data file"])
+    _assert_refused(capsys, tmp, model, tmp / "." / "in.tflite", words=["input model"])
+
+
+def test_links_to_a_file_read_are_the_same_file(capsys, tmp):
+    model, _, _ = _folder(tmp)
+    (tmp / "soft.tflite").symlink_to(model)
+    os.link(model, tmp / "hard.tflite")
+    _assert_refused(capsys, tmp, model, tmp / "soft.tflite", words=["same file"])
+    _assert_refused(capsys, tmp, model, tmp / "hard.tflite", words=["same file"])
+    _assert_refused(capsys, tmp, model, tmp / "o.tflite", "--report", tmp / "hard.tflite", words=["same file"])
+    sub = tmp / "sub"
+    sub.mkdir()
+    (tmp / "link").symlink_to(sub)
+    _assert_refused(capsys, tmp, model, sub / "o.tflite", "--report", tmp / "link" / "o.tflite", words=["same file"])
+
+
+def test_missing_folders_and_folders_as_files(capsys, tmp):
+    model, _, _ = _folder(tmp)
+    out = tmp / "out.tflite"
+    _assert_refused(capsys, tmp, model, out, "--report", tmp / "nope" / "r.json", words=["no such folder"])
+    _assert_refused(capsys, tmp, model, tmp / "nope" / "o.tflite", words=["no such folder"])
+    (tmp / "dir").mkdir()
+    _assert_refused(capsys, tmp, model, out, "--report", tmp / "dir", words=["is a directory"])
+    _assert_refused(capsys, tmp, model, tmp / "dir", words=["is a directory"])
+    _assert_refused(capsys, tmp, model, out, "--quantize", "int8", "--recipe", tmp / "missing.json",
+                    words=["no such file"])
+    _assert_refused(capsys, tmp, model, "/dev/null", words=["not a regular file"])
+    assert os.path.exists("/dev/null")
+
+
+def _unwritable_folder(tmp):
+    if os.geteuid() != 0:
+        folder = tmp / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return folder
+    # root may write anywhere a permission bit forbids; sysfs refuses new files even to root
+    try:
+        fd, probe = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        return "/sys"
+    os.close(fd)
+    os.unlink(probe)
+    pytest.skip("no folder here refuses new files to this user")
+
+
+def test_unwritable_output_folder(capsys, tmp):
+    model, _, _ = _folder(tmp)
+    folder = _unwritable_folder(tmp)
+    _assert_refused(capsys, tmp, model, f"{folder}/o.tflite", words=["cannot write into"])
+    _assert_refused(capsys, tmp, model, tmp / "o.tflite", "--report", f"{folder}/r.json", words=["cannot write into"])
+
+
+def test_a_failing_write_leaves_neither_model_nor_report(capsys, tmp, monkeypatch):
+    model, _, _ = _folder(tmp)
+    out, rep = tmp / "out.tflite", tmp / "r.json"
+
+    def full_disk(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(rewrite, "write_json", full_disk)
+    _assert_refused(capsys, tmp, model, out, "--quantize", "float16", "--report", rep, words=["No space left"])
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(capsys, tmp, monkeypatch):
+    model, _, _ = _folder(tmp)
+    before = _snapshot(tmp)
+    real_write = io.write
+
+    def write_then_interrupt(m, path, **kw):
+        real_write(m, path, **kw)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(io, "write", write_then_interrupt)
+    code, _, err = _run(capsys, model, tmp / "out.tflite", "--quantize", "float16", "--report", tmp / "r.json")
+    assert code == 130 and "interrupted" in err
+    assert _snapshot(tmp) == before
+
+
+def test_model_and_report_are_written_together(capsys, tmp):
+    model, _, _ = _folder(tmp)
+    out, rep = tmp / "out.tflite", tmp / "r.json"
+    code, _, err = _run(capsys, model, out, "--quantize", "float16", "--report", rep)
+    assert code == 0, err
+    assert json.loads(rep.read_text())["output"] == str(out)
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(["in.tflite", "recipe.json", "calib.npz", "out.tflite",
+                                                           "r.json"])
+    assert (tmp / "in.tflite").read_bytes() == SMALL.read_bytes()
