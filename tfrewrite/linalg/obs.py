@@ -30,8 +30,8 @@ import numpy as np
 DEFAULT_DAMPING = 0.01
 # Columns whose mask is chosen together, and over which the error is propagated lazily (one matrix product).
 COLUMN_BLOCK = 128
-# Inputs per diagonal block of H: a 4096² float64 block is 128 MB.
-MAX_DIM = 4096
+# Inputs per diagonal block of H: a 6144² float64 block is 300 MB (VGG16's widest conv has 4608 inputs).
+MAX_DIM = 6144
 
 
 def hessian(rows: np.ndarray, damping: float = DEFAULT_DAMPING) -> tuple[np.ndarray, float]:
@@ -276,8 +276,10 @@ def refit_cost(m: int, n: int, n_rows: int, sparsity: float) -> float:
     return m * n_rows * n_rows * small if n_rows < n else m * small ** 3 / 3
 
 
-# Above this many flops for a layer the exact refit is left out (SparseGPT's own update stays).
+# Above this many flops for a layer the exact refit is left out (SparseGPT's own update stays); for layers
+# wider than max_dim (no full H) up to WIDE_REFIT_BUDGET, beyond it block-diagonal SparseGPT.
 REFIT_BUDGET = 5e10
+WIDE_REFIT_BUDGET = 1e12
 
 
 def prune(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int = 1,
@@ -287,11 +289,11 @@ def prune(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int = 1,
     method). The mask comes from SparseGPT (or, for layers wider than `max_dim` inputs with fewer samples than
     inputs, from the one-shot OBS saliency w_q²/[H⁻¹]_qq); the kept weights then get the exact optimum for that
     mask where that is affordable (it is clearly better than SparseGPT's left-to-right update when the inputs
-    are strongly correlated), else keep SparseGPT's update."""
+    are strongly correlated), else keep SparseGPT's update (block-diagonal for wide layers with many samples)."""
     w0 = start_weights(weight, rows, target_rows, damping)
     m, n = w0.shape
     x = np.asarray(rows)
-    if n > max_dim and len(x) < n:
+    if n > max_dim and len(x) < n and refit_cost(m, n, len(x), sparsity) <= WIDE_REFIT_BUDGET:
         if width < 1 or n % width:
             raise ValueError(f"block width {width} does not divide {n} inputs")
         inv_diag = _LowRankHessian(x, damping).inv_diag()
