@@ -1,9 +1,13 @@
-"""Data and calibration files: unreadable or out-of-range contents are one error line and exit 2."""
+"""Inputs for --verify, compare and --calibration: generated in the range the model reads them in, or read from
+data files (any signature's names, batches of a fixed batch size); unreadable or out-of-range files are exit 2."""
+import json
+
 import numpy as np
 import pytest
 
 import builders as B
-from tfrewrite import cli
+import odd_models as M
+from tfrewrite import cli, verify
 
 
 def _fc(tmp, seed=0):
@@ -41,3 +45,103 @@ def test_bad_data_files_are_exit_2(tmp, capsys, what):
     code = cli.main(["compare", str(model), str(model), "--data", str(data), "--runs", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("tfrewrite: error: ") and err.count("\n") == 1, (what, err)
+
+
+# ------------------------------------------------------------------------- inputs the model reads as indices
+@pytest.mark.parametrize("kind", ["GATHER", "EMBEDDING_LOOKUP", "GATHER_ND", "SLICE"])
+def test_index_inputs_get_valid_indices(tmp, capsys, kind):
+    """--verify and compare generate index inputs within what they index (random int8-range values would read
+    out of bounds and fail in the runtime); compare --data uses the given indices for the timing runs too."""
+    model = tmp / "m.tflite"
+    model.write_bytes(M.index_model(kind))
+    out = tmp / "o.tflite"
+    code = cli.main([str(model), str(out), "--rank", "4", "--force", "--verify", "--runs", "2", "--samples", "3"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert cli.main(["compare", str(model), str(out), "--runs", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["samples"] == 8 and r["outputs"][0]["rel_l2"] < 1e6 and r["a"]["latency_ms"] > 0
+
+
+def test_compare_data_feeds_the_timing_runs(tmp, capsys, monkeypatch):
+    model = tmp / "m.tflite"
+    model.write_bytes(M.index_model("GATHER"))
+    data = tmp / "ids.npz"
+    np.savez(data, ids=np.array([[0, 9, 9], [1, 2, 3]], np.int32))  # whole inputs, one per sample
+    fed = []
+    real_call = verify.Runner.__call__
+    monkeypatch.setattr(verify.Runner, "__call__", lambda self, x: fed.append(x[0].tolist()) or real_call(self, x))
+    assert cli.main(["compare", str(model), str(model), "--data", str(data), "--runs", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["samples"] == 2 and r["outputs"][0]["rel_l2"] == 0
+    assert fed and all(x in ([0, 9, 9], [1, 2, 3]) for x in fed)
+
+
+# ------------------------------------------------------------------------- a batch fixed above 1
+def test_fixed_batch_of_3_calibrates_and_compares(tmp, capsys):
+    """Input [3, 4, 4, 1]: data files are fed in batches of 3 (the last padded), never resized."""
+    rng = np.random.default_rng(3)
+    model = tmp / "b3.tflite"
+    model.write_bytes(B.conv_model(rng.standard_normal((8, 3, 3, 1)).astype(np.float32), input_hw=(4, 4), batch=3))
+    data = tmp / "d.npz"
+    x = rng.standard_normal((7, 4, 4, 1)).astype(np.float32)
+    np.savez(data, input=x)
+    out = tmp / "o.tflite"
+    code = cli.main([str(model), str(out), "--conv-rank", "2", "--force", "--calibration", str(data), "--verify",
+                     "--data", str(data), "--runs", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main(["compare", str(model), str(out), "--data", str(data), "--runs", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["samples"] == 7
+    # The per-sample outputs are those of the model run on each sample in a batch of three.
+    runner, batches, _, count = verify.open_data(model, data)
+    assert runner.batch == 3 and len(batches) == 3 and count == 7
+    assert all(b[0].shape == (3, 4, 4, 1) for b in batches)
+    np.testing.assert_array_equal(batches[2][0][1:], np.repeat(x[6:7], 2, axis=0))
+    outs = runner.per_sample(batches, count)
+    assert len(outs) == 7 and outs[0][0].shape == (1, 4, 4, 8)
+    expected = B.conv2d(x[4:7].astype(np.float64), verify.Runner(model).model.main.operators[0].inputs[1].data)
+    np.testing.assert_allclose(np.concatenate([o[0] for o in outs[4:7]]), expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------- signatures
+def test_data_files_may_name_any_signature(tmp, capsys):
+    model = tmp / "sigs.tflite"
+    model.write_bytes(M.two_signature_fc())
+    encode, decode = tmp / "encode.npz", tmp / "decode.npz"
+    np.savez(encode, features=np.ones((4, 24), np.float32))
+    np.savez(decode, code=np.ones((4, 12), np.float32))
+    out = tmp / "o.tflite"
+    for data in (encode, decode):  # the signature is the one the names fit
+        code = cli.main([str(model), str(out), "--rank", "2", "--force", "--verify", "--data", str(data),
+                         "--runs", "1"])
+        assert code == 0, capsys.readouterr().err
+        capsys.readouterr()
+    code = cli.main([str(model), str(out), "--rank", "2", "--force", "--verify", "--data", str(decode),
+                     "--signature", "encode", "--runs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'code' matches no model input" in err
+    code = cli.main([str(model), str(out), "--rank", "2", "--force", "--signature", "nope"])
+    assert code == 2 and "nope" in capsys.readouterr().err
+    # Calibration fits the main subgraph's layers: data of the main subgraph's signature is accepted, data of
+    # another subgraph's signature is refused with the reason.
+    code = cli.main([str(model), str(out), "--rank", "2", "--force", "--calibration", str(encode), "--signature",
+                     "encode", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    code = cli.main([str(model), str(out), "--rank", "2", "--force", "--calibration", str(decode)])
+    err = capsys.readouterr().err
+    assert code == 2 and "main subgraph" in err and err.count("\n") == 1
+
+
+def test_compare_models_with_different_inputs(tmp, capsys):
+    a, b = tmp / "a.tflite", tmp / "b.tflite"
+    a.write_bytes(M.index_model("GATHER"))
+    b.write_bytes(B.fc_model(np.ones((24, 16), np.float32)))
+    assert cli.main(["compare", str(a), str(b), "--runs", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["outputs"] == [] and "fidelity left out" in r["note"]
+    assert r["a"]["latency_ms"] > 0 and r["b"]["latency_ms"] > 0 and r["b"]["params"] == 24 * 16
+    assert cli.main(["compare", str(a), str(b), "--runs", "2"]) == 0
+    assert "fidelity left out" in capsys.readouterr().out

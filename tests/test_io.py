@@ -252,3 +252,34 @@ def test_plain_rewrite_says_unchanged_and_internal_fault_is_one_line(tmp, capsys
     assert cli.main([str(FIXTURES / "vgg_digits.tflite"), str(tmp / "p.tflite")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tfrewrite: internal error:") and err.count("\n") == 1
+
+
+def test_fields_the_ir_does_not_model_survive_a_round_trip(monkeypatch):
+    """A newer schema may add fields to Model, SubGraph, Operator or Tensor. Pretend the IR does not know
+    Tensor.hasRank, Operator.debugMetadataIndex, SubGraph.name and Model.description: they must still come back
+    as they were, carried in `extra`."""
+    from tflite.Model import Model as ReadOnlyModel
+    model = io.read(FIXTURES / "two_signatures.tflite")
+    model.description = "kept"
+    model.main.name = "main graph"
+    model.main.tensors[0].has_rank = True
+    model.main.operators[0].debug_metadata_index = 7
+    data = io.to_bytes(model)
+    monkeypatch.setattr(io, "_TENSOR_EXTRA", ("hasRank",))
+    monkeypatch.setattr(io, "_OPERATOR_EXTRA", ("debugMetadataIndex",))
+    monkeypatch.setattr(io, "_SUBGRAPH_EXTRA", ("name",))
+    monkeypatch.setattr(io, "_MODEL_EXTRA", ("description",))
+    model = io.read_buffer(data)
+    assert model.extra == {"description": b"kept"} and model.main.extra == {"name": b"main graph"}
+    # Forget them in the modelled fields, as code that does not know them would.
+    model.description, model.main.name = None, None
+    for sg in model.subgraphs:
+        for t in sg.tensors:
+            t.has_rank = False
+        for op in sg.operators:
+            op.debug_metadata_index = -1
+    back = ReadOnlyModel.GetRootAs(io.to_bytes(model), 0)
+    assert back.Description() == b"kept"
+    assert back.Subgraphs(0).Name() == b"main graph"
+    assert back.Subgraphs(0).Tensors(0).HasRank()
+    assert back.Subgraphs(0).Operators(0).DebugMetadataIndex() == 7

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import schema
+from .ops import semantics
 from .graph import Model, Operator, Tensor
 
 OP = schema.BuiltinOperator
 # Operators whose input 1 is "the weight" of the layer.
-WEIGHTED_OPS = {OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED, OP.TRANSPOSE_CONV, OP.BATCH_MATMUL,
-                OP.CONV_3D, OP.EMBEDDING_LOOKUP}
+WEIGHTED_OPS = semantics.WEIGHTED_OPS
 # Operators that only turn a stored constant into its runtime form; their params are counted at the reader.
 WEIGHT_CARRIERS = {OP.DEQUANTIZE, OP.DENSIFY}
 
@@ -135,3 +135,105 @@ def summary(model: Model, file_bytes: int | None = None, zeros: bool = True) -> 
             "weight_bytes": weight_bytes(model),
         },
     }
+
+
+# ------------------------------------------------------------------------------- plausible model inputs
+# Ops that pass an integer tensor on unchanged in value (only its shape or type may change).
+_VALUE_PRESERVING = {OP.CAST, OP.RESHAPE, OP.SQUEEZE, OP.EXPAND_DIMS}
+# Integers that are not indices get values in this small non-negative range (counts, positions, flags).
+SMALL_INTEGERS = (0, 7)
+
+
+def _dims(t: Tensor | None) -> list[int] | None:
+    return [d if d > 0 else 1 for d in t.shape] if t is not None and t.shape is not None else None
+
+
+def _index_bounds(op: Operator, position: int):
+    """(low, high) inclusive, each a scalar or one value per index component (last axis), of what input
+    `position` of `op` may hold without reading out of bounds; None when it is not an index operand."""
+    ins = op.inputs
+    if op.builtin == OP.EMBEDDING_LOOKUP and position == 0 and _dims(ins[1]):
+        return 0, _dims(ins[1])[0] - 1
+    if op.builtin == OP.GATHER and position == 1 and _dims(ins[0]):
+        params = _dims(ins[0])
+        axis = getattr(op.builtin_options, "axis", 0) or 0
+        axis = axis + len(params) if axis < 0 else axis
+        return (0, params[axis] - 1) if 0 <= axis < len(params) else None
+    if op.builtin == OP.GATHER_ND and position == 1 and _dims(ins[0]) and _dims(ins[1]):
+        k = _dims(ins[1])[-1]
+        return 0, np.array(_dims(ins[0])[:k]) - 1
+    if op.builtin in (OP.SLICE, OP.STRIDED_SLICE) and position >= 1 and _dims(ins[0]):
+        dims = np.array(_dims(ins[0]))
+        if op.builtin == OP.SLICE:  # begin 0, size -1: the whole tensor, valid for any shape
+            return (0, 0) if position == 1 else (-1, -1)
+        return {1: (0, 0), 2: (dims, dims), 3: (1, 1)}.get(position)
+    if op.builtin == OP.DYNAMIC_UPDATE_SLICE and position == 2 and _dims(ins[0]) and _dims(ins[1]):
+        return 0, np.maximum(np.array(_dims(ins[0])) - np.array(_dims(ins[1])), 0)
+    if op.builtin == OP.ONE_HOT and position == 0 and ins[1] is not None and ins[1].data is not None:
+        return 0, int(np.asarray(ins[1].data).reshape(-1)[0]) - 1
+    return None
+
+
+def _index_range(sg, tensor: Tensor, consumers: dict, depth: int = 0):
+    """The bounds every index use of `tensor` allows (intersected), following value-preserving ops."""
+    low, high = None, None
+    for op in consumers.get(id(tensor), []):
+        found = []
+        for pos, t in enumerate(op.inputs):
+            if t is tensor:
+                if op.builtin in _VALUE_PRESERVING and pos == 0 and depth < 8:
+                    found.append(_index_range(sg, op.outputs[0], consumers, depth + 1))
+                else:
+                    found.append(_index_bounds(op, pos))
+        for bounds in found:
+            if bounds is None:
+                continue
+            lo, hi = bounds
+            if op.builtin in _VALUE_PRESERVING and (np.ndim(lo) or np.ndim(hi)):  # components lost their axis
+                lo, hi = np.max(lo), np.min(hi)
+            low = lo if low is None else np.maximum(low, lo)
+            high = hi if high is None else np.minimum(high, hi)
+    return None if low is None else (low, np.maximum(high, low))
+
+
+def input_ranges(sg, tensors: list[Tensor]) -> list[dict]:
+    """How to make plausible values for each of `tensors` (inputs of `sg`), from what reads them:
+    index operands stay within the table or tensor they index; quantized integers span their quantized range;
+    floats feeding a QUANTIZE span the real range its scale and zero point cover; other integers are small and
+    non-negative; other floats are standard normal. Each entry: kind ('index', 'integer', 'uniform',
+    'normal', 'bool') and inclusive `low`/`high` (scalars or one per last-axis component)."""
+    consumers = sg.consumers()
+    out = []
+    for t in tensors:
+        dtype = t.dtype
+        if dtype is not None and dtype == np.bool_:
+            out.append({"kind": "bool"})
+            continue
+        if dtype is None:  # strings, resources, variants: the runner decides
+            out.append({"kind": "normal"})
+            continue
+        if dtype.kind in "iu":
+            bounds = _index_range(sg, t, consumers)
+            if bounds is not None:
+                out.append({"kind": "index", "low": bounds[0], "high": bounds[1]})
+                continue
+            info = np.iinfo(dtype)
+            q = t.quantization
+            if q is not None and q.scale is not None and len(q.scale):
+                low = -info.max if dtype == np.int16 else info.min  # int16 activations are symmetric
+                out.append({"kind": "integer", "low": low, "high": info.max})
+            else:
+                out.append({"kind": "integer", "low": max(SMALL_INTEGERS[0], info.min),
+                            "high": min(SMALL_INTEGERS[1], info.max)})
+            continue
+        quantize = next((op for op in consumers.get(id(t), []) if op.builtin == OP.QUANTIZE), None)
+        q = quantize.outputs[0].quantization if quantize is not None else None
+        if q is not None and q.scale is not None and len(q.scale) == 1 and quantize.outputs[0].dtype is not None \
+                and quantize.outputs[0].dtype.kind in "iu":
+            info = np.iinfo(quantize.outputs[0].dtype)
+            zero = int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
+            scale = float(q.scale[0])
+            out.append({"kind": "uniform", "low": (info.min - zero) * scale, "high": (info.max - zero) * scale})
+        else:
+            out.append({"kind": "normal"})
+    return out

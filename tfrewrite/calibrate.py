@@ -40,23 +40,25 @@ def row_dim(op: Operator) -> int:
 
 
 def _patch_rows(x: np.ndarray, op: Operator, count: int, rng) -> np.ndarray:
-    """`count` random k×k×C patches (kernel order [kh, kw, C]) at the conv's output positions."""
+    """`count` random k×k×C patches (kernel order [kh, kw, C]) at the conv's output positions, over every item
+    of the batch (a model whose batch is fixed above 1 gets several samples per run)."""
     o = op.builtin_options
     kh, kw = op.inputs[1].shape[1:3]
     sh, sw, dh, dw = o.strideH, o.strideW, o.dilationHFactor, o.dilationWFactor
     out_h, out_w = static_shape(op.outputs[0])[1:3]
-    _, h, w, c = x.shape
+    n, h, w, c = x.shape
     if o.padding == schema.Padding.SAME:
         ph = max((out_h - 1) * sh + (kh - 1) * dh + 1 - h, 0)
         pw = max((out_w - 1) * sw + (kw - 1) * dw + 1 - w, 0)
         x = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-    positions = out_h * out_w
-    pick = rng.choice(positions, size=min(count, positions), replace=False)
-    ys, xs = np.divmod(np.sort(pick), out_w)
+    positions = n * out_h * out_w
+    pick = np.sort(rng.choice(positions, size=min(count, positions), replace=False))
+    items, rest = np.divmod(pick, out_h * out_w)
+    ys, xs = np.divmod(rest, out_w)
     rows = np.empty((len(pick), kh, kw, c), np.float32)
     for a in range(kh):
         for b in range(kw):
-            rows[:, a, b, :] = x[0, ys * sh + a * dh, xs * sw + b * dw, :]
+            rows[:, a, b, :] = x[items, ys * sh + a * dh, xs * sw + b * dw, :]
     return rows.reshape(len(pick), -1)
 
 

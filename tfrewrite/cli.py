@@ -37,6 +37,11 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune-depthwise", action="store_true", help="prune DEPTHWISE_CONV_2D too (off by default)")
     g.add_argument("--sparse-encode", action="store_true",
                    help="store weights that already hold enough zeros in the sparse format (implied by --prune)")
+    g = p.add_argument_group("structured pruning (whole channels removed: a smaller dense model)")
+    g.add_argument("--prune-channels", type=float, metavar="F", help="remove share F of every channel group "
+                   "(with --calibration: chosen and refitted on the data)")
+    g.add_argument("--channel-multiple", type=int, default=8, metavar="N",
+                   help="kept channel counts are multiples of N (default 8)")
     g = p.add_argument_group("quantization (weights only)")
     g.add_argument("--quantize", choices=["float16", "int8"], help="store weights as float16 or int8")
     s = p.add_argument_group("selection")
@@ -62,6 +67,8 @@ def _rewrite_parser() -> argparse.ArgumentParser:
                    "relative L2 error exceeds X")
     v.add_argument("--min-top5-agree", type=float, metavar="Y", help="fail (exit 3, no output) when top-5 "
                    "agreement with the input model is below Y")
+    v.add_argument("--signature", metavar="KEY", help="the signature whose inputs the --calibration and --data "
+                   "files name (default: the main subgraph's, or the one signature they fit)")
     v.add_argument("--samples", type=int, default=8, help="random samples when no --data (default 8)")
     v.add_argument("--runs", type=int, default=10, help="timed runs per model (default 10)")
     o = p.add_argument_group("output")
@@ -183,6 +190,10 @@ def print_compare(r: dict) -> None:
     print(_table(["model", "file", "params", "MACs", "latency ms"], rows))
     if r.get("speedup"):
         print(f"speed-up B vs A: {r['speedup']:.2f}x (median of interleaved runs)")
+    if r.get("note"):
+        print(r["note"])
+    if not r["outputs"]:
+        return
     rows = []
     for o in r["outputs"]:
         pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"

@@ -72,6 +72,8 @@ class Tensor:
     has_rank: bool = False
     variant_tensors: Any = None
     external_buffer: int = 0
+    # Schema fields the IR does not model (a newer schema's), kept as read: object-API name → value.
+    extra: dict = field(default_factory=dict)
 
     @property
     def is_constant(self) -> bool:
@@ -135,6 +137,7 @@ class Operator:
     mutating_variable_inputs: list[bool] | None = None
     intermediates: list[Tensor] = field(default_factory=list)
     debug_metadata_index: int = -1
+    extra: dict = field(default_factory=dict)  # schema fields the IR does not model, kept as read
 
     @property
     def builtin(self) -> int:
@@ -157,6 +160,7 @@ class Subgraph:
     outputs: list[Tensor] = field(default_factory=list)
     name: str | None = None
     debug_metadata_index: int = -1
+    extra: dict = field(default_factory=dict)  # schema fields the IR does not model, kept as read
 
     # --- queries --------------------------------------------------------------------------------------
     def producers(self) -> dict[int, Operator]:
@@ -317,6 +321,7 @@ class Model:
     metadata_buffer: list[Buffer] = field(default_factory=list)
     # External buffer groups and buffers (schema object-API values), passed through unchanged.
     external: tuple | None = None
+    extra: dict = field(default_factory=dict)  # schema fields the IR does not model, kept as read
 
     @property
     def main(self) -> Subgraph:

@@ -194,6 +194,24 @@ class _Reader:
 
     # ------------------------------------------------------------------------------------------------
     def model(self) -> Model:
+        fb = self.root()
+        buffers = self.buffers(fb)
+        opcodes = self.opcodes(fb)
+        n_subgraphs = self.vector_length(fb.SubgraphsLength())
+        if n_subgraphs == 0:
+            self.fail("model has no subgraphs")
+        subgraphs = [self.subgraph(fb.Subgraphs(i), i, buffers, opcodes, n_subgraphs) for i in range(n_subgraphs)]
+        desc = fb.Description()
+        model = Model(subgraphs=subgraphs, version=fb.Version(),
+                      description=desc.decode("utf-8") if desc is not None else None)
+        self.metadata(fb, model, buffers)
+        model.signature_defs = self.signature_defs(fb, subgraphs)
+        model.external = self.external(fb)
+        model.extra = _unmodelled_fields(schema.ModelT, _MODEL_EXTRA, fb)
+        return model
+
+    def root(self):
+        """The Model table, after checking the header: size, identifier, root offset, schema version."""
         if self.size < 8:
             self.fail(f"only {self.size} bytes: too short for a TFLite model")
         if bytes(self.data[4:8]) != FILE_IDENTIFIER:
@@ -203,15 +221,18 @@ class _Reader:
             self.fail(f"root table offset {root} is past the end of the file")
         fb = schema.Model.GetRootAs(self.data, 0)
         self.check_table(fb._tab.Pos)
-        version = fb.Version()
-        if version != 3:
-            self.fail(f"schema version {version} is not supported (expected 3)")
+        if fb.Version() != 3:
+            self.fail(f"schema version {fb.Version()} is not supported (expected 3)")
+        return fb
 
+    def buffers(self, fb) -> list[Buffer]:
         self.where = "in the buffer table"
         buffers = [self.buffer(fb, i) for i in range(self.vector_length(fb.BuffersLength()))]
         if not buffers:
             self.fail("model has no buffers (buffer 0 must exist)")
+        return buffers
 
+    def opcodes(self, fb) -> list[OpCode]:
         self.where = "in the operator-code table"
         opcodes = []
         for i in range(self.vector_length(fb.OperatorCodesLength())):
@@ -220,16 +241,9 @@ class _Reader:
             builtin = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
             custom = oc.CustomCode()
             opcodes.append(OpCode(builtin, custom.decode("utf-8") if custom is not None else None, oc.Version()))
+        return opcodes
 
-        n_subgraphs = self.vector_length(fb.SubgraphsLength())
-        if n_subgraphs == 0:
-            self.fail("model has no subgraphs")
-        subgraphs = [self.subgraph(fb.Subgraphs(i), i, buffers, opcodes, n_subgraphs) for i in range(n_subgraphs)]
-
-        model = Model(subgraphs=subgraphs, version=version)
-        desc = fb.Description()
-        model.description = desc.decode("utf-8") if desc is not None else None
-
+    def metadata(self, fb, model: Model, buffers) -> None:
         self.where = "in the metadata"
         for i in range(self.vector_length(fb.MetadataLength())):
             m = fb.Metadata(i)
@@ -241,34 +255,40 @@ class _Reader:
             mb = fb.MetadataBufferAsNumpy()
             model.metadata_buffer = [buffers[self.index(b, len(buffers), "metadata_buffer entry")] for b in mb]
 
+    def signature_defs(self, fb, subgraphs) -> list[SignatureDef]:
         self.where = "in the signature defs"
+        out = []
         for i in range(self.vector_length(fb.SignatureDefsLength())):
             sd = fb.SignatureDefs(i)
             self.check_table(sd._tab.Pos)
-            sg = subgraphs[self.index(sd.SubgraphIndex(), n_subgraphs, f"signature {i} subgraph")]
+            sg = subgraphs[self.index(sd.SubgraphIndex(), len(subgraphs), f"signature {i} subgraph")]
             key = sd.SignatureKey()
-
-            def maps(n, get):
-                out = []
-                for j in range(self.vector_length(n)):
-                    tm = get(j)
-                    self.check_table(tm._tab.Pos)
-                    t = sg.tensors[self.index(tm.TensorIndex(), len(sg.tensors), f"signature {i} tensor")]
-                    out.append((tm.Name().decode("utf-8") if tm.Name() is not None else "", t))
-                return out
-            model.signature_defs.append(SignatureDef(
+            out.append(SignatureDef(
                 key=key.decode("utf-8") if key is not None else "", subgraph=sg,
-                inputs=maps(sd.InputsLength(), sd.Inputs), outputs=maps(sd.OutputsLength(), sd.Outputs)))
+                inputs=self.tensor_maps(sd.InputsLength(), sd.Inputs, sg, i),
+                outputs=self.tensor_maps(sd.OutputsLength(), sd.Outputs, sg, i)))
+        return out
 
+    def tensor_maps(self, n, get, sg: Subgraph, signature: int) -> list[tuple[str, Tensor]]:
+        out = []
+        for j in range(self.vector_length(n)):
+            tm = get(j)
+            self.check_table(tm._tab.Pos)
+            t = sg.tensors[self.index(tm.TensorIndex(), len(sg.tensors), f"signature {signature} tensor")]
+            out.append((tm.Name().decode("utf-8") if tm.Name() is not None else "", t))
+        return out
+
+    def external(self, fb):
+        """External buffer groups and buffers, passed through as object-API values (or None)."""
         self.where = "in the external buffers"
-        if fb.ExternalBufferGroupsLength() or fb.ExternalBuffersLength():
-            self.vector_length(fb.ExternalBufferGroupsLength())
-            self.vector_length(fb.ExternalBuffersLength())
-            model.external = ([schema.ExternalBufferGroupT.InitFromObj(fb.ExternalBufferGroups(i))
-                               for i in range(fb.ExternalBufferGroupsLength())],
-                              [schema.ExternalBufferT.InitFromObj(fb.ExternalBuffers(i))
-                               for i in range(fb.ExternalBuffersLength())])
-        return model
+        if not (fb.ExternalBufferGroupsLength() or fb.ExternalBuffersLength()):
+            return None
+        self.vector_length(fb.ExternalBufferGroupsLength())
+        self.vector_length(fb.ExternalBuffersLength())
+        return ([schema.ExternalBufferGroupT.InitFromObj(fb.ExternalBufferGroups(i))
+                 for i in range(fb.ExternalBufferGroupsLength())],
+                [schema.ExternalBufferT.InitFromObj(fb.ExternalBuffers(i))
+                 for i in range(fb.ExternalBuffersLength())])
 
     def check_table(self, pos):
         """The table and its vtable lie inside the file."""
@@ -302,79 +322,85 @@ class _Reader:
     def subgraph(self, fb, si, buffers, opcodes, n_subgraphs) -> Subgraph:
         self.where = f"in subgraph {si}"
         self.check_table(fb._tab.Pos)
-        sg = Subgraph()
         name = fb.Name()
-        sg.name = name.decode("utf-8") if name is not None else None
-        sg.debug_metadata_index = fb.DebugMetadataIndex()
-        n_tensors = self.vector_length(fb.TensorsLength())
-        for ti in range(n_tensors):
+        sg = Subgraph(name=name.decode("utf-8") if name is not None else None,
+                      debug_metadata_index=fb.DebugMetadataIndex())
+        for ti in range(self.vector_length(fb.TensorsLength())):
             self.where = f"in subgraph {si}, tensor {ti}"
             sg.tensors.append(self.tensor(fb.Tensors(ti), buffers))
-        tensors = sg.tensors
-
-        def tensor_list(vec, what, optional=False):
-            out = []
-            for j in vec:
-                j = int(j)
-                if optional and j == -1:
-                    out.append(None)
-                else:
-                    out.append(tensors[self.index(j, n_tensors, what)])
-            return out
-
         self.where = f"in subgraph {si}"
-        sg.inputs = tensor_list(self.int_vector(fb.InputsLength(), fb.InputsAsNumpy), "input tensor")
-        sg.outputs = tensor_list(self.int_vector(fb.OutputsLength(), fb.OutputsAsNumpy), "output tensor")
-        # Blockwise / multi-axis quantization name tensors by index: turn them into references.
-        for t in tensors:
-            details = getattr(t.quantization, "details", None)
-            if isinstance(details, (getattr(schema, "BlockwiseQuantizationT", ()), getattr(schema, "MultiAxisQuantizationT", ()))):
-                details.scales = tensors[self.index(details.scales, n_tensors, "quantization scales tensor")]
-                details.zeroPoints = (tensors[self.index(details.zeroPoints, n_tensors, "quantization zero-point tensor")]
-                                      if details.zeroPoints >= 0 else None)
-
+        sg.inputs = self.tensor_list(sg, self.int_vector(fb.InputsLength(), fb.InputsAsNumpy), "input tensor")
+        sg.outputs = self.tensor_list(sg, self.int_vector(fb.OutputsLength(), fb.OutputsAsNumpy), "output tensor")
+        self.quantization_references(sg)
         for oi in range(self.vector_length(fb.OperatorsLength())):
             self.where = f"in subgraph {si}, operator {oi}"
-            o = fb.Operators(oi)
-            self.check_table(o._tab.Pos)
-            opcode = opcodes[self.index(o.OpcodeIndex(), len(opcodes), "operator-code index")]
-            op = Operator(
-                opcode=opcode,
-                inputs=tensor_list(self.int_vector(o.InputsLength(), o.InputsAsNumpy), "input tensor", optional=True),
-                outputs=tensor_list(self.int_vector(o.OutputsLength(), o.OutputsAsNumpy), "output tensor", optional=True),
-                intermediates=tensor_list(self.int_vector(o.IntermediatesLength(), o.IntermediatesAsNumpy), "intermediate tensor"),
-                custom_options_format=o.CustomOptionsFormat(),
-                debug_metadata_index=o.DebugMetadataIndex(),
-            )
-            if o.CustomOptionsLength():
-                n = self.vector_length(o.CustomOptionsLength(), 1) and o.CustomOptionsLength()
-                op.custom_options = bytes(o.CustomOptionsAsNumpy()[:n])
-            large_offset, large_size = o.LargeCustomOptionsOffset(), o.LargeCustomOptionsSize()
-            if large_offset > 1:
-                if large_offset + large_size > self.size:
-                    self.fail("large custom options lie past the end of the file")
-                op.custom_options = bytes(self.data[large_offset:large_offset + large_size])
-            if o.MutatingVariableInputsLength():
-                op.mutating_variable_inputs = [bool(x) for x in o.MutatingVariableInputsAsNumpy()]
-            if o.BuiltinOptionsType():
-                table = o.BuiltinOptions()
-                if table is not None:
-                    self.check_table(table.Pos)
-                    op.builtin_options_type = o.BuiltinOptionsType()
-                    op.builtin_options = schema.BuiltinOptionsCreator(op.builtin_options_type, table)
-            if o.BuiltinOptions2Type():
-                table = o.BuiltinOptions2()
-                if table is not None:
-                    self.check_table(table.Pos)
-                    op.builtin_options2_type = o.BuiltinOptions2Type()
-                    op.builtin_options2 = schema.BuiltinOptions2Creator(op.builtin_options2_type, table)
-            if any(t is None for t in op.outputs):
-                self.fail("an operator output is -1")
-            for attr, value in _subgraph_references(op):
-                for v in (value if isinstance(value, (list, tuple, np.ndarray)) else [value]):
-                    self.index(v, n_subgraphs, f"{attr} subgraph")
-            sg.operators.append(op)
+            sg.operators.append(self.operator(fb.Operators(oi), sg, opcodes, n_subgraphs))
+        self.where = f"in subgraph {si}"
+        sg.extra = _unmodelled_fields(schema.SubGraphT, _SUBGRAPH_EXTRA, fb)
         return sg
+
+    def tensor_list(self, sg: Subgraph, vec, what, optional=False) -> list[Tensor | None]:
+        out = []
+        for j in vec:
+            j = int(j)
+            if optional and j == -1:
+                out.append(None)
+            else:
+                out.append(sg.tensors[self.index(j, len(sg.tensors), what)])
+        return out
+
+    def quantization_references(self, sg: Subgraph) -> None:
+        """Blockwise / multi-axis quantization name tensors by index: turn them into references."""
+        n = len(sg.tensors)
+        for t in sg.tensors:
+            details = getattr(t.quantization, "details", None)
+            if isinstance(details, (getattr(schema, "BlockwiseQuantizationT", ()), getattr(schema, "MultiAxisQuantizationT", ()))):
+                details.scales = sg.tensors[self.index(details.scales, n, "quantization scales tensor")]
+                details.zeroPoints = (sg.tensors[self.index(details.zeroPoints, n, "quantization zero-point tensor")]
+                                      if details.zeroPoints >= 0 else None)
+
+    def operator(self, o, sg: Subgraph, opcodes, n_subgraphs) -> Operator:
+        self.check_table(o._tab.Pos)
+        opcode = opcodes[self.index(o.OpcodeIndex(), len(opcodes), "operator-code index")]
+        op = Operator(
+            opcode=opcode,
+            inputs=self.tensor_list(sg, self.int_vector(o.InputsLength(), o.InputsAsNumpy), "input tensor", optional=True),
+            outputs=self.tensor_list(sg, self.int_vector(o.OutputsLength(), o.OutputsAsNumpy), "output tensor", optional=True),
+            intermediates=self.tensor_list(sg, self.int_vector(o.IntermediatesLength(), o.IntermediatesAsNumpy), "intermediate tensor"),
+            custom_options_format=o.CustomOptionsFormat(),
+            debug_metadata_index=o.DebugMetadataIndex(),
+        )
+        if any(t is None for t in op.outputs):
+            self.fail("an operator output is -1")
+        op.custom_options = self.custom_options(o)
+        if o.MutatingVariableInputsLength():
+            op.mutating_variable_inputs = [bool(x) for x in o.MutatingVariableInputsAsNumpy()]
+        for n, (get_type, get_table, creator) in enumerate(((o.BuiltinOptionsType, o.BuiltinOptions, schema.BuiltinOptionsCreator),
+                                                            (o.BuiltinOptions2Type, o.BuiltinOptions2, schema.BuiltinOptions2Creator))):
+            table = get_table() if get_type() else None
+            if table is not None:
+                self.check_table(table.Pos)
+                suffix = "2" if n else ""
+                setattr(op, f"builtin_options{suffix}_type", get_type())
+                setattr(op, f"builtin_options{suffix}", creator(get_type(), table))
+        for attr, value in _subgraph_references(op):
+            for v in (value if isinstance(value, (list, tuple, np.ndarray)) else [value]):
+                self.index(v, n_subgraphs, f"{attr} subgraph")
+        op.extra = _unmodelled_fields(schema.OperatorT, _OPERATOR_EXTRA, o)
+        return op
+
+    def custom_options(self, o) -> bytes | None:
+        """Inline custom options, or the large-model layout's (offset, size) region after the flatbuffer."""
+        options = None
+        if o.CustomOptionsLength():
+            n = self.vector_length(o.CustomOptionsLength(), 1) and o.CustomOptionsLength()
+            options = bytes(o.CustomOptionsAsNumpy()[:n])
+        large_offset, large_size = o.LargeCustomOptionsOffset(), o.LargeCustomOptionsSize()
+        if large_offset > 1:
+            if large_offset + large_size > self.size:
+                self.fail("large custom options lie past the end of the file")
+            options = bytes(self.data[large_offset:large_offset + large_size])
+        return options
 
     def int_vector(self, n, as_numpy):
         if not n:
@@ -416,7 +442,45 @@ class _Reader:
             expected = int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize
             if expected != t.buffer.nbytes:
                 self.fail(f"tensor {t.name!r} of shape {shape} needs {expected} bytes, its buffer has {t.buffer.nbytes}")
+        t.extra = _unmodelled_fields(schema.TensorT, _TENSOR_EXTRA, fb)
         return t
+
+
+# Fields of the schema's Model, SubGraph, Operator and Tensor tables that the IR models itself (object-API
+# names). Any other field (one a newer schema adds) is read into the IR object's `extra` dict and written back
+# as it was, so a round trip never drops what this code does not know about yet.
+_MODEL_MODELLED = {"version", "operatorCodes", "subgraphs", "description", "buffers", "metadataBuffer", "metadata",
+                   "signatureDefs", "externalBufferGroups", "externalBuffers"}
+_SUBGRAPH_MODELLED = {"tensors", "inputs", "outputs", "operators", "name", "debugMetadataIndex"}
+_OPERATOR_MODELLED = {"opcodeIndex", "inputs", "outputs", "builtinOptionsType", "builtinOptions", "customOptions",
+                      "customOptionsFormat", "mutatingVariableInputs", "intermediates", "largeCustomOptionsOffset",
+                      "largeCustomOptionsSize", "builtinOptions2Type", "builtinOptions2", "debugMetadataIndex"}
+_TENSOR_MODELLED = {"shape", "type", "buffer", "name", "quantization", "isVariable", "sparsity", "shapeSignature",
+                    "hasRank", "variantTensors", "externalBuffer"}
+
+
+def _fields_beyond(t_class, modelled) -> tuple[str, ...]:
+    return tuple(sorted(set(vars(t_class())) - modelled))
+
+
+_MODEL_EXTRA = _fields_beyond(schema.ModelT, _MODEL_MODELLED)
+_SUBGRAPH_EXTRA = _fields_beyond(schema.SubGraphT, _SUBGRAPH_MODELLED)
+_OPERATOR_EXTRA = _fields_beyond(schema.OperatorT, _OPERATOR_MODELLED)
+_TENSOR_EXTRA = _fields_beyond(schema.TensorT, _TENSOR_MODELLED)
+
+
+def _unmodelled_fields(t_class, names: tuple[str, ...], table) -> dict:
+    """The values of the fields `names` of a flatbuffer table (none with today's schema: then free)."""
+    if not names:
+        return {}
+    full = t_class.InitFromObj(table)
+    return {name: getattr(full, name) for name in names if getattr(full, name) is not None}
+
+
+def _with_extra(t_object, extra: dict):
+    for name, value in extra.items():
+        setattr(t_object, name, value)
+    return t_object
 
 
 def _subgraph_references(op: Operator):
@@ -436,7 +500,7 @@ def write(model: Model, path: str | os.PathLike, large_layout: bool | None = Non
     `large_layout`: None chooses by size; True forces weights after the flatbuffer (for tests).
     """
     path = Path(path)
-    header, chunks, size = _Plan(model).pack(large_layout)
+    header, chunks, size = _Packer(model).pack(large_layout)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     sources: dict[str, int] = {}
     try:
@@ -483,7 +547,7 @@ def _write_data(f, buf: Buffer, sources: dict) -> None:
 
 def to_bytes(model: Model, large_layout: bool | None = None) -> bytes:
     """The file as bytes (tests and in-memory use)."""
-    header, chunks, _ = _Plan(model).pack(large_layout)
+    header, chunks, _ = _Packer(model).pack(large_layout)
     out = bytearray(header)
     for prefix, buf in chunks:
         out += prefix
@@ -491,8 +555,9 @@ def to_bytes(model: Model, large_layout: bool | None = None) -> bytes:
     return bytes(out)
 
 
-class _Plan:
-    """Turns the IR back into indices and packs the flatbuffer part of the file."""
+class _Packer:
+    """Turns the IR back into indices (buffers, operator codes, tensors, subgraphs) and packs the flatbuffer
+    part of the file; the weights are laid out after it."""
 
     def __init__(self, model: Model):
         self.model = model
@@ -500,6 +565,7 @@ class _Plan:
         self.buffer_index: dict[int, int] = {}
         self.opcodes: list[OpCode] = []
         self.opcode_index: dict[tuple, int] = {}
+        self.large = False
 
     def buffer_of(self, buf: Buffer | None) -> int:
         if buf is None or buf.nbytes == 0:
@@ -519,18 +585,12 @@ class _Plan:
         return i
 
     def pack(self, large_layout):
+        """(header bytes, [(prefix, Buffer)], file size): the flatbuffer, then each weight after its prefix."""
         model = self.model
+        # Subgraphs first: numbering their buffers and operator codes fills the two tables.
         subgraphs = [self.subgraph_t(sg) for sg in model.subgraphs]
         metadata = [schema.MetadataT(name=name, buffer=self.buffer_of(buf)) for name, buf in model.metadata]
         metadata_buffer = [self.buffer_of(b) for b in model.metadata_buffer]
-        sg_index = {id(sg): i for i, sg in enumerate(model.subgraphs)}
-        signature_defs = []
-        for sig in model.signature_defs:
-            tindex = {id(t): i for i, t in enumerate(sig.subgraph.tensors)}
-            signature_defs.append(schema.SignatureDefT(
-                inputs=[schema.TensorMapT(name=n, tensorIndex=tindex[id(t)]) for n, t in sig.inputs],
-                outputs=[schema.TensorMapT(name=n, tensorIndex=tindex[id(t)]) for n, t in sig.outputs],
-                signatureKey=sig.key, subgraphIndex=sg_index[id(sig.subgraph)]))
         data_bytes = sum(b.nbytes + ALIGNMENT + 4 for b in self.buffers)
         self.large = bool(large_layout) if large_layout is not None else data_bytes > FLATBUFFER_LIMIT
 
@@ -538,14 +598,45 @@ class _Plan:
         op_codes = [schema.OperatorCodeT(deprecatedBuiltinCode=min(oc.builtin, schema.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES),
                                          customCode=oc.custom_code, version=oc.version, builtinCode=oc.builtin)
                     for oc in self.opcodes]
-        offsets = {}
-        offsets["operatorCodes"] = _vector_of_tables(builder, op_codes, schema.ModelStartOperatorCodesVector)
-        offsets["subgraphs"] = _vector_of_tables(builder, subgraphs, schema.ModelStartSubgraphsVector)
+        offsets = {"operatorCodes": _vector_of_tables(builder, op_codes, schema.ModelStartOperatorCodesVector),
+                   "subgraphs": _vector_of_tables(builder, subgraphs, schema.ModelStartSubgraphsVector)}
         if model.description is not None:
             offsets["description"] = builder.CreateString(model.description)
-        # Buffers: empty tables with a placeholder where the data offset goes, patched after packing.
+        buffer_tables = self.buffer_tables(builder)
+        offsets["buffers"] = _vector_of_offsets(builder, buffer_tables, schema.ModelStartBuffersVector)
+        if metadata_buffer:
+            offsets["metadataBuffer"] = builder.CreateNumpyVector(np.array(metadata_buffer, np.int32))
+        if metadata:
+            offsets["metadata"] = _vector_of_tables(builder, metadata, schema.ModelStartMetadataVector)
+        signature_defs = self.signature_defs_t()
+        if signature_defs:
+            offsets["signatureDefs"] = _vector_of_tables(builder, signature_defs, schema.ModelStartSignatureDefsVector)
+        if model.external:
+            offsets["externalBufferGroups"] = _vector_of_tables(builder, model.external[0], schema.ModelStartExternalBufferGroupsVector)
+            offsets["externalBuffers"] = _vector_of_tables(builder, model.external[1], schema.ModelStartExternalBuffersVector)
+        root = self.model_table(builder, offsets)
+        builder.Finish(root, file_identifier=FILE_IDENTIFIER)
+        header = bytearray(builder.Bytes[builder.Head():])
+        total = len(header)
+        header += b"\0" * ((-len(header)) % 4)
+        chunks, size = self.layout_weights(header, total, buffer_tables)
+        return bytes(header), chunks, size
+
+    def signature_defs_t(self) -> list:
+        sg_index = {id(sg): i for i, sg in enumerate(self.model.subgraphs)}
+        out = []
+        for sig in self.model.signature_defs:
+            tindex = {id(t): i for i, t in enumerate(sig.subgraph.tensors)}
+            out.append(schema.SignatureDefT(
+                inputs=[schema.TensorMapT(name=n, tensorIndex=tindex[id(t)]) for n, t in sig.inputs],
+                outputs=[schema.TensorMapT(name=n, tensorIndex=tindex[id(t)]) for n, t in sig.outputs],
+                signatureKey=sig.key, subgraphIndex=sg_index[id(sig.subgraph)]))
+        return out
+
+    def buffer_tables(self, builder) -> list[int]:
+        """Empty Buffer tables with a placeholder where the data offset goes, patched by `layout_weights`."""
         schema.BufferStart(builder)
-        buffer_tables = [schema.BufferEnd(builder)]  # buffer 0: the empty sentinel
+        tables = [schema.BufferEnd(builder)]  # buffer 0: the empty sentinel
         for _ in self.buffers:
             schema.BufferStart(builder)
             if self.large:
@@ -553,23 +644,14 @@ class _Plan:
                 builder.PrependUint64Slot(1, _PLACEHOLDER, 0)  # offset
             else:
                 builder.PrependUint32Slot(0, _PLACEHOLDER, 0)  # data (uoffset to the vector)
-            buffer_tables.append(schema.BufferEnd(builder))
-        schema.ModelStartBuffersVector(builder, len(buffer_tables))
-        for off in reversed(buffer_tables):
-            builder.PrependUOffsetTRelative(off)
-        offsets["buffers"] = builder.EndVector()
-        if metadata_buffer:
-            offsets["metadataBuffer"] = builder.CreateNumpyVector(np.array(metadata_buffer, np.int32))
-        if metadata:
-            offsets["metadata"] = _vector_of_tables(builder, metadata, schema.ModelStartMetadataVector)
-        if signature_defs:
-            offsets["signatureDefs"] = _vector_of_tables(builder, signature_defs, schema.ModelStartSignatureDefsVector)
-        external = model.external
-        if external:
-            offsets["externalBufferGroups"] = _vector_of_tables(builder, external[0], schema.ModelStartExternalBufferGroupsVector)
-            offsets["externalBuffers"] = _vector_of_tables(builder, external[1], schema.ModelStartExternalBuffersVector)
+            tables.append(schema.BufferEnd(builder))
+        return tables
+
+    def model_table(self, builder, offsets: dict) -> int:
+        """The root Model table from the packed parts (and any fields the IR does not model)."""
+        extra = {name: _pack_model_field(builder, name, value) for name, value in self.model.extra.items()}
         schema.ModelStart(builder)
-        schema.ModelAddVersion(builder, model.version)
+        schema.ModelAddVersion(builder, self.model.version)
         for field_name, adder in (("operatorCodes", schema.ModelAddOperatorCodes), ("subgraphs", schema.ModelAddSubgraphs),
                                   ("description", schema.ModelAddDescription), ("buffers", schema.ModelAddBuffers),
                                   ("metadataBuffer", schema.ModelAddMetadataBuffer), ("metadata", schema.ModelAddMetadata),
@@ -578,14 +660,13 @@ class _Plan:
                                   ("externalBuffers", schema.ModelAddExternalBuffers)):
             if field_name in offsets:
                 adder(builder, offsets[field_name])
-        root = schema.ModelEnd(builder)
-        builder.Finish(root, file_identifier=FILE_IDENTIFIER)
-        header = bytearray(builder.Bytes[builder.Head():])
-        total = len(header)
-        header += b"\0" * ((-len(header)) % 4)
+        for name, value in extra.items():
+            getattr(schema, "ModelAdd" + name[:1].upper() + name[1:])(builder, value)
+        return schema.ModelEnd(builder)
 
-        # Lay the weights out after the header and patch each Buffer table to point at them. Each buffer's
-        # prefix (alignment padding, plus the vector length inline) is returned so writers only copy bytes.
+    def layout_weights(self, header: bytearray, total: int, buffer_tables: list[int]):
+        """Lay the weights out after the header and patch each Buffer table to point at them. Each buffer's
+        prefix (alignment padding, plus the vector length inline) is returned so writers only copy bytes."""
         pos = len(header)
         chunks = []
         for i, buf in enumerate(self.buffers, start=1):
@@ -605,7 +686,7 @@ class _Plan:
             chunks.append((prefix, buf))
         if not self.large and pos > 2**31 - 1:
             raise ValueError("model exceeds 2 GiB; write it with the large-model layout")
-        return bytes(header), chunks, pos
+        return chunks, pos
 
     def subgraph_t(self, sg: Subgraph):
         tindex = {id(t): i for i, t in enumerate(sg.tensors)}
@@ -623,38 +704,57 @@ class _Plan:
                 out.append(tindex[id(t)])
             return np.array(out, np.int32)
 
-        tensors = []
-        for t in sg.tensors:
-            quant = t.quantization
-            details = getattr(quant, "details", None)
-            if details is not None and isinstance(getattr(details, "scales", None), Tensor):
-                quant = schema.shallow_copy(quant)
-                quant.details = schema.shallow_copy(details)
-                quant.details.scales = tindex[id(details.scales)]
-                quant.details.zeroPoints = tindex[id(details.zeroPoints)] if details.zeroPoints is not None else -1
-            tensors.append(schema.TensorT(
-                shape=np.array(t.shape, np.int32), type=t.type, buffer=self.buffer_of(t.buffer), name=t.name,
-                quantization=quant, isVariable=t.is_variable, sparsity=t.sparsity,
-                shapeSignature=np.array(t.shape_signature, np.int32) if t.shape_signature is not None else None,
-                hasRank=t.has_rank, variantTensors=t.variant_tensors, externalBuffer=t.external_buffer))
-        operators = []
-        for op in sg.operators:
-            o = schema.OperatorT(
-                opcodeIndex=self.opcode_of(op.opcode), inputs=idx(op.inputs, optional=True), outputs=idx(op.outputs),
-                builtinOptionsType=op.builtin_options_type, builtinOptions=op.builtin_options,
-                customOptions=np.frombuffer(op.custom_options, np.uint8) if op.custom_options is not None else None,
-                customOptionsFormat=op.custom_options_format,
-                mutatingVariableInputs=op.mutating_variable_inputs,
-                intermediates=idx(op.intermediates) if op.intermediates else None,
-                builtinOptions2Type=op.builtin_options2_type, builtinOptions2=op.builtin_options2,
-                debugMetadataIndex=op.debug_metadata_index)
-            operators.append(o)
-        return schema.SubGraphT(tensors=tensors, inputs=idx(sg.inputs), outputs=idx(sg.outputs), operators=operators,
-                                name=sg.name, debugMetadataIndex=sg.debug_metadata_index)
+        return _with_extra(schema.SubGraphT(
+            tensors=[self.tensor_t(t, tindex) for t in sg.tensors], inputs=idx(sg.inputs), outputs=idx(sg.outputs),
+            operators=[self.operator_t(op, idx) for op in sg.operators],
+            name=sg.name, debugMetadataIndex=sg.debug_metadata_index), sg.extra)
+
+    def tensor_t(self, t: Tensor, tindex: dict):
+        quant = t.quantization
+        details = getattr(quant, "details", None)
+        if details is not None and isinstance(getattr(details, "scales", None), Tensor):
+            quant = schema.shallow_copy(quant)
+            quant.details = schema.shallow_copy(details)
+            quant.details.scales = tindex[id(details.scales)]
+            quant.details.zeroPoints = tindex[id(details.zeroPoints)] if details.zeroPoints is not None else -1
+        return _with_extra(schema.TensorT(
+            shape=np.array(t.shape, np.int32), type=t.type, buffer=self.buffer_of(t.buffer), name=t.name,
+            quantization=quant, isVariable=t.is_variable, sparsity=t.sparsity,
+            shapeSignature=np.array(t.shape_signature, np.int32) if t.shape_signature is not None else None,
+            hasRank=t.has_rank, variantTensors=t.variant_tensors, externalBuffer=t.external_buffer), t.extra)
+
+    def operator_t(self, op: Operator, idx):
+        return _with_extra(schema.OperatorT(
+            opcodeIndex=self.opcode_of(op.opcode), inputs=idx(op.inputs, optional=True), outputs=idx(op.outputs),
+            builtinOptionsType=op.builtin_options_type, builtinOptions=op.builtin_options,
+            customOptions=np.frombuffer(op.custom_options, np.uint8) if op.custom_options is not None else None,
+            customOptionsFormat=op.custom_options_format,
+            mutatingVariableInputs=op.mutating_variable_inputs,
+            intermediates=idx(op.intermediates) if op.intermediates else None,
+            builtinOptions2Type=op.builtin_options2_type, builtinOptions2=op.builtin_options2,
+            debugMetadataIndex=op.debug_metadata_index), op.extra)
+
+
+def _pack_model_field(builder, name: str, value):
+    """A Model field the IR does not model, packed before the Model table starts: tables, vectors of tables,
+    strings and numeric vectors become offsets; scalars are passed through."""
+    camel = name[:1].upper() + name[1:]
+    if hasattr(value, "Pack"):
+        return value.Pack(builder)
+    if isinstance(value, (str, bytes)):
+        return builder.CreateString(value)
+    if isinstance(value, list) and value and hasattr(value[0], "Pack"):
+        return _vector_of_tables(builder, value, getattr(schema, f"ModelStart{camel}Vector"))
+    if isinstance(value, (list, np.ndarray)):
+        return builder.CreateNumpyVector(np.asarray(value))
+    return value
 
 
 def _vector_of_tables(builder, objects, start_vector):
-    offsets = [o.Pack(builder) for o in objects]
+    return _vector_of_offsets(builder, [o.Pack(builder) for o in objects], start_vector)
+
+
+def _vector_of_offsets(builder, offsets, start_vector):
     start_vector(builder, len(offsets))
     for off in reversed(offsets):
         builder.PrependUOffsetTRelative(off)

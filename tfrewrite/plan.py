@@ -28,6 +28,8 @@ class LayerSettings:
     prune_block: tuple[int, int] | None = None
     prune_depthwise: bool = False
     quantize: str | None = None      # None, "float16" or "int8"
+    prune_channels: float | None = None  # share of each channel group to remove
+    channel_multiple: int | None = None  # kept channel counts are multiples of this (default 8)
     skip: bool = False
     force: bool = False
     skip_reason: str | None = None   # set by the budget search for layers it keeps dense
@@ -41,7 +43,7 @@ class LayerSettings:
 
 
 RULE_KEYS = {"match", "rank", "fc_rank", "conv_rank", "ratio", "energy", "conv_method", "prune", "prune_block",
-             "quantize", "skip"}
+             "quantize", "skip", "prune_channels", "channel_multiple"}
 
 
 class RecipeError(ValueError):
@@ -153,6 +155,13 @@ def check_layer_values(values: dict, name) -> dict:
             raise ValueError(f"{name('prune_block')}: {e}") from None
     if "quantize" in values and values["quantize"] not in ("none", "float16", "int8"):
         raise ValueError(f"{name('quantize')} must be 'none', 'float16' or 'int8'")
+    if "prune_channels" in values and (not _number(values["prune_channels"])
+                                       or not 0 <= values["prune_channels"] < 1):
+        raise ValueError(f"{name('prune_channels')} must be a share in [0, 1)")
+    if "channel_multiple" in values:
+        if not _integer(values["channel_multiple"]) or values["channel_multiple"] < 1:
+            raise ValueError(f"{name('channel_multiple')} must be an integer >= 1")
+        values["channel_multiple"] = int(values["channel_multiple"])
     if "skip" in values and not isinstance(values["skip"], bool):
         raise ValueError(f"{name('skip')} must be true or false")
     return values
@@ -228,6 +237,8 @@ class Plan:
             return any(s.prune for s in candidates)
         if technique == "quantize":
             return any(s.quantize for s in candidates)
+        if technique == "prune_channels":
+            return any(s.prune_channels for s in candidates)
         raise ValueError(technique)
 
     def settings_of_rule(self, rule: dict) -> LayerSettings:

@@ -31,6 +31,8 @@ class Options:
     prune_depthwise: bool = False
     sparse_encode: bool = False
     quantize: str | None = None
+    prune_channels: float | None = None
+    channel_multiple: int = 8
     recipe: str | None = None
     report: str | None = None
     calibration: str | None = None
@@ -43,6 +45,7 @@ class Options:
     min_top5_agree: float | None = None
     samples: int = 8
     runs: int = 10
+    signature: str | None = None
 
     @classmethod
     def from_namespace(cls, ns) -> "Options":
@@ -56,7 +59,8 @@ class Options:
         rules (plan.check_layer_values)."""
         import re
         layer = {k: getattr(self, k) for k in ("rank", "fc_rank", "conv_rank", "ratio", "energy", "conv_method",
-                                               "prune", "prune_block", "quantize")}
+                                               "prune", "prune_block", "quantize", "prune_channels",
+                                               "channel_multiple")}
         check_layer_values({k: v for k, v in layer.items() if v is not None}, lambda k: "--" + k.replace("_", "-"))
         if self.quantize == "none":
             raise ValueError("--quantize must be float16 or int8")
@@ -93,7 +97,8 @@ class Options:
         return LayerSettings(rank=self.rank, fc_rank=self.fc_rank, conv_rank=self.conv_rank, ratio=self.ratio,
                              energy=self.energy, conv_method=self.conv_method, force=self.force,
                              prune=self.prune, prune_block=parse_block(self.prune_block),
-                             prune_depthwise=self.prune_depthwise, quantize=self.quantize)
+                             prune_depthwise=self.prune_depthwise, quantize=self.quantize,
+                             prune_channels=self.prune_channels, channel_multiple=self.channel_multiple)
 
     def plan(self) -> Plan:
         rules = load_recipe(self.recipe) if self.recipe else []
@@ -125,11 +130,16 @@ class Progress:
         sys.stderr.flush()
 
 
-def calibration_samples(model, path) -> list[list]:
-    """The calibration file's samples, checked against the model's inputs (names, shapes, dtypes, NaN)."""
+def calibration_samples(model, path, signature: str | None = None) -> list[list]:
+    """The calibration file's samples (in batches of the model's batch size), checked against the model's
+    inputs (names, shapes, dtypes, values); they may name the inputs of any one signature of the main subgraph."""
     from . import verify
     source = model if isinstance(model, (str, Path)) else io.to_bytes(model)
-    samples, _ = verify.Runner(source, xnnpack=True).samples_from(path)
+    runner, samples, _, _ = verify.open_data(source, path, signature)
+    if runner.subgraph is not runner.model.main:
+        raise verify.DataError(f"{path}: feeds signature {runner.signature!r}, which runs subgraph "
+                               f"{runner.model.subgraphs.index(runner.subgraph)}; data-aware fitting works on the "
+                               f"main subgraph (subgraph 0) only")
     return samples
 
 
@@ -163,9 +173,13 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     def checked(pass_entries: list[dict]) -> list[dict]:
         model.validate(known_problems)
         return pass_entries
+    if plan.uses("prune_channels"):
+        # First: it changes the shapes every later pass (and the calibration rows) see.
+        from .passes import prune_channels
+        entries += checked(prune_channels.run(model, plan))
     if options.calibration:
         from . import calibrate
-        samples = calibration_samples(source or model, options.calibration)
+        samples = calibration_samples(source or model, options.calibration, options.signature)
         targets = lowrank_candidates(model, plan)
         rows = calibrate.collect(model, samples, targets)
         for op in targets:
@@ -280,6 +294,10 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
                    writes={"output": output_path, "--report": options.report})
     plan = options.plan()
     model = io.read(input_path)
+    keys = [d.key for d in model.signature_defs]
+    if options.signature is not None and options.signature not in keys:
+        from .verify import DataError
+        raise DataError(f"--signature {options.signature!r}: the model has {'signatures ' + ', '.join(keys) if keys else 'no signatures'}")
     size_before = os.path.getsize(input_path)
     before = analysis.summary(model, zeros=False)["totals"]
     bar = Progress(count_targets(model), enabled=progress)
@@ -328,7 +346,8 @@ def _written(write, path):
 def verify_against(original, rewritten, options: Options) -> dict:
     """Compare the rewritten model with the original and check the bounds the options give."""
     from . import verify
-    result = verify.compare(original, rewritten, data=options.data, samples=options.samples, runs=options.runs)
+    result = verify.compare(original, rewritten, data=options.data, samples=options.samples, runs=options.runs,
+                            signature=options.signature)
     failures = []
     if options.max_error is not None:
         worst = max(o["rel_l2"] for o in result["outputs"])

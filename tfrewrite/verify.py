@@ -52,27 +52,47 @@ def _quiet_runtime_info():
                 sys.stderr.write("".join(rest))
 
 
-def _random_arrays(specs, rng) -> list[np.ndarray]:
-    """One seeded array per (shape, dtype): normal floats, small integers, booleans; unknown dims count as 1."""
-    arrays = []
-    for shape, dtype in specs:
-        shape = [s if s > 0 else 1 for s in shape]
-        dtype = np.dtype(dtype)
-        if dtype.kind == "f":
-            arrays.append(rng.standard_normal(shape).astype(dtype))
-        elif dtype == np.bool_:
-            arrays.append(rng.integers(0, 2, shape).astype(bool))
-        else:
-            info = np.iinfo(dtype)
-            arrays.append(rng.integers(max(info.min, -128), min(info.max, 127) + 1, shape).astype(dtype))
-    return arrays
+def _plausible_array(shape, dtype, spec: dict | None, rng) -> np.ndarray:
+    """One seeded array; `spec` (analysis.input_ranges) says what range the model reads it in. Without one:
+    standard normal floats, small non-negative integers. Unknown dims count as 1."""
+    shape = [s if s > 0 else 1 for s in shape]
+    dtype = np.dtype(dtype)
+    spec = spec or {"kind": "normal" if dtype.kind == "f" else "integer"}
+    if dtype == np.bool_:
+        return rng.integers(0, 2, shape).astype(bool)
+    if dtype.kind == "f":
+        if spec["kind"] == "uniform":
+            return rng.uniform(spec["low"], spec["high"], shape).astype(dtype)
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind not in "iu":
+        return np.zeros(shape, dtype)
+    from .analysis import SMALL_INTEGERS
+    info = np.iinfo(dtype)
+    low, high = (spec["low"], spec["high"]) if spec["kind"] in ("index", "integer") else SMALL_INTEGERS
+    low, high = np.asarray(low, np.int64), np.asarray(high, np.int64)
+    if (low.ndim or high.ndim) and (not shape or shape[-1] != max(low.size, high.size)):
+        low, high = low.max(), high.min()  # per-component bounds that do not fit the last axis
+    low, high = np.clip(low, info.min, info.max), np.clip(high, info.min, info.max)
+    return rng.integers(low, np.maximum(high, low) + 1, shape).astype(dtype)
+
+
+def _quantized_spec(detail) -> dict | None:
+    """Quantized integer inputs span their whole quantized range (it maps the calibrated real range)."""
+    scales = detail.get("quantization_parameters", {}).get("scales")
+    dtype = np.dtype(detail["dtype"])
+    if scales is None or not len(scales) or dtype.kind not in "iu":
+        return None
+    info = np.iinfo(dtype)
+    return {"kind": "integer", "low": -info.max if dtype == np.int16 else info.min, "high": info.max}
 
 
 def random_inputs(it, samples: int = 1, seed: int = 0) -> list[list[np.ndarray]]:
-    """Seeded inputs of the right shapes and dtypes: `samples` lists, one array per model input."""
+    """Seeded inputs of the right shapes and dtypes for an interpreter: `samples` lists, one array per model
+    input (`Runner.random_samples` also keeps index inputs within what they index)."""
     rng = np.random.default_rng(seed)
-    specs = [(d["shape"], d["dtype"]) for d in it.get_input_details()]
-    return [_random_arrays(specs, rng) for _ in range(samples)]
+    details = it.get_input_details()
+    return [[_plausible_array(d["shape"], d["dtype"], _quantized_spec(d), rng) for d in details]
+            for _ in range(samples)]
 
 
 def invoke(it, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -107,25 +127,60 @@ class DataError(ValueError):
     """A data or calibration file that does not fit the model; the message says what and where."""
 
 
+def _aliases(names) -> dict[str, str]:
+    """Names a data file may use for each input: the name itself, without ':0', without the
+    'serving_default_' prefix ('serving_default_image:0' may be given as 'serving_default_image' or 'image')."""
+    aliases = {}
+    for n in names:
+        base = n.split(":")[0]
+        aliases.update({n: n, base: n})
+        if base.startswith("serving_default_"):
+            aliases[base[len("serving_default_"):]] = n
+    return aliases
+
+
+def _names_match(names, keys) -> bool:
+    """Whether arrays named `keys` feed exactly the inputs `names`."""
+    aliases = _aliases(names)
+    return all(k in aliases for k in keys) and {aliases[k] for k in keys} == set(names)
+
+
 class Runner:
-    """One model in the interpreter, fed by input name. With a signature key, names are the signature's."""
+    """One model in the interpreter, fed by input name. With a signature key, names are the signature's.
+    Inputs are kept in the order of the subgraph's inputs, so sample lists line up with the graph's."""
 
     def __init__(self, model, xnnpack: bool = True, threads: int = 1, signature: str | None = None):
+        from . import io
+        self.model = io.read(model) if isinstance(model, (str, Path)) else io.read_buffer(bytes(model))
         self.it = interpreter(model, xnnpack, threads)
-        signatures = self.it.get_signature_list()
-        if signature is not None and signature not in signatures:
-            raise DataError(f"no signature {signature!r}; the model has {sorted(signatures) or 'none'}")
-        if signature is None and len(signatures) > 1:
-            # Several entry points and none chosen: run the first subgraph, as a plain invoke does.
-            signature = None
+        self.signatures = self.it.get_signature_list()
+        if signature is not None and signature not in self.signatures:
+            raise DataError(f"no signature {signature!r}; the model has {sorted(self.signatures) or 'none'}")
+        self.signature = signature
         self.runner = self.it.get_signature_runner(signature) if signature is not None else None
         if self.runner is not None:
+            sig = next(d for d in self.model.signature_defs if d.key == signature)
+            self.subgraph = sig.subgraph
+            tensor_of = dict(sig.inputs)
             details = self.runner.get_input_details()
-            self.inputs = [(name, [int(v) for v in d["shape"]], np.dtype(d["dtype"])) for name, d in sorted(details.items())]
+            position = {id(t): i for i, t in enumerate(self.subgraph.inputs)}
+            names = sorted(details, key=lambda n: (position.get(id(tensor_of.get(n)), len(position)), n))
+            self.tensors = [tensor_of.get(n) for n in names]
+            self.inputs = [(n, [int(v) for v in details[n]["shape"]], np.dtype(details[n]["dtype"])) for n in names]
+            self.signature_shapes = [[int(v) for v in details[n].get("shape_signature", details[n]["shape"])]
+                                     for n in names]
             self.outputs = sorted(self.runner.get_output_details())
         else:
-            self.inputs = [(d["name"], [int(v) for v in d["shape"]], np.dtype(d["dtype"])) for d in self.it.get_input_details()]
+            self.subgraph = self.model.main
+            details = self.it.get_input_details()
+            self.tensors = list(self.subgraph.inputs)
+            self.inputs = [(d["name"], [int(v) for v in d["shape"]], np.dtype(d["dtype"])) for d in details]
+            self.signature_shapes = [[int(v) for v in d.get("shape_signature", d["shape"])] for d in details]
             self.outputs = [d["name"] for d in self.it.get_output_details()]
+        # A batch dimension fixed above 1 (input [3, H, W, C]): data files are fed in batches of that size.
+        fixed = {s[0] for s in self.signature_shapes if len(s) >= 1 and s[0] > 1}
+        self.batch = fixed.pop() if len(fixed) == 1 else 1
+        self.mixed_batches = len(fixed) > 0
 
     def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         if self.runner is not None:
@@ -133,40 +188,69 @@ class Runner:
             return [np.array(result[name]) for name in self.outputs]
         return invoke(self.it, arrays)
 
+    def per_sample(self, batches: list[list[np.ndarray]], count: int | None = None) -> list[list[np.ndarray]]:
+        """The outputs of every sample in `batches`: a batch of the model's fixed size gives one output list per
+        sample (dropping the padding after `count` samples) when every output leads with that batch size."""
+        outs = [self(x) for x in batches]
+        b = self.batch
+        if b == 1 or not outs or any(o.ndim == 0 or o.shape[0] != b for o in outs[0]):
+            return outs
+        split = [[o[i:i + 1] for o in out] for out in outs for i in range(b)]
+        return split[:count] if count is not None else split
+
     def random_samples(self, samples: int, seed: int = 0) -> list[list[np.ndarray]]:
+        """Seeded inputs in a range the model reads them in (analysis.input_ranges): index inputs stay within
+        what they index, quantized inputs span their range."""
+        from .analysis import input_ranges
         rng = np.random.default_rng(seed)
-        return [_random_arrays([(shape, dtype) for _, shape, dtype in self.inputs], rng) for _ in range(samples)]
+        specs = input_ranges(self.subgraph, [t for t in self.tensors if t is not None]) \
+            if all(t is not None for t in self.tensors) else [None] * len(self.inputs)
+        return [[_plausible_array(shape, dtype, spec, rng) for (_, shape, dtype), spec in zip(self.inputs, specs)]
+                for _ in range(samples)]
+
+    def matches(self, keys) -> bool:
+        """Whether arrays named `keys` feed exactly this runner's inputs."""
+        return _names_match([n for n, _, _ in self.inputs], keys)
 
     def samples_from(self, path, limit: int | None = None) -> tuple[list[list[np.ndarray]], np.ndarray | None]:
         """Samples from an .npz: one array per input, named after the input (tensor or signature name), the
-        first axis indexing samples; an optional `labels` array. Raises DataError with one clear reason."""
-        data = load_npz(path)
+        first axis indexing samples; an optional `labels` array. Returned as batches of the model's batch size
+        (1 unless fixed higher; the last batch padded by repeating its last sample) with one label per sample.
+        Raises DataError with one clear reason."""
+        batches, labels, _ = self.batches_of(load_npz(path), path, limit)
+        return batches, labels
+
+    def batches_of(self, data: dict, path, limit: int | None = None):
+        """`samples_from` on arrays already loaded; also returns the number of samples the batches hold
+        before padding (None when each sample is a whole input)."""
+        data = dict(data)
         labels = data.pop("labels", None)
         names = [n for n, _, _ in self.inputs]
-        aliases = {}
-        for n in names:  # 'serving_default_image:0' may be given as 'serving_default_image' or 'image'
-            base = n.split(":")[0]
-            aliases[base] = n
-            if base.startswith("serving_default_"):
-                aliases[base[len("serving_default_"):]] = n
+        aliases = _aliases(names)
         arrays = {}
         for key, value in data.items():
-            name = key if key in names else aliases.get(key)
+            name = aliases.get(key)
             if name is None:
                 raise DataError(f"{path}: array {key!r} matches no model input (inputs: {names})")
             arrays[name] = value
         missing = [n for n in names if n not in arrays]
         if missing:
             raise DataError(f"{path}: no array for input(s) {missing}")
+        if self.mixed_batches:
+            raise DataError(f"{path}: the model's inputs have different fixed batch sizes "
+                            f"{[s[0] for s in self.signature_shapes]}; cannot batch samples for it")
+        # Each sample is either one whole input (the array has one more axis than the input: models without a
+        # batch axis) or one item along the input's first axis (batched to the model's batch size).
+        whole = all(arrays[n].ndim == len(sig) + 1 and _fits(arrays[n].shape[1:], sig)
+                    for (n, _, _), sig in zip(self.inputs, self.signature_shapes))
         counts = set()
-        for name, shape, dtype in self.inputs:
+        for (name, shape, dtype), sig in zip(self.inputs, self.signature_shapes):
             a = arrays[name]
             if a.ndim == 0 or a.shape[0] == 0:
                 raise DataError(f"{path}: array {name!r} is empty")
-            per_sample = [d if d > 0 else None for d in shape[1:]]
-            if a.ndim != len(shape) or any(p is not None and p != d for p, d in zip(per_sample, a.shape[1:])):
-                raise DataError(f"{path}: array {name!r} has shape {list(a.shape)}, the input wants [N, "
-                                f"{', '.join(str(d) for d in shape[1:])}]")
+            if not whole and (a.ndim != len(shape) or not _fits(a.shape[1:], sig[1:])):
+                raise DataError(f"{path}: array {name!r} has shape {list(a.shape)}, the input wants "
+                                f"{_wanted(shape)} (N samples first)")
             if a.dtype.kind not in "biuf" or (dtype.kind == "f") != (a.dtype.kind == "f"):
                 raise DataError(f"{path}: array {name!r} has dtype {a.dtype}, the input wants {dtype}")
             arrays[name] = a = _cast(a, dtype, f"{path}: array {name!r}")
@@ -179,8 +263,48 @@ class Runner:
         if limit is not None:
             n = min(n, limit)
             labels = labels[:n] if labels is not None else None
-        samples = [[arrays[name][i:i + 1] for name, _, _ in self.inputs] for i in range(n)]
-        return samples, labels
+        if whole:
+            return [[arrays[name][i] for name, _, _ in self.inputs] for i in range(n)], labels, None
+        b = self.batch
+        batches = []
+        for start in range(0, n, b):
+            batch = []
+            for name, _, _ in self.inputs:
+                chunk = arrays[name][start:min(start + b, n)]
+                if len(chunk) < b:  # never resize a fixed batch: pad with the last sample
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), axis=0)])
+                batch.append(np.ascontiguousarray(chunk))
+            batches.append(batch)
+        return batches, labels, n
+
+
+def _fits(shape, signature) -> bool:
+    """Whether an array shape fits an input's shape signature (-1: any size)."""
+    return len(shape) == len(signature) and all(s < 0 or s == d for d, s in zip(shape, signature))
+
+
+def _wanted(shape) -> str:
+    return "[N" + "".join(f", {d}" for d in shape[1:]) + "]" + (f" or [N, {', '.join(map(str, shape))}]"
+                                                               if len(shape) <= 1 else "")
+
+
+def open_data(model, path, signature: str | None = None, xnnpack: bool = True, threads: int = 1):
+    """A Runner for the inputs a data file names, its batches and labels, and the number of samples before
+    padding (`Runner.batches_of`). Without a
+    signature the file may name the main subgraph's inputs or the inputs of any one signature."""
+    data = load_npz(path)
+    runner = Runner(model, xnnpack, threads, signature)
+    keys = [k for k in data if k != "labels"]
+    if signature is None and not runner.matches(keys):
+        fitting = [key for key in runner.signatures
+                   if _names_match(runner.signatures[key]["inputs"], keys)]
+        if len(fitting) == 1:
+            runner = Runner(model, xnnpack, threads, fitting[0])
+        elif len(fitting) > 1:
+            raise DataError(f"{path}: the arrays fit the inputs of signatures {sorted(fitting)}; "
+                            f"choose one with --signature")
+    batches, labels, count = runner.batches_of(data, path)
+    return runner, batches, labels, count
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
@@ -241,7 +365,9 @@ def compare_outputs(outs_a: list[list[np.ndarray]], outs_b: list[list[np.ndarray
 
 def compare(model_a, model_b, data=None, samples: int = 8, seed: int = 0, runs: int = 20, threads: int = 1,
             xnnpack: bool = True, signature: str | None = None, timing: bool = True) -> dict:
-    """Size, parameters, MACs, latency (interleaved medians) and output fidelity of B against A."""
+    """Size, parameters, MACs, latency (interleaved medians) and output fidelity of B against A, on the data
+    file's samples (for the timing runs too) or on seeded inputs in a range the model reads them in. Models
+    whose inputs differ are each timed on their own inputs, and fidelity is left out with a note saying so."""
     from . import analysis, io
     result = {}
     for key, model in (("a", model_a), ("b", model_b)):
@@ -249,23 +375,37 @@ def compare(model_a, model_b, data=None, samples: int = 8, seed: int = 0, runs: 
         totals = analysis.summary(m, zeros=False)["totals"]
         size = Path(model).stat().st_size if isinstance(model, (str, Path)) else len(model)
         result[key] = {"file_bytes": size, "params": totals["params"], "macs": totals["macs"], "latency_ms": None}
-    ra = Runner(model_a, xnnpack, threads, signature)
-    rb = Runner(model_b, xnnpack, threads, signature)
-    if [(n, s, d) for n, s, d in ra.inputs] != [(n, s, d) for n, s, d in rb.inputs]:
-        raise DataError("the two models have different inputs")
-    labels = None
+    labels = count = None
     if data is not None:
-        inputs, labels = ra.samples_from(data)
+        ra, inputs_a, labels, count = open_data(model_a, data, signature, xnnpack, threads)
     else:
-        inputs = ra.random_samples(samples, seed)
-    outs_a = [ra(x) for x in inputs]
-    outs_b = [rb(x) for x in inputs]
-    result["outputs"], accuracy = compare_outputs(outs_a, outs_b, ra.outputs, labels)
-    if accuracy is not None:
-        result["accuracy"] = accuracy
-    result["samples"] = len(inputs)
+        ra = Runner(model_a, xnnpack, threads, signature)
+        inputs_a = ra.random_samples(samples, seed)
+    rb = Runner(model_b, xnnpack, threads, ra.signature if ra.signature in _signature_keys(model_b) else signature)
+    result["samples"] = count if count is not None else len(inputs_a)  # samples, or model runs on whole inputs
+    if ra.inputs == rb.inputs:
+        inputs_b = inputs_a
+        outs_a, outs_b = ra.per_sample(inputs_a, count), rb.per_sample(inputs_a, count)
+        result["outputs"], accuracy = compare_outputs(outs_a, outs_b, ra.outputs,
+                                                      labels if labels is not None and len(labels) == len(outs_a)
+                                                      else None)
+        if accuracy is not None:
+            result["accuracy"] = accuracy
+    else:
+        inputs_b = None
+        if data is not None:
+            try:
+                rb, inputs_b, _, _ = open_data(model_b, data, None, xnnpack, threads)
+            except DataError:
+                pass
+        inputs_b = inputs_b or rb.random_samples(1, seed)
+        describe = lambda r: ", ".join(f"{n} {s} {d}" for n, s, d in r.inputs)
+        result["outputs"] = []
+        result["note"] = (f"the models have different inputs (A: {describe(ra)}; B: {describe(rb)}): output "
+                          f"fidelity left out, each model timed on its own inputs")
     if timing:
-        la, lb = time_interleaved([model_a, model_b], runs=runs, threads=threads, xnnpack=xnnpack, seed=seed)
+        la, lb = time_interleaved([ra, rb], runs=runs, threads=threads, xnnpack=xnnpack, seed=seed,
+                                  inputs=[inputs_a[0], inputs_b[0]])
         result["a"]["latency_ms"], result["b"]["latency_ms"] = la, lb
         result["speedup"] = la / lb if lb > 0 else None
     else:
@@ -273,23 +413,35 @@ def compare(model_a, model_b, data=None, samples: int = 8, seed: int = 0, runs: 
     return result
 
 
+def _signature_keys(model) -> set[str]:
+    from . import io
+    m = io.read(model) if isinstance(model, (str, Path)) else io.read_buffer(bytes(model))
+    return {d.key for d in m.signature_defs}
+
+
 def time_interleaved(models: list, runs: int = 20, threads: int = 1, xnnpack: bool = True, seed: int = 0,
-                     warmup: int = 2) -> list[float]:
-    """Median latency in ms of each model, measured alternately on the same inputs."""
-    its = [interpreter(m, xnnpack, threads) for m in models]
-    inputs = [random_inputs(it, 1, seed)[0] for it in its]
+                     warmup: int = 2, inputs: list | None = None) -> list[float]:
+    """Median latency in ms of each model (a path, bytes or a Runner), measured alternately; each on its
+    `inputs` entry (one array per input) or on seeded inputs in a range it reads them in. A signature runner is
+    timed with its input and output copies; a plain interpreter on invoke alone."""
+    runners = [m if isinstance(m, Runner) else Runner(m, xnnpack, threads) for m in models]
+    inputs = inputs or [r.random_samples(1, seed)[0] for r in runners]
     # Warm-up runs are not timed: the first invoke after allocation lets XNNPACK pack its weights.
-    for it, x in zip(its, inputs):
+    for r, x in zip(runners, inputs):
         for _ in range(warmup):
-            invoke(it, x)
-    times = [[] for _ in its]
-    for r in range(runs):
-        order = range(len(its)) if r % 2 == 0 else reversed(range(len(its)))
+            r(x)
+    times = [[] for _ in runners]
+    for k in range(runs):
+        order = range(len(runners)) if k % 2 == 0 else reversed(range(len(runners)))
         for i in order:
-            it, x = its[i], inputs[i]
-            for d, a in zip(it.get_input_details(), x):
-                it.set_tensor(d["index"], a)
-            t0 = time.perf_counter()
-            it.invoke()
+            r, x = runners[i], inputs[i]
+            if r.runner is None:
+                for d, a in zip(r.it.get_input_details(), x):
+                    r.it.set_tensor(d["index"], a)
+                t0 = time.perf_counter()
+                r.it.invoke()
+            else:
+                t0 = time.perf_counter()
+                r(x)
             times[i].append(time.perf_counter() - t0)
     return [float(np.median(t) * 1e3) for t in times]

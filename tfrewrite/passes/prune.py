@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import schema
+from ..ops import semantics
 from ..analysis import macs, numel
 from ..graph import Model, Operator, Subgraph, Tensor
 from ..linalg import sparse
@@ -28,7 +29,7 @@ from .common import Skip, bias_values, new_entry
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
-TARGETS = (OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED)
+TARGETS = semantics.LAYER_OPS
 # The only block the full-integer int8 sparse FULLY_CONNECTED kernel reads.
 INT8_FC_BLOCK = (1, 16)
 

@@ -23,13 +23,13 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import numel
 from ..graph import Buffer, Model, OpCode, Operator, Subgraph, Tensor
-from ..ops import versions
+from ..ops import semantics, versions
 from .common import Skip, new_entry, read_weight
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
 
-LAYER_OPS = {OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED}
+LAYER_OPS = semantics.LAYER_OPS
 # Input index of the bias, which stays float32.
 BIAS_INPUT = {OP.CONV_2D: 2, OP.DEPTHWISE_CONV_2D: 2, OP.FULLY_CONNECTED: 2, OP.TRANSPOSE_CONV: 3, OP.CONV_3D: 2}
 # Ops whose constant inputs are never quantized here (they are the storage machinery itself).

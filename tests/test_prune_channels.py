@@ -1,0 +1,235 @@
+"""Structured channel pruning: groups follow the op-semantics table, slicing is physical, and a pruned model
+computes what the original computes with the removed channels' weights set to zero (they output act(bias))."""
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from tfrewrite import io, ops, rewrite, schema, verify
+from tfrewrite.graph import Model, Operator, Subgraph, Tensor
+from tfrewrite.ops import semantics
+from tfrewrite.passes import prune_channels as pc
+
+OP = schema.BuiltinOperator
+T = schema.TensorType
+ACT = schema.ActivationFunctionType
+VALID = schema.Padding.VALID
+
+
+class Net:
+    """A small float32 NHWC graph built op by op with the IR."""
+
+    def __init__(self, rng, shape):
+        self.rng, self.sg = rng, Subgraph()
+        self.x = self.sg.add_tensor(Tensor("input", T.FLOAT32, list(shape)))
+        self.sg.inputs = [self.x]
+
+    def act(self, name, shape):
+        return self.sg.add_tensor(Tensor(name, T.FLOAT32, list(shape)))
+
+    def const(self, name, values):
+        return self.sg.add_constant(name, np.asarray(values, np.float32))
+
+    def conv(self, name, x, out, k=1, act=ACT.RELU):
+        n, h, w, c = x.shape
+        y = self.act(name, [n, h - k + 1, w - k + 1, out])
+        wt = self.const(name + "/w", self.rng.standard_normal((out, k, k, c)) / np.sqrt(k * k * c))
+        b = self.const(name + "/b", self.rng.standard_normal(out) * 0.5)
+        self.sg.operators.append(ops.conv2d(x, wt, b, y, padding=VALID, activation=act))
+        return y
+
+    def depthwise(self, name, x, m=1, k=3):
+        n, h, w, c = x.shape
+        y = self.act(name, [n, h - k + 1, w - k + 1, c * m])
+        wt = self.const(name + "/w", self.rng.standard_normal((1, k, k, c * m)) / 3)
+        b = self.const(name + "/b", self.rng.standard_normal(c * m) * 0.5)
+        self.sg.operators.append(ops.depthwise_conv2d(x, wt, b, y, padding=VALID, activation=ACT.RELU6,
+                                                      depth_multiplier=m))
+        return y
+
+    def fc(self, name, x, out, act=ACT.RELU):
+        y = self.act(name, [x.shape[0], out])
+        wt = self.const(name + "/w", self.rng.standard_normal((out, x.shape[-1])) / np.sqrt(x.shape[-1]))
+        b = self.const(name + "/b", self.rng.standard_normal(out) * 0.5)
+        self.sg.operators.append(ops.fully_connected(x, wt, b, y, activation=act))
+        return y
+
+    def op(self, builtin, inputs, out_shape, name, options=None, options_type=0):
+        y = self.act(name, out_shape)
+        self.sg.operators.append(Operator(ops.opcode_for(builtin, 1), list(inputs), [y], options, options_type))
+        return y
+
+    def add(self, a, b, name):
+        o = schema.AddOptionsT()
+        o.fusedActivationFunction = ACT.NONE
+        return self.op(OP.ADD, [a, b], a.shape, name, o, schema.BuiltinOptions.AddOptions)
+
+    def mul_const(self, a, name):
+        o = schema.MulOptionsT()
+        o.fusedActivationFunction = ACT.NONE
+        c = self.const(name + "/scale", self.rng.uniform(0.5, 1.5, (1, 1, 1, a.shape[-1])))
+        return self.op(OP.MUL, [a, c], a.shape, name, o, schema.BuiltinOptions.MulOptions)
+
+    def prelu(self, a, name):
+        alpha = self.const(name + "/alpha", self.rng.uniform(0.1, 0.3, (1, 1, a.shape[-1])))
+        return self.op(OP.PRELU, [a, alpha], a.shape, name)
+
+    def concat(self, parts, name):
+        o = schema.ConcatenationOptionsT()
+        o.axis = -1
+        shape = list(parts[0].shape[:-1]) + [sum(p.shape[-1] for p in parts)]
+        return self.op(OP.CONCATENATION, parts, shape, name, o, schema.BuiltinOptions.ConcatenationOptions)
+
+    def max_pool(self, a, name):
+        o = schema.Pool2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.filterHeight, o.filterWidth = VALID, 2, 2, 2, 2
+        n, h, w, c = a.shape
+        return self.op(OP.MAX_POOL_2D, [a], [n, h // 2, w // 2, c], name, o, schema.BuiltinOptions.Pool2DOptions)
+
+    def reshape(self, a, shape, name):
+        o = schema.ReshapeOptionsT()
+        o.newShape = list(shape)
+        s = self.sg.add_constant(name + "/shape", np.asarray(shape, np.int32))
+        return self.op(OP.RESHAPE, [a, s], shape, name, o, schema.BuiltinOptions.ReshapeOptions)
+
+    def finish(self, *outputs) -> bytes:
+        self.sg.outputs = list(outputs)
+        return io.to_bytes(Model(subgraphs=[self.sg]))
+
+
+def residual_concat_net(rng) -> bytes:
+    """conv → two 1×1 convs joined by a residual ADD → PRELU → MUL by a per-channel constant → depthwise
+    (multiplier 2), concatenated with a second branch → max pool → flatten → FC → FC (the output)."""
+    n = Net(rng, [1, 10, 10, 3])
+    c1 = n.conv("c1", n.x, 16, k=3)
+    a = n.add(n.conv("c2", c1, 16, act=ACT.RELU6), n.conv("c3", c1, 16, act=ACT.NONE), "add")
+    d = n.depthwise("dw", n.mul_const(n.prelu(a, "prelu"), "mul"), m=2)
+    cat = n.concat([d, n.conv("c5", c1, 16, k=3)], "cat")
+    flat = n.reshape(n.max_pool(cat, "pool"), [1, 3 * 3 * 48], "flatten")
+    return n.finish(n.fc("fc2", n.fc("fc1", flat, 24), 5, act=ACT.NONE))
+
+
+def prune(model_bytes, **options):
+    m = io.read_buffer(model_bytes)
+    plan = rewrite.Options(**options).plan()
+    plan.positions = {}
+    return m, plan
+
+
+def zeroed_reference(model_bytes, choices) -> bytes:
+    """The original model with every removed channel's producing weights set to zero (bias kept)."""
+    ref = io.read_buffer(model_bytes)
+    index = {id(op): i for i, op in enumerate(choices[0][0].operators)}
+    for sg, g, groups, removed in choices:
+        for layer in g.layers.values():
+            y = layer.op.outputs[0]
+            if id(y) in removed and not layer.layout.coupled:
+                op = ref.main.operators[index[id(layer.op)]]
+                w = np.array(op.inputs[1].data)
+                w[removed[id(y)]] = 0
+                op.inputs[1].set_data(w)
+    return io.to_bytes(ref)
+
+
+def outputs(model, inputs, xnnpack=True):
+    return [o[0] for o in verify.run(model, inputs, xnnpack=xnnpack)]
+
+
+def test_groups_follow_add_concat_depthwise_and_flatten():
+    rng = np.random.default_rng(0)
+    m, plan = prune(residual_concat_net(rng), prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, plan)
+    by_first = {grp.tensors[0].name: grp for grp in groups if grp.producers}
+    # c2 and c3 meet in the residual ADD: one group through PRELU, MUL, depthwise, concat, pool, flatten.
+    res = by_first["c2"]
+    assert {t.name for t in res.tensors} == {"c2", "c3", "add", "prelu", "mul", "dw", "cat", "pool", "flatten"}
+    assert res.channels == 16 and [p.op.outputs[0].name for p in res.producers] == ["c2", "c3"]
+    assert [r.op.outputs[0].name for r in res.readers] == ["fc1"]
+    # One unit = c2[c], c3[c], …, dw[2c], dw[2c+1], cat[2c], cat[2c+1], and 9 flatten columns per cat channel.
+    assert all(len(u) == 5 + 3 * 2 + 2 * 9 for u in res.units)
+    assert {t.name for t in by_first["c5"].tensors} == {"c5", "cat", "pool", "flatten"}
+    assert [r.op.outputs[0].name for r in by_first["c1"].readers] == ["c2", "c3", "c5"]
+    assert by_first["fc2"].reason == "a subgraph output"
+    assert all(grp.reason is None for name, grp in by_first.items() if name != "fc2")
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_pruned_model_equals_original_with_removed_channels_at_their_bias(fraction):
+    rng = np.random.default_rng(1)
+    original = residual_concat_net(rng)
+    m, plan = prune(original, prune_channels=fraction)
+    choices = pc.choose(m, plan)
+    reference = zeroed_reference(original, choices)
+    for sg, g, groups, removed in choices:
+        pc.apply(g, removed)
+    m.main.cleanup()
+    pruned = io.to_bytes(m)
+    inputs = [[rng.standard_normal((1, 10, 10, 3)).astype(np.float32)] for _ in range(4)]
+    want = outputs(reference, inputs)
+    got, got_ref_kernels = outputs(pruned, inputs), outputs(pruned, inputs, xnnpack=False)
+    for w, a, b in zip(want, got, got_ref_kernels):
+        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    rows = {r["output"]: r for r in __import__("tfrewrite.analysis", fromlist=["x"]).op_rows(io.read_buffer(pruned))}
+    keep = pc.kept_count(16, fraction, 8)
+    assert rows["c1"]["weight_shape"] == [keep, 3, 3, 3]
+    assert rows["dw"]["weight_shape"] == [1, 3, 3, 2 * keep]
+    assert rows["fc1"]["weight_shape"] == [pc.kept_count(24, fraction, 8), 9 * (2 * keep + keep)]
+    shape = next(op for op in m.main.operators if op.builtin == OP.RESHAPE)
+    assert list(shape.builtin_options.newShape) == [1, 9 * 3 * keep]
+    assert list(shape.inputs[1].data) == [1, 9 * 3 * keep]
+
+
+def test_rewrite_reports_groups_and_shrinks_macs(tmp_path):
+    rng = np.random.default_rng(2)
+    src = tmp_path / "net.tflite"
+    src.write_bytes(residual_concat_net(rng))
+    report = rewrite.run(src, tmp_path / "out.tflite", rewrite.Options(prune_channels=0.5, report=None))
+    pruned = [e for e in report["layers"] if e["action"] == "pruned"]
+    assert {e["output"] for e in pruned} == {"c1", "c2", "c5", "fc1"}
+    for e in pruned:
+        assert e["kind"] == "channels" and e["channels_after"] < e["channels_before"]
+        assert e["channels_after"] % 8 == 0 and e["macs_after"] < e["macs_before"]
+    assert report["totals"]["macs_after"] < 0.5 * report["totals"]["macs_before"]
+    assert report["totals"]["file_bytes_after"] < report["totals"]["file_bytes_before"]
+
+
+def test_barriers_leave_groups_untouched():
+    rng = np.random.default_rng(3)
+    n = Net(rng, [1, 6, 6, 4])
+    c1 = n.conv("c1", n.x, 16)
+    mixed = n.reshape(n.conv("c2", c1, 16), [1, 6, 96], "mix")  # channels mixed with W: a barrier
+    model = n.finish(mixed, n.conv("c3", c1, 16))                # c3 is a subgraph output
+    m, plan = prune(model, prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, plan)
+    reasons = {grp.tensors[0].name: grp.reason for grp in groups if grp.producers}
+    assert reasons["c1"] is None
+    assert "reshape mixes channels" in reasons["c2"] and reasons["c3"] == "a subgraph output"
+    entries = pc.run(m, plan)
+    assert [e["output"] for e in entries if e["action"] == "pruned"] == ["c1"]
+    shapes = {t.name: t.shape for t in m.main.tensors}
+    assert shapes["c2"][-1] == 16 and shapes["c3"][-1] == 16 and shapes["c1"][-1] == 8
+
+
+def test_semantics_table_is_one_source():
+    from tfrewrite import analysis
+    from tfrewrite.passes import prune, quantize
+    assert prune.TARGETS is semantics.LAYER_OPS and quantize.LAYER_OPS is semantics.LAYER_OPS
+    assert analysis.WEIGHTED_OPS is semantics.WEIGHTED_OPS
+    assert semantics.is_barrier(OP.TRANSPOSE) and semantics.is_barrier(OP.SOFTMAX)
+    assert not semantics.is_barrier(OP.HARD_SWISH) and not semantics.is_barrier(OP.CONCATENATION)
+
+
+@pytest.mark.parametrize("name", ["vgg_digits_int8.tflite", "vgg_digits_fp16.tflite", "mobilenetv2_digits.tflite"])
+def test_fixtures_prune_and_run_with_and_without_xnnpack(tmp_path, name):
+    out = tmp_path / "out.tflite"
+    report = rewrite.run(FIXTURES / name, out, rewrite.Options(prune_channels=0.5))
+    assert report["totals"]["macs_after"] < 0.5 * report["totals"]["macs_before"]
+    assert report["totals"]["file_bytes_after"] < report["totals"]["file_bytes_before"]
+    model = out.read_bytes()
+    inputs = verify.random_inputs(verify.interpreter(model), samples=2)
+    a, b = outputs(model, inputs), outputs(model, inputs, xnnpack=False)
+    for x, y in zip(a, b):
+        assert np.all(np.isfinite(x.astype(np.float32)))
+        # Full-integer kernels round differently with and without XNNPACK: a step of the softmax output (1/256).
+        tol = 2.5 / 256 if "int8" in name else 1e-3
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=tol)

@@ -1,0 +1,743 @@
+"""Structured channel pruning: remove whole channels, so that every runtime runs a smaller dense model.
+
+Channels that must go together form a group. The walk gives every activation tensor's channel axis (the last,
+NHWC) a range of nodes in a union-find and joins the nodes an op ties together, following the op-semantics
+table (`ops/semantics.py`): channel-wise ops join channel c of their input and output, a residual ADD joins
+both operands, CONCATENATION maps with offsets, SPLIT the inverse, a flatten into FULLY_CONNECTED gives
+channel c the columns c, c+C, c+2C, …, DEPTHWISE_CONV_2D maps input c to outputs [c·m, (c+1)·m). A connected
+set of nodes is one removable channel (a unit); units that touch the same tensors form a group, pruned to the
+same share. Any op the table does not know, a subgraph input or output, a weight shared by several ops or not
+stored as a plain constant freezes the tensors it touches: groups touching them stay as they are.
+
+A removed channel does not output zero: after batch-norm folding it outputs act(bias), carried through the
+channel-wise ops to the next layers, whose biases absorb it (exact for 1×1, FULLY_CONNECTED and VALID
+padding; at SAME borders it is the interior value). Removing is physical: weights, biases, per-channel
+quantization, PRELU alphas, constant operands, every tensor's shape and shape signature, RESHAPE targets and
+SPLIT_V sizes are sliced; nothing gathers at run time. Kept counts are multiples of `--channel-multiple`.
+
+Without data, a group keeps the channels with the largest summed normalized weight norms (output rows of the
+layers that write them, input columns of the layers that read them). With calibration data the choice and
+the refit are in `linalg/channels.py`: channels are removed greedily where the next layers' outputs change
+least (ThiNet / He et al. 2017), then each reading layer is refitted by least squares with a bias term.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import schema
+from ..analysis import macs, numel
+from ..graph import Model, Operator, Subgraph, Tensor
+from ..ops import semantics
+from .common import new_entry
+
+OP = schema.BuiltinOperator
+T = schema.TensorType
+ACT = schema.ActivationFunctionType
+DEFAULT_MULTIPLE = 8
+
+
+class Barrier(Exception):
+    """The op cannot be followed channel by channel; the message says why."""
+
+
+@dataclass(eq=False)
+class Layer:
+    """A CONV_2D / FULLY_CONNECTED / DEPTHWISE_CONV_2D whose weight (and bias) can be sliced."""
+    op: Operator
+    layout: semantics.WeightLayout
+    weight: Tensor          # the stored constant (float32, float16 behind DEQUANTIZE, or int8)
+    carrier: Operator | None  # the DEQUANTIZE in front of it, if any
+    bias: Tensor | None     # the stored constant (float32, int32, or float16 behind DEQUANTIZE)
+    bias_carrier: Operator | None = None
+
+    def values(self) -> np.ndarray:
+        w = self.weight
+        data = np.asarray(w.data, np.float32)
+        q = w.quantization
+        if w.type == T.INT8 and q is not None and q.scale is not None and len(q.scale):
+            scale = np.asarray(q.scale, np.float32)
+            zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros(len(scale)), np.float32)
+            if len(scale) > 1:
+                shape = [1] * data.ndim
+                shape[q.quantizedDimension] = -1
+                return (data - zero.reshape(shape)) * scale.reshape(shape)
+            return (data - zero[0]) * scale[0]
+        return data
+
+
+@dataclass(eq=False)
+class ChannelGroup:
+    """Units (each a set of union-find nodes that go together) touching the same tensors."""
+    units: list[np.ndarray]
+    tensors: list[Tensor]
+    members: list[Operator]
+    producers: list[Layer]   # layers writing the channels (their output rows)
+    readers: list[Layer]     # layers reading them (their input columns); depthwise layers are members only
+    reason: str | None = None
+    keep: int | None = None
+    chosen: np.ndarray | None = None  # indices into `units` that stay
+    selection: str | None = None
+
+    @property
+    def channels(self) -> int:
+        return len(self.units)
+
+
+@dataclass(eq=False)
+class ChannelGraph:
+    sg: Subgraph
+    parent: list[int] = field(default_factory=list)
+    start: dict = field(default_factory=dict)     # id(tensor) → first node
+    tensors: dict = field(default_factory=dict)   # id(tensor) → Tensor
+    frozen: dict = field(default_factory=dict)    # id(tensor) → reason
+    layers: dict = field(default_factory=dict)    # id(op) → Layer
+    edges: list = field(default_factory=list)     # (op, src tensor, src idx, dst tensor, dst idx)
+    members: dict = field(default_factory=dict)   # id(tensor) → ops touching it
+
+    # --- union-find -----------------------------------------------------------------------------------
+    def space(self, t: Tensor) -> int:
+        if id(t) not in self.start:
+            c = channels_of(t)
+            self.start[id(t)] = len(self.parent)
+            self.tensors[id(t)] = t
+            self.parent.extend(range(len(self.parent), len(self.parent) + c))
+        return self.start[id(t)]
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        while p[a] != a:
+            p[a] = p[p[a]]
+            a = p[a]
+        return a
+
+    def join(self, op, src: Tensor, src_idx, dst: Tensor, dst_idx) -> None:
+        src_idx, dst_idx = np.asarray(src_idx, np.int64), np.asarray(dst_idx, np.int64)
+        a0, b0 = self.space(src), self.space(dst)
+        for a, b in zip((src_idx + a0).tolist(), (dst_idx + b0).tolist()):
+            ra, rb = self.find(a), self.find(b)
+            if ra != rb:
+                self.parent[ra] = rb
+        self.edges.append((op, src, src_idx, dst, dst_idx))
+
+    def touch(self, op, *tensors) -> None:
+        for t in tensors:
+            self.space(t)
+            self.members.setdefault(id(t), []).append(op)
+
+    def freeze(self, t: Tensor, reason: str) -> None:
+        if channels_of(t) is None:
+            return
+        self.space(t)
+        self.frozen.setdefault(id(t), reason)
+
+
+def channels_of(t: Tensor | None) -> int | None:
+    if t is None or t.is_constant or not t.shape or t.shape[-1] <= 0:
+        return None
+    return int(t.shape[-1])
+
+
+def _const(t: Tensor | None, producers: dict) -> tuple[Tensor | None, Operator | None]:
+    """The constant behind `t` (following one DEQUANTIZE) and that DEQUANTIZE; (None, None) if not constant."""
+    if t is None:
+        return None, None
+    if t.is_constant:
+        return t, None
+    p = producers.get(id(t))
+    if p is not None and p.builtin == OP.DEQUANTIZE and p.inputs[0] is not None and p.inputs[0].is_constant:
+        return p.inputs[0], p
+    return None, None
+
+
+def _axis(value: int, rank: int) -> int:
+    return value + rank if value < 0 else value
+
+
+def _int_values(t: Tensor | None, producers: dict) -> list[int] | None:
+    c, _ = _const(t, producers)
+    if c is None or c.data is None:
+        return None
+    return [int(v) for v in np.asarray(c.data).reshape(-1)]
+
+
+# ------------------------------------------------------------------------------------------------ the walk
+def build_graph(sg: Subgraph) -> ChannelGraph:
+    """Link the channel spaces of one subgraph; freeze what the table cannot follow."""
+    g = ChannelGraph(sg)
+    producers, consumers = sg.producers(), sg.consumers()
+    readers = {}  # id(constant) → number of ops reading it (a DEQUANTIZE counts its own readers)
+    for op in sg.operators:
+        for t in op.inputs:
+            if t is not None:
+                readers[id(t)] = readers.get(id(t), 0) + 1
+    carriers = {id(op.outputs[0]) for op in sg.operators
+                if op.builtin == OP.DEQUANTIZE and op.inputs[0] is not None and op.inputs[0].is_constant}
+    for op in sg.operators:
+        if op.outputs and id(op.outputs[0]) in carriers:
+            continue  # a weight carrier, handled with its reader
+        acts = [op.inputs[0], op.outputs[0]] if op.builtin in semantics.LAYERS else list(op.inputs) + list(op.outputs)
+        acts = [t for t in acts if channels_of(t) is not None and id(t) not in carriers]
+        try:
+            _link(g, op, producers, consumers, readers)
+            g.touch(op, *acts)
+        except Barrier as e:
+            for t in acts:
+                g.freeze(t, f"{op.name}: {e}")
+    for t in sg.inputs:
+        g.freeze(t, "a subgraph input")
+    for t in sg.outputs:
+        g.freeze(t, "a subgraph output")
+    for t in list(g.tensors.values()):
+        q = t.quantization
+        if q is not None and q.scale is not None and len(q.scale) > 1:
+            g.freeze(t, "per-channel quantized activation")
+    return g
+
+
+def _single_reader(t: Tensor, readers: dict, consumers: dict) -> bool:
+    """Read by exactly one op (through at most one DEQUANTIZE), so slicing it changes no other op."""
+    if readers.get(id(t), 0) != 1:
+        return False
+    reader = consumers.get(id(t), [None])[0]
+    if reader is not None and reader.builtin == OP.DEQUANTIZE:
+        return len(consumers.get(id(reader.outputs[0]), [])) == 1
+    return True
+
+
+def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
+    b = op.builtin
+    ins = op.inputs
+    if b in semantics.LAYERS:
+        if b not in semantics.LAYER_OPS:
+            raise Barrier("not pruned by channels yet")
+        layout = semantics.LAYERS[b]
+        x, y = ins[0], op.outputs[0]
+        weight, carrier = _const(ins[layout.weight] if len(ins) > layout.weight else None, producers)
+        if weight is None or weight.data is None:
+            raise Barrier("weight is not a dense constant")
+        if weight.type not in (T.FLOAT32, T.FLOAT16, T.INT8):
+            raise Barrier(f"{weight.type_name} weight")
+        if not _single_reader(weight, readers, consumers):
+            raise Barrier("weight shared with other ops")
+        bias_input = ins[layout.bias] if len(ins) > layout.bias else None
+        bias, bias_carrier = _const(bias_input, producers)
+        if bias_input is not None and (bias is None or bias.data is None or not _single_reader(bias, readers, consumers)):
+            raise Barrier("bias is not a constant of its own")
+        if channels_of(x) is None or channels_of(y) is None:
+            raise Barrier("activation without a known channel count")
+        wshape = weight.shape
+        if y.shape[-1] != wshape[layout.out_axis]:
+            raise Barrier("output channels do not match the weight")
+        if layout.coupled:
+            m = wshape[3] // x.shape[-1] if x.shape[-1] else 0
+            if m < 1 or m * x.shape[-1] != wshape[3]:
+                raise Barrier("depth multiplier does not match")
+            c = np.arange(x.shape[-1])
+            g.join(op, x, np.repeat(c, m), y, np.arange(wshape[3]))
+        elif x.shape[-1] != wshape[layout.in_axis]:
+            raise Barrier("input is flattened implicitly")
+        g.space(x), g.space(y)
+        g.layers[id(op)] = Layer(op, layout, weight, carrier, bias, bias_carrier)
+        return
+    if b in semantics.CHANNELWISE_UNARY or b in semantics.PER_CHANNEL_PARAMETER:
+        x, y = ins[0], op.outputs[0]
+        if channels_of(x) is None or channels_of(y) != channels_of(x):
+            raise Barrier("channel counts differ")
+        if b in semantics.PER_CHANNEL_PARAMETER:
+            _check_channel_constant(ins[semantics.PER_CHANNEL_PARAMETER[b]], y, readers, consumers)
+        if b == OP.QUANTIZE and (y.quantization is None or len(y.quantization.scale or []) != 1):
+            raise Barrier("not per-tensor quantization")
+        c = np.arange(y.shape[-1])
+        g.join(op, x, c, y, c)
+        return
+    if b in semantics.CHANNELWISE_BINARY:
+        y = op.outputs[0]
+        if channels_of(y) is None:
+            raise Barrier("output without a known channel count")
+        c = np.arange(y.shape[-1])
+        for t in ins[:2]:
+            if t is None:
+                raise Barrier("missing operand")
+            if t.is_constant or _const(t, producers)[0] is not None:
+                _check_channel_constant(t, y, readers, consumers)
+            elif t.shape and t.shape[-1] == y.shape[-1]:
+                g.join(op, t, c, y, c)
+            elif not t.shape or t.shape[-1] != 1:
+                raise Barrier("operand broadcasts over channels in a way not followed")
+        return
+    if b in (OP.MEAN, OP.SUM, OP.REDUCE_MAX, OP.SQUEEZE):
+        x, y = ins[0], op.outputs[0]
+        if channels_of(x) is None:
+            raise Barrier("input without a known channel count")
+        rank = len(x.shape)
+        if b == OP.SQUEEZE:
+            axes = list(getattr(op.builtin_options, "squeezeDims", None) or [])
+            if not axes and x.shape[-1] == 1:
+                raise Barrier("squeezes the channel axis")
+        else:
+            axes = _int_values(ins[1], producers)
+            if axes is None:
+                raise Barrier("reduction axes are not constant")
+        if rank - 1 in {_axis(a, rank) for a in axes} or channels_of(y) != x.shape[-1]:
+            raise Barrier("reduces the channel axis")
+        c = np.arange(x.shape[-1])
+        g.join(op, x, c, y, c)
+        return
+    if b in (OP.PAD, OP.PADV2, OP.MIRROR_PAD):
+        x, y = ins[0], op.outputs[0]
+        pads = _int_values(ins[1], producers)
+        if channels_of(x) is None or pads is None or pads[-2:] != [0, 0] or channels_of(y) != x.shape[-1]:
+            raise Barrier("pads the channel axis (or paddings not constant)")
+        c = np.arange(x.shape[-1])
+        g.join(op, x, c, y, c)
+        return
+    if b == OP.RESHAPE:
+        x, y = ins[0], op.outputs[0]
+        if channels_of(x) is None or channels_of(y) is None:
+            raise Barrier("unknown shapes")
+        if len(ins) > 1 and ins[1] is not None and _const(ins[1], producers)[0] is None:
+            raise Barrier("shape is computed at run time")
+        if len(ins) > 1 and ins[1] is not None and not _single_reader(ins[1], readers, consumers):
+            raise Barrier("shape tensor shared with other ops")
+        cx = x.shape[-1]
+        if y.shape[-1] == cx and numel(y.shape[:-1]) == numel(x.shape[:-1]):
+            c = np.arange(cx)
+            g.join(op, x, c, y, c)
+            return
+        if len(x.shape) == 4 and len(y.shape) == 2 and y.shape[0] == x.shape[0] and y.shape[1] == numel(x.shape[1:]):
+            pixels = numel(x.shape[1:3])  # flatten: column (h·W + w)·C + c belongs to channel c
+            g.join(op, x, np.tile(np.arange(cx), pixels), y, np.arange(pixels * cx))
+            return
+        raise Barrier("reshape mixes channels")
+    if b == OP.CONCATENATION:
+        y = op.outputs[0]
+        if channels_of(y) is None or any(channels_of(t) is None for t in ins):
+            raise Barrier("constant or shapeless operand")
+        axis = _axis(int(op.builtin_options.axis), len(y.shape))
+        offset = 0
+        for t in ins:
+            c = np.arange(t.shape[-1])
+            g.join(op, t, c, y, c + (offset if axis == len(y.shape) - 1 else 0))
+            offset += t.shape[-1]
+        return
+    if b in (OP.SPLIT, OP.SPLIT_V):
+        x = ins[1] if b == OP.SPLIT else ins[0]
+        axis_t = ins[0] if b == OP.SPLIT else ins[2]
+        axes = _int_values(axis_t, producers)
+        if channels_of(x) is None or axes is None or any(channels_of(t) is None for t in op.outputs):
+            raise Barrier("unknown shapes or axis")
+        if b == OP.SPLIT_V and (_const(ins[1], producers)[0] is None or not _single_reader(ins[1], readers, consumers)):
+            raise Barrier("sizes are not a constant of their own")
+        last = _axis(axes[0], len(x.shape)) == len(x.shape) - 1
+        offset = 0
+        for t in op.outputs:
+            c = np.arange(t.shape[-1])
+            g.join(op, x, c + (offset if last else 0), t, c)
+            offset += t.shape[-1]
+        return
+    raise Barrier("op not known to the channel table")
+
+
+def _check_channel_constant(t: Tensor | None, y: Tensor, readers, consumers) -> None:
+    if t is None or not t.is_constant or t.data is None:
+        raise Barrier("operand is not a constant")
+    if t.shape and t.shape[-1] == y.shape[-1] and y.shape[-1] != 1:
+        if not _single_reader(t, readers, consumers):
+            raise Barrier("per-channel constant shared with other ops")
+    elif t.shape and t.shape[-1] != 1:
+        raise Barrier("constant broadcasts over channels in a way not followed")
+
+
+# ------------------------------------------------------------------------------------------------ groups
+def find_groups(g: ChannelGraph) -> list[ChannelGroup]:
+    """Units (connected node sets) grouped by the tensors they touch, in order of the first tensor's node."""
+    n = len(g.parent)
+    roots = np.fromiter((g.find(i) for i in range(n)), np.int64, n)
+    owner = np.empty(n, np.int64)  # node → index into `order`
+    order = list(g.start.items())
+    for k, (tid, s) in enumerate(order):
+        owner[s:s + channels_of(g.tensors[tid])] = k
+    units_by_root: dict[int, list[int]] = {}
+    for i, r in enumerate(roots.tolist()):
+        units_by_root.setdefault(r, []).append(i)
+    by_key: dict[tuple, list[np.ndarray]] = {}
+    for nodes in units_by_root.values():
+        nodes = np.asarray(nodes, np.int64)
+        key = tuple(sorted(set(owner[nodes].tolist())))
+        by_key.setdefault(key, []).append(nodes)
+    groups = []
+    for key, units in sorted(by_key.items(), key=lambda kv: kv[1][0].min()):
+        units.sort(key=lambda u: u.min())
+        tensors = [g.tensors[order[k][0]] for k in key]
+        members = []
+        for t in tensors:
+            for op in g.members.get(id(t), []):
+                if all(op is not m for m in members):
+                    members.append(op)
+        op_rank = {id(op): i for i, op in enumerate(g.sg.operators)}
+        members.sort(key=lambda op: op_rank[id(op)])
+        tids = {id(t) for t in tensors}
+        producers = [g.layers[id(op)] for op in members if id(op) in g.layers and not g.layers[id(op)].layout.coupled
+                     and id(op.outputs[0]) in tids]
+        readers = [g.layers[id(op)] for op in members if id(op) in g.layers and not g.layers[id(op)].layout.coupled
+                   and id(op.inputs[0]) in tids]
+        group = ChannelGroup(units=units, tensors=tensors, members=members, producers=producers, readers=readers)
+        frozen = [g.frozen[id(t)] for t in tensors if id(t) in g.frozen]
+        if frozen:
+            group.reason = frozen[0]
+        elif not producers:
+            group.reason = "no layer writes these channels"
+        groups.append(group)
+    return groups
+
+
+def candidates(model: Model, plan) -> list[tuple[Subgraph, ChannelGraph, list[ChannelGroup]]]:
+    """Every subgraph's channel groups; a group's `reason` says why it cannot be pruned, else None."""
+    out = []
+    for sg in model.subgraphs:
+        g = build_graph(sg)
+        groups = find_groups(g)
+        for group in groups:
+            if group.reason is None:
+                lead = group.producers[0].op
+                group.reason = plan.reason_to_skip(lead, numel(group.producers[0].weight.shape))
+            if group.reason is None and not plan.settings(group.producers[0].op).prune_channels:
+                group.reason = "no channel pruning asked for"
+        out.append((sg, g, groups))
+    return out
+
+
+def kept_count(n: int, fraction: float, multiple: int) -> int:
+    """Channels kept when `fraction` of `n` go, rounded up to a multiple (never more than n)."""
+    keep = math.ceil(n * (1 - fraction) - 1e-9)
+    keep = max(multiple, -(-keep // multiple) * multiple)
+    return min(n, keep)
+
+
+# ------------------------------------------------------------------------------------------- choosing
+def _unit_positions(g: ChannelGraph, group: ChannelGroup, t: Tensor) -> list[np.ndarray]:
+    """For each unit, the indices it owns on tensor t's channel axis."""
+    s = g.start[id(t)]
+    c = channels_of(t)
+    return [u[(u >= s) & (u < s + c)] - s for u in group.units]
+
+
+def norm_scores(g: ChannelGraph, group: ChannelGroup) -> np.ndarray:
+    """Per unit: the summed, per-layer normalized norms of the weight slices that read or write it."""
+    score = np.zeros(group.channels)
+    for layer, tensor, axis in ([(p, p.op.outputs[0], p.layout.out_axis) for p in group.producers]
+                                + [(r, r.op.inputs[0], r.layout.in_axis) for r in group.readers]):
+        w = layer.values()
+        w = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        sq = np.einsum("ij,ij->i", w, w, dtype=np.float64)
+        norms = np.array([math.sqrt(sq[idx].sum()) for idx in _unit_positions(g, group, tensor)])
+        mean = norms.mean()
+        if mean > 0:
+            score += norms / mean
+    return score
+
+
+# ------------------------------------------------------------------------------------------- removed values
+_UNARY = {
+    OP.RELU: lambda v, op: np.maximum(v, 0), OP.RELU6: lambda v, op: np.clip(v, 0, 6),
+    OP.RELU_N1_TO_1: lambda v, op: np.clip(v, -1, 1), OP.RELU_0_TO_1: lambda v, op: np.clip(v, 0, 1),
+    OP.LEAKY_RELU: lambda v, op: np.where(v >= 0, v, v * op.builtin_options.alpha),
+    OP.HARD_SWISH: lambda v, op: v * np.clip(v + 3, 0, 6) / 6, OP.LOGISTIC: lambda v, op: 1 / (1 + np.exp(-v)),
+    OP.TANH: lambda v, op: np.tanh(v), OP.ABS: lambda v, op: np.abs(v), OP.NEG: lambda v, op: -v,
+    OP.SQUARE: lambda v, op: v * v, OP.EXP: lambda v, op: np.exp(v),
+    OP.ELU: lambda v, op: np.where(v >= 0, v, np.expm1(np.minimum(v, 0))),
+}
+# A constant input gives a constant output (per channel, away from SAME borders).
+_PASS_THROUGH = {OP.MAX_POOL_2D, OP.AVERAGE_POOL_2D, OP.RESIZE_BILINEAR, OP.RESIZE_NEAREST_NEIGHBOR, OP.QUANTIZE,
+                 OP.DEQUANTIZE, OP.MEAN, OP.REDUCE_MAX, OP.SQUEEZE, OP.PAD, OP.PADV2, OP.MIRROR_PAD, OP.RESHAPE,
+                 OP.CONCATENATION, OP.SPLIT, OP.SPLIT_V}
+_BINARY = {OP.ADD: np.add, OP.SUB: np.subtract, OP.MUL: np.multiply, OP.DIV: np.divide, OP.MAXIMUM: np.maximum,
+           OP.MINIMUM: np.minimum, OP.SQUARED_DIFFERENCE: lambda a, b: (a - b) ** 2}
+
+
+def fused(v: np.ndarray, op: Operator) -> np.ndarray:
+    act = getattr(op.builtin_options, "fusedActivationFunction", ACT.NONE) if op.builtin_options is not None else ACT.NONE
+    if act == ACT.RELU:
+        return np.maximum(v, 0)
+    if act == ACT.RELU6:
+        return np.clip(v, 0, 6)
+    if act == ACT.RELU_N1_TO_1:
+        return np.clip(v, -1, 1)
+    if act == ACT.NONE:
+        return v
+    return np.full_like(v, np.nan)  # TANH / SIGN_BIT: not followed
+
+
+def bias_real(layer: Layer, channels: int) -> np.ndarray:
+    """The bias in real units (an int32 bias is at s_in · s_w)."""
+    if layer.bias is None:
+        return np.zeros(channels)
+    b = np.asarray(layer.bias.data, np.float64)
+    if layer.bias.type == T.INT32:
+        q = layer.bias.quantization
+        b = b * np.asarray(q.scale, np.float64).reshape(-1)
+    return b
+
+
+def removed_values(g: ChannelGraph, removed: dict) -> dict:
+    """id(tensor) → {channel index: the constant a removed channel carries there (NaN when not constant)}.
+
+    `removed`: id(tensor) → array of removed channel indices. Producers output act(bias); channel-wise ops
+    are applied to the constants; a depthwise conv scales by the summed kernel and adds its bias."""
+    values: dict[int, dict[int, float]] = {}
+    edges_by_op: dict[int, list] = {}
+    producers = g.sg.producers()
+    for e in g.edges:
+        edges_by_op.setdefault(id(e[0]), []).append(e)
+    for op in g.sg.operators:
+        for y in op.outputs:
+            if id(y) not in removed:
+                continue
+            idx = removed[id(y)]
+            out = values.setdefault(id(y), {})
+            layer = g.layers.get(id(op))
+            if layer is not None and not layer.layout.coupled:
+                v = fused(bias_real(layer, y.shape[-1])[idx], op)
+                out.update(zip(idx.tolist(), v.tolist()))
+                continue
+            if layer is not None:  # depthwise
+                w = layer.values().reshape(-1, y.shape[-1]).sum(axis=0)
+                b = bias_real(layer, y.shape[-1])
+                src = _gather(values, edges_by_op.get(id(op), []), y, idx)[0]
+                out.update(zip(idx.tolist(), fused(src * w[idx] + b[idx], op).tolist()))
+                continue
+            operands = _gather(values, edges_by_op.get(id(op), []), y, idx)
+            if op.builtin in _BINARY:
+                terms = []
+                for t in op.inputs[:2]:
+                    c, _ = _const(t, producers)
+                    if c is not None:
+                        d = np.asarray(c.data, np.float64).reshape(-1) if c.data.size else np.zeros(1)
+                        terms.append(d[idx] if d.size == y.shape[-1] and y.shape[-1] > 1 else np.full(len(idx), d[0]))
+                    elif t.shape and t.shape[-1] == y.shape[-1]:
+                        terms.append(operands.pop(0) if operands else np.full(len(idx), np.nan))
+                    else:
+                        terms.append(np.full(len(idx), np.nan))  # a broadcast activation (an SE gate)
+                v = fused(_BINARY[op.builtin](terms[0], terms[1]), op)
+            elif op.builtin == OP.PRELU:
+                alpha = np.asarray(op.inputs[1].data, np.float64).reshape(-1)
+                a = alpha[idx] if alpha.size > 1 else np.full(len(idx), alpha[0])
+                v = np.where(operands[0] >= 0, operands[0], operands[0] * a)
+            elif op.builtin in _UNARY:
+                v = _UNARY[op.builtin](operands[0], op)
+            elif op.builtin in _PASS_THROUGH:
+                v = operands[0]
+                for other in operands[1:]:  # CONCATENATION: each input covers its own range
+                    v = np.where(np.isnan(v), other, v)
+                if op.builtin == OP.SUM:
+                    v = v * numel(op.inputs[0].shape) / numel(y.shape)
+            else:
+                v = np.full(len(idx), np.nan)
+            out.update(zip(idx.tolist(), np.asarray(v, np.float64).tolist()))
+    return values
+
+
+def _gather(values: dict, edges: list, y: Tensor, idx: np.ndarray) -> list[np.ndarray]:
+    """The source values of output channels `idx` of y, one array per edge into y (operand order)."""
+    out = []
+    for _, src, s_idx, dst, d_idx in edges:
+        if dst is not y:
+            continue
+        where = {int(d): int(s) for s, d in zip(s_idx, d_idx)}
+        vals = values.get(id(src), {})
+        out.append(np.array([vals.get(where.get(int(i), -1), np.nan) for i in idx], np.float64))
+    return out or [np.full(len(idx), np.nan)]
+
+
+# ------------------------------------------------------------------------------------------- slicing
+def _take_quant(q, keep: np.ndarray, axis: int):
+    """Per-channel quantization parameters of the kept channels (per-tensor ones stay as they are)."""
+    if q is None or q.scale is None or len(q.scale) <= 1 or q.quantizedDimension != axis:
+        return q
+    q = copy.copy(q)
+    q.scale = np.asarray(q.scale, np.float32)[keep]
+    if q.zeroPoint is not None and len(q.zeroPoint) > 1:
+        q.zeroPoint = np.asarray(q.zeroPoint, np.int64)[keep]
+    return q
+
+
+def _slice_constant(t: Tensor, keep: np.ndarray, axis: int, carrier: Operator | None = None) -> None:
+    data = np.asarray(t.data)
+    q = _take_quant(t.quantization, keep, axis % data.ndim)
+    t.set_data(np.take(data, keep, axis=axis))
+    t.quantization = q
+    if carrier is not None:
+        carrier.outputs[0].shape = list(t.shape)
+        carrier.outputs[0].shape_signature = None
+
+
+def _set_channels(t: Tensor, count: int) -> None:
+    t.shape = list(t.shape[:-1]) + [count]
+    if t.shape_signature is not None and len(t.shape_signature) and t.shape_signature[-1] >= 0:
+        t.shape_signature = list(t.shape_signature[:-1]) + [count]
+
+
+def apply(g: ChannelGraph, removed: dict, fold: bool = True) -> None:
+    """Slice every op and tensor of g's subgraph that touches a removed channel; with `fold`, removed
+    channels' constants move into the biases of the layers that read them."""
+    sg = g.sg
+    producers = sg.producers()
+    keeps = {tid: np.setdiff1d(np.arange(channels_of(g.tensors[tid])), idx) for tid, idx in removed.items()}
+    values = removed_values(g, removed) if fold else {}
+    for op in sg.operators:
+        layer = g.layers.get(id(op))
+        if layer is not None:
+            _slice_layer(sg, layer, keeps, removed, values)
+            continue
+        y = op.outputs[0] if op.outputs else None
+        if op.builtin in semantics.CHANNELWISE_BINARY or op.builtin in semantics.PER_CHANNEL_PARAMETER:
+            if y is not None and id(y) in keeps:
+                for t in op.inputs[:2]:
+                    c, carrier = _const(t, producers)
+                    if c is not None and c.shape and c.shape[-1] == channels_of(y) and channels_of(y) > 1:
+                        _slice_constant(c, keeps[id(y)], -1, carrier)
+        elif op.builtin == OP.RESHAPE and y is not None and id(y) in keeps:
+            new_last = len(keeps[id(y)])
+            opts = op.builtin_options
+            if opts is not None and getattr(opts, "newShape", None) is not None and len(opts.newShape):
+                shape = list(opts.newShape)
+                if shape[-1] != -1:
+                    shape[-1] = new_last
+                opts.newShape = shape
+            if len(op.inputs) > 1 and op.inputs[1] is not None:
+                c, _ = _const(op.inputs[1], producers)
+                shape = np.asarray(c.data).copy()
+                if shape[-1] != -1:
+                    shape[-1] = new_last
+                c.set_data(shape)
+        elif op.builtin == OP.SPLIT_V and any(id(t) in keeps for t in op.outputs):
+            c, _ = _const(op.inputs[1], producers)
+            sizes = np.array([len(keeps[id(t)]) if id(t) in keeps else channels_of(t) for t in op.outputs],
+                             np.asarray(c.data).dtype)
+            c.set_data(sizes)
+    for tid, keep in keeps.items():
+        _set_channels(g.tensors[tid], len(keep))
+
+
+def _slice_layer(sg: Subgraph, layer: Layer, keeps: dict, removed: dict, values: dict) -> None:
+    op, lay = layer.op, layer.layout
+    x, y = op.inputs[0], op.outputs[0]
+    if id(x) in keeps and not lay.coupled:
+        idx = removed[id(x)]
+        vals = np.array([values.get(id(x), {}).get(int(i), 0.0) for i in idx], np.float64)
+        vals = np.nan_to_num(vals)  # a channel that is not constant downstream (an SE gate) is dropped
+        if np.any(vals):
+            cols = np.take(layer.values().astype(np.float64), idx, axis=lay.in_axis)
+            cols = np.moveaxis(cols, lay.in_axis, -1).reshape(cols.shape[lay.out_axis], -1, len(idx)).sum(axis=1)
+            _add_to_bias(sg, layer, cols @ vals)
+        _slice_constant(layer.weight, keeps[id(x)], lay.in_axis, layer.carrier)
+    if id(y) in keeps:
+        keep = keeps[id(y)]
+        _slice_constant(layer.weight, keep, lay.out_axis, layer.carrier)
+        if layer.bias is not None:
+            _slice_constant(layer.bias, keep, 0, layer.bias_carrier)
+
+
+def _add_to_bias(sg: Subgraph, layer: Layer, shift: np.ndarray) -> None:
+    """bias += shift (real units); an int32 bias moves in its own scale, a missing one is created."""
+    op = layer.op
+    if layer.bias is None:
+        if op.inputs[0].type != T.FLOAT32:
+            return  # an integer layer without a bias: nothing to hold the constant
+        layer.bias = sg.add_constant(op.outputs[0].name + "/bias", shift.astype(np.float32))
+        while len(op.inputs) <= layer.layout.bias:
+            op.inputs.append(None)
+        op.inputs[layer.layout.bias] = layer.bias
+        return
+    b = layer.bias
+    if b.type == T.INT32:
+        scale = np.asarray(b.quantization.scale, np.float64).reshape(-1)
+        new = np.asarray(b.data, np.int64) + np.round(shift / scale).astype(np.int64)
+        q = b.quantization
+        b.set_data(np.clip(new, -2**31, 2**31 - 1).astype(np.int32))
+        b.quantization = q
+    else:
+        q = b.quantization
+        b.set_data((np.asarray(b.data, np.float64) + shift).astype(b.dtype))
+        b.quantization = q
+
+
+# ------------------------------------------------------------------------------------------------ the pass
+def layer_cost(layer: Layer) -> tuple[int, int]:
+    """(params, MACs) of a layer as it stands."""
+    params = numel(layer.weight.shape) + (numel(layer.bias.shape) if layer.bias is not None else 0)
+    return params, macs(layer.op, layer.weight)
+
+
+def choose(model: Model, plan) -> list[tuple[Subgraph, ChannelGraph, list[ChannelGroup], dict]]:
+    """Per subgraph: its channel graph, groups (with the kept units chosen) and the removed channels
+    (id(tensor) → sorted indices). Nothing is changed yet."""
+    out = []
+    for sg, g, groups in candidates(model, plan):
+        removed: set[int] = set()
+        for group in groups:
+            if group.reason is not None:
+                continue
+            settings = plan.settings(group.producers[0].op)
+            multiple = settings.channel_multiple or DEFAULT_MULTIPLE
+            group.keep = kept_count(group.channels, float(settings.prune_channels), multiple)
+            if group.keep >= group.channels:
+                group.reason = f"{group.channels} channels: nothing to remove at multiples of {multiple}"
+                continue
+            scores = norm_scores(g, group)
+            group.chosen = np.sort(np.argsort(-scores, kind="stable")[:group.keep])
+            group.selection = "norm"
+            for u in np.setdiff1d(np.arange(group.channels), group.chosen):
+                removed.update(group.units[u].tolist())
+        out.append((sg, g, groups, _removed_by_tensor(g, removed)))
+    return out
+
+
+def run(model: Model, plan, progress=None) -> list[dict]:
+    entries = []
+    for sg, g, groups, removed in choose(model, plan):
+        before = {k: layer_cost(layer) for k, layer in g.layers.items()}
+        if removed:
+            apply(g, removed)
+        for group in groups:
+            if not group.producers:
+                continue  # channels no layer writes (model inputs, barrier outputs): nothing to report
+            entries.append(_entry(model, sg, g, group, plan, before))
+            if progress:
+                progress(entries[-1])
+    return entries
+
+
+def _removed_by_tensor(g: ChannelGraph, removed_nodes: set) -> dict:
+    out: dict[int, list[int]] = {}
+    if not removed_nodes:
+        return {}
+    nodes = np.array(sorted(removed_nodes), np.int64)
+    for tid, s in g.start.items():
+        c = channels_of(g.tensors[tid])
+        sel = nodes[(nodes >= s) & (nodes < s + c)] - s
+        if len(sel):
+            out[tid] = sel
+    return out
+
+
+def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict) -> dict:
+    lead = group.producers[0]
+    entry = new_entry(model, sg, lead.op, "channels", plan)
+    layers = [g.layers[id(op)] for op in group.members if id(op) in g.layers]
+    pruned = group.chosen is not None
+    pb = sum(before[id(layer.op)][0] for layer in layers)
+    mb = sum(before[id(layer.op)][1] for layer in layers)
+    after = [layer_cost(layer) for layer in layers]
+    entry.update(
+        weight_shape=list(lead.weight.shape), weight_dtype=lead.weight.type_name,
+        action="pruned" if pruned else "skipped", reason=None if pruned else group.reason,
+        members=[op.outputs[0].name if op.outputs else op.name for op in group.members],
+        channels_before=group.channels, channels_after=len(group.chosen) if pruned else group.channels,
+        selection=group.selection, params_before=pb, params_after=sum(p for p, _ in after),
+        macs_before=mb, macs_after=sum(m for _, m in after))
+    return entry
