@@ -113,3 +113,46 @@ def depthwise2d(x, w, stride=1, padding="SAME", dilation=1):
     out = [conv2d(x[..., j:j + 1], w[:, :, :, j].reshape(1, kh, kw, 1), None, stride, padding, dilation)
            for j in range(c)]
     return np.concatenate(out, axis=-1)
+
+
+# ------------------------------------------------------------------------------------ odd models (the sweep)
+def _signature(key, sg):
+    from tfrewrite.graph import SignatureDef
+    return SignatureDef(key=key, subgraph=sg, inputs=[(t.name.split(":")[0], t) for t in sg.inputs],
+                        outputs=[(t.name.split(":")[0], t) for t in sg.outputs])
+
+
+def shared_across_signatures(weight, layer="fc", form="float32", bias=None, input_hw=(6, 6)):
+    """Two signatures, one subgraph each, whose FULLY_CONNECTED (or CONV_2D) ops read one constant: one Buffer,
+    one tensor in each subgraph (as the converter writes a weight two signatures share). Stored as `form`
+    ('float32' or 'float16' behind a DEQUANTIZE in each subgraph). The second signature adds a RELU."""
+    from tfrewrite.graph import Buffer
+    stored_values = weight.astype(np.float16 if form == "float16" else np.float32)
+    buffer = Buffer(np.ascontiguousarray(stored_values).reshape(-1).view(np.uint8))
+    subgraphs = []
+    for key in ("first", "second"):
+        sg = Subgraph(name=key)
+        stored = sg.add_tensor(Tensor("shared/weight" + ("_fp16" if form == "float16" else ""),
+                                      T.FLOAT16 if form == "float16" else T.FLOAT32, list(weight.shape), buffer))
+        pre = []
+        if form == "float16":
+            w = sg.add_activation("shared/weight", T.FLOAT32, weight.shape)
+            pre = [ops.dequantize(stored, w)]
+        else:
+            w = stored
+        b = sg.add_constant(f"{key}/bias", (bias if bias is not None else np.zeros(weight.shape[0])).astype(np.float32))
+        if layer == "fc":
+            x = sg.add_tensor(Tensor(f"{key}_x", T.FLOAT32, [1, weight.shape[1]]))
+            y = sg.add_tensor(Tensor(f"{key}/fc", T.FLOAT32, [1, weight.shape[0]]))
+            op = ops.fully_connected(x, w, b, y, activation=ACT["RELU" if key == "second" else "NONE"])
+        else:
+            o, kh, kw, i = weight.shape
+            x = sg.add_tensor(Tensor(f"{key}_x", T.FLOAT32, [1, *input_hw, i]))
+            y = sg.add_tensor(Tensor(f"{key}/conv", T.FLOAT32, [1, *input_hw, o]))
+            op = ops.conv2d(x, w, b, y, padding=PAD["SAME"], activation=ACT["RELU" if key == "second" else "NONE"])
+        sg.operators = pre + [op]
+        sg.inputs, sg.outputs = [x], [y]
+        subgraphs.append(sg)
+    model = Model(subgraphs=subgraphs)
+    model.signature_defs = [_signature(sg.name, sg) for sg in subgraphs]
+    return io.to_bytes(model)

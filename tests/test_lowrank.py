@@ -11,7 +11,6 @@ from conftest import FIXTURES
 from tfrewrite import io, rewrite, schema, verify
 
 OP = schema.BuiltinOperator
-RNG = np.random.default_rng(0)
 
 
 def _rewrite(model_bytes, **options):
@@ -41,16 +40,17 @@ FC_CASES = list(itertools.product(
 
 @pytest.mark.parametrize("form,act,with_bias,shape", FC_CASES)
 def test_fc_rewrite_matches_factors_and_runs(form, act, with_bias, shape):
+    rng = np.random.default_rng(0)
     input_shape, keep = shape
-    w = RNG.standard_normal((40, 48)) * 0.2
-    b = RNG.standard_normal(40) if with_bias else None
+    w = rng.standard_normal((40, 48)) * 0.2
+    b = rng.standard_normal(40) if with_bias else None
     model = B.fc_model(w, b, input_shape, keep, act, form)
     out, entries, _ = _rewrite(model, fc_rank=6)
     (e,) = entries
     assert e["action"] == "rewritten" and e["rank"] == 6 and e["method"] == "svd"
     assert e["params_after"] < e["params_before"] and e["macs_after"] < e["macs_before"]
     left, right = e["factors"]["left"].astype(np.float64), e["factors"]["right"].astype(np.float64)
-    x = RNG.standard_normal(input_shape)
+    x = rng.standard_normal(input_shape)
     ref = (x.reshape(-1, 48) @ right.T) @ left.T + (b if b is not None else 0)
     ref = B.activation(ref, act).reshape(list(input_shape[:-1]) + [40] if keep else [-1, 40])
     for xnn in (True, False):
@@ -68,12 +68,13 @@ def test_fc_rewrite_matches_factors_and_runs(form, act, with_bias, shape):
 
 @pytest.mark.parametrize("form", ["float32", "float16"])
 def test_fc_full_rank_reproduces_original(form):
-    w = RNG.standard_normal((24, 32))
-    b = RNG.standard_normal(24)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 32))
+    b = rng.standard_normal(24)
     model = B.fc_model(w, b, (2, 32), act="RELU", form=form)
     out, entries, _ = _rewrite(model, fc_rank=24, force=True)
     assert entries[0]["action"] == "rewritten"
-    x = RNG.standard_normal((2, 32))
+    x = rng.standard_normal((2, 32))
     for xnn in (True, False):
         a, c = _run(model, x, xnn), _run(out, x, xnn)
         assert _rel(a, c) < (1e-5 if form == "float32" else 2e-3)
@@ -98,13 +99,14 @@ def _chain_reference(e, x, stride, padding, dilation, b, act, kh=3, kw=3):
 
 @pytest.mark.parametrize("method,stride,padding,dilation,act,with_bias", CONV_CASES)
 def test_conv_kxk_rewrite_matches_factors(method, stride, padding, dilation, act, with_bias):
-    w = RNG.standard_normal((12, 3, 3, 10)) * 0.3
-    b = RNG.standard_normal(12) if with_bias else None
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 3, 3, 10)) * 0.3
+    b = rng.standard_normal(12) if with_bias else None
     model = B.conv_model(w, b, (11, 10), 1, stride, padding, dilation, act)
     out, entries, m = _rewrite(model, conv_rank=6, conv_method=method)
     (e,) = entries
     assert e["action"] == "rewritten", e["reason"]
-    x = RNG.standard_normal((1, 11, 10, 10))
+    x = rng.standard_normal((1, 11, 10, 10))
     ref = _chain_reference(e, x, stride, padding, dilation, b, act)
     for xnn in (True, False):
         got = _run(out, x, xnn)
@@ -122,8 +124,9 @@ def test_conv_kxk_rewrite_matches_factors(method, stride, padding, dilation, act
 @pytest.mark.parametrize("form", ["float16", "int8"])
 @pytest.mark.parametrize("method", ["cp", "tucker2"])
 def test_conv_kxk_quantized_weights_keep_their_form(form, method):
-    w = RNG.standard_normal((12, 3, 3, 10)) * 0.3
-    b = RNG.standard_normal(12)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 3, 3, 10)) * 0.3
+    b = rng.standard_normal(12)
     model = B.conv_model(w, b, (9, 9), 1, 2, "SAME", 1, "RELU", form)
     out, entries, m = _rewrite(model, conv_rank=6, conv_method=method)
     assert entries[0]["action"] == "rewritten" and entries[0]["weight_dtype"] == form
@@ -131,7 +134,7 @@ def test_conv_kxk_quantized_weights_keep_their_form(form, method):
     assert types == {schema.TensorType.FLOAT16 if form == "float16" else schema.TensorType.INT8}
     if form == "float16":
         assert sum(op.builtin == OP.DEQUANTIZE for op in m.main.operators) == 3
-    x = RNG.standard_normal((1, 9, 9, 10))
+    x = rng.standard_normal((1, 9, 9, 10))
     ref = _chain_reference(entries[0], x, 2, "SAME", 1, b, "RELU")
     for xnn in (True, False):
         assert _rel(ref, _run(out, x, xnn)) < TOL[form]
@@ -140,14 +143,15 @@ def test_conv_kxk_quantized_weights_keep_their_form(form, method):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("form", ["float32", "float16", "int8"])
 def test_conv_1x1_svd(stride, form):
-    w = RNG.standard_normal((20, 1, 1, 16))
-    b = RNG.standard_normal(20)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((20, 1, 1, 16))
+    b = rng.standard_normal(20)
     model = B.conv_model(w, b, (7, 7), 2, stride, "SAME", 1, "RELU6", form)
     out, entries, m = _rewrite(model, conv_rank=4)
     (e,) = entries
     assert e["kind"] == "conv1x1" and e["method"] == "svd" and e["rank"] == 4
     left, right = e["factors"]["left"].astype(np.float64), e["factors"]["right"].astype(np.float64)
-    x = RNG.standard_normal((2, 7, 7, 16))
+    x = rng.standard_normal((2, 7, 7, 16))
     ref = B.activation(B.conv2d(B.conv2d(x, right, None, stride), left, b), "RELU6")
     for xnn in (True, False):
         assert _rel(ref, _run(out, x, xnn)) < TOL[form]
@@ -157,47 +161,51 @@ def test_conv_1x1_svd(stride, form):
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_tucker2_full_rank_reproduces_original(padding, dilation):
-    w = RNG.standard_normal((8, 3, 3, 6))
-    b = RNG.standard_normal(8)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 3, 6))
+    b = rng.standard_normal(8)
     model = B.conv_model(w, b, (10, 10), 1, 2, padding, dilation, "RELU")
     out, entries, _ = _rewrite(model, conv_rank=8, conv_method="tucker2", force=True)
     assert entries[0]["rank"] == [8, 6]
-    x = RNG.standard_normal((1, 10, 10, 6))
+    x = rng.standard_normal((1, 10, 10, 6))
     for xnn in (True, False):
         assert _rel(_run(model, x, xnn), _run(out, x, xnn)) < 1e-5
 
 
 def test_cp_at_the_kernels_cp_rank_reproduces_original():
+    rng = np.random.default_rng(0)
     from tfrewrite.linalg.cp import cp_reconstruct
     r = 5
-    a, bm, c = RNG.standard_normal((16, r)), RNG.standard_normal((9, r)), RNG.standard_normal((12, r))
+    a, bm, c = rng.standard_normal((16, r)), rng.standard_normal((9, r)), rng.standard_normal((12, r))
     w = cp_reconstruct(a, bm, c).reshape(16, 3, 3, 12)
-    model = B.conv_model(w, RNG.standard_normal(16), (8, 8), 1, 1, "SAME", 1, "NONE")
+    model = B.conv_model(w, rng.standard_normal(16), (8, 8), 1, 1, "SAME", 1, "NONE")
     out, entries, _ = _rewrite(model, conv_rank=r)
     assert entries[0]["rel_error"] < 1e-4
-    x = RNG.standard_normal((1, 8, 8, 12))
+    x = rng.standard_normal((1, 8, 8, 12))
     for xnn in (True, False):
         assert _rel(_run(model, x, xnn), _run(out, x, xnn)) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------ what is skipped
 def test_unprofitable_rank_is_skipped_with_reason():
-    model = B.fc_model(RNG.standard_normal((10, 12)), None, (1, 12))
+    rng = np.random.default_rng(0)
+    model = B.fc_model(rng.standard_normal((10, 12)), None, (1, 12))
     out, entries, _ = _rewrite(model, fc_rank=8)
     assert entries[0]["action"] == "skipped" and "does not reduce" in entries[0]["reason"]
-    model = B.conv_model(RNG.standard_normal((4, 3, 3, 4)), None, (6, 6))
+    model = B.conv_model(rng.standard_normal((4, 3, 3, 4)), None, (6, 6))
     _, entries, _ = _rewrite(model, conv_rank=30)
     assert entries[0]["action"] == "skipped" and "does not reduce" in entries[0]["reason"]
 
 
 def test_grouped_conv_full_int8_and_non_constant_are_skipped():
     # Grouped: the filter sees 4 input channels, the input has 8.
+    rng = np.random.default_rng(0)
     from tfrewrite.graph import Model, Subgraph, Tensor
     from tfrewrite import ops
     sg = Subgraph()
     x = sg.add_tensor(Tensor("in", 0, [1, 6, 6, 8]))
     y = sg.add_tensor(Tensor("out", 0, [1, 6, 6, 8]))
-    w = sg.add_constant("w", RNG.standard_normal((8, 3, 3, 4)).astype(np.float32))
+    w = sg.add_constant("w", rng.standard_normal((8, 3, 3, 4)).astype(np.float32))
     sg.operators = [ops.conv2d(x, w, sg.add_constant("b", np.zeros(8, np.float32)), y, padding=1)]
     sg.inputs, sg.outputs = [x], [y]
     model = Model(subgraphs=[sg])
@@ -244,14 +252,15 @@ def test_only_skip_and_min_params(tmp):
 
 
 def test_ratio_and_energy_choose_ranks():
-    w = RNG.standard_normal((64, 96))
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 96))
     model = B.fc_model(w, None, (1, 96))
     _, entries, _ = _rewrite(model, ratio=4)
     e = entries[0]
     assert e["rank"] == (64 * 96) // (4 * (64 + 96))
     # Energy: a matrix with a known spectrum.
-    u, _ = np.linalg.qr(RNG.standard_normal((64, 64)))
-    v, _ = np.linalg.qr(RNG.standard_normal((96, 64)))
+    u, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    v, _ = np.linalg.qr(rng.standard_normal((96, 64)))
     s = np.array([10.0] * 5 + [0.1] * 59)
     model = B.fc_model((u * s) @ v.T, None, (1, 96))
     _, entries, _ = _rewrite(model, energy=0.99)
@@ -293,23 +302,25 @@ def _accuracy(model) -> float:
     return float(np.mean([verify.invoke(it, [x[i:i + 1]])[0].argmax() == y[i] for i in range(len(x))]))
 
 
-# Held-out accuracy of the weight-fitted rewrite (no calibration data) of the trained VGG-style fixture, measured
-# on this machine on 2026-12-01: original 97.50 %; --rank 48 (4.9x smaller) 90.28 %; --rank 24 (9.4x) 80.56 %.
-# The tolerance (2 points) covers CP fits that differ in the last digits with another BLAS.
-ACCURACY_AT_RANK = {48: (4.8, 0.9028), 24: (9.0, 0.8056)}
-
-
-@pytest.mark.parametrize("rank", sorted(ACCURACY_AT_RANK))
-def test_vgg_fixture_accuracy_at_5x_and_10x(rank, tmp):
-    smaller, expected = ACCURACY_AT_RANK[rank]
-    out = tmp / "o.tflite"
+def test_vgg_fixture_accuracy_falls_with_rank_and_stays_useful(tmp):
+    """The weight-fitted rewrite (no calibration data) of the trained VGG-style fixture: relations, not recorded
+    numbers. More rank keeps at least as much accuracy; at rank 48 (about 5x smaller) the loss stays within 12
+    points of the original and at rank 24 (about 9x) within 25 (seen 2026-12-01: 97.5 %, 90.3 %, 80.6 %)."""
     from tfrewrite import cli
-    assert cli.main([str(FIXTURES / "vgg_digits.tflite"), str(out), "--rank", str(rank), "--quiet"]) == 0
-    assert (FIXTURES / "vgg_digits.tflite").stat().st_size / out.stat().st_size >= smaller
-    assert abs(_accuracy(out) - expected) <= 0.02
+    src = FIXTURES / "vgg_digits.tflite"
+    base = _accuracy(src)
+    acc = {}
+    for rank, smaller in ((48, 4.8), (24, 9.0)):
+        out = tmp / f"r{rank}.tflite"
+        assert cli.main([str(src), str(out), "--rank", str(rank), "--quiet"]) == 0
+        assert src.stat().st_size / out.stat().st_size >= smaller
+        acc[rank] = _accuracy(out)
+    assert acc[48] >= acc[24] - 0.01
+    assert base - acc[48] <= 0.12 and base - acc[24] <= 0.25, (base, acc)
 
 
 def test_a_shared_weight_gets_shared_factors():
+    rng = np.random.default_rng(0)
     src = FIXTURES / "shared_weight.tflite"
     model = io.read(src)
     entries = rewrite.rewrite_model(model, rewrite.Options(fc_rank=16, force=True))
@@ -318,6 +329,6 @@ def test_a_shared_weight_gets_shared_factors():
     assert len(fcs) == 4
     assert fcs[0].inputs[1] is fcs[2].inputs[1] and fcs[1].inputs[1] is fcs[3].inputs[1]
     data = io.to_bytes(model)
-    x = RNG.standard_normal(verify.interpreter(src).get_input_details()[0]["shape"])
+    x = rng.standard_normal(verify.interpreter(src).get_input_details()[0]["shape"])
     for xnn in (True, False):
         assert _rel(_run(src.read_bytes(), x, xnn), _run(data, x, xnn)) < 1e-5

@@ -248,7 +248,7 @@ def test_hybrid_fc_is_never_sparse_and_would_be_wrong():
     bad = io.read_buffer(dense)
     fc = bad.main.operators[0]
     raw = np.asarray(fc.inputs[1].data)
-    se.apply(bad.main, se.StoredWeight(fc.inputs[1], "int8"),
+    se.apply(bad, se.StoredWeight(fc.inputs[1], "int8"),
              se.Decision(sparse.encode_csr_last_dim(raw), "csr, FC v8", False), [fc])
     fc.opcode = OpCode(OP.FULLY_CONNECTED, version=8)
     x = np.random.default_rng(6).standard_normal((1, 128))
@@ -347,7 +347,7 @@ def test_int8_weights_stay_out_of_densify_which_xnnpack_cannot_prepare(layer):
     bad = io.read_buffer(dense)
     op = next(o for o in bad.main.operators if o.builtin in (OP.CONV_2D, OP.FULLY_CONNECTED))
     raw = np.asarray(op.inputs[1].data)
-    se.apply(bad.main, se.StoredWeight(op.inputs[1], "int8"),
+    se.apply(bad, se.StoredWeight(op.inputs[1], "int8"),
              se.Decision(sparse.encode_csr_last_dim(raw), "csr + DENSIFY", True), [op])
     with pytest.raises(RuntimeError, match="failed to prepare"):
         verify.interpreter(io.to_bytes(bad), xnnpack=True).invoke()

@@ -72,6 +72,16 @@ def _rows_of(x: np.ndarray, op: Operator, count: int, rng) -> np.ndarray:
     return _patch_rows(x, op, count, rng)
 
 
+def real_values(x: np.ndarray, tensor) -> np.ndarray:
+    """An activation as float32 real values: int8/uint8 tensors of a full-integer model are dequantized with
+    their (per-tensor) scale and zero point, so a fit sees what the integer kernels compute on."""
+    q = tensor.quantization
+    if np.asarray(x).dtype.kind in "iu" and q is not None and q.scale is not None and len(q.scale) == 1:
+        zero = float(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0.0
+        return ((np.asarray(x, np.float32) - np.float32(zero)) * np.float32(q.scale[0])).astype(np.float32)
+    return np.asarray(x, np.float32)
+
+
 def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], seed: int = 0,
             progress=None) -> dict[int, LayerRows]:
     """id(op) → sampled input rows, for layers of the main subgraph fed by `samples` (lists of model inputs)."""
@@ -122,7 +132,7 @@ def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], 
             kind, pos = index_of[id(op.inputs[0])]
             x = inputs[pos] if kind == "input" else outs[pos]
             rng = np.random.default_rng([seed, keys[id(op)], i])
-            chunks[id(op)].append(_rows_of(np.asarray(x, np.float32), op, per_sample[id(op)], rng))
+            chunks[id(op)].append(_rows_of(real_values(x, op.inputs[0]), op, per_sample[id(op)], rng))
         if progress:
             progress(i + 1, len(samples))
     result = {}

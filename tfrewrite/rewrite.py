@@ -150,7 +150,8 @@ def lowrank_candidates(model, plan: Plan) -> list:
     for op in model.main.operators:
         if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D) or op.inputs[0] is None:
             continue
-        if op.inputs[0].type != schema.TensorType.FLOAT32 or len(op.inputs) < 2 or op.inputs[1] is None:
+        if op.inputs[0].type not in (schema.TensorType.FLOAT32, schema.TensorType.INT8) or len(op.inputs) < 2 \
+                or op.inputs[1] is None:
             continue
         if len(op.inputs[1].shape) != (2 if op.builtin == OP.FULLY_CONNECTED else 4):
             continue
@@ -173,13 +174,16 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     def checked(pass_entries: list[dict]) -> list[dict]:
         model.validate(known_problems)
         return pass_entries
+    samples = None
     if plan.uses("prune_channels"):
         # First: it changes the shapes every later pass (and the calibration rows) see.
         from .passes import prune_channels
-        entries += checked(prune_channels.run(model, plan))
+        if options.calibration:
+            samples = calibration_samples(source or model, options.calibration, options.signature)
+        entries += checked(prune_channels.run(model, plan, samples=samples))
     if options.calibration:
         from . import calibrate
-        samples = calibration_samples(source or model, options.calibration, options.signature)
+        samples = samples or calibration_samples(source or model, options.calibration, options.signature)
         targets = lowrank_candidates(model, plan)
         rows = calibrate.collect(model, samples, targets)
         for op in targets:
@@ -294,6 +298,11 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
                    writes={"output": output_path, "--report": options.report})
     plan = options.plan()
     model = io.read(input_path)
+    from .passes import int8_chain
+    if plan.uses("lowrank") and not options.calibration and any(
+            int8_chain.is_full_integer(op) for op in lowrank_candidates(model, plan)):
+        raise io.ModelError(f"{input_path}: a full-integer int8 model: low rank needs --calibration (the new "
+                            "intermediate tensors get their int8 ranges from it)")
     keys = [d.key for d in model.signature_defs]
     if options.signature is not None and options.signature not in keys:
         from .verify import DataError

@@ -169,6 +169,7 @@ class Runner:
             self.inputs = [(n, [int(v) for v in details[n]["shape"]], np.dtype(details[n]["dtype"])) for n in names]
             self.signature_shapes = [[int(v) for v in details[n].get("shape_signature", details[n]["shape"])]
                                      for n in names]
+            self.input_quantization = [tuple(details[n].get("quantization", (0.0, 0))) for n in names]
             self.outputs = sorted(self.runner.get_output_details())
         else:
             self.subgraph = self.model.main
@@ -176,6 +177,7 @@ class Runner:
             self.tensors = list(self.subgraph.inputs)
             self.inputs = [(d["name"], [int(v) for v in d["shape"]], np.dtype(d["dtype"])) for d in details]
             self.signature_shapes = [[int(v) for v in d.get("shape_signature", d["shape"])] for d in details]
+            self.input_quantization = [tuple(d.get("quantization", (0.0, 0))) for d in details]
             self.outputs = [d["name"] for d in self.it.get_output_details()]
         # A batch dimension fixed above 1 (input [3, H, W, C]): data files are fed in batches of that size.
         fixed = {s[0] for s in self.signature_shapes if len(s) >= 1 and s[0] > 1}
@@ -244,8 +246,14 @@ class Runner:
         whole = all(arrays[n].ndim == len(sig) + 1 and _fits(arrays[n].shape[1:], sig)
                     for (n, _, _), sig in zip(self.inputs, self.signature_shapes))
         counts = set()
-        for (name, shape, dtype), sig in zip(self.inputs, self.signature_shapes):
+        for (name, shape, dtype), sig, (scale, zero) in zip(self.inputs, self.signature_shapes, self.input_quantization):
             a = arrays[name]
+            if dtype.kind in "iu" and a.dtype.kind == "f" and scale > 0:
+                # Real values for a quantized input: quantized with the input's own scale and zero point.
+                if not np.all(np.isfinite(a)):
+                    raise DataError(f"{path}: array {name!r} holds NaN or infinite values")
+                info = np.iinfo(dtype)
+                a = arrays[name] = np.clip(np.round(a / scale) + zero, info.min, info.max).astype(dtype)
             if a.ndim == 0 or a.shape[0] == 0:
                 raise DataError(f"{path}: array {name!r} is empty")
             if not whole and (a.ndim != len(shape) or not _fits(a.shape[1:], sig[1:])):

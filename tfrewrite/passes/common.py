@@ -2,7 +2,7 @@
 weights in the same form, choosing which ops to consider, and the report entry."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -17,11 +17,13 @@ T = schema.TensorType
 @dataclass
 class LayerWeight:
     """A layer's weight as float32 values, plus how it is stored: 'float32', 'float16' (behind DEQUANTIZE) or
-    'int8' (dynamic-range: int8 constant read directly by a hybrid kernel)."""
+    'int8' (an int8 constant read directly: by a hybrid kernel, or by the integer kernels of a full-integer
+    layer, `full_integer`)."""
     kind: str
     values: np.ndarray
     stored: Tensor
     per_channel: bool = False
+    full_integer: bool = False
 
 
 class Skip(Exception):
@@ -38,8 +40,8 @@ def read_weight(op: Operator, producers: dict, index: int = 1) -> LayerWeight:
         if w.type == T.FLOAT32:
             return LayerWeight("float32", np.asarray(w.data, np.float32), w)
         if w.type == T.INT8 and w.quantization is not None and w.quantization.scale is not None:
-            if op.inputs[0] is None or op.inputs[0].type != T.FLOAT32:
-                raise Skip("full-integer int8 model (needs calibration)")
+            if op.inputs[0] is None or op.inputs[0].type not in (T.FLOAT32, T.INT8):
+                raise Skip(f"{op.inputs[0].type_name if op.inputs[0] is not None else 'missing'} input")
             q = w.quantization
             scale = np.asarray(q.scale, np.float32)
             zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros_like(scale), np.float32)
@@ -50,7 +52,8 @@ def read_weight(op: Operator, producers: dict, index: int = 1) -> LayerWeight:
                 values = (data - zero.reshape(shape)) * scale.reshape(shape)
             else:
                 values = (data - zero[0]) * scale[0]
-            return LayerWeight("int8", values.astype(np.float32), w, per_channel=len(scale) > 1)
+            return LayerWeight("int8", values.astype(np.float32), w, per_channel=len(scale) > 1,
+                               full_integer=op.inputs[0].type == T.INT8)
         raise Skip(f"{w.type_name} weights are not supported")
     producer = producers.get(id(w))
     if producer is not None and producer.builtin == OP.DEQUANTIZE:
@@ -215,10 +218,57 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, producers: dict, plan,
     entry = new_entry(model, sg, op, kind, plan)
     policy = plan.rank_policy(op, kind)
     try:
-        rewrite(sg, op, read_weight(op, producers), policy, plan, entry, producers)
+        weight = read_weight(op, producers)
+        readers = weight_readers(model, weight.stored)
+        if len(readers) > 1 or any(k[0] == id(weight.stored.buffer) for k in plan.shared_factors):
+            # One set of factors serves every reader (a weight stored once stays stored once), so it is fitted to
+            # the weight, not to the inputs of one of its readers.
+            policy = replace(policy, extra={})
+            entry["shared"] = True
+        rewrite(sg, op, weight, policy, plan, entry, producers)
     except Skip as e:
         entry["reason"] = str(e)
     return entry
+
+
+def weight_readers(model: Model, stored: Tensor) -> list[tuple[Subgraph, Operator]]:
+    """Every op of any subgraph that reads the weight held in `stored`'s buffer, directly or through the
+    DEQUANTIZE / DENSIFY that carries it."""
+    out = []
+    for sg, op, _ in model.readers(model.sharers(stored)):
+        if op.builtin in (OP.DEQUANTIZE, OP.DENSIFY) and op.outputs:
+            out += [(sg, r) for r in sg.consumers_of(op.outputs[0])]
+        else:
+            out.append((sg, op))
+    return out
+
+
+def shared_key(weight: LayerWeight, *choice) -> tuple:
+    """Key of the new weights made for `weight` with this choice (method, rank): readers of one stored weight
+    that make the same choice get the same new weights."""
+    return (id(weight.stored.buffer), *choice)
+
+
+def emit_shared(plan, sg: Subgraph, key: tuple, make) -> tuple[list[tuple[Tensor, list[Operator]]], object]:
+    """The new weights of a layer and what was computed with them: `make()` returns ([(tensor, ops to run
+    first), ...], payload) and is called once per key; a later reader of the same stored weight gets the same
+    buffers, as tensors of its own subgraph (behind a DEQUANTIZE of its own when stored float16)."""
+    cached = plan.shared_factors.get(key)
+    if cached is None:
+        emitted, payload = make()
+        plan.shared_factors[key] = (sg, emitted, payload)
+        return emitted, payload
+    home, emitted, payload = cached
+    return [_weight_in(sg, home, tensor, pre) for tensor, pre in emitted], payload
+
+
+def _weight_in(sg: Subgraph, home: Subgraph, tensor: Tensor, pre: list[Operator]) -> tuple[Tensor, list[Operator]]:
+    if sg is home:
+        return tensor, []  # its DEQUANTIZE, if any, already runs before the first reader
+    if not pre:
+        return sg.own_tensor(tensor), []
+    out = sg.add_activation(tensor.name, tensor.type, tensor.shape)
+    return out, [ops.dequantize(sg.own_tensor(pre[0].inputs[0]), out)]
 
 
 def rewrite_all(model: Model, plan, builtin: int, rewrite_op, progress=None) -> list[dict]:

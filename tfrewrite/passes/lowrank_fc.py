@@ -10,8 +10,9 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
+from . import int8_chain
 from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_cross, layer_metric,
-                     lowrank_rel_error, rewrite_all, rewrite_one, stored_weight_values)
+                     lowrank_rel_error, rewrite_all, rewrite_one, shared_key, emit_shared, stored_weight_values)
 
 OP = schema.BuiltinOperator
 
@@ -80,7 +81,9 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         raise Skip(reason)
     if getattr(options, "weightsFormat", 0) != 0:
         raise Skip("shuffled weights format")
-    if x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
+    if weight.full_integer:
+        int8_chain.check(op, weight, policy, entry)
+    elif x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
         raise Skip("input or output is not float32")
     if not policy.active:
         raise Skip("no rank given")
@@ -90,21 +93,22 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         raise Skip(f"rank {r} does not reduce parameters and MACs (break-even below {(m * n) // (m + n) + 1})")
 
     base = out.name.split(";")[0]
-    # A weight shared by several FCs gets one pair of factors, shared too (not with data-aware fits: each
-    # layer's inputs differ, so each gets its own).
-    shared_key = (id(weight.stored.buffer), r) if layer_metric(policy) is None else None
-    shared = plan.shared_factors.get(shared_key) if shared_key else None
-    if shared is not None:
-        left, right, stored_left, stored_right, w1, w2 = shared
-        pre1 = pre2 = []
-    else:
+    if weight.full_integer:
         left, right = factorize(w, r, policy)
-        stored_left = stored_weight_values(left, weight)
-        stored_right = stored_weight_values(right, weight)
-        w1, pre1 = emit_weight(sg, f"{base}/lowrank/right", right, weight)
-        w2, pre2 = emit_weight(sg, f"{base}/lowrank/left", left, weight)
-        if shared_key:
-            plan.shared_factors[shared_key] = (left, right, stored_left, stored_right, w1, w2)
+        factors = int8_chain.svd(sg, op, weight, policy, entry, left, right, base)
+        entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                     rel_error=lowrank_rel_error(w, factors["left"], factors["right"]), factors=factors)
+        return
+
+    def make():
+        left, right = factorize(w, r, policy)
+        emitted = [emit_weight(sg, f"{base}/lowrank/right", right, weight),
+                   emit_weight(sg, f"{base}/lowrank/left", left, weight)]
+        return emitted, (stored_weight_values(left, weight), stored_weight_values(right, weight))
+
+    # A weight shared by several FCs (in any subgraph) gets one pair of factors, shared too.
+    emitted = emit_shared(plan, sg, shared_key(weight, "svd", r), make) if entry.get("shared") else make()
+    ((w1, pre1), (w2, pre2)), (stored_left, stored_right) = emitted
     bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias, producers,
                              f"{base}/lowrank/bias")
     keep = bool(getattr(options, "keepNumDims", False))

@@ -7,8 +7,8 @@ pruned in 1×16 blocks instead, the only block its sparse kernel reads.
 
 The weight keeps its storage form: float32, float16 behind a DEQUANTIZE, or int8 (dynamic-range or
 full-integer, pruned in the integer domain: a zeroed value is exactly the zero point 0). Only the zeros are
-written here; `sparse_encode` stores them in TFLite's sparse format. A weight shared by several ops is
-pruned once, with the settings of its first reader.
+written here; `sparse_encode` stores them in TFLite's sparse format. A weight shared by several ops (in any
+subgraph: one Buffer) is pruned once, with the settings of its first reader, and stays one shared Buffer.
 
 With calibration rows for the layer (`--calibration`), pruning is data-aware instead (`linalg.obs`): the mask
 and the kept weights minimise the change of the layer's outputs on the samples (SparseGPT's mask, then the
@@ -109,16 +109,16 @@ def keep_mask(op: Operator, weight: StoredWeight, sparsity: float, block) -> tup
     return sparse.prune_magnitude(mags, sparsity), "magnitude"
 
 
-def data_aware_reason(op: Operator, weight: StoredWeight, sg: Subgraph) -> str | None:
+def data_aware_reason(model: Model, op: Operator, weight: StoredWeight) -> str | None:
     """Why this layer is pruned by magnitude although calibration rows exist, or None."""
     if weight.kind == "int8 (full-integer)":
         return "full-integer: no data-aware update"
     if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D):
         return "no data-aware pruning for this op"
-    readers = [c for c in sg.consumers_of(weight.tensor) if c.builtin != OP.DEQUANTIZE]
+    readers = [c for _, c, _ in model.readers(model.sharers(weight.tensor)) if c.builtin != OP.DEQUANTIZE]
     if weight.carrier is not None:
-        readers += [c for c in sg.consumers_of(weight.carrier.outputs[0]) if c is not op]
-    if [c for c in readers if c is not op]:
+        readers += [c for _, c, _ in model.readers([(None, weight.carrier.outputs[0])])]
+    if any(c is not op for c in readers):
         return "weight shared with another op: no data-aware update"
     return None
 
@@ -187,10 +187,12 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
         nonzero = int(np.count_nonzero(weight.raw))
         entry.update(weight_dtype=weight.kind, params_before=nonzero, params_after=nonzero,
                      sparsity_before=round(1 - nonzero / max(n, 1), 6), sparsity_after=round(1 - nonzero / max(n, 1), 6))
-        if id(weight.tensor) in done:
-            raise Skip(f"shares its weight with {done[id(weight.tensor)]}, pruned once there")
-        others = [c for c in sg.consumers_of(weight.tensor)
-                  if not (c.builtin == OP.DEQUANTIZE or (c.builtin in TARGETS and c.inputs[1] is weight.tensor))]
+        if id(weight.tensor.buffer) in done:
+            raise Skip(f"shares its weight with {done[id(weight.tensor.buffer)]}, pruned once there")
+        # Every reader of the stored weight, in any subgraph, must be a layer reading it as its weight.
+        sharers = model.sharers(weight.tensor)
+        others = [c for _, c, i in model.readers(sharers)
+                  if not (c.builtin == OP.DEQUANTIZE or (c.builtin in TARGETS and i == 1))]
         if others:
             raise Skip(f"the weight is also read by {others[0].name}")
         reason = plan.reason_to_skip(op, n)
@@ -201,17 +203,18 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
         if op.builtin == OP.DEPTHWISE_CONV_2D and not settings.prune_depthwise:
             raise Skip("depthwise conv (use --prune-depthwise)")
         data = plan.layer_data.get(id(op))
-        if data is not None and data_aware_reason(op, weight, sg) is None:
+        if data is not None and data_aware_reason(model, op, weight) is None:
             pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block, data,
                                               producers, entry)
         else:
             keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
             if data is not None:
-                method += f" ({data_aware_reason(op, weight, sg)})"
+                method += f" ({data_aware_reason(model, op, weight)})"
             raw = np.asarray(weight.raw)
             pruned = np.where(keep, raw, np.zeros((), raw.dtype)).astype(raw.dtype)
-        weight.tensor.set_data(pruned)  # a new buffer: the input file's map is never written
-        done[id(weight.tensor)] = f"{op.name} {op.outputs[0].name!r}"
+        # A new buffer (the input file's map is never written), still shared by every tensor that shared it.
+        model.set_shared_data(weight.tensor, pruned)
+        done[id(weight.tensor.buffer)] = f"{op.name} {op.outputs[0].name!r}"
         after = int(np.count_nonzero(pruned))
         entry.update(action="pruned", method=method, params_after=after, sparsity_after=round(1 - after / max(n, 1), 6))
     except Skip as e:
@@ -222,9 +225,9 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
 def run(model: Model, plan, progress=None, skip=frozenset()) -> list[dict]:
     """Prune every target op except those whose id is in `skip` (already pruned one by one, sequentially)."""
     entries = []
+    done: dict = {}  # id(new Buffer) of weights pruned already → their first reader
     for sg in model.subgraphs:
         producers = sg.producers()
-        done: dict = {}
         for op in [op for op in sg.operators if op.builtin in TARGETS and id(op) not in skip]:
             entries.append(prune_op(model, sg, op, producers, plan, done))
             if progress:

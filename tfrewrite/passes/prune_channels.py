@@ -581,9 +581,10 @@ def _set_channels(t: Tensor, count: int) -> None:
         t.shape_signature = list(t.shape_signature[:-1]) + [count]
 
 
-def apply(g: ChannelGraph, removed: dict, fold: bool = True) -> None:
+def apply(g: ChannelGraph, removed: dict, fold: bool = True, skip_fold: set = frozenset()) -> None:
     """Slice every op and tensor of g's subgraph that touches a removed channel; with `fold`, removed
-    channels' constants move into the biases of the layers that read them."""
+    channels' constants move into the biases of the layers that read them (except the layers in
+    `skip_fold`, already refitted with the mean of what they lose)."""
     sg = g.sg
     producers = sg.producers()
     keeps = {tid: np.setdiff1d(np.arange(channels_of(g.tensors[tid])), idx) for tid, idx in removed.items()}
@@ -591,7 +592,7 @@ def apply(g: ChannelGraph, removed: dict, fold: bool = True) -> None:
     for op in sg.operators:
         layer = g.layers.get(id(op))
         if layer is not None:
-            _slice_layer(sg, layer, keeps, removed, values)
+            _slice_layer(sg, layer, keeps, removed, {} if id(op) in skip_fold else values)
             continue
         y = op.outputs[0] if op.outputs else None
         if op.builtin in semantics.CHANNELWISE_BINARY or op.builtin in semantics.PER_CHANNEL_PARAMETER:
@@ -673,12 +674,73 @@ def layer_cost(layer: Layer) -> tuple[int, int]:
     return params, macs(layer.op, layer.weight)
 
 
-def choose(model: Model, plan) -> list[tuple[Subgraph, ChannelGraph, list[ChannelGroup], dict]]:
+@dataclass(eq=False)
+class ReaderData:
+    """A reading layer's calibration rows (real values), their mean and, when affordable, covariance."""
+    rows: np.ndarray
+    mean: np.ndarray
+    cov: np.ndarray | None
+
+
+def reader_columns(layer: Layer, channels: np.ndarray) -> np.ndarray:
+    """The layer's input columns (rows as calibrate samples them: FC inputs, or k·k·C patches in kernel
+    order [kh, kw, C]) that belong to the given input channels."""
+    if layer.op.builtin == OP.FULLY_CONNECTED:
+        return np.asarray(channels, np.int64)
+    _, kh, kw, c = layer.weight.shape
+    return (np.arange(kh * kw)[:, None] * c + np.asarray(channels, np.int64)[None, :]).reshape(-1)
+
+
+def weight_matrix(layer: Layer) -> np.ndarray:
+    w = layer.values()
+    return w.reshape(w.shape[0], -1)
+
+
+def collect_reader_data(model: Model, readers: list[Layer], samples, moments: bool = True) -> dict:
+    """id(op) → ReaderData for layers of the main subgraph, on the model as it is now."""
+    from .. import calibrate
+    from ..linalg import channels as ch
+    ops_ = [r.op for r in readers if r.op in model.main.operators]
+    collected = calibrate.collect(model, samples, ops_)
+    out = {}
+    for r in readers:
+        if id(r.op) not in collected:
+            continue
+        rows = collected[id(r.op)].rows.astype(np.float64)
+        q = r.op.inputs[0].quantization
+        if r.op.inputs[0].type in (T.INT8, T.UINT8) and q is not None and q.scale is not None and len(q.scale):
+            zero = q.zeroPoint[0] if q.zeroPoint is not None and len(q.zeroPoint) else 0
+            rows = (rows - zero) * q.scale[0]
+        mean, cov = ch.moments(rows, full=moments and rows.shape[1] <= ch.FULL_COLUMNS)
+        out[id(r.op)] = ReaderData(rows, mean, cov)
+    return out
+
+
+def reconstruction_removal(g: ChannelGraph, group: ChannelGroup, data: dict, remove: int) -> np.ndarray | None:
+    """Units to remove so that the reading layers' outputs change least (None without data for them)."""
+    from ..linalg import channels as ch
+    readers = [r for r in group.readers if id(r.op) in data]
+    if not readers or len(readers) < len(group.readers):
+        return None
+    gram = np.zeros((group.channels, group.channels))
+    for r in readers:
+        d = data[id(r.op)]
+        w = weight_matrix(r)
+        units = [reader_columns(r, idx) for idx in _unit_positions(g, group, r.op.inputs[0])]
+        var = ch.output_variance(w, d.cov, d.rows)
+        if var > 0:
+            gram += ch.unit_gram(w, units, d.cov, d.rows) / var
+    return ch.greedy_removal(gram, remove)
+
+
+def choose(model: Model, plan, samples=None) -> list[tuple[Subgraph, ChannelGraph, list[ChannelGroup], dict]]:
     """Per subgraph: its channel graph, groups (with the kept units chosen) and the removed channels
-    (id(tensor) → sorted indices). Nothing is changed yet."""
+    (id(tensor) → sorted indices). Nothing is changed yet. With `samples` (calibration inputs) the choice
+    follows the reading layers' outputs, whose data is kept in `plan.layer_data` for the refit."""
     out = []
     for sg, g, groups in candidates(model, plan):
         removed: set[int] = set()
+        todo = []
         for group in groups:
             if group.reason is not None:
                 continue
@@ -688,25 +750,96 @@ def choose(model: Model, plan) -> list[tuple[Subgraph, ChannelGraph, list[Channe
             if group.keep >= group.channels:
                 group.reason = f"{group.channels} channels: nothing to remove at multiples of {multiple}"
                 continue
-            scores = norm_scores(g, group)
-            group.chosen = np.sort(np.argsort(-scores, kind="stable")[:group.keep])
-            group.selection = "norm"
+            todo.append(group)
+        data = {}
+        if samples and sg is model.main and todo:
+            readers = list({id(r.op): r for group in todo for r in group.readers}.values())
+            data = collect_reader_data(model, readers, samples)
+            plan.layer_data.update({("channels", k): v for k, v in data.items()})
+        for group in todo:
+            drop = reconstruction_removal(g, group, data, group.channels - group.keep) if data else None
+            if drop is None:
+                scores = norm_scores(g, group)
+                group.chosen = np.sort(np.argsort(-scores, kind="stable")[:group.keep])
+                group.selection = "norm"
+            else:
+                group.chosen = np.setdiff1d(np.arange(group.channels), drop)
+                group.selection = "reconstruction"
             for u in np.setdiff1d(np.arange(group.channels), group.chosen):
                 removed.update(group.units[u].tolist())
         out.append((sg, g, groups, _removed_by_tensor(g, removed)))
     return out
 
 
-def run(model: Model, plan, progress=None) -> list[dict]:
+def refit_readers(model: Model, g: ChannelGraph, removed: dict, data: dict, samples) -> dict:
+    """Refit, in execution order, every layer with calibration data whose input loses channels, on its
+    inputs in the model as already refitted before it (so errors do not compound), against its original
+    outputs; id(op) → relative output error. A refitted weight keeps its full width (zeros in the removed
+    columns, which `apply` then slices): until then the model computes what the pruned one will."""
+    from ..linalg import channels as ch
+    errors = {}
+    for op in list(g.sg.operators):
+        layer = g.layers.get(id(op))
+        x = op.inputs[0]
+        d = data.get(id(op))
+        if layer is None or layer.layout.coupled or d is None or id(x) not in removed:
+            continue
+        now = collect_reader_data(model, [layer], samples, moments=False).get(id(op)) if errors else None
+        keep = np.setdiff1d(np.arange(channels_of(x)), removed[id(x)])
+        w = weight_matrix(layer)
+        new_w, new_b, err = ch.refit(w, bias_real(layer, w.shape[0]), np.sort(reader_columns(layer, keep)),
+                                     now.rows if now is not None else d.rows, d.rows)
+        store_layer(g.sg, layer, new_w.reshape(layer.weight.shape), new_b)
+        errors[id(op)] = err
+    return errors
+
+
+def store_layer(sg: Subgraph, layer: Layer, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Give the layer new weight and bias values (real units), stored as before: float32, float16, or int8
+    symmetric (per channel when it was) with an int32 bias at s_in · s_w for full-integer layers."""
+    from ..linalg import quant
+    w = layer.weight
+    if w.type == T.INT8:
+        q = copy.copy(w.quantization)
+        axis = layer.layout.out_axis if q.scale is not None and len(q.scale) > 1 else None
+        values, scales = quant.quantize_symmetric_int8(weight, axis=axis)
+        q.scale = np.asarray(scales, np.float32).reshape(-1)
+        q.zeroPoint = np.zeros(len(q.scale), np.int64)
+        w.set_data(values)
+        w.quantization = q
+    else:
+        w.set_data(np.asarray(weight, w.dtype))
+    b = layer.bias
+    if b is None:
+        if layer.op.inputs[0].type == T.FLOAT32:
+            _add_to_bias(sg, layer, np.asarray(bias, np.float64))
+        return
+    if b.type == T.INT32:
+        s_in = float(layer.op.inputs[0].quantization.scale[0])
+        s_w = np.broadcast_to(np.asarray(w.quantization.scale, np.float64), (len(bias),))
+        q = copy.copy(b.quantization)
+        q.scale = (s_in * s_w).astype(np.float32)
+        q.zeroPoint = np.zeros(len(bias), np.int64)
+        b.set_data(np.clip(np.round(np.asarray(bias) / (s_in * s_w)), -2**31, 2**31 - 1).astype(np.int32))
+        b.quantization = q
+    else:
+        q = b.quantization
+        b.set_data(np.asarray(bias, b.dtype))
+        b.quantization = q
+
+
+def run(model: Model, plan, progress=None, samples=None) -> list[dict]:
     entries = []
-    for sg, g, groups, removed in choose(model, plan):
+    for sg, g, groups, removed in choose(model, plan, samples):
         before = {k: layer_cost(layer) for k, layer in g.layers.items()}
+        data = {k: plan.layer_data.pop(("channels", k)) for k in list(g.layers) if ("channels", k) in plan.layer_data}
+        errors = refit_readers(model, g, removed, data, samples) if removed and data else {}
         if removed:
-            apply(g, removed)
+            apply(g, removed, skip_fold=set(errors))
         for group in groups:
             if not group.producers:
                 continue  # channels no layer writes (model inputs, barrier outputs): nothing to report
-            entries.append(_entry(model, sg, g, group, plan, before))
+            entries.append(_entry(model, sg, g, group, plan, before, errors))
             if progress:
                 progress(entries[-1])
     return entries
@@ -725,7 +858,7 @@ def _removed_by_tensor(g: ChannelGraph, removed_nodes: set) -> dict:
     return out
 
 
-def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict) -> dict:
+def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict, errors: dict) -> dict:
     lead = group.producers[0]
     entry = new_entry(model, sg, lead.op, "channels", plan)
     layers = [g.layers[id(op)] for op in group.members if id(op) in g.layers]
@@ -740,4 +873,7 @@ def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict) 
         channels_before=group.channels, channels_after=len(group.chosen) if pruned else group.channels,
         selection=group.selection, params_before=pb, params_after=sum(p for p, _ in after),
         macs_before=mb, macs_after=sum(m for _, m in after))
+    measured = [errors[id(r.op)] for r in group.readers if errors.get(id(r.op)) is not None]
+    if pruned and measured:
+        entry["output_error"] = round(max(measured), 6)  # the worst reading layer's relative output error
     return entry

@@ -17,7 +17,7 @@ The rules (established against LiteRT's kernels, /work/shared/notes/tflite-spars
 * A weight is encoded only when at least MIN_ZERO_FRACTION of it is zero and the encoding (values + index
   vectors + table overhead) is smaller than the dense bytes. Index vectors use the smallest type that fits
   (uint8 / uint16 / int32); the tensor keeps its dense shape.
-A weight shared by several ops is decided and encoded once.
+A weight shared by several ops (in any subgraph: one Buffer) is decided and encoded once and stays one Buffer.
 """
 from __future__ import annotations
 
@@ -121,7 +121,8 @@ def index_dtypes(tensor: Tensor) -> list[str]:
 # ------------------------------------------------------------------------------------------------ decisions
 def _fc_direct_kind(op: Operator, weight: Tensor) -> str | None:
     """'float32' or 'int8' when this FC can read `weight` sparse itself (version 8); None otherwise."""
-    if op.builtin != OP.FULLY_CONNECTED or len(op.inputs) < 2 or op.inputs[1] is not weight:
+    if op.builtin != OP.FULLY_CONNECTED or len(op.inputs) < 2 or op.inputs[1] is None or \
+            op.inputs[1].buffer is not weight.buffer:
         return None
     x, out = op.inputs[0], op.outputs[0]
     if x is None or getattr(op.builtin_options, "weightsFormat", 0) != 0 or len(weight.shape) != 2:
@@ -191,97 +192,98 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
     return Decision(enc, method, densify, bytes_before=dense_bytes, bytes_after=after)
 
 
-def apply(sg: Subgraph, weight: StoredWeight, decision: Decision, direct_readers: list[Operator]) -> None:
+def apply(model: Model, weight: StoredWeight, decision: Decision, direct_readers: list[Operator]) -> None:
+    """Store the weight encoded, for every tensor over its buffer (in any subgraph): one shared Buffer of values."""
     t = weight.tensor
     values = np.ascontiguousarray(decision.enc.values, t.dtype)
     buf = Buffer(values.reshape(-1).view(np.uint8))
     sp = to_sparsity(decision.enc)
+    sharers = model.sharers(t)
     if not decision.densify:
-        t.buffer, t.sparsity = buf, sp
+        for _, s in sharers:
+            s.buffer, s.sparsity = buf, sp
         for op in direct_readers:
             op.opcode = builders.opcode_for(OP.FULLY_CONNECTED, _fc_version(op))
         return
-    # The original tensor becomes DENSIFY's (dense, non-constant) output, so every reader stays wired.
-    stored = sg.add_tensor(Tensor(name=sg.unique_name(t.name + "/sparse"), type=t.type, shape=list(t.shape),
-                                  buffer=buf, quantization=t.quantization, sparsity=sp))
-    t.buffer = None
-    first = next(op for op in sg.operators if any(x is t for x in op.inputs))
-    sg.insert_before(first, [builders.densify(stored, t)])
+    # Each tensor over the buffer becomes its DENSIFY's (dense, non-constant) output, so every reader stays wired;
+    # each subgraph gets a sparse constant of its own over the one Buffer.
+    for sg, s in sharers:
+        stored = sg.add_tensor(Tensor(name=sg.unique_name(s.name + "/sparse"), type=s.type, shape=list(s.shape),
+                                      buffer=buf, quantization=s.quantization, sparsity=sp))
+        s.buffer = None
+        first = next((op for op in sg.operators if any(x is s for x in op.inputs)), None)
+        if first is not None:  # a tensor nobody reads is dropped by the cleanup
+            sg.insert_before(first, [builders.densify(stored, s)])
 
 
 # ------------------------------------------------------------------------------------------------------ run
 def run(model: Model, plan, progress=None) -> list[dict]:
-    buffer_users: dict[int, int] = {}
+    """Decide once per stored weight (one Buffer, whichever subgraphs read it), from every op that reads it."""
+    per_op: list[tuple[Operator, dict, StoredWeight | None, int]] = []
+    groups: dict[int, list[Operator]] = {}  # id(Buffer) → the target ops that may encode it
+    targets: set[int] = set()
     for sg in model.subgraphs:
-        for t in sg.tensors:
-            if t.buffer is not None:
-                buffer_users[id(t.buffer)] = buffer_users.get(id(t.buffer), 0) + 1
-    entries = []
-    for sg in model.subgraphs:
-        entries += _run_subgraph(model, sg, plan, buffer_users, progress)
-    return entries
-
-
-def _run_subgraph(model, sg, plan, buffer_users, progress) -> list[dict]:
-    producers = sg.producers()
-    consumers = sg.consumers()
-    targets = [op for op in sg.operators if op.builtin in TARGETS]
-    per_op: list[tuple[Operator, dict, StoredWeight | None]] = []
-    groups: dict[int, list[Operator]] = {}
-    for op in targets:
-        entry = new_entry(model, sg, op, "sparse_encode", plan)
-        w = op.inputs[1] if len(op.inputs) > 1 else None
-        entry["weight_shape"] = list(w.shape) if w is not None else []
-        weight = None
-        try:
-            weight = find_stored_weight(op, producers)
-            n = numel(weight.tensor.shape)
-            entry.update(weight_dtype=weight.kind, params_before=n, params_after=n)
-            reason = plan.reason_to_skip(op, n)
-            if reason:
-                raise Skip(reason)
-            if buffer_users.get(id(weight.tensor.buffer), 0) > 1:
-                raise Skip("its buffer is shared by several tensors")
-            groups.setdefault(id(weight.tensor), []).append(op)
-        except Skip as e:
-            entry["reason"] = str(e)
-            weight = None
-        per_op.append((op, entry, weight))
+        producers = sg.producers()
+        for op in [op for op in sg.operators if op.builtin in TARGETS]:
+            targets.add(id(op))
+            entry = new_entry(model, sg, op, "sparse_encode", plan)
+            w = op.inputs[1] if len(op.inputs) > 1 else None
+            entry["weight_shape"] = list(w.shape) if w is not None else []
+            weight, key = None, 0
+            try:
+                weight = find_stored_weight(op, producers)
+                n = numel(weight.tensor.shape)
+                entry.update(weight_dtype=weight.kind, params_before=n, params_after=n)
+                reason = plan.reason_to_skip(op, n)
+                if reason:
+                    raise Skip(reason)
+                key = id(weight.tensor.buffer)
+                groups.setdefault(key, []).append(op)
+            except Skip as e:
+                entry["reason"] = str(e)
+                weight = None
+            per_op.append((op, entry, weight, key))
 
     decisions: dict[int, Decision] = {}
-    for op, entry, weight in per_op:
+    first_entry: dict[int, dict] = {}
+    for op, entry, weight, key in per_op:
         if weight is None:
             continue
-        key = id(weight.tensor)
         if key not in decisions:
-            t = weight.tensor
-            direct = consumers.get(id(t), [])
-            if weight.carrier is not None:
-                readers = [r for c in direct for r in consumers.get(id(c.outputs[0]), [])]
-                odd = [c for c in direct if c.builtin != OP.DEQUANTIZE]
-            else:
-                readers = list(direct)
-                odd = [r for r in readers if r.builtin not in TARGETS or r.inputs[1] is not t]
-            zf = 1.0 - np.count_nonzero(weight.raw) / max(numel(t.shape), 1)
-            if odd:
-                decision = Decision(reason=f"the weight is also read by {odd[0].name}")
-            elif any(r in targets and r not in groups[key] for r in readers):
-                decision = Decision(reason="the weight is shared with a layer excluded from encoding")
-            else:
-                decision = decide(weight, readers, direct)
-            decision.zero_fraction = round(zf, 6)
-            if decision.enc is not None:
-                apply(sg, weight, decision, direct)
-            decisions[key] = decision
+            decisions[key] = _decide_and_apply(model, weight, groups[key], targets)
+            first_entry[key] = entry
         d = decisions[key]
         entry.update(bytes_before=d.bytes_before, bytes_after=d.bytes_after, zero_fraction=d.zero_fraction)
         if d.enc is not None:
             entry.update(action="encoded", method=d.method, params_after=int(np.asarray(d.enc.values).size))
-            if entry is not next(e for o, e, w in per_op if w is not None and w.tensor is weight.tensor):
+            if entry is not first_entry[key]:
                 entry["reason"] = "weight shared with an earlier layer, encoded once"
         else:
             entry["reason"] = d.reason
-    for _, entry, _ in per_op:
+    for _, entry, _, _ in per_op:
         if progress:
             progress(entry)
-    return [e for _, e, _ in per_op]
+    return [e for _, e, _, _ in per_op]
+
+
+def _decide_and_apply(model: Model, weight: StoredWeight, group: list[Operator], targets: set[int]) -> Decision:
+    t = weight.tensor
+    uses = model.readers(model.sharers(t))
+    direct = [op for _, op, _ in uses]
+    if weight.carrier is not None:
+        readers = [r for sg, c, _ in uses for r in sg.consumers_of(c.outputs[0])]
+        odd = [c for c in direct if c.builtin != OP.DEQUANTIZE]
+    else:
+        readers = list(direct)
+        odd = [op for _, op, i in uses if op.builtin not in TARGETS or i != 1]
+    zf = 1.0 - np.count_nonzero(weight.raw) / max(numel(t.shape), 1)
+    if odd:
+        decision = Decision(reason=f"the weight is also read by {odd[0].name}")
+    elif any(id(r) in targets and r not in group for r in readers):
+        decision = Decision(reason="the weight is shared with a layer excluded from encoding")
+    else:
+        decision = decide(weight, readers, direct)
+    decision.zero_fraction = round(zf, 6)
+    if decision.enc is not None:
+        apply(model, weight, decision, direct)
+    return decision

@@ -1,0 +1,113 @@
+"""A weight shared across subgraphs / signatures (one Buffer, a tensor in each subgraph): every pass keeps it
+stored once and gives each subgraph tensors of its own (issue 10, fault 1)."""
+import numpy as np
+import pytest
+
+import builders as B
+from tfrewrite import io, rewrite, verify
+from tfrewrite.passes import prune
+
+
+def low_rank(shape, rank, rng):
+    """A weight of exactly `rank` (conv: Tucker-2 ranks rank x rank), so that such a rewrite keeps the outputs."""
+    if len(shape) == 2 or shape[1] == shape[2] == 1:
+        return (rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[-1]))).reshape(shape)
+    o, kh, kw, i = shape
+    core = rng.standard_normal((rank, kh * kw, rank))
+    return np.einsum("tp,pkq,qs->tks", rng.standard_normal((o, rank)), core,
+                     rng.standard_normal((rank, i))).reshape(shape)
+
+
+def signature_outputs(model: bytes, xnnpack: bool, seed: int = 0) -> dict:
+    out = {}
+    for key in ("first", "second"):
+        runner = verify.Runner(model, xnnpack=xnnpack, signature=key)
+        out[key] = runner(runner.random_samples(1, seed)[0])[0]
+    return out
+
+
+def distinct_weight_buffers(model) -> int:
+    """Buffers holding the weight (input 1) of some FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D op."""
+    from tfrewrite.analysis import stored_constant
+    return len({id(stored_constant(op.inputs[1], sg.producers()).buffer) for sg in model.subgraphs
+                for op in sg.operators if op.name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")})
+
+
+def rewrite_and_check(model: bytes, rtol: float, **options):
+    m = io.read_buffer(model)
+    entries = rewrite.rewrite_model(m, rewrite.Options(**options))
+    out = io.to_bytes(m)
+    assert m.problems() == []
+    assert len(out) < len(model)
+    for xnn in (True, False):
+        ref, got = signature_outputs(model, xnn), signature_outputs(out, xnn)
+        for key in ref:
+            assert np.isfinite(got[key]).all()
+            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=rtol * float(np.abs(ref[key]).max()))
+    return entries, io.read_buffer(out)
+
+
+@pytest.mark.parametrize("layer,shape,form,method", [
+    ("fc", (64, 128), "float32", "cp"), ("fc", (64, 128), "float16", "cp"),
+    ("conv", (32, 3, 3, 16), "float32", "tucker2"), ("conv", (32, 3, 3, 16), "float16", "tucker2"),
+    ("conv", (32, 1, 1, 48), "float32", "cp"),
+])
+def test_low_rank_of_a_weight_two_signatures_share_keeps_one_set_of_factors(layer, shape, form, method):
+    rng = np.random.default_rng(1)
+    w = low_rank(shape, 8, rng)
+    model = B.shared_across_signatures(w, layer=layer, form=form, bias=rng.standard_normal(shape[0]))
+    entries, out = rewrite_and_check(model, 2e-2 if form == "float16" else 1e-4, rank=8, conv_method=method)
+    assert [e["action"] for e in entries] == ["rewritten", "rewritten"] and all(e.get("shared") for e in entries)
+    factors = 2 if layer == "fc" or shape[1] == 1 else 3
+    assert distinct_weight_buffers(out) == factors  # one set, shared by both subgraphs
+
+
+def test_low_rank_cp_of_a_shared_conv_weight():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((32, 3, 3, 16))
+    model = B.shared_across_signatures(w, layer="conv")
+    m = io.read_buffer(model)
+    entries = rewrite.rewrite_model(m, rewrite.Options(rank=6))
+    assert [e["action"] for e in entries] == ["rewritten", "rewritten"]
+    assert entries[0]["rel_error"] == entries[1]["rel_error"]
+    assert m.problems() == []
+    out = io.to_bytes(m)
+    for xnn in (True, False):
+        a, b = signature_outputs(out, True), signature_outputs(out, xnn)
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["float32", "float16"])
+def test_pruning_a_weight_two_signatures_share_stores_it_once(form):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 128))
+    model = B.shared_across_signatures(w, form=form)
+    m = io.read_buffer(model)
+    entries = rewrite.rewrite_model(m, rewrite.Options(prune=0.8))
+    assert m.problems() == []
+    out = io.to_bytes(m)
+    assert len(out) < 0.6 * len(model)  # stored once: twice would be larger than the input
+    pruned = [e for e in entries if e["kind"] == "prune"]
+    assert [e["action"] for e in pruned] == ["pruned", "skipped"] and "pruned once" in pruned[1]["reason"]
+    encoded = [e for e in entries if e["kind"] == "sparse_encode"]
+    assert [e["action"] for e in encoded] == ["encoded", "encoded"]
+    stored = {id(t.buffer) for sg in io.read_buffer(out).subgraphs for t in sg.tensors if t.sparsity is not None}
+    assert len(stored) == 1
+    dense = io.read_buffer(model)  # the same pruning, stored dense
+    plan = rewrite.Options(prune=0.8).plan()
+    plan.positions = {}
+    prune.run(dense, plan)
+    for xnn in (True, False):
+        ref, got = signature_outputs(io.to_bytes(dense), xnn), signature_outputs(out, xnn)
+        for key in ref:
+            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-5 * float(np.abs(ref[key]).max()))
+
+
+@pytest.mark.parametrize("mode", ["float16", "int8"])
+def test_quantizing_a_weight_two_signatures_share_stores_it_once(mode):
+    rng = np.random.default_rng(4)
+    model = B.shared_across_signatures(rng.standard_normal((64, 128)))
+    entries, out = rewrite_and_check(model, 1e-2 if mode == "float16" else 5e-2, quantize=mode)
+    assert [e["action"] for e in entries] == ["quantized", "quantized"]
+    assert distinct_weight_buffers(out) == 1
