@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from tfrewrite import io, ops, rewrite, schema, verify
+from tfrewrite import analysis, io, ops, rewrite, schema, verify
 from tfrewrite.graph import Model, Operator, Subgraph, Tensor
 from tfrewrite.ops import semantics
 from tfrewrite.passes import prune_channels as pc
@@ -169,9 +169,10 @@ def test_pruned_model_equals_original_with_removed_channels_at_their_bias(fracti
     for w, a, b in zip(want, got, got_ref_kernels):
         np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
-    rows = {r["output"]: r for r in __import__("tfrewrite.analysis", fromlist=["x"]).op_rows(io.read_buffer(pruned))}
+    rows = {r["output"]: r for r in analysis.op_rows(io.read_buffer(pruned))}
     keep = pc.kept_count(16, fraction, 8)
-    assert rows["c1"]["weight_shape"] == [keep, 3, 3, 3]
+    assert rows["c1"]["weight_shape"] == [keep, 3, 3, 3] and rows["c1"]["channels"] == [3, keep]
+    assert rows["add"]["channels"] is None and rows["c2"]["channels"] == [keep, keep]
     assert rows["dw"]["weight_shape"] == [1, 3, 3, 2 * keep]
     assert rows["fc1"]["weight_shape"] == [pc.kept_count(24, fraction, 8), 9 * (2 * keep + keep)]
     shape = next(op for op in m.main.operators if op.builtin == OP.RESHAPE)
@@ -211,7 +212,6 @@ def test_barriers_leave_groups_untouched():
 
 
 def test_semantics_table_is_one_source():
-    from tfrewrite import analysis
     from tfrewrite.passes import prune, quantize
     assert prune.TARGETS is semantics.LAYER_OPS and quantize.LAYER_OPS is semantics.LAYER_OPS
     assert analysis.WEIGHTED_OPS is semantics.WEIGHTED_OPS
@@ -219,7 +219,8 @@ def test_semantics_table_is_one_source():
     assert not semantics.is_barrier(OP.HARD_SWISH) and not semantics.is_barrier(OP.CONCATENATION)
 
 
-@pytest.mark.parametrize("name", ["vgg_digits_int8.tflite", "vgg_digits_fp16.tflite", "mobilenetv2_digits.tflite"])
+@pytest.mark.parametrize("name", ["vgg_digits_int8.tflite", "vgg_digits_fp16.tflite", "mobilenetv2_digits.tflite",
+                                  "resnet_concat_digits.tflite"])
 def test_fixtures_prune_and_run_with_and_without_xnnpack(tmp_path, name):
     out = tmp_path / "out.tflite"
     report = rewrite.run(FIXTURES / name, out, rewrite.Options(prune_channels=0.5))
@@ -275,3 +276,36 @@ def test_calibration_keeps_accuracy_at_half_the_channels(tmp_path):
     # The originals score 97.5 % (float) and 97.2 % (int8) on the 360 test images.
     assert acc["vgg_digits"] >= tflite_accuracy(FIXTURES / "vgg_digits.tflite", "test", 32) - 0.01
     assert abs(acc["vgg_digits_int8"] - acc["vgg_digits"]) <= 0.01
+
+
+def test_a_bias_shared_with_an_unpruned_layer_gets_a_private_copy():
+    rng = np.random.default_rng(5)
+    n = Net(rng, [1, 6, 6, 4])
+    c1 = n.conv("c1", n.x, 16)
+    c2 = n.conv("c2", c1, 16)
+    n.sg.operators[1].inputs[2] = n.sg.operators[0].inputs[2]  # the converter shares equal constants
+    original = n.finish(c2)                                    # c2 is the output: its group stays
+    m, plan = prune(original, prune_channels=0.5)
+    entries = pc.run(m, plan)
+    assert [e["output"] for e in entries if e["action"] == "pruned"] == ["c1"]
+    conv1, conv2 = m.main.operators
+    assert conv1.inputs[2].shape == [8] and conv2.inputs[2].shape == [16] and conv1.inputs[2] is not conv2.inputs[2]
+    inputs = [[rng.standard_normal((1, 6, 6, 4)).astype(np.float32)]]
+    m.main.cleanup()
+    # c1's removed channels are constant: the fold into c2's (private) bias keeps the output exact.
+    reference = zeroed_reference(original, pc.choose(io.read_buffer(original), plan))
+    np.testing.assert_allclose(outputs(io.to_bytes(m), inputs)[0], outputs(reference, inputs)[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_converted_residual_concat_groups():
+    m, plan = prune((FIXTURES / "resnet_concat_digits.tflite").read_bytes(), prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, plan)
+    pruned = [grp for grp in groups if grp.reason is None]
+    kinds = sorted((len(grp.producers), grp.channels) for grp in pruned)
+    # stem + second conv of block 1 (joined by the ADD), each concatenated branch joined through the ADD of
+    # block 2 with its half of that block's second conv, the first convs of both blocks, the head, the FC.
+    assert kinds == [(1, 32), (1, 64), (1, 64), (1, 96), (2, 32), (2, 32), (2, 32)]
+    cat = next(op for op in sg.operators if op.builtin == OP.CONCATENATION).outputs[0]
+    halves = [grp for grp in pruned if any(t is cat for t in grp.tensors)]
+    assert len(halves) == 2 and all(grp.channels == 32 for grp in halves)

@@ -100,6 +100,10 @@ def op_row(sg_index: int, op_index: int, op: Operator, producers: dict, zeros: b
         "weight_sparse": weight is not None and weight.sparsity is not None,
         "params": params,
         "macs": macs(op, weight),
+        # Input → output channels (last axis) of a layer, what structured pruning changes.
+        "channels": ([int(op.inputs[0].shape[-1]) if op.inputs[0] is not None and op.inputs[0].shape else None,
+                      int(op.outputs[0].shape[-1]) if op.outputs[0].shape else None]
+                     if op.builtin in semantics.LAYERS and op.outputs and op.inputs else None),
         "zero_fraction": round(zero_fraction(weight), 4) if weight is not None and zeros else None,
     }
 
@@ -121,6 +125,24 @@ def weight_bytes(model: Model) -> int:
             if t.is_constant and id(t.buffer) not in seen:
                 seen.add(id(t.buffer))
                 total += t.buffer.nbytes
+    return total
+
+
+def nonzero_params(model: Model) -> int:
+    """Stored weights that are not zero, counted per reading op as `params` is (a sparse tensor's missing
+    entries are zeros): what pruning really leaves."""
+    total = 0
+    for sg in model.subgraphs:
+        producers = sg.producers()
+        for op in sg.operators:
+            if op.builtin in WEIGHT_CARRIERS:
+                continue
+            for t in op.inputs:
+                c = stored_constant(t, producers)
+                if c is None:
+                    continue
+                values = c.buffer.data.view(c.dtype) if c.sparsity is not None and c.dtype is not None else c.data
+                total += int(np.count_nonzero(values)) if values is not None else numel(c.shape)
     return total
 
 

@@ -30,7 +30,7 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--conv-rank", type=int, help="rank for CONV_2D layers (CP/Tucker-2 rank for kxk, SVD rank for 1x1)")
     g.add_argument("--ratio", type=float, help="per layer, the rank that cuts its parameters X-fold")
     g.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of the squared norm")
-    g.add_argument("--conv-method", choices=["cp", "tucker2"], default="cp", help="decomposition of kxk convs (default cp)")
+    g.add_argument("--conv-method", choices=["cp", "tucker2"], help="decomposition of kxk convs (default cp)")
     g = p.add_argument_group("pruning (stored in TFLite's sparse format)")
     g.add_argument("--prune", type=float, metavar="S", help="per layer, zero the smallest weights to sparsity S")
     g.add_argument("--prune-block", metavar="1x4", help="prune FULLY_CONNECTED weights in whole 1x4 blocks")
@@ -135,9 +135,10 @@ def print_inspect(summary: dict) -> None:
     for r in summary["ops"]:
         weight = f"{'x'.join(map(str, r['weight_shape']))} {r['weight_dtype']}{' sparse' if r['weight_sparse'] else ''}" if r["weight_shape"] else "-"
         zeros = f"{100 * r['zero_fraction']:.1f}%" if r["zero_fraction"] is not None else "-"
-        rows.append([r["subgraph"], r["index"], r["op"], _short(r["output"]), weight, _fmt_int(r["params"]),
-                     _fmt_int(r["macs"]) if r["macs"] else "-", zeros])
-    print(_table(["sg", "#", "op", "output", "weight", "params", "MACs", "zeros"], rows))
+        channels = "→".join("?" if c is None else str(c) for c in r["channels"]) if r.get("channels") else "-"
+        rows.append([r["subgraph"], r["index"], r["op"], _short(r["output"]), weight, channels,
+                     _fmt_int(r["params"]), _fmt_int(r["macs"]) if r["macs"] else "-", zeros])
+    print(_table(["sg", "#", "op", "output", "weight", "channels", "params", "MACs", "zeros"], rows))
     t = summary["totals"]
     print(f"total: {len(summary['ops'])} ops, {_fmt_int(t['params'])} params, {_fmt_int(t['macs'])} MACs, "
           f"weights {_fmt_bytes(t['weight_bytes'])}, file {_fmt_bytes(summary['file_bytes'])}")
@@ -148,7 +149,7 @@ def print_report(report: dict, quiet: bool = False) -> None:
     if not quiet and layers:
         data_aware = any("output_error" in e for e in layers)
         budget = any("damage" in e for e in layers)
-        headers = ["#", "op", "output", "weight", "action", "rank", "params", "MACs", "w.err"]
+        headers = ["sg", "#", "op", "output", "weight", "action", "rank", "params", "MACs", "w.err"]
         headers += ["out.err"] if data_aware else []
         headers += ["damage", "share"] if budget else []
         rows = []
@@ -156,9 +157,11 @@ def print_report(report: dict, quiet: bool = False) -> None:
             shape = "x".join(map(str, e["weight_shape"])) if e["weight_shape"] else "-"
             rank = e.get("rank")
             rank = "x".join(map(str, rank)) if isinstance(rank, list) else (rank if rank is not None else "-")
+            if "channels_before" in e:  # structured pruning: a group's channel count
+                rank = f"{e['channels_before']}→{e['channels_after']} ch"
             err = f"{e['rel_error']:.3f}" if e.get("rel_error") is not None else "-"
             action = e["action"] if e["action"] != "skipped" else f"skipped: {e['reason']}"
-            row = [e["index"], e["op"], _short(e["output"], 40), shape, action, rank,
+            row = [e["subgraph"], e["index"], e["op"], _short(e["output"], 40), shape, action, rank,
                    f"{_fmt_int(e['params_before'])}→{_fmt_int(e['params_after'])}",
                    f"{_fmt_int(e['macs_before'])}→{_fmt_int(e['macs_after'])}", err]
             if data_aware:
@@ -169,16 +172,29 @@ def print_report(report: dict, quiet: bool = False) -> None:
             rows.append(row)
         print(_table(headers, rows))
     t = report["totals"]
+    params = f"params {_fmt_int(t['params_before'])} → {_fmt_int(t['params_after'])}"
+    # Pruned weights keep their dense shape: count what is left when zeros are a real share (not a few biases).
+    if "nonzero_params_after" in t and t["params_after"] - t["nonzero_params_after"] > 0.01 * t["params_after"]:
+        params = (f"nonzero params {_fmt_int(t['nonzero_params_before'])} → {_fmt_int(t['nonzero_params_after'])} "
+                  f"({_fmt_int(t['params_before'])} → {_fmt_int(t['params_after'])} with zeros)")
     print(f"total: file {_fmt_bytes(t['file_bytes_before'])} → {_fmt_bytes(t['file_bytes_after'])} "
-          f"({t['file_bytes_before'] / max(t['file_bytes_after'], 1):.2f}x smaller), "
-          f"params {_fmt_int(t['params_before'])} → {_fmt_int(t['params_after'])}, "
+          f"({t['file_bytes_before'] / max(t['file_bytes_after'], 1):.2f}x smaller), {params}, "
           f"MACs {_fmt_int(t['macs_before'])} → {_fmt_int(t['macs_after'])}")
+    error = report.get("output_error")
+    if error and error["measured"]:
+        worst = f"{error['worst']:.3g}" if error["worst"] is not None else "NaN/inf"
+        print(f"output error: {worst} (relative L2 of the worst output on {error['samples']} {error['inputs']} "
+              f"inputs)")
+    elif error:
+        print(f"output error: not measured ({error['reason']})")
     budget = (report.get("calibration") or {}).get("budget")
     if budget:
         print(f"budget: {budget['target']}, {'reached' if budget['reached'] else 'NOT reached'} at damage level "
               f"{budget['damage_level']:.3f} (estimated {budget['estimate']:.2f}x)")
     for note in report.get("notes", []):
         print(note)
+    for warning in report.get("warnings", []):
+        print(f"tfrewrite: warning: {warning}", file=sys.stderr)
 
 
 def print_compare(r: dict) -> None:
@@ -244,8 +260,11 @@ def cmd_rewrite(argv) -> int:
         raise UsageError(str(e)) from None
     try:
         report = rewrite.run(args.input, args.output, options, progress=sys.stderr.isatty())
-    except rewrite.RecipeError as e:
+    except (rewrite.RecipeError, rewrite.OptionError) as e:
         raise UsageError(str(e)) from None
+    except rewrite.RewriteFault as e:
+        print(f"tfrewrite: internal error: {e}", file=sys.stderr)
+        return EXIT_FAULT
     except rewrite.VerifyFailed as e:
         print(f"tfrewrite: verification failed: {e}; no output written", file=sys.stderr)
         return EXIT_VERIFY

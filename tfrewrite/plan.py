@@ -241,6 +241,10 @@ class Plan:
             return any(s.prune_channels for s in candidates)
         raise ValueError(technique)
 
+    def uses_data(self) -> bool:
+        """Whether any layer setting is fitted to calibration data (low rank is)."""
+        return self.uses("lowrank")
+
     def settings_of_rule(self, rule: dict) -> LayerSettings:
         changes = {k: v for k, v in rule.items() if k not in ("match", "prune_block")}
         if changes.get("quantize") == "none":

@@ -21,7 +21,7 @@ class Options:
     conv_rank: int | None = None
     ratio: float | None = None
     energy: float | None = None
-    conv_method: str = "cp"
+    conv_method: str | None = None  # None: cp
     only: str | None = None
     skip: str | None = None
     min_params: int = 0
@@ -95,7 +95,7 @@ class Options:
 
     def defaults(self) -> LayerSettings:
         return LayerSettings(rank=self.rank, fc_rank=self.fc_rank, conv_rank=self.conv_rank, ratio=self.ratio,
-                             energy=self.energy, conv_method=self.conv_method, force=self.force,
+                             energy=self.energy, conv_method=self.conv_method or "cp", force=self.force,
                              prune=self.prune, prune_block=parse_block(self.prune_block),
                              prune_depthwise=self.prune_depthwise, quantize=self.quantize,
                              prune_channels=self.prune_channels, channel_multiple=self.channel_multiple)
@@ -104,6 +104,40 @@ class Options:
         rules = load_recipe(self.recipe) if self.recipe else []
         return Plan(defaults=self.defaults(), rules=rules, only=self.only, skip=self.skip,
                     min_params=self.min_params)
+
+    def check_used(self, plan: Plan) -> list[str]:
+        """One rule for the command line and the recipe: a setting that nothing in the run would use is refused
+        (OptionError, exit 2) rather than silently ignored. --calibration is the exception: it still measures
+        the output error, so it gets a warning (returned) saying what it is (not) used for."""
+        lowrank = plan.uses("lowrank") or bool(self.target_size or self.target_macs)
+        prune = plan.uses("prune")
+        ranks = ("a rank option (--rank, --fc-rank, --conv-rank, --ratio, --energy, --target-size, --target-macs, "
+                 "or a recipe rule with rank, ratio or energy)")
+        prunes = "--prune (or a recipe rule with 'prune')"
+        for flag, given, needs, used in (("--prune-block", self.prune_block is not None, prunes, prune),
+                                         ("--prune-depthwise", self.prune_depthwise, prunes, prune),
+                                         ("--conv-method", self.conv_method is not None, ranks, lowrank),
+                                         ("--force", self.force, ranks, lowrank),
+                                         ("--sequential", self.sequential, ranks, lowrank)):
+            if given and not used:
+                raise OptionError(f"{flag} has no effect without {needs}")
+        for i, rule in enumerate(plan.rules):
+            for key, needs, used in (("prune_block", prunes, prune), ("conv_method", ranks, lowrank)):
+                if key in rule and not used:
+                    raise OptionError(f"{self.recipe}: rules[{i}]: '{key}' has no effect without {needs}")
+        if self.only is not None and self.only == self.skip:
+            raise OptionError("--only and --skip give the same expression: every layer would be skipped")
+        if self.calibration and not (plan.uses_data() or self.target_size or self.target_macs):
+            return ["--calibration: no layer is fitted to it (no rank option); it only measures the output error"]
+        return []
+
+
+class OptionError(ValueError):
+    """Options that nothing in the run would use, or that cancel each other."""
+
+
+class RewriteFault(Exception):
+    """The rewrite produced a model the runtime cannot run (a bug); nothing was written."""
 
 
 class VerifyFailed(Exception):
@@ -297,6 +331,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
                           "--recipe file": options.recipe, "--data file": options.data},
                    writes={"output": output_path, "--report": options.report})
     plan = options.plan()
+    warnings = options.check_used(plan)
     model = io.read(input_path)
     from .passes import int8_chain
     if plan.uses("lowrank") and not options.calibration and any(
@@ -309,6 +344,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         raise DataError(f"--signature {options.signature!r}: the model has {'signatures ' + ', '.join(keys) if keys else 'no signatures'}")
     size_before = os.path.getsize(input_path)
     before = analysis.summary(model, zeros=False)["totals"]
+    nonzero_before = analysis.nonzero_params(model)
     bar = Progress(count_targets(model), enabled=progress)
     entries = rewrite_model(model, options, bar, plan, source=input_path)
     with io.Staged() as staged:
@@ -316,9 +352,17 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
         after = analysis.summary(model, zeros=False)["totals"]
-        notes = []
-        if not entries:
-            notes.append("no technique option given: the model was re-serialized unchanged")
+        notes = [] if any(e["action"] != "skipped" for e in entries) else [nothing_done(options, entries)]
+        fidelity = None
+        if not notes:
+            fidelity = measure_output_error(input_path, target, options)
+            if fidelity["measured"] and fidelity["worst"] is None:
+                warnings.append(f"the rewritten model gives NaN or infinite outputs on {fidelity['samples']} "
+                                f"{fidelity['inputs']} inputs where the input model does not — it is broken")
+            elif fidelity["measured"] and fidelity["worst"] > OUTPUT_ERROR_WARNING:
+                warnings.append(f"output error {fidelity['worst']:.3g} (relative L2) on {fidelity['samples']} "
+                                f"{fidelity['inputs']} inputs — this model is probably broken; check it with "
+                                f"--verify --data")
         report = {
             "input": str(input_path), "output": str(output_path),
             "options": {k: v for k, v in vars(options).items() if k != "report"},
@@ -328,9 +372,13 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
                 "params_before": before["params"], "params_after": after["params"],
                 "macs_before": before["macs"], "macs_after": after["macs"],
                 "weight_bytes_before": before["weight_bytes"], "weight_bytes_after": after["weight_bytes"],
+                "nonzero_params_before": nonzero_before, "nonzero_params_after": analysis.nonzero_params(model),
             },
             "notes": notes,
+            "warnings": warnings,
         }
+        if fidelity is not None:
+            report["output_error"] = fidelity
         if plan.calibration:
             report["calibration"] = plan.calibration
         if options.verify:
@@ -342,6 +390,50 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
             raise VerifyFailed("; ".join(report["verify"]["failures"]))
         staged.commit()
     return report
+
+
+# Above this relative L2 error of an output on a few inputs, the summary warns that the model is probably broken.
+OUTPUT_ERROR_WARNING = 0.5
+# How many inputs (calibration samples, else generated) the output error is measured on.
+OUTPUT_ERROR_SAMPLES = 4
+# Options that ask for a technique (for the message when nothing was rewritten).
+TECHNIQUE_OPTIONS = ("rank", "fc_rank", "conv_rank", "ratio", "energy", "target_size", "target_macs", "prune",
+                     "prune_channels", "quantize", "sparse_encode", "recipe")
+
+
+def nothing_done(options: Options, entries: list[dict]) -> str:
+    """Why the model came out unchanged: no technique asked for, no layer of a kind it applies to, or the
+    reasons the layers considered were left as they are."""
+    asked = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k in TECHNIQUE_OPTIONS
+             if (v := getattr(options, k, None)) not in (None, False)]
+    if not asked:
+        return "no technique option given: the model was re-serialized unchanged"
+    asked = ", ".join(asked)
+    if not entries:
+        return (f"nothing was rewritten: {asked} asked, but the model has no layer that applies to "
+                f"(a FULLY_CONNECTED, CONV_2D or DEPTHWISE_CONV_2D with a constant weight); re-serialized unchanged")
+    reasons: dict[str, int] = {}
+    for e in entries:
+        reasons[e.get("reason") or "left as it is"] = reasons.get(e.get("reason") or "left as it is", 0) + 1
+    why = "; ".join(f"{r} ({n}x)" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"nothing was rewritten: {asked} asked, but none of the {len(entries)} layers considered qualified: {why}"
+
+
+def measure_output_error(original, rewritten, options: Options) -> dict:
+    """The rewritten model's output error against the input's on a few inputs: the first calibration samples
+    when given, else generated ones in the range the model reads them in. A rewritten model that does not run
+    where the input does is a fault (RewriteFault: nothing is written)."""
+    from . import verify
+    signature, inputs, kind = options.signature, None, "generated"
+    if options.calibration:
+        runner, batches, _, _ = verify.open_data(original, options.calibration, options.signature)
+        signature, inputs, kind = runner.signature, batches[:OUTPUT_ERROR_SAMPLES], "calibration"
+    try:
+        result = verify.output_error(original, rewritten, inputs, OUTPUT_ERROR_SAMPLES, signature)
+    except verify.CandidateFailed as e:
+        raise RewriteFault(f"the rewritten model does not run in LiteRT ({e}); nothing written") from None
+    result["inputs"] = kind
+    return result
 
 
 def _written(write, path):

@@ -421,6 +421,43 @@ def compare(model_a, model_b, data=None, samples: int = 8, seed: int = 0, runs: 
     return result
 
 
+class CandidateFailed(Exception):
+    """The model under test does not run where the reference does."""
+
+
+def output_error(reference, candidate, inputs=None, samples: int = 4, signature: str | None = None,
+                 seed: int = 0) -> dict:
+    """Relative L2 error of every output of `candidate` against `reference` on `inputs` (Runner batches) or on
+    `samples` generated ones; `worst` is None when the candidate's outputs are not finite where the reference's
+    are. When the reference itself does not run (a custom op without a kernel, ...) nothing is measured and
+    `reason` says why; when only the candidate fails, CandidateFailed."""
+    try:
+        ra = Runner(reference, True, 1, signature)
+        inputs = inputs or ra.random_samples(samples, seed)
+        outs_a = ra.per_sample(inputs)
+    except Exception as e:  # whatever the runtime raises for a model it cannot run
+        return {"measured": False, "reason": f"the input model does not run in LiteRT: {_first_line(e)}"}
+    try:
+        rb = Runner(candidate, True, 1, signature)
+        outs_b = rb.per_sample(inputs)
+    except Exception as e:
+        raise CandidateFailed(_first_line(e)) from None
+    rows = []
+    for j, name in enumerate(ra.outputs):
+        a = np.concatenate([o[j].reshape(-1) for o in outs_a]).astype(np.float64)
+        b = np.concatenate([o[j].reshape(-1) for o in outs_b]).astype(np.float64)
+        broken = bool(np.any(~np.isfinite(b) & np.isfinite(a)))
+        rows.append({"name": name, "rel_l2": None if broken else fidelity(a, b)["rel_l2"]})
+    errors = [r["rel_l2"] for r in rows]
+    worst = None if any(e is None for e in errors) else max(errors, default=0.0)
+    return {"measured": True, "samples": len(inputs), "worst": worst, "outputs": rows}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def _signature_keys(model) -> set[str]:
     from . import io
     m = io.read(model) if isinstance(model, (str, Path)) else io.read_buffer(bytes(model))

@@ -128,6 +128,28 @@ class ChannelGraph:
             self.space(t)
             self.members.setdefault(id(t), []).append(op)
 
+    def own(self, op: Operator) -> None:
+        """Give `op` private copies of the constants it shares with other ops (same bytes until changed)."""
+        readers: dict[int, int] = {}
+        for other in self.sg.operators:
+            for t in other.inputs:
+                if t is not None:
+                    readers[id(t)] = readers.get(id(t), 0) + 1
+        for i, t in enumerate(op.inputs):
+            if t is None or not t.is_constant or readers.get(id(t), 0) < 2:
+                continue
+            mine = copy.copy(t)
+            mine.name = self.sg.unique_name(t.name)
+            mine.quantization = copy.copy(t.quantization)
+            self.sg.add_tensor(mine)
+            op.inputs[i] = mine
+            readers[id(t)] -= 1
+            layer = self.layers.get(id(op))
+            if layer is not None and layer.weight is t:
+                layer.weight = mine
+            if layer is not None and layer.bias is t:
+                layer.bias = mine
+
     def freeze(self, t: Tensor, reason: str) -> None:
         if channels_of(t) is None:
             return
@@ -199,12 +221,11 @@ def build_graph(sg: Subgraph) -> ChannelGraph:
 
 
 def _single_reader(t: Tensor, readers: dict, consumers: dict) -> bool:
-    """Read by exactly one op (through at most one DEQUANTIZE), so slicing it changes no other op."""
-    if readers.get(id(t), 0) != 1:
-        return False
+    """Changing this constant changes no other op: a constant read directly (a shared one gets a private
+    copy before it changes, `ChannelGraph.own`), or one read through a DEQUANTIZE that only one op reads."""
     reader = consumers.get(id(t), [None])[0]
     if reader is not None and reader.builtin == OP.DEQUANTIZE:
-        return len(consumers.get(id(reader.outputs[0]), [])) == 1
+        return readers.get(id(t), 0) == 1 and len(consumers.get(id(reader.outputs[0]), [])) == 1
     return True
 
 
@@ -589,6 +610,9 @@ def apply(g: ChannelGraph, removed: dict, fold: bool = True, skip_fold: set = fr
     producers = sg.producers()
     keeps = {tid: np.setdiff1d(np.arange(channels_of(g.tensors[tid])), idx) for tid, idx in removed.items()}
     values = removed_values(g, removed) if fold else {}
+    for op in list(sg.operators):
+        if any(t is not None and id(t) in keeps for t in list(op.inputs) + list(op.outputs)):
+            g.own(op)
     for op in sg.operators:
         layer = g.layers.get(id(op))
         if layer is not None:
@@ -706,11 +730,7 @@ def collect_reader_data(model: Model, readers: list[Layer], samples, moments: bo
     for r in readers:
         if id(r.op) not in collected:
             continue
-        rows = collected[id(r.op)].rows.astype(np.float64)
-        q = r.op.inputs[0].quantization
-        if r.op.inputs[0].type in (T.INT8, T.UINT8) and q is not None and q.scale is not None and len(q.scale):
-            zero = q.zeroPoint[0] if q.zeroPoint is not None and len(q.zeroPoint) else 0
-            rows = (rows - zero) * q.scale[0]
+        rows = collected[id(r.op)].rows.astype(np.float64)  # real values, also for int8 inputs
         mean, cov = ch.moments(rows, full=moments and rows.shape[1] <= ch.FULL_COLUMNS)
         out[id(r.op)] = ReaderData(rows, mean, cov)
     return out
@@ -786,6 +806,7 @@ def refit_readers(model: Model, g: ChannelGraph, removed: dict, data: dict, samp
             continue
         now = collect_reader_data(model, [layer], samples, moments=False).get(id(op)) if errors else None
         keep = np.setdiff1d(np.arange(channels_of(x)), removed[id(x)])
+        g.own(op)
         w = weight_matrix(layer)
         new_w, new_b, err = ch.refit(w, bias_real(layer, w.shape[0]), np.sort(reader_columns(layer, keep)),
                                      now.rows if now is not None else d.rows, d.rows)
@@ -832,14 +853,16 @@ def run(model: Model, plan, progress=None, samples=None) -> list[dict]:
     entries = []
     for sg, g, groups, removed in choose(model, plan, samples):
         before = {k: layer_cost(layer) for k, layer in g.layers.items()}
+        shapes = {id(op): list(op.inputs[1].shape) for op in sg.operators
+                  if op.builtin in semantics.LAYERS and len(op.inputs) > 1 and op.inputs[1] is not None}
         data = {k: plan.layer_data.pop(("channels", k)) for k in list(g.layers) if ("channels", k) in plan.layer_data}
         errors = refit_readers(model, g, removed, data, samples) if removed and data else {}
         if removed:
             apply(g, removed, skip_fold=set(errors))
         for group in groups:
-            if not group.producers:
-                continue  # channels no layer writes (model inputs, barrier outputs): nothing to report
-            entries.append(_entry(model, sg, g, group, plan, before, errors))
+            if _lead(group) is None:
+                continue  # channels no layer writes (model inputs, outputs of other ops): nothing to report
+            entries.append(_entry(model, sg, g, group, plan, before, errors, shapes))
             if progress:
                 progress(entries[-1])
     return entries
@@ -858,16 +881,25 @@ def _removed_by_tensor(g: ChannelGraph, removed_nodes: set) -> dict:
     return out
 
 
-def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict, errors: dict) -> dict:
-    lead = group.producers[0]
-    entry = new_entry(model, sg, lead.op, "channels", plan)
+def _lead(group: ChannelGroup) -> Operator | None:
+    """The first layer writing the group's channels (also one that a barrier keeps out of `producers`)."""
+    if group.producers:
+        return group.producers[0].op
+    tids = {id(t) for t in group.tensors}
+    return next((op for op in group.members if op.builtin in semantics.LAYERS and id(op.outputs[0]) in tids), None)
+
+
+def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict, errors: dict, shapes: dict) -> dict:
+    lead = _lead(group)
+    entry = new_entry(model, sg, lead, "channels", plan)
     layers = [g.layers[id(op)] for op in group.members if id(op) in g.layers]
     pruned = group.chosen is not None
     pb = sum(before[id(layer.op)][0] for layer in layers)
     mb = sum(before[id(layer.op)][1] for layer in layers)
     after = [layer_cost(layer) for layer in layers]
+    weight = lead.inputs[1] if len(lead.inputs) > 1 else None
     entry.update(
-        weight_shape=list(lead.weight.shape), weight_dtype=lead.weight.type_name,
+        weight_shape=shapes.get(id(lead)), weight_dtype=weight.type_name if weight is not None else None,
         action="pruned" if pruned else "skipped", reason=None if pruned else group.reason,
         members=[op.outputs[0].name if op.outputs else op.name for op in group.members],
         channels_before=group.channels, channels_after=len(group.chosen) if pruned else group.channels,

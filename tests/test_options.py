@@ -1,0 +1,161 @@
+"""What users found surprising: options nothing would use are refused (one rule for command line and recipe),
+the unchanged-model message says what was asked and why nothing qualified, every rewrite measures its output
+error and warns when the model is probably broken, and the report table shows subgraphs and nonzero totals."""
+import json
+
+import numpy as np
+import pytest
+
+import builders as B
+import odd_models as M
+from conftest import FIXTURES, ROOT
+from tfrewrite import cli, rewrite, verify
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _fc(tmp, seed=0, shape=(24, 16)):
+    path = tmp / "fc.tflite"
+    weight = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    path.write_bytes(B.fc_model(weight, input_shape=(1, shape[1])))
+    return path
+
+
+def _schema_check(report):
+    import jsonschema
+    jsonschema.validate(report, json.loads((ROOT / "schemas" / "report.schema.json").read_text()))
+
+
+REFUSED = {
+    "--prune-block without --prune": (["--prune-block", "1x4"], "--prune-block has no effect"),
+    "--prune-depthwise without --prune": (["--prune-depthwise", "--quantize", "int8"], "--prune-depthwise"),
+    "--conv-method without a rank": (["--conv-method", "tucker2", "--prune", "0.5"], "--conv-method"),
+    "--force without a rank": (["--force", "--quantize", "float16"], "--force has no effect"),
+    "--sequential without a rank": (["--sequential", "--calibration", "CALIB"], "--sequential"),
+    "--only X --skip X": (["--rank", "2", "--only", "fc", "--skip", "fc"], "same expression"),
+    "recipe prune_block without prune": (["--quantize", "int8", "--recipe", "RECIPE:prune_block"], "'prune_block'"),
+    "recipe conv_method without a rank": (["--prune", "0.5", "--recipe", "RECIPE:conv_method"], "'conv_method'"),
+    "block 0x4": (["--prune", "0.5", "--prune-block", "0x4"], "--prune-block"),
+    "block 1x1000000": (["--prune", "0.5", "--prune-block", "1x1000000"], "--prune-block"),
+    "--target-size inf": (["--target-size", "inf", "--calibration", "CALIB"], "--target-size"),
+}
+RULES = {"prune_block": {"match": ".", "prune_block": "1x4"}, "conv_method": {"match": ".", "conv_method": "cp"}}
+
+
+def _materialize(tmp, argv):
+    calib = tmp / "calib.npz"
+    np.savez(calib, input=np.ones((2, 16), np.float32))
+    out = []
+    for a in argv:
+        if a == "CALIB":
+            a = str(calib)
+        elif a.startswith("RECIPE:"):
+            recipe = tmp / "recipe.json"
+            recipe.write_text(json.dumps({"rules": [RULES[a.split(":")[1]]]}))
+            a = str(recipe)
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("what", sorted(REFUSED))
+def test_options_nothing_would_use_are_refused(tmp, capsys, what):
+    model = _fc(tmp)
+    argv, words = REFUSED[what]
+    out = tmp / "o.tflite"
+    code, _, err = _run(capsys, model, out, *_materialize(tmp, argv))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("tfrewrite: error: ") and words in err, err
+    assert not out.exists()
+
+
+def test_the_same_options_are_accepted_where_something_uses_them(tmp, capsys):
+    model = _fc(tmp)
+    recipe = tmp / "r.json"
+    recipe.write_text(json.dumps({"rules": [{"match": ".", "prune": 0.5}]}))
+    code, _, err = _run(capsys, model, tmp / "o.tflite", "--prune-block", "1x4", "--recipe", recipe)
+    assert code == 0, err
+    recipe.write_text(json.dumps({"rules": [{"match": ".", "rank": 2, "conv_method": "tucker2"}]}))
+    code, _, err = _run(capsys, model, tmp / "o.tflite", "--force", "--recipe", recipe)
+    assert code == 0, err
+
+
+def test_calibration_only_measuring_is_a_warning(tmp, capsys):
+    model = _fc(tmp)
+    calib = tmp / "c.npz"
+    np.savez(calib, input=np.random.default_rng(1).standard_normal((6, 16)).astype(np.float32))
+    rep = tmp / "r.json"
+    code, out, err = _run(capsys, model, tmp / "o.tflite", "--quantize", "float16", "--min-params", "0",
+                          "--calibration", calib, "--report", rep)
+    assert code == 0
+    assert "tfrewrite: warning: --calibration: no layer is fitted to it" in err
+    report = json.loads(rep.read_text())
+    _schema_check(report)
+    assert report["output_error"]["inputs"] == "calibration" and report["output_error"]["samples"] == 4
+    assert report["output_error"]["worst"] < 1e-2
+    assert "output error: " in out
+
+
+def test_nothing_qualified_says_what_was_asked_and_why(tmp, capsys):
+    model = _fc(tmp)
+    code, out, _ = _run(capsys, model, tmp / "o.tflite", "--rank", "2", "--min-params", "100000")
+    assert code == 0
+    assert "nothing was rewritten: --rank 2 asked, but none of the 1 layers considered qualified: fewer than " \
+           "100000 weights (--min-params) (1x)" in out
+    code, out, _ = _run(capsys, model, tmp / "o.tflite")
+    assert "no technique option given" in out
+    emb = tmp / "emb.tflite"
+    emb.write_bytes(M.index_model("GATHER"))
+    code, out, _ = _run(capsys, emb, tmp / "o.tflite", "--rank", "2", "--only", "nothing-matches")
+    assert code == 0 and "nothing was rewritten: --rank 2 asked" in out and "not matched by --only" in out
+
+
+def test_a_probably_broken_rewrite_is_warned_about_loudly(tmp, capsys):
+    model = _fc(tmp, shape=(48, 32))
+    rep = tmp / "r.json"
+    code, out, err = _run(capsys, model, tmp / "o.tflite", "--rank", "1", "--force", "--report", rep)
+    assert code == 0
+    report = json.loads(rep.read_text())
+    _schema_check(report)
+    error = report["output_error"]
+    assert error["measured"] and error["inputs"] == "generated" and error["worst"] > rewrite.OUTPUT_ERROR_WARNING
+    assert f"output error {error['worst']:.3g}" in err and "probably broken" in err
+    assert any("probably broken" in w for w in report["warnings"])
+    # A faithful rewrite measures a small error and warns of nothing.
+    code, out, err = _run(capsys, model, tmp / "o.tflite", "--rank", "32", "--force")
+    assert code == 0 and "warning" not in err and "output error: " in out
+
+
+def test_a_rewritten_model_that_does_not_run_is_an_internal_fault_and_nothing_is_written(tmp, capsys, monkeypatch):
+    model = _fc(tmp)
+
+    def fails(*args, **kwargs):
+        raise verify.CandidateFailed("Input tensor 3 lacks data")
+    monkeypatch.setattr(verify, "output_error", fails)
+    code, _, err = _run(capsys, model, tmp / "o.tflite", "--rank", "2", "--force", "--report", tmp / "r.json")
+    assert code == 1 and "does not run in LiteRT" in err and "nothing written" in err
+    assert sorted(p.name for p in tmp.iterdir()) == ["fc.tflite"]
+
+
+def test_an_input_model_the_runtime_cannot_run_is_not_measured(tmp, capsys):
+    code, out, _ = _run(capsys, FIXTURES / "custom_op.tflite", tmp / "o.tflite", "--quantize", "float16",
+                        "--min-params", "0")
+    assert code == 0 and "output error: not measured (the input model does not run in LiteRT" in out
+
+
+def test_report_table_has_subgraphs_and_totals_count_nonzero_params(tmp, capsys):
+    sigs = tmp / "sigs.tflite"
+    sigs.write_bytes(M.two_signature_fc())
+    code, out, _ = _run(capsys, sigs, tmp / "o.tflite", "--rank", "2", "--force")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:2] == ["sg", "#"]
+    assert {line.split()[0] for line in lines[2:4]} == {"0", "1"}
+    model = _fc(tmp, shape=(64, 64))
+    rep = tmp / "r.json"
+    code, out, _ = _run(capsys, model, tmp / "o.tflite", "--prune", "0.75", "--report", rep)
+    totals = json.loads(rep.read_text())["totals"]
+    assert totals["params_after"] == 64 * 64 and totals["nonzero_params_after"] == 64 * 64 // 4
+    assert totals["nonzero_params_before"] == 64 * 64
+    assert "nonzero params 4.10k → 1.02k" in out
