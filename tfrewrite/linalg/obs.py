@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .sparse import lowest_count_mask
+
 DEFAULT_DAMPING = 0.01
 # Columns whose mask is chosen together, and over which the error is propagated lazily (one matrix product).
 COLUMN_BLOCK = 128
@@ -92,20 +94,6 @@ def _unit_scores(w: np.ndarray, denom: np.ndarray, width: int) -> np.ndarray:
     return (w * w / denom[None, :]).reshape(m, n // width, width).sum(axis=2)
 
 
-def _lowest(scores: np.ndarray, count: int) -> np.ndarray:
-    """Bool mask of the `count` lowest scores, ties by flat index (deterministic); a partition, not a sort
-    (VGG16's first FC has 10⁸ weights)."""
-    flat = np.asarray(scores).ravel()
-    out = np.zeros(flat.size, bool)
-    if count >= flat.size:
-        out[:] = True
-    elif count > 0:
-        threshold = np.partition(flat, count - 1)[count - 1]
-        out = flat < threshold
-        out[np.flatnonzero(flat == threshold)[:count - int(out.sum())]] = True
-    return out.reshape(np.shape(scores))
-
-
 def _quota(scores: list[np.ndarray], sparsity: float, units_per_block: int) -> np.ndarray:
     """Units to remove in each column block: the layer's round(sparsity·units) of lowest OBS saliency.
     `scores`: per chunk [m, units]. Ties at the threshold go by chunk, then column, then row (deterministic)."""
@@ -138,7 +126,7 @@ def _sparsegpt_chunk(w: np.ndarray, u: np.ndarray, quota: np.ndarray, width: int
         w1 = w[:, start:stop]  # a view: updated in place
         u1 = u[start:stop, start:stop]
         d = np.diag(u1)
-        units = _lowest(_unit_scores(w1, d * d, width), int(quota[b]))
+        units = lowest_count_mask(_unit_scores(w1, d * d, width), int(quota[b]))
         mask1 = np.repeat(units, width, axis=1)
         pruned[:, start:stop] = mask1
         err = np.zeros((m, stop - start))
@@ -298,7 +286,7 @@ def prune(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int = 1,
             raise ValueError(f"block width {width} does not divide {n} inputs")
         inv_diag = _LowRankHessian(x, damping).inv_diag()
         scores = _unit_scores(np.asarray(w0, np.float32), inv_diag.astype(np.float32), width)
-        keep = ~np.repeat(_lowest(scores, int(round(sparsity * scores.size))), width, axis=1)
+        keep = ~np.repeat(lowest_count_mask(scores, int(round(sparsity * scores.size))), width, axis=1)
         del scores
         return refit_kept(w0, keep, x, damping), keep, "obs"
     h = hessian(x, damping)[0] if n <= max_dim else None

@@ -47,8 +47,8 @@ class StoredWeight:
     def magnitudes(self) -> np.ndarray:
         """|real value| of every weight (int8: |q - zero point| · scale, per channel when so quantized)."""
         raw = np.asarray(self.raw)
-        if raw.dtype.kind == "f":
-            return np.abs(raw.astype(np.float64))
+        if raw.dtype.kind == "f":  # |w| of a float32 or float16 value is exact in float32
+            return np.abs(raw if raw.dtype == np.float32 else raw.astype(np.float32))
         q = self.tensor.quantization
         scale = np.asarray(q.scale, np.float64).reshape(-1)
         if len(scale) > 1:
@@ -130,7 +130,7 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     from ..linalg import fit, obs, quant
     raw = np.asarray(weight.raw)
     shape = raw.shape
-    real = weight.magnitudes() * np.sign(raw) if raw.dtype.kind != "f" else raw.astype(np.float32)
+    real = weight.magnitudes() * np.sign(raw) if raw.dtype.kind != "f" else np.asarray(raw, np.float32)
     matrix = np.asarray(real, np.float32).reshape(shape[0], -1)  # [out, in]; conv inputs in patch order kh, kw, C
     width, suffix = 1, ""
     if op.builtin == OP.FULLY_CONNECTED and block is not None:
@@ -158,8 +158,7 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
         requantized.quantizedDimension = q.quantizedDimension or 0
         weight.tensor.quantization = requantized
     else:
-        stored = new.reshape(shape).astype(np.float32)
-        values = stored
+        stored = values = new.reshape(shape)  # float32 already
     values = values.reshape(matrix.shape)
     entry["output_error"] = obs.output_error(matrix, values, rows, target_rows)
     entry["output_error_magnitude"] = obs.output_error(
@@ -206,6 +205,7 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
         if data is not None and data_aware_reason(model, op, weight) is None:
             pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block, data,
                                               producers, entry)
+            plan.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
         else:
             keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
             if data is not None:
