@@ -43,7 +43,9 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--channel-multiple", type=int, default=8, metavar="N",
                    help="kept channel counts are multiples of N (default 8)")
     g = p.add_argument_group("quantization (weights only)")
-    g.add_argument("--quantize", choices=["float16", "int8"], help="store weights as float16 or int8")
+    g.add_argument("--quantize", choices=["float16", "int8", "full-int8"],
+                   help="store weights as float16 or int8; full-int8: the whole model to int8 activations and "
+                        "weights after the other passes (needs --calibration and ai-edge-quantizer)")
     s = p.add_argument_group("selection")
     s.add_argument("--only", metavar="REGEX", help="rewrite only ops whose output tensor name matches")
     s.add_argument("--skip", metavar="REGEX", help="leave ops whose output tensor name matches")

@@ -149,11 +149,25 @@ def _layer_shape_problems(op, x, w, bias, y) -> list[str]:
 def _version_problems(op, x, w, y) -> list[str]:
     """The version must be one the runtime knows, and not below what the op's tensors need."""
     from .ops import versions
-    b, version = op.builtin, op.opcode.version
-    if (b, version) not in versions.MIN_RUNTIME_VERSIONS:
+    version = op.opcode.version
+    if (op.builtin, version) not in versions.MIN_RUNTIME_VERSIONS:
         return [f"version {version} is not a {op.name} version the runtime knows"]
+    if op.builtin == OP.FULLY_CONNECTED and x is not None and y is not None and x.type != T.INT16 \
+            and w.sparsity is not None and version != 8:
+        return [f"reads a sparse weight at version {version} (only version 8 reads it sparse)"]
+    need = required_version(op, x, w, y)
+    if need is not None and version < need:
+        return [f"version {version} is below the {need} its tensors need"]
+    return []
+
+
+def required_version(op, x, w, y) -> int | None:
+    """The version TFLite's op-version rules give this conv / FC / DEQUANTIZE for its tensors (None: no rule
+    here, or an int16 model, whose legacy quantizer writes its own versions)."""
+    from .ops import versions
+    b = op.builtin
     if x is None or y is None or x.type == T.INT16:
-        return []  # int16 models come from the legacy quantizer, which writes its own versions
+        return None
     need = None
     scales = len(w.quantization.scale) if w is not None and w.quantization is not None and \
         w.quantization.scale is not None else 0
@@ -166,8 +180,6 @@ def _version_problems(op, x, w, y) -> list[str]:
             asymmetric_quantize_inputs=bool(getattr(options, "asymmetricQuantizeInputs", False)),
             per_channel_hybrid=hybrid and versions.fully_connected_is_per_channel(scales, w.shape),
             num_inputs=len(op.inputs))
-        if w.sparsity is not None and version != 8:
-            return [f"reads a sparse weight at version {version} (only version 8 reads it sparse)"]
     elif b == OP.CONV_2D:
         need = versions.conv2d_version(x.type, w.type, output_type=y.type,
                                        per_channel_hybrid=hybrid and versions.conv2d_is_per_channel(scales, w.shape))
@@ -180,6 +192,4 @@ def _version_problems(op, x, w, y) -> list[str]:
         n = len(q.scale) if q is not None and q.scale is not None else 0
         need = versions.dequantize_version(
             x.type, versions.dequantize_is_per_channel(n, x.shape, getattr(q, "quantizedDimension", 0) or 0))
-    if need is not None and version < need:
-        return [f"version {version} is below the {need} its tensors need"]
-    return []
+    return need

@@ -61,6 +61,13 @@ class Options:
         layer = {k: getattr(self, k) for k in ("rank", "fc_rank", "conv_rank", "ratio", "energy", "conv_method",
                                                "prune", "prune_block", "quantize", "prune_channels",
                                                "channel_multiple")}
+        if self.quantize == "full-int8":  # a whole-model step, not a per-layer storage form
+            del layer["quantize"]
+            if not self.calibration:
+                raise ValueError("--quantize full-int8 needs --calibration (the activation ranges are measured on it)")
+            from .passes import full_int8
+            if not full_int8.available():
+                raise ValueError(f"--quantize full-int8 needs ai-edge-quantizer: {full_int8.INSTALL_HINT}")
         check_layer_values({k: v for k, v in layer.items() if v is not None}, lambda k: "--" + k.replace("_", "-"))
         if self.quantize == "none":
             raise ValueError("--quantize must be float16 or int8")
@@ -97,7 +104,8 @@ class Options:
         return LayerSettings(rank=self.rank, fc_rank=self.fc_rank, conv_rank=self.conv_rank, ratio=self.ratio,
                              energy=self.energy, conv_method=self.conv_method or "cp", force=self.force,
                              prune=self.prune, prune_block=parse_block(self.prune_block),
-                             prune_depthwise=self.prune_depthwise, quantize=self.quantize,
+                             prune_depthwise=self.prune_depthwise,
+                             quantize=None if self.quantize == "full-int8" else self.quantize,
                              prune_channels=self.prune_channels, channel_multiple=self.channel_multiple)
 
     def plan(self) -> Plan:
@@ -127,7 +135,8 @@ class Options:
                     raise OptionError(f"{self.recipe}: rules[{i}]: '{key}' has no effect without {needs}")
         if self.only is not None and self.only == self.skip:
             raise OptionError("--only and --skip give the same expression: every layer would be skipped")
-        if self.calibration and not (plan.uses_data() or self.target_size or self.target_macs):
+        if self.calibration and not (plan.uses_data() or self.target_size or self.target_macs
+                                     or self.quantize == "full-int8"):
             return ["--calibration: no layer is fitted to it (no rank option); it only measures the output error"]
         return []
 
@@ -244,6 +253,12 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     if plan.uses("quantize"):
         from .passes import quantize
         entries += checked(quantize.run(model, plan))
+    if options.quantize == "full-int8":
+        from .passes import full_int8
+        plan.calibration = dict(plan.calibration or {}, full_int8=full_int8.run(model, options.calibration,
+                                                                                options.signature))
+        update_min_runtime_version(model)
+        model.validate(known_problems)
     if plan.uses("prune") or options.sparse_encode:
         from .passes import sparse_encode
         entries += checked(sparse_encode.run(model, plan))
@@ -352,7 +367,8 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
         after = analysis.summary(model, zeros=False)["totals"]
-        notes = [] if any(e["action"] != "skipped" for e in entries) else [nothing_done(options, entries)]
+        changed = options.quantize == "full-int8" or any(e["action"] != "skipped" for e in entries)
+        notes = [] if changed else [nothing_done(options, entries)]
         fidelity = None
         if not notes:
             fidelity = measure_output_error(input_path, target, options)

@@ -1,0 +1,83 @@
+"""`--quantize full-int8`: the whole (already decomposed / pruned) model to full-integer int8 — int8 activations
+per tensor, int8 weights per output channel, int32 biases — so an NPU, DSP or microcontroller runtime can run it.
+
+Static quantization with calibration is done by Google's ai-edge-quantizer (an optional dependency, the
+`int8` extra), recipe `static_wi8_ai8`, calibrated on the `--calibration` samples. The model's float inputs and
+outputs stay float (a QUANTIZE op after each input, a DEQUANTIZE before each output, as the TF converter does by
+default), so it is called exactly as before. ai-edge-quantizer 0.10 writes version 1 for every op; the versions
+of the CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED ops are raised to what TFLite's op-version rules give for
+int8 (`ops.versions`), as the converter would write them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import warnings
+from io import StringIO
+
+from .. import io, schema
+from ..graph import Model
+
+RECIPE = "static_wi8_ai8"
+OP = schema.BuiltinOperator
+INSTALL_HINT = "pip install 'tfrewrite[int8]' (ai-edge-quantizer)"
+
+
+def available() -> bool:
+    return importlib.util.find_spec("ai_edge_quantizer") is not None
+
+
+class QuantizeError(io.ModelError):
+    """The model cannot be quantized this way; the message says why (exit 2)."""
+
+
+def run(model: Model, calibration, signature: str | None = None) -> dict:
+    """Replace `model`'s contents by its full-integer version; returns what the report shows."""
+    from importlib.metadata import version
+
+    from .. import verify
+    try:
+        from ai_edge_quantizer import quantizer, recipe
+    except ImportError:
+        raise QuantizeError(f"--quantize full-int8 needs ai-edge-quantizer: {INSTALL_HINT}") from None
+    keys = [d.key for d in model.signature_defs]
+    if signature is None and len(keys) != 1:
+        raise QuantizeError("--quantize full-int8 needs a model with one signature (ai-edge-quantizer calibrates "
+                            f"through it; the model has {len(keys) or 'none'}{'' if len(keys) < 2 else ': choose with --signature'})")
+    key = signature or keys[0]
+    data = io.to_bytes(model)
+    runner = verify.Runner(data, signature=key)
+    batches, _ = runner.samples_from(calibration)
+    names = [name for name, _, _ in runner.inputs]
+    steps = getattr(recipe, RECIPE)() + [  # the model's float inputs and outputs stay float
+        {"regex": ".*", "operation": edge, "algorithm_key": "no_quantize"} for edge in ("INPUT", "OUTPUT")]
+    qt = quantizer.Quantizer(data, steps)
+    # Its calibration prints a progress bar and a warning about keeping all tensors: not ours to show.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(StringIO()):
+        warnings.simplefilter("ignore")
+        result = qt.calibrate({key: [dict(zip(names, batch)) for batch in batches]})
+        quantized = qt.quantize(result, enable_progress_report=False).quantized_model
+    new = io.read_buffer(bytes(quantized), "<ai-edge-quantizer output>")
+    for f in dataclasses.fields(Model):
+        setattr(model, f.name, getattr(new, f.name))
+    raised = raise_versions(model)
+    return {"tool": f"ai-edge-quantizer {version('ai-edge-quantizer')}", "recipe": RECIPE, "samples": len(batches),
+            "versions_raised": raised}
+
+
+def raise_versions(model: Model) -> int:
+    """Raise conv / FC / DEQUANTIZE versions to TFLite's rules for their tensor types; returns how many changed."""
+    from ..invariants import required_version
+    changed = 0
+    for _, op in model.operators():
+        if op.builtin not in (OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED, OP.DEQUANTIZE):
+            continue
+        x, w = op.inputs[0] if op.inputs else None, op.inputs[1] if len(op.inputs) > 1 else None
+        if x is None or (w is None and op.builtin != OP.DEQUANTIZE):
+            continue
+        need = required_version(op, x, w, op.outputs[0] if op.outputs else None)
+        if need is not None and need > op.opcode.version:
+            op.opcode.version = need
+            changed += 1
+    return changed
