@@ -34,10 +34,11 @@ OUT = ROOT / "bench" / "cache" / "prune_channels"
 FIXTURES = [("vgg_digits", 32), ("vgg_digits_int8", 32), ("mobilenetv2_digits", 96), ("resnet_concat_digits", 32)]
 
 
-def prune(src: Path, fraction: float, calibration: Path | None = None, tag: str = "") -> tuple[Path, dict, float]:
+def prune(src: Path, fraction: float, calibration: Path | None = None, tag: str = "",
+          recipe: Path | None = None) -> tuple[Path, dict, float]:
     out = OUT / f"{src.stem}_c{fraction}{tag}.tflite"
     t0 = time.perf_counter()
-    report = rewrite.run(src, out, rewrite.Options(prune_channels=fraction,
+    report = rewrite.run(src, out, rewrite.Options(prune_channels=fraction, recipe=str(recipe) if recipe else None,
                                                    calibration=str(calibration) if calibration else None))
     return out, report["totals"], time.perf_counter() - t0
 
@@ -85,6 +86,18 @@ def fixtures(fractions) -> list[str]:
                 rows.append(f"| {name} | {f} | {'yes' if cal else 'no'} | {100 * acc:.2f} % "
                             f"({100 * (acc - base):+.2f}) | {tot['macs_before'] / tot['macs_after']:.2f}× | "
                             f"{seconds:.1f} s |")
+                print(rows[-1], flush=True)
+        if name.startswith("mobilenetv2"):
+            # Practical tools prune inside the inverted-residual blocks first: keep the residual streams (the
+            # project layers' outputs, which every ADD of a stage ties together) whole.
+            recipe = OUT / "keep_residual_streams.json"
+            recipe.write_text('{"rules": [{"match": "project", "prune_channels": 0}]}')
+            for f in (0.5, 0.6):
+                out, tot, seconds = prune(src, f, calib, "_cal_streams", recipe)
+                acc = tflite_accuracy(out, "test", size)
+                rows.append(f"| {name}, residual streams kept (recipe `project` → 0) | {f} | yes | "
+                            f"{100 * acc:.2f} % ({100 * (acc - base):+.2f}) | "
+                            f"{tot['macs_before'] / tot['macs_after']:.2f}× | {seconds:.1f} s |")
                 print(rows[-1], flush=True)
     return rows
 

@@ -429,6 +429,13 @@ def peer_lines() -> list[str]:
                   "1- vs 2-thread speed of low-rank VGG16: [`results/lowrank.md`](results/lowrank.md) "
                   "(`bench/bench_lowrank.py`). Data-aware fitting of the full-size VGG16 (time, memory): "
                   "[`results/calibration.md`](results/calibration.md) (`bench/bench_calibration.py`).", ""]
+    c = ROOT / "bench" / "results" / "prune_channels.md"
+    if c.exists():
+        lines += ["### Structured channel pruning (`--prune-channels F`)", "",
+                  "From [`results/prune_channels.md`](results/prune_channels.md) (recorded by "
+                  "`bench/bench_prune_channels.py`, not re-run here):", ""]
+        lines += ["##" + line if line.startswith("## ") else line for line in c.read_text().splitlines()[2:]]
+        lines.append("")
     d = ROOT / "bench" / "results" / "prune_data_aware.md"
     if d.exists():
         # Its fixture tables as recorded: magnitude vs data-aware (vs sequential) pruning, accuracy and size.

@@ -159,3 +159,23 @@ def test_report_table_has_subgraphs_and_totals_count_nonzero_params(tmp, capsys)
     assert totals["params_after"] == 64 * 64 and totals["nonzero_params_after"] == 64 * 64 // 4
     assert totals["nonzero_params_before"] == 64 * 64
     assert "nonzero params 4.10k → 1.02k" in out
+
+
+HOSTILE = [
+    (["compare", "CUSTOM", "CUSTOM"], "does not run in LiteRT"),
+    (["compare", "FC", "CUSTOM", "--runs", "1"], "does not run in LiteRT"),
+    (["CUSTOM", "OUT", "--verify", "--runs", "1"], "does not run in LiteRT"),
+    (["compare", "FC", "FC", "--threads", "100000"], "--threads"),
+    (["compare", "FC", "FC", "--seed", "-1"], "--seed"),
+    (["compare", "FC", "FC", "--samples", "100000000000000000000"], "--samples"),
+    (["FC", "OUT", "--verify", "--runs", "0"], "--runs"),
+    (["FC", "OUT", "--rank", "2", "--calibration", "FC"], "not an .npz file"),
+]
+
+
+@pytest.mark.parametrize("argv,words", HOSTILE, ids=[" ".join(a) for a, _ in HOSTILE])
+def test_hostile_command_lines_are_one_line_and_exit_2(tmp, capsys, argv, words):
+    names = {"CUSTOM": str(FIXTURES / "custom_op.tflite"), "FC": str(_fc(tmp)), "OUT": str(tmp / "o.tflite")}
+    code, _, err = _run(capsys, *[names.get(a, a) for a in argv])
+    assert code == 2 and err.count("\n") == 1 and err.startswith("tfrewrite: error: ") and words in err, err
+    assert not (tmp / "o.tflite").exists()

@@ -3,13 +3,17 @@ written together at the end, or neither; Ctrl-C leaves nothing behind."""
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
-from tfrewrite import cli, io, rewrite
+from conftest import FIXTURES, ROOT
+from tfrewrite import cli, io, rewrite, verify
 
 SMALL = FIXTURES / "two_signatures.tflite"
 
@@ -141,3 +145,25 @@ def test_model_and_report_are_written_together(capsys, tmp):
     assert sorted(p.name for p in tmp.iterdir()) == sorted(["in.tflite", "recipe.json", "calib.npz", "out.tflite",
                                                            "r.json"])
     assert (tmp / "in.tflite").read_bytes() == SMALL.read_bytes()
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_real_signal_mid_run_leaves_nothing(tmp, sig, code):
+    """Interrupted while verifying (the model already written under its temporary name): exit 130 / 143, and
+    neither the model, the report nor a temporary file is left."""
+    model, _, _ = _folder(tmp)
+    vgg = tmp / "vgg.tflite"
+    vgg.write_bytes((FIXTURES / "vgg_digits.tflite").read_bytes())
+    before = _snapshot(tmp)
+    p = subprocess.Popen([sys.executable, "-m", "tfrewrite.cli", str(vgg), str(tmp / "o.tflite"), "--rank", "16",
+                          "--verify", "--runs", str(verify.MAX_RUNS), "--report", str(tmp / "r.json")],
+                         cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob(".o.tflite.*")) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)  # until the model is written under its temporary name: then it is verifying
+    time.sleep(0.3)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
+    assert "nothing written" in err
+    assert _snapshot(tmp) == before and sorted(p.name for p in tmp.iterdir()) == sorted(before)

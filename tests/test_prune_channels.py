@@ -126,7 +126,7 @@ def zeroed_reference(model_bytes, choices) -> bytes:
                 op = ref.main.operators[index[id(layer.op)]]
                 w = np.array(op.inputs[1].data)
                 w[removed[id(y)]] = 0
-                op.inputs[1].set_data(w)
+                op.inputs[1] = ref.main.add_constant(op.inputs[1].name + "/zeroed", w)  # not the shared one
     return io.to_bytes(ref)
 
 
@@ -192,6 +192,10 @@ def test_rewrite_reports_groups_and_shrinks_macs(tmp_path):
         assert e["channels_after"] % 8 == 0 and e["macs_after"] < e["macs_before"]
     assert report["totals"]["macs_after"] < 0.5 * report["totals"]["macs_before"]
     assert report["totals"]["file_bytes_after"] < report["totals"]["file_bytes_before"]
+    import json
+    import jsonschema
+    from conftest import ROOT
+    jsonschema.validate(report, json.loads((ROOT / "schemas" / "report.schema.json").read_text()))
 
 
 def test_barriers_leave_groups_untouched():
@@ -309,3 +313,55 @@ def test_converted_residual_concat_groups():
     cat = next(op for op in sg.operators if op.builtin == OP.CONCATENATION).outputs[0]
     halves = [grp for grp in pruned if any(t is cat for t in grp.tensors)]
     assert len(halves) == 2 and all(grp.channels == 32 for grp in halves)
+
+
+def test_a_weight_shared_by_two_layers_is_sliced_for_each():
+    """The converter's shared Dense: both FULLY_CONNECTED ops read one weight; the first one's output channels
+    go, so it loses rows and the second loses columns of its own copy."""
+    original = (FIXTURES / "shared_weight.tflite").read_bytes()
+    m, plan = prune(original, prune_channels=0.5)
+    choices = pc.choose(m, plan)
+    reference = zeroed_reference(original, choices)
+    for sg, g, groups, removed in choices:
+        pc.apply(g, removed)
+    first, second = [op for op in m.main.operators if op.builtin == OP.FULLY_CONNECTED]
+    assert first.inputs[1].shape == [8, 16] and second.inputs[1].shape == [16, 8]
+    inputs = verify.random_inputs(verify.interpreter(original), 3)
+    for want, got in zip(outputs(reference, inputs), outputs(io.to_bytes(m), inputs)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("builtin", [OP.SPLIT, OP.SPLIT_V])
+def test_split_maps_channels_to_its_pieces(builtin):
+    rng = np.random.default_rng(6)
+    n = Net(rng, [1, 6, 6, 4])
+    c1 = n.conv("c1", n.x, 32)
+    pieces = [n.act(f"piece{k}", [1, 6, 6, 16]) for k in range(2)]
+    axis = n.sg.add_constant("axis", np.asarray([3], np.int32))
+    if builtin == OP.SPLIT:
+        o = schema.SplitOptionsT()
+        o.numSplits = 2
+        op = Operator(ops.opcode_for(OP.SPLIT, 1), [axis, c1], pieces, o, schema.BuiltinOptions.SplitOptions)
+    else:
+        o = schema.SplitVOptionsT()
+        o.numSplits = 2
+        sizes = n.sg.add_constant("sizes", np.asarray([16, 16], np.int32))
+        op = Operator(ops.opcode_for(OP.SPLIT_V, 1), [c1, sizes, axis], pieces, o, schema.BuiltinOptions.SplitVOptions)
+    n.sg.operators.append(op)
+    original = n.finish(n.conv("a", pieces[0], 8, act=ACT.NONE), n.conv("b", pieces[1], 8, act=ACT.NONE))
+    m, plan = prune(original, prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, plan)
+    live = [grp for grp in groups if grp.reason is None]
+    # SPLIT: one group whose units own a channel of each piece; SPLIT_V: one group per piece.
+    assert [grp.channels for grp in live] == ([16] if builtin == OP.SPLIT else [16, 16])
+    choices = pc.choose(m, plan)
+    reference = zeroed_reference(original, choices)
+    for sg, g, groups, removed in choices:
+        pc.apply(g, removed)
+    assert [t.shape[-1] for t in m.main.operators[1].outputs] == [8, 8]
+    if builtin == OP.SPLIT_V:
+        assert list(m.main.operators[1].inputs[1].data) == [8, 8]
+    inputs = [[rng.standard_normal((1, 6, 6, 4)).astype(np.float32)]]
+    got = verify.run(io.to_bytes(m), inputs)[0]
+    for w, a in zip(verify.run(reference, inputs)[0], got):
+        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4)

@@ -85,7 +85,10 @@ def test_fixture_close_smaller_and_runs_with_and_without_xnnpack(path, size, mod
     done = [e for e in entries if e["action"] == "quantized"]
     layers = layer_ops(model, OP.CONV_2D) + layer_ops(model, OP.DEPTHWISE_CONV_2D) + layer_ops(model, OP.FULLY_CONNECTED)
     small = [op for op in layers if mode == "int8" and np.prod(op.inputs[1].shape) < 1024]
-    assert len(done) == len(layers) - len(small)
+    # A layer whose DEQUANTIZE and tensor take more bytes than float16 saves stays float32 (tiny ones only).
+    unpaid = [e for e in entries if (e["reason"] or "").startswith("does not pay")]
+    assert all(np.prod(e["weight_shape"]) <= 256 for e in unpaid)
+    assert len(done) == len(layers) - len(small) - len(unpaid)
     assert all(op.inputs[1].type == T.FLOAT32 for op in small)  # int8 minimum, as the converter
     for e in done:
         assert e["weight_dtype"] == "float32" and e["dtype_after"].startswith(mode)

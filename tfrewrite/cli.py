@@ -6,11 +6,19 @@ import json
 import os
 import sys
 
-EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 
 class UsageError(Exception):
     pass
+
+
+class Terminated(BaseException):
+    """SIGTERM (a build system's timeout): unwinds like Ctrl-C, so temporary files are removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -227,9 +235,11 @@ def print_compare(r: dict) -> None:
 # ------------------------------------------------------------------------------------------ commands
 def cmd_compare(argv) -> int:
     args = _compare_parser().parse_args(argv)
-    if args.samples < 1 or args.runs < 1 or args.threads < 1:
-        raise UsageError("--samples, --runs and --threads must be at least 1")
     from . import io, verify
+    try:
+        verify.check_run_options(args.samples, args.runs, args.threads, args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for path in (args.a, args.b):
         io.read(path)  # a clear error for a bad file before the interpreter sees it
     result = verify.compare(args.a, args.b, data=args.data, samples=args.samples, seed=args.seed, runs=args.runs,
@@ -277,21 +287,39 @@ def cmd_rewrite(argv) -> int:
 
 
 def main(argv=None) -> int:
+    import signal
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        installed = True
+    except ValueError:  # not the main thread: leave signals alone
+        installed = False
+    try:
+        return _main(argv)
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main(argv) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .io import ModelError, PathError
-    from .verify import DataError
+    from .verify import DataError, NotRunnable
     try:
         if argv[:1] == ["inspect"]:
             return cmd_inspect(argv[1:])
         if argv[:1] == ["compare"]:
             return cmd_compare(argv[1:])
         return cmd_rewrite(argv)
-    except (UsageError, ModelError, PathError, DataError) as e:
+    except (UsageError, ModelError, PathError, DataError, NotRunnable) as e:
         print(f"tfrewrite: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("tfrewrite: interrupted; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("tfrewrite: terminated; nothing written", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:  # an internal fault: one line unless asked for the traceback

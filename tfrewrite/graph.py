@@ -246,6 +246,10 @@ class Subgraph:
 
     def cleanup(self, keep: Iterable[Tensor] = ()) -> None:
         """Drop operators whose outputs nobody needs, then tensors nobody references."""
+        self.operators, self.tensors = self.live(keep)
+
+    def live(self, keep: Iterable[Tensor] = ()) -> tuple[list[Operator], list[Tensor]]:
+        """The operators and tensors `cleanup` keeps, without dropping anything."""
         keep_ids = {id(t) for t in keep} | {id(t) for t in self.inputs} | {id(t) for t in self.outputs}
         live = set(keep_ids)
         kept_ops = []
@@ -255,8 +259,7 @@ class Subgraph:
                 kept_ops.append(op)
                 live.update(id(t) for t in _op_reads(op))
                 live.update(id(t) for t in op.outputs)
-        self.operators = kept_ops[::-1]
-        self.tensors = [t for t in self.tensors if id(t) in live or t.is_variable]
+        return kept_ops[::-1], [t for t in self.tensors if id(t) in live or t.is_variable]
 
     def check_topological_order(self) -> None:
         """Raise ValueError when an operator reads a tensor that is written only later."""
@@ -345,8 +348,10 @@ class Model:
 
     def cleanup(self) -> None:
         for sg in self.subgraphs:
-            keep = [t for sig in self.signature_defs if sig.subgraph is sg for _, t in sig.inputs + sig.outputs]
-            sg.cleanup(keep)
+            sg.cleanup(self.signature_tensors(sg))
+
+    def signature_tensors(self, sg: Subgraph) -> list[Tensor]:
+        return [t for sig in self.signature_defs if sig.subgraph is sg for _, t in sig.inputs + sig.outputs]
 
     # --- shared constants -----------------------------------------------------------------------------
     def buffer_users(self) -> dict[int, list[tuple[Subgraph, Tensor]]]:
@@ -381,6 +386,11 @@ class Model:
                 t.type, t.shape, t.shape_signature, t.sparsity, t.buffer = \
                     tensor.type, list(tensor.shape), None, None, tensor.buffer
 
+    def snapshot(self) -> "Snapshot":
+        """What a pass may change, to put back when an edit does not pay (the arrays themselves are not copied:
+        passes give tensors new buffers, they never write into one)."""
+        return Snapshot(self)
+
     # --- invariants -----------------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """What makes the model unwritable or unrunnable, one line each (empty when it is sound)."""
@@ -392,3 +402,28 @@ class Model:
         new = [p for p in self.problems() if p not in set(known)]
         if new:
             raise ValueError("invalid graph: " + "; ".join(new[:5]) + (f" (+{len(new) - 5} more)" if len(new) > 5 else ""))
+
+
+class Snapshot:
+    """The model's structure at one moment: subgraph lists, operator fields and tensor fields."""
+
+    _TENSOR_FIELDS = ("type", "shape", "buffer", "quantization", "sparsity", "shape_signature")
+    _OP_FIELDS = ("opcode", "builtin_options", "builtin_options_type")
+
+    def __init__(self, model: Model):
+        self.subgraphs = [(sg, list(sg.operators), list(sg.tensors), list(sg.inputs), list(sg.outputs))
+                          for sg in model.subgraphs]
+        self.ops = [(op, list(op.inputs), list(op.outputs), list(op.intermediates),
+                     [getattr(op, f) for f in self._OP_FIELDS]) for sg in model.subgraphs for op in sg.operators]
+        self.tensors = [(t, [getattr(t, f) for f in self._TENSOR_FIELDS]) for sg in model.subgraphs for t in sg.tensors]
+
+    def restore(self) -> None:
+        for sg, operators, tensors, inputs, outputs in self.subgraphs:
+            sg.operators, sg.tensors, sg.inputs, sg.outputs = list(operators), list(tensors), list(inputs), list(outputs)
+        for op, inputs, outputs, intermediates, values in self.ops:
+            op.inputs, op.outputs, op.intermediates = list(inputs), list(outputs), list(intermediates)
+            for f, v in zip(self._OP_FIELDS, values):
+                setattr(op, f, v)
+        for t, values in self.tensors:
+            for f, v in zip(self._TENSOR_FIELDS, values):
+                setattr(t, f, v)

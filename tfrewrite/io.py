@@ -107,11 +107,12 @@ class Staged:
         return Path(tmp)
 
     def commit(self, targets=None) -> None:
-        """Move the staged files (or those for `targets`) into place, with Ctrl-C held back until all moved."""
+        """Move the staged files (or those for `targets`) into place, with Ctrl-C and SIGTERM held back until
+        all moved."""
         chosen = [(t, p) for t, p in self.pending if targets is None or p in [Path(x) for x in targets]]
         blocked = hasattr(signal, "pthread_sigmask")
         if blocked:
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             for tmp, target in chosen:
                 os.replace(tmp, target)
@@ -775,3 +776,44 @@ def _field_position(buf, table, field_index):
 
 def _patch_field(buf, table, field_index, fmt, value):
     struct.pack_into(fmt, buf, _field_position(buf, table, field_index), value)
+
+
+# ================================================================================ size estimate (no packing)
+# Flatbuffer bytes around the data, measured on files this writer wrote (tests/test_size_guard.py checks the
+# estimate against real files): a tensor table with its offset and shape vector, a buffer table with its
+# offset, length prefix and average alignment padding, an operator table with its index vectors and options.
+TENSOR_BYTES, BUFFER_BYTES, OPERATOR_BYTES, OPTIONS_BYTES, QUANTIZATION_BYTES = 24, 28, 28, 24, 28
+
+
+def tensor_bytes(t: Tensor) -> int:
+    """Bytes of one tensor's table (not its data): name, shape, quantization and sparsity parameters."""
+    n = TENSOR_BYTES + (len(t.name.encode("utf-8", "replace")) + 4) // 4 * 4 + 4 * len(t.shape)
+    q = t.quantization
+    if q is not None:
+        n += QUANTIZATION_BYTES + 4 * len(q.scale if q.scale is not None else []) \
+            + 8 * len(q.zeroPoint if q.zeroPoint is not None else [])
+    if t.sparsity is not None:
+        n += 48 + sum(40 + sum(np.asarray(getattr(v, "values", None) if v is not None else [], ).nbytes
+                                for v in (d.arraySegments, d.arrayIndices))
+                      for d in (t.sparsity.dimMetadata or []))
+    return n
+
+
+def operator_bytes(op: Operator) -> int:
+    return OPERATOR_BYTES + 4 * (len(op.inputs) + len(op.outputs)) + (OPTIONS_BYTES if op.builtin_options else 0)
+
+
+def estimated_size(model: Model) -> int:
+    """About the size `write` gives once unused operators and tensors are dropped, without packing anything:
+    for comparing a model before and after one edit (a few bytes off per table, the same way both times)."""
+    total, buffers = 256, {}
+    for sg in model.subgraphs:
+        operators, tensors = sg.live(model.signature_tensors(sg))
+        total += sum(operator_bytes(op) for op in operators)
+        for t in tensors:
+            total += tensor_bytes(t)
+            if t.buffer is not None and t.buffer.nbytes:
+                buffers[id(t.buffer)] = t.buffer.nbytes
+    for _, buf in model.metadata:
+        buffers[id(buf)] = buf.nbytes
+    return total + sum(BUFFER_BYTES + n for n in buffers.values())

@@ -91,8 +91,8 @@ class Options:
             raise ValueError("--max-error must be >= 0")
         if self.min_top5_agree is not None and not 0 <= self.min_top5_agree <= 1:
             raise ValueError("--min-top5-agree must be in [0, 1]")
-        if self.samples < 1 or self.runs < 1:
-            raise ValueError("--samples and --runs must be at least 1")
+        from .verify import check_run_options
+        check_run_options(self.samples, self.runs)
         for flag, rx in (("--only", self.only), ("--skip", self.skip)):
             if rx is not None:
                 try:
@@ -366,9 +366,17 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         target = staged.path(output_path)
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
-        after = analysis.summary(model, zeros=False)["totals"]
         changed = options.quantize == "full-int8" or any(e["action"] != "skipped" for e in entries)
         notes = [] if changed else [nothing_done(options, entries)]
+        if size_after > size_before and not options.force:
+            # Never a larger file unless asked for (--force): the input goes out as it is, and the report says so.
+            if not notes:
+                _undo_entries(entries, f"undone: the rewritten file ({size_after} bytes) was larger than the input "
+                                       f"({size_before} bytes)")
+                notes.append(f"the rewrite made the file larger ({size_after} > {size_before} bytes): the input "
+                             "was written unchanged (--force keeps such a rewrite)")
+            size_after, model = _written(lambda: _copy_unchanged(input_path, target), output_path), io.read(input_path)
+        after = analysis.summary(model, zeros=False)["totals"]
         fidelity = None
         if not notes:
             fidelity = measure_output_error(input_path, target, options)
@@ -406,6 +414,18 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
             raise VerifyFailed("; ".join(report["verify"]["failures"]))
         staged.commit()
     return report
+
+
+def _copy_unchanged(source, target) -> int:
+    import shutil
+    shutil.copyfile(source, target)
+    return os.path.getsize(target)
+
+
+def _undo_entries(entries: list[dict], reason: str) -> None:
+    for e in entries:
+        if e["action"] != "skipped":
+            e.update(action="skipped", reason=reason, params_after=e["params_before"], macs_after=e["macs_before"])
 
 
 # Above this relative L2 error of an output on a few inputs, the summary warns that the model is probably broken.

@@ -16,14 +16,44 @@ from pathlib import Path
 import numpy as np
 
 
+# Bounds on what a command line may ask for: beyond them a run takes hours, or the runtime crashes (threads).
+MAX_SAMPLES = 10_000
+MAX_RUNS = 100_000
+MAX_THREADS = 64
+
+
+def check_run_options(samples: int, runs: int, threads: int = 1, seed: int = 0) -> None:
+    """The one check of --samples, --runs, --threads and --seed (rewrite --verify and compare)."""
+    for flag, value, top in (("--samples", samples, MAX_SAMPLES), ("--runs", runs, MAX_RUNS),
+                             ("--threads", threads, MAX_THREADS)):
+        if not 1 <= value <= top:
+            raise ValueError(f"{flag} must be between 1 and {top}")
+    if not 0 <= seed < 2**63:
+        raise ValueError("--seed must be a non-negative integer")
+
+
+class NotRunnable(RuntimeError):
+    """A model the LiteRT interpreter refuses or fails on (a custom op without a kernel, an input it cannot
+    take); the message says which model and the runtime's reason, on one line."""
+
+
+def _runtime_reason(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith("See instructions")]
+    return " ".join(lines) or type(e).__name__
+
+
 def interpreter(model, xnnpack: bool = True, threads: int = 1):
     """An allocated interpreter for a path or the model's bytes; XNNPACK on or off."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     kwargs = {"model_path": str(model)} if isinstance(model, (str, Path)) else {"model_content": bytes(model)}
-    with _quiet_runtime_info():
-        it = Interpreter(**kwargs, num_threads=threads, experimental_op_resolver_type=resolver)
-        it.allocate_tensors()
+    try:
+        with _quiet_runtime_info():
+            it = Interpreter(**kwargs, num_threads=threads, experimental_op_resolver_type=resolver)
+            it.allocate_tensors()
+    except (RuntimeError, ValueError) as e:
+        name = str(model) if isinstance(model, (str, Path)) else "the model"
+        raise NotRunnable(f"{name} does not run in LiteRT: {_runtime_reason(e)}") from None
     return it
 
 
@@ -96,12 +126,15 @@ def random_inputs(it, samples: int = 1, seed: int = 0) -> list[list[np.ndarray]]
 
 
 def invoke(it, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    for d, x in zip(it.get_input_details(), inputs):
-        if list(x.shape) != list(d["shape"]):
-            it.resize_tensor_input(d["index"], list(x.shape))
-            it.allocate_tensors()
-        it.set_tensor(d["index"], x)
-    it.invoke()
+    try:
+        for d, x in zip(it.get_input_details(), inputs):
+            if list(x.shape) != list(d["shape"]):
+                it.resize_tensor_input(d["index"], list(x.shape))
+                it.allocate_tensors()
+            it.set_tensor(d["index"], x)
+        it.invoke()
+    except (RuntimeError, ValueError) as e:
+        raise NotRunnable(f"the model fails in LiteRT on these inputs: {_runtime_reason(e)}") from None
     return [np.array(it.get_tensor(d["index"])) for d in it.get_output_details()]
 
 
@@ -186,7 +219,11 @@ class Runner:
 
     def __call__(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         if self.runner is not None:
-            result = self.runner(**{name: a for (name, _, _), a in zip(self.inputs, arrays)})
+            try:
+                result = self.runner(**{name: a for (name, _, _), a in zip(self.inputs, arrays)})
+            except (RuntimeError, ValueError) as e:
+                raise NotRunnable(f"signature {self.signature!r} fails in LiteRT on these inputs: "
+                                  f"{_runtime_reason(e)}") from None
             return [np.array(result[name]) for name in self.outputs]
         return invoke(self.it, arrays)
 
@@ -320,6 +357,9 @@ def load_npz(path) -> dict[str, np.ndarray]:
     import zipfile
     import zlib
     try:
+        with open(path, "rb") as f:
+            if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
+                raise DataError(f"{path}: not an .npz file (no zip header)")
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise DataError(f"{path}: a single array, not an .npz file of named arrays")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .. import ops, schema
+from .. import io, ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph, Tensor
 
@@ -225,10 +225,35 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, producers: dict, plan,
             # the weight, not to the inputs of one of its readers.
             policy = replace(policy, extra={})
             entry["shared"] = True
+        snapshot, size_before, shared_before = model.snapshot(), io.estimated_size(model), len(plan.shared_factors)
         rewrite(sg, op, weight, policy, plan, entry, producers)
+        if not policy.force:
+            _keep_if_smaller(model, weight, plan, entry, snapshot, size_before, shared_before)
     except Skip as e:
         entry["reason"] = str(e)
     return entry
+
+
+def _keep_if_smaller(model, weight: LayerWeight, plan, entry: dict, snapshot, size_before: int, shared_before: int):
+    """Undo a rewrite whose new tensors, buffers and ops take more file bytes than it frees (tiny layers).
+    A weight other ops still read frees nothing yet: the first reader of a shared weight is credited with it
+    (its factors serve them all), later readers only reuse those factors and are kept."""
+    if entry.get("shared") and len(plan.shared_factors) == shared_before:
+        return  # reuses factors the first reader already paid for
+    size_after = io.estimated_size(model)
+    if entry.get("shared") and weight.stored.buffer is not None:
+        size_after -= weight.stored.buffer.nbytes
+    if size_after < size_before:
+        return
+    snapshot.restore()
+    for key in list(plan.shared_factors)[shared_before:]:
+        del plan.shared_factors[key]
+    for k in ("output_error", "bias_corrected", "factors", "init", "degeneracy", "n_iter"):
+        entry.pop(k, None)
+    entry.update(action="skipped", method=None, rank=None, rel_error=None,
+                 params_after=entry["params_before"], macs_after=entry["macs_before"])
+    raise Skip(f"does not pay: the new weights, tensors and ops take {size_after - size_before} bytes more than "
+               f"what they replace (file about {size_before} -> {size_after} bytes)")
 
 
 def weight_readers(model: Model, stored: Tensor) -> list[tuple[Subgraph, Operator]]:

@@ -114,14 +114,17 @@ class ChannelGraph:
             a = p[a]
         return a
 
-    def join(self, op, src: Tensor, src_idx, dst: Tensor, dst_idx) -> None:
+    def join(self, op, src: Tensor, src_idx, dst: Tensor, dst_idx, flows: bool = True) -> None:
+        """Channel src[src_idx[k]] and dst[dst_idx[k]] go together; `flows`: the op computes the second from
+        the first (an edge that removed channels' constants follow)."""
         src_idx, dst_idx = np.asarray(src_idx, np.int64), np.asarray(dst_idx, np.int64)
         a0, b0 = self.space(src), self.space(dst)
         for a, b in zip((src_idx + a0).tolist(), (dst_idx + b0).tolist()):
             ra, rb = self.find(a), self.find(b)
             if ra != rb:
                 self.parent[ra] = rb
-        self.edges.append((op, src, src_idx, dst, dst_idx))
+        if flows:
+            self.edges.append((op, src, src_idx, dst, dst_idx))
 
     def touch(self, op, *tensors) -> None:
         for t in tensors:
@@ -358,6 +361,8 @@ def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
         for t in op.outputs:
             c = np.arange(t.shape[-1])
             g.join(op, x, c + (offset if last else 0), t, c)
+            if b == OP.SPLIT and last:  # SPLIT cuts equal pieces: channel c of every piece goes together
+                g.join(op, op.outputs[0], c, t, c, flows=False)
             offset += t.shape[-1]
         return
     raise Barrier("op not known to the channel table")

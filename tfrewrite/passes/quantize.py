@@ -180,6 +180,8 @@ def _quantize_group(uses: list[_Use]) -> None:
         problem = "buffer shared by tensors of different shapes"
     elif any(u.entry is None for u in uses):
         problem = "shared with a small constant input of another op"
+    else:
+        problem = _does_not_pay(uses, tensors, modes)
     if problem:
         for u in uses:
             if u.entry is not None and not u.reason:
@@ -203,6 +205,27 @@ def _quantize_group(uses: list[_Use]) -> None:
             u.entry["shared"] = True
             if k:
                 u.entry["reason"] = "shared weight (bytes counted at its first reader)"
+
+
+def _does_not_pay(uses, tensors, modes) -> str | None:
+    """Tiny constants: the bytes saved against the DEQUANTIZE op and its output tensor (or the int8 scales)
+    each tensor needs; a reason when the file would not get smaller."""
+    from .. import io
+    mode = next(iter(modes))
+    t = tensors[0]
+    dense = t.buffer.nbytes
+    saved = dense // 2 if mode == "float16" else dense - dense // 4
+    cost = 0
+    for tensor in tensors:
+        indirect = mode == "float16" or any(u.tensor is tensor and not u.hybrid for u in uses)
+        if indirect:  # a DEQUANTIZE and the float32 tensor it writes
+            cost += io.operator_bytes(ops.dequantize(tensor, tensor)) + io.tensor_bytes(tensor) + 4
+        if mode == "int8":  # one scale (float32) and zero point (int64) per output channel
+            channels = tensor.shape[0] if len(tensor.shape) >= 2 else 1
+            cost += io.QUANTIZATION_BYTES + 12 * channels
+    if saved > cost:
+        return None
+    return f"does not pay: {mode} saves {saved} bytes of weights, its DEQUANTIZE/scales take {cost}"
 
 
 def _dtype_after(use: _Use, mode: str) -> str:
