@@ -34,7 +34,7 @@ REFUSED = {
     "--prune-block without --prune": (["--prune-block", "1x4"], "--prune-block has no effect"),
     "--prune-depthwise without --prune": (["--prune-depthwise", "--quantize", "int8"], "--prune-depthwise"),
     "--conv-method without a rank": (["--conv-method", "tucker2", "--prune", "0.5"], "--conv-method"),
-    "--force without a rank": (["--force", "--quantize", "float16"], "--force has no effect"),
+    "--force without a technique": (["--force", "--min-params", "3"], "--force has no effect"),
     "--sequential without a rank": (["--sequential", "--calibration", "CALIB"], "--sequential"),
     "--only X --skip X": (["--rank", "2", "--only", "fc", "--skip", "fc"], "same expression"),
     "recipe prune_block without prune": (["--quantize", "int8", "--recipe", "RECIPE:prune_block"], "'prune_block'"),

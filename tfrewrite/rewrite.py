@@ -125,7 +125,8 @@ class Options:
         for flag, given, needs, used in (("--prune-block", self.prune_block is not None, prunes, prune),
                                          ("--prune-depthwise", self.prune_depthwise, prunes, prune),
                                          ("--conv-method", self.conv_method is not None, ranks, lowrank),
-                                         ("--force", self.force, ranks, lowrank),
+                                         ("--force", self.force, "a technique option (it keeps rewrites that "
+                                          "save nothing or make the file larger)", bool(asked_techniques(self))),
                                          ("--sequential", self.sequential, ranks, lowrank)):
             if given and not used:
                 raise OptionError(f"{flag} has no effect without {needs}")
@@ -437,11 +438,16 @@ TECHNIQUE_OPTIONS = ("rank", "fc_rank", "conv_rank", "ratio", "energy", "target_
                      "prune_channels", "quantize", "sparse_encode", "recipe")
 
 
+def asked_techniques(options: Options) -> list[str]:
+    """The technique options given, as typed ('--rank 4', '--sparse-encode')."""
+    return [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k in TECHNIQUE_OPTIONS
+            if (v := getattr(options, k, None)) not in (None, False)]
+
+
 def nothing_done(options: Options, entries: list[dict]) -> str:
     """Why the model came out unchanged: no technique asked for, no layer of a kind it applies to, or the
     reasons the layers considered were left as they are."""
-    asked = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k in TECHNIQUE_OPTIONS
-             if (v := getattr(options, k, None)) not in (None, False)]
+    asked = asked_techniques(options)
     if not asked:
         return "no technique option given: the model was re-serialized unchanged"
     asked = ", ".join(asked)
