@@ -93,3 +93,13 @@ def test_fc_blocks_and_sequential(calib):
     # Later layers are fitted to the original outputs from the already pruned layers' activations.
     assert all(e["output_error"] < e["output_error_magnitude"] for e in entries)
     assert accuracy(io.to_bytes(model)) >= accuracy(VGG.read_bytes()) - 0.05
+
+
+def test_command_line_sequential_pruning(calib, tmp_path, capsys):
+    from tfrewrite import cli
+    out = tmp_path / "out.tflite"
+    code = cli.main([str(VGG), str(out), "--prune", "0.5", "--calibration", str(calib), "--sequential",
+                     "--only", "predictions", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0 and out.exists(), err
+    assert "no layer is fitted" not in err  # pruning is fitted to the calibration data

@@ -127,7 +127,8 @@ class Options:
                                          ("--conv-method", self.conv_method is not None, ranks, lowrank),
                                          ("--force", self.force, "a technique option (it keeps rewrites that "
                                           "save nothing or make the file larger)", bool(asked_techniques(self))),
-                                         ("--sequential", self.sequential, ranks, lowrank)):
+                                         ("--sequential", self.sequential, f"{ranks} or {prunes}",
+                                          lowrank or prune)):
             if given and not used:
                 raise OptionError(f"{flag} has no effect without {needs}")
         for i, rule in enumerate(plan.rules):
@@ -138,7 +139,8 @@ class Options:
             raise OptionError("--only and --skip give the same expression: every layer would be skipped")
         if self.calibration and not (plan.uses_data() or self.target_size or self.target_macs
                                      or self.quantize == "full-int8"):
-            return ["--calibration: no layer is fitted to it (no rank option); it only measures the output error"]
+            return ["--calibration: no layer is fitted to it (no rank or prune option); it only measures the output "
+                    "error"]
         return []
 
 
