@@ -9,7 +9,7 @@ $(BIN)/tfrewrite: setup.cfg pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-.PHONY: demo test fixtures bench
+.PHONY: demo test fixtures bench sweep
 demo: $(BIN)/tfrewrite
 	$(BIN)/tfrewrite fixtures/vgg_digits.tflite /tmp/vgg_digits_rank32.tflite --rank 32 --verify
 
@@ -23,3 +23,7 @@ fixtures: $(BIN)/tfrewrite
 bench: $(BIN)/tfrewrite
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench]'
 	$(BIN)/python bench/reproduce.py
+
+# Every README option set on every fixture and odd model (tests/test_sweep.py; the test suite runs a small subset).
+sweep: $(BIN)/tfrewrite
+	TFREWRITE_SWEEP=full $(BIN)/python -m pytest tests/test_sweep.py -q -p no:warnings

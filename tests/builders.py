@@ -156,3 +156,39 @@ def shared_across_signatures(weight, layer="fc", form="float32", bias=None, inpu
     model = Model(subgraphs=subgraphs)
     model.signature_defs = [_signature(sg.name, sg) for sg in subgraphs]
     return io.to_bytes(model)
+
+
+def gather_fc_model(table_rows=50, width=16, out=32, indices=4, seed=0):
+    """An index input: int32 indices → GATHER rows of a float32 table → FULLY_CONNECTED."""
+    from tfrewrite.graph import Operator
+    rng = np.random.default_rng(seed)
+    sg = Subgraph()
+    idx = sg.add_tensor(Tensor("indices", T.INT32, [indices]))
+    table = sg.add_constant("table", rng.standard_normal((table_rows, width)).astype(np.float32))
+    rows = sg.add_tensor(Tensor("rows", T.FLOAT32, [indices, width]))
+    y = sg.add_tensor(Tensor("fc", T.FLOAT32, [indices, out]))
+    options = schema.GatherOptionsT()
+    options.axis = 0
+    gather = Operator(opcode=ops.opcode_for(schema.BuiltinOperator.GATHER, 1), inputs=[table, idx], outputs=[rows],
+                      builtin_options=options, builtin_options_type=schema.BuiltinOptions.GatherOptions)
+    w = sg.add_constant("fc/weight", rng.standard_normal((out, width)).astype(np.float32))
+    sg.operators = [gather, ops.fully_connected(rows, w, None, y)]
+    sg.inputs, sg.outputs = [idx], [y]
+    return io.to_bytes(Model(subgraphs=[sg]))
+
+
+def odd_models() -> dict[str, bytes]:
+    """The models of the sweep that the fixtures do not cover, built with the IR (seeded)."""
+    rng = np.random.default_rng(10)
+    lowrank = rng.standard_normal((64, 8)) @ rng.standard_normal((8, 128))
+    return {
+        "shared_fc_signatures": shared_across_signatures(lowrank, bias=rng.standard_normal(64)),
+        "shared_conv_signatures_fp16": shared_across_signatures(rng.standard_normal((32, 3, 3, 16)), layer="conv",
+                                                                form="float16"),
+        "all_zero_fc": fc_model(np.zeros((64, 128)), rng.standard_normal(64), (1, 128)),
+        "all_zero_conv_fp16": conv_model(np.zeros((32, 3, 3, 16)), rng.standard_normal(32), (8, 8), form="float16"),
+        "batch3_conv": conv_model(rng.standard_normal((32, 3, 3, 16)), rng.standard_normal(32), (8, 8), batch=3),
+        "tiny_fc": fc_model(rng.standard_normal((8, 6)), rng.standard_normal(8), (1, 6)),
+        "hybrid_fc": fc_model(rng.standard_normal((64, 128)), rng.standard_normal(64), (1, 128), form="int8"),
+        "gather_fc": gather_fc_model(),
+    }

@@ -238,7 +238,10 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
                             "layers": len(targets)}
         if options.target_size or options.target_macs:
             from .passes import budget
-            plan.calibration["budget"] = budget.choose_ranks(model, plan, options, source)
+            # After channel pruning the input file no longer measures the model: the budget then counts
+            # the pruned model's own weights (the target applies on top of the pruning).
+            pruned = any(e["kind"] == "channels" and e["action"] == "pruned" for e in entries)
+            plan.calibration["budget"] = budget.choose_ranks(model, plan, options, None if pruned else source)
     if options.sequential and plan.uses("lowrank"):
         entries += checked(sequential_lowrank(model, plan, samples, targets, progress))
     if plan.uses("lowrank"):

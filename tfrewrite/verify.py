@@ -475,6 +475,8 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
         ra = Runner(reference, True, 1, signature)
         inputs = inputs or ra.random_samples(samples, seed)
         outs_a = ra.per_sample(inputs)
+        names = ra.outputs
+        del ra  # one interpreter at a time: XNNPACK's packed weights of a large model are freed first
     except Exception as e:  # whatever the runtime raises for a model it cannot run
         return {"measured": False, "reason": f"the input model does not run in LiteRT: {_first_line(e)}"}
     try:
@@ -483,7 +485,7 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
     except Exception as e:
         raise CandidateFailed(_first_line(e)) from None
     rows = []
-    for j, name in enumerate(ra.outputs):
+    for j, name in enumerate(names):
         a = np.concatenate([o[j].reshape(-1) for o in outs_a]).astype(np.float64)
         b = np.concatenate([o[j].reshape(-1) for o in outs_b]).astype(np.float64)
         broken = bool(np.any(~np.isfinite(b) & np.isfinite(a)))

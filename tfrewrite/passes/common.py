@@ -68,10 +68,11 @@ def read_weight(op: Operator, producers: dict, index: int = 1) -> LayerWeight:
     raise Skip("weight is not a constant")
 
 
-def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, quant_axis: int = 0
-                ) -> tuple[Tensor, list[Operator]]:
+def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, quant_axis: int = 0,
+                hybrid: bool = True) -> tuple[Tensor, list[Operator]]:
     """A new weight holding `values`, stored as `like` is; returns the tensor the op reads and any ops
-    (a DEQUANTIZE) that must run before it."""
+    (a DEQUANTIZE) that must run before it. `hybrid=False`: an int8 weight is read through a DEQUANTIZE, for
+    ops whose hybrid kernel XNNPACK and the builtin kernels compute differently (1x1 CONV_2D)."""
     from ..linalg import quant
     values = np.ascontiguousarray(values, np.float32)
     if like.kind == "float32":
@@ -87,8 +88,29 @@ def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, 
         qp.scale = np.asarray(scales, np.float32).reshape(-1)
         qp.zeroPoint = np.zeros(len(qp.scale), np.int64)
         qp.quantizedDimension = axis or 0
-        return sg.add_constant(name, q, quantization=qp), []
+        if hybrid:
+            return sg.add_constant(name, q, quantization=qp), []
+        stored = sg.add_constant(name + "_int8", q, quantization=qp)
+        out = sg.add_activation(name, T.FLOAT32, values.shape)
+        return out, [dequantize_int8(stored, out)]
     raise ValueError(like.kind)
+
+
+def dequantize_int8(stored: Tensor, out: Tensor) -> Operator:
+    """DEQUANTIZE of an int8 constant, at the version its (per-channel or per-tensor) scales need."""
+    from ..ops import versions
+    q = stored.quantization
+    per_channel = versions.dequantize_is_per_channel(len(q.scale), stored.shape, q.quantizedDimension)
+    op = ops.dequantize(stored, out)
+    op.opcode = ops.opcode_for(OP.DEQUANTIZE, versions.dequantize_version(T.INT8, per_channel))
+    return op
+
+
+def hybrid_reads_alike(builtin: int, weight_shape) -> bool:
+    """Whether XNNPACK and the builtin kernels compute this hybrid op (float input, int8 weight) alike. A 1x1
+    CONV_2D does not: ~0.5-1 % relative output difference where a 3x3 one agrees to 1e-7 (measured,
+    tests/test_quantize.py); FULLY_CONNECTED agrees only with asymmetric_quantize_inputs, which we always set."""
+    return not (builtin == OP.CONV_2D and len(weight_shape) == 4 and weight_shape[1] == weight_shape[2] == 1)
 
 
 def layer_metric(policy: "RankPolicy"):

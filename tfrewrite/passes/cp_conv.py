@@ -111,9 +111,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
             sf, sm, sl = (stored_weight_values(a, weight, 0) for a in (first, middle, last))
             approx = np.einsum("tp,pkq,sq->tks", sl.reshape(o, r_out), sm.reshape(r_out, k, r_in),
                                sf.reshape(r_in, i).T)
-            emitted = [emit_weight(sg, f"{base}/tucker2/in", first, weight, 0),
+            emitted = [emit_weight(sg, f"{base}/tucker2/in", first, weight, 0, hybrid=False),
                        emit_weight(sg, f"{base}/tucker2/core", middle, weight, 0),
-                       emit_weight(sg, f"{base}/tucker2/out", last, weight, 0)]
+                       emit_weight(sg, f"{base}/tucker2/out", last, weight, 0, hybrid=False)]
             return emitted, (sf, sm, sl, approx, {"init": "hosvd"})
 
         emitted = emit_shared(plan, sg, shared_key(weight, "tucker2", r_out, r_in), make) if entry.get("shared") \
@@ -158,9 +158,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
             last = out_factor.reshape(o, 1, 1, r)
             sl = stored_weight_values(last, weight, 0)
             approx = cp_reconstruct(sl.reshape(o, r), sm.reshape(k, r), sf.reshape(r, i).T)
-            emitted = [emit_weight(sg, f"{base}/cp/in", first, weight, 0),
+            emitted = [emit_weight(sg, f"{base}/cp/in", first, weight, 0, hybrid=False),
                        emit_weight(sg, f"{base}/cp/depthwise", middle, weight, 3),
-                       emit_weight(sg, f"{base}/cp/out", last, weight, 0)]
+                       emit_weight(sg, f"{base}/cp/out", last, weight, 0, hybrid=False)]
             extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
             return emitted, (sf, sm, sl, approx, extra)
 
@@ -211,8 +211,8 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
 
     def make():
         left, right = lowrank_fc.factorize(w, r, policy)
-        emitted = [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0),
-                   emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0)]
+        emitted = [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0, hybrid=False),
+                   emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0, hybrid=False)]
         return emitted, (stored_weight_values(left.reshape(o, 1, 1, r), weight, 0),
                          stored_weight_values(right.reshape(r, 1, 1, i), weight, 0))
 

@@ -24,7 +24,7 @@ from .. import ops, schema
 from ..analysis import numel
 from ..graph import Buffer, Model, OpCode, Operator, Subgraph, Tensor
 from ..ops import semantics, versions
-from .common import Skip, new_entry, read_weight
+from .common import Skip, hybrid_reads_alike, new_entry, read_weight
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -157,6 +157,8 @@ def _hybrid_form(op: Operator, t: Tensor) -> tuple[bool, int | None]:
     if op.builtin == OP.CONV_2D:
         if len(t.shape) != 4 or (x.shape and len(x.shape) == 4 and x.shape[3] != t.shape[3]):
             return False, None  # grouped: no hybrid kernel
+        if not hybrid_reads_alike(op.builtin, t.shape):
+            return False, None  # 1x1: XNNPACK and the builtin kernel differ; int8 behind a DEQUANTIZE instead
         return True, 0
     if op.builtin == OP.DEPTHWISE_CONV_2D:
         return (True, 3) if len(t.shape) == 4 else (False, None)
