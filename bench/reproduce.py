@@ -114,7 +114,7 @@ def rewrite(src: Path, out: Path, opts: list[str]) -> dict:
     t = r["totals"]
     return {"opts": opts, "bytes": t["file_bytes_after"], "before": t["file_bytes_before"],
             "params": t["params_after"], "macs": t["macs_after"], "macs_before": t["macs_before"],
-            "rewrite_s": wall, "budget": (r.get("calibration") or {}).get("budget"), "path": out}
+            "rewrite_s": wall, "budget": r.get("budget"), "path": out}
 
 
 def compare(a: Path, b: Path, runs: int, data: Path | None = None) -> dict:

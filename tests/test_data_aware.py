@@ -102,9 +102,12 @@ def test_calibrated_layers_match_the_original_mean_and_beat_plain(calib, tmp):
 def test_accuracy_bars_on_the_trained_fixture(calib, tmp):
     """Measured (2026-12-01, this machine): original 97.50 %; plain --rank 48 (4.9x smaller) 90.28 %;
     data-aware --target-size 5 97.50 % (5.12x); --target-size 10 95.28 %. Bars from issue 7: at 5x the data-aware loss
-    is at most half the plain loss, at 10x the loss is at most 3 points."""
+    is at most half the plain loss, at 10x the loss is at most 3 points. Without data (issue 12; measured 95.83 %
+    at 5.01x): within 3 points of the original, and never better than with data."""
     base = accuracy(VGG)
     plain5, aware5, aware10 = tmp / "p5.tflite", tmp / "a5.tflite", tmp / "a10.tflite"
+    free5 = tmp / "f5.tflite"
+    assert cli.main([str(VGG), str(free5), "--target-size", "5", "--quiet"]) == 0
     assert cli.main([str(VGG), str(plain5), "--rank", "48", "--quiet"]) == 0
     assert cli.main([str(VGG), str(aware5), "--target-size", "5", "--calibration", str(calib), "--quiet"]) == 0
     assert cli.main([str(VGG), str(aware10), "--target-size", "10", "--calibration", str(calib), "--quiet"]) == 0
@@ -117,6 +120,9 @@ def test_accuracy_bars_on_the_trained_fixture(calib, tmp):
     assert loss_plain5 > 0.03
     assert loss_aware5 <= 0.5 * loss_plain5, (loss_aware5, loss_plain5)
     assert loss_aware10 <= 0.03, loss_aware10
+    assert size / free5.stat().st_size >= 4.9
+    loss_free5 = base - accuracy(free5)
+    assert loss_free5 <= 0.03 and loss_aware5 <= loss_free5, (loss_free5, loss_aware5)
 
 
 @pytest.mark.slow
@@ -128,8 +134,8 @@ def test_budget_is_deterministic_and_reported(calib, tmp, capsys):
                          "--conv-method", "tucker2", "--only", "conv2|conv3|fc", "--report", str(rep)]) == 0
         reports.append(json.loads(rep.read_text()))
     assert (tmp / "a.tflite").read_bytes() == (tmp / "b.tflite").read_bytes()
-    budget = reports[0]["calibration"]["budget"]
-    assert budget["reached"] and budget == reports[1]["calibration"]["budget"]
+    budget = reports[0]["budget"]
+    assert budget["reached"] and budget == reports[1]["budget"]
     t = reports[0]["totals"]
     assert t["macs_before"] / t["macs_after"] >= 2
     for layer in budget["layers"]:
@@ -163,7 +169,7 @@ def test_bad_calibration_files(tmp, capsys, what):
 
 
 def test_calibration_options_need_each_other(tmp, capsys):
-    for args in (["--target-size", "5"], ["--sequential", "--rank", "4"], ["--target-size", "5", "--rank", "4",
+    for args in (["--sequential", "--rank", "4"], ["--target-size", "5", "--rank", "4",
                                                                            "--calibration", "x.npz"]):
         code = cli.main([str(VGG), str(tmp / "o.tflite"), *args])
         assert code == 2 and capsys.readouterr().err.startswith("tfrewrite: error:")

@@ -25,6 +25,16 @@ MAX_ROWS = 4096
 MAX_BYTES = 48 << 20
 
 
+# Without data (`--target-size`/`--target-macs` alone) the layers are judged and fitted on the model's response to
+# generated images: "dead leaves" (random discs, boxes and strokes of uniform grey or colour over a background,
+# in [0, 1]), whose edges and flat regions resemble natural images more than noise does. Measured on the
+# VGG-style fixture at --target-size 5: 64 such images with damping 0.02 keep 95.8 % (real calibration: 97.5 %;
+# 32 blocky smooth-noise images 93.6 %, 32 uniform-noise images 85.8 %; judging by the weights alone: 34.7 %).
+GENERATED_SAMPLES = 64
+GENERATED_DAMPING = 0.02
+GENERATED_SHAPES = 24
+
+
 @dataclass
 class LayerRows:
     rows: np.ndarray  # [N, dim] float32
@@ -80,6 +90,45 @@ def real_values(x: np.ndarray, tensor) -> np.ndarray:
         zero = float(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0.0
         return ((np.asarray(x, np.float32) - np.float32(zero)) * np.float32(q.scale[0])).astype(np.float32)
     return np.asarray(x, np.float32)
+
+
+def dead_leaves(rng, height: int, width: int, channels: int, shapes: int = GENERATED_SHAPES) -> np.ndarray:
+    """One [height, width, channels] image in [0, 1] of `shapes` random discs, boxes and strokes."""
+    def colour():
+        return rng.uniform(0, 1, channels if rng.random() < 0.5 else 1)
+    img = np.empty((height, width, channels), np.float32)
+    img[:] = colour()
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(shapes):
+        value, kind = colour(), rng.integers(3)
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        size = max(height, width) * rng.uniform(0.05, 0.4)
+        if kind == 0:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < size ** 2
+        elif kind == 1:
+            mask = (abs(yy - cy) < size) & (abs(xx - cx) < size * rng.uniform(0.2, 1))
+        else:
+            angle = rng.uniform(0, np.pi)
+            across = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
+            mask = (across < max(1.0, 0.15 * size)) & ((yy - cy) ** 2 + (xx - cx) ** 2 < (2 * size) ** 2)
+        img[mask] = value
+    return img
+
+
+def generated_samples(source, count: int = GENERATED_SAMPLES, signature: str | None = None, seed: int = 0
+                      ) -> list[list[np.ndarray]]:
+    """`count` inputs for a model without data: image-shaped float inputs ([N, H, W, 1..4]) get dead-leaves
+    images, any other input the runner's seeded values in the range the model reads it in."""
+    from . import verify
+    runner = verify.Runner(source, xnnpack=True, signature=signature)
+    samples = runner.random_samples(count, seed)
+    rng = np.random.default_rng(seed)
+    for sample in samples:
+        for j, (_, shape, dtype) in enumerate(runner.inputs):
+            if dtype.kind == "f" and len(shape) == 4 and 1 <= shape[3] <= 4 and min(shape[1:3]) > 1:
+                sample[j] = np.stack([dead_leaves(rng, shape[1], shape[2], shape[3])
+                                      for _ in range(max(shape[0], 1))]).astype(dtype)
+    return samples
 
 
 def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], seed: int = 0,

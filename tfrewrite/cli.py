@@ -197,10 +197,11 @@ def print_report(report: dict, quiet: bool = False) -> None:
               f"inputs)")
     elif error:
         print(f"output error: not measured ({error['reason']})")
-    budget = (report.get("calibration") or {}).get("budget")
+    budget = report.get("budget")
     if budget:
-        print(f"budget: {budget['target']}, {'reached' if budget['reached'] else 'NOT reached'} at damage level "
-              f"{budget['damage_level']:.3f} (estimated {budget['estimate']:.2f}x)")
+        print(f"budget: {budget['target']}, {'reached' if budget['reached'] else 'NOT reached'}: "
+              f"{budget['achieved']:.2f}x at damage level {budget['damage_level']:.3f} "
+              f"(estimated {budget['estimate']:.2f}x; damage {budget['damage']})")
     for note in report.get("notes", []):
         print(note)
     for warning in report.get("warnings", []):

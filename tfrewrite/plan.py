@@ -174,13 +174,16 @@ class Plan:
     only: str | None = None
     skip: str | None = None
     min_params: int = 0
-    # id(op) → (subgraph, index) before any pass ran, so the report names ops as the input file does.
+    # id(op) → (subgraph, index) before any pass ran, so the report names ops as the input file does; the ops
+    # themselves are held in `input_ops` so that no op a pass creates can reuse one of their ids.
     positions: dict = field(default_factory=dict)
+    input_ops: list = field(default_factory=list)
     # Per-op extra data for data-aware fitting: id(op) → dict (calibration rows, their mean, ...).
     layer_data: dict = field(default_factory=dict)
     # id(op) → LayerSettings chosen by the global budget search (override the defaults and the recipe).
     budget: dict = field(default_factory=dict)
     budget_info: dict = field(default_factory=dict)
+    budget_summary: dict | None = None
     # What calibration did (for the report), or None.
     calibration: dict | None = None
     # (id(weight buffer), rank) → factors already emitted for a weight that several ops share.
@@ -203,6 +206,15 @@ class Plan:
                     changes["prune_block"] = parse_block(changes["prune_block"])
                 s = replace(s, **changes)
         return s
+
+    def remember_input(self, model) -> None:
+        """Record the input model's ops (positions for the report; passes rewrite only these)."""
+        self.input_ops = [op for sg in model.subgraphs for op in sg.operators]
+        self.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
+
+    def is_input_op(self, op: Operator) -> bool:
+        """Whether `op` was in the input model (always true when the input was not recorded)."""
+        return not self.input_ops or id(op) in self.positions
 
     def reason_to_skip(self, op: Operator, n_params: int) -> str | None:
         name = op.outputs[0].name if op.outputs else ""

@@ -78,8 +78,6 @@ class Options:
         for flag, v in (("--target-size", self.target_size), ("--target-macs", self.target_macs)):
             if v is not None and not (v > 1 and math.isfinite(v)):
                 raise ValueError(f"{flag} must be a number greater than 1")
-        if (self.target_size or self.target_macs) and not self.calibration:
-            raise ValueError("--target-size and --target-macs need --calibration (the damage is measured on it)")
         if self.target_size and self.target_macs:
             raise ValueError("choose one of --target-size and --target-macs")
         if (self.target_size or self.target_macs) and (self.rank or self.fc_rank or self.conv_rank or self.ratio
@@ -189,22 +187,12 @@ def calibration_samples(model, path, signature: str | None = None) -> list[list]
     return samples
 
 
-def lowrank_candidates(model, plan: Plan) -> list:
-    """FULLY_CONNECTED and CONV_2D ops of the main subgraph that a low-rank pass may rewrite."""
-    OP = schema.BuiltinOperator
-    out = []
-    for op in model.main.operators:
-        if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D) or op.inputs[0] is None:
-            continue
-        if op.inputs[0].type not in (schema.TensorType.FLOAT32, schema.TensorType.INT8) or len(op.inputs) < 2 \
-                or op.inputs[1] is None:
-            continue
-        if len(op.inputs[1].shape) != (2 if op.builtin == OP.FULLY_CONNECTED else 4):
-            continue
-        name_ok = plan.reason_to_skip(op, 1 << 62) is None
-        if name_ok:
-            out.append(op)
-    return out
+def lowrank_targets(model, plan: Plan) -> list:
+    """The main subgraph's ops the low-rank passes may rewrite (their own `candidates`), in execution order."""
+    from .passes import cp_conv, lowrank_fc
+    order = {id(op): i for i, op in enumerate(model.main.operators)}
+    return sorted((op for pass_ in (cp_conv, lowrank_fc) for op in pass_.candidates(model, plan) if id(op) in order),
+                  key=lambda op: order[id(op)])
 
 
 def rewrite_model(model, options: Options, progress=None, plan: Plan | None = None, source=None) -> list[dict]:
@@ -212,7 +200,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     Returns one report entry per op each pass considered. `source`: the model's file, for calibration."""
     from .passes import cp_conv, lowrank_fc
     plan = plan or options.plan()
-    plan.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
+    plan.remember_input(model)
+    lowrank = (cp_conv, lowrank_fc)
     entries = []
     # Problems the input already has are not ours to fix; any new one after a pass is a fault of that pass.
     known_problems = model.problems()
@@ -227,27 +216,43 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         if options.calibration:
             samples = calibration_samples(source or model, options.calibration, options.signature)
         entries += checked(prune_channels.run(model, plan, samples=samples))
-    if options.calibration:
+    generated = not options.calibration and bool(options.target_size or options.target_macs)
+    if options.calibration or generated:
         from . import calibrate
-        samples = samples or calibration_samples(source or model, options.calibration, options.signature)
-        targets = lowrank_candidates(model, plan)
+        if options.calibration:
+            samples = samples or calibration_samples(source or model, options.calibration, options.signature)
+        else:  # no data: the model's response to generated images (calibrate.GENERATED_SAMPLES)
+            samples = calibrate.generated_samples(source if isinstance(source, (str, Path)) else io.to_bytes(model),
+                                                  signature=options.signature)
+        targets = lowrank_targets(model, plan)
         rows = calibrate.collect(model, samples, targets)
+        extra = {"damping": calibrate.GENERATED_DAMPING} if generated else {}
         for op in targets:
-            plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean}
-        plan.calibration = {"file": str(options.calibration), "samples": len(samples),
-                            "layers": len(targets)}
-        if options.target_size or options.target_macs:
-            from .passes import budget
-            # After channel pruning the input file no longer measures the model: the budget then counts
-            # the pruned model's own weights (the target applies on top of the pruning).
+            plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
+        if options.calibration:
+            plan.calibration = {"file": str(options.calibration), "samples": len(samples), "layers": len(targets)}
+    if options.target_size or options.target_macs:
+        from . import budget
+        by_macs = options.target_macs is not None
+        if by_macs:
+            total = analysis.summary(model, zeros=False)["totals"]["macs"]
+        else:
+            # After channel pruning the input file no longer measures the model: the budget then counts the pruned
+            # model's own bytes (the target applies on top of the pruning).
             pruned = any(e["kind"] == "channels" and e["action"] == "pruned" for e in entries)
-            plan.calibration["budget"] = budget.choose_ranks(model, plan, options, None if pruned else source)
+            total = os.path.getsize(source) if isinstance(source, (str, Path)) and not pruned \
+                else len(io.to_bytes(model))
+        plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
+            model, plan, options.target_macs if by_macs else options.target_size, by_macs, total, lowrank)
+        if generated:
+            plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
+    done = set()
     if options.sequential and plan.uses("lowrank"):
         entries += checked(sequential_lowrank(model, plan, samples, targets, progress))
+        done = {id(op) for op in targets}
     if plan.uses("lowrank"):
-        done = {(e["subgraph"], e["index"]) for e in entries}
-        entries += [e for e in checked(cp_conv.run(model, plan, progress)) if (e["subgraph"], e["index"]) not in done]
-        entries += [e for e in checked(lowrank_fc.run(model, plan, progress)) if (e["subgraph"], e["index"]) not in done]
+        entries += checked(cp_conv.run(model, plan, progress, done))
+        entries += checked(lowrank_fc.run(model, plan, progress, done))
     # The progress bar counts the low-rank layers, the slow part; the other passes take moments.
     if plan.uses("prune"):
         from .passes import prune
@@ -285,7 +290,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
 def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> list[dict]:
     """Rewrite the main subgraph's layers in execution order, each fitted on the activations of the already
     rewritten layers before it (paired with the original activations at the same positions), so that errors
-    compounding through the network are accounted for."""
+    compounding through the network are accounted for. Only the input model's layers: never the factor layers
+    a rewrite before it emitted."""
     from . import calibrate
     from .passes import cp_conv, lowrank_fc
     OP = schema.BuiltinOperator
@@ -356,7 +362,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     model = io.read(input_path)
     from .passes import int8_chain
     if plan.uses("lowrank") and not options.calibration and any(
-            int8_chain.is_full_integer(op) for op in lowrank_candidates(model, plan)):
+            int8_chain.is_full_integer(op) for op in lowrank_targets(model, plan)):
         raise io.ModelError(f"{input_path}: a full-integer int8 model: low rank needs --calibration (the new "
                             "intermediate tensors get their int8 ranges from it)")
     keys = [d.key for d in model.signature_defs]
@@ -411,6 +417,8 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
             report["output_error"] = fidelity
         if plan.calibration:
             report["calibration"] = plan.calibration
+        if plan.budget_summary:
+            report["budget"] = judge_budget(plan.budget_summary, report["totals"])
         if options.verify:
             report["verify"] = verify_against(input_path, target, options)
         if report_target is not None:
@@ -420,6 +428,16 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
             raise VerifyFailed("; ".join(report["verify"]["failures"]))
         staged.commit()
     return report
+
+
+def judge_budget(summary: dict, totals: dict) -> dict:
+    """The budget's summary with `achieved` measured on the written file (or the rewritten model's MACs) and
+    `reached` true only when that meets the goal: the planner's own figure is an estimate."""
+    if summary["measure"] == "macs":
+        achieved = totals["macs_before"] / max(totals["macs_after"], 1)
+    else:
+        achieved = totals["file_bytes_before"] / max(totals["file_bytes_after"], 1)
+    return {**summary, "achieved": round(achieved, 3), "reached": achieved >= summary["goal"]}
 
 
 def _copy_unchanged(source, target) -> int:

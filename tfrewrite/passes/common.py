@@ -3,6 +3,7 @@ weights in the same form, choosing which ops to consider, and the report entry."
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,8 +27,59 @@ class LayerWeight:
     full_integer: bool = False
 
 
+class RankOption(NamedTuple):
+    """One rank a low-rank pass could give a layer, what it would cost, and the damage it would do (the layer's
+    relative output error: on calibration rows when there are any, else relative to its weights)."""
+    ratio: float
+    rank: int | tuple[int, int]
+    params: int
+    macs: int
+    damage: float
+
+
 class Skip(Exception):
     """This op is left as it is; the message is the reason the report gives."""
+
+
+# Floors below which a rank chosen by a ratio (`--ratio`, or the budget) is a degenerate rewrite that breaks the
+# model rather than compresses it; measured on the fixtures (README, "Degenerate rewrites").
+MIN_RANK = 3
+MIN_RANK_SHARE = 1 / 16        # of the layer's smaller dimension
+MIN_CONV_INPUT_CHANNELS = 5    # a k×k conv on fewer channels (a stem on an RGB/gray image) holds few weights
+MAX_WEIGHT_ERROR = 0.8         # relative weight error of a rewrite fitted without data
+
+
+def degenerate_reason(rank, dims: tuple[int, int], in_channels: int | None = None) -> str | None:
+    """Why a rank chosen by a ratio is degenerate for a layer whose matrix is `dims` (None if it is not).
+    `in_channels`: for a k×k conv, its input channels."""
+    r = min(rank) if isinstance(rank, tuple) else rank
+    if in_channels is not None and in_channels < MIN_CONV_INPUT_CHANNELS:
+        return f"only {in_channels} input channels (a stem conv; fewer than {MIN_CONV_INPUT_CHANNELS})"
+    if r < MIN_RANK:
+        return f"rank {r} is degenerate (below {MIN_RANK})"
+    if r < MIN_RANK_SHARE * min(dims):
+        return f"rank {r} is below 1/{round(1 / MIN_RANK_SHARE)} of the layer's smaller dimension {min(dims)}"
+    return None
+
+
+def refuse_degenerate(policy: "RankPolicy", rank, dims: tuple[int, int], in_channels: int | None = None,
+                      weight_error: float | None = None) -> None:
+    """Raise Skip when a ratio-chosen rank is degenerate (see the floors above), unless --force."""
+    if policy.force or policy.ratio is None:
+        return
+    reason = degenerate_reason(rank, dims, in_channels)
+    if reason is None and weight_error is not None and weight_error > MAX_WEIGHT_ERROR \
+            and layer_metric(policy) is None:
+        reason = f"weight error {weight_error:.2f} is near 1 (above {MAX_WEIGHT_ERROR})"
+    if reason:
+        raise Skip(f"{reason}; --force rewrites it anyway")
+
+
+def usable_option(option: "RankOption", dims: tuple[int, int], in_channels: int | None, data_aware: bool) -> bool:
+    """Whether the budget may offer this option: the same floors as `refuse_degenerate`."""
+    if degenerate_reason(option.rank, dims, in_channels) is not None:
+        return False
+    return data_aware or option.damage <= MAX_WEIGHT_ERROR
 
 
 def read_weight(op: Operator, producers: dict, index: int = 1) -> LayerWeight:
@@ -318,12 +370,32 @@ def _weight_in(sg: Subgraph, home: Subgraph, tensor: Tensor, pre: list[Operator]
     return out, [ops.dequantize(sg.own_tensor(pre[0].inputs[0]), out)]
 
 
-def rewrite_all(model: Model, plan, builtin: int, rewrite_op, progress=None) -> list[dict]:
-    """`rewrite_op` on every op of one builtin kind, in every subgraph, in execution order."""
+def rewrite_all(model: Model, plan, builtin: int, rewrite_op, progress=None, done=()) -> list[dict]:
+    """`rewrite_op` on every op of one builtin kind that the input model had (never on an op a pass created,
+    e.g. the factor layers of an earlier low-rank rewrite), in every subgraph, in execution order; ops in
+    `done` (ids) were already handled."""
     entries = []
     for sg in model.subgraphs:
-        for op in [op for op in sg.operators if op.builtin == builtin]:
+        for op in [op for op in sg.operators if op.builtin == builtin and plan.is_input_op(op)
+                   and id(op) not in done]:
             entries.append(rewrite_op(model, sg, op, sg.producers(), plan))
             if progress:
                 progress(entries[-1])
     return entries
+
+
+def eligible_ops(model: Model, plan, builtin: int, check) -> list[Operator]:
+    """The input model's ops of one builtin kind that pass `check(op, weight, plan)` (a pass's eligibility
+    check, which raises Skip), in every subgraph, in execution order."""
+    out = []
+    for sg in model.subgraphs:
+        producers = sg.producers()
+        for op in sg.operators:
+            if op.builtin != builtin or not plan.is_input_op(op):
+                continue
+            try:
+                check(op, read_weight(op, producers), plan)
+            except Skip:
+                continue
+            out.append(op)
+    return out

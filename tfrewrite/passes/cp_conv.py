@@ -17,12 +17,19 @@ from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
 from . import int8_chain, lowrank_fc
 from ..linalg import fit
-from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_cross, layer_metric,
-                     lowrank_rel_error, pixels, rel_error, rewrite_all, rewrite_one, shared_key, emit_shared,
-                     stored_weight_values, zero_bias)
+from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
+                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, pixels, refuse_degenerate,
+                     rel_error, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option, zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
+# Above this many kernel weights the budget does not fit each k×k candidate (a CP fit of a 512×3×3×512 kernel at
+# rank 1500 takes tens of seconds): its damage is read off the (whitened) spectrum of the kernel's [out, k·k·in]
+# matrix at the rank with the same number of parameters — the same measure the FC layers get.
+EXACT_CONV_LIMIT = 300_000
+# CP candidates whose ALS work (rank × kernel weights per sweep) exceeds this are not offered to the budget: a
+# rank-1500 CP of a 512×3×3×512 kernel takes minutes to fit and saves only a third of the weights.
+CP_WORK_LIMIT = 1.2e9
 
 
 def choose_rank(kernel: np.ndarray, policy: RankPolicy):
@@ -42,6 +49,125 @@ def choose_rank(kernel: np.ndarray, policy: RankPolicy):
     return rank.cp_rank_for_energy(kernel, policy.energy)
 
 
+def check(op: Operator, weight: LayerWeight, plan) -> None:
+    """Raise Skip (with the reason) when this pass must leave `op` as it is, whatever the rank: the one
+    eligibility check that the rewrite, calibration and the budget share."""
+    w = weight.values
+    if w.ndim != 4:
+        raise Skip("weight is not 4-D")
+    reason = plan.reason_to_skip(op, w.size)
+    if reason:
+        raise Skip(reason)
+    x, out = op.inputs[0], op.outputs[0]
+    if x is None or static_shape(x)[-1] != w.shape[3]:
+        raise Skip("grouped convolution")
+    if weight.full_integer:
+        if not int8_chain.is_full_integer(op):
+            raise Skip("mixed int8 / float activations")
+    elif x.type != T.FLOAT32 or out.type != T.FLOAT32:
+        raise Skip("input or output is not float32")
+
+
+def candidates(model: Model, plan) -> list[Operator]:
+    """The CONV_2D ops of the input model this pass may rewrite."""
+    return eligible_ops(model, plan, OP.CONV_2D, check)
+
+
+def chain_costs(method: str, o: int, k: int, i: int, in_pixels: int, out_pixels: int, rank) -> tuple[int, int]:
+    """(params, MACs) of the k×k chain that replaces an [o, k, i] kernel: CP at rank R, Tucker-2 at (R_out, R_in)."""
+    from ..linalg import rank as rk
+    if method == "tucker2":
+        r_out, r_in = rank
+        return (rk.tucker2_params(o, k, i, r_out, r_in),
+                in_pixels * i * r_in + out_pixels * k * r_in * r_out + out_pixels * r_out * o)
+    return rk.cp_params(o, k, i, rank), in_pixels * i * rank + out_pixels * k * rank + out_pixels * rank * o
+
+
+def fit_cp(kernel: np.ndarray, r: int, weight: LayerWeight, kh: int, kw: int, metric, cross=None, **als):
+    """CP factors of an [o, k, i] kernel as they will be stored (first [r,1,1,i], middle [1,kh,kw,r], last
+    [o,1,1,r]), the last fitted to the layer's outputs when there is a metric; plus the CP result and the
+    stored approximation [o, k, i]."""
+    from ..linalg import cp
+    o, k, i = kernel.shape
+    res = cp.cp3(kernel, r, **als)
+    sf = stored_weight_values(res.in_factor.T.reshape(r, 1, 1, i), weight, 0)
+    sm = stored_weight_values(res.mid_factor.reshape(1, kh, kw, r), weight, 3)
+    out_factor = res.out_factor
+    if metric is not None:
+        # The pointwise → depthwise part maps a patch to z = Φᵀ·patch; fit the last 1×1 to the outputs.
+        phi = (sm.reshape(k, 1, r) * sf.reshape(r, i).T[None, :, :]).reshape(k * i, r)
+        out_factor = fit.refit_output_factor(kernel.reshape(o, -1), phi, metric, cross)
+    sl = stored_weight_values(out_factor.reshape(o, 1, 1, r), weight, 0)
+    approx = cp.cp_reconstruct(sl.reshape(o, r), sm.reshape(k, r), sf.reshape(r, i).T)
+    return res, (sf, sm, sl), approx
+
+
+def fit_tucker2(kernel: np.ndarray, ranks, weight: LayerWeight, kh: int, kw: int, metric, cross=None, **hooi):
+    """Tucker-2 factors as they will be stored (in [r_in,1,1,i], core [r_out,kh,kw,r_in], out [o,1,1,r_out]),
+    output factor and core fitted to the layer's outputs when there is a metric; plus the stored approximation."""
+    from ..linalg import tucker
+    o, k, i = kernel.shape
+    r_out, r_in = ranks
+    res = tucker.tucker2(kernel, r_out, r_in, **hooi)
+    out_factor, core = res.out_factor, res.core
+    if metric is not None:
+        # Keep the input factor, fit output factor and core to the layer's outputs (reduced-rank regression).
+        out_factor, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric, cross)
+    sf, sm, sl = (stored_weight_values(a, weight, 0) for a in (
+        res.in_factor.T.reshape(r_in, 1, 1, i), core.reshape(r_out, kh, kw, r_in), out_factor.reshape(o, 1, 1, r_out)))
+    approx = np.einsum("tp,pkq,sq->tks", sl.reshape(o, r_out), sm.reshape(r_out, k, r_in), sf.reshape(r_in, i).T)
+    return (sf, sm, sl), approx
+
+
+def rank_options(op: Operator, weight: LayerWeight, policy: RankPolicy, ratios) -> list[RankOption]:
+    """The profitable ranks at the given reduction ratios, with their costs and damage (for the budget).
+    Damage: the layer's relative output error after the fit the rewrite will use (fewer ALS/HOOI sweeps: the
+    ranking, not the last digit, matters), or for large kernels the spectrum estimate of EXACT_CONV_LIMIT."""
+    from ..linalg import rank as rk, svd
+    w = weight.values
+    o, kh, kw, i = w.shape
+    metric = layer_metric(policy)
+    in_px, out_px = pixels(op.inputs[0]), pixels(op.outputs[0])
+    if kh == kw == 1:
+        picked = {}
+        for ratio in ratios:
+            r = min(svd.rank_for_ratio(o, i, ratio), o, i)
+            _, params, _, macs = lowrank_fc.costs(out_px, o, i, r)
+            if r not in picked and params < o * i:
+                picked[r] = (ratio, params, macs)
+        damages = lowrank_fc.spectrum_damages(w.reshape(o, i), metric, list(picked)) if picked else []
+        options = [RankOption(ratio, r, p, m, d) for (r, (ratio, p, m)), d in zip(picked.items(), damages)]
+        return [x for x in options if usable_option(x, (o, i), None, metric is not None)]
+    k = kh * kw
+    kernel = w.reshape(o, k, i)
+    dense_macs = out_px * k * i * o
+    picked = {}
+    for ratio in ratios:
+        if policy.method == "tucker2":
+            key = rk.tucker2_ranks_for_ratio(o, k, i, ratio)
+        else:
+            key = rk.cp_rank_for_ratio(o, k, i, ratio)
+            if key * w.size > CP_WORK_LIMIT:
+                continue
+        params, macs = chain_costs(policy.method, o, k, i, in_px, out_px, key)
+        if key not in picked and params < w.size and macs < dense_macs:
+            picked[key] = (ratio, params, macs)
+    exact = w.size <= EXACT_CONV_LIMIT
+    if not exact and picked:
+        equal_ranks = [max(1, int(params // (o + k * i))) for _, params, _ in picked.values()]
+        damages = lowrank_fc.spectrum_damages(w.reshape(o, -1), metric, equal_ranks)
+    else:
+        fitter = fit_tucker2 if policy.method == "tucker2" else fit_cp
+        sweeps = {"n_iter_max": 5, "tol": 1e-5} if policy.method == "tucker2" else {"n_iter_max": 40, "tol": 1e-5}
+        damages = []
+        for key in picked:
+            approx = fitter(kernel, key, weight, kh, kw, metric, **sweeps)[-1]
+            damages.append(fit.output_error(w.reshape(o, -1), approx.reshape(o, -1), metric) if metric is not None
+                           else rel_error(kernel, approx))
+    options = [RankOption(ratio, key, p, m, d) for (key, (ratio, p, m)), d in zip(picked.items(), damages)]
+    return [x for x in options if usable_option(x, (o, k * i), i, metric is not None)]
+
+
 def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) -> dict:
     """Rewrite one CONV_2D as the plan says; returns its report entry (skipped ones say why)."""
     return rewrite_one(model, sg, op, producers, plan, "conv", _rewrite)
@@ -49,26 +175,19 @@ def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) 
 
 def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     w = weight.values
-    if w.ndim != 4:
-        raise Skip("weight is not 4-D")
-    o, kh, kw, i = w.shape
     x, bias, out = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None), op.outputs[0]
+    bias_params = int(np.prod(bias.shape)) if bias is not None and bias.is_constant else 0
+    if w.ndim == 4:
+        o, kh, kw, i = w.shape
+        dense_macs = pixels(out) * kh * kw * i * o
+        entry.update(kind="conv1x1" if kh == kw == 1 else "conv", weight_shape=[o, kh, kw, i],
+                     weight_dtype=weight.kind, params_before=w.size + bias_params, params_after=w.size + bias_params,
+                     macs_before=dense_macs, macs_after=dense_macs)
+    check(op, weight, plan)
     opts = op.builtin_options
     in_pixels, out_pixels = pixels(x), pixels(out)
-    bias_params = int(np.prod(bias.shape)) if bias is not None and bias.is_constant else 0
-    dense_macs = out_pixels * kh * kw * i * o
-    entry.update(kind="conv1x1" if kh == kw == 1 else "conv", weight_shape=[o, kh, kw, i], weight_dtype=weight.kind,
-                 params_before=w.size + bias_params, params_after=w.size + bias_params,
-                 macs_before=dense_macs, macs_after=dense_macs)
-    reason = plan.reason_to_skip(op, w.size)
-    if reason:
-        raise Skip(reason)
-    if static_shape(x)[-1] != i:
-        raise Skip("grouped convolution")
     if weight.full_integer:
         int8_chain.check(op, weight, policy, entry)
-    elif x.type != T.FLOAT32 or out.type != T.FLOAT32:
-        raise Skip("input or output is not float32")
     if kh == kw == 1:
         return _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels, producers)
     if not policy.active:
@@ -81,12 +200,14 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     act = opts.fusedActivationFunction
     k = kh * kw
     metric = layer_metric(policy)
+    cross = layer_cross(policy, w.reshape(o, -1)) if metric is not None else None
+    rank = choose_rank(kernel, policy)
+    params, macs = chain_costs(policy.method, o, k, i, in_pixels, out_pixels, rank)
+    what = f"ranks {rank[0]}x{rank[1]}" if policy.method == "tucker2" else f"rank {rank}"
+    _check_profit(policy, params, w.size, macs, dense_macs, what)
+    refuse_degenerate(policy, rank, (o, k * i), in_channels=i)
     if policy.method == "tucker2":
-        from ..linalg import rank as rk
-        r_out, r_in = choose_rank(kernel, policy)
-        params = rk.tucker2_params(o, k, i, r_out, r_in)
-        macs = in_pixels * i * r_in + out_pixels * k * r_in * r_out + out_pixels * r_out * o
-        _check_profit(policy, params, w.size, macs, dense_macs, f"ranks {r_out}x{r_in}")
+        r_out, r_in = rank
         if weight.full_integer:
             from ..linalg import tucker
             res = tucker.tucker2(kernel, r_out, r_in)
@@ -98,27 +219,17 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
                                 params + bias_params, macs, init="hosvd")
 
         def make():
-            from ..linalg import tucker
-            res = tucker.tucker2(kernel, r_out, r_in)
-            out_factor, core = res.out_factor, res.core
-            if metric is not None:
-                # Keep the input factor, fit output factor and core to the layer's outputs (reduced-rank regression).
-                out_factor, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric,
-                                                          layer_cross(policy, w.reshape(o, -1)))
-            first = res.in_factor.T.reshape(r_in, 1, 1, i)
-            middle = core.reshape(r_out, kh, kw, r_in)
-            last = out_factor.reshape(o, 1, 1, r_out)
-            sf, sm, sl = (stored_weight_values(a, weight, 0) for a in (first, middle, last))
-            approx = np.einsum("tp,pkq,sq->tks", sl.reshape(o, r_out), sm.reshape(r_out, k, r_in),
-                               sf.reshape(r_in, i).T)
-            emitted = [emit_weight(sg, f"{base}/tucker2/in", first, weight, 0, hybrid=False),
-                       emit_weight(sg, f"{base}/tucker2/core", middle, weight, 0),
-                       emit_weight(sg, f"{base}/tucker2/out", last, weight, 0, hybrid=False)]
-            return emitted, (sf, sm, sl, approx, {"init": "hosvd"})
+            (sf, sm, sl), approx = fit_tucker2(kernel, rank, weight, kh, kw, metric, cross)
+            weight_error = rel_error(kernel, approx)
+            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+            emitted = [emit_weight(sg, f"{base}/tucker2/in", sf, weight, 0, hybrid=False),
+                       emit_weight(sg, f"{base}/tucker2/core", sm, weight, 0),
+                       emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0, hybrid=False)]
+            return emitted, (sf, sm, sl, approx, weight_error, {"init": "hosvd"})
 
         emitted = emit_shared(plan, sg, shared_key(weight, "tucker2", r_out, r_in), make) if entry.get("shared") \
             else make()
-        ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, extra) = emitted
+        ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
                                  producers, f"{base}/tucker2/bias")
         z1 = sg.add_activation(f"{base}/tucker2/z1", T.FLOAT32, static_shape(x)[:-1] + [r_in], like=x)
@@ -129,11 +240,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
                  ops.conv2d(z2, w3, bias, out, activation=act)]
         entry.update(method="tucker2", rank=[int(r_out), int(r_in)])
     else:
-        from ..linalg import rank as rk
-        r = choose_rank(kernel, policy)
-        params = rk.cp_params(o, k, i, r)
-        macs = in_pixels * i * r + out_pixels * k * r + out_pixels * r * o
-        _check_profit(policy, params, w.size, macs, dense_macs, f"rank {r}")
+        r = rank
         if weight.full_integer:  # the int8 chain refits the last factor on its quantized intermediate itself
             from ..linalg import cp
             res = cp.cp3(kernel, r)
@@ -143,29 +250,17 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
                                 init=res.init, degeneracy=round(float(res.degeneracy), 4), n_iter=int(res.n_iter))
 
         def make():
-            from ..linalg import cp
-            from ..linalg.cp import cp_reconstruct
-            res = cp.cp3(kernel, r)
-            out_factor = res.out_factor
-            first = res.in_factor.T.reshape(r, 1, 1, i)
-            middle = res.mid_factor.reshape(1, kh, kw, r)
-            sf, sm = stored_weight_values(first, weight, 0), stored_weight_values(middle, weight, 3)
-            if metric is not None:
-                # The pointwise → depthwise part maps a patch to z = Φᵀ·patch; fit the last 1×1 to the outputs.
-                phi = (sm.reshape(k, 1, r) * sf.reshape(r, i).T[None, :, :]).reshape(k * i, r)
-                out_factor = fit.refit_output_factor(w.reshape(o, -1), phi, metric,
-                                                     layer_cross(policy, w.reshape(o, -1)))
-            last = out_factor.reshape(o, 1, 1, r)
-            sl = stored_weight_values(last, weight, 0)
-            approx = cp_reconstruct(sl.reshape(o, r), sm.reshape(k, r), sf.reshape(r, i).T)
-            emitted = [emit_weight(sg, f"{base}/cp/in", first, weight, 0, hybrid=False),
-                       emit_weight(sg, f"{base}/cp/depthwise", middle, weight, 3),
-                       emit_weight(sg, f"{base}/cp/out", last, weight, 0, hybrid=False)]
+            res, (sf, sm, sl), approx = fit_cp(kernel, r, weight, kh, kw, metric, cross)
+            weight_error = rel_error(kernel, approx)
+            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+            emitted = [emit_weight(sg, f"{base}/cp/in", sf, weight, 0, hybrid=False),
+                       emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3),
+                       emit_weight(sg, f"{base}/cp/out", sl, weight, 0, hybrid=False)]
             extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
-            return emitted, (sf, sm, sl, approx, extra)
+            return emitted, (sf, sm, sl, approx, weight_error, extra)
 
         emitted = emit_shared(plan, sg, shared_key(weight, "cp", r), make) if entry.get("shared") else make()
-        ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, extra) = emitted
+        ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
                                  producers, f"{base}/cp/bias")
         z1 = sg.add_activation(f"{base}/cp/z1", T.FLOAT32, static_shape(x)[:-1] + [r], like=x)
@@ -176,8 +271,8 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
                  ops.conv2d(z2, w3, bias, out, activation=act)]
         entry.update(method="cp", rank=int(r))
     sg.replace_operator(op, pre1 + pre2 + pre3 + chain)
-    entry.update(action="rewritten", params_after=params + bias_params, macs_after=macs,
-                 rel_error=rel_error(kernel, approx), **extra)
+    entry.update(action="rewritten", params_after=params + bias_params, macs_after=macs, rel_error=weight_error,
+                 **extra)
     entry["factors"] = {"first": sf, "middle": sm, "last": sl}
 
 
@@ -199,6 +294,7 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
     r = lowrank_fc.choose_rank(w, policy)
     pb, pa, mb, ma = lowrank_fc.costs(out_pixels, o, i, r)
     _check_profit(policy, pa, pb, ma, mb, f"rank {r}")
+    refuse_degenerate(policy, r, (o, i))
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     base = out.name.split(";")[0]
     if weight.full_integer:
@@ -211,13 +307,16 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
 
     def make():
         left, right = lowrank_fc.factorize(w, r, policy)
+        sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
+        sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
+        weight_error = lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i))
+        refuse_degenerate(policy, r, (o, i), weight_error=weight_error)
         emitted = [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0, hybrid=False),
                    emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0, hybrid=False)]
-        return emitted, (stored_weight_values(left.reshape(o, 1, 1, r), weight, 0),
-                         stored_weight_values(right.reshape(r, 1, 1, i), weight, 0))
+        return emitted, (sl, sr, weight_error)
 
     emitted = emit_shared(plan, sg, shared_key(weight, "svd1x1", r), make) if entry.get("shared") else make()
-    ((w1, pre1), (w2, pre2)), (sl, sr) = emitted
+    ((w1, pre1), (w2, pre2)), (sl, sr, weight_error) = emitted
     bias = finish_data_aware(sg, entry, policy, w, (sl.reshape(o, r), sr.reshape(r, i)), bias, producers,
                              f"{base}/lowrank/bias")
     mid = sg.add_activation(f"{base}/lowrank/mid", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
@@ -226,9 +325,9 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
              ops.conv2d(mid, w2, bias, out, activation=opts.fusedActivationFunction)]
     sg.replace_operator(op, pre1 + pre2 + chain)
     entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-                 rel_error=lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i)))
+                 rel_error=weight_error)
     entry["factors"] = {"left": sl, "right": sr}
 
 
-def run(model: Model, plan, progress=None) -> list[dict]:
-    return rewrite_all(model, plan, OP.CONV_2D, rewrite_op, progress)
+def run(model: Model, plan, progress=None, done=()) -> list[dict]:
+    return rewrite_all(model, plan, OP.CONV_2D, rewrite_op, progress, done)

@@ -11,10 +11,94 @@ from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
 from . import int8_chain
-from .common import (LayerWeight, RankPolicy, Skip, emit_weight, finish_data_aware, layer_cross, layer_metric,
-                     lowrank_rel_error, rewrite_all, rewrite_one, shared_key, emit_shared, stored_weight_values)
+from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
+                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, refuse_degenerate, rewrite_all,
+                     rewrite_one, shared_key, stored_weight_values, usable_option)
 
 OP = schema.BuiltinOperator
+# The spectrum of a weight (whitened by the calibration metric when there is one) is computed up to the rank
+# where m·n·r reaches this (VGG16's 4096×25088 fc1: rank 292, a truncated SVD). Beyond it the energy not yet
+# captured is taken as spread evenly over the remaining singular values: a spectrum that decreases puts more of
+# it in the next ones, so the damage of a larger rank is over-estimated, never under-estimated.
+SPECTRUM_WORK_LIMIT = 3e10
+
+
+def check(op: Operator, weight: LayerWeight, plan) -> None:
+    """Raise Skip (with the reason) when this pass must leave `op` as it is, whatever the rank: the one
+    eligibility check that the rewrite, calibration and the budget share."""
+    if weight.values.ndim != 2:
+        raise Skip("weight is not 2-D")
+    reason = plan.reason_to_skip(op, weight.values.size)
+    if reason:
+        raise Skip(reason)
+    options = op.builtin_options or schema.FullyConnectedOptionsT()
+    if getattr(options, "weightsFormat", 0) != 0:
+        raise Skip("shuffled weights format")
+    x, out = op.inputs[0], op.outputs[0]
+    if weight.full_integer:
+        if not int8_chain.is_full_integer(op):
+            raise Skip("mixed int8 / float activations")
+    elif x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
+        raise Skip("input or output is not float32")
+
+
+def candidates(model: Model, plan) -> list[Operator]:
+    """The FULLY_CONNECTED ops of the input model this pass may rewrite."""
+    return eligible_ops(model, plan, OP.FULLY_CONNECTED, check)
+
+
+def spectrum_damages(matrix: np.ndarray, metric, ranks: list[int]) -> list[float]:
+    """For each rank r, the relative (output) error of the best rank-r approximation of `matrix`:
+    √(Σ_{i>r} s_i² / Σ s_i²) over the singular values of W·Σ^½ (of W itself without a metric)."""
+    from ..linalg import fit, svd
+    m, n = matrix.shape
+    r_cap = int(SPECTRUM_WORK_LIMIT // (m * n))
+    whitened = matrix if metric is None else None
+    if r_cap >= min(m, n) // 2:
+        if metric is None:
+            small = matrix.astype(np.float64)
+            small = small @ small.T if m <= n else small.T @ small
+            s = np.sqrt(np.maximum(np.linalg.eigvalsh(small)[::-1], 0.0))
+        else:
+            s = fit.whitened_singular_values(matrix, metric)
+        total = float(np.sum(s.astype(np.float64) ** 2))
+    else:
+        if whitened is None:
+            whitened = metric.sqrt_apply(matrix, 0.5).astype(np.float32)
+        _, s, _ = svd.truncated_svd(whitened, r_cap)
+        total = svd.squared_norm(whitened)
+        del whitened
+    captured = np.cumsum(s.astype(np.float64) ** 2)
+    known, rest = len(s), min(m, n) - len(s)
+    out = []
+    for r in ranks:
+        if r <= known:
+            kept = captured[r - 1]
+        else:  # beyond the computed spectrum: the remaining energy spread evenly (see SPECTRUM_WORK_LIMIT)
+            tail = max(total - captured[-1], 0.0)
+            kept = captured[-1] + tail * (r - known) / max(rest, 1)
+        out.append(float(np.sqrt(max(total - kept, 0.0) / total)) if total > 0 else 0.0)
+    return out
+
+
+def rank_options(op: Operator, weight: LayerWeight, policy: RankPolicy, ratios) -> list[RankOption]:
+    """The profitable ranks at the given reduction ratios, with their costs and damage (for the budget)."""
+    from ..linalg import svd
+    w = weight.values
+    m = w.shape[0]
+    mat = w.reshape(m, -1)
+    n = mat.shape[1]
+    rows = numel(static_shape(op.outputs[0])) // m
+    picked = {}
+    for ratio in ratios:
+        r = min(svd.rank_for_ratio(m, n, ratio), m, n)
+        _, params, _, macs = costs(rows, m, n, r)
+        if r not in picked and params < m * n:
+            picked[r] = (ratio, params, macs)
+    metric = layer_metric(policy)
+    damages = spectrum_damages(mat, metric, list(picked)) if picked else []
+    options = [RankOption(ratio, r, params, macs, d) for (r, (ratio, params, macs)), d in zip(picked.items(), damages)]
+    return [o for o in options if usable_option(o, (m, n), None, metric is not None)]
 
 
 def choose_rank(weight: np.ndarray, policy: RankPolicy) -> int:
@@ -68,29 +152,25 @@ def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) 
 
 def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict, producers: dict):
     w = weight.values
-    m, n = w.shape
     x, bias = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None)
     out = op.outputs[0]
     options = op.builtin_options or schema.FullyConnectedOptionsT()
-    rows = numel(static_shape(out)) // m
-    bias_params = numel(bias.shape) if bias is not None and bias.is_constant else 0
-    entry.update(weight_shape=[m, n], weight_dtype=weight.kind, params_before=m * n + bias_params,
-                 params_after=m * n + bias_params, macs_before=rows * m * n, macs_after=rows * m * n)
-    reason = plan.reason_to_skip(op, m * n)
-    if reason:
-        raise Skip(reason)
-    if getattr(options, "weightsFormat", 0) != 0:
-        raise Skip("shuffled weights format")
+    if w.ndim == 2:
+        m, n = w.shape
+        rows = numel(static_shape(out)) // m
+        bias_params = numel(bias.shape) if bias is not None and bias.is_constant else 0
+        entry.update(weight_shape=[m, n], weight_dtype=weight.kind, params_before=m * n + bias_params,
+                     params_after=m * n + bias_params, macs_before=rows * m * n, macs_after=rows * m * n)
+    check(op, weight, plan)
     if weight.full_integer:
         int8_chain.check(op, weight, policy, entry)
-    elif x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
-        raise Skip("input or output is not float32")
     if not policy.active:
         raise Skip("no rank given")
     r = choose_rank(w, policy)
     pb, pa, mb, ma = costs(rows, m, n, r)
     if not policy.force and (pa >= pb or ma >= mb):
         raise Skip(f"rank {r} does not reduce parameters and MACs (break-even below {(m * n) // (m + n) + 1})")
+    refuse_degenerate(policy, r, (m, n))
 
     base = out.name.split(";")[0]
     if weight.full_integer:
@@ -102,13 +182,16 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
 
     def make():
         left, right = factorize(w, r, policy)
+        stored = stored_weight_values(left, weight), stored_weight_values(right, weight)
+        weight_error = lowrank_rel_error(w, *stored)
+        refuse_degenerate(policy, r, (m, n), weight_error=weight_error)
         emitted = [emit_weight(sg, f"{base}/lowrank/right", right, weight),
                    emit_weight(sg, f"{base}/lowrank/left", left, weight)]
-        return emitted, (stored_weight_values(left, weight), stored_weight_values(right, weight))
+        return emitted, (*stored, weight_error)
 
     # A weight shared by several FCs (in any subgraph) gets one pair of factors, shared too.
     emitted = emit_shared(plan, sg, shared_key(weight, "svd", r), make) if entry.get("shared") else make()
-    ((w1, pre1), (w2, pre2)), (stored_left, stored_right) = emitted
+    ((w1, pre1), (w2, pre2)), (stored_left, stored_right, weight_error) = emitted
     bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias, producers,
                              f"{base}/lowrank/bias")
     keep = bool(getattr(options, "keepNumDims", False))
@@ -125,9 +208,9 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     sg.replace_operator(op, pre1 + pre2 + [fc1, fc2])
 
     entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-                 rel_error=lowrank_rel_error(w, stored_left, stored_right))
+                 rel_error=weight_error)
     entry["factors"] = {"left": stored_left, "right": stored_right}
 
 
-def run(model: Model, plan, progress=None) -> list[dict]:
-    return rewrite_all(model, plan, OP.FULLY_CONNECTED, rewrite_op, progress)
+def run(model: Model, plan, progress=None, done=()) -> list[dict]:
+    return rewrite_all(model, plan, OP.FULLY_CONNECTED, rewrite_op, progress, done)

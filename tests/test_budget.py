@@ -1,0 +1,118 @@
+"""The whole-model budget as a planner: its search on a synthetic damage table, the candidates it may touch
+(the passes' own), and the honesty of its "reached"."""
+import json
+
+import numpy as np
+import pytest
+
+import builders as B
+from conftest import FIXTURES
+from digits import load_split
+from tfrewrite import cli, io, rewrite
+from tfrewrite.budget import BudgetLayer, allocate, cost
+from tfrewrite.passes.common import RankOption
+
+VGG = FIXTURES / "vgg_digits.tflite"
+
+
+def _layer(name, dense, table):
+    """A layer of `dense` weights whose options cut it by each ratio in `table` (ratio → damage)."""
+    return BudgetLayer(name, [RankOption(r, int(dense / r), int(dense / r), int(dense / r), d)
+                              for r, d in table.items()], dense, dense)
+
+
+def test_allocate_spends_the_budget_where_damage_is_least():
+    big_tolerant = _layer("big", 1000, {2: 0.01, 4: 0.05, 8: 0.2})
+    big_fragile = _layer("fragile", 1000, {2: 0.3, 4: 0.6, 8: 0.9})
+    small = _layer("small", 100, {2: 0.5, 4: 0.8})
+    layers = [big_tolerant, big_fragile, small]
+    total = 400 + 4 * 2100  # bytes outside the layers + the layers' dense float32 bytes
+    result = allocate(layers, total, total / 2)
+    assert result.reached and result.estimate <= total / 2
+    # The tolerant layer goes furthest; no layer's damage exceeds the shared level, and that level is the least
+    # that meets the goal: one step lower misses it.
+    assert result.choice[0].ratio >= max((c.ratio for c in result.choice[1:] if c), default=0)
+    assert all(c is None or c.damage <= result.level for c in result.choice)
+    lower = [d for d in sorted({o.damage for layer in layers for o in layer.options}) if d < result.level]
+    if lower:
+        assert allocate(layers, total, total / 2).level == result.level
+        fixed = total - sum(cost(layer, None, False) for layer in layers)
+        spent = [min([o for o in layer.options if o.damage <= lower[-1]], default=None,
+                     key=lambda o: cost(layer, o, False)) for layer in layers]
+        assert fixed + sum(cost(layer, c, False) for layer, c in zip(layers, spent)) > total / 2
+
+
+def test_allocate_says_when_the_goal_is_out_of_reach():
+    layers = [_layer("a", 1000, {2: 0.1, 4: 0.3})]
+    total = 4 * 1000 + 10_000  # mostly bytes the budget cannot touch
+    result = allocate(layers, total, total / 5)
+    assert not result.reached and result.choice[0].ratio == 4  # the cheapest option everywhere
+    assert allocate([], 100, 50).reached is False
+
+
+def test_allocate_by_macs_keeps_layers_dense_when_the_goal_allows():
+    layers = [_layer("a", 1000, {2: 0.1}), _layer("b", 1000, {2: 0.4})]
+    result = allocate(layers, 2000, 1500, by_macs=True)
+    assert result.reached and result.choice[0] is not None and result.choice[1] is None
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    x, _ = load_split("calib", 32)
+    path = tmp_path_factory.mktemp("calib") / "calib16.npz"
+    np.savez(path, image=x[:16])
+    return path
+
+
+def test_budget_respects_min_params_and_reports_the_written_size(calib, tmp):
+    rep = tmp / "r.json"
+    out = tmp / "o.tflite"
+    assert cli.main([str(VGG), str(out), "--target-size", "3", "--calibration", str(calib), "--min-params", "20000",
+                     "--report", str(rep), "--quiet"]) == 0
+    report = json.loads(rep.read_text())
+    small = {e["output"] for e in report["layers"] if np.prod(e["weight_shape"]) < 20000}
+    assert small and not small & {layer["output"] for layer in report["budget"]["layers"]}
+    for e in report["layers"]:
+        if e["output"] in small:
+            assert e["action"] == "skipped" and "min-params" in e["reason"]
+    budget, totals = report["budget"], report["totals"]
+    achieved = totals["file_bytes_before"] / out.stat().st_size
+    assert budget["achieved"] == pytest.approx(achieved, abs=1e-3)
+    assert budget["reached"] == (achieved >= budget["goal"])
+
+
+def test_sequential_never_rewrites_its_own_factor_layers(calib, tmp):
+    rep = tmp / "r.json"
+    out = tmp / "o.tflite"
+    assert cli.main([str(VGG), str(out), "--ratio", "3", "--calibration", str(calib), "--sequential",
+                     "--report", str(rep), "--quiet"]) == 0
+    from tfrewrite import io
+    names = [t.name for sg in io.read(out).subgraphs for t in sg.tensors]
+    markers = ("/lowrank/", "/cp/", "/tucker2/")
+    assert any("/lowrank/" in n for n in names)
+    assert not [n for n in names if sum(n.count(m) for m in markers) > 1]
+    report = json.loads(rep.read_text())
+    assert len(report["layers"]) == 9  # the input's 6 CONV_2D and 3 FULLY_CONNECTED, each once
+    rewritten = [e for e in report["layers"] if e["action"] == "rewritten"]
+    assert rewritten and all(e["params_before"] / e["params_after"] < 3.5 for e in rewritten)
+
+
+def _decaying(rng, m, n):
+    u, _ = np.linalg.qr(rng.standard_normal((m, min(m, n))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, min(m, n))))
+    return (u / (1 + np.arange(min(m, n)))) @ v.T
+
+
+def test_ratio_refuses_degenerate_layers_unless_forced():
+    rng = np.random.default_rng(3)
+    output_layer = B.fc_model(_decaying(rng, 10, 256), rng.standard_normal(10), (1, 256))  # 10-way: rank 1 at 5x
+    stem = B.conv_model(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), None, (9, 9))  # 3 input channels
+    for model_bytes, why in ((output_layer, "degenerate"), (stem, "input channels")):
+        for force in (False, True):
+            model = io.read_buffer(model_bytes)
+            entry = rewrite.rewrite_model(model, rewrite.Options(ratio=2 if why == "input channels" else 5,
+                                                                 force=force))[0]
+            if force:
+                assert entry["action"] == "rewritten"
+            else:
+                assert entry["action"] == "skipped" and why in entry["reason"] and "--force" in entry["reason"]

@@ -1,0 +1,124 @@
+"""The whole-model budget (`--target-size X`, `--target-macs X`): a planner that chooses every low-rank layer's
+rank so the target is met where it hurts least. It decides; the passes edit.
+
+Each low-rank pass offers, for every layer it may rewrite (its own `candidates`), a few ranks with their cost
+and damage (`rank_options`: the layer's relative output error on the calibration rows after the same fit the
+rewrite will use, or without calibration data the relative error of the weights themselves, which bounds the
+relative output error for inputs spread evenly over all directions). A search over one shared damage level then
+picks, for each layer, the cheapest option whose damage stays under it (AIMET's greedy ratio selection, with a
+layer-local damage measure); the smallest level that meets the target wins.
+Deterministic: fixed options, seeded decompositions, ties broken by layer order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import schema
+from .analysis import numel, static_shape
+from .passes.common import RankOption, Skip, read_weight
+
+OP = schema.BuiltinOperator
+CANDIDATE_RATIOS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
+KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate rank's"
+
+
+@dataclass
+class BudgetLayer:
+    """One layer the budget may compress: its rank options and its dense cost."""
+    name: str
+    options: list[RankOption]
+    dense_params: int
+    dense_macs: int
+    itemsize: int = 4
+
+
+@dataclass
+class Allocation:
+    choice: list[RankOption | None]   # per layer; None = kept dense
+    level: float                      # the shared damage level
+    estimate: float                   # total cost the choice gives (bytes or MACs)
+    reached: bool                     # the estimate meets the goal
+
+
+def cost(layer: BudgetLayer, option: RankOption | None, by_macs: bool) -> float:
+    if by_macs:
+        return option.macs if option else layer.dense_macs
+    return (option.params if option else layer.dense_params) * layer.itemsize
+
+
+def allocate(layers: list[BudgetLayer], total: float, goal: float, by_macs: bool = False) -> Allocation:
+    """The smallest shared damage level at which every layer's cheapest option under it brings `total` (the
+    model's whole cost, the layers' dense costs included) down to `goal`; when no level does, the cheapest
+    option everywhere (and `reached` False)."""
+    fixed = total - sum(cost(layer, None, by_macs) for layer in layers)
+
+    def pick(level):
+        choice = []
+        for layer in layers:
+            ok = [o for o in layer.options if o.damage <= level]
+            choice.append(min(ok, key=lambda o: (cost(layer, o, by_macs), o.damage)) if ok else None)
+        return choice, fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice))
+
+    levels = sorted({o.damage for layer in layers for o in layer.options})
+    for level in levels:
+        choice, achieved = pick(level)
+        if achieved <= goal:
+            return Allocation(choice, level, achieved, True)
+    choice, achieved = pick(np.inf)
+    return Allocation(choice, levels[-1] if levels else 0.0, achieved, False)
+
+
+def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, progress=None
+               ) -> tuple[dict, dict, dict]:
+    """Per-layer settings (id(op) → LayerSettings) that meet `target` (X times smaller file, or X times fewer MACs
+    when `by_macs`), what the report shows per layer (id(op) → dict) and the budget's summary. `total`: the input's file bytes or MACs. `passes`: the low-rank
+    pass modules, each with `candidates`, `rank_options` and its op kind. Layers with calibration rows are judged
+    on them; without any, every candidate is judged on its weights."""
+    data_aware = bool(plan.layer_data)
+    ops, layers = [], []
+    for pass_ in passes:
+        for op in pass_.candidates(model, plan):
+            if data_aware and id(op) not in plan.layer_data:
+                continue
+            sg = next(s for s in model.subgraphs if op in s.operators)
+            try:
+                weight = read_weight(op, sg.producers())
+            except Skip:
+                continue
+            kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"
+            options = pass_.rank_options(op, weight, plan.rank_policy(op, kind), CANDIDATE_RATIOS)
+            if progress:
+                progress(op)
+            w = weight.values
+            ops.append(op)
+            layers.append(BudgetLayer(op.outputs[0].name, options, w.size,
+                                      numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
+                                      ITEMSIZE.get(weight.kind, 4)))
+    order = {id(op): plan.positions.get(id(op), (0, i)) for i, op in enumerate(ops)}
+    ops, layers = zip(*sorted(zip(ops, layers), key=lambda p: order[id(p[0])])) if ops else ((), ())
+    result = allocate(list(layers), total, total / target, by_macs)
+    spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, result.choice)) or 1
+    settings, info = {}, {}
+    for op, layer, c in zip(ops, layers, result.choice):
+        base = plan.settings(op)
+        cleared = dict(rank=None, fc_rank=None, conv_rank=None, energy=None)
+        settings[id(op)] = (replace(base, **cleared, ratio=None, skip_reason=KEPT_DENSE) if c is None
+                            else replace(base, **cleared, ratio=c.ratio))
+        info[id(op)] = {"output": layer.name, "rank": _rank_json(c.rank) if c else None,
+                        "ratio": c.ratio if c else None, "damage": round(c.damage, 6) if c else 0.0,
+                        "share": round(cost(layer, c, by_macs) / spent, 6),
+                        "candidates": [{"rank": _rank_json(o.rank), "damage": round(o.damage, 6)}
+                                       for o in layer.options]}
+    summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
+               "measure": "macs" if by_macs else "file",
+               "damage": "measured on the calibration data" if data_aware else "estimated from the weights (no data)",
+               "reached": result.reached, "damage_level": round(float(result.level), 6),
+               "estimate": round(total / max(result.estimate, 1), 3), "layers": list(info.values())}
+    return settings, info, summary
+
+
+def _rank_json(rank):
+    return list(rank) if isinstance(rank, tuple) else rank
