@@ -11,7 +11,7 @@ $(BIN)/tfrewrite: setup.cfg pyproject.toml constraints.txt
 
 .PHONY: demo test fixtures bench sweep
 demo: $(BIN)/tfrewrite
-	$(BIN)/tfrewrite fixtures/vgg_digits.tflite /tmp/vgg_digits_rank32.tflite --rank 32 --verify
+	$(BIN)/tfrewrite fixtures/vgg_digits.tflite /tmp/vgg_digits_small.tflite --target-size 5 --verify
 
 test: $(BIN)/tfrewrite
 	$(BIN)/python -m pytest tests
