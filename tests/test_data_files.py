@@ -145,3 +145,42 @@ def test_compare_models_with_different_inputs(tmp, capsys):
     assert r["a"]["latency_ms"] > 0 and r["b"]["latency_ms"] > 0 and r["b"]["params"] == 24 * 16
     assert cli.main(["compare", str(a), str(b), "--runs", "2"]) == 0
     assert "fidelity left out" in capsys.readouterr().out
+
+
+def test_index_ranges_of_the_other_index_readers():
+    """DYNAMIC_UPDATE_SLICE start indices keep the update inside the operand; STRIDED_SLICE begin/end/strides
+    take the whole tensor; ONE_HOT indices stay below the depth; a CAST in between passes the range on."""
+    from tfrewrite import analysis, schema
+    from tfrewrite.graph import OpCode, Operator, Subgraph, Tensor
+    T, OP = schema.TensorType, schema.BuiltinOperator
+    sg = Subgraph()
+    operand = sg.add_constant("operand", np.zeros((8, 4), np.float32))
+    update = sg.add_constant("update", np.ones((2, 3), np.float32))
+    start = sg.add_tensor(Tensor("start", T.INT64, [2]))
+    start32 = sg.add_tensor(Tensor("start32", T.INT32, [2]))
+    updated = sg.add_tensor(Tensor("updated", T.FLOAT32, [8, 4]))
+    end = sg.add_tensor(Tensor("end", T.INT32, [2]))
+    begin, strides = sg.add_constant("begin", np.zeros(2, np.int32)), sg.add_constant("strides", np.ones(2, np.int32))
+    sliced = sg.add_tensor(Tensor("sliced", T.FLOAT32, [8, 4]))
+    ids = sg.add_tensor(Tensor("ids", T.INT32, [5]))
+    depth = sg.add_constant("depth", np.array([6], np.int32))
+    on, off = sg.add_constant("on", np.ones(1, np.float32)), sg.add_constant("off", np.zeros(1, np.float32))
+    hot = sg.add_tensor(Tensor("hot", T.FLOAT32, [5, 6]))
+    sg.operators = [Operator(OpCode(OP.CAST), [start], [start32]),
+                    Operator(OpCode(OP.DYNAMIC_UPDATE_SLICE), [operand, update, start32], [updated]),
+                    Operator(OpCode(OP.STRIDED_SLICE), [updated, begin, end, strides], [sliced]),
+                    Operator(OpCode(OP.ONE_HOT), [ids, depth, on, off], [hot])]
+    sg.inputs, sg.outputs = [start, end, ids], [sliced, hot]
+    dus, strided, one_hot = analysis.input_ranges(sg, sg.inputs)
+    assert dus["kind"] == "index" and dus["low"] == 0 and dus["high"] == 1  # components collapse after CAST
+    assert strided["kind"] == "index" and list(strided["low"]) == [8, 4] and list(strided["high"]) == [8, 4]
+    assert one_hot == {"kind": "index", "low": 0, "high": 5}
+    rng = np.random.default_rng(0)
+    x = verify._plausible_array([2], np.int32, strided, rng)
+    assert x.tolist() == [8, 4]
+
+
+def test_integer_data_outside_the_input_dtype_is_refused():
+    with pytest.raises(verify.DataError, match=r"outside the int8 range"):
+        verify._cast(np.array([[1, 300]]), np.dtype(np.int8), "d.npz: array 'x'")
+    assert verify._cast(np.array([[1, 127]]), np.dtype(np.int8), "x").dtype == np.int8

@@ -254,7 +254,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
             weight_error = rel_error(kernel, approx)
             refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
             emitted = [emit_weight(sg, f"{base}/cp/in", sf, weight, 0, hybrid=False),
-                       emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3),
+                       emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3, hybrid=False),
                        emit_weight(sg, f"{base}/cp/out", sl, weight, 0, hybrid=False)]
             extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
             return emitted, (sf, sm, sl, approx, weight_error, extra)

@@ -157,11 +157,13 @@ def _hybrid_form(op: Operator, t: Tensor) -> tuple[bool, int | None]:
     if op.builtin == OP.CONV_2D:
         if len(t.shape) != 4 or (x.shape and len(x.shape) == 4 and x.shape[3] != t.shape[3]):
             return False, None  # grouped: no hybrid kernel
-        if not hybrid_reads_alike(op.builtin, t.shape):
-            return False, None  # 1x1: XNNPACK and the builtin kernel differ; int8 behind a DEQUANTIZE instead
-        return True, 0
+        # 1x1: XNNPACK and the builtin kernel differ; int8 (per output channel) behind a DEQUANTIZE instead.
+        return hybrid_reads_alike(op.builtin, t.shape), 0
     if op.builtin == OP.DEPTHWISE_CONV_2D:
-        return (True, 3) if len(t.shape) == 4 else (False, None)
+        if len(t.shape) != 4:
+            return False, None
+        # XNNPACK and the builtin kernel differ: int8 (per channel, dimension 3) behind a DEQUANTIZE instead.
+        return hybrid_reads_alike(op.builtin, t.shape), 3
     if op.builtin == OP.FULLY_CONNECTED:
         if getattr(op.builtin_options, "weightsFormat", 0) != 0 or len(t.shape) != 2:
             return False, None
@@ -253,8 +255,8 @@ def _to_float16(uses, tensors, values) -> None:
 
 def _to_int8(uses, tensors, values) -> None:
     from ..linalg import quant
-    axes = {u.axis for u in uses if u.hybrid}
-    if len(axes) > 1:  # readers want different channel axes: all read through a DEQUANTIZE
+    axes = {u.axis for u in uses if u.axis is not None}
+    if len(axes) > 1:  # readers want different channel axes: all read through a DEQUANTIZE, per tensor
         for u in uses:
             u.hybrid, u.axis = False, None
         axes = set()
