@@ -177,6 +177,83 @@ def gather_fc_model(table_rows=50, width=16, out=32, indices=4, seed=0):
     return io.to_bytes(Model(subgraphs=[sg]))
 
 
+def stateful_model(width=16, out=32, seed=0):
+    """A stateful model with two signatures, as the converter writes a tf.Variable: a CALL_ONCE runs an
+    initializer subgraph that assigns zeros to a resource variable; 'accumulate' adds FC(x) to it and returns
+    the sum, 'peek' returns FC(x) plus the variable without changing it."""
+    from tfrewrite.graph import Operator
+    OP = schema.BuiltinOperator
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((out, width)) @ np.diag(np.linspace(1, 0.01, width))
+
+    def op(builtin, inputs, outputs, options=None, options_type=0):
+        return Operator(opcode=ops.opcode_for(builtin, 1), inputs=inputs, outputs=outputs,
+                        builtin_options=options, builtin_options_type=options_type)
+
+    def handle(sg):
+        h = sg.add_tensor(Tensor("acc_handle", T.RESOURCE, []))
+        options = schema.VarHandleOptionsT()
+        options.sharedName = "acc"
+        return h, op(OP.VAR_HANDLE, [], [h], options, schema.BuiltinOptions.VarHandleOptions)
+
+    def call_once(init_index):
+        options = schema.CallOnceOptionsT()
+        options.initSubgraphIndex = init_index
+        return op(OP.CALL_ONCE, [], [], options, schema.BuiltinOptions.CallOnceOptions)
+
+    subgraphs = []
+    for key in ("accumulate", "peek"):
+        sg = Subgraph(name=key)
+        x = sg.add_tensor(Tensor(f"{key}_x", T.FLOAT32, [1, width]))
+        w = sg.add_constant(f"{key}/fc/weight", weight.astype(np.float32))
+        y = sg.add_tensor(Tensor(f"{key}/fc", T.FLOAT32, [1, out]))
+        h, var = handle(sg)
+        prev = sg.add_tensor(Tensor(f"{key}/previous", T.FLOAT32, [1, out]))
+        total = sg.add_tensor(Tensor(f"{key}/sum", T.FLOAT32, [1, out]))
+        add_options = schema.AddOptionsT()
+        sg.operators = [call_once(2), var, op(OP.READ_VARIABLE, [h], [prev]), ops.fully_connected(x, w, None, y),
+                        op(OP.ADD, [prev, y], [total], add_options, schema.BuiltinOptions.AddOptions)]
+        if key == "accumulate":
+            sg.operators.append(op(OP.ASSIGN_VARIABLE, [h, total], []))
+        sg.inputs, sg.outputs = [x], [total]
+        subgraphs.append(sg)
+    init = Subgraph(name="init")
+    h, var = handle(init)
+    zeros = init.add_constant("acc/zeros", np.zeros((1, out), np.float32))
+    init.operators = [var, op(OP.ASSIGN_VARIABLE, [h, zeros], [])]
+    subgraphs.append(init)
+    model = Model(subgraphs=subgraphs)
+    model.signature_defs = [_signature(sg.name, sg) for sg in subgraphs[:2]]
+    return io.to_bytes(model)
+
+
+def int16_fc_model(width=64, out=32, seed=0):
+    """A 16x8 full-integer model (int16 activations, zero point 0; int8 weights per output channel; int64
+    bias at s_in·s_w), as the converter's EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8 writes it."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((out, width)) @ np.diag(np.linspace(1, 0.05, width))
+    s_in, s_out = 4.0 / 32767, 16.0 / 32767
+
+    def quantization(scale, zero=None, axis=0):
+        qp = schema.QuantizationParametersT()
+        qp.scale = np.asarray(scale, np.float32).reshape(-1)
+        qp.zeroPoint = np.zeros(len(qp.scale), np.int64) if zero is None else np.asarray(zero, np.int64)
+        qp.quantizedDimension = axis
+        return qp
+
+    sg = Subgraph()
+    x = sg.add_tensor(Tensor("input", T.INT16, [1, width], quantization=quantization([s_in])))
+    q, scales = quant.quantize_symmetric_int8(weight, axis=0)
+    w = sg.add_constant("fc/weight", q, quantization=quantization(scales))
+    bias_scale = s_in * np.asarray(scales, np.float64).reshape(-1)
+    b = sg.add_constant("fc/bias", np.round(rng.standard_normal(out) * 0.1 / bias_scale).astype(np.int64),
+                        quantization=quantization(bias_scale))
+    y = sg.add_tensor(Tensor("fc", T.INT16, [1, out], quantization=quantization([s_out])))
+    sg.operators = [ops.fully_connected(x, w, b, y)]
+    sg.inputs, sg.outputs = [x], [y]
+    return io.to_bytes(Model(subgraphs=[sg]))
+
+
 def odd_models() -> dict[str, bytes]:
     """The models of the sweep that the fixtures do not cover, built with the IR (seeded)."""
     rng = np.random.default_rng(10)
@@ -191,4 +268,6 @@ def odd_models() -> dict[str, bytes]:
         "tiny_fc": fc_model(rng.standard_normal((8, 6)), rng.standard_normal(8), (1, 6)),
         "hybrid_fc": fc_model(rng.standard_normal((64, 128)), rng.standard_normal(64), (1, 128), form="int8"),
         "gather_fc": gather_fc_model(),
+        "stateful_signatures": stateful_model(),
+        "int16_fc": int16_fc_model(),
     }

@@ -11,6 +11,7 @@ from conftest import FIXTURES
 from tfrewrite import io, rewrite, schema, verify
 
 OP = schema.BuiltinOperator
+T = schema.TensorType
 
 
 def _rewrite(model_bytes, **options):
@@ -332,3 +333,22 @@ def test_a_shared_weight_gets_shared_factors():
     x = rng.standard_normal(verify.interpreter(src).get_input_details()[0]["shape"])
     for xnn in (True, False):
         assert _rel(_run(src.read_bytes(), x, xnn), _run(data, x, xnn)) < 1e-5
+
+
+def test_rank_one_factors_of_a_dynamic_int8_model_get_the_per_channel_op_versions(tmp):
+    """A rank-1 factor quantized per channel has a single scale, which TFLite's version rule still counts as
+    per-channel (one scale per output channel): the emitted ops must carry that version (it was an internal
+    error: 'version 9 is below the 12 its tensors need')."""
+    from tfrewrite import cli
+    src = FIXTURES / "vgg_digits_dynint8.tflite"
+    for n, args in enumerate((["--conv-rank", "1"], ["--fc-rank", "1", "--force"])):
+        out = tmp / f"o{n}.tflite"
+        assert cli.main([str(src), str(out), *args, "--quiet"]) == 0
+        model = io.read(out)
+        assert not model.problems()
+        hybrid_single_scale = [op for _, op in model.operators() if op.builtin == OP.FULLY_CONNECTED
+                               and op.inputs[0].type == T.FLOAT32 and op.inputs[1].type == T.INT8
+                               and len(op.inputs[1].quantization.scale) == 1 == op.inputs[1].shape[0]]
+        assert all(op.opcode.version >= 12 for op in hybrid_single_scale)
+        x = verify.random_inputs(verify.interpreter(out), 1, 0)[0][0]
+        assert _rel(_run(out.read_bytes(), x, True), _run(out.read_bytes(), x, False)) < 1e-5

@@ -47,8 +47,9 @@ FAST_FIXTURES = ["two_signatures.tflite", "shared_weight.tflite", "control_flow.
 # quantized in steps of 1/256 moves by a few percent).
 XNNPACK_AGREEMENT, XNNPACK_AGREEMENT_INTEGER = 1e-3, 0.08
 # Known faults outside this part of the work, named (the case runs; a fix makes it pass and xfail strict fails).
-KNOWN = {("custom_op.tflite", "verify"): "reliability-cli area: --verify on a model whose custom op has no kernel "
-                                        "exits 1 (internal error: unresolved custom op) instead of 2"}
+# (model, option set) → a known fault, marked xfail until fixed. Empty: --verify on a model whose custom op has
+# no kernel now exits 2 with one line.
+KNOWN: dict = {}
 
 _ODD = None
 

@@ -103,6 +103,7 @@ class Staged:
         except OSError as e:
             raise PathError(f"{target}: cannot write ({e.strerror or e})") from None
         os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the report unreadable to others, unlike the model
         self.pending.append((Path(tmp), target))
         return Path(tmp)
 

@@ -18,9 +18,17 @@ def opcode_for(builtin: int, version: int) -> OpCode:
     return OpCode(builtin=builtin, version=max(1, int(version)))
 
 
-def _per_channel(t: Tensor) -> bool:
+def _num_scales(t: Tensor) -> int:
     q = t.quantization
-    return q is not None and q.scale is not None and len(q.scale) > 1
+    return len(q.scale) if q is not None and q.scale is not None else 0
+
+
+def _per_channel_hybrid(x: Tensor, wtype: int, weight: Tensor, is_per_channel) -> bool:
+    """A hybrid op (float input, int8 weight) whose weight counts as per-channel by TFLite's op-version rule
+    (`is_per_channel` from ops.versions): one scale per output channel, which is also a single scale when the
+    weight has a single output channel, as a rank-1 factor does."""
+    return x.type == schema.TensorType.FLOAT32 and wtype == schema.TensorType.INT8 and \
+        is_per_channel(_num_scales(weight), weight.shape)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor, *, stride=(1, 1), padding=Padding.VALID,
@@ -32,7 +40,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor, *, stride=(1, 1
     options.dilationHFactor, options.dilationWFactor = int(dilation[0]), int(dilation[1])
     options.fusedActivationFunction = activation
     wtype = weight.type if weight_type is None else weight_type
-    version = versions.conv2d_version(x.type, wtype, per_channel_hybrid=_per_channel(weight) and x.type == schema.TensorType.FLOAT32 and wtype == schema.TensorType.INT8,
+    version = versions.conv2d_version(x.type, wtype,
+                                      per_channel_hybrid=_per_channel_hybrid(x, wtype, weight, versions.conv2d_is_per_channel),
                                       dilated=tuple(dilation) != (1, 1))
     return Operator(opcode=opcode_for(OP.CONV_2D, version), inputs=[x, weight, bias], outputs=[out],
                     builtin_options=options, builtin_options_type=schema.BuiltinOptions.Conv2DOptions)
@@ -50,7 +59,7 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor, *, st
     wtype = weight.type if weight_type is None else weight_type
     version = versions.depthwise_conv2d_version(x.type, wtype, depth_multiplier=depth_multiplier,
                                                 dilated=tuple(dilation) != (1, 1),
-                                                per_channel_hybrid=_per_channel(weight) and x.type == schema.TensorType.FLOAT32 and wtype == schema.TensorType.INT8)
+                                                per_channel_hybrid=_per_channel_hybrid(x, wtype, weight, versions.depthwise_conv2d_is_per_channel))
     return Operator(opcode=opcode_for(OP.DEPTHWISE_CONV_2D, version), inputs=[x, weight, bias], outputs=[out],
                     builtin_options=options, builtin_options_type=schema.BuiltinOptions.DepthwiseConv2DOptions)
 
@@ -66,7 +75,7 @@ def fully_connected(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor,
     version = versions.fully_connected_version(
         x.type, wtype, out.type, keep_num_dims=keep_num_dims, sparse_weights=sparse_weights,
         asymmetric_quantize_inputs=asymmetric_quantize_inputs,
-        per_channel_hybrid=_per_channel(weight) and x.type == schema.TensorType.FLOAT32 and wtype == schema.TensorType.INT8)
+        per_channel_hybrid=_per_channel_hybrid(x, wtype, weight, versions.fully_connected_is_per_channel))
     return Operator(opcode=opcode_for(OP.FULLY_CONNECTED, version), inputs=[x, weight, bias], outputs=[out],
                     builtin_options=options, builtin_options_type=schema.BuiltinOptions.FullyConnectedOptions)
 

@@ -46,6 +46,7 @@ def run(model: Model, calibration, signature: str | None = None) -> dict:
         raise QuantizeError("--quantize full-int8 needs a model with one signature (ai-edge-quantizer calibrates "
                             f"through it; the model has {len(keys) or 'none'}{'' if len(keys) < 2 else ': choose with --signature'})")
     key = signature or keys[0]
+    restored = float_weights(model)
     data = io.to_bytes(model)
     runner = verify.Runner(data, signature=key)
     batches, _ = runner.samples_from(calibration)
@@ -63,7 +64,40 @@ def run(model: Model, calibration, signature: str | None = None) -> dict:
         setattr(model, f.name, getattr(new, f.name))
     raised = raise_versions(model)
     return {"tool": f"ai-edge-quantizer {version('ai-edge-quantizer')}", "recipe": RECIPE, "samples": len(batches),
-            "versions_raised": raised}
+            "versions_raised": raised, "float_weights_restored": restored}
+
+
+def float_weights(model: Model) -> int:
+    """Float32 constants before static quantization: ai-edge-quantizer expects the float model, and crashed on
+    constants stored float16 behind a DEQUANTIZE (the converter's float16 weights and biases) or kept the layers
+    whose weights were dynamic-range int8. Every float16 constant behind a DEQUANTIZE and every conv / FC weight
+    read as int8 by a hybrid kernel gets its float32 values back. Returns how many constants were restored."""
+    from ..ops.semantics import LAYERS
+    from .common import Skip, read_weight
+    restored = 0
+    for sg in model.subgraphs:
+        producers = sg.producers()
+        for op in sg.operators:
+            for i, t in enumerate(op.inputs):
+                src = producers.get(id(t)) if t is not None else None
+                if src is not None and src.builtin == OP.DEQUANTIZE and src.inputs[0] is not None \
+                        and src.inputs[0].type == schema.TensorType.FLOAT16 and src.inputs[0].data is not None:
+                    op.inputs[i] = sg.add_constant(t.name + "/float", src.inputs[0].data.astype("float32"))
+                    restored += 1
+            x = op.inputs[0] if op.inputs else None
+            layout = LAYERS.get(op.builtin)
+            if layout is None or x is None or x.type != schema.TensorType.FLOAT32:
+                continue
+            try:
+                weight = read_weight(op, producers, layout.weight)
+            except Skip:
+                continue
+            if weight.kind == "int8":
+                op.inputs[layout.weight] = sg.add_constant(op.inputs[layout.weight].name + "/float", weight.values)
+                restored += 1
+    if restored:
+        model.cleanup()
+    return restored
 
 
 def raise_versions(model: Model) -> int:
