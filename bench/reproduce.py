@@ -436,6 +436,16 @@ def peer_lines() -> list[str]:
                   "`bench/bench_prune_channels.py`, not re-run here):", ""]
         lines += ["##" + line if line.startswith("## ") else line for line in c.read_text().splitlines()[2:]]
         lines.append("")
+    d = ROOT / "bench" / "results" / "prune_data_aware.md"
+    if d.exists():
+        # Its fixture tables as recorded: magnitude vs data-aware (vs sequential) pruning, accuracy and size.
+        text = d.read_text().split("\n## Commands")[0]
+        tables = text[text.index("\n## "):] if "\n## " in text else ""
+        lines += ["Data-aware pruning (`--prune S --calibration calib.npz [--sequential]`) against magnitude pruning, "
+                  "from [`results/prune_data_aware.md`](results/prune_data_aware.md) "
+                  "(`bench/bench_prune_data_aware.py`, not re-run here):", ""]
+        lines += [("##" + line) if line.startswith("## ") else line for line in tables.strip("\n").split("\n")]
+        lines.append("")
     return lines
 
 

@@ -254,8 +254,8 @@ class Plan:
         raise ValueError(technique)
 
     def uses_data(self) -> bool:
-        """Whether any layer setting is fitted to calibration data (low rank and channel pruning are)."""
-        return self.uses("lowrank") or self.uses("prune_channels")
+        """Whether any layer setting is fitted to calibration data (low rank, pruning and channel pruning are)."""
+        return self.uses("lowrank") or self.uses("prune") or self.uses("prune_channels")
 
     def settings_of_rule(self, rule: dict) -> LayerSettings:
         changes = {k: v for k, v in rule.items() if k not in ("match", "prune_block")}

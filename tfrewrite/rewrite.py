@@ -125,7 +125,8 @@ class Options:
                                          ("--conv-method", self.conv_method is not None, ranks, lowrank),
                                          ("--force", self.force, "a technique option (it keeps rewrites that "
                                           "save nothing or make the file larger)", bool(asked_techniques(self))),
-                                         ("--sequential", self.sequential, ranks, lowrank)):
+                                         ("--sequential", self.sequential, f"{ranks} or {prunes}",
+                                          lowrank or prune)):
             if given and not used:
                 raise OptionError(f"{flag} has no effect without {needs}")
         for i, rule in enumerate(plan.rules):
@@ -136,7 +137,8 @@ class Options:
             raise OptionError("--only and --skip give the same expression: every layer would be skipped")
         if self.calibration and not (plan.uses_data() or self.target_size or self.target_macs
                                      or self.quantize == "full-int8"):
-            return ["--calibration: no layer is fitted to it (no rank option); it only measures the output error"]
+            return ["--calibration: no layer is fitted to it (no rank or prune option); it only measures the output "
+                    "error"]
         return []
 
 
@@ -255,7 +257,11 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     # The progress bar counts the low-rank layers, the slow part; the other passes take moments.
     if plan.uses("prune"):
         from .passes import prune
-        entries += checked(prune.run(model, plan))
+        pruned_one_by_one = set()
+        if options.sequential:
+            entries += checked(sequential_prune(model, plan, samples, targets))
+            pruned_one_by_one = {id(op) for op in targets}
+        entries += checked(prune.run(model, plan, skip=pruned_one_by_one))
     if plan.uses("quantize"):
         from .passes import quantize
         entries += checked(quantize.run(model, plan))
@@ -304,6 +310,28 @@ def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> li
         entries.append(pass_.rewrite_op(model, model.main, op, producers, plan))
         if progress:
             progress(entries[-1])
+    return entries
+
+
+def sequential_prune(model, plan: Plan, samples, targets) -> list[dict]:
+    """Prune the main subgraph's FULLY_CONNECTED and CONV_2D layers in execution order, each on the activations
+    of the already pruned (or rewritten) layers before it, its kept weights fitted to reproduce the original
+    layer's outputs (rows paired with the original activations at the same positions)."""
+    from . import calibrate
+    from .passes import prune
+    entries = []
+    changed = any(op not in model.main.operators for op in targets)  # low rank ran first and replaced some
+    for op in targets:
+        if op not in model.main.operators:
+            continue
+        data = plan.layer_data[id(op)]
+        if changed:
+            now = calibrate.collect(model, samples, [op])[id(op)]
+            plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean,
+                                       "target_rows": data.get("target_rows", data["rows"]),
+                                       "target_mean": data.get("target_mean", data["mean"])}
+        entries.append(prune.prune_op(model, model.main, op, model.main.producers(), plan, {}))
+        changed = changed or entries[-1]["action"] != "skipped"
     return entries
 
 

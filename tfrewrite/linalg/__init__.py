@@ -2,7 +2,8 @@
 
 Submodules: ``svd`` (low-rank matrices), ``cp`` (CP decomposition of conv kernels),
 ``tucker`` (Tucker-2), ``rank`` (parameter counts and rank choice), ``sparse``
-(TFLite sparse tensor encoding and pruning masks), ``quant`` (int8 / float16).
+(TFLite sparse tensor encoding and pruning masks), ``obs`` (data-aware pruning:
+OBS / SparseGPT), ``quant`` (int8 / float16).
 
 Only numpy is imported eagerly; scipy and tensorly are imported inside the functions
 that need them so that ``import tfrewrite.linalg`` stays cheap.

@@ -193,22 +193,31 @@ def block_sparsity(dense_2d, block):
 
 
 def _lowest_mask(scores, sparsity):
-    """Bool keep-mask zeroing exactly ``round(sparsity*size)`` lowest scores.
-
-    Ties go by flat index (lower index pruned first): stable sort, deterministic.
-    """
+    """Bool keep-mask zeroing exactly ``round(sparsity*size)`` lowest scores (ties: lower flat index first)."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return ~lowest_count_mask(scores, int(round(sparsity * np.size(scores))))
+
+
+def lowest_count_mask(scores, count):
+    """Bool mask (True = among the lowest) of exactly ``count`` lowest scores, ties by lower flat index:
+    deterministic, and a partition rather than a sort (VGG16's first FC layer has 10⁸ weights)."""
     flat = np.asarray(scores).ravel()
-    n_prune = int(round(sparsity * flat.size))
-    keep = np.ones(flat.size, dtype=bool)
-    keep[np.argsort(flat, kind="stable")[:n_prune]] = False
-    return keep.reshape(np.shape(scores))
+    out = np.zeros(flat.size, dtype=bool)
+    if count >= flat.size:
+        out[:] = True
+    elif count > 0:
+        threshold = np.partition(flat, count - 1)[count - 1]
+        out = flat < threshold
+        out[np.flatnonzero(flat == threshold)[:count - int(out.sum())]] = True
+    return out.reshape(np.shape(scores))
 
 
 def prune_magnitude(weights, sparsity):
     """Keep-mask (True = keep) removing the ``round(sparsity*size)`` smallest ``|w|``."""
-    return _lowest_mask(np.abs(np.asarray(weights, dtype=np.float64)), sparsity)
+    w = np.asarray(weights)
+    # |w| is exact in the weights' own float type; integers and float16 are compared in float64.
+    return _lowest_mask(np.abs(w if w.dtype in (np.float32, np.float64) else w.astype(np.float64)), sparsity)
 
 
 def prune_blocks(weights_2d, sparsity, block=(1, 4), norm="l2"):

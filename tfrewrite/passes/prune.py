@@ -9,6 +9,12 @@ The weight keeps its storage form: float32, float16 behind a DEQUANTIZE, or int8
 full-integer, pruned in the integer domain: a zeroed value is exactly the zero point 0). Only the zeros are
 written here; `sparse_encode` stores them in TFLite's sparse format. A weight shared by several ops (in any
 subgraph: one Buffer) is pruned once, with the settings of its first reader, and stays one shared Buffer.
+
+With calibration rows for the layer (`--calibration`), pruning is data-aware instead (`linalg.obs`): the mask
+and the kept weights minimise the change of the layer's outputs on the samples (SparseGPT's mask, then the
+exact least-squares update of the kept weights), with the same block shapes; the bias is then corrected so that
+the mean output on the samples is unchanged, and an int8 weight is requantized (new per-channel scales) after
+the update. Full-integer layers and weights shared with other ops stay with magnitude pruning.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from ..ops import semantics
 from ..analysis import macs, numel
 from ..graph import Model, Operator, Subgraph, Tensor
 from ..linalg import sparse
-from .common import Skip, new_entry
+from .common import Skip, bias_values, new_entry
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -41,8 +47,8 @@ class StoredWeight:
     def magnitudes(self) -> np.ndarray:
         """|real value| of every weight (int8: |q - zero point| · scale, per channel when so quantized)."""
         raw = np.asarray(self.raw)
-        if raw.dtype.kind == "f":
-            return np.abs(raw.astype(np.float64))
+        if raw.dtype.kind == "f":  # |w| of a float32 or float16 value is exact in float32
+            return np.abs(raw if raw.dtype == np.float32 else raw.astype(np.float32))
         q = self.tensor.quantization
         scale = np.asarray(q.scale, np.float64).reshape(-1)
         if len(scale) > 1:
@@ -103,6 +109,71 @@ def keep_mask(op: Operator, weight: StoredWeight, sparsity: float, block) -> tup
     return sparse.prune_magnitude(mags, sparsity), "magnitude"
 
 
+def data_aware_reason(model: Model, op: Operator, weight: StoredWeight) -> str | None:
+    """Why this layer is pruned by magnitude although calibration rows exist, or None."""
+    if weight.kind == "int8 (full-integer)":
+        return "full-integer: no data-aware update"
+    if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D):
+        return "no data-aware pruning for this op"
+    readers = [c for _, c, _ in model.readers(model.sharers(weight.tensor)) if c.builtin != OP.DEQUANTIZE]
+    if weight.carrier is not None:
+        readers += [c for _, c, _ in model.readers([(None, weight.carrier.outputs[0])])]
+    if any(c is not op for c in readers):
+        return "weight shared with another op: no data-aware update"
+    return None
+
+
+def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, block, data: dict,
+                     producers: dict, entry: dict) -> tuple[np.ndarray, str]:
+    """(new stored weight, method): OBS/SparseGPT pruning on the layer's calibration rows, the kept weights
+    updated, stored in the weight's own form, and the bias corrected (a new bias constant)."""
+    from ..linalg import fit, obs, quant
+    raw = np.asarray(weight.raw)
+    shape = raw.shape
+    real = weight.magnitudes() * np.sign(raw) if raw.dtype.kind != "f" else np.asarray(raw, np.float32)
+    matrix = np.asarray(real, np.float32).reshape(shape[0], -1)  # [out, in]; conv inputs in patch order kh, kw, C
+    width, suffix = 1, ""
+    if op.builtin == OP.FULLY_CONNECTED and block is not None:
+        bh, bw = block
+        if bh == 1 and matrix.shape[1] % bw == 0:
+            width, suffix = bw, f" block1x{bw}"
+        else:
+            suffix = f" (block {bh}x{bw} does not fit {matrix.shape[0]}x{matrix.shape[1]})"
+    bias = op.inputs[2] if len(op.inputs) > 2 else None
+    bias_before = bias_values(bias, producers, matrix.shape[0])  # a Skip here leaves the layer untouched
+    rows, target_rows = data["rows"], data.get("target_rows")
+    new, keep, method = obs.prune(matrix, rows, sparsity, width=width, target_rows=target_rows)
+    if weight.kind == "float16":
+        stored = quant.to_float16(new.reshape(shape))
+        values = stored.astype(np.float32)
+    elif raw.dtype.kind == "i":
+        q = weight.tensor.quantization
+        per_channel = len(np.asarray(q.scale).reshape(-1)) > 1
+        axis = q.quantizedDimension if per_channel else None
+        stored, scales = quant.quantize_symmetric_int8(new.reshape(shape), axis=axis)
+        values = quant.dequantize_int8(stored, scales, axis=axis).astype(np.float32)
+        requantized = schema.QuantizationParametersT()
+        requantized.scale = np.asarray(scales, np.float32).reshape(-1)
+        requantized.zeroPoint = np.zeros(len(requantized.scale), np.int64)
+        requantized.quantizedDimension = q.quantizedDimension or 0
+        weight.tensor.quantization = requantized
+    else:
+        stored = values = new.reshape(shape)  # float32 already
+    values = values.reshape(matrix.shape)
+    entry["output_error"] = obs.output_error(matrix, values, rows, target_rows)
+    entry["output_error_magnitude"] = obs.output_error(
+        matrix, matrix * keep_mask(op, weight, sparsity, block)[0].reshape(matrix.shape), rows, target_rows)
+    shift = fit.bias_shift(matrix, values, data["mean"], data.get("target_mean"))
+    corrected = bias_before + shift.astype(np.float32)
+    new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", corrected.astype(np.float32))
+    if len(op.inputs) > 2:
+        op.inputs[2] = new_bias
+    else:
+        op.inputs.append(new_bias)
+    entry["bias_corrected"] = True
+    return stored, method + suffix
+
+
 def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, done: dict) -> dict:
     entry = new_entry(model, sg, op, "prune", plan)
     w = op.inputs[1] if len(op.inputs) > 1 else None
@@ -130,9 +201,17 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
             raise Skip("no sparsity given")
         if op.builtin == OP.DEPTHWISE_CONV_2D and not settings.prune_depthwise:
             raise Skip("depthwise conv (use --prune-depthwise)")
-        keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
-        raw = np.asarray(weight.raw)
-        pruned = np.where(keep, raw, np.zeros((), raw.dtype)).astype(raw.dtype)
+        data = plan.layer_data.get(id(op))
+        if data is not None and data_aware_reason(model, op, weight) is None:
+            pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block, data,
+                                              producers, entry)
+            plan.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
+        else:
+            keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
+            if data is not None:
+                method += f" ({data_aware_reason(model, op, weight)})"
+            raw = np.asarray(weight.raw)
+            pruned = np.where(keep, raw, np.zeros((), raw.dtype)).astype(raw.dtype)
         # A new buffer (the input file's map is never written), still shared by every tensor that shared it.
         model.set_shared_data(weight.tensor, pruned)
         done[id(weight.tensor.buffer)] = f"{op.name} {op.outputs[0].name!r}"
@@ -143,12 +222,13 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
     return entry
 
 
-def run(model: Model, plan, progress=None) -> list[dict]:
+def run(model: Model, plan, progress=None, skip=frozenset()) -> list[dict]:
+    """Prune every target op except those whose id is in `skip` (already pruned one by one, sequentially)."""
     entries = []
     done: dict = {}  # id(new Buffer) of weights pruned already → their first reader
     for sg in model.subgraphs:
         producers = sg.producers()
-        for op in [op for op in sg.operators if op.builtin in TARGETS]:
+        for op in [op for op in sg.operators if op.builtin in TARGETS and id(op) not in skip]:
             entries.append(prune_op(model, sg, op, producers, plan, done))
             if progress:
                 progress(entries[-1])
