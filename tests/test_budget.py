@@ -116,3 +116,16 @@ def test_ratio_refuses_degenerate_layers_unless_forced():
                 assert entry["action"] == "rewritten"
             else:
                 assert entry["action"] == "skipped" and why in entry["reason"] and "--force" in entry["reason"]
+
+
+def test_calibration_and_budget_show_progress_on_a_terminal(tmp_path, capsys):
+    """A long run never sits silent: calibration capture and the budget's candidate fits count on stderr when
+    progress is on (a terminal), and nothing is printed when it is off."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "conv.tflite"
+    src.write_bytes(B.conv_model(rng.standard_normal((48, 3, 3, 32)), rng.standard_normal(48), (8, 8)))
+    rewrite.run(src, tmp_path / "quiet.tflite", rewrite.Options(target_size=2, force=True), progress=False)
+    assert capsys.readouterr().err == ""
+    rewrite.run(src, tmp_path / "shown.tflite", rewrite.Options(target_size=2, force=True), progress=True)
+    err = capsys.readouterr().err
+    assert "calibration: sample 64/64" in err and "budget: layer 1/1" in err

@@ -173,6 +173,19 @@ class Progress:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
+    def stage(self, label: str, total: int):
+        """A counter for a slow step before the layers are rewritten (calibration runs, the budget's candidate
+        fits), so that a long run never sits silent on a terminal; call it once per unit of work."""
+        count = [0]
+
+        def step(*_):
+            count[0] += 1
+            if self.enabled:
+                end = "\n" if count[0] >= total else ""
+                sys.stderr.write(f"\r{label} {count[0]}/{total} {time.monotonic() - self.start:6.1f}s{end}")
+                sys.stderr.flush()
+        return step
+
 
 def calibration_samples(model, path, signature: str | None = None) -> list[list]:
     """The calibration file's samples (in batches of the model's batch size), checked against the model's
@@ -226,7 +239,7 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             samples = verify.generated_samples(source if isinstance(source, (str, Path)) else io.to_bytes(model),
                                                calibrate.GENERATED_SAMPLES, options.signature)
         targets = lowrank_targets(model, plan)
-        rows = calibrate.collect(model, samples, targets)
+        rows = calibrate.collect(model, samples, targets, progress=_stage(progress, "calibration: sample", len(samples)))
         extra = {"damping": calibrate.GENERATED_DAMPING} if generated else {}
         for op in targets:
             plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
@@ -244,7 +257,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             total = os.path.getsize(source) if isinstance(source, (str, Path)) and not pruned \
                 else len(io.to_bytes(model))
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
-            model, plan, options.target_macs if by_macs else options.target_size, by_macs, total, lowrank)
+            model, plan, options.target_macs if by_macs else options.target_size, by_macs, total, lowrank,
+            progress=_stage(progress, "budget: layer", len(lowrank_targets(model, plan))))
         if generated:
             plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
     done = set()
@@ -286,6 +300,11 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
                 e["damage"], e["budget_share"] = info["damage"], info["share"]
     entries.sort(key=lambda e: (e["subgraph"], e["index"]))
     return entries
+
+
+def _stage(progress, label: str, total: int):
+    """A step counter from the run's progress display, or None (library use without one)."""
+    return progress.stage(label, total) if isinstance(progress, Progress) and total else None
 
 
 def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> list[dict]:
