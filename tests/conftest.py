@@ -24,6 +24,17 @@ def tmp(tmp_path):
     return tmp_path
 
 
+def digits_calibration(tmp_path_factory, count: int | None = None) -> Path:
+    """A calibration file of the first `count` images (all when None) of the digits calib split at 32x32, under
+    the VGG and MobileNetV2 fixtures' input name."""
+    from digits import load_split
+    x, _ = load_split("calib", 32)
+    x = x[:count]
+    path = tmp_path_factory.mktemp("calib") / f"calib{len(x)}.npz"
+    np.savez(path, image=x)
+    return path
+
+
 def outputs(model, xnnpack=True, seed=0, samples=2):
     """Outputs of every signature-less invoke on seeded random inputs."""
     from tfrewrite import verify

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 import builders as B
-from conftest import FIXTURES
-from digits import load_split
+from conftest import FIXTURES, digits_calibration
 from tfrewrite import cli, io, rewrite
 from tfrewrite.budget import BudgetLayer, allocate, cost
 from tfrewrite.passes.common import RankOption
@@ -58,10 +57,7 @@ def test_allocate_by_macs_keeps_layers_dense_when_the_goal_allows():
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    x, _ = load_split("calib", 32)
-    path = tmp_path_factory.mktemp("calib") / "calib16.npz"
-    np.savez(path, image=x[:16])
-    return path
+    return digits_calibration(tmp_path_factory, 16)
 
 
 def test_budget_respects_min_params_and_reports_the_written_size(calib, tmp):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import builders as B
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, digits_calibration
 from digits import load_split
 from tfrewrite import cli, io, rewrite, verify
 from tfrewrite.linalg import fit, svd
@@ -16,10 +16,7 @@ VGG = FIXTURES / "vgg_digits.tflite"
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    x, _ = load_split("calib", 32)
-    path = tmp_path_factory.mktemp("calib") / "calib32.npz"
-    np.savez(path, image=x)
-    return path
+    return digits_calibration(tmp_path_factory)
 
 
 def accuracy(model) -> float:

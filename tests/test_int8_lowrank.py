@@ -3,7 +3,7 @@ original output quantization kept, untouched tensors bit-exact, XNNPACK on and o
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, digits_calibration
 from digits import load_split
 from tfrewrite import cli, io, rewrite, schema, verify
 from tfrewrite.linalg import int8
@@ -16,10 +16,7 @@ MAX_CHAIN_LSB = 6  # see test_xnnpack_on_and_off_agree
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    x, _ = load_split("calib", 32)
-    path = tmp_path_factory.mktemp("calib8") / "calib32.npz"
-    np.savez(path, image=x[:48])
-    return path
+    return digits_calibration(tmp_path_factory, 48)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ sequential pruning, and the rewritten models run alike with XNNPACK on and off w
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, digits_calibration
 from digits import load_split
 from test_sparse_encode import check_rules
 from tfrewrite import io, rewrite, verify
@@ -15,10 +15,7 @@ TEST_IMAGES = 120
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    x, _ = load_split("calib", 32)
-    path = tmp_path_factory.mktemp("calib") / "calib32.npz"
-    np.savez(path, image=x[:40])  # few images: the conv layers still get thousands of rows
-    return path
+    return digits_calibration(tmp_path_factory, 40)  # few images: the conv layers still get thousands of rows
 
 
 def rewritten(src, calib, **options):
