@@ -239,7 +239,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             samples = verify.generated_samples(source if isinstance(source, (str, Path)) else io.to_bytes(model),
                                                calibrate.GENERATED_SAMPLES, options.signature)
         targets = lowrank_targets(model, plan)
-        rows = calibrate.collect(model, samples, targets, progress=_stage(progress, "calibration: sample", len(samples)))
+        rows = calibrate.collect(model, samples, targets,
+                                 progress=_stage(progress, "calibration: sample", len(samples)))
         extra = {"damping": calibrate.GENERATED_DAMPING} if generated else {}
         for op in targets:
             plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
@@ -258,7 +259,7 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
                 else len(io.to_bytes(model))
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
             model, plan, options.target_macs if by_macs else options.target_size, by_macs, total, lowrank,
-            progress=_stage(progress, "budget: layer", len(lowrank_targets(model, plan))))
+            progress=_stage(progress, "budget: layer", len(targets)))  # targets: calibrated above, data or not
         if generated:
             plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
     done = set()
