@@ -240,6 +240,10 @@ def test_lowrank_then_full_int8(calib, tmp_path):
         x, w, b = op.inputs
         assert (x.type, w.type, op.outputs[0].type) == (T.INT8, T.INT8, T.INT8) and (b is None or b.type == T.INT32)
         assert op.opcode.version == (3 if op.builtin == OP.CONV_2D else 4)
+        # The chains' inner factors (rank outputs) have one weight scale; every other layer one per channel.
+        inner = op.outputs[0].name.endswith("/lowrank/mid")
+        assert len(w.quantization.scale) == (1 if inner else w.shape[0])
+    assert report["calibration"]["full_int8"]["per_tensor_chain_ops"] == 2
     assert report["totals"]["file_bytes_after"] < report["totals"]["file_bytes_before"] / 7
     x, y = load_split("test", 32)
     it = verify.interpreter(out)
@@ -332,3 +336,24 @@ def test_full_int8_from_float16_and_dynamic_range_models(fixture, calib, tmp_pat
     for i in range(4):
         np.testing.assert_allclose(verify.invoke(on, [x[i:i + 1]])[0], verify.invoke(off, [x[i:i + 1]])[0],
                                    atol=0.05)
+
+
+def test_balancing_chain_factors_keeps_the_float_model():
+    """Cross-layer equalization of the inner factors (before their per-tensor quantization) changes what each
+    factor holds, not what the chain computes: CP (conv → depthwise → conv) and SVD (FC → FC) chains."""
+    from conftest import outputs
+    from tfrewrite.passes import full_int8
+    model = io.read(FIXTURES / "vgg_digits.tflite")
+    plan = rewrite.Options(rank=24, skip="predictions").plan()
+    rewrite.rewrite_model(model, rewrite.Options(rank=24, skip="predictions"), plan=plan)
+    before = outputs(io.to_bytes(model), samples=3)
+    inner = full_int8.chain_inner_ops(model, plan.input_tensors)
+    assert {op.builtin for _, op, _ in inner} == {OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED}
+    assert len(inner) == 2 * 5 + 2  # conv1_1 (3 input channels) is left dense
+    first = inner[0][1].inputs[1]
+    ranges = np.abs(first.data).reshape(first.shape[0], -1).max(axis=1)
+    assert full_int8.balance(model, inner) > 0
+    balanced = np.abs(first.data).reshape(first.shape[0], -1).max(axis=1)
+    assert balanced.std() / balanced.mean() < ranges.std() / ranges.mean()
+    for a, b in zip(before, outputs(io.to_bytes(model), samples=3)):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-6)

@@ -282,8 +282,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         entries += checked(quantize.run(model, plan))
     if options.quantize == "full-int8":
         from .passes import full_int8
-        plan.calibration = dict(plan.calibration or {}, full_int8=full_int8.run(model, options.calibration,
-                                                                                options.signature))
+        plan.calibration = dict(plan.calibration or {}, full_int8=full_int8.run(
+            model, options.calibration, options.signature, plan.input_tensors))
         update_min_runtime_version(model)
         model.validate(known_problems)
     if plan.uses("prune") or options.sparse_encode:
