@@ -21,18 +21,20 @@ from .passes.common import RankOption, Skip, read_weight
 
 OP = schema.BuiltinOperator
 CANDIDATE_RATIOS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
+ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "full-int8": 1}
 KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate rank's"
 
 
 @dataclass
 class BudgetLayer:
-    """One layer the budget may compress: its rank options and its dense cost."""
+    """One layer the budget may compress: its rank options and its dense cost (`dense_bytes` when known, else
+    the weights' bytes)."""
     name: str
     options: list[RankOption]
     dense_params: int
     dense_macs: int
     itemsize: int = 4
+    dense_bytes: float | None = None
 
 
 @dataclass
@@ -46,7 +48,55 @@ class Allocation:
 def cost(layer: BudgetLayer, option: RankOption | None, by_macs: bool) -> float:
     if by_macs:
         return option.macs if option else layer.dense_macs
-    return (option.params if option else layer.dense_params) * layer.itemsize
+    if option is None:
+        return layer.dense_bytes if layer.dense_bytes is not None else layer.dense_params * layer.itemsize
+    stored = getattr(option, "bytes", None)
+    return stored if stored is not None else option.params * layer.itemsize
+
+
+def stored_bytes(params: int, channels: tuple, form: str, name_bytes: int) -> float:
+    """About the file bytes of a layer's ops as `form` stores them ('float32', 'float16', 'int8' dynamic range,
+    'full-int8'): weights, biases, quantization parameters and each op's tables (its weight, bias and output
+    tensors with their names, two buffers). `channels`: each op's output channels, the layer's own output last.
+    Per output channel a float32 bias costs 4 bytes; a per-channel int8 weight adds a float32 scale and an int64
+    zero point (12), and a full-integer int32 bias the same again: 28 bytes per channel beside 1-byte weights.
+    The ops before the last of a full-integer chain are quantized per tensor (their rank channels cost only a
+    zero int32 bias each; `passes.int8_chain`, `passes.full_int8`)."""
+    from .io import BUFFER_BYTES, OPERATOR_BYTES, OPTIONS_BYTES, QUANTIZATION_BYTES, TENSOR_BYTES
+    tables = OPERATOR_BYTES + 16 + OPTIONS_BYTES + 3 * (TENSOR_BYTES + name_bytes + 16) + 2 * BUFFER_BYTES
+    ops = len(channels)
+    if form == "full-int8":
+        per_tensor = QUANTIZATION_BYTES + 12  # one scale and one zero point
+        return params + 28 * channels[-1] + 4 * sum(channels[:-1]) + ops * (tables + 3 * per_tensor)
+    if form == "int8":
+        return params + 16 * sum(channels) + ops * (tables + 2 * QUANTIZATION_BYTES)
+    return params * ITEMSIZE[form] + 4 * sum(channels) + ops * tables
+
+
+def full_int8_size(model, file_bytes: int) -> float:
+    """About the file size of `model` (`file_bytes` as it is) once every float conv / FC / depthwise layer is
+    quantized full-integer and every activation gets a scale and zero point: what `--quantize full-int8` alone
+    would write, so that a target applies on top of it."""
+    from .ops.semantics import LAYERS
+    from .io import QUANTIZATION_BYTES
+    size = float(file_bytes)
+    for sg in model.subgraphs:
+        producers = sg.producers()
+        for op in sg.operators:
+            layout = LAYERS.get(op.builtin)
+            if layout is None:
+                continue
+            try:
+                weight = read_weight(op, producers, layout.weight)
+            except Skip:
+                continue
+            if weight.full_integer or weight.kind not in ("float32", "float16"):
+                continue
+            w, nb = weight.values, len(op.outputs[0].name)
+            channels = (w.shape[layout.out_axis],)
+            size += stored_bytes(w.size, channels, "full-int8", nb) - stored_bytes(w.size, channels, weight.kind, nb)
+        size += sum(QUANTIZATION_BYTES + 12 for t in sg.tensors if not t.is_constant)
+    return size
 
 
 def allocate(layers: list[BudgetLayer], total: float, goal: float, by_macs: bool = False) -> Allocation:
@@ -71,12 +121,14 @@ def allocate(layers: list[BudgetLayer], total: float, goal: float, by_macs: bool
     return Allocation(choice, levels[-1] if levels else 0.0, achieved, False)
 
 
-def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, progress=None
-               ) -> tuple[dict, dict, dict]:
+def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, progress=None,
+               full_int8: bool = False) -> tuple[dict, dict, dict]:
     """Per-layer settings (id(op) → LayerSettings) that meet `target` (X times smaller file, or X times fewer MACs
     when `by_macs`), what the report shows per layer (id(op) → dict) and the budget's summary. `total`: the input's file bytes or MACs. `passes`: the low-rank
     pass modules, each with `candidates`, `rank_options` and its op kind. Layers with calibration rows are judged
-    on them; without any, every candidate is judged on its weights."""
+    on them; without any, every candidate is judged on its weights. Layers count the bytes their ops will take
+    in the file (`stored_bytes`); with `full_int8` (`--quantize full-int8` follows) as full-integer layers, and
+    the target applies to the input quantized the same way (`full_int8_size`)."""
     data_aware = bool(plan.layer_data)
     ops, layers = [], []
     for pass_ in passes:
@@ -93,12 +145,18 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
             if progress:
                 progress(op)
             w = weight.values
+            form = "full-int8" if weight.full_integer or full_int8 else weight.kind
+            nb = len(op.outputs[0].name.split(";")[0]) + 12  # the chain's tensors: the layer's name + a suffix
+            options = [o._replace(bytes=stored_bytes(o.params, o.channels, form, nb)) if o.channels else o
+                       for o in options]
             ops.append(op)
             layers.append(BudgetLayer(op.outputs[0].name, options, w.size,
                                       numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
-                                      ITEMSIZE.get(weight.kind, 4)))
+                                      ITEMSIZE.get(form, 4), stored_bytes(w.size, (w.shape[0],), form, nb)))
     order = {id(op): plan.positions.get(id(op), (0, i)) for i, op in enumerate(ops)}
     ops, layers = zip(*sorted(zip(ops, layers), key=lambda p: order[id(p[0])])) if ops else ((), ())
+    if full_int8 and not by_macs:
+        total = full_int8_size(model, total)
     result = allocate(list(layers), total, total / target, by_macs)
     spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, result.choice)) or 1
     settings, info = {}, {}
@@ -112,11 +170,15 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
                         "share": round(cost(layer, c, by_macs) / spent, 6),
                         "candidates": [{"rank": _rank_json(o.rank), "damage": round(o.damage, 6)}
                                        for o in layer.options]}
-    summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
-               "measure": "macs" if by_macs else "file",
+    quantized = full_int8 and not by_macs
+    what = "fewer MACs" if by_macs else ("smaller file than --quantize full-int8 alone (estimated "
+                                         f"{total / 1e3:.1f} kB)" if quantized else "smaller file")
+    summary = {"target": f"{target:g}x {what}", "goal": target, "measure": "macs" if by_macs else "file",
                "damage": "measured on the calibration data" if data_aware else "estimated from the weights (no data)",
                "reached": result.reached, "damage_level": round(float(result.level), 6),
                "estimate": round(total / max(result.estimate, 1), 3), "layers": list(info.values())}
+    if quantized:
+        summary["baseline_bytes"] = round(total)
     return settings, info, summary
 
 

@@ -259,7 +259,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
                 else len(io.to_bytes(model))
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
             model, plan, options.target_macs if by_macs else options.target_size, by_macs, total, lowrank,
-            progress=_stage(progress, "budget: layer", len(targets)))  # targets: calibrated above, data or not
+            progress=_stage(progress, "budget: layer", len(targets)),  # targets: calibrated above, data or not
+            full_int8=options.quantize == "full-int8")
         if generated:
             plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
     done = set()
@@ -458,9 +459,12 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
 
 def judge_budget(summary: dict, totals: dict) -> dict:
     """The budget's summary with `achieved` measured on the written file (or the rewritten model's MACs) and
-    `reached` true only when that meets the goal: the planner's own figure is an estimate."""
+    `reached` true only when that meets the goal: the planner's own figure is an estimate. Before `--quantize
+    full-int8` the goal is relative to the input quantized alone (`baseline_bytes`, estimated)."""
     if summary["measure"] == "macs":
         achieved = totals["macs_before"] / max(totals["macs_after"], 1)
+    elif summary.get("baseline_bytes"):
+        achieved = summary["baseline_bytes"] / max(totals["file_bytes_after"], 1)
     else:
         achieved = totals["file_bytes_before"] / max(totals["file_bytes_after"], 1)
     return {**summary, "achieved": round(achieved, 3), "reached": achieved >= summary["goal"]}

@@ -27,6 +27,23 @@ def activation_params(values: np.ndarray) -> tuple[float, int]:
     return scale, zero
 
 
+def equalization_scales(first_ranges: np.ndarray, second_ranges: np.ndarray) -> np.ndarray:
+    """Cross-layer equalization (Nagel et al. 2019, data-free quantization): for a channel j written by one
+    factor (its weights' largest |value| r₁[j]) and read by the next (r₂[j]), the s[j] = √(r₁/r₂) that makes both
+    ranges √(r₁·r₂) when the first factor's channel is divided by it and the second's multiplied — exact in real
+    arithmetic, and it lets one scale per tensor fit both factors about as well as one per channel. 1 where
+    either range is 0."""
+    r1, r2 = (np.asarray(r, np.float64) for r in (first_ranges, second_ranges))
+    ok = (r1 > 0) & (r2 > 0)
+    return np.where(ok, np.sqrt(np.where(ok, r1, 1.0) / np.where(ok, r2, 1.0)), 1.0)
+
+
+def channel_ranges(values: np.ndarray, axis: int) -> np.ndarray:
+    """The largest |value| of each index of `axis`."""
+    v = np.abs(np.moveaxis(np.asarray(values), axis, 0))
+    return v.reshape(v.shape[0], -1).max(axis=1) if v.size else np.zeros(v.shape[0])
+
+
 def fake_quant(values: np.ndarray, scale: float, zero: int) -> np.ndarray:
     """The real values an int8 tensor with (scale, zero point) holds for `values`: round, clamp, dequantize."""
     q = np.clip(np.round(np.asarray(values, np.float64) / scale) + zero, -128, 127)
@@ -43,7 +60,7 @@ def weights_and_bias(weight: np.ndarray, bias: np.ndarray, in_scale: float, axis
     """Symmetric int8 `weight` (per channel along `axis`, or per tensor for None) and an int32 `bias` at
     in_scale·s_w[c]. Where |b / (in_scale·s_w[c])| would not fit in int32 the channel's weight scale is grown
     until it does (the weights are requantized with it; they only get smaller).
-    Returns (q int8, scales float32, bias int32, bias scales float32)."""
+    Returns (q int8, scales float32, bias int32, bias scales float32: one per channel, or one for `axis` None)."""
     q, scales = quantize_symmetric_int8(weight, axis=axis)
     bias = np.asarray(bias, np.float64).reshape(-1)
     channels = len(bias)
@@ -60,7 +77,8 @@ def weights_and_bias(weight: np.ndarray, bias: np.ndarray, in_scale: float, axis
     bias_scales = (in_scale * per).astype(np.float32)
     b = np.round(bias / bias_scales.astype(np.float64))
     assert np.all(np.abs(b) <= INT32_MAX)
-    return q, scales, b.astype(np.int32), bias_scales
+    # A per-tensor weight's bias has one scale too: XNNPACK refuses a per-tensor CONV_2D whose bias has several.
+    return q, scales, b.astype(np.int32), bias_scales[:1] if axis is None else bias_scales
 
 
 def _quantize_with(weight: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:

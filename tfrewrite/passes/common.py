@@ -35,6 +35,8 @@ class RankOption(NamedTuple):
     params: int
     macs: int
     damage: float
+    channels: tuple = ()        # output channels of each op the rewrite emits, the layer's own last
+    bytes: float | None = None  # file bytes of those ops as they will be stored (the budget fills it in)
 
 
 class Skip(Exception):

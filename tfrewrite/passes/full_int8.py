@@ -105,6 +105,7 @@ def balance(model: Model, inner: list[tuple]) -> int:
     j divided by s_j = √(r₁/r₂) and B's input channel j multiplied by it, r₁ / r₂ the largest |weight| of channel j
     in A / B — exact in float, and both ranges become √(r₁·r₂). Constants read by any other op are left alone.
     Returns how many channels were rescaled."""
+    from ..linalg.int8 import channel_ranges, equalization_scales
     from ..ops.semantics import LAYERS
     users: dict = {}
     for _, op in model.operators():
@@ -122,11 +123,10 @@ def balance(model: Model, inner: list[tuple]) -> int:
             continue
         a_axis, b_axis = la.out_axis, (lb.out_axis if lb.coupled else lb.in_axis)
         va, vb = np.asarray(wa.data, np.float64), np.asarray(wb.data, np.float64)
-        r1 = np.abs(np.moveaxis(va, a_axis, 0)).reshape(va.shape[a_axis], -1).max(axis=1)
-        r2 = np.abs(np.moveaxis(vb, b_axis, 0)).reshape(vb.shape[b_axis], -1).max(axis=1)
+        r1, r2 = channel_ranges(va, a_axis), channel_ranges(vb, b_axis)
         if len(r1) != len(r2):
             continue
-        s = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.where(r2 > 0, r2, 1)), 1.0)
+        s = equalization_scales(r1, r2)
         shape_a, shape_b = [1] * va.ndim, [1] * vb.ndim
         shape_a[a_axis], shape_b[b_axis] = -1, -1
         wa.set_data((va / s.reshape(shape_a)).astype(np.float32))

@@ -4,7 +4,11 @@ The low-rank passes fit their float factors as usual, on the layer's calibration
 those are the layer's *quantized* inputs captured from the int8 model itself (dequantized), so upstream
 quantization error is part of the fit. This module then turns the factors into int8 ops:
 
-- each factor is quantized symmetric int8 per output channel (per tensor when the original weight was);
+- the factors before the last are balanced against their readers (cross-layer equalization, exact in float) and
+  quantized symmetric int8 per tensor: per channel, each rank channel would cost a float32 scale and an int64 zero
+  point for the weight and again for its bias (24 bytes beside a few 1-byte weights); the last factor, which
+  writes the layer's own output channels, is quantized per output channel (per tensor when the original weight
+  was);
 - each new intermediate tensor gets an activation (scale, zero point) from its range on the calibration rows,
   computed through the already quantized factors and intermediates before it;
 - the last factor and the bias are refitted in closed form on the quantized intermediate (`linalg.int8.refit_last`),
@@ -97,15 +101,17 @@ class Chain:
         self.damping = policy.extra.get("damping", fit.DEFAULT_DAMPING)
         self.z = rows.reshape(len(rows), taps, -1)  # [N, K, C]: the chain's current real-valued signal
 
-    def weight(self, name: str, values: np.ndarray, axis: int, in_scale: float, bias=None) -> tuple[Tensor, Tensor, np.ndarray]:
-        """An int8 weight (per channel along `axis` if the layer's weights are) and its int32 bias (zeros by
-        default) at in_scale·s_w; returns (weight, bias, real weight values)."""
+    def weight(self, name: str, values: np.ndarray, axis: int, in_scale: float, bias=None, per_tensor=False
+               ) -> tuple[Tensor, Tensor, np.ndarray]:
+        """An int8 weight (per channel along `axis` if the layer's weights are and not `per_tensor`) and its int32
+        bias (zeros by default) at in_scale·s_w; returns (weight, bias, real weight values)."""
         from ..linalg import int8
         channels = values.shape[axis]
-        q_axis = axis if self.axis is not None else None
+        q_axis = axis if self.axis is not None and not per_tensor else None
         q, scales, b, b_scales = int8.weights_and_bias(values, np.zeros(channels) if bias is None else bias,
                                                       in_scale, q_axis)
-        w_t = self.sg.add_constant(f"{self.base}/{name}", q, quantization=_quant(scales, np.zeros(len(scales)), axis))
+        w_t = self.sg.add_constant(f"{self.base}/{name}", q,
+                                   quantization=_quant(scales, np.zeros(len(scales)), axis if q_axis is not None else 0))
         b_t = self.sg.add_constant(f"{self.base}/{name}_bias", b,
                                    quantization=_quant(b_scales, np.zeros(len(b_scales))))
         shape = [1] * values.ndim
@@ -141,11 +147,15 @@ class Chain:
 def svd(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, entry: dict, left: np.ndarray,
         right: np.ndarray, base: str) -> dict:
     """FULLY_CONNECTED or 1×1 CONV_2D → two int8 ops from (left [out, r], right [r, in])."""
+    from ..linalg import int8
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     r = right.shape[0]
+    s = int8.equalization_scales(int8.channel_ranges(right, 0), int8.channel_ranges(left, 1))
+    right, left = right / s[:, None], left * s
     chain = Chain(sg, op, weight, policy, 1, base)
     fc = op.builtin == schema.BuiltinOperator.FULLY_CONNECTED
-    w1, b1, right_real = chain.weight("lowrank/right", right if fc else right.reshape(r, 1, 1, -1), 0, chain.in_scale)
+    w1, b1, right_real = chain.weight("lowrank/right", right if fc else right.reshape(r, 1, 1, -1), 0, chain.in_scale,
+                                      per_tensor=True)
     right_real = right_real.reshape(r, -1)
     z = chain.z[:, 0, :] @ right_real.T
     if fc:
@@ -172,21 +182,30 @@ def kxk(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, ent
     """k×k CONV_2D → 1×1 CONV_2D (first [r_in, in]) → k×k op → 1×1 CONV_2D (last [out, r_out]), all int8. The
     k×k op is a DEPTHWISE_CONV_2D for CP (middle [k·k, r]) or a CONV_2D for Tucker-2 (core [r_out, k·k, r_in]).
     Returns the stored factors (shaped as emitted) and their reconstruction [out, k·k, in]."""
+    from ..linalg import int8
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     _, kh, kw, i = weight.values.shape
     k, r_in = kh * kw, first.shape[0]
+    # Balance each factor against the next: the middle's input channels (CP: its columns; Tucker-2: the core's
+    # last axis), then its output channels against the last factor's columns.
+    middle = middle.reshape(k, r_in) if method == "cp" else middle.reshape(middle.shape[0], k, r_in)
+    s = int8.equalization_scales(int8.channel_ranges(first, 0), int8.channel_ranges(middle, middle.ndim - 1))
+    first, middle = first / s[:, None], middle * s
+    s = int8.equalization_scales(int8.channel_ranges(middle, 1 if method == "cp" else 0), int8.channel_ranges(last, 1))
+    middle = middle / (s if method == "cp" else s[:, None, None])
+    last = last * s
     chain = Chain(sg, op, weight, policy, k, base)
-    w1, b1, first_real = chain.weight(f"{method}/in", first.reshape(r_in, 1, 1, i), 0, chain.in_scale)
+    w1, b1, first_real = chain.weight(f"{method}/in", first.reshape(r_in, 1, 1, i), 0, chain.in_scale, per_tensor=True)
     z1, s1 = chain.intermediate(chain.z @ first_real.reshape(r_in, i).T, f"{method}/z1",
                                 static_shape(x)[:-1] + [r_in], x)
     if method == "cp":  # the depthwise weight [1, kh, kw, r] has its channels on axis 3
         r_out, build = r_in, ops.depthwise_conv2d
-        w2, b2, mid_real = chain.weight("cp/depthwise", middle.reshape(1, kh, kw, r_in), 3, s1)
+        w2, b2, mid_real = chain.weight("cp/depthwise", middle.reshape(1, kh, kw, r_in), 3, s1, per_tensor=True)
         z = np.einsum("nkr,kr->nr", chain.z, mid_real.reshape(k, r_in))
         core = np.einsum("kr,rs->rks", mid_real.reshape(k, r_in), np.eye(r_in))
     else:
         r_out, build = middle.shape[0], ops.conv2d
-        w2, b2, mid_real = chain.weight("tucker2/core", middle.reshape(r_out, kh, kw, r_in), 0, s1)
+        w2, b2, mid_real = chain.weight("tucker2/core", middle.reshape(r_out, kh, kw, r_in), 0, s1, per_tensor=True)
         z = chain.z.reshape(len(chain.z), -1) @ mid_real.reshape(r_out, -1).T
         core = mid_real.reshape(r_out, k, r_in)
     z2, s2 = chain.intermediate(z, f"{method}/z2", static_shape(out)[:-1] + [r_out], out)
