@@ -12,6 +12,7 @@ Deterministic: fixed options, seeded decompositions, ties broken by layer order.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,11 +26,24 @@ ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate rank's"
 
 
+class SparsityOption(NamedTuple):
+    """One sparsity the prune pass could give a layer (`--prune auto`): the nonzero weights it keeps, the bytes
+    the runtime's sparse format really stores for it (values, index vectors, tables, a DENSIFY), the MACs (the
+    runtime still runs the layer dense) and the damage (the layer's relative output error after the data-aware
+    prune)."""
+    sparsity: float
+    params: int
+    nbytes: int
+    macs: int
+    damage: float
+
+
 @dataclass
 class BudgetLayer:
-    """One layer the budget may compress: its rank options and its dense cost."""
+    """One layer the budget may compress: its options (any kind with `.params`, `.macs`, `.damage`, and
+    `.nbytes` when its bytes are not params × itemsize) and its dense cost."""
     name: str
-    options: list[RankOption]
+    options: list
     dense_params: int
     dense_macs: int
     itemsize: int = 4
@@ -37,7 +51,7 @@ class BudgetLayer:
 
 @dataclass
 class Allocation:
-    choice: list[RankOption | None]   # per layer; None = kept dense
+    choice: list                      # per layer: one of its options, or None = kept dense
     level: float                      # the shared damage level
     estimate: float                   # total cost the choice gives (bytes or MACs)
     reached: bool                     # the estimate meets the goal
@@ -46,6 +60,8 @@ class Allocation:
 def cost(layer: BudgetLayer, option: RankOption | None, by_macs: bool) -> float:
     if by_macs:
         return option.macs if option else layer.dense_macs
+    if option is not None and getattr(option, "nbytes", None) is not None:
+        return option.nbytes
     return (option.params if option else layer.dense_params) * layer.itemsize
 
 
