@@ -36,7 +36,7 @@ class RankOption(NamedTuple):
     macs: int
     damage: float
     channels: tuple = ()        # output channels of each op the rewrite emits, the layer's own last
-    bytes: float | None = None  # file bytes of those ops as they will be stored (the budget fills it in)
+    nbytes: float | None = None  # file bytes of those ops as they will be stored (the budget fills it in)
 
 
 class Skip(Exception):
@@ -306,7 +306,9 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, producers: dict, plan,
             policy = replace(policy, extra={})
             entry["shared"] = True
         snapshot, size_before, shared_before = model.snapshot(), io.estimated_size(model), len(plan.shared_factors)
-        rewrite(sg, op, weight, policy, plan, entry, producers)
+        from ..linalg.svd import blas_threads_for
+        with blas_threads_for(weight.values.size):
+            rewrite(sg, op, weight, policy, plan, entry, producers)
         if not policy.force:
             _keep_if_smaller(model, weight, plan, entry, snapshot, size_before, shared_before)
     except Skip as e:
