@@ -189,6 +189,40 @@ def test_activation_params_represent_zero_exactly():
         assert int8.fake_quant(np.array([lo, hi]), scale, zero) == pytest.approx([lo, hi], abs=scale)
 
 
+def test_percentile_ranges_clip_rare_extremes():
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.standard_normal(100_000), [40.0, -35.0]])  # two outliers
+    full, zero_full = int8.activation_params(values)
+    clipped, zero = int8.activation_params(values, 99.9)
+    assert full == pytest.approx(75.0 / 255, rel=1e-6) and clipped < full / 10
+    assert -128 <= zero <= 127 and int8.fake_quant(np.zeros(1), clipped, zero)[0] == 0.0
+    assert int8.activation_params(np.abs(values), 99.9)[1] == -128  # all >= 0: zero at the bottom of the range
+
+
+def test_sequential_and_percentile_ranges_on_the_int8_model(calib, tmp_path):
+    """--sequential on a full-integer model: each chain is fitted on the int8 activations of the already
+    rewritten layers, towards the original's outputs. --activation-percentile narrows the ranges of the new int8
+    tensors, also of the layers whose calibration rows the sequential fit collects again."""
+    x, y = load_split("test", 32)
+    scales = {}
+    for p in (100, 99):
+        out = tmp_path / f"seq{p}.tflite"
+        report = rewrite.run(INT8_VGG, out, rewrite.Options(fc_rank=24, only="fc1|fc2", sequential=True,
+                                                            calibration=str(calib), activation_percentile=p))
+        done = [e for e in report["layers"] if e["action"] == "rewritten"]
+        assert len(done) == 2 and all(e["bias_corrected"] and e["output_error"] < 0.5 for e in done)
+        model = io.read(out)
+        scales[p] = {t.name: float(t.quantization.scale[0]) for t in model.main.tensors
+                     if t.name.endswith("/lowrank/mid")}
+        new = [op for op in model.main.operators if "/lowrank/" in op.outputs[0].name
+               or "/lowrank/" in op.inputs[0].name]
+        assert len(new) == 4 and max(_per_op_lsb(model, out, new, x[:6]).values()) <= 1
+        it = verify.interpreter(out)
+        acc = np.mean([verify.invoke(it, [x[i:i + 1]])[0].argmax() == y[i] for i in range(0, len(x), 2)])
+        assert acc >= 0.95  # the int8 original: 97.2 %
+    assert len(scales[99]) == 2 and all(scales[99][name] < scales[100][name] for name in scales[100])
+
+
 def test_int8_input_takes_float_or_int8_calibration(tmp_path):
     """A model with an int8 input: float calibration data is quantized with the input's scale and zero point,
     int8 data is used as it is — the same samples either way give the same output file."""

@@ -163,12 +163,15 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
             w = weight.values
             form = "full-int8" if weight.full_integer or full_int8 else weight.kind
             nb = len(op.outputs[0].name.split(";")[0]) + 12  # the chain's tensors: the layer's name + a suffix
-            options = [o._replace(nbytes=stored_bytes(o.params, o.channels, form, nb)) if o.channels else o
-                       for o in options]
+            dense = stored_bytes(w.size, (w.shape[0],), form, nb)
+            # An option whose ops take more bytes than the dense layer never pays (small int8 layers: each
+            # new op's tables and quantization parameters outweigh the 1-byte weights it saves).
+            options = [o for o in (o._replace(nbytes=stored_bytes(o.params, o.channels, form, nb)) if o.channels
+                                   else o for o in options) if o.nbytes is None or o.nbytes < dense]
             ops.append(op)
             layers.append(BudgetLayer(op.outputs[0].name, options, w.size,
                                       numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
-                                      ITEMSIZE.get(form, 4), stored_bytes(w.size, (w.shape[0],), form, nb)))
+                                      ITEMSIZE.get(form, 4), dense))
     order = {id(op): plan.positions.get(id(op), (0, i)) for i, op in enumerate(ops)}
     ops, layers = zip(*sorted(zip(ops, layers), key=lambda p: order[id(p[0])])) if ops else ((), ())
     if full_int8 and not by_macs:

@@ -37,6 +37,7 @@ class Options:
     report: str | None = None
     calibration: str | None = None
     sequential: bool = False
+    activation_percentile: float | None = None
     target_size: float | None = None
     target_macs: float | None = None
     verify: bool = False
@@ -75,6 +76,8 @@ class Options:
             raise ValueError("--min-params must be >= 0")
         if self.sequential and not self.calibration:
             raise ValueError("--sequential needs --calibration")
+        if self.activation_percentile is not None and not 50 < self.activation_percentile <= 100:
+            raise ValueError("--activation-percentile must be in (50, 100]")
         for flag, v in (("--target-size", self.target_size), ("--target-macs", self.target_macs)):
             if v is not None and not (v > 1 and math.isfinite(v)):
                 raise ValueError(f"{flag} must be a number greater than 1")
@@ -126,7 +129,10 @@ class Options:
                                          ("--force", self.force, "a technique option (it keeps rewrites that "
                                           "save nothing or make the file larger)", bool(asked_techniques(self))),
                                          ("--sequential", self.sequential, f"{ranks} or {prunes}",
-                                          lowrank or prune)):
+                                          lowrank or prune),
+                                         ("--activation-percentile", self.activation_percentile is not None,
+                                          f"{ranks} (it sets the range of the int8 tensors a rewrite of a "
+                                          "full-integer layer adds)", lowrank)):
             if given and not used:
                 raise OptionError(f"{flag} has no effect without {needs}")
         for i, rule in enumerate(plan.rules):
@@ -242,6 +248,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         rows = calibrate.collect(model, samples, targets,
                                  progress=_stage(progress, "calibration: sample", len(samples)))
         extra = {"damping": calibrate.GENERATED_DAMPING} if generated else {}
+        if options.activation_percentile is not None:
+            extra["activation_percentile"] = options.activation_percentile
         for op in targets:
             plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
         if options.calibration:
@@ -324,8 +332,9 @@ def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> li
         data = plan.layer_data[id(op)]
         if entries and any(e["action"] == "rewritten" for e in entries):
             now = calibrate.collect(model, samples, [op])[id(op)]
+            settings = {k: data[k] for k in ("damping", "activation_percentile") if k in data}
             plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean, "target_rows": data["rows"],
-                                       "target_mean": data["mean"]}
+                                       "target_mean": data["mean"], **settings}
         producers = model.main.producers()
         pass_ = lowrank_fc if op.builtin == OP.FULLY_CONNECTED else cp_conv
         entries.append(pass_.rewrite_op(model, model.main, op, producers, plan))

@@ -13,12 +13,16 @@ from .quant import dequantize_int8, quantize_symmetric_int8
 INT32_MAX = 2 ** 31 - 1
 
 
-def activation_params(values: np.ndarray) -> tuple[float, int]:
-    """(scale, zero point) of an int8 activation covering the min/max of `values` (and 0, which is then exactly
-    representable: the zero point is an integer in [−128, 127])."""
+def activation_params(values: np.ndarray, percentile: float = 100.0) -> tuple[float, int]:
+    """(scale, zero point) of an int8 activation covering `values` from their (100 − p)-th to their p-th
+    percentile (p = 100: min/max; below, the rare extremes are clipped for a finer step) and 0, which is then
+    exactly representable: the zero point is an integer in [−128, 127]."""
     v = np.asarray(values)
-    lo = min(0.0, float(v.min())) if v.size else 0.0
-    hi = max(0.0, float(v.max())) if v.size else 0.0
+    if v.size and percentile < 100:
+        low, high = np.percentile(v, [100 - percentile, percentile])
+    else:
+        low, high = (v.min(), v.max()) if v.size else (0.0, 0.0)
+    lo, hi = min(0.0, float(low)), max(0.0, float(high))
     scale = (hi - lo) / 255.0
     if not scale > 0:
         return 1.0, 0

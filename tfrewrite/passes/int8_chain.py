@@ -9,8 +9,9 @@ quantization error is part of the fit. This module then turns the factors into i
   point for the weight and again for its bias (24 bytes beside a few 1-byte weights); the last factor, which
   writes the layer's own output channels, is quantized per output channel (per tensor when the original weight
   was);
-- each new intermediate tensor gets an activation (scale, zero point) from its range on the calibration rows,
-  computed through the already quantized factors and intermediates before it;
+- each new intermediate tensor gets an activation (scale, zero point) from its range on the calibration rows
+  (min/max, or percentiles with `--activation-percentile`), computed through the already quantized factors and
+  intermediates before it;
 - the last factor and the bias are refitted in closed form on the quantized intermediate (`linalg.int8.refit_last`),
   so the chain's final rounding errors are corrected against the original layer's outputs;
 - biases are int32 at s_in·s_w[c] (weight scales grown where a bias would overflow); the first ops of a chain get
@@ -31,6 +32,8 @@ from ..graph import Operator, Subgraph, Tensor
 from .common import LayerWeight, RankPolicy, Skip
 
 T = schema.TensorType
+# The range of a chain's new int8 tensors (`--activation-percentile`): min/max of the calibration values.
+DEFAULT_PERCENTILE = 100.0
 
 
 def is_full_integer(op: Operator) -> bool:
@@ -99,6 +102,7 @@ class Chain:
         self.target = (rows if source is None else np.asarray(source, np.float64)) @ w.T + bias
         self.rows = rows
         self.damping = policy.extra.get("damping", fit.DEFAULT_DAMPING)
+        self.percentile = policy.extra.get("activation_percentile", DEFAULT_PERCENTILE)
         self.z = rows.reshape(len(rows), taps, -1)  # [N, K, C]: the chain's current real-valued signal
 
     def weight(self, name: str, values: np.ndarray, axis: int, in_scale: float, bias=None, per_tensor=False
@@ -122,7 +126,7 @@ class Chain:
     def intermediate(self, values: np.ndarray, name: str, shape, like: Tensor) -> tuple[Tensor, float]:
         """A new int8 tensor for the real `values` seen on the rows; the signal becomes its quantized values."""
         from ..linalg import int8
-        scale, zero = int8.activation_params(values)
+        scale, zero = int8.activation_params(values, self.percentile)
         self.z = int8.fake_quant(values, scale, zero)
         return _activation(self.sg, f"{self.base}/{name}", shape, like, scale, zero), scale
 
