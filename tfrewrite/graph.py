@@ -2,6 +2,10 @@
 
 Model → Subgraphs → Operators and Tensors that point at each other directly. Indices, the operator-code
 table, buffer numbering, signature and metadata indices exist only in the file; `io` rebuilds them on write.
+Use-def links are live (as in onnx-graphsurgeon): `Tensor.producer`, `Tensor.consumers` and `Buffer.users`
+follow every edit made through the IR's lists (a subgraph's operators and tensors, an operator's inputs and
+outputs) and helpers, for the operators and tensors a subgraph lists; the invariant check compares them with
+the lists.
 Options, quantization and sparsity parameters are kept as the schema's object-API values and written back
 unchanged unless a pass replaces them.
 """
@@ -46,9 +50,10 @@ def tensor_type_for(dtype) -> int:
 class Buffer:
     """Raw bytes of a constant; one Buffer may back several tensors (shared weights stay shared)."""
 
-    __slots__ = ("data", "source")
+    __slots__ = ("data", "source", "_users")
 
     def __init__(self, data, source: tuple[str, int] | None = None):
+        self._users: dict[Tensor, None] = {}  # tensors listed in a subgraph over these bytes (kept by the IR)
         # A uint8 view (often on the memory-mapped input file) or any bytes-like object.
         self.data = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
         # (path, offset) when the bytes are an untouched region of a file: the writer copies them in the kernel.
@@ -57,6 +62,98 @@ class Buffer:
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
+
+    @property
+    def users(self) -> list[Tensor]:
+        """Every tensor of any subgraph over this buffer (a weight shared across ops, subgraphs or signatures is
+        one Buffer with one tensor per subgraph, or several tensors in one subgraph), in the order they were
+        listed (`Model.sharers` gives model order)."""
+        return list(self._users)
+
+
+class _Linked(list):
+    """A list that tells its owner what enters and leaves it, so that the use-def links follow every edit made
+    through it (item and slice assignment, append, insert, extend, remove, pop, del, clear)."""
+
+    __slots__ = ("_added", "_removed")
+
+    def __init__(self, items=(), added=None, removed=None):
+        super().__init__(items)
+        self._added, self._removed = added, removed
+        for x in self:
+            added(x)
+
+    def __setitem__(self, i, value):
+        if isinstance(i, slice):
+            value = list(value)
+            for x in list.__getitem__(self, i):
+                self._removed(x)
+            list.__setitem__(self, i, value)
+        else:
+            self._removed(list.__getitem__(self, i))
+            list.__setitem__(self, i, value)
+            value = [value]
+        for x in value:
+            self._added(x)
+
+    def __delitem__(self, i):
+        for x in (list.__getitem__(self, i) if isinstance(i, slice) else [list.__getitem__(self, i)]):
+            self._removed(x)
+        list.__delitem__(self, i)
+
+    def append(self, x):
+        list.append(self, x)
+        self._added(x)
+
+    def insert(self, i, x):
+        list.insert(self, i, x)
+        self._added(x)
+
+    def extend(self, items):
+        items = list(items)
+        list.extend(self, items)
+        for x in items:
+            self._added(x)
+
+    def __iadd__(self, items):
+        self.extend(items)
+        return self
+
+    def __imul__(self, n):
+        raise TypeError("repeating IR lists is not supported")
+
+    def remove(self, x):
+        i = next((i for i, y in enumerate(self) if y is x), None)
+        if i is None:
+            raise ValueError(f"{x!r} is not in the list")
+        del self[i]
+
+    def pop(self, i=-1):
+        x = list.__getitem__(self, i)
+        del self[i]
+        return x
+
+    def clear(self):
+        del self[:]
+
+    def __copy__(self):
+        return list(self)
+
+    def __reduce_ex__(self, protocol):
+        return list, (list(self),)
+
+
+def _linked_list(attr: str, added: str, removed: str) -> property:
+    """A list attribute whose items the owner links (`added`) and unlinks (`removed`); assigning a new list
+    unlinks the old list's items first."""
+    def get(self):
+        return getattr(self, attr)
+
+    def set(self, items):
+        for x in self.__dict__.get(attr, ()):
+            getattr(self, removed)(x)
+        setattr(self, attr, _Linked(items, getattr(self, added), getattr(self, removed)))
+    return property(get, set)
 
 
 @dataclass(eq=False)
@@ -103,8 +200,57 @@ class Tensor:
     def type_name(self) -> str:
         return TYPE_NAMES.get(self.type, str(self.type)).lower()
 
+    # --- use-def links, kept by the IR's edits (operator lists, op inputs/outputs, tensor lists, buffer) ----
+    _producer = None  # the operator of a subgraph that writes this tensor
+    _subgraph = None  # the subgraph that lists this tensor
+
+    def __post_init__(self):
+        self._readers: dict[Operator, int] = {}  # operator of a subgraph that reads it → how many of its inputs
+
+    @property
+    def producer(self) -> Operator | None:
+        """The operator that writes this tensor (None for constants, variables and subgraph inputs)."""
+        return self._producer
+
+    @property
+    def consumers(self) -> list[Operator]:
+        """The operators that read this tensor, in execution order (each once)."""
+        readers = list(self._readers)
+        if len(readers) > 1:
+            readers.sort(key=lambda op: op._subgraph._position(op))
+        return readers
+
+    @property
+    def subgraph(self) -> Subgraph | None:
+        """The subgraph that lists this tensor."""
+        return self._subgraph
+
+    def _get_buffer(self) -> Buffer | None:
+        return self.__dict__.get("_buffer")
+
+    def _set_buffer(self, buffer: Buffer | None) -> None:
+        old = self.__dict__.get("_buffer")
+        if self._subgraph is not None and old is not buffer:
+            if old is not None:
+                old._users.pop(self, None)
+            if buffer is not None:
+                buffer._users[self] = None
+        self._buffer = buffer
+
+    def __copy__(self):
+        """A tensor with the same fields and no links (it is in no subgraph until listed in one)."""
+        new = Tensor.__new__(Tensor)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.pop("_producer", None)
+        new.__dict__.pop("_subgraph", None)
+        new._readers = {}
+        return new
+
     def __repr__(self):
         return f"Tensor({self.name!r}, {self.type_name}, {self.shape})"
+
+
+Tensor.buffer = property(Tensor._get_buffer, Tensor._set_buffer)
 
 
 @dataclass(eq=False)
@@ -147,9 +293,58 @@ class Operator:
     def name(self) -> str:
         return self.opcode.name
 
+    # --- use-def links: while the operator is in a subgraph, its tensors know it as producer / consumer -----
+    _subgraph = None
+
+    @property
+    def subgraph(self) -> Subgraph | None:
+        """The subgraph whose operator list holds this operator."""
+        return self._subgraph
+
+    def _input_added(self, t) -> None:
+        if self._subgraph is not None and t is not None:
+            t._readers[self] = t._readers.get(self, 0) + 1
+
+    def _input_removed(self, t) -> None:
+        if self._subgraph is not None and t is not None:
+            n = t._readers.get(self, 0) - 1
+            if n > 0:
+                t._readers[self] = n
+            else:
+                t._readers.pop(self, None)
+
+    def _output_added(self, t) -> None:
+        if self._subgraph is not None and t is not None:
+            t._producer = self
+
+    def _output_removed(self, t) -> None:
+        if self._subgraph is not None and t is not None and t._producer is self:
+            t._producer = None
+
+    def _link(self, subgraph: Subgraph | None) -> None:
+        """Join (a subgraph) or leave (None) a subgraph's operator list: register or drop the links."""
+        if subgraph is None:
+            for t in self._inputs:
+                self._input_removed(t)
+            for t in self._outputs:
+                self._output_removed(t)
+            self._subgraph = None
+            return
+        if self._subgraph is not None:
+            raise ValueError(f"{self} is already in a subgraph's operator list")
+        self._subgraph = subgraph
+        for t in self._inputs:
+            self._input_added(t)
+        for t in self._outputs:
+            self._output_added(t)
+
     def __repr__(self):
         outs = ", ".join(t.name for t in self.outputs)
         return f"Operator({self.name} -> {outs})"
+
+
+Operator.inputs = _linked_list("_inputs", "_input_added", "_input_removed")
+Operator.outputs = _linked_list("_outputs", "_output_added", "_output_removed")
 
 
 @dataclass(eq=False)
@@ -162,13 +357,42 @@ class Subgraph:
     debug_metadata_index: int = -1
     extra: dict = field(default_factory=dict)  # schema fields the IR does not model, kept as read
 
+    # --- the lists that keep the use-def links: any edit of them (or of an operator's inputs/outputs, or a
+    # tensor's buffer) updates Tensor.producer / Tensor.consumers / Buffer.users -------------------------------
+    _positions = None  # operator → index in `operators`, rebuilt on demand after an edit
+
+    def _operator_added(self, op: Operator) -> None:
+        op._link(self)
+        self._positions = None
+
+    def _operator_removed(self, op: Operator) -> None:
+        op._link(None)
+        self._positions = None
+
+    def _tensor_added(self, t: Tensor) -> None:
+        if t._subgraph is not None:
+            raise ValueError(f"{t} is already listed in a subgraph")
+        t._subgraph = self
+        if t.buffer is not None:
+            t.buffer._users[t] = None
+
+    def _tensor_removed(self, t: Tensor) -> None:
+        if t.buffer is not None:
+            t.buffer._users.pop(t, None)
+        t._subgraph = None
+
+    def _position(self, op: Operator) -> int:
+        if self._positions is None:
+            self._positions = {o: i for i, o in enumerate(self._operators)}
+        return self._positions[op]
+
     # --- queries --------------------------------------------------------------------------------------
     def producers(self) -> dict[int, Operator]:
-        """id(tensor) → the operator that writes it."""
+        """id(tensor) → the operator that writes it (a snapshot; `Tensor.producer` is the live link)."""
         return {id(t): op for op in self.operators for t in op.outputs}
 
     def consumers(self) -> dict[int, list[Operator]]:
-        """id(tensor) → operators that read it, in execution order."""
+        """id(tensor) → operators that read it, in execution order (a snapshot; `Tensor.consumers` is live)."""
         readers: dict[int, list[Operator]] = {}
         for op in self.operators:
             for t in _op_reads(op):
@@ -176,15 +400,23 @@ class Subgraph:
         return readers
 
     def producer_of(self, tensor: Tensor) -> Operator | None:
-        return next((op for op in self.operators if any(t is tensor for t in op.outputs)), None)
+        return tensor.producer
 
     def consumers_of(self, tensor: Tensor) -> list[Operator]:
-        return [op for op in self.operators if any(t is tensor for t in _op_reads(op))]
+        return tensor.consumers
 
     # --- edits ----------------------------------------------------------------------------------------
     def add_tensor(self, tensor: Tensor) -> Tensor:
         self.tensors.append(tensor)
         return tensor
+
+    def add_operator(self, op: Operator) -> Operator:
+        """Append `op`; a pass that adds several calls `toposort()` once it is done to put them in order."""
+        self.operators.append(op)
+        return op
+
+    def remove_operator(self, op: Operator) -> None:
+        self.operators.remove(op)
 
     def add_constant(self, name: str, array: np.ndarray, quantization=None) -> Tensor:
         tensor = Tensor(name=self.unique_name(name), type=0, shape=[])
@@ -226,22 +458,22 @@ class Subgraph:
 
     def replace_operator(self, old: Operator, chain: list[Operator]) -> None:
         """Put `chain` where `old` was in execution order; the chain must write old's outputs itself."""
-        i = next(i for i, op in enumerate(self.operators) if op is old)
+        i = self._position(old)
         self.operators[i:i + 1] = chain
 
     def insert_before(self, anchor: Operator, ops: list[Operator]) -> None:
-        i = next(i for i, op in enumerate(self.operators) if op is anchor)
+        i = self._position(anchor)
         self.operators[i:i] = ops
 
     def rewire(self, old: Tensor, new: Tensor, after: Operator | None = None) -> None:
         """Make every reader of `old` (only those after `after`, when given) read `new` instead."""
-        started = after is None
-        for op in self.operators:
-            if not started:
-                started = op is after
-                continue
-            op.inputs = [new if t is old else t for t in op.inputs]
-            op.intermediates = [new if t is old else t for t in op.intermediates]
+        start = -1 if after is None else self._position(after)
+        for op in old.consumers:
+            if self._position(op) > start:
+                op.inputs = [new if t is old else t for t in op.inputs]
+        for op in self.operators[start + 1:]:
+            if any(t is old for t in op.intermediates):
+                op.intermediates = [new if t is old else t for t in op.intermediates]
         self.outputs = [new if t is old else t for t in self.outputs]
 
     def cleanup(self, keep: Iterable[Tensor] = ()) -> None:
@@ -274,21 +506,21 @@ class Subgraph:
 
     def toposort(self) -> None:
         """Stable topological order of the operators (Kahn's algorithm, original order breaks ties)."""
-        producers = self.producers()
-        index = {id(op): i for i, op in enumerate(self.operators)}
-        deps = {id(op): {index[id(producers[id(t)])] for t in _op_reads(op) if id(t) in producers}
-                - {index[id(op)]} for op in self.operators}
-        done: set[int] = set()
+        import heapq
+        ops = list(self.operators)
+        waiting = {op: len({t.producer for t in _op_reads(op)} - {None, op}) for op in ops}
+        ready = [i for i, op in enumerate(ops) if not waiting[op]]
+        heapq.heapify(ready)
         order: list[Operator] = []
-        pending = list(self.operators)
-        while pending:
-            ready = [op for op in pending if deps[id(op)] <= done]
-            if not ready:
-                raise ValueError("the graph has a cycle")
-            op = ready[0]
+        while ready:
+            op = ops[heapq.heappop(ready)]
             order.append(op)
-            done.add(index[id(op)])
-            pending.remove(op)
+            for reader in {r for t in op.outputs for r in t._readers} - {op}:
+                waiting[reader] -= 1
+                if not waiting[reader]:
+                    heapq.heappush(ready, self._position(reader))
+        if len(order) < len(ops):
+            raise ValueError("the graph has a cycle")
         self.operators = order
 
 
@@ -354,27 +586,35 @@ class Model:
         return [t for sig in self.signature_defs if sig.subgraph is sg for _, t in sig.inputs + sig.outputs]
 
     # --- shared constants -----------------------------------------------------------------------------
-    def buffer_users(self) -> dict[int, list[tuple[Subgraph, Tensor]]]:
-        """id(Buffer) → every (subgraph, tensor) over that buffer: a weight shared across ops, subgraphs or
-        signatures is one Buffer with one tensor per subgraph (or several tensors in one subgraph)."""
-        users: dict[int, list[tuple[Subgraph, Tensor]]] = {}
-        for sg in self.subgraphs:
-            for t in sg.tensors:
-                if t.buffer is not None and t.buffer.nbytes:
-                    users.setdefault(id(t.buffer), []).append((sg, t))
-        return users
-
     def sharers(self, tensor: Tensor) -> list[tuple[Subgraph, Tensor]]:
-        """Every (subgraph, tensor) over `tensor`'s buffer, `tensor` itself included."""
+        """Every (subgraph, tensor) over `tensor`'s buffer, `tensor` itself included, in model order: a weight
+        shared across ops, subgraphs or signatures is one Buffer with one tensor per subgraph (or several
+        tensors in one subgraph)."""
         if tensor.buffer is None or not tensor.buffer.nbytes:
-            return [(sg, t) for sg in self.subgraphs for t in sg.tensors if t is tensor]
-        return [(sg, t) for sg in self.subgraphs for t in sg.tensors if t.buffer is tensor.buffer]
+            users = [tensor] if tensor.subgraph is not None else []
+        else:
+            users = tensor.buffer.users
+        return [(t.subgraph, t) for t in sorted(users, key=self._tensor_order)]
 
     def readers(self, tensors: Iterable[tuple[Subgraph, Tensor]]) -> list[tuple[Subgraph, Operator, int]]:
-        """(subgraph, op, input index) of every op input reading one of `tensors`."""
-        wanted = {id(t) for _, t in tensors}
-        return [(sg, op, i) for sg in self.subgraphs for op in sg.operators
-                for i, t in enumerate(op.inputs) if t is not None and id(t) in wanted]
+        """(subgraph, op, input index) of every op input reading one of `tensors`, in model order."""
+        found = {}
+        for _, t in tensors:
+            for op in t.consumers:
+                for i, u in enumerate(op.inputs):
+                    if u is t:
+                        found[(op, i)] = None
+        return sorted(((op.subgraph, op, i) for op, i in found), key=self._reader_order)
+
+    def _subgraph_index(self, sg: Subgraph) -> int:
+        return next(i for i, s in enumerate(self.subgraphs) if s is sg)
+
+    def _tensor_order(self, t: Tensor) -> tuple[int, int]:
+        return self._subgraph_index(t.subgraph), next(i for i, u in enumerate(t.subgraph.tensors) if u is t)
+
+    def _reader_order(self, use: tuple[Subgraph, Operator, int]) -> tuple[int, int, int]:
+        sg, op, i = use
+        return self._subgraph_index(sg), sg._position(op), i
 
     def set_shared_data(self, tensor: Tensor, array: np.ndarray) -> None:
         """New constant data for `tensor` and every tensor sharing its buffer: one new Buffer, still shared
@@ -402,6 +642,10 @@ class Model:
         new = [p for p in self.problems() if p not in set(known)]
         if new:
             raise ValueError("invalid graph: " + "; ".join(new[:5]) + (f" (+{len(new) - 5} more)" if len(new) > 5 else ""))
+
+
+Subgraph.operators = _linked_list("_operators", "_operator_added", "_operator_removed")
+Subgraph.tensors = _linked_list("_tensors", "_tensor_added", "_tensor_removed")
 
 
 class Snapshot:

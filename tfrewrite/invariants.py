@@ -2,6 +2,8 @@
 reject, or run wrongly, if a rewrite got it wrong.
 
 - every tensor an op, a subgraph or a signature names is listed in that subgraph;
+- the use-def links (Tensor.producer / consumers, Buffer.users) match the operator and tensor lists, and no
+  tensor is written by two ops;
 - every tensor an op reads is a constant, a variable, a subgraph input or written by an earlier op;
 - a constant's buffer holds exactly its shape's bytes; a sparse tensor has stored values (LiteRT: "Input tensor
   N lacks data"); DENSIFY reads a sparse constant (densify.cc: IsConstantTensor);
@@ -46,6 +48,7 @@ def _subgraph_problems(si: int, sg, n_subgraphs: int) -> list[str]:
             out.append(f"subgraph {si}: input/output {t.name!r} is not listed in it")
     for t in sg.tensors:
         out += _tensor_problems(si, t)
+    out += _link_problems(si, sg)
     available = {id(t) for t in sg.inputs} | {id(t) for t in sg.tensors if t.is_constant or t.is_variable}
     written_later = {id(t) for op in sg.operators for t in op.outputs}
     for oi, op in enumerate(sg.operators):
@@ -62,6 +65,37 @@ def _subgraph_problems(si: int, sg, n_subgraphs: int) -> list[str]:
                 out.append(f"{where} reads {t.name!r}, which nothing writes (no data, not an input)")
         available.update(id(t) for t in op.outputs)
         out += [f"{where}: {p}" for p in _op_problems(op, n_subgraphs)]
+    return out
+
+
+def _link_problems(si: int, sg) -> list[str]:
+    """The live links against what the operator and tensor lists say."""
+    out: list[str] = []
+    writers: dict[int, list] = {}
+    readers: dict[int, dict] = {}
+    for op in sg.operators:
+        if op.subgraph is not sg:
+            out.append(f"subgraph {si}: {op.name} does not know it is in this subgraph")
+        for t in op.outputs:
+            writers.setdefault(id(t), []).append(op)
+        for t in op.inputs:
+            if t is not None:
+                readers.setdefault(id(t), {})[op] = None
+    tensors = {id(t): t for t in sg.tensors}
+    tensors.update((id(t), t) for op in sg.operators for t in list(op.inputs) + list(op.outputs) if t is not None)
+    for key, t in tensors.items():
+        written = writers.get(key, [])
+        if len(written) > 1:
+            out.append(f"subgraph {si}: tensor {t.name!r} is written by {len(written)} ops")
+        if t.producer is not (written[-1] if written else None):
+            out.append(f"subgraph {si}: tensor {t.name!r}: its producer link does not match the operators")
+        if set(map(id, t.consumers)) != set(map(id, readers.get(key, {}))):
+            out.append(f"subgraph {si}: tensor {t.name!r}: its consumer links do not match the operators")
+    for t in sg.tensors:
+        if t.subgraph is not sg:
+            out.append(f"subgraph {si}: tensor {t.name!r} does not know it is listed here")
+        elif t.buffer is not None and t not in t.buffer._users:
+            out.append(f"subgraph {si}: tensor {t.name!r} is missing from its buffer's users")
     return out
 
 
