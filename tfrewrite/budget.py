@@ -12,11 +12,13 @@ Deterministic: fixed options, seeded decompositions, ties broken by layer order.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
 from . import schema
 from .analysis import numel, static_shape
+from .linalg.svd import blas_threads_for
 from .passes.common import RankOption, Skip, read_weight
 
 OP = schema.BuiltinOperator
@@ -25,11 +27,24 @@ ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate rank's"
 
 
+class SparsityOption(NamedTuple):
+    """One sparsity the prune pass could give a layer (`--prune auto`): the nonzero weights it keeps, the bytes
+    the runtime's sparse format really stores for it (values, index vectors, tables, a DENSIFY), the MACs (the
+    runtime still runs the layer dense) and the damage (the layer's relative output error after the data-aware
+    prune)."""
+    sparsity: float
+    params: int
+    nbytes: int
+    macs: int
+    damage: float
+
+
 @dataclass
 class BudgetLayer:
-    """One layer the budget may compress: its rank options and its dense cost."""
+    """One layer the budget may compress: its options (any kind with `.params`, `.macs`, `.damage`, and
+    `.nbytes` when its bytes are not params × itemsize) and its dense cost."""
     name: str
-    options: list[RankOption]
+    options: list
     dense_params: int
     dense_macs: int
     itemsize: int = 4
@@ -37,7 +52,7 @@ class BudgetLayer:
 
 @dataclass
 class Allocation:
-    choice: list[RankOption | None]   # per layer; None = kept dense
+    choice: list                      # per layer: one of its options, or None = kept dense
     level: float                      # the shared damage level
     estimate: float                   # total cost the choice gives (bytes or MACs)
     reached: bool                     # the estimate meets the goal
@@ -46,6 +61,8 @@ class Allocation:
 def cost(layer: BudgetLayer, option: RankOption | None, by_macs: bool) -> float:
     if by_macs:
         return option.macs if option else layer.dense_macs
+    if option is not None and getattr(option, "nbytes", None) is not None:
+        return option.nbytes
     return (option.params if option else layer.dense_params) * layer.itemsize
 
 
@@ -94,7 +111,8 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
             except Skip:
                 continue
             kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"
-            options = pass_.rank_options(op, weight, plan.rank_policy(op, kind), CANDIDATE_RATIOS)
+            with blas_threads_for(weight.values.size):
+                options = pass_.rank_options(op, weight, plan.rank_policy(op, kind), CANDIDATE_RATIOS)
             if progress:
                 progress(op)
             w = weight.values
