@@ -69,6 +69,21 @@ def test_allocate_by_macs_keeps_layers_dense_when_the_goal_allows():
     assert result.reached and result.choice[0] is not None and result.choice[1] is None
 
 
+def test_allocate_judges_each_level_by_the_measure_when_savings_interact():
+    # a and b cut the input and the output side of one layer of 1000 MACs: it keeps 1000 · s_a · s_b, not the
+    # sum of two separately counted savings. Counted additively (two layers of 1000) the goal 800 needs level 0.5;
+    # measured on the model, halving both sides already leaves 250 at level 0.2.
+    a, b = _layer("a", 1000, {2: 0.1}), _layer("b", 1000, {2: 0.2, 4: 0.5})
+
+    def measure(choice):
+        shrink = [1 / c.ratio if c else 1.0 for c in choice]
+        return 1000 * shrink[0] * shrink[1]
+    additive = allocate([a, b], 2000, 800, by_macs=True)
+    assert additive.reached and additive.level == 0.5
+    measured = allocate([a, b], 1000, 300, by_macs=True, measure=measure)
+    assert measured.reached and measured.level == 0.2 and measured.estimate == 250
+
+
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     return digits_calibration(tmp_path_factory, 16)
