@@ -13,10 +13,15 @@ from .quant import dequantize_int8, quantize_symmetric_int8
 INT32_MAX = 2 ** 31 - 1
 
 
-def activation_params(values: np.ndarray, percentile: float = 100.0) -> tuple[float, int]:
+# XNNPACK refuses an int8 conv / FC whose requantization scale s_in·s_w / s_out reaches this (the op then fails
+# to prepare and the whole model does not run with XNNPACK on).
+MAX_REQUANTIZATION_SCALE = 256.0
+
+
+def activation_params(values: np.ndarray, percentile: float = 100.0, fallback: float = 1.0) -> tuple[float, int]:
     """(scale, zero point) of an int8 activation covering `values` from their (100 − p)-th to their p-th
     percentile (p = 100: min/max; below, the rare extremes are clipped for a finer step) and 0, which is then
-    exactly representable: the zero point is an integer in [−128, 127]."""
+    exactly representable: the zero point is an integer in [−128, 127]. All zero: (`fallback`, 0)."""
     v = np.asarray(values)
     if v.size and percentile < 100:
         low, high = np.percentile(v, [100 - percentile, percentile])
@@ -25,7 +30,7 @@ def activation_params(values: np.ndarray, percentile: float = 100.0) -> tuple[fl
     lo, hi = min(0.0, float(low)), max(0.0, float(high))
     scale = (hi - lo) / 255.0
     if not scale > 0:
-        return 1.0, 0
+        return float(np.float32(fallback)), 0
     scale = float(np.float32(scale))  # the stored value is float32: compute the zero point with it
     zero = int(np.clip(np.round(-128 - lo / scale), -128, 127))
     return scale, zero
