@@ -104,6 +104,15 @@ def test_toposort_is_stable_and_finds_cycles():
     sg.operators = [second, first]
     sg.toposort()
     assert list(sg.operators) == [first, second]
+    # An appended op goes right before the first op that needs it, not after ops that merely were ready first.
+    d, e, f, g = (sg.add_tensor(Tensor(n, T.FLOAT32, [1])) for n in "defg")
+    add = Operator(OpCode(OP.ADD), [c, d], [e])
+    other = Operator(OpCode(OP.RELU), [a], [f])
+    sg.operators.extend([add, other])
+    late = sg.add_operator(Operator(OpCode(OP.RELU), [a], [d]))
+    sg.add_operator(Operator(OpCode(OP.RELU), [e], [g]))
+    sg.toposort()
+    assert [op.outputs[0].name for op in sg.operators] == ["b", "c", "d", "e", "f", "g"] and late.outputs == [d]
     first.inputs = [c]
     with pytest.raises(ValueError, match="cycle"):
         sg.toposort()

@@ -505,20 +505,42 @@ class Subgraph:
             written.update(id(t) for t in op.outputs)
 
     def toposort(self) -> None:
-        """Stable topological order of the operators (Kahn's algorithm, original order breaks ties)."""
+        """A topological order that keeps the current one where it is valid: an operator out of place (one a
+        pass appended) goes right before the first operator that needs it, directly or through others
+        (Kahn's algorithm; each operator ranked by the earliest position among itself and its readers)."""
         import heapq
         ops = list(self.operators)
+        index = {op: i for i, op in enumerate(ops)}
+        readers = {op: [r for r in {r: None for t in op.outputs for r in t._readers} if r in index and r is not op]
+                    for op in ops}
+        rank: dict[Operator, int] = {}
+        for root in ops:  # post-order over readers, iteratively (chains can be thousands of ops long)
+            if root in rank:
+                continue
+            stack, visiting = [(root, iter(readers[root]))], {root}
+            while stack:
+                op, pending = stack[-1]
+                nxt = next((r for r in pending if r not in rank), None)
+                if nxt is not None:
+                    if nxt in visiting:
+                        raise ValueError("the graph has a cycle")
+                    visiting.add(nxt)
+                    stack.append((nxt, iter(readers[nxt])))
+                    continue
+                stack.pop()
+                visiting.discard(op)
+                rank[op] = min([index[op]] + [rank[r] for r in readers[op]])
         waiting = {op: len({t.producer for t in _op_reads(op)} - {None, op}) for op in ops}
-        ready = [i for i, op in enumerate(ops) if not waiting[op]]
+        ready = [(rank[op], index[op]) for op in ops if not waiting[op]]
         heapq.heapify(ready)
         order: list[Operator] = []
         while ready:
-            op = ops[heapq.heappop(ready)]
+            op = ops[heapq.heappop(ready)[1]]
             order.append(op)
-            for reader in {r for t in op.outputs for r in t._readers} - {op}:
+            for reader in readers[op]:
                 waiting[reader] -= 1
                 if not waiting[reader]:
-                    heapq.heappush(ready, self._position(reader))
+                    heapq.heappush(ready, (rank[reader], index[reader]))
         if len(order) < len(ops):
             raise ValueError("the graph has a cycle")
         self.operators = order

@@ -59,7 +59,6 @@ def run(model: Model, plan, progress=None) -> list[dict]:
     entries: list[dict] = []
     groups: dict[int, list[_Use]] = {}  # id(Buffer) → every use of a float32 constant on that buffer
     for sg in model.subgraphs:
-        producers = sg.producers()
         # Constants that must keep their float32 type whatever their other readers want.
         blocked = {id(t) for t in sg.outputs}
         for op in sg.operators:
@@ -73,7 +72,7 @@ def run(model: Model, plan, progress=None) -> list[dict]:
                 if t is None or i == BIAS_INPUT.get(op.builtin):
                     continue
                 if op.builtin in LAYER_OPS and i == 1 and not _is_float_constant(t):
-                    entries.append(_layer_weight_entry(model, sg, op, producers, plan))
+                    entries.append(_layer_weight_entry(model, sg, op, plan))
                     continue
                 if not _is_float_constant(t):
                     continue
@@ -95,12 +94,12 @@ def _is_float_constant(t: Tensor) -> bool:
     return t.is_constant and t.type == T.FLOAT32 and t.sparsity is None and not t.is_variable
 
 
-def _layer_weight_entry(model, sg, op, producers, plan) -> dict:
+def _layer_weight_entry(model, sg, op, plan) -> dict:
     """Report entry of a conv / FC whose weight is not a dense float32 constant."""
     entry = _entry(model, sg, op, plan)
     mode = plan.settings(op).quantize
     try:
-        w = read_weight(op, producers)
+        w = read_weight(op)
     except Skip as e:
         entry["reason"] = str(e)
         return entry
