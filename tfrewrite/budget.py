@@ -17,6 +17,7 @@ import numpy as np
 
 from . import schema
 from .analysis import numel, static_shape
+from .linalg.svd import blas_threads_for
 from .passes.common import RankOption, Skip, read_weight
 
 OP = schema.BuiltinOperator
@@ -89,7 +90,8 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
             except Skip:
                 continue
             kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"
-            options = pass_.rank_options(op, weight, plan.rank_policy(op, kind), CANDIDATE_RATIOS)
+            with blas_threads_for(weight.values.size):
+                options = pass_.rank_options(op, weight, plan.rank_policy(op, kind), CANDIDATE_RATIOS)
             if progress:
                 progress(op)
             w = weight.values

@@ -32,6 +32,22 @@ def single_threaded_lapack():
     return ctl.limit(limits=1, user_api="blas")
 
 
+# Work on a layer whose weight has fewer elements than this runs on one BLAS thread (`blas_threads_for`): its
+# products are small (a CP sweep of a 128×3×3×128 kernel: ~15M multiply-adds), so OpenBLAS's hand-offs between
+# threads dominate; on the shared 2-core machine at load 4-5 the data-free budget of the VGG-style fixture took
+# 51-53 s with OpenBLAS's default threads and 6.7-10 s on one thread (7.0 s either way when idle).
+SMALL_LAYER_ELEMENTS = 1_000_000
+
+
+def blas_threads_for(elements: int):
+    """Context manager for the work on one layer: one BLAS thread for a small weight (see SMALL_LAYER_ELEMENTS),
+    the BLAS's own threads for a large one (its big products gain from them)."""
+    if elements < SMALL_LAYER_ELEMENTS:
+        return single_threaded_lapack()
+    import contextlib
+    return contextlib.nullcontext()
+
+
 def leading_left_vectors(unfolding, count):
     """Up to ``count`` leading left singular vectors of a short, wide matrix, from its small Gram matrix
     (float64), with deterministic signs (each vector's largest-magnitude entry positive)."""

@@ -304,7 +304,9 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, plan, kind: str, rewri
             policy = replace(policy, extra={})
             entry["shared"] = True
         snapshot, size_before, shared_before = model.snapshot(), io.estimated_size(model), len(plan.shared_factors)
-        rewrite(sg, op, weight, policy, plan, entry)
+        from ..linalg.svd import blas_threads_for
+        with blas_threads_for(weight.values.size):
+            rewrite(sg, op, weight, policy, plan, entry)
         if not policy.force:
             _keep_if_smaller(model, weight, plan, entry, snapshot, size_before, shared_before)
     except Skip as e:
