@@ -250,7 +250,7 @@ def input_ranges(sg, tensors: list[Tensor]) -> list[dict]:
         if q is not None and q.scale is not None and len(q.scale) == 1 and quantize.outputs[0].dtype is not None \
                 and quantize.outputs[0].dtype.kind in "iu":
             info = np.iinfo(quantize.outputs[0].dtype)
-            zero = int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
+            zero = int(q.zero_point[0]) if q.zero_point is not None and len(q.zero_point) else 0
             scale = float(q.scale[0])
             out.append({"kind": "uniform", "low": (info.min - zero) * scale, "high": (info.max - zero) * scale})
         else:

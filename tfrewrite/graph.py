@@ -6,11 +6,12 @@ Use-def links are live (as in onnx-graphsurgeon): `Tensor.producer`, `Tensor.con
 follow every edit made through the IR's lists (a subgraph's operators and tensors, an operator's inputs and
 outputs) and helpers, for the operators and tensors a subgraph lists; the invariant check compares them with
 the lists.
-Options, quantization and sparsity parameters are kept as the schema's object-API values and written back
-unchanged unless a pass replaces them.
+Quantization parameters are the IR's own `Quantization`; options and sparsity parameters are kept as the
+schema's object-API values and written back unchanged unless a pass replaces them.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -143,6 +144,60 @@ class _Linked(list):
         return list, (list(self),)
 
 
+@dataclass(eq=False)
+class Quantization:
+    """How a tensor's integers map to real values: real = scale · (q − zero_point), one scale and zero point
+    per channel along `axis` when there are several. `min`/`max` are the recorded float range (optional);
+    `details` (blockwise / multi-axis parameters, whose scale tensors are Tensor references here) and `extra`
+    (fields a newer schema adds) are kept as read. Converted from and to the schema only in `io`."""
+    scale: np.ndarray | None = None       # float32
+    zero_point: np.ndarray | None = None  # int64
+    axis: int = 0
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
+    details: Any = None
+    details_type: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def symmetric(cls, scales, axis: int | None = None) -> "Quantization":
+        """Zero points 0: one scale (axis None) or one per channel along `axis`."""
+        scale = np.asarray(scales, np.float32).reshape(-1)
+        return cls(scale=scale, zero_point=np.zeros(len(scale), np.int64), axis=axis or 0)
+
+    @classmethod
+    def affine(cls, scales, zero_points, axis: int = 0) -> "Quantization":
+        return cls(scale=np.asarray(scales, np.float32).reshape(-1),
+                   zero_point=np.asarray(zero_points, np.int64).reshape(-1), axis=int(axis))
+
+    @property
+    def channels(self) -> int:
+        """How many scales (1: per tensor)."""
+        return len(self.scale) if self.scale is not None else 0
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """Real values (float32) of integers `q` quantized with these parameters."""
+        scale = np.asarray(self.scale, np.float32)
+        zero = np.asarray(self.zero_point if self.zero_point is not None and len(self.zero_point)
+                          else np.zeros(len(scale)), np.float32)
+        data = np.asarray(q).astype(np.float32)
+        if len(scale) > 1:
+            shape = [1] * data.ndim
+            shape[self.axis] = -1
+            return (data - zero.reshape(shape)) * scale.reshape(shape)
+        return (data - zero[0]) * scale[0]
+
+    def take(self, keep: np.ndarray, axis: int) -> "Quantization":
+        """The parameters of the kept channels `keep` (indices or a mask) of `axis`: per-channel ones along that
+        axis are sliced, any others stay as they are (a new object either way)."""
+        new = copy.copy(self)
+        if self.channels > 1 and self.axis == axis:
+            new.scale = np.asarray(self.scale, np.float32)[keep]
+            if self.zero_point is not None and len(self.zero_point) > 1:
+                new.zero_point = np.asarray(self.zero_point, np.int64)[keep]
+        return new
+
+
 def _linked_list(attr: str, added: str, removed: str) -> property:
     """A list attribute whose items the owner links (`added`) and unlinks (`removed`); assigning a new list
     unlinks the old list's items first."""
@@ -162,7 +217,7 @@ class Tensor:
     type: int
     shape: list[int]
     buffer: Buffer | None = None
-    quantization: Any = None  # schema.QuantizationParametersT
+    quantization: Quantization | None = None
     sparsity: Any = None  # schema.SparsityParametersT
     shape_signature: list[int] | None = None
     is_variable: bool = False
@@ -195,6 +250,16 @@ class Tensor:
         self.shape_signature = None
         self.sparsity = None
         self.buffer = Buffer(array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
+
+    def take(self, keep, axis: int) -> None:
+        """Keep only the entries `keep` (indices or a mask) along `axis` of this constant: data, shape and
+        per-channel quantization, in a buffer of its own."""
+        data = self.data
+        axis = axis % data.ndim
+        keep = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, np.int64)
+        q = self.quantization.take(keep, axis) if self.quantization is not None else None
+        self.set_data(np.take(data, keep, axis=axis))
+        self.quantization = q
 
     @property
     def type_name(self) -> str:

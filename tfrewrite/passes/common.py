@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import io, ops, schema
 from ..analysis import numel, static_shape
-from ..graph import Model, Operator, Subgraph, Tensor
+from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -94,17 +94,7 @@ def read_weight(op: Operator, index: int = 1) -> LayerWeight:
         if w.type == T.INT8 and w.quantization is not None and w.quantization.scale is not None:
             if op.inputs[0] is None or op.inputs[0].type not in (T.FLOAT32, T.INT8):
                 raise Skip(f"{op.inputs[0].type_name if op.inputs[0] is not None else 'missing'} input")
-            q = w.quantization
-            scale = np.asarray(q.scale, np.float32)
-            zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros_like(scale), np.float32)
-            data = w.data.astype(np.float32)
-            if len(scale) > 1:
-                shape = [1] * data.ndim
-                shape[q.quantizedDimension] = -1
-                values = (data - zero.reshape(shape)) * scale.reshape(shape)
-            else:
-                values = (data - zero[0]) * scale[0]
-            return LayerWeight("int8", values.astype(np.float32), w, per_channel=len(scale) > 1,
+            return LayerWeight("int8", w.quantization.dequantize(w.data), w, per_channel=w.quantization.channels > 1,
                                full_integer=op.inputs[0].type == T.INT8)
         raise Skip(f"{w.type_name} weights are not supported")
     producer = w.producer
@@ -136,10 +126,7 @@ def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, 
     if like.kind == "int8":
         axis = quant_axis if like.per_channel else None
         q, scales = quant.quantize_symmetric_int8(values, axis=axis)
-        qp = schema.QuantizationParametersT()
-        qp.scale = np.asarray(scales, np.float32).reshape(-1)
-        qp.zeroPoint = np.zeros(len(qp.scale), np.int64)
-        qp.quantizedDimension = axis or 0
+        qp = Quantization.symmetric(scales, axis)
         if hybrid:
             return sg.add_constant(name, q, quantization=qp), []
         stored = sg.add_constant(name + "_int8", q, quantization=qp)
@@ -152,7 +139,7 @@ def dequantize_int8(stored: Tensor, out: Tensor) -> Operator:
     """DEQUANTIZE of an int8 constant, at the version its (per-channel or per-tensor) scales need."""
     from ..ops import versions
     q = stored.quantization
-    per_channel = versions.dequantize_is_per_channel(len(q.scale), stored.shape, q.quantizedDimension)
+    per_channel = versions.dequantize_is_per_channel(len(q.scale), stored.shape, q.axis)
     op = ops.dequantize(stored, out)
     op.opcode = ops.opcode_for(OP.DEQUANTIZE, versions.dequantize_version(T.INT8, per_channel))
     return op

@@ -23,7 +23,7 @@ import numpy as np
 from .. import schema
 from ..ops import semantics
 from ..analysis import macs, numel
-from ..graph import Model, Operator, Subgraph, Tensor
+from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..linalg import sparse
 from .common import Skip, bias_values, new_entry
 
@@ -53,7 +53,7 @@ class StoredWeight:
         scale = np.asarray(q.scale, np.float64).reshape(-1)
         if len(scale) > 1:
             shape = [1] * raw.ndim
-            shape[q.quantizedDimension] = -1
+            shape[q.axis] = -1
             scale = scale.reshape(shape)
         else:
             scale = scale[0]
@@ -85,7 +85,7 @@ def find_stored_weight(op: Operator) -> StoredWeight:
         q = w.quantization
         if q is None or q.scale is None or len(q.scale) == 0:
             raise Skip("int8 weight without a scale")
-        zp = np.asarray(q.zeroPoint if q.zeroPoint is not None else [0])
+        zp = np.asarray(q.zero_point if q.zero_point is not None else [0])
         if np.any(zp != 0):
             raise Skip("int8 weight with a nonzero zero point")
         if carrier is not None:
@@ -149,14 +149,10 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     elif raw.dtype.kind == "i":
         q = weight.tensor.quantization
         per_channel = len(np.asarray(q.scale).reshape(-1)) > 1
-        axis = q.quantizedDimension if per_channel else None
+        axis = q.axis if per_channel else None
         stored, scales = quant.quantize_symmetric_int8(new.reshape(shape), axis=axis)
         values = quant.dequantize_int8(stored, scales, axis=axis).astype(np.float32)
-        requantized = schema.QuantizationParametersT()
-        requantized.scale = np.asarray(scales, np.float32).reshape(-1)
-        requantized.zeroPoint = np.zeros(len(requantized.scale), np.int64)
-        requantized.quantizedDimension = q.quantizedDimension or 0
-        weight.tensor.quantization = requantized
+        weight.tensor.quantization = Quantization.symmetric(scales, q.axis)
     else:
         stored = values = new.reshape(shape)  # float32 already
     values = values.reshape(matrix.shape)
