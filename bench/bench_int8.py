@@ -71,7 +71,7 @@ def where_bytes_go(path) -> tuple[int, int]:
                 buffers[id(t.buffer)] = t.buffer.nbytes
             q = t.quantization
             if q is not None and q.scale is not None:
-                params += 4 * len(q.scale) + 8 * len(q.zeroPoint if q.zeroPoint is not None else [])
+                params += 4 * len(q.scale) + 8 * len(q.zero_point if q.zero_point is not None else [])
     return sum(buffers.values()), params
 
 

@@ -371,9 +371,8 @@ def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> li
             settings = {k: data[k] for k in ("damping", "activation_percentile") if k in data}
             plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean, "target_rows": data["rows"],
                                        "target_mean": data["mean"], **settings}
-        producers = model.main.producers()
         pass_ = lowrank_fc if op.builtin == OP.FULLY_CONNECTED else cp_conv
-        entries.append(pass_.rewrite_op(model, model.main, op, producers, plan))
+        entries.append(pass_.rewrite_op(model, model.main, op, plan))
         if progress:
             progress(entries[-1])
     return entries
@@ -396,7 +395,7 @@ def sequential_prune(model, plan: Plan, samples, targets) -> list[dict]:
             plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean,
                                        "target_rows": data.get("target_rows", data["rows"]),
                                        "target_mean": data.get("target_mean", data["mean"])}
-        entries.append(prune.prune_op(model, model.main, op, model.main.producers(), plan, {}))
+        entries.append(prune.prune_op(model, model.main, op, plan, {}))
         changed = changed or entries[-1]["action"] != "skipped"
     return entries
 
