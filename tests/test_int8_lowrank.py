@@ -297,6 +297,20 @@ def test_lowrank_then_full_int8(calib, tmp_path):
     assert max(float(np.abs(a[0] - b[0]).max()) / scale for a, b in zip(on, off)) <= 8 + 1e-3
 
 
+def test_target_size_before_full_int8_counts_the_full_integer_file(calib, tmp_path):
+    """--target-size X --quantize full-int8: the budget counts the layers as they will be stored full-integer
+    (1-byte weights, per-channel parameters) and X is relative to the input quantized alone."""
+    pytest.importorskip("ai_edge_quantizer", reason="the test extra installs ai-edge-quantizer")
+    source, out = FIXTURES / "vgg_digits.tflite", tmp_path / "t.tflite"
+    report = rewrite.run(source, out, rewrite.Options(target_size=1.5, only="fc", calibration=str(calib),
+                                                      quantize="full-int8"))
+    budget = report["budget"]
+    assert budget["baseline_bytes"] == pytest.approx(INT8_VGG.stat().st_size, rel=0.01)
+    assert budget["reached"] and budget["achieved"] == pytest.approx(budget["baseline_bytes"] / out.stat().st_size,
+                                                                     rel=1e-3)
+    assert source.stat().st_size / out.stat().st_size > 1.5 * 3.8
+
+
 def test_int8_pointwise_convs_of_mobilenetv2(tmp_path):
     """1×1 CONV_2D → two int8 1×1 CONV_2D (SVD) in the full-integer MobileNetV2 (stride and RELU6 kept):
     versions, per-channel weights, each op within 1 LSB with XNNPACK on and off, accuracy kept."""

@@ -96,13 +96,12 @@ def full_int8_size(model, file_bytes: int) -> float:
     from .io import QUANTIZATION_BYTES
     size = float(file_bytes)
     for sg in model.subgraphs:
-        producers = sg.producers()
         for op in sg.operators:
             layout = LAYERS.get(op.builtin)
             if layout is None:
                 continue
             try:
-                weight = read_weight(op, producers, layout.weight)
+                weight = read_weight(op, layout.weight)
             except Skip:
                 continue
             if weight.full_integer or weight.kind not in ("float32", "float16"):
