@@ -358,6 +358,9 @@ class Operator:
     def name(self) -> str:
         return self.opcode.name
 
+    # The operator this one replaces in part (set by `Subgraph.replace_operator`; the report names that op).
+    origin = None
+
     # --- use-def links: while the operator is in a subgraph, its tensors know it as producer / consumer -----
     _subgraph = None
 
@@ -522,7 +525,11 @@ class Subgraph:
         return f"{name}_{i}"
 
     def replace_operator(self, old: Operator, chain: list[Operator]) -> None:
-        """Put `chain` where `old` was in execution order; the chain must write old's outputs itself."""
+        """Put `chain` where `old` was in execution order; the chain must write old's outputs itself. Each new
+        op's `origin` is old's (old itself when it has none)."""
+        for op in chain:
+            if op is not old and op.origin is None:
+                op.origin = old.origin or old
         i = self._position(old)
         self.operators[i:i + 1] = chain
 

@@ -10,6 +10,7 @@ import numpy as np
 from .. import io, ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
+from ..report import Entry
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -231,13 +232,11 @@ def stored_weight_values(tensor_values: np.ndarray, like: LayerWeight, quant_axi
     return tensor_values.astype(np.float32)
 
 
-def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, plan) -> dict:
-    si, oi = plan.positions.get(id(op)) or (
+def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, plan) -> Entry:
+    """The report entry of `op`, at the input model's position of the op it is or came from."""
+    si, oi = plan.positions.get(id(op)) or plan.positions.get(id(op.origin)) or (
         next(i for i, s in enumerate(model.subgraphs) if s is sg), next(i for i, o in enumerate(sg.operators) if o is op))
-    return {"subgraph": si, "index": oi, "op": op.name, "output": op.outputs[0].name if op.outputs else "",
-            "kind": kind, "weight_shape": None, "weight_dtype": None, "action": "skipped", "method": None,
-            "rank": None, "params_before": 0, "params_after": 0, "macs_before": 0, "macs_after": 0,
-            "rel_error": None, "reason": None}
+    return Entry(subgraph=si, index=oi, op=op.name, output=op.outputs[0].name if op.outputs else "", kind=kind)
 
 
 def lowrank_rel_error(weight: np.ndarray, left: np.ndarray, right: np.ndarray) -> float:
