@@ -223,6 +223,23 @@ def test_sequential_and_percentile_ranges_on_the_int8_model(calib, tmp_path):
     assert len(scales[99]) == 2 and all(scales[99][name] < scales[100][name] for name in scales[100])
 
 
+def test_requantization_scales_xnnpack_refuses_leave_the_layer(calib, tmp_path, monkeypatch):
+    """A chain with an op whose s_in·s_w/s_out reaches XNNPACK's limit (256) would not run with XNNPACK on: the
+    layer is left as it is, with the reason, and none of the chain's tensors stays behind. An intermediate that is
+    all zero on the calibration rows (a dead layer of a random-weight model) takes the chain's input scale instead
+    of 1.0, which made such scales."""
+    assert int8.activation_params(np.zeros(10), fallback=0.25) == (0.25, 0)
+    monkeypatch.setattr(int8, "MAX_REQUANTIZATION_SCALE", 1e-9)
+    out = tmp_path / "o.tflite"
+    report = rewrite.run(INT8_VGG, out, rewrite.Options(fc_rank=24, only="fc2", calibration=str(calib)))
+    (entry,) = [e for e in report["layers"] if "fc2" in e["output"]]
+    assert entry["action"] == "skipped" and "requantization scale" in entry["reason"]
+    assert "output_error" not in entry
+    model = io.read(out)
+    assert not any("/lowrank/" in t.name for t in model.main.tensors)
+    assert len(model.main.operators) == len(io.read(INT8_VGG).main.operators)
+
+
 def test_int8_input_takes_float_or_int8_calibration(tmp_path):
     """A model with an int8 input: float calibration data is quantized with the input's scale and zero point,
     int8 data is used as it is — the same samples either way give the same output file."""
