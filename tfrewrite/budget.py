@@ -107,7 +107,7 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
                 continue
             sg = next(s for s in model.subgraphs if op in s.operators)
             try:
-                weight = read_weight(op, sg.producers())
+                weight = read_weight(op)
             except Skip:
                 continue
             kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"

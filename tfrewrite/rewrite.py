@@ -361,9 +361,8 @@ def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> li
             now = calibrate.collect(model, samples, [op])[id(op)]
             plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean, "target_rows": data["rows"],
                                        "target_mean": data["mean"]}
-        producers = model.main.producers()
         pass_ = lowrank_fc if op.builtin == OP.FULLY_CONNECTED else cp_conv
-        entries.append(pass_.rewrite_op(model, model.main, op, producers, plan))
+        entries.append(pass_.rewrite_op(model, model.main, op, plan))
         if progress:
             progress(entries[-1])
     return entries
@@ -386,7 +385,7 @@ def sequential_prune(model, plan: Plan, samples, targets) -> list[dict]:
             plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean,
                                        "target_rows": data.get("target_rows", data["rows"]),
                                        "target_mean": data.get("target_mean", data["mean"])}
-        entries.append(prune.prune_op(model, model.main, op, model.main.producers(), plan, {}))
+        entries.append(prune.prune_op(model, model.main, op, plan, {}))
         changed = changed or entries[-1]["action"] != "skipped"
     return entries
 

@@ -65,10 +65,10 @@ class Layer:
         q = w.quantization
         if w.type == T.INT8 and q is not None and q.scale is not None and len(q.scale):
             scale = np.asarray(q.scale, np.float32)
-            zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros(len(scale)), np.float32)
+            zero = np.asarray(q.zero_point if q.zero_point is not None else np.zeros(len(scale)), np.float32)
             if len(scale) > 1:
                 shape = [1] * data.ndim
-                shape[q.quantizedDimension] = -1
+                shape[q.axis] = -1
                 return (data - zero.reshape(shape)) * scale.reshape(shape)
             return (data - zero[0]) * scale[0]
         return data
@@ -596,12 +596,12 @@ def _gather(values: dict, edges: list, y: Tensor, idx: np.ndarray) -> list[np.nd
 # ------------------------------------------------------------------------------------------- slicing
 def _take_quant(q, keep: np.ndarray, axis: int):
     """Per-channel quantization parameters of the kept channels (per-tensor ones stay as they are)."""
-    if q is None or q.scale is None or len(q.scale) <= 1 or q.quantizedDimension != axis:
+    if q is None or q.scale is None or len(q.scale) <= 1 or q.axis != axis:
         return q
     q = copy.copy(q)
     q.scale = np.asarray(q.scale, np.float32)[keep]
-    if q.zeroPoint is not None and len(q.zeroPoint) > 1:
-        q.zeroPoint = np.asarray(q.zeroPoint, np.int64)[keep]
+    if q.zero_point is not None and len(q.zero_point) > 1:
+        q.zero_point = np.asarray(q.zero_point, np.int64)[keep]
     return q
 
 
@@ -1005,7 +1005,7 @@ def store_layer(sg: Subgraph, layer: Layer, weight: np.ndarray, bias: np.ndarray
         axis = layer.layout.out_axis if q.scale is not None and len(q.scale) > 1 else None
         values, scales = quant.quantize_symmetric_int8(weight, axis=axis)
         q.scale = np.asarray(scales, np.float32).reshape(-1)
-        q.zeroPoint = np.zeros(len(q.scale), np.int64)
+        q.zero_point = np.zeros(len(q.scale), np.int64)
         w.set_data(values)
         w.quantization = q
     else:
@@ -1020,7 +1020,7 @@ def store_layer(sg: Subgraph, layer: Layer, weight: np.ndarray, bias: np.ndarray
         s_w = np.broadcast_to(np.asarray(w.quantization.scale, np.float64), (len(bias),))
         q = copy.copy(b.quantization)
         q.scale = (s_in * s_w).astype(np.float32)
-        q.zeroPoint = np.zeros(len(bias), np.int64)
+        q.zero_point = np.zeros(len(bias), np.int64)
         b.set_data(np.clip(np.round(np.asarray(bias) / (s_in * s_w)), -2**31, 2**31 - 1).astype(np.int32))
         b.quantization = q
     else:
