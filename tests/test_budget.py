@@ -49,10 +49,39 @@ def test_allocate_says_when_the_goal_is_out_of_reach():
     assert allocate([], 100, 50).reached is False
 
 
+def test_options_of_several_kinds_share_one_list():
+    """A sparsity option costs the bytes its encoding stores (index vectors included), a rank option its params at
+    the layer's itemsize; in one list the budget picks whichever is cheapest under the level."""
+    from tfrewrite.budget import SparsityOption
+    dense = 1000
+    layer = BudgetLayer("mixed", [RankOption(2, 10, 500, 500, 0.2), SparsityOption(0.8, 200, 1300, dense, 0.1),
+                                  SparsityOption(0.9, 100, 700, dense, 0.3)], dense, dense)
+    assert cost(layer, layer.options[1], False) == 1300 and cost(layer, layer.options[0], False) == 2000
+    assert cost(layer, layer.options[1], True) == dense  # the runtime runs a sparse layer dense
+    total = 4 * dense
+    assert allocate([layer], total, 1500).choice[0] == layer.options[1]  # damage 0.1 suffices
+    assert allocate([layer], total, 1000).choice[0] == layer.options[2]  # needs 700 B: level 0.3, cheapest there
+
+
 def test_allocate_by_macs_keeps_layers_dense_when_the_goal_allows():
     layers = [_layer("a", 1000, {2: 0.1}), _layer("b", 1000, {2: 0.4})]
     result = allocate(layers, 2000, 1500, by_macs=True)
     assert result.reached and result.choice[0] is not None and result.choice[1] is None
+
+
+def test_allocate_judges_each_level_by_the_measure_when_savings_interact():
+    # a and b cut the input and the output side of one layer of 1000 MACs: it keeps 1000 · s_a · s_b, not the
+    # sum of two separately counted savings. Counted additively (two layers of 1000) the goal 800 needs level 0.5;
+    # measured on the model, halving both sides already leaves 250 at level 0.2.
+    a, b = _layer("a", 1000, {2: 0.1}), _layer("b", 1000, {2: 0.2, 4: 0.5})
+
+    def measure(choice):
+        shrink = [1 / c.ratio if c else 1.0 for c in choice]
+        return 1000 * shrink[0] * shrink[1]
+    additive = allocate([a, b], 2000, 800, by_macs=True)
+    assert additive.reached and additive.level == 0.5
+    measured = allocate([a, b], 1000, 300, by_macs=True, measure=measure)
+    assert measured.reached and measured.level == 0.2 and measured.estimate == 250
 
 
 @pytest.fixture(scope="module")

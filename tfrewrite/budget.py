@@ -12,6 +12,7 @@ Deterministic: fixed options, seeded decompositions, ties broken by layer order.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,11 +27,24 @@ ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate rank's"
 
 
+class SparsityOption(NamedTuple):
+    """One sparsity the prune pass could give a layer (`--prune auto`): the nonzero weights it keeps, the bytes
+    the runtime's sparse format really stores for it (values, index vectors, tables, a DENSIFY), the MACs (the
+    runtime still runs the layer dense) and the damage (the layer's relative output error after the data-aware
+    prune)."""
+    sparsity: float
+    params: int
+    nbytes: int
+    macs: int
+    damage: float
+
+
 @dataclass
 class BudgetLayer:
-    """One layer the budget may compress: its rank options and its dense cost."""
+    """One layer the budget may compress: its options (any kind with `.params`, `.macs`, `.damage`, and
+    `.nbytes` when its bytes are not params × itemsize) and its dense cost."""
     name: str
-    options: list[RankOption]
+    options: list
     dense_params: int
     dense_macs: int
     itemsize: int = 4
@@ -38,7 +52,7 @@ class BudgetLayer:
 
 @dataclass
 class Allocation:
-    choice: list[RankOption | None]   # per layer; None = kept dense
+    choice: list                      # per layer: one of its options, or None = kept dense
     level: float                      # the shared damage level
     estimate: float                   # total cost the choice gives (bytes or MACs)
     reached: bool                     # the estimate meets the goal
@@ -47,13 +61,18 @@ class Allocation:
 def cost(layer: BudgetLayer, option: RankOption | None, by_macs: bool) -> float:
     if by_macs:
         return option.macs if option else layer.dense_macs
+    if option is not None and getattr(option, "nbytes", None) is not None:
+        return option.nbytes
     return (option.params if option else layer.dense_params) * layer.itemsize
 
 
-def allocate(layers: list[BudgetLayer], total: float, goal: float, by_macs: bool = False) -> Allocation:
+def allocate(layers: list, total: float, goal: float, by_macs: bool = False, measure=None) -> Allocation:
     """The smallest shared damage level at which every layer's cheapest option under it brings `total` (the
     model's whole cost, the layers' dense costs included) down to `goal`; when no level does, the cheapest
-    option everywhere (and `reached` False)."""
+    option everywhere (and `reached` False). `layers`: anything with `options` (each with `.params`, `.macs`,
+    `.damage`) and `cost(option, by_macs)`-able dense costs (`BudgetLayer`). `measure(choice)`: the whole
+    model's cost under a choice, for option kinds whose savings are not additive (pruning a layer's input and
+    output channels); by default `total` minus what each chosen option saves."""
     fixed = total - sum(cost(layer, None, by_macs) for layer in layers)
 
     def pick(level):
@@ -61,6 +80,8 @@ def allocate(layers: list[BudgetLayer], total: float, goal: float, by_macs: bool
         for layer in layers:
             ok = [o for o in layer.options if o.damage <= level]
             choice.append(min(ok, key=lambda o: (cost(layer, o, by_macs), o.damage)) if ok else None)
+        if measure is not None:
+            return choice, measure(choice)
         return choice, fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice))
 
     levels = sorted({o.damage for layer in layers for o in layer.options})
@@ -86,7 +107,7 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
                 continue
             sg = next(s for s in model.subgraphs if op in s.operators)
             try:
-                weight = read_weight(op, sg.producers())
+                weight = read_weight(op)
             except Skip:
                 continue
             kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"
@@ -120,6 +141,44 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
                "reached": result.reached, "damage_level": round(float(result.level), 6),
                "estimate": round(total / max(result.estimate, 1), 3), "layers": list(info.values())}
     return settings, info, summary
+
+
+CHANNELS_KEPT = "kept whole by the budget: the target is met at a damage level below every share's"
+
+
+def plan_channels(model, plan, target: float, by_macs: bool, total: float, samples, stage=None
+                  ) -> tuple[dict, dict]:
+    """`--prune-channels auto`: each channel group open to the budget keeps the channels its cheapest option
+    under one shared damage level leaves (options and damage: `prune_channels.group_options`, on `samples`).
+    Savings are not additive (a layer between two pruned groups shrinks by both shares), so every level is
+    judged on the whole model's cost under its choice. Returns id(lead op) → kept units (or the reason the group
+    stays whole), and the budget's summary. `stage(count)`: a progress step for the `count` groups, or None."""
+    from .passes import prune_channels as pc
+    space = pc.budget_space(model, plan, samples, stage)
+    layers = [BudgetLayer(b.group.producers[0].op.outputs[0].name, b.options, b.params, b.macs, b.itemsize)
+              for b in space.open]
+
+    def measure(choice):
+        keeps = [(b.group, c.keep) for b, c in zip(space.open, choice) if c is not None]
+        return total - space.saving(keeps, by_macs)[0]
+
+    result = allocate(layers, total, total / target, by_macs, measure=measure)
+    keeps = dict(space.closed)
+    groups = []
+    spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, result.choice)) or 1
+    for b, layer, c in zip(space.open, layers, result.choice):
+        keeps[id(b.group.producers[0].op)] = c.keep if c is not None else CHANNELS_KEPT
+        groups.append({"output": layer.name, "channels": b.group.channels,
+                       "kept": c.keep if c is not None else b.group.channels,
+                       "share": c.share if c is not None else 0.0, "damage": round(c.damage, 6) if c else 0.0,
+                       "budget_share": round(cost(layer, c, by_macs) / spent, 6),
+                       "candidates": [{"kept": o.keep, "damage": round(o.damage, 6)} for o in b.options]})
+    summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
+               "measure": "macs" if by_macs else "file", "technique": "channels",
+               "damage": "measured on the calibration data", "reached": result.reached,
+               "damage_level": round(float(result.level), 6), "estimate": round(total / max(result.estimate, 1), 3),
+               "layers": groups}
+    return keeps, summary
 
 
 def _rank_json(rank):

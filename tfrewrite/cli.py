@@ -26,6 +26,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _share_or_auto(text: str):
+    """A number, or 'auto' (the budget chooses); the range is checked with the other per-layer values."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+
 def _rewrite_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tfrewrite", description=(
         "Rewrite a .tflite model to make it smaller and faster, without retraining. "
@@ -48,9 +58,10 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparse-encode", action="store_true",
                    help="store weights that already hold enough zeros in the sparse format (implied by --prune)")
     g = p.add_argument_group("structured pruning (whole channels removed: a smaller dense model)")
-    g.add_argument("--prune-channels", type=float, metavar="F", help="remove share F of every channel group "
-                   "(with --calibration: chosen and refitted on the data)")
-    g.add_argument("--channel-multiple", type=int, default=8, metavar="N",
+    g.add_argument("--prune-channels", type=_share_or_auto, metavar="F", help="remove share F of every channel "
+                   "group (with --calibration: chosen and refitted on the data); auto: each group's share chosen "
+                   "by --target-macs / --target-size")
+    g.add_argument("--channel-multiple", type=int, metavar="N",
                    help="kept channel counts are multiples of N (default 8)")
     g = p.add_argument_group("quantization (weights only)")
     g.add_argument("--quantize", choices=["float16", "int8", "full-int8"],

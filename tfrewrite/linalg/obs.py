@@ -278,6 +278,15 @@ def prune(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int = 1,
     inputs, from the one-shot OBS saliency w_q²/[H⁻¹]_qq); the kept weights then get the exact optimum for that
     mask where that is affordable (it is clearly better than SparseGPT's left-to-right update when the inputs
     are strongly correlated), else keep SparseGPT's update (block-diagonal for wide layers with many samples)."""
+    from .svd import single_threaded_lapack
+    # One BLAS thread: the Cholesky factors, triangular solves and per-row refits are many mid-sized calls, and
+    # OpenBLAS's hand-offs between threads cost far more than they save on a shared machine (VGG16's 128 x 1152
+    # conv: 1.3 s CPU on one thread, 14.5 s on two at load average 6).
+    with single_threaded_lapack():
+        return _prune(weight, rows, sparsity, width, damping, target_rows, max_dim)
+
+
+def _prune(weight, rows, sparsity, width, damping, target_rows, max_dim):
     w0 = start_weights(weight, rows, target_rows, damping)
     m, n = w0.shape
     x = np.asarray(rows)

@@ -9,7 +9,8 @@ import numpy as np
 
 from .. import io, ops, schema
 from ..analysis import numel, static_shape
-from ..graph import Model, Operator, Subgraph, Tensor
+from ..graph import Model, Operator, Quantization, Subgraph, Tensor
+from ..report import Entry
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -96,7 +97,7 @@ def usable_option(option: "RankOption", dims: tuple[int, int], in_channels: int 
     return data_aware or option.damage <= MAX_WEIGHT_ERROR
 
 
-def read_weight(op: Operator, producers: dict, index: int = 1) -> LayerWeight:
+def read_weight(op: Operator, index: int = 1) -> LayerWeight:
     w = op.inputs[index] if len(op.inputs) > index else None
     if w is None:
         raise Skip("no weight input")
@@ -108,20 +109,10 @@ def read_weight(op: Operator, producers: dict, index: int = 1) -> LayerWeight:
         if w.type == T.INT8 and w.quantization is not None and w.quantization.scale is not None:
             if op.inputs[0] is None or op.inputs[0].type not in (T.FLOAT32, T.INT8):
                 raise Skip(f"{op.inputs[0].type_name if op.inputs[0] is not None else 'missing'} input")
-            q = w.quantization
-            scale = np.asarray(q.scale, np.float32)
-            zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros_like(scale), np.float32)
-            data = w.data.astype(np.float32)
-            if len(scale) > 1:
-                shape = [1] * data.ndim
-                shape[q.quantizedDimension] = -1
-                values = (data - zero.reshape(shape)) * scale.reshape(shape)
-            else:
-                values = (data - zero[0]) * scale[0]
-            return LayerWeight("int8", values.astype(np.float32), w, per_channel=len(scale) > 1,
+            return LayerWeight("int8", w.quantization.dequantize(w.data), w, per_channel=w.quantization.channels > 1,
                                full_integer=op.inputs[0].type == T.INT8)
         raise Skip(f"{w.type_name} weights are not supported")
-    producer = producers.get(id(w))
+    producer = w.producer
     if producer is not None and producer.builtin == OP.DEQUANTIZE:
         src = producer.inputs[0]
         if src is not None and src.is_constant and src.sparsity is None and src.type == T.FLOAT16:
@@ -150,10 +141,7 @@ def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, 
     if like.kind == "int8":
         axis = quant_axis if like.per_channel else None
         q, scales = quant.quantize_symmetric_int8(values, axis=axis)
-        qp = schema.QuantizationParametersT()
-        qp.scale = np.asarray(scales, np.float32).reshape(-1)
-        qp.zeroPoint = np.zeros(len(qp.scale), np.int64)
-        qp.quantizedDimension = axis or 0
+        qp = Quantization.symmetric(scales, axis)
         if hybrid:
             return sg.add_constant(name, q, quantization=qp), []
         stored = sg.add_constant(name + "_int8", q, quantization=qp)
@@ -166,7 +154,7 @@ def dequantize_int8(stored: Tensor, out: Tensor) -> Operator:
     """DEQUANTIZE of an int8 constant, at the version its (per-channel or per-tensor) scales need."""
     from ..ops import versions
     q = stored.quantization
-    per_channel = versions.dequantize_is_per_channel(len(q.scale), stored.shape, q.quantizedDimension)
+    per_channel = versions.dequantize_is_per_channel(len(q.scale), stored.shape, q.axis)
     op = ops.dequantize(stored, out)
     op.opcode = ops.opcode_for(OP.DEQUANTIZE, versions.dequantize_version(T.INT8, per_channel))
     return op
@@ -218,20 +206,20 @@ def layer_cross(policy: "RankPolicy", weight_matrix: np.ndarray):
     return fit.cross_term(weight_matrix, layer_metric(policy), policy.extra["rows"], policy.extra["target_rows"])
 
 
-def bias_values(bias: Tensor | None, producers: dict, channels: int) -> np.ndarray:
+def bias_values(bias: Tensor | None, channels: int) -> np.ndarray:
     """The bias as float32 values (zeros when there is none), also when stored float16 behind DEQUANTIZE."""
     if bias is None:
         return np.zeros(channels, np.float32)
     if bias.is_constant and bias.data is not None:
         return np.asarray(bias.data, np.float32)
-    producer = producers.get(id(bias))
+    producer = bias.producer
     if producer is not None and producer.builtin == OP.DEQUANTIZE and producer.inputs[0].data is not None:
         return np.asarray(producer.inputs[0].data, np.float32)
     raise Skip("bias is not a constant")
 
 
 def finish_data_aware(sg: Subgraph, entry: dict, policy: "RankPolicy", weight: np.ndarray, approx,
-                      bias: Tensor | None, producers: dict, name: str) -> Tensor | None:
+                      bias: Tensor | None, name: str) -> Tensor | None:
     """With calibration data: report the layer's output error and return a bias shifted so that the mean
     output on the samples matches the original's (bias correction). Without: the bias unchanged.
     `approx` is the stored approximation of `weight` as a (left, right) pair of factors, or a callable that
@@ -250,7 +238,7 @@ def finish_data_aware(sg: Subgraph, entry: dict, policy: "RankPolicy", weight: n
         approx = approx()
         entry["output_error"] = fit.output_error(weight, approx, metric)
         shift = fit.bias_shift(weight, approx, mean, target_mean)
-    values = bias_values(bias, producers, weight.shape[0]) + shift.astype(np.float32)
+    values = bias_values(bias, weight.shape[0]) + shift.astype(np.float32)
     entry["bias_corrected"] = True
     return sg.add_constant(name, values.astype(np.float32))
 
@@ -272,13 +260,11 @@ def stored_weight_values(tensor_values: np.ndarray, like: LayerWeight, quant_axi
     return tensor_values.astype(np.float32)
 
 
-def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, plan) -> dict:
-    si, oi = plan.positions.get(id(op)) or (
+def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, plan) -> Entry:
+    """The report entry of `op`, at the input model's position of the op it is or came from."""
+    si, oi = plan.positions.get(id(op)) or plan.positions.get(id(op.origin)) or (
         next(i for i, s in enumerate(model.subgraphs) if s is sg), next(i for i, o in enumerate(sg.operators) if o is op))
-    return {"subgraph": si, "index": oi, "op": op.name, "output": op.outputs[0].name if op.outputs else "",
-            "kind": kind, "weight_shape": None, "weight_dtype": None, "action": "skipped", "method": None,
-            "rank": None, "params_before": 0, "params_after": 0, "macs_before": 0, "macs_after": 0,
-            "rel_error": None, "reason": None}
+    return Entry(subgraph=si, index=oi, op=op.name, output=op.outputs[0].name if op.outputs else "", kind=kind)
 
 
 def lowrank_rel_error(weight: np.ndarray, left: np.ndarray, right: np.ndarray) -> float:
@@ -321,13 +307,13 @@ class RankPolicy:
         return self.rank is not None or self.ratio is not None or self.energy is not None
 
 
-def rewrite_one(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, kind: str, rewrite) -> dict:
-    """Run `rewrite(sg, op, weight, policy, plan, entry, producers)` on one op; a Skip becomes the entry's
+def rewrite_one(model: Model, sg: Subgraph, op: Operator, plan, kind: str, rewrite) -> dict:
+    """Run `rewrite(sg, op, weight, policy, plan, entry)` on one op; a Skip becomes the entry's
     reason. Returns the op's report entry."""
     entry = new_entry(model, sg, op, kind, plan)
     policy = plan.rank_policy(op, kind)
     try:
-        weight = read_weight(op, producers)
+        weight = read_weight(op)
         readers = weight_readers(model, weight.stored)
         if len(readers) > 1 or any(k[0] == id(weight.stored.buffer) for k in plan.shared_factors):
             # One set of factors serves every reader (a weight stored once stays stored once), so it is fitted to
@@ -337,7 +323,7 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, producers: dict, plan,
         snapshot, size_before, shared_before = model.snapshot(), io.estimated_size(model), len(plan.shared_factors)
         from ..linalg.svd import blas_threads_for
         with blas_threads_for(weight.values.size):
-            rewrite(sg, op, weight, policy, plan, entry, producers)
+            rewrite(sg, op, weight, policy, plan, entry)
         if not policy.force:
             _keep_if_smaller(model, weight, plan, entry, snapshot, size_before, shared_before)
     except Skip as e:
@@ -415,7 +401,7 @@ def rewrite_all(model: Model, plan, builtin: int, rewrite_op, progress=None, don
     for sg in model.subgraphs:
         for op in [op for op in sg.operators if op.builtin == builtin and plan.is_input_op(op)
                    and id(op) not in done]:
-            entries.append(rewrite_op(model, sg, op, sg.producers(), plan))
+            entries.append(rewrite_op(model, sg, op, plan))
             if progress:
                 progress(entries[-1])
     return entries
@@ -426,12 +412,11 @@ def eligible_ops(model: Model, plan, builtin: int, check) -> list[Operator]:
     check, which raises Skip), in every subgraph, in execution order."""
     out = []
     for sg in model.subgraphs:
-        producers = sg.producers()
         for op in sg.operators:
             if op.builtin != builtin or not plan.is_input_op(op):
                 continue
             try:
-                check(op, read_weight(op, producers), plan)
+                check(op, read_weight(op), plan)
             except Skip:
                 continue
             out.append(op)

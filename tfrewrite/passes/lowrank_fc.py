@@ -145,12 +145,12 @@ def costs(rows: int, m: int, n: int, r: int) -> tuple[int, int, int, int]:
     return m * n, r * (m + n), rows * m * n, rows * r * (m + n)
 
 
-def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) -> dict:
+def rewrite_op(model: Model, sg: Subgraph, op: Operator, plan) -> dict:
     """Rewrite one FULLY_CONNECTED as the plan says; returns its report entry (skipped ones say why)."""
-    return rewrite_one(model, sg, op, producers, plan, "fc", _rewrite)
+    return rewrite_one(model, sg, op, plan, "fc", _rewrite)
 
 
-def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict, producers: dict):
+def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict):
     w = weight.values
     x, bias = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None)
     out = op.outputs[0]
@@ -193,7 +193,7 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     # A weight shared by several FCs (in any subgraph) gets one pair of factors, shared too.
     emitted = emit_shared(plan, sg, shared_key(weight, "svd", r), make) if entry.get("shared") else make()
     ((w1, pre1), (w2, pre2)), (stored_left, stored_right, weight_error) = emitted
-    bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias, producers,
+    bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias,
                              f"{base}/lowrank/bias")
     keep = bool(getattr(options, "keepNumDims", False))
     mid_shape = (static_shape(x)[:-1] if keep else [numel(static_shape(x)) // n]) + [r]
