@@ -10,13 +10,16 @@ so this measures the rewrite's speed and memory (and that the result runs with X
 
     .venv/bin/python bench/bench_int8_fullsize.py [mobilenetv2] [vgg16]   # writes bench/results/int8_fullsize.md
 
-Timed with /usr/bin/time -f "%e %M" around the CLI process (Python start-up included).
+Timed with /usr/bin/time -f "%e %M %U %S" around the CLI process (Python start-up included): wall time, peak
+resident memory and CPU time (user + system; on the shared machine the wall time says more about the load).
 """
 from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +48,20 @@ def xnnpack_lsb(path: Path, calib: Path, count: int = 2) -> tuple[float, bool]:
     return (diff / float(q.scale[0]) if q is not None and q.scale is not None else diff), finite
 
 
+def timed(cmd: list[str]) -> tuple[float, int, float, str, bool]:
+    """(wall s, peak RSS kB, CPU s, stdout, finished) of one process, stopped after TIMEOUT s."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        p = subprocess.run(["/usr/bin/time", "-o", tf.name, "-f", "%e %M %U %S", "timeout", str(TIMEOUT), *cmd],
+                           capture_output=True, text=True, cwd=ROOT)
+        if p.returncode not in (0, 124):
+            raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-2000:]}")
+        wall, kb, user, system = tf.read().split()[-4:]
+    return float(wall), int(kb), float(user) + float(system), p.stdout, p.returncode == 0
+
+
 def main() -> int:
     import make_models
-    from bench_calibration import machine, make_calib, timed
+    from bench_calibration import machine, make_calib
     names = sys.argv[1:] or ["mobilenetv2", "vgg16"]
     work = ROOT / "bench" / "cache" / "int8_fullsize"
     work.mkdir(parents=True, exist_ok=True)
@@ -61,10 +75,10 @@ def main() -> int:
         cmd = [str(ROOT / ".venv" / "bin" / "tfrewrite"), os.path.relpath(src, ROOT), os.path.relpath(out, ROOT),
                "--target-size", str(TARGET), "--calibration", os.path.relpath(calib, ROOT)]
         print("running:", " ".join(cmd), flush=True)
-        wall, kb, stdout, finished = timed(cmd, TIMEOUT)
+        wall, kb, cpu, stdout, finished = timed(cmd)
         lines = [line for line in stdout.splitlines() if line.startswith(("total:", "budget:", "output error:"))]
         lsb, finite = xnnpack_lsb(out, calib) if finished else (float("nan"), False)
-        rows.append((name, src, out if finished else None, wall, kb, finished, lines, lsb, finite))
+        rows.append((name, src, out if finished else None, wall, kb, cpu, finished, lines, lsb, finite))
         print(rows[-1], flush=True)
     md = [f"# Low rank inside full-size full-integer models: `--target-size {TARGET}` with {IMAGES} calibration "
           "images (issue 14)", "",
@@ -75,12 +89,13 @@ def main() -> int:
           "seeded weights, float input and output). Calibration: the digits `calib` split upsampled to 224x224 "
           "(`bench/bench_calibration.py`'s `make_calib`).",
           "- Reproduce: `.venv/bin/python bench/bench_int8_fullsize.py`", "",
-          "| model | input file | output file | wall time | peak resident memory | XNNPACK on/off (LSB of the "
-          "int8 scores, 2 images) | outputs finite |", "|---|---|---|---|---|---|---|"]
-    for name, src, out, wall, kb, finished, lines, lsb, finite in rows:
+          "| model | input file | output file | wall time | CPU time | peak resident memory | XNNPACK on/off (LSB "
+          "of the int8 scores, 2 images) | outputs finite |", "|---|---|---|---|---|---|---|---|"]
+    for name, src, out, wall, kb, cpu, finished, lines, lsb, finite in rows:
         size_out = f"{out.stat().st_size / 1e6:.1f} MB" if out is not None else "not finished"
         md.append(f"| {name}_int8 | {src.stat().st_size / 1e6:.1f} MB | {size_out} | {wall:.0f} s"
-                  f"{'' if finished else ' (stopped)'} | {kb / 1024:.0f} MB | {lsb:.0f} | {'yes' if finite else 'no'} |")
+                  f"{'' if finished else ' (stopped)'} | {cpu:.0f} s | {kb / 1024:.0f} MB | {lsb:.0f} | "
+                  f"{'yes' if finite else 'no'} |")
     for name, *_, lines, _lsb, _finite in rows:
         md += ["", f"{name}_int8, tfrewrite's summary lines:", "", "```", *lines, "```"]
     path = ROOT / "bench" / "results" / "int8_fullsize.md"
