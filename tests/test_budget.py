@@ -143,6 +143,26 @@ def test_ratio_refuses_degenerate_layers_unless_forced():
                 assert entry["action"] == "skipped" and why in entry["reason"] and "--force" in entry["reason"]
 
 
+def test_ratio_without_data_fits_on_generated_inputs_and_refuses_a_large_output_error():
+    """--ratio alone fits each layer to its outputs on the model's response to generated inputs (the fit changes
+    the factors, and bias correction the bias), and leaves a layer as it is when the fitted layer's output error
+    around its mean is above the floor: a weight with a flat spectrum loses most of its output at half rank."""
+    rng = np.random.default_rng(5)
+    flat = rng.standard_normal((48, 48)).astype(np.float32)
+    u, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+    decaying = ((u * 10 / (1 + np.arange(48)) ** 2) @ u.T).astype(np.float32)  # rank 12 keeps all but ~2 %
+    bias = rng.standard_normal(48).astype(np.float32)
+    for weight, rewritten in ((flat, False), (decaying, True)):
+        entry = rewrite.rewrite_model(io.read_buffer(B.fc_model(weight, bias, (1, 48))), rewrite.Options(ratio=2))[0]
+        if rewritten:
+            assert entry["action"] == "rewritten" and entry["bias_corrected"] and entry["output_error"] < 0.15
+        else:
+            assert entry["action"] == "skipped" and "on the generated inputs is above 0.15" in entry["reason"]
+    forced = rewrite.rewrite_model(io.read_buffer(B.fc_model(flat, bias, (1, 48))),
+                                   rewrite.Options(ratio=2, force=True))[0]
+    assert forced["action"] == "rewritten"
+
+
 def test_calibration_and_budget_show_progress_on_a_terminal(tmp_path, capsys):
     """A long run never sits silent: calibration capture and the budget's candidate fits count on stderr when
     progress is on (a terminal), and nothing is printed when it is off."""

@@ -46,7 +46,9 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", type=int, help="rank for every rewritten layer")
     g.add_argument("--fc-rank", type=int, help="rank for FULLY_CONNECTED layers")
     g.add_argument("--conv-rank", type=int, help="rank for CONV_2D layers (CP/Tucker-2 rank for kxk, SVD rank for 1x1)")
-    g.add_argument("--ratio", type=float, help="per layer, the rank that cuts its parameters X-fold")
+    g.add_argument("--ratio", type=float, help="per layer, the rank that cuts its parameters X-fold, fitted to the "
+                   "layer's outputs (on --calibration, else on generated images); a layer whose fit loses too much "
+                   "is left as it is (--force rewrites it)")
     g.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of the squared norm")
     g.add_argument("--conv-method", choices=["cp", "tucker2"], help="decomposition of kxk convs (default cp)")
     g = p.add_argument_group("pruning (stored in TFLite's sparse format)")

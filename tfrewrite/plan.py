@@ -238,6 +238,7 @@ class Plan:
         data = self.layer_data.get(id(op))
         if data:
             policy.extra = data  # shared, so the layer's input metric is computed once (budget, then the fit)
+        policy.budgeted = id(op) in self.budget
         return policy
 
     # Which techniques any layer may use (so a pass can be skipped outright).
@@ -247,6 +248,8 @@ class Plan:
             if self.budget:
                 return True
             return any(s.rank_policy("fc").active or s.rank_policy("conv").active for s in candidates)
+        if technique == "ratio":  # a rank chosen by a reduction ratio (--ratio, or a recipe rule's ratio)
+            return any(s.ratio is not None for s in candidates)
         if technique == "prune":
             return any(s.prune for s in candidates)
         if technique == "quantize":

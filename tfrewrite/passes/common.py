@@ -43,11 +43,18 @@ class Skip(Exception):
 
 
 # Floors below which a rank chosen by a ratio (`--ratio`, or the budget) is a degenerate rewrite that breaks the
-# model rather than compresses it; measured on the fixtures (README, "Degenerate rewrites").
+# model rather than compresses it; measured on the three trained fixtures (README, "Degenerate rewrites").
 MIN_RANK = 3
 MIN_RANK_SHARE = 1 / 16        # of the layer's smaller dimension
 MIN_CONV_INPUT_CHANNELS = 5    # a k×k conv on fewer channels (a stem on an RGB/gray image) holds few weights
-MAX_WEIGHT_ERROR = 0.8         # relative weight error of a rewrite fitted without data
+MAX_WEIGHT_ERROR = 0.8         # relative weight error of a rewrite fitted to the weights alone (a shared weight)
+# `--ratio` only: the fitted layer's relative output error around the mean (`output_variation_error`) on its
+# sample inputs (calibration rows, or without data the model's response to generated images). Each layer of the
+# three fixtures alone at --ratio 2 and 5: every layer that alone cost more than 1 point was at 0.176 or above (a
+# 64x96 FC at rank 7: -11 points; 10-way output layers 0.38-0.41: -30 to -37); MobileNetV2's 1x1 convs at 0.2-0.7
+# cost little alone but together collapse it to 11 %. At 0.2 the residual fixture fell to 86.7 % at --ratio 5 (that FC);
+# at 0.15 no fixture falls below 95.8 % at --ratio 2, 3, 4.36 or 5 (bench/results/nodata_floors.md).
+MAX_OUTPUT_ERROR = 0.15
 
 
 def degenerate_reason(rank, dims: tuple[int, int], in_channels: int | None = None) -> str | None:
@@ -64,14 +71,21 @@ def degenerate_reason(rank, dims: tuple[int, int], in_channels: int | None = Non
 
 
 def refuse_degenerate(policy: "RankPolicy", rank, dims: tuple[int, int], in_channels: int | None = None,
-                      weight_error: float | None = None) -> None:
-    """Raise Skip when a ratio-chosen rank is degenerate (see the floors above), unless --force."""
+                      weight_error: float | None = None, output_error=None) -> None:
+    """Raise Skip when a ratio-chosen rank is degenerate (see the floors above), unless --force.
+    `output_error`: a callable giving the fitted layer's relative output error on its sample inputs (calibration
+    rows, or the model's response to generated images), called only when it decides."""
     if policy.force or policy.ratio is None:
         return
     reason = degenerate_reason(rank, dims, in_channels)
-    if reason is None and weight_error is not None and weight_error > MAX_WEIGHT_ERROR \
-            and layer_metric(policy) is None:
-        reason = f"weight error {weight_error:.2f} is near 1 (above {MAX_WEIGHT_ERROR})"
+    if reason is None and layer_metric(policy) is None:
+        if weight_error is not None and weight_error > MAX_WEIGHT_ERROR:
+            reason = f"weight error {weight_error:.2f} is near 1 (above {MAX_WEIGHT_ERROR})"
+    elif reason is None and output_error is not None and not policy.budgeted:
+        error = output_error()
+        if error > MAX_OUTPUT_ERROR:
+            inputs = "generated" if policy.extra.get("generated") else "calibration"
+            reason = f"output error {error:.2f} on the {inputs} inputs is above {MAX_OUTPUT_ERROR}"
     if reason:
         raise Skip(f"{reason}; --force rewrites it anyway")
 
@@ -166,6 +180,22 @@ def layer_metric(policy: "RankPolicy"):
         from ..linalg import fit
         policy.extra["metric"] = fit.input_metric(rows, policy.extra.get("damping", fit.DEFAULT_DAMPING))
     return policy.extra["metric"]
+
+
+def output_variation_error(policy: "RankPolicy", weight: np.ndarray, approx=None, factors=None) -> float:
+    """The fitted layer's relative output error on its sample rows around their mean: ‖(W − Ŵ)C^½‖ / ‖W·C^½‖ with
+    C the rows' damped covariance. Bias correction restores the mean output, so this is the error that remains;
+    relative to the uncentered signal (`layer_metric`) it looks small wherever the inputs' mean dominates (a
+    ReLU network's later layers). `approx`: Ŵ; or `factors`: (L, R) with Ŵ = L·R."""
+    if "centered_metric" not in policy.extra:
+        from ..linalg import fit
+        policy.extra["centered_metric"] = fit.input_metric(
+            policy.extra["rows"], policy.extra.get("damping", fit.DEFAULT_DAMPING), centered=True)
+    from ..linalg import fit
+    metric = policy.extra["centered_metric"]
+    if factors is not None:
+        return fit.lowrank_output_error(weight, *factors, metric)
+    return fit.output_error(weight, approx, metric)
 
 
 def layer_cross(policy: "RankPolicy", weight_matrix: np.ndarray):
@@ -270,6 +300,7 @@ class RankPolicy:
     force: bool = False
     method: str = "cp"
     extra: dict = field(default_factory=dict)
+    budgeted: bool = False  # the ratio was chosen by the whole-model budget (its damage level judged it)
 
     @property
     def active(self) -> bool:

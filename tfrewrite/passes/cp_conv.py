@@ -18,8 +18,9 @@ from ..graph import Model, Operator, Subgraph
 from . import int8_chain, lowrank_fc
 from ..linalg import fit
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
-                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, pixels, refuse_degenerate,
-                     rel_error, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option, zero_bias)
+                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, output_variation_error, pixels,
+                     refuse_degenerate, rel_error, rewrite_all, rewrite_one, shared_key, stored_weight_values,
+                     usable_option, zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -221,7 +222,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
         def make():
             (sf, sm, sl), approx = fit_tucker2(kernel, rank, weight, kh, kw, metric, cross)
             weight_error = rel_error(kernel, approx)
-            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error,
+                              output_error=lambda: output_variation_error(policy, w.reshape(o, -1),
+                                                                          approx.reshape(o, -1)))
             emitted = [emit_weight(sg, f"{base}/tucker2/in", sf, weight, 0, hybrid=False),
                        emit_weight(sg, f"{base}/tucker2/core", sm, weight, 0),
                        emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0, hybrid=False)]
@@ -252,7 +255,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
         def make():
             res, (sf, sm, sl), approx = fit_cp(kernel, r, weight, kh, kw, metric, cross)
             weight_error = rel_error(kernel, approx)
-            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error,
+                              output_error=lambda: output_variation_error(policy, w.reshape(o, -1),
+                                                                          approx.reshape(o, -1)))
             emitted = [emit_weight(sg, f"{base}/cp/in", sf, weight, 0, hybrid=False),
                        emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3, hybrid=False),
                        emit_weight(sg, f"{base}/cp/out", sl, weight, 0, hybrid=False)]
@@ -310,7 +315,8 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
         sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
         sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
         weight_error = lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i))
-        refuse_degenerate(policy, r, (o, i), weight_error=weight_error)
+        refuse_degenerate(policy, r, (o, i), weight_error=weight_error, output_error=lambda: output_variation_error(
+            policy, w, factors=(sl.reshape(o, r), sr.reshape(r, i))))
         emitted = [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0, hybrid=False),
                    emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0, hybrid=False)]
         return emitted, (sl, sr, weight_error)

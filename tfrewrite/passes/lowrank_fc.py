@@ -12,8 +12,8 @@ from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
 from . import int8_chain
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
-                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, refuse_degenerate, rewrite_all,
-                     rewrite_one, shared_key, stored_weight_values, usable_option)
+                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, output_variation_error,
+                     refuse_degenerate, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option)
 
 OP = schema.BuiltinOperator
 # The spectrum of a weight (whitened by the calibration metric when there is one) is computed up to the rank
@@ -184,7 +184,8 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         left, right = factorize(w, r, policy)
         stored = stored_weight_values(left, weight), stored_weight_values(right, weight)
         weight_error = lowrank_rel_error(w, *stored)
-        refuse_degenerate(policy, r, (m, n), weight_error=weight_error)
+        refuse_degenerate(policy, r, (m, n), weight_error=weight_error,
+                          output_error=lambda: output_variation_error(policy, w, factors=stored))
         emitted = [emit_weight(sg, f"{base}/lowrank/right", right, weight),
                    emit_weight(sg, f"{base}/lowrank/left", left, weight)]
         return emitted, (*stored, weight_error)

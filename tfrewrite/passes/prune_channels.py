@@ -32,6 +32,7 @@ import numpy as np
 from .. import schema
 from ..analysis import macs, numel
 from ..graph import Model, Operator, Subgraph, Tensor
+from ..linalg.svd import single_threaded_lapack
 from ..ops import semantics
 from .common import new_entry
 
@@ -915,22 +916,28 @@ def group_options(g: ChannelGraph, group: ChannelGroup, data: dict, multiple: in
     order = ch.removal_order(sum(gram for _, gram in grams), n - keeps[-1])
     layers = _group_layers(g, group)
     options = []
-    for keep in keeps:
-        cut = order[:n - keep]
-        worst = 0.0
-        for reader, gram in grams:
-            d = data[id(reader.op)]
-            if d.cov is None:
-                err = math.sqrt(max(float(gram[np.ix_(cut, cut)].sum()), 0.0))
-            else:
-                positions = _unit_positions(g, group, reader.op.inputs[0])
-                gone = reader_columns(reader, np.concatenate([positions[u] for u in cut]))
-                kept_cols = np.setdiff1d(np.arange(d.cov.shape[0]), gone)
-                err = ch.held_out_error(weight_matrix(reader), d.split(), kept_cols)
-            worst = max(worst, err)
-        _, params, macs_ = space.saving([(group, keep)], False, layers)
-        options.append(ChannelOption(round((n - keep) / n, 6), keep, params, macs_, worst))
+    with single_threaded_lapack():  # hundreds of mid-sized solves: OpenBLAS's thread hand-offs would dominate
+        for keep in keeps:
+            options.append(_option(g, group, grams, data, order[:n - keep], keep, space, layers))
     return options
+
+
+def _option(g, group, grams, data, cut, keep, space, layers) -> ChannelOption:
+    from ..linalg import channels as ch
+    n = group.channels
+    worst = 0.0
+    for reader, gram in grams:
+        d = data[id(reader.op)]
+        if d.cov is None:
+            err = math.sqrt(max(float(gram[np.ix_(cut, cut)].sum()), 0.0))
+        else:
+            positions = _unit_positions(g, group, reader.op.inputs[0])
+            gone = reader_columns(reader, np.concatenate([positions[u] for u in cut]))
+            kept_cols = np.setdiff1d(np.arange(d.cov.shape[0]), gone)
+            err = ch.held_out_error(weight_matrix(reader), d.split(), kept_cols)
+        worst = max(worst, err)
+    _, params, macs_ = space.saving([(group, keep)], False, layers)
+    return ChannelOption(round((n - keep) / n, 6), keep, params, macs_, worst)
 
 
 def budget_space(model: Model, plan, samples, stage=None) -> ChannelSpace:
@@ -980,8 +987,9 @@ def refit_readers(model: Model, g: ChannelGraph, removed: dict, data: dict, samp
         keep = np.setdiff1d(np.arange(channels_of(x)), removed[id(x)])
         g.own(op)
         w = weight_matrix(layer)
-        new_w, new_b, err = ch.refit(w, bias_real(layer, w.shape[0]), np.sort(reader_columns(layer, keep)),
-                                     now.rows if now is not None else d.rows, d.rows)
+        with single_threaded_lapack():
+            new_w, new_b, err = ch.refit(w, bias_real(layer, w.shape[0]), np.sort(reader_columns(layer, keep)),
+                                         now.rows if now is not None else d.rows, d.rows)
         store_layer(g.sg, layer, new_w.reshape(layer.weight.shape), new_b)
         errors[id(op)] = err
     return errors
