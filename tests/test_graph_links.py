@@ -245,3 +245,25 @@ def test_one_weight_reader_follows_the_links_to_the_stored_constant(name, form):
     else:
         assert carriers[0] == "DENSIFY" and src.values() is None
     assert stored(fc.inputs[0]) is None  # an activation
+
+
+def test_copies_and_reorderings_keep_the_links():
+    import copy
+    model = io.read(FIXTURES / "vgg_digits.tflite")
+    sg = model.main
+    conv = next(op for op in sg.operators if op.builtin == OP.CONV_2D)
+    twin = copy.copy(conv)
+    assert twin.subgraph is None and twin.inputs == conv.inputs and twin.inputs is not conv.inputs
+    twin.inputs[0] = sg.add_activation("elsewhere", T.FLOAT32, [1, 32, 32, 3])
+    assert conv.inputs[0].consumers == [conv]  # editing the copy leaves the original's links alone
+    w = copy.copy(conv.inputs[1])
+    assert w.subgraph is None and w.consumers == [] and w.buffer is conv.inputs[1].buffer
+    assert w not in w.buffer.users
+    order = list(sg.operators)
+    sg.operators.reverse()
+    assert sg.operators[0] is order[-1] and order[-1].outputs[0].consumers == []
+    assert order[0].outputs[0].consumers == [order[1]]
+    sg.operators.sort(key=order.index)
+    assert list(sg.operators) == order
+    assert_links_match(sg)
+    assert model.problems() == []
