@@ -564,6 +564,23 @@ def measure_output_error(original, rewritten, options: Options) -> dict:
     except verify.CandidateFailed as e:
         raise RewriteFault(f"the rewritten model does not run in LiteRT ({e}); nothing written") from None
     result["inputs"] = kind
+    model = io.read(original) if result["measured"] else None
+    defs = model.signature_defs if model is not None else []
+    # Every other signature, on generated inputs: a pass may have changed its subgraph too. Without a signature
+    # the run above was subgraph 0's.
+    others = [d.key for d in defs if d.key != signature and (signature is not None or d.subgraph is not model.main)]
+    for key in others if len(defs) > 1 else []:
+        try:
+            other = verify.output_error(original, rewritten, None, OUTPUT_ERROR_SAMPLES, key)
+        except verify.CandidateFailed as e:
+            raise RewriteFault(f"signature {key!r} of the rewritten model does not run in LiteRT ({e}); "
+                               f"nothing written") from None
+        if not other["measured"]:
+            continue
+        result["outputs"] += [{**row, "name": f"{key}/{row['name']}"} for row in other["outputs"]]
+        if result["worst"] is not None:
+            result["worst"] = None if other["worst"] is None else max(result["worst"], other["worst"])
+        result.setdefault("generated_signatures", []).append(key)
     return result
 
 
