@@ -26,14 +26,18 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _share_or_auto(text: str):
-    """A number, or 'auto' (the budget chooses); the range is checked with the other per-layer values."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+def _auto_or(kind):
+    """An argument type: a number of `kind`, or the word 'auto' (the budget chooses it per layer)."""
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} or 'auto', "
+                                             f"got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _rewrite_parser() -> argparse.ArgumentParser:
@@ -43,7 +47,8 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="the .tflite model to read (never written)")
     p.add_argument("output", help="where to write the rewritten model (atomically)")
     g = p.add_argument_group("low rank (FULLY_CONNECTED: SVD; CONV_2D: CP or Tucker-2)")
-    g.add_argument("--rank", type=int, help="rank for every rewritten layer")
+    g.add_argument("--rank", type=_auto_or(int), help="rank for every rewritten layer; 'auto': chosen per layer "
+                   "by --target-size/--target-macs (their default; with --prune-channels auto it mixes both)")
     g.add_argument("--fc-rank", type=int, help="rank for FULLY_CONNECTED layers")
     g.add_argument("--conv-rank", type=int, help="rank for CONV_2D layers (CP/Tucker-2 rank for kxk, SVD rank for 1x1)")
     g.add_argument("--ratio", type=float, help="per layer, the rank that cuts its parameters X-fold, fitted to the "
@@ -58,7 +63,7 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparse-encode", action="store_true",
                    help="store weights that already hold enough zeros in the sparse format (implied by --prune)")
     g = p.add_argument_group("structured pruning (whole channels removed: a smaller dense model)")
-    g.add_argument("--prune-channels", type=_share_or_auto, metavar="F", help="remove share F of every channel "
+    g.add_argument("--prune-channels", type=_auto_or(float), metavar="F", help="remove share F of every channel "
                    "group (with --calibration: chosen and refitted on the data); auto: each group's share chosen "
                    "by --target-macs / --target-size")
     g.add_argument("--channel-multiple", type=int, metavar="N",
