@@ -53,7 +53,7 @@ def timed(cmd: list[str]) -> tuple[float, int, float, str, bool]:
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         p = subprocess.run(["/usr/bin/time", "-o", tf.name, "-f", "%e %M %U %S", "timeout", str(TIMEOUT), *cmd],
                            capture_output=True, text=True, cwd=ROOT)
-        if p.returncode not in (0, 124):
+        if p.returncode not in (0, 124, 143):  # 143: tfrewrite stopped by timeout's SIGTERM
             raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-2000:]}")
         wall, kb, user, system = tf.read().split()[-4:]
     return float(wall), int(kb), float(user) + float(system), p.stdout, p.returncode == 0
