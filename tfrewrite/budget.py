@@ -24,7 +24,7 @@ from .passes.common import RankOption, Skip, read_weight
 OP = schema.BuiltinOperator
 CANDIDATE_RATIOS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
-KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate rank's"
+KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate option's"
 
 
 class SparsityOption(NamedTuple):
@@ -47,7 +47,8 @@ class BudgetLayer:
     options: list
     dense_params: int
     dense_macs: int
-    itemsize: int = 4
+    itemsize: int = 4                 # bytes per weight as the run stores it
+    input_bytes: int | None = None    # the dense weight's bytes in the input (default dense_params × itemsize)
 
 
 @dataclass
@@ -70,7 +71,8 @@ def allocate(layers: list[BudgetLayer], total: float, goal: float, by_macs: bool
     """The smallest shared damage level at which every layer's cheapest option under it brings `total` (the
     model's whole cost, the layers' dense costs included) down to `goal`; when no level does, the cheapest
     option everywhere (and `reached` False)."""
-    fixed = total - sum(cost(layer, None, by_macs) for layer in layers)
+    fixed = total - sum(cost(layer, None, by_macs) if by_macs or layer.input_bytes is None else layer.input_bytes
+                        for layer in layers)
 
     def pick(level):
         choice = []
@@ -88,12 +90,14 @@ def allocate(layers: list[BudgetLayer], total: float, goal: float, by_macs: bool
     return Allocation(choice, levels[-1] if levels else 0.0, achieved, False)
 
 
-def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, progress=None
-               ) -> tuple[dict, dict, dict]:
+def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, progress=None,
+               sparsity_options=None) -> tuple[dict, dict, dict]:
     """Per-layer settings (id(op) → LayerSettings) that meet `target` (X times smaller file, or X times fewer MACs
     when `by_macs`), what the report shows per layer (id(op) → dict) and the budget's summary. `total`: the input's file bytes or MACs. `passes`: the low-rank
     pass modules, each with `candidates`, `rank_options` and its op kind. Layers with calibration rows are judged
-    on them; without any, every candidate is judged on its weights."""
+    on them; without any, every candidate is judged on its weights. `sparsity_options(op)` (`--prune auto`): the
+    prune pass's options for a layer with calibration rows (Skip: none); they join the layer's rank options.
+    Costs count each weight as it will be stored (after --quantize float16 / int8)."""
     data_aware = bool(plan.layer_data)
     ops, layers = [], []
     for pass_ in passes:
@@ -110,11 +114,23 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
                 options = pass_.rank_options(op, weight, plan.rank_policy(op, kind), CANDIDATE_RATIOS)
             if progress:
                 progress(op)
-            w = weight.values
             ops.append(op)
-            layers.append(BudgetLayer(op.outputs[0].name, options, w.size,
-                                      numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
-                                      ITEMSIZE.get(weight.kind, 4)))
+            layers.append(_budget_layer(op, weight, options, plan))
+    if sparsity_options is not None:
+        index = {id(op): i for i, op in enumerate(ops)}
+        for op in [op for op in model.main.operators if id(op) in plan.layer_data]:
+            try:
+                options = sparsity_options(op)
+                weight = read_weight(op, model.main.producers())
+            except Skip:
+                continue
+            if progress and not passes:
+                progress(op)
+            if id(op) in index:
+                layers[index[id(op)]].options.extend(options)
+            else:
+                ops.append(op)
+                layers.append(_budget_layer(op, weight, options, plan))
     order = {id(op): plan.positions.get(id(op), (0, i)) for i, op in enumerate(ops)}
     ops, layers = zip(*sorted(zip(ops, layers), key=lambda p: order[id(p[0])])) if ops else ((), ())
     result = allocate(list(layers), total, total / target, by_macs)
@@ -123,19 +139,51 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
     for op, layer, c in zip(ops, layers, result.choice):
         base = plan.settings(op)
         cleared = dict(rank=None, fc_rank=None, conv_rank=None, energy=None)
-        settings[id(op)] = (replace(base, **cleared, ratio=None, skip_reason=KEPT_DENSE) if c is None
-                            else replace(base, **cleared, ratio=c.ratio))
-        info[id(op)] = {"output": layer.name, "rank": _rank_json(c.rank) if c else None,
-                        "ratio": c.ratio if c else None, "damage": round(c.damage, 6) if c else 0.0,
+        if c is None:
+            settings[id(op)] = replace(base, **cleared, ratio=None, skip_reason=KEPT_DENSE)
+        elif isinstance(c, SparsityOption):
+            settings[id(op)] = replace(base, **cleared, ratio=None, prune=c.sparsity)
+        else:
+            settings[id(op)] = replace(base, **cleared, ratio=c.ratio)
+        info[id(op)] = {"output": layer.name, **_option_json(c), "damage": round(c.damage, 6) if c else 0.0,
                         "share": round(cost(layer, c, by_macs) / spent, 6),
-                        "candidates": [{"rank": _rank_json(o.rank), "damage": round(o.damage, 6)}
-                                       for o in layer.options]}
+                        "candidates": [{**_option_json(o), "damage": round(o.damage, 6)} for o in layer.options]}
     summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
                "measure": "macs" if by_macs else "file",
                "damage": "measured on the calibration data" if data_aware else "estimated from the weights (no data)",
                "reached": result.reached, "damage_level": round(float(result.level), 6),
                "estimate": round(total / max(result.estimate, 1), 3), "layers": list(info.values())}
     return settings, info, summary
+
+
+def _budget_layer(op, weight, options: list, plan) -> BudgetLayer:
+    """A layer's budget entry: its dense cost as stored in the input, its options at the itemsize the run stores
+    its weights in (a float32 weight becomes float16 / int8 under --quantize)."""
+    w = weight.values
+    now = ITEMSIZE.get(weight.kind, 4)
+    return BudgetLayer(op.outputs[0].name, list(options), w.size,
+                       numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
+                       stored_itemsize(weight.kind, w.size, plan.settings(op).quantize, plan.min_params),
+                       input_bytes=w.size * now)
+
+
+def stored_itemsize(kind: str, size: int, quantize: str | None, min_params: int = 0) -> int:
+    """Bytes per weight after the quantize pass: float32 becomes float16, or int8 from its size threshold."""
+    from .passes.quantize import INT8_MIN_ELEMENTS
+    if kind == "float32" and quantize == "float16":
+        return 2
+    if kind == "float32" and quantize == "int8" and size >= (min_params or INT8_MIN_ELEMENTS):
+        return 1
+    return ITEMSIZE.get(kind, 4)
+
+
+def _option_json(option) -> dict:
+    """What the report says of a chosen or candidate option (rank and ratio, or sparsity and bytes)."""
+    if isinstance(option, SparsityOption):
+        return {"sparsity": option.sparsity, "bytes": option.nbytes}
+    if option is None:
+        return {"rank": None, "ratio": None}
+    return {"rank": _rank_json(option.rank), "ratio": option.ratio}
 
 
 def _rank_json(rank):

@@ -136,7 +136,7 @@ def _judge(model, use: _Use, plan, blocked: bool) -> None:
                  params_before=n, params_after=n, bytes_before=t.buffer.nbytes, bytes_after=t.buffer.nbytes)
     if not layer_weight:
         entry["input"] = use.index
-    reason = plan.reason_to_skip(op, n)
+    reason = plan.reason_to_skip(op, n, kept_dense_counts=False)
     mode = plan.settings(op).quantize
     if reason is None and mode == "int8" and layer_weight and plan.min_params == 0 and n < INT8_MIN_ELEMENTS:
         # Like the converter's dynamic range: a small layer saves a few hundred bytes (less after its

@@ -119,7 +119,7 @@ def index_dtypes(tensor: Tensor) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ decisions
-def _fc_direct_kind(op: Operator, weight: Tensor) -> str | None:
+def fc_direct_kind(op: Operator, weight: Tensor) -> str | None:
     """'float32' or 'int8' when this FC can read `weight` sparse itself (version 8); None otherwise."""
     if op.builtin != OP.FULLY_CONNECTED or len(op.inputs) < 2 or op.inputs[1] is None or \
             op.inputs[1].buffer is not weight.buffer:
@@ -149,6 +149,29 @@ class Decision:
         self.bytes_before, self.bytes_after = bytes_before, bytes_after
 
 
+def float_encoding(raw: np.ndarray, direct_fc: bool) -> tuple[sparse.SparseEncoding, str]:
+    """(encoding, method) of a float32 / float16 weight holding enough zeros; `direct_fc`: a float32
+    FULLY_CONNECTED reads it itself (1x4 blocks when whole blocks are zero)."""
+    if direct_fc:
+        zf = 1.0 - np.count_nonzero(raw) / max(raw.size, 1)
+        if raw.shape[1] % FLOAT_FC_BLOCK[1] == 0 and zf > 0 \
+                and sparse.block_sparsity(raw, FLOAT_FC_BLOCK) / zf > FLOAT_BLOCK_RATIO:
+            return sparse.encode_blocks(raw, FLOAT_FC_BLOCK), "block1x4, FC v8"
+        return sparse.encode_csr_last_dim(raw), "csr, FC v8" if FLOAT_FC_RANDOM == "direct" else "csr + DENSIFY"
+    return sparse.encode_csr_last_dim(raw), "csr + DENSIFY"
+
+
+def planned_nbytes(raw: np.ndarray, direct_fc: bool) -> int:
+    """Bytes a pruned float32 / float16 weight will take in the file (values, index vectors, tables, a DENSIFY),
+    as `decide` stores it: dense below MIN_ZERO_FRACTION zeros or when the encoding saves nothing."""
+    raw = np.asarray(raw)
+    dense = raw.nbytes
+    if 1.0 - np.count_nonzero(raw) / max(raw.size, 1) < MIN_ZERO_FRACTION:
+        return dense
+    enc, method = float_encoding(raw, direct_fc)
+    return min(dense, stored_nbytes(enc, method.endswith("DENSIFY")))
+
+
 def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[Operator]) -> Decision:
     """How to store one weight, given every op that reads it (directly or through its DEQUANTIZE)."""
     t = weight.tensor
@@ -157,7 +180,7 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
     zf = 1.0 - np.count_nonzero(raw) / max(raw.size, 1)
     if zf < MIN_ZERO_FRACTION:
         return Decision(reason=f"only {100 * zf:.1f}% zeros (encoding needs {100 * MIN_ZERO_FRACTION:.0f}%)")
-    fc_kinds = [_fc_direct_kind(op, t) for op in direct_readers] if weight.carrier is None else []
+    fc_kinds = [fc_direct_kind(op, t) for op in direct_readers] if weight.carrier is None else []
     direct_fc = bool(fc_kinds) and all(k is not None for k in fc_kinds) and len(set(fc_kinds)) == 1 \
         and len(direct_readers) == len(readers)
     if t.type == T.INT8:
@@ -176,14 +199,8 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
         enc, method = sparse.encode_blocks(raw, INT8_FC_BLOCK), "block1x16, FC v8"
     elif t.type not in (T.FLOAT32, T.FLOAT16):
         return Decision(reason=f"{t.type_name} weights are not encoded")
-    elif direct_fc and t.type == T.FLOAT32:
-        enc, method = sparse.encode_csr_last_dim(raw), "csr, FC v8" if FLOAT_FC_RANDOM == "direct" else "csr + DENSIFY"
-        if raw.shape[1] % FLOAT_FC_BLOCK[1] == 0:
-            bzf = sparse.block_sparsity(raw, FLOAT_FC_BLOCK)
-            if zf > 0 and bzf / zf > FLOAT_BLOCK_RATIO:
-                enc, method = sparse.encode_blocks(raw, FLOAT_FC_BLOCK), "block1x4, FC v8"
     else:
-        enc, method = sparse.encode_csr_last_dim(raw), "csr + DENSIFY"
+        enc, method = float_encoding(raw, direct_fc and t.type == T.FLOAT32)
     densify = method.endswith("DENSIFY")
     after = stored_nbytes(enc, densify)
     if after >= dense_bytes:
