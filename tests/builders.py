@@ -2,7 +2,7 @@
 import numpy as np
 
 from tfrewrite import io, ops, schema
-from tfrewrite.graph import Model, Subgraph, Tensor
+from tfrewrite.graph import Model, Quantization, Subgraph, Tensor
 from tfrewrite.linalg import quant
 
 T = schema.TensorType
@@ -26,11 +26,7 @@ def _weight(sg, name, values, form, axis):
         return out, [ops.dequantize(c, out)]
     if form == "int8":
         q, scales = quant.quantize_symmetric_int8(values, axis=axis)
-        qp = schema.QuantizationParametersT()
-        qp.scale = np.asarray(scales, np.float32).reshape(-1)
-        qp.zeroPoint = np.zeros(len(qp.scale), np.int64)
-        qp.quantizedDimension = axis
-        return sg.add_constant(name, q, quantization=qp), []
+        return sg.add_constant(name, q, quantization=Quantization.symmetric(scales, axis)), []
     raise ValueError(form)
 
 
@@ -235,11 +231,8 @@ def int16_fc_model(width=64, out=32, seed=0):
     s_in, s_out = 4.0 / 32767, 16.0 / 32767
 
     def quantization(scale, zero=None, axis=0):
-        qp = schema.QuantizationParametersT()
-        qp.scale = np.asarray(scale, np.float32).reshape(-1)
-        qp.zeroPoint = np.zeros(len(qp.scale), np.int64) if zero is None else np.asarray(zero, np.int64)
-        qp.quantizedDimension = axis
-        return qp
+        scale = np.asarray(scale, np.float32).reshape(-1)
+        return Quantization.affine(scale, np.zeros(len(scale)) if zero is None else zero, axis)
 
     sg = Subgraph()
     x = sg.add_tensor(Tensor("input", T.INT16, [1, width], quantization=quantization([s_in])))

@@ -69,6 +69,21 @@ def test_allocate_by_macs_keeps_layers_dense_when_the_goal_allows():
     assert result.reached and result.choice[0] is not None and result.choice[1] is None
 
 
+def test_allocate_judges_each_level_by_the_measure_when_savings_interact():
+    # a and b cut the input and the output side of one layer of 1000 MACs: it keeps 1000 · s_a · s_b, not the
+    # sum of two separately counted savings. Counted additively (two layers of 1000) the goal 800 needs level 0.5;
+    # measured on the model, halving both sides already leaves 250 at level 0.2.
+    a, b = _layer("a", 1000, {2: 0.1}), _layer("b", 1000, {2: 0.2, 4: 0.5})
+
+    def measure(choice):
+        shrink = [1 / c.ratio if c else 1.0 for c in choice]
+        return 1000 * shrink[0] * shrink[1]
+    additive = allocate([a, b], 2000, 800, by_macs=True)
+    assert additive.reached and additive.level == 0.5
+    measured = allocate([a, b], 1000, 300, by_macs=True, measure=measure)
+    assert measured.reached and measured.level == 0.2 and measured.estimate == 250
+
+
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     return digits_calibration(tmp_path_factory, 16)
@@ -126,6 +141,26 @@ def test_ratio_refuses_degenerate_layers_unless_forced():
                 assert entry["action"] == "rewritten"
             else:
                 assert entry["action"] == "skipped" and why in entry["reason"] and "--force" in entry["reason"]
+
+
+def test_ratio_without_data_fits_on_generated_inputs_and_refuses_a_large_output_error():
+    """--ratio alone fits each layer to its outputs on the model's response to generated inputs (the fit changes
+    the factors, and bias correction the bias), and leaves a layer as it is when the fitted layer's output error
+    around its mean is above the floor: a weight with a flat spectrum loses most of its output at half rank."""
+    rng = np.random.default_rng(5)
+    flat = rng.standard_normal((48, 48)).astype(np.float32)
+    u, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+    decaying = ((u * 10 / (1 + np.arange(48)) ** 2) @ u.T).astype(np.float32)  # rank 12 keeps all but ~2 %
+    bias = rng.standard_normal(48).astype(np.float32)
+    for weight, rewritten in ((flat, False), (decaying, True)):
+        entry = rewrite.rewrite_model(io.read_buffer(B.fc_model(weight, bias, (1, 48))), rewrite.Options(ratio=2))[0]
+        if rewritten:
+            assert entry["action"] == "rewritten" and entry["bias_corrected"] and entry["output_error"] < 0.15
+        else:
+            assert entry["action"] == "skipped" and "on the generated inputs is above 0.15" in entry["reason"]
+    forced = rewrite.rewrite_model(io.read_buffer(B.fc_model(flat, bias, (1, 48))),
+                                   rewrite.Options(ratio=2, force=True))[0]
+    assert forced["action"] == "rewritten"
 
 
 def test_calibration_and_budget_show_progress_on_a_terminal(tmp_path, capsys):

@@ -104,6 +104,15 @@ def test_toposort_is_stable_and_finds_cycles():
     sg.operators = [second, first]
     sg.toposort()
     assert list(sg.operators) == [first, second]
+    # An appended op goes right before the first op that needs it, not after ops that merely were ready first.
+    d, e, f, g = (sg.add_tensor(Tensor(n, T.FLOAT32, [1])) for n in "defg")
+    add = Operator(OpCode(OP.ADD), [c, d], [e])
+    other = Operator(OpCode(OP.RELU), [a], [f])
+    sg.operators.extend([add, other])
+    late = sg.add_operator(Operator(OpCode(OP.RELU), [a], [d]))
+    sg.add_operator(Operator(OpCode(OP.RELU), [e], [g]))
+    sg.toposort()
+    assert [op.outputs[0].name for op in sg.operators] == ["b", "c", "d", "e", "f", "g"] and late.outputs == [d]
     first.inputs = [c]
     with pytest.raises(ValueError, match="cycle"):
         sg.toposort()
@@ -158,3 +167,59 @@ def test_the_invariant_check_sees_links_that_do_not_match():
     conv = next(op for op in sg.operators if op.builtin == OP.CONV_2D)
     sg.add_operator(ops.conv2d(conv.inputs[0], conv.inputs[1], conv.inputs[2], conv.outputs[0]))
     assert any("written by 2 ops" in p for p in model.problems())
+
+
+def test_a_pass_can_remove_channels_of_a_full_integer_conv_with_ir_helpers_alone():
+    """Find a conv's consumers, walk the channel-wise ops after it to the layer that reads its channels, and slice
+    the per-channel int8 weights, int32 bias and activations: with Tensor.consumers, the op-semantics table and
+    Tensor.take only. Checked against the same model with those channels' weights and bias zeroed (each then
+    outputs exactly its zero point, which the reader multiplies by nothing): the outputs must be identical."""
+    from conftest import assert_outputs_equal, outputs
+    from tfrewrite.ops import semantics
+    rng = np.random.default_rng(3)
+    src = FIXTURES / "vgg_digits_int8.tflite"
+
+    def channel_path(model):
+        convs = [op for op in model.main.operators if op.builtin == OP.CONV_2D]
+        conv = convs[1]
+        walked, t = [], conv.outputs[0]
+        while True:
+            (reader,) = t.consumers
+            if reader.builtin not in semantics.CHANNELWISE_UNARY:
+                break
+            walked.append(reader)
+            t = reader.outputs[0]
+        assert semantics.LAYERS[reader.builtin].in_axis == 3 and walked  # a CONV_2D behind a MAX_POOL_2D
+        return conv, walked, reader
+
+    drop = np.sort(rng.choice(32, 8, replace=False))
+    keep = np.setdiff1d(np.arange(32), drop)
+
+    zeroed = io.read(src)
+    conv, _, _ = channel_path(zeroed)
+    layout = semantics.LAYERS[conv.builtin]
+    w, b = conv.inputs[layout.weight], conv.inputs[layout.bias]
+    assert w.quantization.channels == 32 and w.quantization.axis == layout.out_axis
+    data = np.array(w.data)
+    data[drop] = 0
+    w.set_data(data)
+    bias = np.array(b.data)
+    bias[drop] = 0
+    b.set_data(bias)
+
+    sliced = io.read(src)
+    conv, walked, reader = channel_path(sliced)
+    w, b = conv.inputs[layout.weight], conv.inputs[layout.bias]
+    scales = np.array(w.quantization.scale)
+    w.take(keep, layout.out_axis)
+    b.take(keep, 0)
+    assert w.shape == [24, 3, 3, 32] and np.array_equal(w.quantization.scale, scales[keep])
+    assert b.quantization.channels == 24
+    for op in [conv] + walked:
+        op.outputs[0].shape = op.outputs[0].shape[:-1] + [len(keep)]
+    reader.inputs[1].take(keep, semantics.LAYERS[reader.builtin].in_axis)
+    assert reader.inputs[1].quantization.channels == 64  # per output channel: untouched by an input-axis slice
+    assert sliced.problems() == []
+    assert len(io.to_bytes(sliced)) < len(io.to_bytes(zeroed))
+    for xnnpack in (True, False):
+        assert_outputs_equal(outputs(io.to_bytes(sliced), xnnpack), outputs(io.to_bytes(zeroed), xnnpack))

@@ -34,8 +34,8 @@ def _quant(t):
     q = t.quantization
     if q is None or q.scale is None:
         return None
-    return (np.asarray(q.scale, np.float32).tobytes(), np.asarray(q.zeroPoint).astype(np.int64).tobytes(),
-            int(q.quantizedDimension or 0))
+    return (np.asarray(q.scale, np.float32).tobytes(), np.asarray(q.zero_point).astype(np.int64).tobytes(),
+            int(q.axis or 0))
 
 
 def test_missing_calibration_is_a_usage_error(capsys, tmp_path):
@@ -65,11 +65,11 @@ def test_chains_are_int8_with_the_right_versions_and_quantization(rewritten):
         assert op.opcode.version == expected_version[op.builtin]
         axis = 3 if op.builtin == OP.DEPTHWISE_CONV_2D else 0
         ws = np.asarray(w.quantization.scale, np.float64)
-        assert len(ws) == w.shape[axis] and w.quantization.quantizedDimension == axis
-        assert np.all(ws > 0) and not np.any(w.quantization.zeroPoint) and w.data.min() >= -127
+        assert len(ws) == w.shape[axis] and w.quantization.axis == axis
+        assert np.all(ws > 0) and not np.any(w.quantization.zero_point) and w.data.min() >= -127
         s_in = float(x.quantization.scale[0])
         np.testing.assert_allclose(b.quantization.scale, (s_in * ws).astype(np.float32), rtol=1e-6)
-        assert len(out.quantization.scale) == 1 and -128 <= out.quantization.zeroPoint[0] <= 127
+        assert len(out.quantization.scale) == 1 and -128 <= out.quantization.zero_point[0] <= 127
     # Every tensor of the original keeps its quantization bit-exact (the chains' last ops write the originals).
     before = {t.name: _quant(t) for t in original.main.tensors if not t.is_constant}
     after = {t.name: _quant(t) for t in sg.tensors if not t.is_constant}
@@ -198,7 +198,7 @@ def test_int8_input_takes_float_or_int8_calibration(tmp_path):
     model.cleanup()
     io.write(model, tmp_path / "int8_input.tflite")
     x, _ = load_split("calib", 32)
-    scale, zero = float(x_int8.quantization.scale[0]), int(x_int8.quantization.zeroPoint[0])
+    scale, zero = float(x_int8.quantization.scale[0]), int(x_int8.quantization.zero_point[0])
     np.savez(tmp_path / "float.npz", **{x_int8.name: x[:16]})
     np.savez(tmp_path / "int8.npz", **{x_int8.name: np.clip(np.round(x[:16] / scale) + zero, -128, 127).astype(np.int8)})
     for kind in ("float", "int8"):
@@ -293,9 +293,9 @@ def test_per_tensor_weights_stay_per_tensor(calib, tmp_path):
     q, scales, bq, b_scales = int8.weights_and_bias(real, b.data * np.asarray(b.quantization.scale, np.float64),
                                                     float(fc.inputs[0].quantization.scale[0]), axis=None)
     w.set_data(q)
-    w.quantization.scale, w.quantization.zeroPoint = scales, np.zeros(1, np.int64)
+    w.quantization.scale, w.quantization.zero_point = scales, np.zeros(1, np.int64)
     b.set_data(bq)
-    b.quantization.scale, b.quantization.zeroPoint = b_scales, np.zeros(len(b_scales), np.int64)
+    b.quantization.scale, b.quantization.zero_point = b_scales, np.zeros(len(b_scales), np.int64)
     io.write(model, tmp_path / "per_tensor.tflite")
     out = tmp_path / "o.tflite"
     rewrite.run(tmp_path / "per_tensor.tflite", out, rewrite.Options(fc_rank=48, only="fc2", calibration=str(calib)))

@@ -283,3 +283,25 @@ def test_fields_the_ir_does_not_model_survive_a_round_trip(monkeypatch):
     assert back.Subgraphs(0).Name() == b"main graph"
     assert back.Subgraphs(0).Tensors(0).HasRank()
     assert back.Subgraphs(0).Operators(0).DebugMetadataIndex() == 7
+
+
+def test_quantization_is_the_irs_own_and_survives_a_round_trip(monkeypatch):
+    """Tensors carry the IR's Quantization (no schema object past io); fields it does not model come back as read."""
+    from tfrewrite.graph import Quantization
+    from tflite.Model import Model as ReadOnlyModel
+    src = (FIXTURES / "vgg_digits_int8.tflite").read_bytes()
+    model = io.read_buffer(src)
+    quantized = [t for t in model.main.tensors if t.quantization is not None]
+    assert quantized and all(type(t.quantization) is Quantization for t in quantized)
+    assert any(t.quantization.channels > 1 and t.quantization.axis == 0 for t in quantized)
+    index, t = next((i, t) for i, t in enumerate(model.main.tensors) if t.quantization is not None)
+    t.quantization.min, t.quantization.max = np.array([-1.5], np.float32), np.array([2.5], np.float32)
+    data = io.to_bytes(model)
+    # A field a newer schema adds is kept in `extra`: pretend min and max were such fields.
+    monkeypatch.setattr(io, "_QUANTIZATION_MODELLED", io._QUANTIZATION_MODELLED - {"min", "max"})
+    model = io.read_buffer(data)
+    q = model.main.tensors[index].quantization
+    assert set(q.extra) == {"min", "max"}
+    q.min = q.max = None  # forgotten by code that does not know them
+    q = ReadOnlyModel.GetRootAs(io.to_bytes(model), 0).Subgraphs(0).Tensors(index).Quantization()
+    assert list(q.MinAsNumpy()) == [-1.5] and list(q.MaxAsNumpy()) == [2.5]

@@ -42,8 +42,19 @@ REFUSED = {
     "block 0x4": (["--prune", "0.5", "--prune-block", "0x4"], "--prune-block"),
     "block 1x1000000": (["--prune", "0.5", "--prune-block", "1x1000000"], "--prune-block"),
     "--target-size inf": (["--target-size", "inf", "--calibration", "CALIB"], "--target-size"),
+    "--channel-multiple without --prune-channels": (["--channel-multiple", "4", "--rank", "2"],
+                                                    "--channel-multiple has no effect"),
+    "recipe channel_multiple without prune_channels": (["--rank", "2", "--recipe", "RECIPE:channel_multiple"],
+                                                       "'channel_multiple'"),
+    "--prune-channels auto without a target": (["--prune-channels", "auto"], "needs --target-macs"),
+    "recipe prune_channels auto without a target": (["--rank", "2", "--recipe", "RECIPE:channels_auto"],
+                                                     "needs --target-macs"),
+    "--prune-channels neither a share nor auto": (["--prune-channels", "most"], "neither a number nor 'auto'"),
+    "--prune-channels 1": (["--prune-channels", "1"], "share in [0, 1) or 'auto'"),
 }
-RULES = {"prune_block": {"match": ".", "prune_block": "1x4"}, "conv_method": {"match": ".", "conv_method": "cp"}}
+RULES = {"prune_block": {"match": ".", "prune_block": "1x4"}, "conv_method": {"match": ".", "conv_method": "cp"},
+         "channel_multiple": {"match": ".", "channel_multiple": 4},
+         "channels_auto": {"match": ".", "prune_channels": "auto"}}
 
 
 def _materialize(tmp, argv):
@@ -79,6 +90,9 @@ def test_the_same_options_are_accepted_where_something_uses_them(tmp, capsys):
     assert code == 0, err
     recipe.write_text(json.dumps({"rules": [{"match": ".", "rank": 2, "conv_method": "tucker2"}]}))
     code, _, err = _run(capsys, model, tmp / "o.tflite", "--force", "--recipe", recipe)
+    assert code == 0, err
+    recipe.write_text(json.dumps({"rules": [{"match": ".", "prune_channels": 0.5}]}))
+    code, _, err = _run(capsys, model, tmp / "o.tflite", "--channel-multiple", "4", "--recipe", recipe)
     assert code == 0, err
 
 

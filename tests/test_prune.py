@@ -75,7 +75,7 @@ def test_float16_and_int8_weights_are_pruned_in_their_own_storage(form):
     np.testing.assert_array_equal(got[got != 0], orig[got != 0])
     if form == "int8":  # scales and zero points are untouched, so a zeroed weight is exactly 0.0
         np.testing.assert_array_equal(stored.quantization.scale, orig_t.quantization.scale)
-        assert not np.any(stored.quantization.zeroPoint)
+        assert not np.any(stored.quantization.zero_point)
 
 
 def test_depthwise_only_with_the_flag():

@@ -69,7 +69,7 @@ def test_mixed_with_low_rank_and_float16(calib, tmp):
     (["--prune", "auto", "--target-macs", "2"], "--prune auto: sparse weights do not cut the MACs"),
     (["--prune", "0.5", "--target-size", "2"], "use --prune auto"),
     (["--rank", "auto"], "--rank auto needs"),
-    (["--prune", "most"], "expected a number or 'auto'"),
+    (["--prune", "most"], "neither a number nor 'auto'"),
 ])
 def test_refused_combinations(tmp, capsys, argv, words):
     out = tmp / "o.tflite"

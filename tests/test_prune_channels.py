@@ -365,3 +365,94 @@ def test_split_maps_channels_to_its_pieces(builtin):
     got = verify.run(io.to_bytes(m), inputs)[0]
     for w, a in zip(verify.run(reference, inputs)[0], got):
         np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4)
+
+
+def test_refit_error_from_moments_matches_the_refit_and_greedy_order_is_a_prefix():
+    from tfrewrite.linalg import channels as ch
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((400, 10)) @ rng.standard_normal((10, 10))
+    w, b = rng.standard_normal((5, 10)), rng.standard_normal(5)
+    _, cov = ch.moments(x)
+    keep = np.array([0, 2, 3, 7, 9])
+    _, _, err = ch.refit(w, b, keep, x)
+    residual, total = ch.refit_error(w, cov, keep)
+    assert 0 < err < 1 and np.sqrt(residual / total) == pytest.approx(err, rel=1e-9)
+    # Fewer rows than columns: the fit reproduces its own rows, rows it did not see show the damage.
+    few = x[:4]
+    halves = (ch.moments(few[:2])[1], ch.moments(few[2:])[1])
+    residual, total = ch.refit_error(w, ch.moments(few)[1], keep, damping=1e-9)
+    assert residual / total < 1e-6 and ch.held_out_error(w, halves, keep) > 0.1
+    gram = ch.unit_gram(w, [np.array([i]) for i in range(10)], cov)
+    order = ch.removal_order(gram, 6)
+    for r in range(1, 7):
+        np.testing.assert_array_equal(ch.greedy_removal(gram, r), np.sort(order[:r]))
+
+
+def _calibration_for(model_bytes, path, count, seed):
+    it = verify.interpreter(model_bytes)
+    shape = it.get_input_details()[0]["shape"]
+    rng = np.random.default_rng(seed)
+    np.savez(path, input=rng.uniform(0, 1, (count, *shape)).astype(np.float32))
+    return path
+
+
+def test_budget_chooses_each_groups_share_and_reports_it(tmp_path):
+    import json
+    import jsonschema
+    from conftest import ROOT
+    rng = np.random.default_rng(8)
+    src = tmp_path / "net.tflite"
+    src.write_bytes(residual_concat_net(rng))
+    calib = _calibration_for(src.read_bytes(), tmp_path / "calib.npz", 24, 9)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"rules": [{"match": "^c5$", "prune_channels": 0}]}))
+    report = rewrite.run(src, tmp_path / "out.tflite", rewrite.Options(
+        prune_channels="auto", target_macs=1.6, calibration=str(calib), recipe=str(recipe)))
+    jsonschema.validate(report, json.loads((ROOT / "schemas" / "report.schema.json").read_text()))
+    budget = report["budget"]
+    assert budget["reached"] and budget["achieved"] >= 1.6 and budget["measure"] == "macs"
+    # The planner's cost model counts a layer between two cut groups by both shares: its estimate is the model's.
+    assert budget["estimate"] == pytest.approx(budget["achieved"], abs=0.01)
+    entries = {e["output"]: e for e in report["layers"] if e["kind"] == "channels"}
+    assert entries["c5"]["action"] == "skipped" and entries["c5"]["reason"] == "no channel pruning asked for"
+    planned = {g["output"]: g for g in budget["layers"]}
+    assert "c5" not in planned and planned
+    for name, g in planned.items():
+        e = entries[name]
+        assert g["damage"] <= budget["damage_level"] and e["channels_after"] == g["kept"]
+        assert [c["kept"] for c in g["candidates"]] == sorted({c["kept"] for c in g["candidates"]}, reverse=True)
+        # Damage grows with the share removed (a larger removal extends the smaller one).
+        damage = [c["damage"] for c in g["candidates"]]
+        assert damage == sorted(damage)
+        if e["action"] == "pruned":
+            assert e["damage"] == g["damage"] and e["channels_after"] % 8 == 0 and "output_error" in e
+        else:
+            assert "kept whole by the budget" in e["reason"]
+
+
+def test_budget_without_data_judges_groups_on_generated_images(tmp_path):
+    rng = np.random.default_rng(10)
+    src = tmp_path / "net.tflite"
+    src.write_bytes(residual_concat_net(rng))
+    out = tmp_path / "out.tflite"
+    report = rewrite.run(src, out, rewrite.Options(prune_channels="auto", target_macs=1.5))
+    assert "generated images" in report["budget"]["damage"] and report["budget"]["reached"]
+    assert all(e["selection"] == "reconstruction" for e in report["layers"] if e["action"] == "pruned")
+    model = out.read_bytes()
+    inputs = verify.random_inputs(verify.interpreter(model), samples=2)
+    for x, y in zip(outputs(model, inputs), outputs(model, inputs, xnnpack=False)):
+        assert np.all(np.isfinite(x)) and np.allclose(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_budget_meets_two_fold_fewer_macs_on_the_vgg_fixture_within_a_point(tmp_path):
+    from digits import load_split, tflite_accuracy
+    x, _ = load_split("calib", 32)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=x[:48])
+    out = tmp_path / "out.tflite"
+    report = rewrite.run(FIXTURES / "vgg_digits.tflite", out,
+                         rewrite.Options(prune_channels="auto", target_macs=2, calibration=str(calib)))
+    assert report["budget"]["reached"]
+    shares = {e["channels_after"] / e["channels_before"] for e in report["layers"] if e["action"] == "pruned"}
+    assert len(shares) > 2  # non-uniform: each group where it hurts least
+    assert tflite_accuracy(out, "test", 32) >= tflite_accuracy(FIXTURES / "vgg_digits.tflite", "test", 32) - 0.01

@@ -123,7 +123,7 @@ def test_int8_structure_matches_the_converter():
             continue
         q = w.quantization
         assert len(q.scale) == w.shape[0] and np.all(np.asarray(q.scale) > 0)
-        assert q.quantizedDimension == 0 and not np.any(q.zeroPoint)
+        assert q.axis == 0 and not np.any(q.zero_point)
         assert op.opcode.version == ref.opcode.version  # CONV_2D 5, FULLY_CONNECTED 12
         np.testing.assert_allclose(q.scale, ref.inputs[1].quantization.scale, rtol=1e-6)
         if op.builtin == OP.FULLY_CONNECTED:
@@ -143,7 +143,7 @@ def test_depthwise_int8_is_per_channel_on_dimension_3():
     assert len(dws) == 10  # the 7 with fewer than 1024 weights stay float32, as with the converter
     for t in dws:
         q = t.quantization
-        assert q.quantizedDimension == 3 and len(q.scale) == t.shape[3]
+        assert q.axis == 3 and len(q.scale) == t.shape[3]
 
 
 @pytest.mark.parametrize("mode,min_params,first_quantized", [
@@ -212,7 +212,7 @@ def test_all_zero_channel_gets_a_positive_scale_and_runs_under_xnnpack(kind, tmp
     model, entries, _ = quantized(src, quantize="int8")
     (weight,) = [t for t in model.main.tensors if t.type == T.INT8]
     scales = np.asarray(weight.quantization.scale)
-    assert weight.quantization.quantizedDimension == axis and np.all(scales > 0) and scales[1] == 1.0
+    assert weight.quantization.axis == axis and np.all(scales > 0) and scales[1] == 1.0
     new = io.to_bytes(model)
     x = verify.random_inputs(verify.interpreter(blob), 1, seed=3)
     ref = verify.run(blob, x)[0][0]

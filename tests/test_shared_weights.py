@@ -29,7 +29,7 @@ def signature_outputs(model: bytes, xnnpack: bool, seed: int = 0) -> dict:
 def distinct_weight_buffers(model) -> int:
     """Buffers holding the weight (input 1) of some FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D op."""
     from tfrewrite.analysis import stored_constant
-    return len({id(stored_constant(op.inputs[1], sg.producers()).buffer) for sg in model.subgraphs
+    return len({id(stored_constant(op.inputs[1]).buffer) for sg in model.subgraphs
                 for op in sg.operators if op.name in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")})
 
 

@@ -112,7 +112,7 @@ def check_rules(m):
                 assert op.inputs[0].type == t.type, "sparse hybrid FULLY_CONNECTED"
                 if t.type == T.INT8:
                     assert [int(d.denseSize) for d in t.sparsity.dimMetadata][2] == 16
-                    assert not np.any(np.asarray(t.quantization.zeroPoint))
+                    assert not np.any(np.asarray(t.quantization.zero_point))
 
 
 # ----------------------------------------------------------------------------------------- encoders, decoder

@@ -23,11 +23,11 @@ def numel(shape) -> int:
     return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
 
 
-def stored_constant(t: Tensor | None, producers: dict) -> Tensor | None:
+def stored_constant(t: Tensor | None) -> Tensor | None:
     """The constant behind `t`, following DEQUANTIZE / DENSIFY back to the stored tensor."""
     seen = 0
     while t is not None and not t.is_constant and seen < 4:
-        op = producers.get(id(t))
+        op = t.producer
         if op is None or op.builtin not in WEIGHT_CARRIERS:
             return None
         t = op.inputs[0]
@@ -79,14 +79,14 @@ def macs(op: Operator, weight: Tensor | None) -> int:
     return 0
 
 
-def op_row(sg_index: int, op_index: int, op: Operator, producers: dict, zeros: bool = True) -> dict:
+def op_row(sg_index: int, op_index: int, op: Operator, zeros: bool = True) -> dict:
     weight = None
     if op.builtin in WEIGHTED_OPS and len(op.inputs) > 1:
-        weight = stored_constant(op.inputs[1], producers)
+        weight = stored_constant(op.inputs[1])
     params = 0
     if op.builtin not in WEIGHT_CARRIERS:
         for t in op.inputs:
-            c = stored_constant(t, producers)
+            c = stored_constant(t)
             if c is not None:
                 params += numel(c.shape)
     return {
@@ -112,8 +112,7 @@ def op_rows(model: Model, zeros: bool = True) -> list[dict]:
     """One row per operator; `zeros=False` skips counting zero weights (it reads every weight byte)."""
     rows = []
     for si, sg in enumerate(model.subgraphs):
-        producers = sg.producers()
-        rows.extend(op_row(si, oi, op, producers, zeros) for oi, op in enumerate(sg.operators))
+        rows.extend(op_row(si, oi, op, zeros) for oi, op in enumerate(sg.operators))
     return rows
 
 
@@ -133,12 +132,11 @@ def nonzero_params(model: Model) -> int:
     entries are zeros): what pruning really leaves."""
     total = 0
     for sg in model.subgraphs:
-        producers = sg.producers()
         for op in sg.operators:
             if op.builtin in WEIGHT_CARRIERS:
                 continue
             for t in op.inputs:
-                c = stored_constant(t, producers)
+                c = stored_constant(t)
                 if c is None:
                     continue
                 values = c.buffer.data.view(c.dtype) if c.sparsity is not None and c.dtype is not None else c.data
@@ -196,15 +194,15 @@ def _index_bounds(op: Operator, position: int):
     return None
 
 
-def _index_range(sg, tensor: Tensor, consumers: dict, depth: int = 0):
+def _index_range(sg, tensor: Tensor, depth: int = 0):
     """The bounds every index use of `tensor` allows (intersected), following value-preserving ops."""
     low, high = None, None
-    for op in consumers.get(id(tensor), []):
+    for op in tensor.consumers:
         found = []
         for pos, t in enumerate(op.inputs):
             if t is tensor:
                 if op.builtin in _VALUE_PRESERVING and pos == 0 and depth < 8:
-                    found.append(_index_range(sg, op.outputs[0], consumers, depth + 1))
+                    found.append(_index_range(sg, op.outputs[0], depth + 1))
                 else:
                     found.append(_index_bounds(op, pos))
         for bounds in found:
@@ -224,7 +222,6 @@ def input_ranges(sg, tensors: list[Tensor]) -> list[dict]:
     floats feeding a QUANTIZE span the real range its scale and zero point cover; other integers are small and
     non-negative; other floats are standard normal. Each entry: kind ('index', 'integer', 'uniform',
     'normal', 'bool') and inclusive `low`/`high` (scalars or one per last-axis component)."""
-    consumers = sg.consumers()
     out = []
     for t in tensors:
         dtype = t.dtype
@@ -235,7 +232,7 @@ def input_ranges(sg, tensors: list[Tensor]) -> list[dict]:
             out.append({"kind": "normal"})
             continue
         if dtype.kind in "iu":
-            bounds = _index_range(sg, t, consumers)
+            bounds = _index_range(sg, t)
             if bounds is not None:
                 out.append({"kind": "index", "low": bounds[0], "high": bounds[1]})
                 continue
@@ -248,12 +245,12 @@ def input_ranges(sg, tensors: list[Tensor]) -> list[dict]:
                 out.append({"kind": "integer", "low": max(SMALL_INTEGERS[0], info.min),
                             "high": min(SMALL_INTEGERS[1], info.max)})
             continue
-        quantize = next((op for op in consumers.get(id(t), []) if op.builtin == OP.QUANTIZE), None)
+        quantize = next((op for op in t.consumers if op.builtin == OP.QUANTIZE), None)
         q = quantize.outputs[0].quantization if quantize is not None else None
         if q is not None and q.scale is not None and len(q.scale) == 1 and quantize.outputs[0].dtype is not None \
                 and quantize.outputs[0].dtype.kind in "iu":
             info = np.iinfo(quantize.outputs[0].dtype)
-            zero = int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
+            zero = int(q.zero_point[0]) if q.zero_point is not None and len(q.zero_point) else 0
             scale = float(q.scale[0])
             out.append({"kind": "uniform", "low": (info.min - zero) * scale, "high": (info.max - zero) * scale})
         else:

@@ -67,18 +67,23 @@ def cost(layer: BudgetLayer, option: RankOption | None, by_macs: bool) -> float:
     return (option.params if option else layer.dense_params) * layer.itemsize
 
 
-def allocate(layers: list[BudgetLayer], total: float, goal: float, by_macs: bool = False) -> Allocation:
+def allocate(layers: list, total: float, goal: float, by_macs: bool = False, measure=None) -> Allocation:
     """The smallest shared damage level at which every layer's cheapest option under it brings `total` (the
     model's whole cost, the layers' dense costs included) down to `goal`; when no level does, the cheapest
-    option everywhere (and `reached` False)."""
-    fixed = total - sum(cost(layer, None, by_macs) if by_macs or layer.input_bytes is None else layer.input_bytes
-                        for layer in layers)
+    option everywhere (and `reached` False). `layers`: anything with `options` (each with `.params`, `.macs`,
+    `.damage`) and `cost(option, by_macs)`-able dense costs (`BudgetLayer`). `measure(choice)`: the whole
+    model's cost under a choice, for option kinds whose savings are not additive (pruning a layer's input and
+    output channels); by default `total` minus what each chosen option saves."""
+    fixed = total - sum(cost(layer, None, by_macs) if by_macs or getattr(layer, "input_bytes", None) is None
+                        else layer.input_bytes for layer in layers)
 
     def pick(level):
         choice = []
         for layer in layers:
             ok = [o for o in layer.options if o.damage <= level]
             choice.append(min(ok, key=lambda o: (cost(layer, o, by_macs), o.damage)) if ok else None)
+        if measure is not None:
+            return choice, measure(choice)
         return choice, fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice))
 
     levels = sorted({o.damage for layer in layers for o in layer.options})
@@ -106,7 +111,7 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
                 continue
             sg = next(s for s in model.subgraphs if op in s.operators)
             try:
-                weight = read_weight(op, sg.producers())
+                weight = read_weight(op)
             except Skip:
                 continue
             kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"
@@ -121,7 +126,7 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
         for op in [op for op in model.main.operators if id(op) in plan.layer_data]:
             try:
                 options = sparsity_options(op)
-                weight = read_weight(op, model.main.producers())
+                weight = read_weight(op)
             except Skip:
                 continue
             if progress and not passes:
@@ -184,6 +189,44 @@ def _option_json(option) -> dict:
     if option is None:
         return {"rank": None, "ratio": None}
     return {"rank": _rank_json(option.rank), "ratio": option.ratio}
+
+
+CHANNELS_KEPT = "kept whole by the budget: the target is met at a damage level below every share's"
+
+
+def plan_channels(model, plan, target: float, by_macs: bool, total: float, samples, stage=None
+                  ) -> tuple[dict, dict]:
+    """`--prune-channels auto`: each channel group open to the budget keeps the channels its cheapest option
+    under one shared damage level leaves (options and damage: `prune_channels.group_options`, on `samples`).
+    Savings are not additive (a layer between two pruned groups shrinks by both shares), so every level is
+    judged on the whole model's cost under its choice. Returns id(lead op) → kept units (or the reason the group
+    stays whole), and the budget's summary. `stage(count)`: a progress step for the `count` groups, or None."""
+    from .passes import prune_channels as pc
+    space = pc.budget_space(model, plan, samples, stage)
+    layers = [BudgetLayer(b.group.producers[0].op.outputs[0].name, b.options, b.params, b.macs, b.itemsize)
+              for b in space.open]
+
+    def measure(choice):
+        keeps = [(b.group, c.keep) for b, c in zip(space.open, choice) if c is not None]
+        return total - space.saving(keeps, by_macs)[0]
+
+    result = allocate(layers, total, total / target, by_macs, measure=measure)
+    keeps = dict(space.closed)
+    groups = []
+    spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, result.choice)) or 1
+    for b, layer, c in zip(space.open, layers, result.choice):
+        keeps[id(b.group.producers[0].op)] = c.keep if c is not None else CHANNELS_KEPT
+        groups.append({"output": layer.name, "channels": b.group.channels,
+                       "kept": c.keep if c is not None else b.group.channels,
+                       "share": c.share if c is not None else 0.0, "damage": round(c.damage, 6) if c else 0.0,
+                       "budget_share": round(cost(layer, c, by_macs) / spent, 6),
+                       "candidates": [{"kept": o.keep, "damage": round(o.damage, 6)} for o in b.options]})
+    summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
+               "measure": "macs" if by_macs else "file", "technique": "channels",
+               "damage": "measured on the calibration data", "reached": result.reached,
+               "damage_level": round(float(result.level), 6), "estimate": round(total / max(result.estimate, 1), 3),
+               "layers": groups}
+    return keeps, summary
 
 
 def _rank_json(rank):

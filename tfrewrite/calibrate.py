@@ -86,7 +86,7 @@ def real_values(x: np.ndarray, tensor) -> np.ndarray:
     their (per-tensor) scale and zero point, so a fit sees what the integer kernels compute on."""
     q = tensor.quantization
     if np.asarray(x).dtype.kind in "iu" and q is not None and q.scale is not None and len(q.scale) == 1:
-        zero = float(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0.0
+        zero = float(q.zero_point[0]) if q.zero_point is not None and len(q.zero_point) else 0.0
         return ((np.asarray(x, np.float32) - np.float32(zero)) * np.float32(q.scale[0])).astype(np.float32)
     return np.asarray(x, np.float32)
 

@@ -34,8 +34,8 @@ def _auto_or(kind):
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} or 'auto', "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is neither {'an integer' if kind is int else 'a number'} "
+                                             "nor 'auto'") from None
     parse.__name__ = kind.__name__
     return parse
 
@@ -51,7 +51,9 @@ def _rewrite_parser() -> argparse.ArgumentParser:
                    "by --target-size/--target-macs (their default; with --prune auto it mixes both)")
     g.add_argument("--fc-rank", type=int, help="rank for FULLY_CONNECTED layers")
     g.add_argument("--conv-rank", type=int, help="rank for CONV_2D layers (CP/Tucker-2 rank for kxk, SVD rank for 1x1)")
-    g.add_argument("--ratio", type=float, help="per layer, the rank that cuts its parameters X-fold")
+    g.add_argument("--ratio", type=float, help="per layer, the rank that cuts its parameters X-fold, fitted to the "
+                   "layer's outputs (on --calibration, else on generated images); a layer whose fit loses too much "
+                   "is left as it is (--force rewrites it)")
     g.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of the squared norm")
     g.add_argument("--conv-method", choices=["cp", "tucker2"], help="decomposition of kxk convs (default cp)")
     g = p.add_argument_group("pruning (stored in TFLite's sparse format)")
@@ -62,9 +64,10 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparse-encode", action="store_true",
                    help="store weights that already hold enough zeros in the sparse format (implied by --prune)")
     g = p.add_argument_group("structured pruning (whole channels removed: a smaller dense model)")
-    g.add_argument("--prune-channels", type=float, metavar="F", help="remove share F of every channel group "
-                   "(with --calibration: chosen and refitted on the data)")
-    g.add_argument("--channel-multiple", type=int, default=8, metavar="N",
+    g.add_argument("--prune-channels", type=_auto_or(float), metavar="F", help="remove share F of every channel "
+                   "group (with --calibration: chosen and refitted on the data); auto: each group's share chosen "
+                   "by --target-macs / --target-size")
+    g.add_argument("--channel-multiple", type=int, metavar="N",
                    help="kept channel counts are multiples of N (default 8)")
     g = p.add_argument_group("quantization (weights only)")
     g.add_argument("--quantize", choices=["float16", "int8", "full-int8"],

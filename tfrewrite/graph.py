@@ -6,11 +6,12 @@ Use-def links are live (as in onnx-graphsurgeon): `Tensor.producer`, `Tensor.con
 follow every edit made through the IR's lists (a subgraph's operators and tensors, an operator's inputs and
 outputs) and helpers, for the operators and tensors a subgraph lists; the invariant check compares them with
 the lists.
-Options, quantization and sparsity parameters are kept as the schema's object-API values and written back
-unchanged unless a pass replaces them.
+Quantization parameters are the IR's own `Quantization`; options and sparsity parameters are kept as the
+schema's object-API values and written back unchanged unless a pass replaces them.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -143,6 +144,60 @@ class _Linked(list):
         return list, (list(self),)
 
 
+@dataclass(eq=False)
+class Quantization:
+    """How a tensor's integers map to real values: real = scale · (q − zero_point), one scale and zero point
+    per channel along `axis` when there are several. `min`/`max` are the recorded float range (optional);
+    `details` (blockwise / multi-axis parameters, whose scale tensors are Tensor references here) and `extra`
+    (fields a newer schema adds) are kept as read. Converted from and to the schema only in `io`."""
+    scale: np.ndarray | None = None       # float32
+    zero_point: np.ndarray | None = None  # int64
+    axis: int = 0
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
+    details: Any = None
+    details_type: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def symmetric(cls, scales, axis: int | None = None) -> "Quantization":
+        """Zero points 0: one scale (axis None) or one per channel along `axis`."""
+        scale = np.asarray(scales, np.float32).reshape(-1)
+        return cls(scale=scale, zero_point=np.zeros(len(scale), np.int64), axis=axis or 0)
+
+    @classmethod
+    def affine(cls, scales, zero_points, axis: int = 0) -> "Quantization":
+        return cls(scale=np.asarray(scales, np.float32).reshape(-1),
+                   zero_point=np.asarray(zero_points, np.int64).reshape(-1), axis=int(axis))
+
+    @property
+    def channels(self) -> int:
+        """How many scales (1: per tensor)."""
+        return len(self.scale) if self.scale is not None else 0
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """Real values (float32) of integers `q` quantized with these parameters."""
+        scale = np.asarray(self.scale, np.float32)
+        zero = np.asarray(self.zero_point if self.zero_point is not None and len(self.zero_point)
+                          else np.zeros(len(scale)), np.float32)
+        data = np.asarray(q).astype(np.float32)
+        if len(scale) > 1:
+            shape = [1] * data.ndim
+            shape[self.axis] = -1
+            return (data - zero.reshape(shape)) * scale.reshape(shape)
+        return (data - zero[0]) * scale[0]
+
+    def take(self, keep: np.ndarray, axis: int) -> "Quantization":
+        """The parameters of the kept channels `keep` (indices or a mask) of `axis`: per-channel ones along that
+        axis are sliced, any others stay as they are (a new object either way)."""
+        new = copy.copy(self)
+        if self.channels > 1 and self.axis == axis:
+            new.scale = np.asarray(self.scale, np.float32)[keep]
+            if self.zero_point is not None and len(self.zero_point) > 1:
+                new.zero_point = np.asarray(self.zero_point, np.int64)[keep]
+        return new
+
+
 def _linked_list(attr: str, added: str, removed: str) -> property:
     """A list attribute whose items the owner links (`added`) and unlinks (`removed`); assigning a new list
     unlinks the old list's items first."""
@@ -162,7 +217,7 @@ class Tensor:
     type: int
     shape: list[int]
     buffer: Buffer | None = None
-    quantization: Any = None  # schema.QuantizationParametersT
+    quantization: Quantization | None = None
     sparsity: Any = None  # schema.SparsityParametersT
     shape_signature: list[int] | None = None
     is_variable: bool = False
@@ -195,6 +250,16 @@ class Tensor:
         self.shape_signature = None
         self.sparsity = None
         self.buffer = Buffer(array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
+
+    def take(self, keep, axis: int) -> None:
+        """Keep only the entries `keep` (indices or a mask) along `axis` of this constant: data, shape and
+        per-channel quantization, in a buffer of its own."""
+        data = self.data
+        axis = axis % data.ndim
+        keep = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep, np.int64)
+        q = self.quantization.take(keep, axis) if self.quantization is not None else None
+        self.set_data(np.take(data, keep, axis=axis))
+        self.quantization = q
 
     @property
     def type_name(self) -> str:
@@ -292,6 +357,9 @@ class Operator:
     @property
     def name(self) -> str:
         return self.opcode.name
+
+    # The operator this one replaces in part (set by `Subgraph.replace_operator`; the report names that op).
+    origin = None
 
     # --- use-def links: while the operator is in a subgraph, its tensors know it as producer / consumer -----
     _subgraph = None
@@ -457,7 +525,11 @@ class Subgraph:
         return f"{name}_{i}"
 
     def replace_operator(self, old: Operator, chain: list[Operator]) -> None:
-        """Put `chain` where `old` was in execution order; the chain must write old's outputs itself."""
+        """Put `chain` where `old` was in execution order; the chain must write old's outputs itself. Each new
+        op's `origin` is old's (old itself when it has none)."""
+        for op in chain:
+            if op is not old and op.origin is None:
+                op.origin = old.origin or old
         i = self._position(old)
         self.operators[i:i + 1] = chain
 
@@ -505,20 +577,42 @@ class Subgraph:
             written.update(id(t) for t in op.outputs)
 
     def toposort(self) -> None:
-        """Stable topological order of the operators (Kahn's algorithm, original order breaks ties)."""
+        """A topological order that keeps the current one where it is valid: an operator out of place (one a
+        pass appended) goes right before the first operator that needs it, directly or through others
+        (Kahn's algorithm; each operator ranked by the earliest position among itself and its readers)."""
         import heapq
         ops = list(self.operators)
+        index = {op: i for i, op in enumerate(ops)}
+        readers = {op: [r for r in {r: None for t in op.outputs for r in t._readers} if r in index and r is not op]
+                    for op in ops}
+        rank: dict[Operator, int] = {}
+        for root in ops:  # post-order over readers, iteratively (chains can be thousands of ops long)
+            if root in rank:
+                continue
+            stack, visiting = [(root, iter(readers[root]))], {root}
+            while stack:
+                op, pending = stack[-1]
+                nxt = next((r for r in pending if r not in rank), None)
+                if nxt is not None:
+                    if nxt in visiting:
+                        raise ValueError("the graph has a cycle")
+                    visiting.add(nxt)
+                    stack.append((nxt, iter(readers[nxt])))
+                    continue
+                stack.pop()
+                visiting.discard(op)
+                rank[op] = min([index[op]] + [rank[r] for r in readers[op]])
         waiting = {op: len({t.producer for t in _op_reads(op)} - {None, op}) for op in ops}
-        ready = [i for i, op in enumerate(ops) if not waiting[op]]
+        ready = [(rank[op], index[op]) for op in ops if not waiting[op]]
         heapq.heapify(ready)
         order: list[Operator] = []
         while ready:
-            op = ops[heapq.heappop(ready)]
+            op = ops[heapq.heappop(ready)[1]]
             order.append(op)
-            for reader in {r for t in op.outputs for r in t._readers} - {op}:
+            for reader in readers[op]:
                 waiting[reader] -= 1
                 if not waiting[reader]:
-                    heapq.heappush(ready, self._position(reader))
+                    heapq.heappush(ready, (rank[reader], index[reader]))
         if len(order) < len(ops):
             raise ValueError("the graph has a cycle")
         self.operators = order

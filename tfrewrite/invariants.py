@@ -225,5 +225,5 @@ def required_version(op, x, w, y) -> int | None:
         q = x.quantization
         n = len(q.scale) if q is not None and q.scale is not None else 0
         need = versions.dequantize_version(
-            x.type, versions.dequantize_is_per_channel(n, x.shape, getattr(q, "quantizedDimension", 0) or 0))
+            x.type, versions.dequantize_is_per_channel(n, x.shape, getattr(q, "axis", 0) or 0))
     return need

@@ -22,7 +22,7 @@ import flatbuffers
 import numpy as np
 
 from . import schema
-from .graph import Buffer, Model, OpCode, Operator, SignatureDef, Subgraph, Tensor
+from .graph import Buffer, Model, OpCode, Operator, Quantization, SignatureDef, Subgraph, Tensor
 
 FILE_IDENTIFIER = b"TFL3"
 ALIGNMENT = 16
@@ -355,7 +355,7 @@ class _Reader:
         """Blockwise / multi-axis quantization name tensors by index: turn them into references."""
         n = len(sg.tensors)
         for t in sg.tensors:
-            details = getattr(t.quantization, "details", None)
+            details = t.quantization.details if t.quantization is not None else None
             if isinstance(details, (getattr(schema, "BlockwiseQuantizationT", ()), getattr(schema, "MultiAxisQuantizationT", ()))):
                 details.scales = sg.tensors[self.index(details.scales, n, "quantization scales tensor")]
                 details.zeroPoints = (sg.tensors[self.index(details.zeroPoints, n, "quantization zero-point tensor")]
@@ -428,7 +428,7 @@ class _Reader:
             self.check_table(q._tab.Pos)
             for n in (q.ScaleLength(), q.ZeroPointLength(), q.MinLength(), q.MaxLength()):
                 self.vector_length(n)
-            t.quantization = schema.QuantizationParametersT.InitFromObj(q)
+            t.quantization = _quantization(schema.QuantizationParametersT.InitFromObj(q))
         s = fb.Sparsity()
         if s is not None:
             self.check_table(s._tab.Pos)
@@ -459,6 +459,28 @@ _OPERATOR_MODELLED = {"opcodeIndex", "inputs", "outputs", "builtinOptionsType", 
                       "largeCustomOptionsSize", "builtinOptions2Type", "builtinOptions2", "debugMetadataIndex"}
 _TENSOR_MODELLED = {"shape", "type", "buffer", "name", "quantization", "isVariable", "sparsity", "shapeSignature",
                     "hasRank", "variantTensors", "externalBuffer"}
+
+
+_QUANTIZATION_MODELLED = {"min", "max", "scale", "zeroPoint", "detailsType", "details", "quantizedDimension"}
+
+
+def _quantization(qt) -> Quantization:
+    """The IR's Quantization of the schema's object-API value (every field as read, unknown ones in `extra`)."""
+    return Quantization(scale=qt.scale, zero_point=qt.zeroPoint, axis=qt.quantizedDimension, min=qt.min,
+                        max=qt.max, details=qt.details, details_type=qt.detailsType,
+                        extra={k: v for k, v in vars(qt).items() if k not in _QUANTIZATION_MODELLED and v is not None})
+
+
+def _quantization_t(q: Quantization, tindex: dict):
+    """The schema's object-API value of an IR Quantization; tensors the details name become indices."""
+    details = q.details
+    if details is not None and isinstance(getattr(details, "scales", None), Tensor):
+        details = schema.shallow_copy(details)
+        details.scales = tindex[id(q.details.scales)]
+        details.zeroPoints = tindex[id(q.details.zeroPoints)] if q.details.zeroPoints is not None else -1
+    return _with_extra(schema.QuantizationParametersT(
+        min=q.min, max=q.max, scale=q.scale, zeroPoint=q.zero_point, detailsType=q.details_type, details=details,
+        quantizedDimension=q.axis), q.extra)
 
 
 def _fields_beyond(t_class, modelled) -> tuple[str, ...]:
@@ -712,16 +734,9 @@ class _Packer:
             name=sg.name, debugMetadataIndex=sg.debug_metadata_index), sg.extra)
 
     def tensor_t(self, t: Tensor, tindex: dict):
-        quant = t.quantization
-        details = getattr(quant, "details", None)
-        if details is not None and isinstance(getattr(details, "scales", None), Tensor):
-            quant = schema.shallow_copy(quant)
-            quant.details = schema.shallow_copy(details)
-            quant.details.scales = tindex[id(details.scales)]
-            quant.details.zeroPoints = tindex[id(details.zeroPoints)] if details.zeroPoints is not None else -1
         return _with_extra(schema.TensorT(
             shape=np.array(t.shape, np.int32), type=t.type, buffer=self.buffer_of(t.buffer), name=t.name,
-            quantization=quant, isVariable=t.is_variable, sparsity=t.sparsity,
+            quantization=_quantization_t(t.quantization, tindex) if t.quantization is not None else None, isVariable=t.is_variable, sparsity=t.sparsity,
             shapeSignature=np.array(t.shape_signature, np.int32) if t.shape_signature is not None else None,
             hasRank=t.has_rank, variantTensors=t.variant_tensors, externalBuffer=t.external_buffer), t.extra)
 
@@ -792,7 +807,7 @@ def tensor_bytes(t: Tensor) -> int:
     q = t.quantization
     if q is not None:
         n += QUANTIZATION_BYTES + 4 * len(q.scale if q.scale is not None else []) \
-            + 8 * len(q.zeroPoint if q.zeroPoint is not None else [])
+            + 8 * len(q.zero_point if q.zero_point is not None else [])
     if t.sparsity is not None:
         n += 48 + sum(40 + sum(np.asarray(getattr(v, "values", None) if v is not None else [], ).nbytes
                                 for v in (d.arraySegments, d.arrayIndices))

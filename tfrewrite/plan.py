@@ -28,7 +28,7 @@ class LayerSettings:
     prune_block: tuple[int, int] | None = None
     prune_depthwise: bool = False
     quantize: str | None = None      # None, "float16" or "int8"
-    prune_channels: float | None = None  # share of each channel group to remove
+    prune_channels: float | str | None = None  # share of each channel group to remove, or "auto" (the budget's)
     channel_multiple: int | None = None  # kept channel counts are multiples of this (default 8)
     skip: bool = False
     force: bool = False
@@ -155,9 +155,9 @@ def check_layer_values(values: dict, name) -> dict:
             raise ValueError(f"{name('prune_block')}: {e}") from None
     if "quantize" in values and values["quantize"] not in ("none", "float16", "int8"):
         raise ValueError(f"{name('quantize')} must be 'none', 'float16' or 'int8'")
-    if "prune_channels" in values and (not _number(values["prune_channels"])
-                                       or not 0 <= values["prune_channels"] < 1):
-        raise ValueError(f"{name('prune_channels')} must be a share in [0, 1)")
+    if "prune_channels" in values and values["prune_channels"] != "auto" and (
+            not _number(values["prune_channels"]) or not 0 <= values["prune_channels"] < 1):
+        raise ValueError(f"{name('prune_channels')} must be a share in [0, 1) or 'auto'")
     if "channel_multiple" in values:
         if not _integer(values["channel_multiple"]) or values["channel_multiple"] < 1:
             raise ValueError(f"{name('channel_multiple')} must be an integer >= 1")
@@ -186,6 +186,8 @@ class Plan:
     budget_summary: dict | None = None
     # What the budget chooses per layer: "lowrank" (ranks) and / or "prune" (sparsities, --prune auto).
     budget_kinds: frozenset = frozenset({"lowrank"})
+    # `--prune-channels auto`: id(first layer writing a group) → units the budget keeps, or why it keeps them all.
+    channel_budget: dict = field(default_factory=dict)
     # What calibration did (for the report), or None.
     calibration: dict | None = None
     # (id(weight buffer), rank) → factors already emitted for a weight that several ops share.
@@ -247,6 +249,7 @@ class Plan:
         data = self.layer_data.get(id(op))
         if data:
             policy.extra = data  # shared, so the layer's input metric is computed once (budget, then the fit)
+        policy.budgeted = id(op) in self.budget
         return policy
 
     # Which techniques any layer may use (so a pass can be skipped outright).
@@ -256,12 +259,16 @@ class Plan:
             if self.budget and "lowrank" in self.budget_kinds:
                 return True
             return any(s.rank_policy("fc").active or s.rank_policy("conv").active for s in candidates)
+        if technique == "ratio":  # a rank chosen by a reduction ratio (--ratio, or a recipe rule's ratio)
+            return any(s.ratio is not None for s in candidates)
         if technique == "prune":
             return any(s.prune for s in candidates) or bool(self.budget and "prune" in self.budget_kinds)
         if technique == "quantize":
             return any(s.quantize for s in candidates)
         if technique == "prune_channels":
             return any(s.prune_channels for s in candidates)
+        if technique == "channel_budget":  # `--prune-channels auto` or a recipe rule with "auto"
+            return any(s.prune_channels == "auto" for s in candidates)
         raise ValueError(technique)
 
     def uses_data(self) -> bool:

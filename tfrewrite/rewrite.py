@@ -31,8 +31,8 @@ class Options:
     prune_depthwise: bool = False
     sparse_encode: bool = False
     quantize: str | None = None
-    prune_channels: float | None = None
-    channel_multiple: int = 8
+    prune_channels: float | str | None = None  # a share, or "auto" (chosen by the budget)
+    channel_multiple: int | None = None          # None: 8
     recipe: str | None = None
     report: str | None = None
     calibration: str | None = None
@@ -143,20 +143,30 @@ class Options:
         the output error, so it gets a warning (returned) saying what it is (not) used for."""
         lowrank = plan.uses("lowrank") or "lowrank" in self.budget_kinds()
         prune = plan.uses("prune") or "prune" in self.budget_kinds()
+        channels = plan.uses("prune_channels")
+        if plan.uses("channel_budget") and not (self.target_size or self.target_macs):
+            raise OptionError("--prune-channels auto (or a recipe rule's \"auto\") needs --target-macs or "
+                              "--target-size: the budget chooses each group's share")
+        if plan.uses("channel_budget") and self.prune == "auto":
+            raise OptionError("--prune auto and --prune-channels auto both ask the budget for the target; choose one")
         ranks = ("a rank option (--rank, --fc-rank, --conv-rank, --ratio, --energy, --target-size, --target-macs, "
                  "or a recipe rule with rank, ratio or energy)")
         prunes = "--prune (or a recipe rule with 'prune')"
+        channel_prunes = "--prune-channels (or a recipe rule with 'prune_channels')"
         for flag, given, needs, used in (("--prune-block", self.prune_block is not None, prunes, prune),
                                          ("--prune-depthwise", self.prune_depthwise, prunes, prune),
                                          ("--conv-method", self.conv_method is not None, ranks, lowrank),
                                          ("--force", self.force, "a technique option (it keeps rewrites that "
                                           "save nothing or make the file larger)", bool(asked_techniques(self))),
                                          ("--sequential", self.sequential, f"{ranks} or {prunes}",
-                                          lowrank or prune)):
+                                          lowrank or prune),
+                                         ("--channel-multiple", self.channel_multiple is not None,
+                                          channel_prunes, channels)):
             if given and not used:
                 raise OptionError(f"{flag} has no effect without {needs}")
         for i, rule in enumerate(plan.rules):
-            for key, needs, used in (("prune_block", prunes, prune), ("conv_method", ranks, lowrank)):
+            for key, needs, used in (("prune_block", prunes, prune), ("conv_method", ranks, lowrank),
+                                     ("channel_multiple", channel_prunes, channels)):
                 if key in rule and not used:
                     raise OptionError(f"{self.recipe}: rules[{i}]: '{key}' has no effect without {needs}")
         if self.only is not None and self.only == self.skip:
@@ -249,40 +259,52 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         model.validate(known_problems)
         return pass_entries
     samples = None
+    target = options.target_macs or options.target_size
+    by_macs = options.target_macs is not None
+    channel_budget = plan.uses("channel_budget")
     if plan.uses("prune_channels"):
         # First: it changes the shapes every later pass (and the calibration rows) see.
         from .passes import prune_channels
         if options.calibration:
             samples = calibration_samples(source or model, options.calibration, options.signature)
+        elif channel_budget:  # no data: the groups are judged, chosen and refitted on generated images
+            samples = _generated(model, source, options)
+        if channel_budget:
+            from . import budget
+            total = _model_cost(model, source, by_macs, pruned=False)
+            plan.channel_budget, plan.budget_summary = budget.plan_channels(
+                model, plan, target, by_macs, total, samples,
+                stage=lambda count: _stage(progress, "budget: channel group", count))
+            if not options.calibration:
+                plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
         entries += checked(prune_channels.run(model, plan, samples=samples))
-    generated = not options.calibration and bool(options.target_size or options.target_macs)
+    # The target goes to the channel budget when it is asked for, else to the ranks.
+    rank_budget = bool(target) and not channel_budget
+    # Without data, a budget judges and fits the layers, and --ratio fits them, on the model's response to generated
+    # images (VGG-style fixture: --target-size 5 judged and fitted on the weights 34.7 %, on these 95.8 %; --ratio 5
+    # with the same floors 93.6 % fitted on the weights, 95.6 % on these; bench/results/nodata_floors.md).
+    generated = not options.calibration and (rank_budget or plan.uses("ratio"))
     if options.calibration or generated:
         from . import calibrate
         if options.calibration:
             samples = samples or calibration_samples(source or model, options.calibration, options.signature)
         else:  # no data: the model's response to generated images
-            from . import verify
-            samples = verify.generated_samples(source if isinstance(source, (str, Path)) else io.to_bytes(model),
-                                               calibrate.GENERATED_SAMPLES, options.signature)
+            samples = _generated(model, source, options)
         targets = lowrank_targets(model, plan)
         rows = calibrate.collect(model, samples, targets,
                                  progress=_stage(progress, "calibration: sample", len(samples)))
-        extra = {"damping": calibrate.GENERATED_DAMPING} if generated else {}
+        extra = {"damping": calibrate.GENERATED_DAMPING, "generated": True} if generated else {}
         for op in targets:
             plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
-        if options.calibration:
-            plan.calibration = {"file": str(options.calibration), "samples": len(samples), "layers": len(targets)}
-    if options.target_size or options.target_macs:
+        plan.calibration = {"file": str(options.calibration) if options.calibration else None,
+                            "inputs": "calibration" if options.calibration else "generated",
+                            "samples": len(samples), "layers": len(targets)}
+    if rank_budget:
         from . import budget
-        by_macs = options.target_macs is not None
-        if by_macs:
-            total = analysis.summary(model, zeros=False)["totals"]["macs"]
-        else:
-            # After channel pruning the input file no longer measures the model: the budget then counts the pruned
-            # model's own bytes (the target applies on top of the pruning).
-            pruned = any(e["kind"] == "channels" and e["action"] == "pruned" for e in entries)
-            total = os.path.getsize(source) if isinstance(source, (str, Path)) and not pruned \
-                else len(io.to_bytes(model))
+        # After channel pruning the input file no longer measures the model: the budget then counts the pruned
+        # model's own bytes (the target applies on top of the pruning).
+        total = _model_cost(model, source, by_macs,
+                            pruned=any(e["kind"] == "channels" and e["action"] == "pruned" for e in entries))
         sparsity_options = None
         if "prune" in plan.budget_kinds:
             from .passes import prune
@@ -292,11 +314,11 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
                 reason = plan.reason_to_skip(op, analysis.numel(op.inputs[1].shape))
                 if reason:
                     raise Skip(reason)
-                return prune.sparsity_options(model, op, model.main.producers(), plan.settings(op),
-                                              plan.layer_data[id(op)], min_params=plan.min_params)
+                return prune.sparsity_options(model, op, plan.settings(op), plan.layer_data[id(op)],
+                                              min_params=plan.min_params)
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
-            model, plan, options.target_macs if by_macs else options.target_size, by_macs, total,
-            lowrank if "lowrank" in plan.budget_kinds else (), sparsity_options=sparsity_options,
+            model, plan, target, by_macs, total, lowrank if "lowrank" in plan.budget_kinds else (),
+            sparsity_options=sparsity_options,
             progress=_stage(progress, "budget: layer", len(targets)))  # targets: calibrated above, data or not
         if generated:
             plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
@@ -337,8 +359,28 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             info = by_position.get((e["subgraph"], e["index"]))
             if info is not None and e["kind"] in (("prune",) if "sparsity" in info else ("fc", "conv", "conv1x1")):
                 e["damage"], e["budget_share"] = info["damage"], info["share"]
+    if plan.channel_budget and plan.budget_summary:
+        by_output = {g["output"]: g for g in plan.budget_summary["layers"]}
+        for e in entries:
+            info = by_output.get(e["output"]) if e["kind"] == "channels" else None
+            if info is not None:
+                e["damage"], e["budget_share"] = info["damage"], info["budget_share"]
     entries.sort(key=lambda e: (e["subgraph"], e["index"]))
     return entries
+
+
+def _generated(model, source, options: Options) -> list:
+    """The model's generated inputs (`verify.generated_samples`) for a budget without data."""
+    from . import calibrate, verify
+    return verify.generated_samples(source if isinstance(source, (str, Path)) else io.to_bytes(model),
+                                    calibrate.GENERATED_SAMPLES, options.signature)
+
+
+def _model_cost(model, source, by_macs: bool, pruned: bool) -> int:
+    """The model's MACs, or its file bytes (the input file's, unless channels were already cut)."""
+    if by_macs:
+        return analysis.summary(model, zeros=False)["totals"]["macs"]
+    return os.path.getsize(source) if isinstance(source, (str, Path)) and not pruned else len(io.to_bytes(model))
 
 
 def _stage(progress, label: str, total: int):
@@ -363,9 +405,8 @@ def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> li
             now = calibrate.collect(model, samples, [op])[id(op)]
             plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean, "target_rows": data["rows"],
                                        "target_mean": data["mean"]}
-        producers = model.main.producers()
         pass_ = lowrank_fc if op.builtin == OP.FULLY_CONNECTED else cp_conv
-        entries.append(pass_.rewrite_op(model, model.main, op, producers, plan))
+        entries.append(pass_.rewrite_op(model, model.main, op, plan))
         if progress:
             progress(entries[-1])
     return entries
@@ -388,7 +429,7 @@ def sequential_prune(model, plan: Plan, samples, targets) -> list[dict]:
             plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean,
                                        "target_rows": data.get("target_rows", data["rows"]),
                                        "target_mean": data.get("target_mean", data["mean"])}
-        entries.append(prune.prune_op(model, model.main, op, model.main.producers(), plan, {}))
+        entries.append(prune.prune_op(model, model.main, op, plan, {}))
         changed = changed or entries[-1]["action"] != "skipped"
     return entries
 

@@ -68,7 +68,13 @@ def output_variance(weight: np.ndarray, cov: np.ndarray | None = None, rows: np.
 
 
 def greedy_removal(gram: np.ndarray, remove: int) -> np.ndarray:
-    """Indices of `remove` units chosen one by one, each adding least to Σ_{u,v ∈ R} G[u, v]."""
+    """Indices of `remove` units chosen one by one, each adding least to Σ_{u,v ∈ R} G[u, v] (sorted)."""
+    return np.sort(removal_order(gram, remove))
+
+
+def removal_order(gram: np.ndarray, remove: int) -> np.ndarray:
+    """The first `remove` units in the order the greedy removal takes them: removing r of them is always the
+    first r (so one pass serves every removal count the budget considers)."""
     g = np.asarray(gram, np.float64)
     increment = np.diag(g).copy()
     taken = np.zeros(len(g), bool)
@@ -79,7 +85,7 @@ def greedy_removal(gram: np.ndarray, remove: int) -> np.ndarray:
         out.append(u)
         taken[u] = True
         increment += 2 * g[:, u]
-    return np.sort(np.asarray(out, np.int64))
+    return np.asarray(out, np.int64)
 
 
 def refit(weight: np.ndarray, bias: np.ndarray, keep_cols: np.ndarray, rows: np.ndarray,
@@ -109,3 +115,32 @@ def refit(weight: np.ndarray, bias: np.ndarray, keep_cols: np.ndarray, rows: np.
     total = float(np.sum(y * y))
     err = float(np.sum((y - xs @ ws.T) ** 2))
     return new, b_new, (float(np.sqrt(err / total)) if total > 0 else 0.0)
+
+
+def refit_error(weight: np.ndarray, cov: np.ndarray, keep_cols: np.ndarray, damping: float = DEFAULT_DAMPING,
+                held_out: np.ndarray | None = None) -> tuple[float, float]:
+    """(E‖W(x − μ) − W'_S(x_S − μ_S)‖², E‖W(x − μ)‖²) for the ridge-damped least-squares fit W'_S that `refit`
+    makes on rows of covariance `cov`, from moments alone; measured on rows of covariance `held_out` when given
+    (rows the fit did not see: with fewer rows than columns the fit reproduces its own rows exactly)."""
+    w = np.asarray(weight, np.float64)
+    c = np.asarray(cov, np.float64)
+    e = c if held_out is None else np.asarray(held_out, np.float64)
+    s = np.asarray(keep_cols, np.int64)
+    css = c[np.ix_(s, s)]
+    delta = damping * float(np.trace(css)) / max(len(s), 1) or 1.0
+    rhs = (w @ c[:, s]).T + delta * w[:, s].T    # Σ_S,: Wᵀ + δ W_Sᵀ
+    ws = np.linalg.solve(css + delta * np.eye(len(s)), rhs).T
+    we = w @ e
+    total = float(np.einsum("ij,ij->", we, w))
+    err = total - 2 * float(np.einsum("ij,ij->", we[:, s], ws)) + float(np.einsum("ij,ij->", ws @ e[np.ix_(s, s)], ws))
+    return max(err, 0.0), max(total, 0.0)
+
+
+def held_out_error(weight: np.ndarray, halves: tuple[np.ndarray, np.ndarray], keep_cols: np.ndarray) -> float:
+    """Relative output error of the refit on kept columns, fitted on one half of the rows and measured on the
+    other, both ways (two-fold cross-validation); `halves`: the two halves' covariances."""
+    a, b = halves
+    err_ab, total_b = refit_error(weight, a, keep_cols, held_out=b)
+    err_ba, total_a = refit_error(weight, b, keep_cols, held_out=a)
+    total = total_a + total_b
+    return float(np.sqrt((err_ab + err_ba) / total)) if total > 0 else 0.0

@@ -39,9 +39,12 @@ class InputMetric:
         return v @ ((self.lam - self.delta)[:, None] * (v.T @ phi)) + self.delta * phi
 
 
-def input_metric(rows: np.ndarray, damping: float = DEFAULT_DAMPING) -> InputMetric:
-    """The damped second-moment metric of sample input rows [N, n] (float64 maths)."""
+def input_metric(rows: np.ndarray, damping: float = DEFAULT_DAMPING, centered: bool = False) -> InputMetric:
+    """The damped second-moment metric of sample input rows [N, n] (float64 maths); `centered`: of the rows minus
+    their mean (the covariance), for a fit whose mean output error a bias correction removes."""
     x = np.asarray(rows, np.float64)
+    if centered:
+        x = x - x.mean(axis=0)
     n_rows, n = x.shape
     energy = float(np.sum(x * x)) / max(n_rows, 1) / n  # mean of diag(XᵀX/N)
     delta = damping * energy if energy > 0 else 1.0
@@ -127,7 +130,10 @@ def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputM
     gram = phi.T @ sigma_phi
     gram = 0.5 * (gram + gram.T) + 1e-12 * np.trace(gram) / len(gram) * np.eye(len(gram))
     rhs = w @ sigma_phi if cross is None else np.asarray(cross, np.float64) @ phi
-    return np.linalg.solve(gram, rhs.T).T
+    try:
+        return np.linalg.solve(gram, rhs.T).T
+    except np.linalg.LinAlgError:  # a zero Φ (an all-zero kernel's factors): the least-squares answer, zero
+        return np.linalg.lstsq(gram, rhs.T, rcond=None)[0].T
 
 
 def tucker2_output_fit(weight3: np.ndarray, in_factor: np.ndarray, rank_out: int, metric: InputMetric,

@@ -18,8 +18,9 @@ from ..graph import Model, Operator, Subgraph
 from . import int8_chain, lowrank_fc
 from ..linalg import fit
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
-                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, pixels, refuse_degenerate,
-                     rel_error, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option, zero_bias)
+                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, output_variation_error, pixels,
+                     refuse_degenerate, rel_error, rewrite_all, rewrite_one, shared_key, stored_weight_values,
+                     usable_option, zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -168,12 +169,12 @@ def rank_options(op: Operator, weight: LayerWeight, policy: RankPolicy, ratios) 
     return [x for x in options if usable_option(x, (o, k * i), i, metric is not None)]
 
 
-def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) -> dict:
+def rewrite_op(model: Model, sg: Subgraph, op: Operator, plan) -> dict:
     """Rewrite one CONV_2D as the plan says; returns its report entry (skipped ones say why)."""
-    return rewrite_one(model, sg, op, producers, plan, "conv", _rewrite)
+    return rewrite_one(model, sg, op, plan, "conv", _rewrite)
 
 
-def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
+def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
     w = weight.values
     x, bias, out = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None), op.outputs[0]
     bias_params = int(np.prod(bias.shape)) if bias is not None and bias.is_constant else 0
@@ -189,7 +190,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
     if weight.full_integer:
         int8_chain.check(op, weight, policy, entry)
     if kh == kw == 1:
-        return _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels, producers)
+        return _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels)
     if not policy.active:
         raise Skip("no rank given")
 
@@ -221,7 +222,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         def make():
             (sf, sm, sl), approx = fit_tucker2(kernel, rank, weight, kh, kw, metric, cross)
             weight_error = rel_error(kernel, approx)
-            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error,
+                              output_error=lambda: output_variation_error(policy, w.reshape(o, -1),
+                                                                          approx.reshape(o, -1)))
             emitted = [emit_weight(sg, f"{base}/tucker2/in", sf, weight, 0, hybrid=False),
                        emit_weight(sg, f"{base}/tucker2/core", sm, weight, 0),
                        emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0, hybrid=False)]
@@ -231,7 +234,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
             else make()
         ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
-                                 producers, f"{base}/tucker2/bias")
+                                 f"{base}/tucker2/bias")
         z1 = sg.add_activation(f"{base}/tucker2/z1", T.FLOAT32, static_shape(x)[:-1] + [r_in], like=x)
         z2 = sg.add_activation(f"{base}/tucker2/z2", T.FLOAT32, static_shape(out)[:-1] + [r_out], like=out)
         chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/tucker2/in_bias", r_in), z1),
@@ -252,7 +255,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         def make():
             res, (sf, sm, sl), approx = fit_cp(kernel, r, weight, kh, kw, metric, cross)
             weight_error = rel_error(kernel, approx)
-            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error)
+            refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error,
+                              output_error=lambda: output_variation_error(policy, w.reshape(o, -1),
+                                                                          approx.reshape(o, -1)))
             emitted = [emit_weight(sg, f"{base}/cp/in", sf, weight, 0, hybrid=False),
                        emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3, hybrid=False),
                        emit_weight(sg, f"{base}/cp/out", sl, weight, 0, hybrid=False)]
@@ -262,7 +267,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry, producers):
         emitted = emit_shared(plan, sg, shared_key(weight, "cp", r), make) if entry.get("shared") else make()
         ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
-                                 producers, f"{base}/cp/bias")
+                                 f"{base}/cp/bias")
         z1 = sg.add_activation(f"{base}/cp/z1", T.FLOAT32, static_shape(x)[:-1] + [r], like=x)
         z2 = sg.add_activation(f"{base}/cp/z2", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
         chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/cp/in_bias", r), z1),
@@ -286,7 +291,7 @@ def _check_profit(policy, params, dense_params, macs, dense_macs, what):
         raise Skip(f"{what} does not reduce parameters and MACs")
 
 
-def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels, producers):
+def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels):
     if not policy.active:
         raise Skip("no rank given")
     o, _, _, i = weight.values.shape
@@ -310,14 +315,15 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
         sl = stored_weight_values(left.reshape(o, 1, 1, r), weight, 0)
         sr = stored_weight_values(right.reshape(r, 1, 1, i), weight, 0)
         weight_error = lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i))
-        refuse_degenerate(policy, r, (o, i), weight_error=weight_error)
+        refuse_degenerate(policy, r, (o, i), weight_error=weight_error, output_error=lambda: output_variation_error(
+            policy, w, factors=(sl.reshape(o, r), sr.reshape(r, i))))
         emitted = [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0, hybrid=False),
                    emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0, hybrid=False)]
         return emitted, (sl, sr, weight_error)
 
     emitted = emit_shared(plan, sg, shared_key(weight, "svd1x1", r), make) if entry.get("shared") else make()
     ((w1, pre1), (w2, pre2)), (sl, sr, weight_error) = emitted
-    bias = finish_data_aware(sg, entry, policy, w, (sl.reshape(o, r), sr.reshape(r, i)), bias, producers,
+    bias = finish_data_aware(sg, entry, policy, w, (sl.reshape(o, r), sr.reshape(r, i)), bias,
                              f"{base}/lowrank/bias")
     mid = sg.add_activation(f"{base}/lowrank/mid", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
     chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/lowrank/right_bias", r), mid, stride=(opts.strideH, opts.strideW),

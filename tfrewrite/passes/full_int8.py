@@ -76,10 +76,9 @@ def float_weights(model: Model) -> int:
     from .common import Skip, read_weight
     restored = 0
     for sg in model.subgraphs:
-        producers = sg.producers()
         for op in sg.operators:
             for i, t in enumerate(op.inputs):
-                src = producers.get(id(t)) if t is not None else None
+                src = t.producer if t is not None else None
                 if src is not None and src.builtin == OP.DEQUANTIZE and src.inputs[0] is not None \
                         and src.inputs[0].type == schema.TensorType.FLOAT16 and src.inputs[0].data is not None:
                     op.inputs[i] = sg.add_constant(t.name + "/float", src.inputs[0].data.astype("float32"))
@@ -89,7 +88,7 @@ def float_weights(model: Model) -> int:
             if layout is None or x is None or x.type != schema.TensorType.FLOAT32:
                 continue
             try:
-                weight = read_weight(op, producers, layout.weight)
+                weight = read_weight(op, layout.weight)
             except Skip:
                 continue
             if weight.kind == "int8":

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import ops, schema
 from ..analysis import static_shape
-from ..graph import Operator, Subgraph, Tensor
+from ..graph import Operator, Quantization, Subgraph, Tensor
 from .common import LayerWeight, RankPolicy, Skip
 
 T = schema.TensorType
@@ -39,7 +39,7 @@ def per_tensor(t: Tensor) -> tuple[float, int]:
     q = t.quantization
     if q is None or q.scale is None or len(q.scale) != 1:
         raise Skip("int8 activation without a per-tensor scale")
-    zero = int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
+    zero = int(q.zero_point[0]) if q.zero_point is not None and len(q.zero_point) else 0
     return float(np.float32(q.scale[0])), zero
 
 
@@ -65,17 +65,9 @@ def _bias_real(op: Operator, channels: int) -> np.ndarray:
     return bias.data.astype(np.float64) * np.asarray(bias.quantization.scale, np.float64)
 
 
-def _quant(scales, zeros, axis: int = 0) -> schema.QuantizationParametersT:
-    qp = schema.QuantizationParametersT()
-    qp.scale = np.asarray(scales, np.float32).reshape(-1)
-    qp.zeroPoint = np.asarray(zeros, np.int64).reshape(-1)
-    qp.quantizedDimension = int(axis)
-    return qp
-
-
 def _activation(sg: Subgraph, name: str, shape, like: Tensor, scale: float, zero: int) -> Tensor:
     t = sg.add_activation(name, T.INT8, shape, like=like)
-    t.quantization = _quant([scale], [zero])
+    t.quantization = Quantization.affine([scale], [zero])
     return t
 
 
@@ -105,9 +97,9 @@ class Chain:
         q_axis = axis if self.axis is not None else None
         q, scales, b, b_scales = int8.weights_and_bias(values, np.zeros(channels) if bias is None else bias,
                                                       in_scale, q_axis)
-        w_t = self.sg.add_constant(f"{self.base}/{name}", q, quantization=_quant(scales, np.zeros(len(scales)), axis))
+        w_t = self.sg.add_constant(f"{self.base}/{name}", q, quantization=Quantization.symmetric(scales, axis))
         b_t = self.sg.add_constant(f"{self.base}/{name}_bias", b,
-                                   quantization=_quant(b_scales, np.zeros(len(b_scales))))
+                                   quantization=Quantization.symmetric(b_scales))
         shape = [1] * values.ndim
         if q_axis is not None:
             shape[axis] = -1

@@ -12,8 +12,8 @@ from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
 from . import int8_chain
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
-                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, refuse_degenerate, rewrite_all,
-                     rewrite_one, shared_key, stored_weight_values, usable_option)
+                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, output_variation_error,
+                     refuse_degenerate, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option)
 
 OP = schema.BuiltinOperator
 # The spectrum of a weight (whitened by the calibration metric when there is one) is computed up to the rank
@@ -145,12 +145,12 @@ def costs(rows: int, m: int, n: int, r: int) -> tuple[int, int, int, int]:
     return m * n, r * (m + n), rows * m * n, rows * r * (m + n)
 
 
-def rewrite_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan) -> dict:
+def rewrite_op(model: Model, sg: Subgraph, op: Operator, plan) -> dict:
     """Rewrite one FULLY_CONNECTED as the plan says; returns its report entry (skipped ones say why)."""
-    return rewrite_one(model, sg, op, producers, plan, "fc", _rewrite)
+    return rewrite_one(model, sg, op, plan, "fc", _rewrite)
 
 
-def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict, producers: dict):
+def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict):
     w = weight.values
     x, bias = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None)
     out = op.outputs[0]
@@ -184,7 +184,8 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         left, right = factorize(w, r, policy)
         stored = stored_weight_values(left, weight), stored_weight_values(right, weight)
         weight_error = lowrank_rel_error(w, *stored)
-        refuse_degenerate(policy, r, (m, n), weight_error=weight_error)
+        refuse_degenerate(policy, r, (m, n), weight_error=weight_error,
+                          output_error=lambda: output_variation_error(policy, w, factors=stored))
         emitted = [emit_weight(sg, f"{base}/lowrank/right", right, weight),
                    emit_weight(sg, f"{base}/lowrank/left", left, weight)]
         return emitted, (*stored, weight_error)
@@ -192,7 +193,7 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     # A weight shared by several FCs (in any subgraph) gets one pair of factors, shared too.
     emitted = emit_shared(plan, sg, shared_key(weight, "svd", r), make) if entry.get("shared") else make()
     ((w1, pre1), (w2, pre2)), (stored_left, stored_right, weight_error) = emitted
-    bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias, producers,
+    bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias,
                              f"{base}/lowrank/bias")
     keep = bool(getattr(options, "keepNumDims", False))
     mid_shape = (static_shape(x)[:-1] if keep else [numel(static_shape(x)) // n]) + [r]

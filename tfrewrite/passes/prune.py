@@ -23,7 +23,7 @@ import numpy as np
 from .. import schema
 from ..ops import semantics
 from ..analysis import macs, numel
-from ..graph import Model, Operator, Subgraph, Tensor
+from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..linalg import sparse
 from .common import Skip, bias_values, new_entry
 
@@ -53,21 +53,21 @@ class StoredWeight:
         scale = np.asarray(q.scale, np.float64).reshape(-1)
         if len(scale) > 1:
             shape = [1] * raw.ndim
-            shape[q.quantizedDimension] = -1
+            shape[q.axis] = -1
             scale = scale.reshape(shape)
         else:
             scale = scale[0]
         return np.abs(raw.astype(np.float64)) * scale
 
 
-def find_stored_weight(op: Operator, producers: dict) -> StoredWeight:
+def find_stored_weight(op: Operator) -> StoredWeight:
     """The stored constant of input 1, following one DEQUANTIZE; Skip when it cannot be pruned."""
     w = op.inputs[1] if len(op.inputs) > 1 else None
     if w is None:
         raise Skip("no weight input")
     carrier = None
     if not w.is_constant:
-        producer = producers.get(id(w))
+        producer = w.producer
         if producer is None:
             raise Skip("weight is not a constant")
         if producer.builtin == OP.DENSIFY:
@@ -85,7 +85,7 @@ def find_stored_weight(op: Operator, producers: dict) -> StoredWeight:
         q = w.quantization
         if q is None or q.scale is None or len(q.scale) == 0:
             raise Skip("int8 weight without a scale")
-        zp = np.asarray(q.zeroPoint if q.zeroPoint is not None else [0])
+        zp = np.asarray(q.zero_point if q.zero_point is not None else [0])
         if np.any(zp != 0):
             raise Skip("int8 weight with a nonzero zero point")
         if carrier is not None:
@@ -135,7 +135,8 @@ class DataAwarePrune:
 def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, block, data: dict,
                        store_as: str | None = None, cache: dict | None = None) -> DataAwarePrune:
     """OBS/SparseGPT pruning on the layer's calibration rows, the kept weights updated, stored in the weight's own
-    form (or as `store_as`: 'float16', the form --quantize float16 gives it later). Changes nothing in the graph."""
+    form (or as `store_as`: 'float16', the form --quantize float16 gives it later). Changes nothing in the graph.
+    `cache`: kept between calls on the same rows (`obs.prune`)."""
     from ..linalg import obs, quant
     raw = np.asarray(weight.raw)
     shape = raw.shape
@@ -156,7 +157,7 @@ def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, bloc
         values = stored.astype(np.float32)
     elif raw.dtype.kind == "i":
         q = weight.tensor.quantization
-        axis = q.quantizedDimension if len(np.asarray(q.scale).reshape(-1)) > 1 else None
+        axis = q.axis if len(np.asarray(q.scale).reshape(-1)) > 1 else None
         stored, scales = quant.quantize_symmetric_int8(new.reshape(shape), axis=axis)
         values = quant.dequantize_int8(stored, scales, axis=axis).astype(np.float32)
     else:
@@ -165,22 +166,17 @@ def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, bloc
 
 
 def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, block, data: dict,
-                     producers: dict, entry: dict) -> tuple[np.ndarray, str]:
+                     entry: dict) -> tuple[np.ndarray, str]:
     """(new stored weight, method): `data_aware_weights`, an int8 weight requantized (new per-channel scales),
     and the bias corrected (a new bias constant)."""
     from ..linalg import fit, obs
     bias = op.inputs[2] if len(op.inputs) > 2 else None
-    bias_before = bias_values(bias, producers, weight.tensor.shape[0])  # a Skip here leaves the layer untouched
+    bias_before = bias_values(bias, weight.tensor.shape[0])  # a Skip here leaves the layer untouched
     rows, target_rows = data["rows"], data.get("target_rows")
     result = data_aware_weights(op, weight, sparsity, block, data)
     matrix, values = result.matrix, result.values
     if result.scales is not None:
-        q = weight.tensor.quantization
-        requantized = schema.QuantizationParametersT()
-        requantized.scale = np.asarray(result.scales, np.float32).reshape(-1)
-        requantized.zeroPoint = np.zeros(len(requantized.scale), np.int64)
-        requantized.quantizedDimension = q.quantizedDimension or 0
-        weight.tensor.quantization = requantized
+        weight.tensor.quantization = Quantization.symmetric(result.scales, weight.tensor.quantization.axis)
     entry["output_error"] = obs.output_error(matrix, values, rows, target_rows)
     entry["output_error_magnitude"] = obs.output_error(
         matrix, matrix * keep_mask(op, weight, sparsity, block)[0].reshape(matrix.shape), rows, target_rows)
@@ -199,16 +195,16 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
 SPARSITY_OPTIONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
-def sparsity_options(model: Model, op: Operator, producers: dict, settings, data: dict, sparsities=SPARSITY_OPTIONS,
+def sparsity_options(model: Model, op: Operator, settings, data: dict, sparsities=SPARSITY_OPTIONS,
                      min_params: int = 0) -> list:
     """The budget's options for pruning one layer (data-aware, on its calibration rows): per sparsity the bytes
     the sparse format will really store (after --quantize float16 when asked) and the layer's relative output
-    error on the rows. Skip when the layer cannot be pruned data-aware or no sparsity would save bytes (an int8
-    weight is never stored sparse except a full-integer FC, which has no data-aware update)."""
+    error. Skip when the layer cannot be pruned data-aware or no sparsity would save bytes (an int8 weight is
+    never stored sparse except a full-integer FC, which has no data-aware update)."""
     from ..linalg import obs
     from . import sparse_encode
     from ..budget import SparsityOption, stored_itemsize
-    weight = find_stored_weight(op, producers)
+    weight = find_stored_weight(op)
     reason = data_aware_reason(model, op, weight)
     if reason:
         raise Skip(reason)
@@ -242,14 +238,14 @@ def sparsity_options(model: Model, op: Operator, producers: dict, settings, data
     return options
 
 
-def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, done: dict) -> dict:
+def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict:
     entry = new_entry(model, sg, op, "prune", plan)
     w = op.inputs[1] if len(op.inputs) > 1 else None
     entry["weight_shape"] = list(w.shape) if w is not None else []
     entry["macs_before"] = entry["macs_after"] = macs(op, w) if w is not None else 0
     try:
         settings = plan.settings(op)
-        weight = find_stored_weight(op, producers)
+        weight = find_stored_weight(op)
         n = numel(weight.tensor.shape)
         nonzero = int(np.count_nonzero(weight.raw))
         entry.update(weight_dtype=weight.kind, params_before=nonzero, params_after=nonzero,
@@ -272,7 +268,7 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, producers: dict, plan, do
         data = plan.layer_data.get(id(op))
         if data is not None and data_aware_reason(model, op, weight) is None:
             pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block, data,
-                                              producers, entry)
+                                              entry)
             plan.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
         else:
             keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
@@ -295,9 +291,8 @@ def run(model: Model, plan, progress=None, skip=frozenset()) -> list[dict]:
     entries = []
     done: dict = {}  # id(new Buffer) of weights pruned already → their first reader
     for sg in model.subgraphs:
-        producers = sg.producers()
         for op in [op for op in sg.operators if op.builtin in TARGETS and id(op) not in skip]:
-            entries.append(prune_op(model, sg, op, producers, plan, done))
+            entries.append(prune_op(model, sg, op, plan, done))
             if progress:
                 progress(entries[-1])
     return entries

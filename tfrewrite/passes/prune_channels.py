@@ -25,12 +25,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .. import schema
 from ..analysis import macs, numel
 from ..graph import Model, Operator, Subgraph, Tensor
+from ..linalg.svd import single_threaded_lapack
 from ..ops import semantics
 from .common import new_entry
 
@@ -38,6 +40,9 @@ OP = schema.BuiltinOperator
 T = schema.TensorType
 ACT = schema.ActivationFunctionType
 DEFAULT_MULTIPLE = 8
+AUTO = "auto"  # `--prune-channels auto`: the budget (`budget.plan_channels`) chooses each group's share
+# The shares of a group's channels the budget may remove (each rounded to the channel multiple).
+BUDGET_SHARES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 
 class Barrier(Exception):
@@ -60,10 +65,10 @@ class Layer:
         q = w.quantization
         if w.type == T.INT8 and q is not None and q.scale is not None and len(q.scale):
             scale = np.asarray(q.scale, np.float32)
-            zero = np.asarray(q.zeroPoint if q.zeroPoint is not None else np.zeros(len(scale)), np.float32)
+            zero = np.asarray(q.zero_point if q.zero_point is not None else np.zeros(len(scale)), np.float32)
             if len(scale) > 1:
                 shape = [1] * data.ndim
-                shape[q.quantizedDimension] = -1
+                shape[q.axis] = -1
                 return (data - zero.reshape(shape)) * scale.reshape(shape)
             return (data - zero[0]) * scale[0]
         return data
@@ -437,6 +442,15 @@ def candidates(model: Model, plan) -> list[tuple[Subgraph, ChannelGraph, list[Ch
     return out
 
 
+def asked(groups: list[ChannelGroup], plan):
+    """(group, its share or AUTO, its channel multiple) for every group that may be pruned."""
+    for group in groups:
+        if group.reason is None:
+            settings = plan.settings(group.producers[0].op)
+            share = settings.prune_channels
+            yield group, share if share == AUTO else float(share), settings.channel_multiple or DEFAULT_MULTIPLE
+
+
 def kept_count(n: int, fraction: float, multiple: int) -> int:
     """Channels kept when `fraction` of `n` go, rounded up to a multiple (never more than n)."""
     keep = math.ceil(n * (1 - fraction) - 1e-9)
@@ -582,12 +596,12 @@ def _gather(values: dict, edges: list, y: Tensor, idx: np.ndarray) -> list[np.nd
 # ------------------------------------------------------------------------------------------- slicing
 def _take_quant(q, keep: np.ndarray, axis: int):
     """Per-channel quantization parameters of the kept channels (per-tensor ones stay as they are)."""
-    if q is None or q.scale is None or len(q.scale) <= 1 or q.quantizedDimension != axis:
+    if q is None or q.scale is None or len(q.scale) <= 1 or q.axis != axis:
         return q
     q = copy.copy(q)
     q.scale = np.asarray(q.scale, np.float32)[keep]
-    if q.zeroPoint is not None and len(q.zeroPoint) > 1:
-        q.zeroPoint = np.asarray(q.zeroPoint, np.int64)[keep]
+    if q.zero_point is not None and len(q.zero_point) > 1:
+        q.zero_point = np.asarray(q.zero_point, np.int64)[keep]
     return q
 
 
@@ -709,6 +723,15 @@ class ReaderData:
     rows: np.ndarray
     mean: np.ndarray
     cov: np.ndarray | None
+    halves: tuple | None = None  # covariances of the first and second half of the rows (for the budget)
+
+    def split(self) -> tuple[np.ndarray, np.ndarray]:
+        """The two halves' covariances. Rows come in sample order, so the halves hold different samples."""
+        from ..linalg import channels as ch
+        if self.halves is None:
+            mid = len(self.rows) // 2
+            self.halves = (ch.moments(self.rows[:mid])[1], ch.moments(self.rows[mid:])[1])
+        return self.halves
 
 
 def reader_columns(layer: Layer, channels: np.ndarray) -> np.ndarray:
@@ -741,21 +764,42 @@ def collect_reader_data(model: Model, readers: list[Layer], samples, moments: bo
     return out
 
 
-def reconstruction_removal(g: ChannelGraph, group: ChannelGroup, data: dict, remove: int) -> np.ndarray | None:
-    """Units to remove so that the reading layers' outputs change least (None without data for them)."""
+def reader_grams(g: ChannelGraph, group: ChannelGroup, data: dict) -> list[tuple[Layer, np.ndarray]] | None:
+    """Per reading layer, its unit Gram matrix divided by its output variance (`linalg.channels`): removing
+    units R changes that layer's output by a relative √(Σ_{u,v ∈ R} G[u, v]) before any refit. None without
+    data for every reader."""
     from ..linalg import channels as ch
     readers = [r for r in group.readers if id(r.op) in data]
     if not readers or len(readers) < len(group.readers):
         return None
-    gram = np.zeros((group.channels, group.channels))
+    out = []
     for r in readers:
         d = data[id(r.op)]
         w = weight_matrix(r)
         units = [reader_columns(r, idx) for idx in _unit_positions(g, group, r.op.inputs[0])]
         var = ch.output_variance(w, d.cov, d.rows)
-        if var > 0:
-            gram += ch.unit_gram(w, units, d.cov, d.rows) / var
-    return ch.greedy_removal(gram, remove)
+        gram = ch.unit_gram(w, units, d.cov, d.rows) / var if var > 0 else np.zeros((group.channels,) * 2)
+        out.append((r, gram))
+    return out
+
+
+def reader_data(model: Model, plan, readers: list[Layer], samples) -> dict:
+    """`collect_reader_data`, kept in `plan.layer_data` for the refit: the budget and the choice share one
+    collection."""
+    have = {id(r.op) for r in readers if ("channels", id(r.op)) in plan.layer_data}
+    fresh = collect_reader_data(model, [r for r in readers if id(r.op) not in have], samples)
+    plan.layer_data.update({("channels", k): v for k, v in fresh.items()})
+    return {id(r.op): plan.layer_data[("channels", id(r.op))] for r in readers
+            if ("channels", id(r.op)) in plan.layer_data}
+
+
+def reconstruction_removal(g: ChannelGraph, group: ChannelGroup, data: dict, remove: int) -> np.ndarray | None:
+    """Units to remove so that the reading layers' outputs change least (None without data for them)."""
+    from ..linalg import channels as ch
+    grams = reader_grams(g, group, data)
+    if grams is None:
+        return None
+    return ch.greedy_removal(sum(gram for _, gram in grams), remove)
 
 
 def choose(model: Model, plan, samples=None) -> list[tuple[Subgraph, ChannelGraph, list[ChannelGroup], dict]]:
@@ -766,12 +810,15 @@ def choose(model: Model, plan, samples=None) -> list[tuple[Subgraph, ChannelGrap
     for sg, g, groups in candidates(model, plan):
         removed: set[int] = set()
         todo = []
-        for group in groups:
-            if group.reason is not None:
-                continue
-            settings = plan.settings(group.producers[0].op)
-            multiple = settings.channel_multiple or DEFAULT_MULTIPLE
-            group.keep = kept_count(group.channels, float(settings.prune_channels), multiple)
+        for group, share, multiple in asked(groups, plan):
+            if share == AUTO:
+                keep = plan.channel_budget.get(id(group.producers[0].op), "not considered by the budget")
+                if isinstance(keep, str):
+                    group.reason = keep
+                    continue
+                group.keep = keep
+            else:
+                group.keep = kept_count(group.channels, share, multiple)
             if group.keep >= group.channels:
                 group.reason = f"{group.channels} channels: nothing to remove at multiples of {multiple}"
                 continue
@@ -779,8 +826,7 @@ def choose(model: Model, plan, samples=None) -> list[tuple[Subgraph, ChannelGrap
         data = {}
         if samples and sg is model.main and todo:
             readers = list({id(r.op): r for group in todo for r in group.readers}.values())
-            data = collect_reader_data(model, readers, samples)
-            plan.layer_data.update({("channels", k): v for k, v in data.items()})
+            data = reader_data(model, plan, readers, samples)
         for group in todo:
             drop = reconstruction_removal(g, group, data, group.channels - group.keep) if data else None
             if drop is None:
@@ -794,6 +840,134 @@ def choose(model: Model, plan, samples=None) -> list[tuple[Subgraph, ChannelGrap
                 removed.update(group.units[u].tolist())
         out.append((sg, g, groups, _removed_by_tensor(g, removed)))
     return out
+
+
+# ------------------------------------------------------------------------------------------- the budget's options
+class ChannelOption(NamedTuple):
+    """One share of a group's channels the budget could remove: the params and MACs of the group's layers with
+    this group alone cut, and its damage: the worst reading layer's relative output error after its refit."""
+    share: float
+    keep: int
+    params: int
+    macs: int
+    damage: float
+
+
+@dataclass(eq=False)
+class BudgetGroup:
+    group: ChannelGroup
+    options: list[ChannelOption]
+    params: int       # the group's layers as they stand
+    macs: int
+    itemsize: int
+
+
+@dataclass(eq=False)
+class ChannelSpace:
+    """The main subgraph's groups seen by the budget: those open to it (`auto`) with their options, those with
+    a share of their own (counted as they will be cut), and the cost of every layer as a function of the
+    channels each tensor loses (a layer reading and writing pruned groups shrinks by both shares)."""
+    g: ChannelGraph
+    open: list[BudgetGroup]
+    fixed: list[tuple[ChannelGroup, int]]   # (group, kept units)
+    closed: dict                            # id(lead op) → why the budget leaves an `auto` group whole
+
+    def saving(self, keeps: list[tuple[ChannelGroup, int]], by_macs: bool, layers=None) -> tuple[float, int, int]:
+        """(file bytes or MACs saved, params after, MACs after) of `layers` (default: every layer) when each
+        group keeps the given number of units, on top of the fixed groups."""
+        lost: dict[int, float] = {}
+        for group, keep in list(self.fixed) + list(keeps):
+            cut = group.channels - keep
+            for t in group.tensors:
+                per_unit = sum(len(p) for p in _unit_positions(self.g, group, t)) / group.channels
+                lost[id(t)] = lost.get(id(t), 0.0) + cut * per_unit
+        saved, params_after, macs_after = 0.0, 0, 0
+        for layer in (self.g.layers.values() if layers is None else layers):
+            x, y = layer.op.inputs[0], layer.op.outputs[0]
+            out = 1 - lost.get(id(y), 0.0) / channels_of(y)
+            inp = 1.0 if layer.layout.coupled else 1 - lost.get(id(x), 0.0) / channels_of(x)
+            w, b = numel(layer.weight.shape), numel(layer.bias.shape) if layer.bias is not None else 0
+            m = macs(layer.op, layer.weight)
+            params_after += round(w * inp * out + b * out)
+            macs_after += round(m * inp * out)
+            saved += (m * (1 - inp * out) if by_macs
+                      else w * (1 - inp * out) * layer.weight.dtype.itemsize + b * (1 - out) * 4)
+        return saved, params_after, macs_after
+
+
+def _group_layers(g: ChannelGraph, group: ChannelGroup) -> list[Layer]:
+    return [g.layers[id(op)] for op in group.members if id(op) in g.layers]
+
+
+def group_options(g: ChannelGraph, group: ChannelGroup, data: dict, multiple: int, space: ChannelSpace
+                  ) -> list[ChannelOption]:
+    """The group's options at BUDGET_SHARES: channels removed in the greedy order (the removal for a larger
+    share extends the one for a smaller), the damage measured after the refit each reading layer will get, on
+    rows the fit did not see (two-fold, from the halves' covariances: a FULLY_CONNECTED reader has one row per
+    sample, often fewer than its columns, and a fit on them reproduces them exactly); beyond FULL_COLUMNS
+    columns, where the refit only moves the mean, the error before refit. No options without data for every
+    reader."""
+    from ..linalg import channels as ch
+    grams = reader_grams(g, group, data)
+    n = group.channels
+    keeps = sorted({kept_count(n, f, multiple) for f in BUDGET_SHARES} - {n}, reverse=True)
+    if grams is None or not keeps:
+        return []
+    order = ch.removal_order(sum(gram for _, gram in grams), n - keeps[-1])
+    layers = _group_layers(g, group)
+    options = []
+    with single_threaded_lapack():  # hundreds of mid-sized solves: OpenBLAS's thread hand-offs would dominate
+        for keep in keeps:
+            options.append(_option(g, group, grams, data, order[:n - keep], keep, space, layers))
+    return options
+
+
+def _option(g, group, grams, data, cut, keep, space, layers) -> ChannelOption:
+    from ..linalg import channels as ch
+    n = group.channels
+    worst = 0.0
+    for reader, gram in grams:
+        d = data[id(reader.op)]
+        if d.cov is None:
+            err = math.sqrt(max(float(gram[np.ix_(cut, cut)].sum()), 0.0))
+        else:
+            positions = _unit_positions(g, group, reader.op.inputs[0])
+            gone = reader_columns(reader, np.concatenate([positions[u] for u in cut]))
+            kept_cols = np.setdiff1d(np.arange(d.cov.shape[0]), gone)
+            err = ch.held_out_error(weight_matrix(reader), d.split(), kept_cols)
+        worst = max(worst, err)
+    _, params, macs_ = space.saving([(group, keep)], False, layers)
+    return ChannelOption(round((n - keep) / n, 6), keep, params, macs_, worst)
+
+
+def budget_space(model: Model, plan, samples, stage=None) -> ChannelSpace:
+    """The budget's view of the main subgraph (`ChannelSpace`), reader data collected on `samples` (kept in
+    `plan.layer_data` for the choice and the refit that follow). `stage(count)`: a progress step, or None."""
+    sg, g, groups = next(c for c in candidates(model, plan) if c[0] is model.main)
+    space = ChannelSpace(g, [], [], {})
+    auto = []
+    for group, share, multiple in asked(groups, plan):
+        if share == AUTO:
+            auto.append((group, multiple))
+        else:
+            space.fixed.append((group, kept_count(group.channels, share, multiple)))
+    readers = list({id(r.op): r for group, _ in auto for r in group.readers}.values())
+    data = reader_data(model, plan, readers, samples) if samples and readers else {}
+    progress = stage(len(auto)) if stage else None
+    for group, multiple in auto:
+        options = group_options(g, group, data, multiple, space)
+        lead = group.producers[0].op
+        if not options:
+            space.closed[id(lead)] = (f"{group.channels} channels: nothing to remove at multiples of {multiple}"
+                                      if data else "no calibration rows for the layers reading these channels")
+            continue
+        layers = _group_layers(g, group)
+        params = sum(layer_cost(layer)[0] for layer in layers)
+        space.open.append(BudgetGroup(group, options, params, sum(layer_cost(layer)[1] for layer in layers),
+                                      group.producers[0].weight.dtype.itemsize))
+        if progress:
+            progress(lead)
+    return space
 
 
 def refit_readers(model: Model, g: ChannelGraph, removed: dict, data: dict, samples) -> dict:
@@ -813,8 +987,9 @@ def refit_readers(model: Model, g: ChannelGraph, removed: dict, data: dict, samp
         keep = np.setdiff1d(np.arange(channels_of(x)), removed[id(x)])
         g.own(op)
         w = weight_matrix(layer)
-        new_w, new_b, err = ch.refit(w, bias_real(layer, w.shape[0]), np.sort(reader_columns(layer, keep)),
-                                     now.rows if now is not None else d.rows, d.rows)
+        with single_threaded_lapack():
+            new_w, new_b, err = ch.refit(w, bias_real(layer, w.shape[0]), np.sort(reader_columns(layer, keep)),
+                                         now.rows if now is not None else d.rows, d.rows)
         store_layer(g.sg, layer, new_w.reshape(layer.weight.shape), new_b)
         errors[id(op)] = err
     return errors
@@ -830,7 +1005,7 @@ def store_layer(sg: Subgraph, layer: Layer, weight: np.ndarray, bias: np.ndarray
         axis = layer.layout.out_axis if q.scale is not None and len(q.scale) > 1 else None
         values, scales = quant.quantize_symmetric_int8(weight, axis=axis)
         q.scale = np.asarray(scales, np.float32).reshape(-1)
-        q.zeroPoint = np.zeros(len(q.scale), np.int64)
+        q.zero_point = np.zeros(len(q.scale), np.int64)
         w.set_data(values)
         w.quantization = q
     else:
@@ -845,7 +1020,7 @@ def store_layer(sg: Subgraph, layer: Layer, weight: np.ndarray, bias: np.ndarray
         s_w = np.broadcast_to(np.asarray(w.quantization.scale, np.float64), (len(bias),))
         q = copy.copy(b.quantization)
         q.scale = (s_in * s_w).astype(np.float32)
-        q.zeroPoint = np.zeros(len(bias), np.int64)
+        q.zero_point = np.zeros(len(bias), np.int64)
         b.set_data(np.clip(np.round(np.asarray(bias) / (s_in * s_w)), -2**31, 2**31 - 1).astype(np.int32))
         b.quantization = q
     else:

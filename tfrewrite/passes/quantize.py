@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import ops, schema
 from ..analysis import macs, numel
-from ..graph import Buffer, Model, OpCode, Operator, Subgraph, Tensor
+from ..graph import Buffer, Model, OpCode, Operator, Quantization, Subgraph, Tensor
 from ..ops import semantics, versions
 from .common import Skip, hybrid_reads_alike, new_entry, read_weight
 
@@ -59,7 +59,6 @@ def run(model: Model, plan, progress=None) -> list[dict]:
     entries: list[dict] = []
     groups: dict[int, list[_Use]] = {}  # id(Buffer) → every use of a float32 constant on that buffer
     for sg in model.subgraphs:
-        producers = sg.producers()
         # Constants that must keep their float32 type whatever their other readers want.
         blocked = {id(t) for t in sg.outputs}
         for op in sg.operators:
@@ -73,7 +72,7 @@ def run(model: Model, plan, progress=None) -> list[dict]:
                 if t is None or i == BIAS_INPUT.get(op.builtin):
                     continue
                 if op.builtin in LAYER_OPS and i == 1 and not _is_float_constant(t):
-                    entries.append(_layer_weight_entry(model, sg, op, producers, plan))
+                    entries.append(_layer_weight_entry(model, sg, op, plan))
                     continue
                 if not _is_float_constant(t):
                     continue
@@ -95,12 +94,12 @@ def _is_float_constant(t: Tensor) -> bool:
     return t.is_constant and t.type == T.FLOAT32 and t.sparsity is None and not t.is_variable
 
 
-def _layer_weight_entry(model, sg, op, producers, plan) -> dict:
+def _layer_weight_entry(model, sg, op, plan) -> dict:
     """Report entry of a conv / FC whose weight is not a dense float32 constant."""
     entry = _entry(model, sg, op, plan)
     mode = plan.settings(op).quantize
     try:
-        w = read_weight(op, producers)
+        w = read_weight(op)
     except Skip as e:
         entry["reason"] = str(e)
         return entry
@@ -269,10 +268,7 @@ def _to_int8(uses, tensors, values) -> None:
     q, scales = quant.quantize_symmetric_int8(values, axis=axis)
     buffer = Buffer(np.ascontiguousarray(q).reshape(-1).view(np.uint8))
     for t in tensors:
-        qp = schema.QuantizationParametersT()
-        qp.scale = np.asarray(scales, np.float32).reshape(-1)
-        qp.zeroPoint = np.zeros(len(qp.scale), np.int64)
-        qp.quantizedDimension = axis or 0
+        qp = Quantization.symmetric(scales, axis)
         t.type, t.buffer, t.quantization, t.shape_signature = T.INT8, buffer, qp, None
         sg = next(u.sg for u in uses if u.tensor is t)
         indirect = [u for u in uses if u.tensor is t and not u.hybrid]
@@ -280,7 +276,7 @@ def _to_int8(uses, tensors, values) -> None:
             out = sg.add_activation(t.name + "1", T.FLOAT32, t.shape)
             for u in indirect:
                 u.op.inputs[u.index] = out
-            per_channel = versions.dequantize_is_per_channel(len(qp.scale), t.shape, qp.quantizedDimension)
+            per_channel = versions.dequantize_is_per_channel(len(qp.scale), t.shape, qp.axis)
             dq = ops.dequantize(t, out)
             dq.opcode = ops.opcode_for(OP.DEQUANTIZE, versions.dequantize_version(T.INT8, per_channel))
             sg.operators.insert(_dequantize_position(sg), dq)

@@ -228,9 +228,9 @@ def apply(model: Model, weight: StoredWeight, decision: Decision, direct_readers
         stored = sg.add_tensor(Tensor(name=sg.unique_name(s.name + "/sparse"), type=s.type, shape=list(s.shape),
                                       buffer=buf, quantization=s.quantization, sparsity=sp))
         s.buffer = None
-        first = next((op for op in sg.operators if any(x is s for x in op.inputs)), None)
-        if first is not None:  # a tensor nobody reads is dropped by the cleanup
-            sg.insert_before(first, [builders.densify(stored, s)])
+        if s.consumers:  # a tensor nobody reads is dropped by the cleanup
+            sg.add_operator(builders.densify(stored, s))
+            sg.toposort()
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -240,7 +240,6 @@ def run(model: Model, plan, progress=None) -> list[dict]:
     groups: dict[int, list[Operator]] = {}  # id(Buffer) → the target ops that may encode it
     targets: set[int] = set()
     for sg in model.subgraphs:
-        producers = sg.producers()
         for op in [op for op in sg.operators if op.builtin in TARGETS]:
             targets.add(id(op))
             entry = new_entry(model, sg, op, "sparse_encode", plan)
@@ -248,7 +247,7 @@ def run(model: Model, plan, progress=None) -> list[dict]:
             entry["weight_shape"] = list(w.shape) if w is not None else []
             weight, key = None, 0
             try:
-                weight = find_stored_weight(op, producers)
+                weight = find_stored_weight(op)
                 n = numel(weight.tensor.shape)
                 entry.update(weight_dtype=weight.kind, params_before=n, params_after=n)
                 reason = plan.reason_to_skip(op, n)
