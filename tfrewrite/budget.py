@@ -12,31 +12,18 @@ Deterministic: fixed options, seeded decompositions, ties broken by layer order.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 import numpy as np
 
 from . import schema
 from .analysis import numel, static_shape
 from .linalg.svd import blas_threads_for
-from .passes.common import RankOption, Skip, read_weight
+from .passes.common import RankOption, Skip, SparsityOption, read_weight
 
 OP = schema.BuiltinOperator
 CANDIDATE_RATIOS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate option's"
-
-
-class SparsityOption(NamedTuple):
-    """One sparsity the prune pass could give a layer (`--prune auto`): the nonzero weights it keeps, the bytes
-    the runtime's sparse format really stores for it (values, index vectors, tables, a DENSIFY), the MACs (the
-    runtime still runs the layer dense) and the damage (the layer's relative output error after the data-aware
-    prune)."""
-    sparsity: float
-    params: int
-    nbytes: int
-    macs: int
-    damage: float
 
 
 @dataclass
@@ -164,22 +151,13 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
 def _budget_layer(op, weight, options: list, plan) -> BudgetLayer:
     """A layer's budget entry: its dense cost as stored in the input, its options at the itemsize the run stores
     its weights in (a float32 weight becomes float16 / int8 under --quantize)."""
+    from .passes import quantize
     w = weight.values
     now = ITEMSIZE.get(weight.kind, 4)
     return BudgetLayer(op.outputs[0].name, list(options), w.size,
                        numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
-                       stored_itemsize(weight.kind, w.size, plan.settings(op).quantize, plan.min_params),
+                       quantize.stored_itemsize(weight.kind, w.size, plan.settings(op).quantize, plan.min_params),
                        input_bytes=w.size * now)
-
-
-def stored_itemsize(kind: str, size: int, quantize: str | None, min_params: int = 0) -> int:
-    """Bytes per weight after the quantize pass: float32 becomes float16, or int8 from its size threshold."""
-    from .passes.quantize import INT8_MIN_ELEMENTS
-    if kind == "float32" and quantize == "float16":
-        return 2
-    if kind == "float32" and quantize == "int8" and size >= (min_params or INT8_MIN_ELEMENTS):
-        return 1
-    return ITEMSIZE.get(kind, 4)
 
 
 def _option_json(option) -> dict:

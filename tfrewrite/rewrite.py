@@ -307,14 +307,14 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
                             pruned=any(e["kind"] == "channels" and e["action"] == "pruned" for e in entries))
         sparsity_options = None
         if "prune" in plan.budget_kinds:
-            from .passes import prune
+            from .passes import sparse_encode
 
             def sparsity_options(op):
                 from .passes.common import Skip
                 reason = plan.reason_to_skip(op, analysis.numel(op.inputs[1].shape))
                 if reason:
                     raise Skip(reason)
-                return prune.sparsity_options(model, op, plan.settings(op), plan.layer_data[id(op)],
+                return sparse_encode.sparsity_options(model, op, plan.settings(op), plan.layer_data[id(op)],
                                               min_params=plan.min_params)
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
             model, plan, target, by_macs, total, lowrank if "lowrank" in plan.budget_kinds else (),

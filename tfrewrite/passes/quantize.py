@@ -41,6 +41,17 @@ OTHER_MIN_ELEMENTS = 1024
 INT8_MIN_ELEMENTS = 1024
 
 
+def stored_itemsize(kind: str, size: int, quantize: str | None, min_params: int = 0) -> int:
+    """Bytes per weight of a layer's `kind` ('float32', 'float16', 'int8') weight of `size` elements after this
+    pass with --quantize `quantize` (for the budget's costs): float32 becomes float16, or int8 from its size
+    threshold."""
+    if kind == "float32" and quantize == "float16":
+        return 2
+    if kind == "float32" and quantize == "int8" and size >= (min_params or INT8_MIN_ELEMENTS):
+        return 1
+    return {"float32": 4, "float16": 2, "int8": 1}.get(kind, 4)
+
+
 class _Use:
     """One op input reading a float32 constant."""
 
