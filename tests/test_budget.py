@@ -174,3 +174,17 @@ def test_calibration_and_budget_show_progress_on_a_terminal(tmp_path, capsys):
     rewrite.run(src, tmp_path / "shown.tflite", rewrite.Options(target_size=2, force=True), progress=True)
     err = capsys.readouterr().err
     assert "calibration: sample 64/64" in err and "budget: layer 1/1" in err
+
+
+def test_give_back_undoes_the_most_damaging_steps_beyond_the_goal():
+    from tfrewrite.budget import give_back
+    layers = [_layer("a", 1000, {2: 0.1, 4: 0.3}), _layer("b", 1000, {2: 0.2, 4: 0.3})]
+
+    def measure(choice):
+        return sum(cost(layer, c, True) for layer, c in zip(layers, choice))
+    result = allocate(layers, 2000, 900, by_macs=True, measure=measure)
+    # Level 0.2 leaves 1000; the step to 0.3 moves both layers to 4x at once: 500, far below the goal.
+    assert result.level == 0.3 and result.estimate == 500
+    choice, estimate = give_back(layers, result.choice, 900, measure)
+    # a steps back to 2x (750 still meets 900); b back to 2x (1000) or a to dense (1250) would not.
+    assert [c.ratio for c in choice] == [2, 4] and estimate == 750

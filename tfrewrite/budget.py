@@ -82,6 +82,24 @@ def allocate(layers: list, total: float, goal: float, by_macs: bool = False, mea
     return Allocation(choice, levels[-1] if levels else 0.0, achieved, False)
 
 
+def give_back(layers: list, choice: list, goal: float, measure) -> tuple[list, float]:
+    """The allocation's choice with what it spends beyond the goal given back: one step of the shared level can
+    move many layers at once (a group's share jumps by 1/8 of its channels) and overshoot the goal. Repeatedly,
+    the layer with the most damaging choice whose next less damaging option (or none) still meets `goal` takes
+    it. Returns the new choice and its `measure`."""
+    choice = list(choice)
+    changed = True
+    while changed:
+        changed = False
+        for i in sorted((i for i, c in enumerate(choice) if c is not None), key=lambda i: -choice[i].damage):
+            below = [o for o in layers[i].options if o.damage < choice[i].damage]
+            trial = choice[:i] + [max(below, key=lambda o: o.damage) if below else None] + choice[i + 1:]
+            if measure(trial) <= goal:
+                choice, changed = trial, True
+                break
+    return choice, measure(choice)
+
+
 def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, progress=None,
                sparsity_options=None) -> tuple[dict, dict, dict]:
     """Per-layer settings (id(op) → LayerSettings) that meet `target` (X times smaller file, or X times fewer MACs
@@ -91,12 +109,28 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
     prune pass's options for a layer with calibration rows (Skip: none); they join the layer's rank options.
     Costs count each weight as it will be stored (after --quantize float16 / int8)."""
     data_aware = bool(plan.layer_data)
+    ops, layers = rank_layers(model, plan, passes, progress)
+    if sparsity_options is not None:
+        ops, layers = add_sparsity_options(model, plan, ops, layers, sparsity_options, None if passes else progress)
+    result = allocate(list(layers), total, total / target, by_macs)
+    settings, info = rank_settings(plan, ops, layers, result.choice, by_macs)
+    summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
+               "measure": "macs" if by_macs else "file",
+               "damage": "measured on the calibration data" if data_aware else "estimated from the weights (no data)",
+               "reached": result.reached, "damage_level": round(float(result.level), 6),
+               "estimate": round(total / max(result.estimate, 1), 3), "layers": list(info.values())}
+    return settings, info, summary
+
+
+def rank_layers(model, plan, passes, progress=None) -> tuple[list, list]:
+    """(ops, their BudgetLayers with rank options) for every layer the low-rank passes may rewrite, in the
+    input's order; with calibration rows, only the layers that have them."""
+    data_aware = bool(plan.layer_data)
     ops, layers = [], []
     for pass_ in passes:
         for op in pass_.candidates(model, plan):
             if data_aware and id(op) not in plan.layer_data:
                 continue
-            sg = next(s for s in model.subgraphs if op in s.operators)
             try:
                 weight = read_weight(op)
             except Skip:
@@ -108,27 +142,42 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
                 progress(op)
             ops.append(op)
             layers.append(_budget_layer(op, weight, options, plan))
-    if sparsity_options is not None:
-        index = {id(op): i for i, op in enumerate(ops)}
-        for op in [op for op in model.main.operators if id(op) in plan.layer_data]:
-            try:
-                options = sparsity_options(op)
-                weight = read_weight(op)
-            except Skip:
-                continue
-            if progress and not passes:
-                progress(op)
-            if id(op) in index:
-                layers[index[id(op)]].options.extend(options)
-            else:
-                ops.append(op)
-                layers.append(_budget_layer(op, weight, options, plan))
+    return _in_input_order(plan, ops, layers)
+
+
+def add_sparsity_options(model, plan, ops: list, layers: list, sparsity_options, progress=None) -> tuple[list, list]:
+    """`ops`, `layers` with every main-subgraph layer that has calibration rows given its sparsity options
+    (`sparsity_options(op)`; Skip: none): added to its rank options, or as a layer of its own."""
+    ops, layers = list(ops), list(layers)
+    index = {id(op): i for i, op in enumerate(ops)}
+    for op in [op for op in model.main.operators if id(op) in plan.layer_data]:
+        try:
+            options = sparsity_options(op)
+            weight = read_weight(op)
+        except Skip:
+            continue
+        if progress:
+            progress(op)
+        if id(op) in index:
+            layers[index[id(op)]].options.extend(options)
+        else:
+            ops.append(op)
+            layers.append(_budget_layer(op, weight, options, plan))
+    return _in_input_order(plan, ops, layers)
+
+
+def _in_input_order(plan, ops: list, layers: list) -> tuple[list, list]:
     order = {id(op): plan.positions.get(id(op), (0, i)) for i, op in enumerate(ops)}
     ops, layers = zip(*sorted(zip(ops, layers), key=lambda p: order[id(p[0])])) if ops else ((), ())
-    result = allocate(list(layers), total, total / target, by_macs)
-    spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, result.choice)) or 1
+    return list(ops), list(layers)
+
+
+def rank_settings(plan, ops: list, layers: list, choice: list, by_macs: bool) -> tuple[dict, dict]:
+    """The chosen ranks (or sparsities) as per-layer settings (id(op) → LayerSettings; a layer without a choice
+    is kept dense) and what the report shows per layer."""
+    spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)) or 1
     settings, info = {}, {}
-    for op, layer, c in zip(ops, layers, result.choice):
+    for op, layer, c in zip(ops, layers, choice):
         base = plan.settings(op)
         cleared = dict(rank=None, fc_rank=None, conv_rank=None, energy=None)
         if c is None:
@@ -140,12 +189,7 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
         info[id(op)] = {"output": layer.name, **_option_json(c), "damage": round(c.damage, 6) if c else 0.0,
                         "share": round(cost(layer, c, by_macs) / spent, 6),
                         "candidates": [{**_option_json(o), "damage": round(o.damage, 6)} for o in layer.options]}
-    summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
-               "measure": "macs" if by_macs else "file",
-               "damage": "measured on the calibration data" if data_aware else "estimated from the weights (no data)",
-               "reached": result.reached, "damage_level": round(float(result.level), 6),
-               "estimate": round(total / max(result.estimate, 1), 3), "layers": list(info.values())}
-    return settings, info, summary
+    return settings, info
 
 
 def _budget_layer(op, weight, options: list, plan) -> BudgetLayer:
@@ -172,39 +216,56 @@ def _option_json(option) -> dict:
 CHANNELS_KEPT = "kept whole by the budget: the target is met at a damage level below every share's"
 
 
-def plan_channels(model, plan, target: float, by_macs: bool, total: float, samples, stage=None
-                  ) -> tuple[dict, dict]:
+def plan_channels(model, plan, target: float, by_macs: bool, total: float, samples, stage=None, passes=(),
+                  progress=None) -> tuple[dict, dict, dict, dict]:
     """`--prune-channels auto`: each channel group open to the budget keeps the channels its cheapest option
     under one shared damage level leaves (options and damage: `prune_channels.group_options`, on `samples`).
     Savings are not additive (a layer between two pruned groups shrinks by both shares), so every level is
-    judged on the whole model's cost under its choice. Returns id(lead op) → kept units (or the reason the group
-    stays whole), and the budget's summary. `stage(count)`: a progress step for the `count` groups, or None."""
+    judged on the whole model's cost under its choice, and what one level step overshoots is given back
+    (`give_back`). With low-rank `passes` (`--rank auto`), their layers' rank options (judged on the unpruned
+    layers' calibration rows in `plan.layer_data`) join the same allocation: a rank option saves its share of
+    what the layer keeps after the channel cut, and the chosen ratio is then applied to the pruned layer.
+    Returns id(lead op) → kept units (or the reason the group stays whole), the low-rank settings and report
+    info (as `plan_ranks`), and the summary. `stage(count)`: a progress step for the `count` groups, or None."""
     from .passes import prune_channels as pc
     space = pc.budget_space(model, plan, samples, stage)
     layers = [BudgetLayer(b.group.producers[0].op.outputs[0].name, b.options, b.params, b.macs, b.itemsize)
               for b in space.open]
+    ops, ranked = rank_layers(model, plan, passes, progress) if passes else ([], [])
+    n = len(layers)
 
     def measure(choice):
         keeps = [(b.group, c.keep) for b, c in zip(space.open, choice) if c is not None]
-        return total - space.saving(keeps, by_macs)[0]
+        saved = space.saving(keeps, by_macs)[0]
+        kept = space.kept(keeps) if ops else {}
+        for op, layer, c in zip(ops, ranked, choice[n:]):
+            if c is not None:
+                inp, out = kept.get(id(op), (1.0, 1.0))
+                saved += (cost(layer, None, by_macs) - cost(layer, c, by_macs)) * inp * out
+        return total - saved
 
-    result = allocate(layers, total, total / target, by_macs, measure=measure)
+    everything = layers + ranked
+    result = allocate(everything, total, total / target, by_macs, measure=measure)
+    if result.reached:
+        result.choice, result.estimate = give_back(everything, result.choice, total / target, measure)
+        result.level = max((c.damage for c in result.choice if c is not None), default=0.0)
     keeps = dict(space.closed)
     groups = []
-    spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, result.choice)) or 1
-    for b, layer, c in zip(space.open, layers, result.choice):
+    spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, result.choice[:n])) or 1
+    for b, layer, c in zip(space.open, layers, result.choice[:n]):
         keeps[id(b.group.producers[0].op)] = c.keep if c is not None else CHANNELS_KEPT
         groups.append({"output": layer.name, "channels": b.group.channels,
                        "kept": c.keep if c is not None else b.group.channels,
                        "share": c.share if c is not None else 0.0, "damage": round(c.damage, 6) if c else 0.0,
                        "budget_share": round(cost(layer, c, by_macs) / spent, 6),
                        "candidates": [{"kept": o.keep, "damage": round(o.damage, 6)} for o in b.options]})
+    settings, info = rank_settings(plan, ops, ranked, result.choice[n:], by_macs)
     summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
-               "measure": "macs" if by_macs else "file", "technique": "channels",
+               "measure": "macs" if by_macs else "file", "technique": "channels+lowrank" if passes else "channels",
                "damage": "measured on the calibration data", "reached": result.reached,
                "damage_level": round(float(result.level), 6), "estimate": round(total / max(result.estimate, 1), 3),
-               "layers": groups}
-    return keeps, summary
+               "layers": groups + list(info.values())}
+    return keeps, settings, info, summary
 
 
 def _rank_json(rank):

@@ -214,8 +214,12 @@ def print_report(report: dict, quiet: bool = False) -> None:
     error = report.get("output_error")
     if error and error["measured"]:
         worst = f"{error['worst']:.3g}" if error["worst"] is not None else "NaN/inf"
+        others = error.get("generated_signatures")
+        also = f"; signatures {', '.join(others)} on generated inputs" if others else ""
         print(f"output error: {worst} (relative L2 of the worst output on {error['samples']} {error['inputs']} "
-              f"inputs)")
+              f"inputs{also})")
+        if error.get("note"):
+            print(f"  note: {error['note']}")
     elif error:
         print(f"output error: not measured ({error['reason']})")
     budget = report.get("budget")

@@ -16,7 +16,7 @@ from .plan import LayerSettings, Plan, RecipeError, check_layer_values, load_rec
 
 @dataclass
 class Options:
-    rank: int | None = None
+    rank: int | str | None = None  # "auto": chosen by the budget (--target-size / --target-macs)
     fc_rank: int | None = None
     conv_rank: int | None = None
     ratio: float | None = None
@@ -84,11 +84,11 @@ class Options:
         if self.target_size and self.target_macs:
             raise ValueError("choose one of --target-size and --target-macs")
         rank = None if self.rank == "auto" else self.rank
+        if self.rank == "auto" and not (self.target_size or self.target_macs):
+            raise ValueError("--rank auto needs --target-size X or --target-macs X (the budget chooses every rank)")
         if (self.target_size or self.target_macs) and (rank or self.fc_rank or self.conv_rank or self.ratio
                                                        or self.energy):
             raise ValueError("--target-size/--target-macs choose the ranks themselves; drop --rank/--ratio/--energy")
-        if self.rank == "auto" and not (self.target_size or self.target_macs):
-            raise ValueError("--rank auto needs --target-size X or --target-macs X (the budget chooses every rank)")
         if self.prune == "auto":
             if self.target_macs:
                 raise ValueError("--prune auto: sparse weights do not cut the MACs the runtime runs (they are "
@@ -272,30 +272,31 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         if channel_budget:
             from . import budget
             total = _model_cost(model, source, by_macs, pruned=False)
-            plan.channel_budget, plan.budget_summary = budget.plan_channels(
+            # --rank auto: rank options join the channel budget, judged on the unpruned layers' rows.
+            mixed = lowrank if options.rank == "auto" else ()
+            if mixed:
+                targets = _lowrank_rows(model, plan, samples, not options.calibration, progress)
+            plan.channel_budget, ranks, rank_info, plan.budget_summary = budget.plan_channels(
                 model, plan, target, by_macs, total, samples,
-                stage=lambda count: _stage(progress, "budget: channel group", count))
+                stage=lambda count: _stage(progress, "budget: channel group", count), passes=mixed,
+                progress=_stage(progress, "budget: layer", len(targets) if mixed else 0))
             if not options.calibration:
                 plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
         entries += checked(prune_channels.run(model, plan, samples=samples))
+        if channel_budget:  # only now: a layer the ranks keep dense may still lose channels
+            plan.budget, plan.budget_info = ranks, rank_info
     # The target goes to the channel budget when it is asked for, else to the ranks.
     rank_budget = bool(target) and not channel_budget
     # Without data, a budget judges and fits the layers, and --ratio fits them, on the model's response to generated
     # images (VGG-style fixture: --target-size 5 judged and fitted on the weights 34.7 %, on these 95.8 %; --ratio 5
     # with the same floors 93.6 % fitted on the weights, 95.6 % on these; bench/results/nodata_floors.md).
-    generated = not options.calibration and (rank_budget or plan.uses("ratio"))
+    generated = not options.calibration and (rank_budget or bool(plan.budget) or plan.uses("ratio"))
     if options.calibration or generated:
-        from . import calibrate
         if options.calibration:
             samples = samples or calibration_samples(source or model, options.calibration, options.signature)
         else:  # no data: the model's response to generated images
             samples = _generated(model, source, options)
-        targets = lowrank_targets(model, plan)
-        rows = calibrate.collect(model, samples, targets,
-                                 progress=_stage(progress, "calibration: sample", len(samples)))
-        extra = {"damping": calibrate.GENERATED_DAMPING, "generated": True} if generated else {}
-        for op in targets:
-            plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
+        targets = _lowrank_rows(model, plan, samples, generated, progress)  # after any channel cut
         plan.calibration = {"file": str(options.calibration) if options.calibration else None,
                             "inputs": "calibration" if options.calibration else "generated",
                             "samples": len(samples), "layers": len(targets)}
@@ -360,13 +361,24 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             if info is not None and e["kind"] in (("prune",) if "sparsity" in info else ("fc", "conv", "conv1x1")):
                 e["damage"], e["budget_share"] = info["damage"], info["share"]
     if plan.channel_budget and plan.budget_summary:
-        by_output = {g["output"]: g for g in plan.budget_summary["layers"]}
+        by_output = {g["output"]: g for g in plan.budget_summary["layers"] if "kept" in g}
         for e in entries:
             info = by_output.get(e["output"]) if e["kind"] == "channels" else None
             if info is not None:
                 e["damage"], e["budget_share"] = info["damage"], info["budget_share"]
     entries.sort(key=lambda e: (e["subgraph"], e["index"]))
     return entries
+
+
+def _lowrank_rows(model, plan: Plan, samples, generated: bool, progress=None) -> list:
+    """Collect the low-rank targets' input rows on `samples` into `plan.layer_data`; returns the targets."""
+    from . import calibrate
+    targets = lowrank_targets(model, plan)
+    rows = calibrate.collect(model, samples, targets, progress=_stage(progress, "calibration: sample", len(samples)))
+    extra = {"damping": calibrate.GENERATED_DAMPING, "generated": True} if generated else {}
+    for op in targets:
+        plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
+    return targets
 
 
 def _generated(model, source, options: Options) -> list:
@@ -611,6 +623,23 @@ def measure_output_error(original, rewritten, options: Options) -> dict:
     except verify.CandidateFailed as e:
         raise RewriteFault(f"the rewritten model does not run in LiteRT ({e}); nothing written") from None
     result["inputs"] = kind
+    model = io.read(original) if result["measured"] else None
+    defs = model.signature_defs if model is not None else []
+    # Every other signature, on generated inputs: a pass may have changed its subgraph too. Without a signature
+    # the run above was subgraph 0's.
+    others = [d.key for d in defs if d.key != signature and (signature is not None or d.subgraph is not model.main)]
+    for key in others if len(defs) > 1 else []:
+        try:
+            other = verify.output_error(original, rewritten, None, OUTPUT_ERROR_SAMPLES, key)
+        except verify.CandidateFailed as e:
+            raise RewriteFault(f"signature {key!r} of the rewritten model does not run in LiteRT ({e}); "
+                               f"nothing written") from None
+        if not other["measured"]:
+            continue
+        result["outputs"] += [{**row, "name": f"{key}/{row['name']}"} for row in other["outputs"]]
+        if result["worst"] is not None:
+            result["worst"] = None if other["worst"] is None else max(result["worst"], other["worst"])
+        result.setdefault("generated_signatures", []).append(key)
     return result
 
 

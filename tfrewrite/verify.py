@@ -82,6 +82,11 @@ def _quiet_runtime_info():
                 sys.stderr.write("".join(rest))
 
 
+# Side of the generated images for an input whose height or width is dynamic: a common trained size between
+# the 32-pixel digits of small nets and ImageNet's 224 (cost grows with its square in every data-free budget).
+GENERATED_IMAGE_SIDE = 128
+
+
 def _plausible_array(shape, dtype, spec: dict | None, rng) -> np.ndarray:
     """One seeded array; `spec` (analysis.input_ranges) says what range the model reads it in. Without one:
     standard normal floats, small non-negative integers. Unknown dims count as 1."""
@@ -156,6 +161,23 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
+def _scale_zero_point(detail) -> tuple[float, int] | None:
+    """A quantized output's (scale, zero point); None for a float or unquantized one. Per-channel quantized
+    outputs are not produced by the converters; their first scale is used."""
+    params = detail.get("quantization_parameters") or {}
+    scales, zeros = params.get("scales"), params.get("zero_points")
+    if np.dtype(detail["dtype"]).kind not in "iu" or scales is None or not len(scales) or not scales[0]:
+        return None
+    return float(scales[0]), int(zeros[0]) if zeros is not None and len(zeros) else 0
+
+
+def _dequantized(x: np.ndarray, quantization: tuple[float, int] | None) -> np.ndarray:
+    if quantization is None:
+        return x
+    scale, zero_point = quantization
+    return (np.asarray(x, np.float64) - zero_point) * scale
+
+
 class DataError(ValueError):
     """A data or calibration file that does not fit the model; the message says what and where."""
 
@@ -203,7 +225,9 @@ class Runner:
             self.signature_shapes = [[int(v) for v in details[n].get("shape_signature", details[n]["shape"])]
                                      for n in names]
             self.input_quantization = [tuple(details[n].get("quantization", (0.0, 0))) for n in names]
-            self.outputs = sorted(self.runner.get_output_details())
+            out_details = self.runner.get_output_details()
+            self.outputs = sorted(out_details)
+            self.output_quantization = [_scale_zero_point(out_details[n]) for n in self.outputs]
         else:
             self.subgraph = self.model.main
             details = self.it.get_input_details()
@@ -212,6 +236,7 @@ class Runner:
             self.signature_shapes = [[int(v) for v in d.get("shape_signature", d["shape"])] for d in details]
             self.input_quantization = [tuple(d.get("quantization", (0.0, 0))) for d in details]
             self.outputs = [d["name"] for d in self.it.get_output_details()]
+            self.output_quantization = [_scale_zero_point(d) for d in self.it.get_output_details()]
         # A batch dimension fixed above 1 (input [3, H, W, C]): data files are fed in batches of that size.
         fixed = {s[0] for s in self.signature_shapes if len(s) >= 1 and s[0] > 1}
         self.batch = fixed.pop() if len(fixed) == 1 else 1
@@ -226,6 +251,11 @@ class Runner:
                                   f"{_runtime_reason(e)}") from None
             return [np.array(result[name]) for name in self.outputs]
         return invoke(self.it, arrays)
+
+    def real(self, outs: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """Outputs as the real values they stand for: a quantized output's codes minus its zero point, times its
+        scale (an int8 softmax with zero point -128 measured in codes understated its error three times)."""
+        return [[_dequantized(o, q) for o, q in zip(out, self.output_quantization)] for out in outs]
 
     def per_sample(self, batches: list[list[np.ndarray]], count: int | None = None) -> list[list[np.ndarray]]:
         """The outputs of every sample in `batches`: a batch of the model's fixed size gives one output list per
@@ -251,12 +281,35 @@ class Runner:
         """`random_samples`, with dead-leaves images for image-shaped float inputs (see `generated_samples`)."""
         out = self.random_samples(samples, seed)
         rng = np.random.default_rng(seed)
+        sizes = self.image_sizes()
         for sample in out:
             for j, (_, shape, dtype) in enumerate(self.inputs):
-                if dtype.kind == "f" and len(shape) == 4 and 1 <= shape[3] <= 4 and min(shape[1:3]) > 1:
-                    sample[j] = np.stack([dead_leaves(rng, shape[1], shape[2], shape[3])
+                if sizes[j] is not None:
+                    sample[j] = np.stack([dead_leaves(rng, *sizes[j], shape[3])
                                           for _ in range(max(shape[0], 1))]).astype(dtype)
         return out
+
+    def image_sizes(self) -> list[tuple[int, int] | None]:
+        """(height, width) of the images generated for each image-shaped float input ([N, H, W, 1..4]), None for
+        other inputs. A dynamic side (-1 in the shape signature; the file's shape says 1) gets
+        GENERATED_IMAGE_SIDE pixels: a 1x1 image judged every 3x3 conv on its centre tap alone."""
+        sizes = []
+        for (_, shape, dtype), wanted in zip(self.inputs, self.signature_shapes):
+            if dtype.kind != "f" or len(shape) != 4 or not 1 <= shape[3] <= 4:
+                sizes.append(None)
+                continue
+            side = [GENERATED_IMAGE_SIDE if len(wanted) == 4 and wanted[i] < 0 else shape[i] for i in (1, 2)]
+            sizes.append(tuple(side) if min(side) > 1 else None)
+        return sizes
+
+    def dynamic_image_note(self) -> str | None:
+        """What generated inputs assume about an input whose spatial size is dynamic, or None."""
+        guessed = [name for (name, shape, _), size in zip(self.inputs, self.image_sizes())
+                   if size is not None and list(size) != list(shape[1:3])]
+        if not guessed:
+            return None
+        return (f"input {', '.join(guessed)} has a dynamic spatial size: generated images are "
+                f"{GENERATED_IMAGE_SIDE}x{GENERATED_IMAGE_SIDE}; give real inputs for a measured error")
 
     def matches(self, keys) -> bool:
         """Whether arrays named `keys` feed exactly this runner's inputs."""
@@ -471,11 +524,11 @@ def compare(model_a, model_b, data=None, samples: int = 8, seed: int = 0, runs: 
     else:
         ra = Runner(model_a, xnnpack, threads, signature)
         inputs_a = ra.generated_samples(samples, seed)
-    rb = Runner(model_b, xnnpack, threads, ra.signature if ra.signature in _signature_keys(model_b) else signature)
+    rb = Runner(model_b, xnnpack, threads, ra.signature if ra.signature in signature_keys(model_b) else signature)
     result["samples"] = count if count is not None else len(inputs_a)  # samples, or model runs on whole inputs
     if ra.inputs == rb.inputs:
         inputs_b = inputs_a
-        outs_a, outs_b = ra.per_sample(inputs_a, count), rb.per_sample(inputs_a, count)
+        outs_a, outs_b = ra.real(ra.per_sample(inputs_a, count)), rb.real(rb.per_sample(inputs_a, count))
         result["outputs"], accuracy = compare_outputs(outs_a, outs_b, ra.outputs,
                                                       labels if labels is not None and len(labels) == len(outs_a)
                                                       else None)
@@ -515,15 +568,16 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
     `reason` says why; when only the candidate fails, CandidateFailed."""
     try:
         ra = Runner(reference, True, 1, signature)
+        note = None if inputs else ra.dynamic_image_note()
         inputs = inputs or ra.generated_samples(samples, seed)
-        outs_a = ra.per_sample(inputs)
+        outs_a = ra.real(ra.per_sample(inputs))
         names = ra.outputs
         del ra  # one interpreter at a time: XNNPACK's packed weights of a large model are freed first
     except Exception as e:  # whatever the runtime raises for a model it cannot run
         return {"measured": False, "reason": f"the input model does not run in LiteRT: {_first_line(e)}"}
     try:
         rb = Runner(candidate, True, 1, signature)
-        outs_b = rb.per_sample(inputs)
+        outs_b = rb.real(rb.per_sample(inputs))
     except Exception as e:
         raise CandidateFailed(_first_line(e)) from None
     rows = []
@@ -534,7 +588,10 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
         rows.append({"name": name, "rel_l2": None if broken else fidelity(a, b)["rel_l2"]})
     errors = [r["rel_l2"] for r in rows]
     worst = None if any(e is None for e in errors) else max(errors, default=0.0)
-    return {"measured": True, "samples": len(inputs), "worst": worst, "outputs": rows}
+    result = {"measured": True, "samples": len(inputs), "worst": worst, "outputs": rows}
+    if note:
+        result["note"] = note
+    return result
 
 
 def _first_line(e: Exception) -> str:
@@ -542,7 +599,7 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _signature_keys(model) -> set[str]:
+def signature_keys(model) -> set[str]:
     from . import io
     m = io.read(model) if isinstance(model, (str, Path)) else io.read_buffer(bytes(model))
     return {d.key for d in m.signature_defs}

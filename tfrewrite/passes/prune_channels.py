@@ -871,21 +871,37 @@ class ChannelSpace:
     open: list[BudgetGroup]
     fixed: list[tuple[ChannelGroup, int]]   # (group, kept units)
     closed: dict                            # id(lead op) → why the budget leaves an `auto` group whole
+    units_on: dict = field(default_factory=dict)  # id(group) → `per_unit`
+
+    def per_unit(self, group: ChannelGroup) -> list[tuple[int, float]]:
+        """(id(tensor), channels one unit of the group owns there) for each tensor the group touches."""
+        if id(group) not in self.units_on:
+            self.units_on[id(group)] = [(id(t), sum(len(p) for p in _unit_positions(self.g, group, t)) / group.channels)
+                                        for t in group.tensors]
+        return self.units_on[id(group)]
+
+    def kept(self, keeps: list[tuple[ChannelGroup, int]], layers=None) -> dict:
+        """id(op) → (share of input channels kept, share of output channels kept) of `layers` (default: every
+        layer) when each group keeps the given number of units, on top of the fixed groups."""
+        lost: dict[int, float] = {}
+        for group, keep in list(self.fixed) + list(keeps):
+            cut = group.channels - keep
+            for tid, per_unit in self.per_unit(group):
+                lost[tid] = lost.get(tid, 0.0) + cut * per_unit
+        out = {}
+        for layer in (self.g.layers.values() if layers is None else layers):
+            x, y = layer.op.inputs[0], layer.op.outputs[0]
+            o = 1 - lost.get(id(y), 0.0) / channels_of(y)
+            out[id(layer.op)] = (1.0 if layer.layout.coupled else 1 - lost.get(id(x), 0.0) / channels_of(x), o)
+        return out
 
     def saving(self, keeps: list[tuple[ChannelGroup, int]], by_macs: bool, layers=None) -> tuple[float, int, int]:
         """(file bytes or MACs saved, params after, MACs after) of `layers` (default: every layer) when each
         group keeps the given number of units, on top of the fixed groups."""
-        lost: dict[int, float] = {}
-        for group, keep in list(self.fixed) + list(keeps):
-            cut = group.channels - keep
-            for t in group.tensors:
-                per_unit = sum(len(p) for p in _unit_positions(self.g, group, t)) / group.channels
-                lost[id(t)] = lost.get(id(t), 0.0) + cut * per_unit
+        kept = self.kept(keeps, layers)
         saved, params_after, macs_after = 0.0, 0, 0
         for layer in (self.g.layers.values() if layers is None else layers):
-            x, y = layer.op.inputs[0], layer.op.outputs[0]
-            out = 1 - lost.get(id(y), 0.0) / channels_of(y)
-            inp = 1.0 if layer.layout.coupled else 1 - lost.get(id(x), 0.0) / channels_of(x)
+            inp, out = kept[id(layer.op)]
             w, b = numel(layer.weight.shape), numel(layer.bias.shape) if layer.bias is not None else 0
             m = macs(layer.op, layer.weight)
             params_after += round(w * inp * out + b * out)
