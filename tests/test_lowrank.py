@@ -221,6 +221,18 @@ def test_grouped_conv_full_int8_and_non_constant_are_skipped():
     sg.inputs, sg.outputs = [x, wt], [y]
     entries = rewrite.rewrite_model(Model(subgraphs=[sg]), rewrite.Options(fc_rank=2))
     assert entries[0]["reason"] == "weight is not a constant"
+    # A Dense on a 3-D tensor behind a dynamic RESHAPE: the file stores the FC input as [1, 1] (signature
+    # [-1, -1]); factors would get intermediate shapes that do not fit, so the layer is left with the reason.
+    sg = Subgraph()
+    x = sg.add_tensor(Tensor("in", 0, [1, 1], shape_signature=[-1, -1]))
+    y = sg.add_tensor(Tensor("out", 0, [1, 1], shape_signature=[-1, -1]))
+    w = sg.add_constant("w", rng.standard_normal((16, 32)).astype(np.float32))
+    sg.operators = [ops.fully_connected(x, w, None, y)]
+    sg.inputs, sg.outputs = [x], [y]
+    model = Model(subgraphs=[sg])
+    entries = rewrite.rewrite_model(model, rewrite.Options(fc_rank=2))
+    assert entries[0]["reason"] == "input shape [1, 1] is only known at run time (shape signature [-1, -1])"
+    assert model.main.operators[0].inputs[1] is w
     # Full-integer int8 fixture: every candidate is left alone.
     model = io.read(FIXTURES / "vgg_digits_int8.tflite")
     entries = rewrite.rewrite_model(model, rewrite.Options(rank=8))

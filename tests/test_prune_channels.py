@@ -477,3 +477,13 @@ def test_rank_auto_mixes_low_rank_into_the_channel_budget(tmp_path):
     # bytes, as everywhere); layers it keeps dense stay dense.
     assert rewritten and rewritten <= {name for name, g in ranked.items() if g["ratio"] is not None}
     _runs_alike_with_and_without_xnnpack(out)
+
+
+def test_budget_by_file_size_meets_the_written_size(tmp_path):
+    src, calib = _net_and_calibration(tmp_path, 13)
+    out = tmp_path / "out.tflite"
+    report = rewrite.run(src, out, rewrite.Options(prune_channels="auto", target_size=1.5, calibration=str(calib)))
+    budget = report["budget"]
+    assert budget["measure"] == "file" and budget["reached"]
+    assert src.stat().st_size / out.stat().st_size == pytest.approx(budget["achieved"], abs=1e-3)
+    assert budget["achieved"] >= 1.5

@@ -40,6 +40,12 @@ def check(op: Operator, weight: LayerWeight, plan) -> None:
             raise Skip("mixed int8 / float activations")
     elif x is None or x.type != schema.TensorType.FLOAT32 or out.type != schema.TensorType.FLOAT32:
         raise Skip("input or output is not float32")
+    columns = weight.values.shape[1]
+    if x is not None and (not x.shape or any(d <= 0 for d in x.shape) or int(np.prod(x.shape)) % columns):
+        # A Dense on a 3-D tensor behind a dynamic RESHAPE: the file stores [1, 1] (signature [-1, -1]), so the
+        # factors' intermediate shape could not be written consistently.
+        raise Skip(f"input shape {list(x.shape)} is only known at run time (shape signature "
+                   f"{list(x.shape_signature) if x.shape_signature is not None else 'none'})")
 
 
 def candidates(model: Model, plan) -> list[Operator]:
