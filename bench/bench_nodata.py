@@ -76,12 +76,13 @@ def main(argv=None) -> int:
                 if r["budget"]:
                     reached = " (reached)" if r["budget"]["reached"] else " (NOT reached)"
                 cells.append(f"{r['before'] / r['bytes']:.2f}x{reached} / {100 * r['top1']:.2f} % / "
-                             f"{r['speedup']:.2f}x")
+                             f"{r['speedup']:.2f}x / {r['rewrite_s']:.0f} s")
                 R.log(f"{name} X={x:g} {label}: {cells[-1]}")
-            rows.append(f"| {x:g} | " + " | ".join(cells) + " |")
+            rows.append(f"| {x:g} | " + " | ".join(cells) + f" | {R.load_str()} |")
         lines += [f"### `fixtures/{name}.tflite` (original top-1 {100 * base:.2f} %)", "",
-                  "| X | " + " | ".join(f"{label}: x smaller / top-1 / speed-up" for label, _ in modes) + " |",
-                  "|---" * (len(modes) + 1) + "|", *rows, ""]
+                  "| X | " + " | ".join(f"{label}: x smaller / top-1 / speed-up / rewrite time" for label, _ in modes)
+                  + " | load average after the row |",
+                  "|---" * (len(modes) + 2) + "|", *rows, ""]
     if args.layers:
         lines += layer_floors(args.fixtures.split(","))
     wall = (time.monotonic() - t0) / 60
@@ -91,8 +92,12 @@ def main(argv=None) -> int:
             "are interleaved medians of A and B, robust to load; absolute times are not)",
             f"- Command: `.venv/bin/python bench/bench_nodata.py {' '.join(argv or sys.argv[1:])}`",
             "- x smaller = input file / output file; `(reached)` = the budget's own verdict, checked against the "
-            "written file. Data-free = no `--calibration`: the layers are judged and fitted on 64 generated "
-            "dead-leaves images (`tfrewrite/calibrate.py`).", ""]
+            "written file. No `--calibration` (plain and data-free): the layers are fitted (and the budget's "
+            "candidates judged) on 64 generated dead-leaves images (`tfrewrite/calibrate.py`); plain `--ratio X` "
+            "leaves the layers its floors refuse as they are (README, \"Degenerate rewrites\").",
+            "- top-1: the 360 held-out test digits (`tfrewrite compare --data`); speed-up: `tfrewrite compare` "
+            "interleaved medians (1 thread, XNNPACK), original / rewritten; rewrite time: wall seconds of the "
+            "rewrite command on the shared machine.", ""]
     tail = ["Commands:", "", "```", *R.COMMANDS, "```", ""]
     with open(args.out, "w") as f:
         f.write("\n".join(head + lines + tail))

@@ -223,3 +223,47 @@ def test_a_pass_can_remove_channels_of_a_full_integer_conv_with_ir_helpers_alone
     assert len(io.to_bytes(sliced)) < len(io.to_bytes(zeroed))
     for xnnpack in (True, False):
         assert_outputs_equal(outputs(io.to_bytes(sliced), xnnpack), outputs(io.to_bytes(zeroed), xnnpack))
+
+
+@pytest.mark.parametrize("name,form", [("vgg_digits.tflite", "float32"), ("vgg_digits_fp16.tflite", "float16"),
+                                       ("vgg_digits_dynint8.tflite", "int8"), ("vgg_digits_sparse.tflite", "sparse")])
+def test_one_weight_reader_follows_the_links_to_the_stored_constant(name, form):
+    from tfrewrite.analysis import stored
+    model = io.read(FIXTURES / name)
+    fc = next(op for op in model.main.operators if op.builtin == OP.FULLY_CONNECTED)
+    src = stored(fc.inputs[1])
+    assert src.tensor.is_constant and src.tensor.subgraph is model.main
+    carriers = [c.name for c in src.carriers]
+    if form == "float32":
+        assert carriers == [] and src.values() is not None and src.values().base is not None  # a view
+    elif form == "float16":
+        assert carriers == ["DEQUANTIZE"] and np.array_equal(src.values(), src.tensor.data.astype(np.float32))
+    elif form == "int8":
+        q = src.tensor.quantization
+        assert carriers == [] and q.channels > 1
+        assert np.allclose(src.values(), src.tensor.data * q.scale[:, None])
+    else:
+        assert carriers[0] == "DENSIFY" and src.values() is None
+    assert stored(fc.inputs[0]) is None  # an activation
+
+
+def test_copies_and_reorderings_keep_the_links():
+    import copy
+    model = io.read(FIXTURES / "vgg_digits.tflite")
+    sg = model.main
+    conv = next(op for op in sg.operators if op.builtin == OP.CONV_2D)
+    twin = copy.copy(conv)
+    assert twin.subgraph is None and twin.inputs == conv.inputs and twin.inputs is not conv.inputs
+    twin.inputs[0] = sg.add_activation("elsewhere", T.FLOAT32, [1, 32, 32, 3])
+    assert conv.inputs[0].consumers == [conv]  # editing the copy leaves the original's links alone
+    w = copy.copy(conv.inputs[1])
+    assert w.subgraph is None and w.consumers == [] and w.buffer is conv.inputs[1].buffer
+    assert w not in w.buffer.users
+    order = list(sg.operators)
+    sg.operators.reverse()
+    assert sg.operators[0] is order[-1] and order[-1].outputs[0].consumers == []
+    assert order[0].outputs[0].consumers == [order[1]]
+    sg.operators.sort(key=order.index)
+    assert list(sg.operators) == order
+    assert_links_match(sg)
+    assert model.problems() == []

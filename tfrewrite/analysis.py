@@ -1,6 +1,8 @@
 """Per-operator facts about a model: its weight, parameters, MACs and share of zero weights."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import schema
@@ -8,6 +10,7 @@ from .ops import semantics
 from .graph import Model, Operator, Tensor
 
 OP = schema.BuiltinOperator
+T = schema.TensorType
 # Operators whose input 1 is "the weight" of the layer.
 WEIGHTED_OPS = semantics.WEIGHTED_OPS
 # Operators that only turn a stored constant into its runtime form; their params are counted at the reader.
@@ -23,16 +26,46 @@ def numel(shape) -> int:
     return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
 
 
-def stored_constant(t: Tensor | None) -> Tensor | None:
-    """The constant behind `t`, following DEQUANTIZE / DENSIFY back to the stored tensor."""
-    seen = 0
-    while t is not None and not t.is_constant and seen < 4:
+class Stored(NamedTuple):
+    """The constant behind a tensor an op reads, and the ops that carry it there (DEQUANTIZE / DENSIFY, the one
+    next to the reader first; none when the op reads the constant itself)."""
+    tensor: Tensor
+    carriers: tuple
+
+    @property
+    def carrier(self) -> Operator | None:
+        return self.carriers[0] if self.carriers else None
+
+    def values(self) -> np.ndarray | None:
+        """The real values as float32: float32 as stored (a view), float16 widened, int8 dequantized; None for
+        a sparse constant or another type."""
+        t = self.tensor
+        if t.sparsity is not None:
+            return None
+        if t.type in (T.FLOAT32, T.FLOAT16):
+            return np.asarray(t.data, np.float32)
+        if t.type == T.INT8 and t.quantization is not None and t.quantization.scale is not None:
+            return t.quantization.dequantize(t.data)
+        return None
+
+
+def stored(t: Tensor | None) -> Stored | None:
+    """The weight reader every pass uses: the constant behind `t`, following DEQUANTIZE / DENSIFY back to the
+    stored tensor (None when `t` is not a stored constant)."""
+    carriers = []
+    while t is not None and not t.is_constant and len(carriers) < 4:
         op = t.producer
         if op is None or op.builtin not in WEIGHT_CARRIERS:
             return None
+        carriers.append(op)
         t = op.inputs[0]
-        seen += 1
-    return t if t is not None and t.is_constant else None
+    return Stored(t, tuple(carriers)) if t is not None and t.is_constant else None
+
+
+def stored_constant(t: Tensor | None) -> Tensor | None:
+    """The constant behind `t` (see `stored`)."""
+    s = stored(t)
+    return s.tensor if s is not None else None
 
 
 def zero_fraction(t: Tensor) -> float:

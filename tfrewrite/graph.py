@@ -137,6 +137,12 @@ class _Linked(list):
     def clear(self):
         del self[:]
 
+    def sort(self, *, key=None, reverse=False):
+        self[:] = sorted(self, key=key, reverse=reverse)
+
+    def reverse(self):
+        self[:] = self[::-1]
+
     def __copy__(self):
         return list(self)
 
@@ -388,6 +394,13 @@ class Operator:
     def _output_removed(self, t) -> None:
         if self._subgraph is not None and t is not None and t._producer is self:
             t._producer = None
+
+    def __copy__(self):
+        """An operator with the same fields, tensors and options, in no subgraph until one lists it."""
+        new = Operator.__new__(Operator)
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_inputs", "_outputs", "_subgraph")})
+        new.inputs, new.outputs = list(self._inputs), list(self._outputs)
+        return new
 
     def _link(self, subgraph: Subgraph | None) -> None:
         """Join (a subgraph) or leave (None) a subgraph's operator list: register or drop the links."""

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import io, ops, schema
-from ..analysis import numel, static_shape
+from ..analysis import numel, static_shape, stored
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..report import Entry
 
@@ -113,28 +113,28 @@ def read_weight(op: Operator, index: int = 1) -> LayerWeight:
     w = op.inputs[index] if len(op.inputs) > index else None
     if w is None:
         raise Skip("no weight input")
-    if w.is_constant:
-        if w.sparsity is not None:
-            raise Skip("sparse weight")
-        if w.type == T.FLOAT32:
-            return LayerWeight("float32", np.asarray(w.data, np.float32), w)
-        if w.type == T.INT8 and w.quantization is not None and w.quantization.scale is not None:
-            if op.inputs[0] is None or op.inputs[0].type not in (T.FLOAT32, T.INT8):
-                raise Skip(f"{op.inputs[0].type_name if op.inputs[0] is not None else 'missing'} input")
-            return LayerWeight("int8", w.quantization.dequantize(w.data), w, per_channel=w.quantization.channels > 1,
-                               full_integer=op.inputs[0].type == T.INT8)
-        raise Skip(f"{w.type_name} weights are not supported")
-    producer = w.producer
-    if producer is not None and producer.builtin == OP.DEQUANTIZE:
-        src = producer.inputs[0]
-        if src is not None and src.is_constant and src.sparsity is None and src.type == T.FLOAT16:
-            return LayerWeight("float16", np.asarray(src.data, np.float32), src)
-        if src is not None and src.sparsity is not None:
-            raise Skip("sparse weight")
-        raise Skip("weight behind DEQUANTIZE is not float16")
-    if producer is not None and producer.builtin == OP.DENSIFY:
+    src = stored(w)
+    carrier = src.carrier if src is not None else w.producer
+    if carrier is not None and carrier.builtin == OP.DENSIFY:
         raise Skip("sparse weight (behind DENSIFY)")
-    raise Skip("weight is not a constant")
+    if src is None or len(src.carriers) > 1:
+        behind_dequantize = carrier is not None and carrier.builtin == OP.DEQUANTIZE
+        raise Skip("weight behind DEQUANTIZE is not float16" if behind_dequantize else "weight is not a constant")
+    c = src.tensor
+    if c.sparsity is not None:
+        raise Skip("sparse weight")
+    if carrier is not None:
+        if c.type != T.FLOAT16:
+            raise Skip("weight behind DEQUANTIZE is not float16")
+        return LayerWeight("float16", src.values(), c)
+    if c.type == T.FLOAT32:
+        return LayerWeight("float32", src.values(), c)
+    if c.type == T.INT8 and c.quantization is not None and c.quantization.scale is not None:
+        if op.inputs[0] is None or op.inputs[0].type not in (T.FLOAT32, T.INT8):
+            raise Skip(f"{op.inputs[0].type_name if op.inputs[0] is not None else 'missing'} input")
+        return LayerWeight("int8", src.values(), c, per_channel=c.quantization.channels > 1,
+                           full_integer=op.inputs[0].type == T.INT8)
+    raise Skip(f"{c.type_name} weights are not supported")
 
 
 def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, quant_axis: int = 0,

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import schema
 from ..ops import semantics
-from ..analysis import macs, numel
+from ..analysis import macs, numel, stored
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..linalg import sparse
 from .common import Skip, bias_values, new_entry
@@ -65,16 +65,16 @@ def find_stored_weight(op: Operator) -> StoredWeight:
     w = op.inputs[1] if len(op.inputs) > 1 else None
     if w is None:
         raise Skip("no weight input")
-    carrier = None
+    src = stored(w)
+    carrier = src.carrier if src is not None else w.producer
     if not w.is_constant:
-        producer = w.producer
-        if producer is None:
+        if carrier is None:
             raise Skip("weight is not a constant")
-        if producer.builtin == OP.DENSIFY:
+        if carrier.builtin == OP.DENSIFY:
             raise Skip("weight is already sparse (behind DENSIFY)")
-        if producer.builtin != OP.DEQUANTIZE or producer.inputs[0] is None or not producer.inputs[0].is_constant:
+        if carrier.builtin != OP.DEQUANTIZE or src is None or len(src.carriers) > 1:
             raise Skip("weight is not a constant")
-        carrier, w = producer, producer.inputs[0]
+        w = src.tensor
     if w.sparsity is not None:
         raise Skip("weight is already sparse")
     if w.type == T.FLOAT32:
