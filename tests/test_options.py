@@ -51,6 +51,7 @@ REFUSED = {
                                                      "needs --target-macs"),
     "--prune-channels neither a share nor auto": (["--prune-channels", "most"], "neither a number nor 'auto'"),
     "--prune-channels 1": (["--prune-channels", "1"], "share in [0, 1) or 'auto'"),
+    "--rank auto without a target": (["--rank", "auto", "--prune-channels", "0.5"], "--rank auto needs"),
 }
 RULES = {"prune_block": {"match": ".", "prune_block": "1x4"}, "conv_method": {"match": ".", "conv_method": "cp"},
          "channel_multiple": {"match": ".", "channel_multiple": 4},
