@@ -81,6 +81,36 @@ def fixture_rows(name: str, size: int, sparsities, modes) -> list[dict]:
     return rows
 
 
+BUDGET_MODES = {"prune auto": ["--prune", "auto"], "prune auto + rank auto": ["--prune", "auto", "--rank", "auto"],
+                "rank (reference)": []}
+
+
+def budget_rows(name: str, size: int, target: float, data: bool) -> list[dict]:
+    """`--target-size X` with the sparsities, sparsities and ranks, or ranks alone chosen by the budget."""
+    from digits import tflite_accuracy
+    src = ROOT / "fixtures" / f"{name}.tflite"
+    calib = calib_file(name, size)
+    rows = []
+    for mode, flags in BUDGET_MODES.items():
+        out = CACHE / f"{name}_budget_{mode.split()[0]}{'_rank' if 'rank auto' in mode else ''}_{target:g}" \
+                      f"{'' if data else '_nodata'}.tflite"
+        report = out.with_suffix(".json")
+        cmd = [TFREWRITE, str(src), str(out), "--target-size", f"{target:g}", *flags, "--quiet", "--report",
+               str(report)] + (["--calibration", str(calib)] if data else [])
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+        wall = time.perf_counter() - t
+        budget = json.loads(report.read_text())["budget"]
+        kinds = [("sparsity" if layer.get("sparsity") is not None else "rank" if layer.get("rank") else "dense")
+                 for layer in budget["layers"]]
+        rows.append({"mode": mode, "data": data, "target": target, "bytes": os.path.getsize(out),
+                     "achieved": budget["achieved"], "top1": tflite_accuracy(str(out), "test", size), "seconds": wall,
+                     "choice": {k: kinds.count(k) for k in ("sparsity", "rank", "dense")},
+                     "command": " ".join(os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd)})
+        log(f"{name} budget {mode} {target:g} data={data}: {100 * rows[-1]['top1']:.2f} % {budget['achieved']}x")
+    return rows
+
+
 def full_size(name: str, sparsity: float) -> dict:
     import make_models
     src = make_models.ensure(name)
@@ -100,6 +130,21 @@ def full_size(name: str, sparsity: float) -> dict:
         out.unlink()
     log(f"{name} full size: {wall:.1f} s, {kb / 1024:.0f} MB")
     return result
+
+
+def budget_table(rows: list[dict]) -> list[str]:
+    L = ["## Global allocation: `--target-size X` with `--prune auto` (issue 15)", "",
+         "Per-layer sparsities (0.4 … 0.95) at one shared damage level; `--rank auto` as well puts rank and sparsity "
+         "options in one list per layer; the last mode is the rank budget alone, for reference. Layers: how many the "
+         "budget gave a sparsity / a rank / kept dense.", "",
+         "| fixture | target | mode | data | top-1 | file | achieved | layers (sparse / rank / dense) | s |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["choice"]
+        L.append(f"| {r['name']} | {r['target']:g}x | {r['mode']} | {'calibration' if r['data'] else 'none (generated)'} "
+                 f"| {100 * r['top1']:.2f} % | {r['bytes']:,} B | {r['achieved']:.2f}x | {c['sparsity']} / {c['rank']} / "
+                 f"{c['dense']} | {r['seconds']:.1f} |")
+    return L + ["", "```sh"] + [r["command"] for r in rows] + ["```", ""]
 
 
 def write(fixtures: dict, full: list[dict], started: str) -> None:
@@ -156,7 +201,18 @@ def main() -> int:
     ap.add_argument("--skip-full", action="store_true", help="only the fixtures")
     ap.add_argument("--skip-fixtures", action="store_true", help="only the full-size models")
     ap.add_argument("--full-sparsity", type=float, default=0.5)
+    ap.add_argument("--budget-only", type=float, nargs="*", metavar="X",
+                    help="only the --prune auto --target-size X rows (printed as a markdown table)")
     args = ap.parse_args()
+    if args.budget_only is not None:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for name, (size, _) in FIXTURES.items():
+            for target in args.budget_only or [5.0]:
+                for data in (True, False):
+                    rows += [dict(r, name=name) for r in budget_rows(name, size, target, data)]
+        print("\n".join(budget_table(rows)))
+        return 0
     CACHE.mkdir(parents=True, exist_ok=True)
     started = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
     fixtures = {}

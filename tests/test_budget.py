@@ -52,7 +52,7 @@ def test_allocate_says_when_the_goal_is_out_of_reach():
 def test_options_of_several_kinds_share_one_list():
     """A sparsity option costs the bytes its encoding stores (index vectors included), a rank option its params at
     the layer's itemsize; in one list the budget picks whichever is cheapest under the level."""
-    from tfrewrite.budget import SparsityOption
+    from tfrewrite.passes.common import SparsityOption
     dense = 1000
     layer = BudgetLayer("mixed", [RankOption(2, 10, 500, 500, 0.2), SparsityOption(0.8, 200, 1300, dense, 0.1),
                                   SparsityOption(0.9, 100, 700, dense, 0.3)], dense, dense)

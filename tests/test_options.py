@@ -52,7 +52,7 @@ REFUSED = {
     "--prune-channels auto without a target": (["--prune-channels", "auto"], "needs --target-macs"),
     "recipe prune_channels auto without a target": (["--rank", "2", "--recipe", "RECIPE:channels_auto"],
                                                      "needs --target-macs"),
-    "--prune-channels neither a share nor auto": (["--prune-channels", "most"], "expected a number or 'auto'"),
+    "--prune-channels neither a share nor auto": (["--prune-channels", "most"], "neither a number nor 'auto'"),
     "--prune-channels 1": (["--prune-channels", "1"], "share in [0, 1) or 'auto'"),
     "--rank auto without a target": (["--rank", "auto", "--prune-channels", "0.5"], "--rank auto needs"),
 }

@@ -12,31 +12,18 @@ Deterministic: fixed options, seeded decompositions, ties broken by layer order.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 import numpy as np
 
 from . import schema
 from .analysis import numel, static_shape
 from .linalg.svd import blas_threads_for
-from .passes.common import RankOption, Skip, read_weight
+from .passes.common import RankOption, Skip, SparsityOption, read_weight
 
 OP = schema.BuiltinOperator
 CANDIDATE_RATIOS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "full-int8": 1}
-KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate rank's"
-
-
-class SparsityOption(NamedTuple):
-    """One sparsity the prune pass could give a layer (`--prune auto`): the nonzero weights it keeps, the bytes
-    the runtime's sparse format really stores for it (values, index vectors, tables, a DENSIFY), the MACs (the
-    runtime still runs the layer dense) and the damage (the layer's relative output error after the data-aware
-    prune)."""
-    sparsity: float
-    params: int
-    nbytes: int
-    macs: int
-    damage: float
+KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate option's"
 
 
 @dataclass
@@ -48,8 +35,9 @@ class BudgetLayer:
     options: list
     dense_params: int
     dense_macs: int
-    itemsize: int = 4
-    dense_bytes: float | None = None
+    itemsize: int = 4                 # bytes per weight as the run stores it
+    input_bytes: int | None = None    # the dense weight's bytes in the input (default dense_params × itemsize)
+    dense_bytes: float | None = None  # the dense layer's bytes as stored, when counted beyond its weights
 
 
 @dataclass
@@ -120,7 +108,8 @@ def allocate(layers: list, total: float, goal: float, by_macs: bool = False, mea
     `.damage`) and `cost(option, by_macs)`-able dense costs (`BudgetLayer`). `measure(choice)`: the whole
     model's cost under a choice, for option kinds whose savings are not additive (pruning a layer's input and
     output channels); by default `total` minus what each chosen option saves."""
-    fixed = total - sum(cost(layer, None, by_macs) for layer in layers)
+    fixed = total - sum(cost(layer, None, by_macs) if by_macs or getattr(layer, "input_bytes", None) is None
+                        else layer.input_bytes for layer in layers)
 
     def pick(level):
         choice = []
@@ -159,15 +148,19 @@ def give_back(layers: list, choice: list, goal: float, measure) -> tuple[list, f
 
 
 def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, progress=None,
-               full_int8: bool = False) -> tuple[dict, dict, dict]:
+               sparsity_options=None, full_int8: bool = False) -> tuple[dict, dict, dict]:
     """Per-layer settings (id(op) → LayerSettings) that meet `target` (X times smaller file, or X times fewer MACs
     when `by_macs`), what the report shows per layer (id(op) → dict) and the budget's summary. `total`: the input's file bytes or MACs. `passes`: the low-rank
     pass modules, each with `candidates`, `rank_options` and its op kind. Layers with calibration rows are judged
-    on them; without any, every candidate is judged on its weights. Layers count the bytes their ops will take
-    in the file (`stored_bytes`); with `full_int8` (`--quantize full-int8` follows) as full-integer layers, and
-    the target applies to the input quantized the same way (`full_int8_size`)."""
+    on them; without any, every candidate is judged on its weights. `sparsity_options(op)` (`--prune auto`): the
+    prune pass's options for a layer with calibration rows (Skip: none); they join the layer's rank options.
+    Costs count each weight as it will be stored (after --quantize float16 / int8); full-integer layers (of an
+    int8 model, or all with `full_int8`: --quantize full-int8 follows) count their ops' bytes in the file
+    (`stored_bytes`), and with `full_int8` the target applies to the input quantized alone (`full_int8_size`)."""
     data_aware = bool(plan.layer_data)
     ops, layers = rank_layers(model, plan, passes, progress, full_int8)
+    if sparsity_options is not None:
+        ops, layers = add_sparsity_options(model, plan, ops, layers, sparsity_options, None if passes else progress)
     quantized = full_int8 and not by_macs
     if quantized:
         total = full_int8_size(model, total)
@@ -204,39 +197,89 @@ def rank_layers(model, plan, passes, progress=None, full_int8: bool = False) -> 
                 options = pass_.rank_options(op, weight, plan.rank_policy(op, kind), CANDIDATE_RATIOS)
             if progress:
                 progress(op)
-            w = weight.values
-            form = "full-int8" if weight.full_integer or full_int8 else weight.kind
-            nb = len(op.outputs[0].name.split(";")[0]) + 12  # the chain's tensors: the layer's name + a suffix
-            dense = stored_bytes(w.size, (w.shape[0],), form, nb)
-            # An option whose ops take more bytes than the dense layer never pays (small int8 layers: each
-            # new op's tables and quantization parameters outweigh the 1-byte weights it saves).
-            options = [o for o in (o._replace(nbytes=stored_bytes(o.params, o.channels, form, nb)) if o.channels
-                                   else o for o in options) if o.nbytes is None or o.nbytes < dense]
             ops.append(op)
-            layers.append(BudgetLayer(op.outputs[0].name, options, w.size,
-                                      numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
-                                      ITEMSIZE.get(form, 4), dense))
+            layers.append(_budget_layer(op, weight, options, plan, full_int8))
+    return _in_input_order(plan, ops, layers)
+
+
+def add_sparsity_options(model, plan, ops: list, layers: list, sparsity_options, progress=None) -> tuple[list, list]:
+    """`ops`, `layers` with every main-subgraph layer that has calibration rows given its sparsity options
+    (`sparsity_options(op)`; Skip: none): added to its rank options, or as a layer of its own."""
+    ops, layers = list(ops), list(layers)
+    index = {id(op): i for i, op in enumerate(ops)}
+    for op in [op for op in model.main.operators if id(op) in plan.layer_data]:
+        try:
+            options = sparsity_options(op)
+            weight = read_weight(op)
+        except Skip:
+            continue
+        if progress:
+            progress(op)
+        if id(op) in index:
+            layers[index[id(op)]].options.extend(options)
+        else:
+            ops.append(op)
+            layers.append(_budget_layer(op, weight, options, plan))
+    return _in_input_order(plan, ops, layers)
+
+
+def _in_input_order(plan, ops: list, layers: list) -> tuple[list, list]:
     order = {id(op): plan.positions.get(id(op), (0, i)) for i, op in enumerate(ops)}
     ops, layers = zip(*sorted(zip(ops, layers), key=lambda p: order[id(p[0])])) if ops else ((), ())
     return list(ops), list(layers)
 
 
 def rank_settings(plan, ops: list, layers: list, choice: list, by_macs: bool) -> tuple[dict, dict]:
-    """The chosen ranks as per-layer settings (id(op) → LayerSettings; a layer without a choice is kept dense)
-    and what the report shows per layer."""
+    """The chosen ranks (or sparsities) as per-layer settings (id(op) → LayerSettings; a layer without a choice
+    is kept dense) and what the report shows per layer."""
     spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)) or 1
     settings, info = {}, {}
     for op, layer, c in zip(ops, layers, choice):
         base = plan.settings(op)
         cleared = dict(rank=None, fc_rank=None, conv_rank=None, energy=None)
-        settings[id(op)] = (replace(base, **cleared, ratio=None, skip_reason=KEPT_DENSE) if c is None
-                            else replace(base, **cleared, ratio=c.ratio))
-        info[id(op)] = {"output": layer.name, "rank": _rank_json(c.rank) if c else None,
-                        "ratio": c.ratio if c else None, "damage": round(c.damage, 6) if c else 0.0,
+        if c is None:
+            settings[id(op)] = replace(base, **cleared, ratio=None, skip_reason=KEPT_DENSE)
+        elif isinstance(c, SparsityOption):
+            settings[id(op)] = replace(base, **cleared, ratio=None, prune=c.sparsity)
+        else:
+            settings[id(op)] = replace(base, **cleared, ratio=c.ratio)
+        info[id(op)] = {"output": layer.name, **_option_json(c), "damage": round(c.damage, 6) if c else 0.0,
                         "share": round(cost(layer, c, by_macs) / spent, 6),
-                        "candidates": [{"rank": _rank_json(o.rank), "damage": round(o.damage, 6)}
-                                       for o in layer.options]}
+                        "candidates": [{**_option_json(o), "damage": round(o.damage, 6)} for o in layer.options]}
     return settings, info
+
+
+def _budget_layer(op, weight, options: list, plan, full_int8: bool = False) -> BudgetLayer:
+    """A layer's budget entry: its dense cost as stored in the input, its options at the itemsize the run stores
+    its weights in (a float32 weight becomes float16 / int8 under --quantize). A full-integer layer (or any with
+    `full_int8`) counts the bytes of its ops (`stored_bytes`: 28 bytes per output channel beside the 1-byte
+    weights), and an option whose ops would take more than the dense layer is not offered (small int8 layers:
+    each new op's tables and quantization parameters outweigh the weights it saves)."""
+    from .passes import quantize
+    w = weight.values
+    if weight.full_integer or full_int8:
+        nb = len(op.outputs[0].name.split(";")[0]) + 12  # the chain's tensors: the layer's name + a suffix
+        dense = stored_bytes(w.size, (w.shape[0],), "full-int8", nb)
+        options = [o for o in (o._replace(nbytes=stored_bytes(o.params, o.channels, "full-int8", nb))
+                               if getattr(o, "channels", None) else o for o in options)
+                   if o.nbytes is None or o.nbytes < dense]
+        return BudgetLayer(op.outputs[0].name, options, w.size,
+                           numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])), 1,
+                           input_bytes=dense, dense_bytes=dense)
+    now = ITEMSIZE.get(weight.kind, 4)
+    return BudgetLayer(op.outputs[0].name, list(options), w.size,
+                       numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
+                       quantize.stored_itemsize(weight.kind, w.size, plan.settings(op).quantize, plan.min_params),
+                       input_bytes=w.size * now)
+
+
+def _option_json(option) -> dict:
+    """What the report says of a chosen or candidate option (rank and ratio, or sparsity and bytes)."""
+    if isinstance(option, SparsityOption):
+        return {"sparsity": option.sparsity, "bytes": option.nbytes}
+    if option is None:
+        return {"rank": None, "ratio": None}
+    return {"rank": _rank_json(option.rank), "ratio": option.ratio}
 
 
 FILE_MARGIN = 0.995

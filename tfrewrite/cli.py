@@ -34,8 +34,8 @@ def _auto_or(kind):
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} or 'auto', "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is neither {'an integer' if kind is int else 'a number'} "
+                                             "nor 'auto'") from None
     parse.__name__ = kind.__name__
     return parse
 
@@ -48,7 +48,7 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="where to write the rewritten model (atomically)")
     g = p.add_argument_group("low rank (FULLY_CONNECTED: SVD; CONV_2D: CP or Tucker-2)")
     g.add_argument("--rank", type=_auto_or(int), help="rank for every rewritten layer; 'auto': chosen per layer "
-                   "by --target-size/--target-macs (their default; with --prune-channels auto it mixes both)")
+                   "by --target-size/--target-macs (their default; with --prune auto it mixes both)")
     g.add_argument("--fc-rank", type=int, help="rank for FULLY_CONNECTED layers")
     g.add_argument("--conv-rank", type=int, help="rank for CONV_2D layers (CP/Tucker-2 rank for kxk, SVD rank for 1x1)")
     g.add_argument("--ratio", type=float, help="per layer, the rank that cuts its parameters X-fold, fitted to the "
@@ -57,7 +57,8 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--energy", type=float, help="per layer, the smallest rank keeping this share of the squared norm")
     g.add_argument("--conv-method", choices=["cp", "tucker2"], help="decomposition of kxk convs (default cp)")
     g = p.add_argument_group("pruning (stored in TFLite's sparse format)")
-    g.add_argument("--prune", type=float, metavar="S", help="per layer, zero the smallest weights to sparsity S")
+    g.add_argument("--prune", type=_auto_or(float), metavar="S", help="per layer, zero the smallest weights to "
+                   "sparsity S; 'auto' with --target-size X: each layer's sparsity chosen for the least damage")
     g.add_argument("--prune-block", metavar="1x4", help="prune FULLY_CONNECTED weights in whole 1x4 blocks")
     g.add_argument("--prune-depthwise", action="store_true", help="prune DEPTHWISE_CONV_2D too (off by default)")
     g.add_argument("--sparse-encode", action="store_true",
@@ -190,6 +191,8 @@ def print_report(report: dict, quiet: bool = False) -> None:
             rank = "x".join(map(str, rank)) if isinstance(rank, list) else (rank if rank is not None else "-")
             if "channels_before" in e:  # structured pruning: a group's channel count
                 rank = f"{e['channels_before']}→{e['channels_after']} ch"
+            elif e["kind"] == "prune" and e["action"] == "pruned":
+                rank = f"{100 * e['sparsity_after']:.0f}% zeros"
             err = f"{e['rel_error']:.3f}" if e.get("rel_error") is not None else "-"
             action = e["action"] if e["action"] != "skipped" else f"skipped: {e['reason']}"
             row = [e["subgraph"], e["index"], e["op"], _short(e["output"], 40), shape, action, rank,

@@ -185,6 +185,8 @@ class Plan:
     budget: dict = field(default_factory=dict)
     budget_info: dict = field(default_factory=dict)
     budget_summary: dict | None = None
+    # What the budget chooses per layer: "lowrank" (ranks) and / or "prune" (sparsities, --prune auto).
+    budget_kinds: frozenset = frozenset({"lowrank"})
     # `--prune-channels auto`: id(first layer writing a group) → units the budget keeps, or why it keeps them all.
     channel_budget: dict = field(default_factory=dict)
     # What calibration did (for the report), or None.
@@ -216,11 +218,20 @@ class Plan:
         self.input_tensors = {id(t) for sg in model.subgraphs for t in sg.tensors}
         self.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
 
+    def release_model(self) -> None:
+        """Drop every reference to the model's ops, tensors and arrays (the report keeps positions and summaries),
+        so that the rewritten model can be freed once written."""
+        self.input_ops = []
+        self.layer_data = {}
+        self.shared_factors = {}
+
     def is_input_op(self, op: Operator) -> bool:
         """Whether `op` was in the input model (always true when the input was not recorded)."""
         return not self.input_ops or id(op) in self.positions
 
-    def reason_to_skip(self, op: Operator, n_params: int) -> str | None:
+    def reason_to_skip(self, op: Operator, n_params: int, kept_dense_counts: bool = True) -> str | None:
+        """Why a pass leaves `op` alone, or None. `kept_dense_counts=False` (the quantize pass): a layer the budget
+        kept dense is still stored as --quantize asks — the budget counted it so."""
         name = op.outputs[0].name if op.outputs else ""
         if self.only and not re.search(self.only, name):
             return "not matched by --only"
@@ -229,7 +240,7 @@ class Plan:
         if n_params < self.min_params:
             return f"fewer than {self.min_params} weights (--min-params)"
         settings = self.settings(op)
-        if settings.skip_reason:
+        if settings.skip_reason and kept_dense_counts:
             return settings.skip_reason
         if settings.skip:
             return "skipped by the recipe"
@@ -247,13 +258,13 @@ class Plan:
     def uses(self, technique: str) -> bool:
         candidates = [self.defaults] + [self.settings_of_rule(r) for r in self.rules]
         if technique == "lowrank":
-            if self.budget:
+            if self.budget and "lowrank" in self.budget_kinds:
                 return True
             return any(s.rank_policy("fc").active or s.rank_policy("conv").active for s in candidates)
         if technique == "ratio":  # a rank chosen by a reduction ratio (--ratio, or a recipe rule's ratio)
             return any(s.ratio is not None for s in candidates)
         if technique == "prune":
-            return any(s.prune for s in candidates)
+            return any(s.prune for s in candidates) or bool(self.budget and "prune" in self.budget_kinds)
         if technique == "quantize":
             return any(s.quantize for s in candidates)
         if technique == "prune_channels":

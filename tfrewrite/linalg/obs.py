@@ -142,10 +142,11 @@ def _sparsegpt_chunk(w: np.ndarray, u: np.ndarray, quota: np.ndarray, width: int
 
 def sparsegpt(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int = 1,
               damping: float = DEFAULT_DAMPING, max_dim: int = MAX_DIM, column_block: int = COLUMN_BLOCK,
-              h: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              h: np.ndarray | None = None, h_factor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Prune weight [m, n] (output × input) to `sparsity` in 1×`width` blocks along the input dimension,
     minimising the output error on sample input rows [N, n]. Returns (updated weight float32 with exact zeros,
-    keep mask). `h`: the damped H of `rows` when the caller has it (n ≤ max_dim)."""
+    keep mask). `h`: the damped H of `rows` when the caller has it (n ≤ max_dim); `h_factor`: its inverse Cholesky
+    factor, likewise."""
     w_in = np.asarray(weight)
     m, n = w_in.shape
     if not 0.0 <= sparsity <= 1.0:
@@ -159,6 +160,8 @@ def sparsegpt(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int 
     chunks = _chunks(n, max_dim, column_block)
 
     def factor(a, b):
+        if len(chunks) == 1 and h_factor is not None:
+            return h_factor
         return inverse_cholesky_upper(h if h is not None and len(chunks) == 1 else hessian(x[:, a:b], damping)[0])
 
     # Pass 1: the layer-wide split of the units to remove over the column blocks, by OBS saliency. With one
@@ -229,7 +232,7 @@ def start_weights(weight: np.ndarray, rows: np.ndarray, target_rows: np.ndarray 
 
 
 def refit_kept(weight: np.ndarray, keep: np.ndarray, rows: np.ndarray, damping: float = DEFAULT_DAMPING,
-               h: np.ndarray | None = None) -> np.ndarray:
+               h: np.ndarray | None = None, low_rank: "_LowRankHessian | None" = None) -> np.ndarray:
     """For a given mask, every row's kept weights at the exact optimum of (w − ŵ)ᵀH(w − ŵ) (pruned ones zero).
     Fewer rows N than inputs n: a ridge problem of size N per row, ŵ_K = w_K + A_Kᵀ(δI + A_K A_Kᵀ)⁻¹ A_P w_P;
     otherwise H_KK ŵ_K = H_K: w. Returns float32."""
@@ -238,7 +241,7 @@ def refit_kept(weight: np.ndarray, keep: np.ndarray, rows: np.ndarray, damping: 
     x = np.asarray(rows)
     out = np.zeros((m, n), np.float32)
     if len(x) < n:
-        lr = _LowRankHessian(x, damping)
+        lr = low_rank or _LowRankHessian(x, damping)
         a, eye = lr.a, lr.delta * np.eye(len(lr.a))
         for i in range(m):
             w = np.asarray(w_all[i], np.float64)
@@ -271,37 +274,47 @@ WIDE_REFIT_BUDGET = 1e12
 
 
 def prune(weight: np.ndarray, rows: np.ndarray, sparsity: float, width: int = 1,
-          damping: float = DEFAULT_DAMPING, target_rows: np.ndarray | None = None, max_dim: int = MAX_DIM
-          ) -> tuple[np.ndarray, np.ndarray, str]:
+          damping: float = DEFAULT_DAMPING, target_rows: np.ndarray | None = None, max_dim: int = MAX_DIM,
+          cache: dict | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Data-aware pruning of weight [m, n] on sample input rows [N, n]: (pruned float32 weight, keep mask,
     method). The mask comes from SparseGPT (or, for layers wider than `max_dim` inputs with fewer samples than
     inputs, from the one-shot OBS saliency w_q²/[H⁻¹]_qq); the kept weights then get the exact optimum for that
     mask where that is affordable (it is clearly better than SparseGPT's left-to-right update when the inputs
-    are strongly correlated), else keep SparseGPT's update (block-diagonal for wide layers with many samples)."""
+    are strongly correlated), else keep SparseGPT's update (block-diagonal for wide layers with many samples).
+    `cache`: a dict kept between calls on the same rows and damping (the budget tries several sparsities of one
+    layer): H, its factor and the low-rank form are computed once."""
     from .svd import single_threaded_lapack
     # One BLAS thread: the Cholesky factors, triangular solves and per-row refits are many mid-sized calls, and
     # OpenBLAS's hand-offs between threads cost far more than they save on a shared machine (VGG16's 128 x 1152
     # conv: 1.3 s CPU on one thread, 14.5 s on two at load average 6).
     with single_threaded_lapack():
-        return _prune(weight, rows, sparsity, width, damping, target_rows, max_dim)
+        return _prune(weight, rows, sparsity, width, damping, target_rows, max_dim,
+                      {} if cache is None or target_rows is not None else cache)
 
 
-def _prune(weight, rows, sparsity, width, damping, target_rows, max_dim):
+def _prune(weight, rows, sparsity, width, damping, target_rows, max_dim, cache: dict):
+    def cached(key, make):
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
     w0 = start_weights(weight, rows, target_rows, damping)
     m, n = w0.shape
     x = np.asarray(rows)
+    low_rank = (lambda: cached("low_rank", lambda: _LowRankHessian(x, damping))) if len(x) < n else (lambda: None)
     if n > max_dim and len(x) < n and refit_cost(m, n, len(x), sparsity) <= WIDE_REFIT_BUDGET:
         if width < 1 or n % width:
             raise ValueError(f"block width {width} does not divide {n} inputs")
-        inv_diag = _LowRankHessian(x, damping).inv_diag()
+        inv_diag = cached("inv_diag", lambda: low_rank().inv_diag())
         scores = _unit_scores(np.asarray(w0, np.float32), inv_diag.astype(np.float32), width)
         keep = ~np.repeat(lowest_count_mask(scores, int(round(sparsity * scores.size))), width, axis=1)
         del scores
-        return refit_kept(w0, keep, x, damping), keep, "obs"
-    h = hessian(x, damping)[0] if n <= max_dim else None
-    pruned, keep = sparsegpt(w0, x, sparsity, width=width, damping=damping, max_dim=max_dim, h=h)
+        return refit_kept(w0, keep, x, damping, low_rank=low_rank()), keep, "obs"
+    h = cached("h", lambda: hessian(x, damping)[0]) if n <= max_dim else None
+    u = cached("u", lambda: inverse_cholesky_upper(h)) if h is not None else None
+    pruned, keep = sparsegpt(w0, x, sparsity, width=width, damping=damping, max_dim=max_dim, h=h, h_factor=u)
     if refit_cost(m, n, len(x), sparsity) <= REFIT_BUDGET:
-        return refit_kept(w0, keep, x, damping, h=h if len(x) >= n else None), keep, "sparsegpt+refit"
+        return (refit_kept(w0, keep, x, damping, h=h if len(x) >= n else None, low_rank=low_rank()), keep,
+                "sparsegpt+refit")
     return pruned, keep, "sparsegpt"
 
 

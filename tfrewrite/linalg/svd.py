@@ -21,6 +21,8 @@ def single_threaded_lapack():
     """
     if not _controller:
         try:
+            import scipy.linalg  # noqa: F401 -- load scipy's own OpenBLAS first: the controller sees only the
+            # libraries loaded when it is made (numpy's alone left scipy's Cholesky and solves on 2 threads)
             from threadpoolctl import ThreadpoolController
             _controller.append(ThreadpoolController())
         except Exception:  # not installed, or no BLAS it knows: leave the threads alone

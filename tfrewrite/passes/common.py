@@ -28,6 +28,18 @@ class LayerWeight:
     full_integer: bool = False
 
 
+class SparsityOption(NamedTuple):
+    """One sparsity the prune pass could give a layer (`--prune auto`): the nonzero weights it keeps, the bytes
+    the runtime's sparse format really stores for it (values, index vectors, tables, a DENSIFY), the MACs (the
+    runtime still runs the layer dense) and the damage (the layer's relative output error after the data-aware
+    prune)."""
+    sparsity: float
+    params: int
+    nbytes: int
+    macs: int
+    damage: float
+
+
 class RankOption(NamedTuple):
     """One rank a low-rank pass could give a layer, what it would cost, and the damage it would do (the layer's
     relative output error: on calibration rows when there are any, else relative to its weights)."""

@@ -123,11 +123,21 @@ def data_aware_reason(model: Model, op: Operator, weight: StoredWeight) -> str |
     return None
 
 
-def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, block, data: dict,
-                     entry: dict) -> tuple[np.ndarray, str]:
-    """(new stored weight, method): OBS/SparseGPT pruning on the layer's calibration rows, the kept weights
-    updated, stored in the weight's own form, and the bias corrected (a new bias constant)."""
-    from ..linalg import fit, obs, quant
+class DataAwarePrune:
+    """One layer pruned on its calibration rows: the weight as it will be stored, its float32 values, the
+    keep mask and the method; `matrix` is the original weight as [out, in] real values."""
+
+    def __init__(self, stored, values, keep, method, matrix, scales=None):
+        self.stored, self.values, self.keep, self.method, self.matrix = stored, values, keep, method, matrix
+        self.scales = scales  # new int8 scales (int8 weights only)
+
+
+def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, block, data: dict,
+                       store_as: str | None = None, cache: dict | None = None) -> DataAwarePrune:
+    """OBS/SparseGPT pruning on the layer's calibration rows, the kept weights updated, stored in the weight's own
+    form (or as `store_as`: 'float16', the form --quantize float16 gives it later). Changes nothing in the graph.
+    `cache`: kept between calls on the same rows (`obs.prune`)."""
+    from ..linalg import obs, quant
     raw = np.asarray(weight.raw)
     shape = raw.shape
     real = weight.magnitudes() * np.sign(raw) if raw.dtype.kind != "f" else np.asarray(raw, np.float32)
@@ -139,23 +149,34 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
             width, suffix = bw, f" block1x{bw}"
         else:
             suffix = f" (block {bh}x{bw} does not fit {matrix.shape[0]}x{matrix.shape[1]})"
-    bias = op.inputs[2] if len(op.inputs) > 2 else None
-    bias_before = bias_values(bias, matrix.shape[0])  # a Skip here leaves the layer untouched
-    rows, target_rows = data["rows"], data.get("target_rows")
-    new, keep, method = obs.prune(matrix, rows, sparsity, width=width, target_rows=target_rows)
-    if weight.kind == "float16":
+    new, keep, method = obs.prune(matrix, data["rows"], sparsity, width=width, target_rows=data.get("target_rows"),
+                                  damping=data.get("damping", obs.DEFAULT_DAMPING), cache=cache)
+    scales = None
+    if weight.kind == "float16" or store_as == "float16":
         stored = quant.to_float16(new.reshape(shape))
         values = stored.astype(np.float32)
     elif raw.dtype.kind == "i":
         q = weight.tensor.quantization
-        per_channel = len(np.asarray(q.scale).reshape(-1)) > 1
-        axis = q.axis if per_channel else None
+        axis = q.axis if len(np.asarray(q.scale).reshape(-1)) > 1 else None
         stored, scales = quant.quantize_symmetric_int8(new.reshape(shape), axis=axis)
         values = quant.dequantize_int8(stored, scales, axis=axis).astype(np.float32)
-        weight.tensor.quantization = Quantization.symmetric(scales, q.axis)
     else:
         stored = values = new.reshape(shape)  # float32 already
-    values = values.reshape(matrix.shape)
+    return DataAwarePrune(stored, values.reshape(matrix.shape), keep, method + suffix, matrix, scales)
+
+
+def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, block, data: dict,
+                     entry: dict) -> tuple[np.ndarray, str]:
+    """(new stored weight, method): `data_aware_weights`, an int8 weight requantized (new per-channel scales),
+    and the bias corrected (a new bias constant)."""
+    from ..linalg import fit, obs
+    bias = op.inputs[2] if len(op.inputs) > 2 else None
+    bias_before = bias_values(bias, weight.tensor.shape[0])  # a Skip here leaves the layer untouched
+    rows, target_rows = data["rows"], data.get("target_rows")
+    result = data_aware_weights(op, weight, sparsity, block, data)
+    matrix, values = result.matrix, result.values
+    if result.scales is not None:
+        weight.tensor.quantization = Quantization.symmetric(result.scales, weight.tensor.quantization.axis)
     entry["output_error"] = obs.output_error(matrix, values, rows, target_rows)
     entry["output_error_magnitude"] = obs.output_error(
         matrix, matrix * keep_mask(op, weight, sparsity, block)[0].reshape(matrix.shape), rows, target_rows)
@@ -167,7 +188,7 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     else:
         op.inputs.append(new_bias)
     entry["bias_corrected"] = True
-    return stored, method + suffix
+    return result.stored, result.method
 
 
 def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict:

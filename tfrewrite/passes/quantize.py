@@ -41,6 +41,17 @@ OTHER_MIN_ELEMENTS = 1024
 INT8_MIN_ELEMENTS = 1024
 
 
+def stored_itemsize(kind: str, size: int, quantize: str | None, min_params: int = 0) -> int:
+    """Bytes per weight of a layer's `kind` ('float32', 'float16', 'int8') weight of `size` elements after this
+    pass with --quantize `quantize` (for the budget's costs): float32 becomes float16, or int8 from its size
+    threshold."""
+    if kind == "float32" and quantize == "float16":
+        return 2
+    if kind == "float32" and quantize == "int8" and size >= (min_params or INT8_MIN_ELEMENTS):
+        return 1
+    return {"float32": 4, "float16": 2, "int8": 1}.get(kind, 4)
+
+
 class _Use:
     """One op input reading a float32 constant."""
 
@@ -135,7 +146,7 @@ def _judge(model, use: _Use, plan, blocked: bool) -> None:
                  params_before=n, params_after=n, bytes_before=t.buffer.nbytes, bytes_after=t.buffer.nbytes)
     if not layer_weight:
         entry["input"] = use.index
-    reason = plan.reason_to_skip(op, n)
+    reason = plan.reason_to_skip(op, n, kept_dense_counts=False)
     mode = plan.settings(op).quantize
     if reason is None and mode == "int8" and layer_weight and plan.min_params == 0 and n < INT8_MIN_ELEMENTS:
         # Like the converter's dynamic range: a small layer saves a few hundred bytes (less after its
