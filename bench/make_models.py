@@ -10,6 +10,12 @@ conversions with tf.lite.TFLiteConverter.from_keras_model, input 224x224x3, batc
     vgg16.tflite        keras.applications.VGG16        ~553 MB (138M params)
     mobilenetv2.tflite  keras.applications.MobileNetV2  ~14 MB  (3.5M params)
 
+and their full-integer int8 twins (the same seeded weights; the converter's default full-integer
+quantization — int8 activations and per-channel int8 weights, float input and output — calibrated on
+8 seeded uniform [0, 1) images):
+
+    vgg16_int8.tflite, mobilenetv2_int8.tflite
+
 Needs the ``fixtures`` extra (tensorflow-cpu). Other code should call ``ensure(name)``, which
 returns the path and only imports TensorFlow when the file is missing.
 """
@@ -28,7 +34,10 @@ SEED = 0
 MODELS = {
     "vgg16": "VGG16",
     "mobilenetv2": "MobileNetV2",
+    "vgg16_int8": "VGG16",
+    "mobilenetv2_int8": "MobileNetV2",
 }
+CALIBRATION_IMAGES = 8
 
 
 def path_of(name: str) -> str:
@@ -44,7 +53,15 @@ def build(name: str) -> str:
     app = getattr(keras.applications, MODELS[name])
     inp = keras.Input((224, 224, 3), batch_size=1, name="image")  # static batch 1 -> no SHAPE ops for Flatten
     model = app(weights=None, input_tensor=inp, classes=1000)
-    blob = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if name.endswith("_int8"):
+        import numpy as np
+        rng = np.random.default_rng(SEED)
+        images = rng.random((CALIBRATION_IMAGES, 1, 224, 224, 3), dtype=np.float32)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([x] for x in images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    blob = converter.convert()
     os.makedirs(CACHE, exist_ok=True)
     out = path_of(name)
     tmp = out + ".tmp"

@@ -59,13 +59,16 @@ def test_chains_are_int8_with_the_right_versions_and_quantization(rewritten):
     new_ops = [op for op in sg.operators if op.builtin in (OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED)]
     assert len(new_ops) == 1 + 5 * 3 + 2 * 2 + 1
     expected_version = {OP.CONV_2D: 3, OP.DEPTHWISE_CONV_2D: 3, OP.FULLY_CONNECTED: 4}
+    layer_outputs = {op.outputs[0].name for op in original.main.operators}
     for op in new_ops:
         x, w, b, out = op.inputs[0], op.inputs[1], op.inputs[2], op.outputs[0]
         assert (x.type, w.type, out.type, b.type) == (T.INT8, T.INT8, T.INT8, T.INT32)
         assert op.opcode.version == expected_version[op.builtin]
         axis = 3 if op.builtin == OP.DEPTHWISE_CONV_2D else 0
         ws = np.asarray(w.quantization.scale, np.float64)
-        assert len(ws) == w.shape[axis] and w.quantization.axis == axis
+        # A chain's inner factors are quantized per tensor; the ops writing the layers' outputs per channel.
+        inner = out.name not in layer_outputs
+        assert len(ws) == (1 if inner else w.shape[axis]) and (inner or w.quantization.axis == axis)
         assert np.all(ws > 0) and not np.any(w.quantization.zero_point) and w.data.min() >= -127
         s_in = float(x.quantization.scale[0])
         np.testing.assert_allclose(b.quantization.scale, (s_in * ws).astype(np.float32), rtol=1e-6)
@@ -186,6 +189,57 @@ def test_activation_params_represent_zero_exactly():
         assert int8.fake_quant(np.array([lo, hi]), scale, zero) == pytest.approx([lo, hi], abs=scale)
 
 
+def test_percentile_ranges_clip_rare_extremes():
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.standard_normal(100_000), [40.0, -35.0]])  # two outliers
+    full, zero_full = int8.activation_params(values)
+    clipped, zero = int8.activation_params(values, 99.9)
+    assert full == pytest.approx(75.0 / 255, rel=1e-6) and clipped < full / 10
+    assert -128 <= zero <= 127 and int8.fake_quant(np.zeros(1), clipped, zero)[0] == 0.0
+    assert int8.activation_params(np.abs(values), 99.9)[1] == -128  # all >= 0: zero at the bottom of the range
+
+
+def test_sequential_and_percentile_ranges_on_the_int8_model(calib, tmp_path):
+    """--sequential on a full-integer model: each chain is fitted on the int8 activations of the already
+    rewritten layers, towards the original's outputs. --activation-percentile narrows the ranges of the new int8
+    tensors, also of the layers whose calibration rows the sequential fit collects again."""
+    x, y = load_split("test", 32)
+    scales = {}
+    for p in (100, 99):
+        out = tmp_path / f"seq{p}.tflite"
+        report = rewrite.run(INT8_VGG, out, rewrite.Options(fc_rank=24, only="fc1|fc2", sequential=True,
+                                                            calibration=str(calib), activation_percentile=p))
+        done = [e for e in report["layers"] if e["action"] == "rewritten"]
+        assert len(done) == 2 and all(e["bias_corrected"] and e["output_error"] < 0.5 for e in done)
+        model = io.read(out)
+        scales[p] = {t.name: float(t.quantization.scale[0]) for t in model.main.tensors
+                     if t.name.endswith("/lowrank/mid")}
+        new = [op for op in model.main.operators if "/lowrank/" in op.outputs[0].name
+               or "/lowrank/" in op.inputs[0].name]
+        assert len(new) == 4 and max(_per_op_lsb(model, out, new, x[:6]).values()) <= 1
+        it = verify.interpreter(out)
+        acc = np.mean([verify.invoke(it, [x[i:i + 1]])[0].argmax() == y[i] for i in range(0, len(x), 2)])
+        assert acc >= 0.95  # the int8 original: 97.2 %
+    assert len(scales[99]) == 2 and all(scales[99][name] < scales[100][name] for name in scales[100])
+
+
+def test_requantization_scales_xnnpack_refuses_leave_the_layer(calib, tmp_path, monkeypatch):
+    """A chain with an op whose s_in·s_w/s_out reaches XNNPACK's limit (256) would not run with XNNPACK on: the
+    layer is left as it is, with the reason, and none of the chain's tensors stays behind. An intermediate that is
+    all zero on the calibration rows (a dead layer of a random-weight model) takes the chain's input scale instead
+    of 1.0, which made such scales."""
+    assert int8.activation_params(np.zeros(10), fallback=0.25) == (0.25, 0)
+    monkeypatch.setattr(int8, "MAX_REQUANTIZATION_SCALE", 1e-9)
+    out = tmp_path / "o.tflite"
+    report = rewrite.run(INT8_VGG, out, rewrite.Options(fc_rank=24, only="fc2", calibration=str(calib)))
+    (entry,) = [e for e in report["layers"] if "fc2" in e["output"]]
+    assert entry["action"] == "skipped" and "requantization scale" in entry["reason"]
+    assert "output_error" not in entry
+    model = io.read(out)
+    assert not any("/lowrank/" in t.name for t in model.main.tensors)
+    assert len(model.main.operators) == len(io.read(INT8_VGG).main.operators)
+
+
 def test_int8_input_takes_float_or_int8_calibration(tmp_path):
     """A model with an int8 input: float calibration data is quantized with the input's scale and zero point,
     int8 data is used as it is — the same samples either way give the same output file."""
@@ -240,6 +294,10 @@ def test_lowrank_then_full_int8(calib, tmp_path):
         x, w, b = op.inputs
         assert (x.type, w.type, op.outputs[0].type) == (T.INT8, T.INT8, T.INT8) and (b is None or b.type == T.INT32)
         assert op.opcode.version == (3 if op.builtin == OP.CONV_2D else 4)
+        # The chains' inner factors (rank outputs) have one weight scale; every other layer one per channel.
+        inner = op.outputs[0].name.endswith("/lowrank/mid")
+        assert len(w.quantization.scale) == (1 if inner else w.shape[0])
+    assert report["calibration"]["full_int8"]["per_tensor_chain_ops"] == 2
     assert report["totals"]["file_bytes_after"] < report["totals"]["file_bytes_before"] / 7
     x, y = load_split("test", 32)
     it = verify.interpreter(out)
@@ -254,6 +312,20 @@ def test_lowrank_then_full_int8(calib, tmp_path):
     scale = float(sg.operators[-1].inputs[0].quantization.scale[0])
     on, off = (verify.run(out, [[im[None]] for im in x[:24]], xnnpack=xnn) for xnn in (True, False))
     assert max(float(np.abs(a[0] - b[0]).max()) / scale for a, b in zip(on, off)) <= 8 + 1e-3
+
+
+def test_target_size_before_full_int8_counts_the_full_integer_file(calib, tmp_path):
+    """--target-size X --quantize full-int8: the budget counts the layers as they will be stored full-integer
+    (1-byte weights, per-channel parameters) and X is relative to the input quantized alone."""
+    pytest.importorskip("ai_edge_quantizer", reason="the test extra installs ai-edge-quantizer")
+    source, out = FIXTURES / "vgg_digits.tflite", tmp_path / "t.tflite"
+    report = rewrite.run(source, out, rewrite.Options(target_size=1.5, only="fc", calibration=str(calib),
+                                                      quantize="full-int8"))
+    budget = report["budget"]
+    assert budget["baseline_bytes"] == pytest.approx(INT8_VGG.stat().st_size, rel=0.01)
+    assert budget["reached"] and budget["achieved"] == pytest.approx(budget["baseline_bytes"] / out.stat().st_size,
+                                                                     rel=1e-3)
+    assert source.stat().st_size / out.stat().st_size > 1.5 * 3.8
 
 
 def test_int8_pointwise_convs_of_mobilenetv2(tmp_path):
@@ -275,7 +347,8 @@ def test_int8_pointwise_convs_of_mobilenetv2(tmp_path):
     for op in new:
         assert op.builtin == OP.CONV_2D and op.opcode.version == 3
         assert [t.type for t in op.inputs] == [T.INT8, T.INT8, T.INT32]
-        assert len(op.inputs[1].quantization.scale) == op.inputs[1].shape[0]
+        inner = "/lowrank/" in op.outputs[0].name  # per tensor inside the chain, per channel at its end
+        assert len(op.inputs[1].quantization.scale) == (1 if inner else op.inputs[1].shape[0])
     x, y = load_split("test", 96)
     assert max(_per_op_lsb(model, out, new, x[:6]).values()) <= 1
     it = verify.interpreter(out)
@@ -332,3 +405,24 @@ def test_full_int8_from_float16_and_dynamic_range_models(fixture, calib, tmp_pat
     for i in range(4):
         np.testing.assert_allclose(verify.invoke(on, [x[i:i + 1]])[0], verify.invoke(off, [x[i:i + 1]])[0],
                                    atol=0.05)
+
+
+def test_balancing_chain_factors_keeps_the_float_model():
+    """Cross-layer equalization of the inner factors (before their per-tensor quantization) changes what each
+    factor holds, not what the chain computes: CP (conv → depthwise → conv) and SVD (FC → FC) chains."""
+    from conftest import outputs
+    from tfrewrite.passes import full_int8
+    model = io.read(FIXTURES / "vgg_digits.tflite")
+    plan = rewrite.Options(rank=24, skip="predictions").plan()
+    rewrite.rewrite_model(model, rewrite.Options(rank=24, skip="predictions"), plan=plan)
+    before = outputs(io.to_bytes(model), samples=3)
+    inner = full_int8.chain_inner_ops(model, plan.input_tensors)
+    assert {op.builtin for _, op, _ in inner} == {OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED}
+    assert len(inner) == 2 * 5 + 2  # conv1_1 (3 input channels) is left dense
+    first = inner[0][1].inputs[1]
+    ranges = np.abs(first.data).reshape(first.shape[0], -1).max(axis=1)
+    assert full_int8.balance(model, inner) > 0
+    balanced = np.abs(first.data).reshape(first.shape[0], -1).max(axis=1)
+    assert balanced.std() / balanced.mean() < ranges.std() / ranges.mean()
+    for a, b in zip(before, outputs(io.to_bytes(model), samples=3)):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-6)

@@ -22,20 +22,22 @@ from .passes.common import RankOption, Skip, SparsityOption, read_weight
 
 OP = schema.BuiltinOperator
 CANDIDATE_RATIOS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
+ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "full-int8": 1}
 KEPT_DENSE = "kept dense by the budget: the target is met at a damage level below every candidate option's"
 
 
 @dataclass
 class BudgetLayer:
     """One layer the budget may compress: its options (any kind with `.params`, `.macs`, `.damage`, and
-    `.nbytes` when its bytes are not params × itemsize) and its dense cost."""
+    `.nbytes` when its bytes are not params × itemsize) and its dense cost (`dense_bytes` when known, else the
+    weights' bytes)."""
     name: str
     options: list
     dense_params: int
     dense_macs: int
     itemsize: int = 4                 # bytes per weight as the run stores it
     input_bytes: int | None = None    # the dense weight's bytes in the input (default dense_params × itemsize)
+    dense_bytes: float | None = None  # the dense layer's bytes as stored, when counted beyond its weights
 
 
 @dataclass
@@ -49,9 +51,54 @@ class Allocation:
 def cost(layer: BudgetLayer, option: RankOption | None, by_macs: bool) -> float:
     if by_macs:
         return option.macs if option else layer.dense_macs
-    if option is not None and getattr(option, "nbytes", None) is not None:
-        return option.nbytes
-    return (option.params if option else layer.dense_params) * layer.itemsize
+    if option is None:
+        return layer.dense_bytes if layer.dense_bytes is not None else layer.dense_params * layer.itemsize
+    stored = getattr(option, "nbytes", None)
+    return stored if stored is not None else option.params * layer.itemsize
+
+
+def stored_bytes(params: int, channels: tuple, form: str, name_bytes: int) -> float:
+    """About the file bytes of a layer's ops as `form` stores them ('float32', 'float16', 'int8' dynamic range,
+    'full-int8'): weights, biases, quantization parameters and each op's tables (its weight, bias and output
+    tensors with their names, two buffers). `channels`: each op's output channels, the layer's own output last.
+    Per output channel a float32 bias costs 4 bytes; a per-channel int8 weight adds a float32 scale and an int64
+    zero point (12), and a full-integer int32 bias the same again: 28 bytes per channel beside 1-byte weights.
+    The ops before the last of a full-integer chain are quantized per tensor (their rank channels cost only a
+    zero int32 bias each; `passes.int8_chain`, `passes.full_int8`)."""
+    from .io import BUFFER_BYTES, OPERATOR_BYTES, OPTIONS_BYTES, QUANTIZATION_BYTES, TENSOR_BYTES
+    tables = OPERATOR_BYTES + 16 + OPTIONS_BYTES + 3 * (TENSOR_BYTES + name_bytes + 16) + 2 * BUFFER_BYTES
+    ops = len(channels)
+    if form == "full-int8":
+        per_tensor = QUANTIZATION_BYTES + 12  # one scale and one zero point
+        return params + 28 * channels[-1] + 4 * sum(channels[:-1]) + ops * (tables + 3 * per_tensor)
+    if form == "int8":
+        return params + 16 * sum(channels) + ops * (tables + 2 * QUANTIZATION_BYTES)
+    return params * ITEMSIZE[form] + 4 * sum(channels) + ops * tables
+
+
+def full_int8_size(model, file_bytes: int) -> float:
+    """About the file size of `model` (`file_bytes` as it is) once every float conv / FC / depthwise layer is
+    quantized full-integer and every activation gets a scale and zero point: what `--quantize full-int8` alone
+    would write, so that a target applies on top of it."""
+    from .ops.semantics import LAYERS
+    from .io import QUANTIZATION_BYTES
+    size = float(file_bytes)
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            layout = LAYERS.get(op.builtin)
+            if layout is None:
+                continue
+            try:
+                weight = read_weight(op, layout.weight)
+            except Skip:
+                continue
+            if weight.full_integer or weight.kind not in ("float32", "float16"):
+                continue
+            w, nb = weight.values, len(op.outputs[0].name)
+            channels = (w.shape[layout.out_axis],)
+            size += stored_bytes(w.size, channels, "full-int8", nb) - stored_bytes(w.size, channels, weight.kind, nb)
+        size += sum(QUANTIZATION_BYTES + 12 for t in sg.tensors if not t.is_constant)
+    return size
 
 
 def fixed_cost(layers: list, total: float, by_macs: bool) -> float:
@@ -106,17 +153,22 @@ def give_back(layers: list, choice: list, goal: float, measure) -> tuple[list, f
 
 
 def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, progress=None,
-               sparsity_options=None) -> tuple[dict, dict, dict]:
+               sparsity_options=None, full_int8: bool = False) -> tuple[dict, dict, dict]:
     """Per-layer settings (id(op) → LayerSettings) that meet `target` (X times smaller file, or X times fewer MACs
     when `by_macs`), what the report shows per layer (id(op) → dict) and the budget's summary. `total`: the input's file bytes or MACs. `passes`: the low-rank
     pass modules, each with `candidates`, `rank_options` and its op kind. Layers with calibration rows are judged
     on them; without any, every candidate is judged on its weights. `sparsity_options(op)` (`--prune auto`): the
     prune pass's options for a layer with calibration rows (Skip: none); they join the layer's rank options.
-    Costs count each weight as it will be stored (after --quantize float16 / int8)."""
+    Costs count each weight as it will be stored (after --quantize float16 / int8); full-integer layers (of an
+    int8 model, or all with `full_int8`: --quantize full-int8 follows) count their ops' bytes in the file
+    (`stored_bytes`), and with `full_int8` the target applies to the input quantized alone (`full_int8_size`)."""
     data_aware = bool(plan.layer_data)
-    ops, layers = rank_layers(model, plan, passes, progress)
+    ops, layers = rank_layers(model, plan, passes, progress, full_int8)
     if sparsity_options is not None:
         ops, layers = add_sparsity_options(model, plan, ops, layers, sparsity_options, None if passes else progress)
+    quantized = full_int8 and not by_macs
+    if quantized:
+        total = full_int8_size(model, total)
     result = allocate(list(layers), total, total / target, by_macs)
     if sparsity_options is not None and result.reached:
         # A sparsity step can halve a big layer's bytes (fc1 of the VGG fixture 0.8 → 0.9): give back what the
@@ -127,17 +179,22 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
             lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)))
         result.level = max((c.damage for c in result.choice if c is not None), default=0.0)
     settings, info = rank_settings(plan, ops, layers, result.choice, by_macs)
-    summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
-               "measure": "macs" if by_macs else "file",
+    what = "fewer MACs" if by_macs else ("smaller file than --quantize full-int8 alone (estimated "
+                                         f"{total / 1e3:.1f} kB)" if quantized else "smaller file")
+    summary = {"target": f"{target:g}x {what}", "goal": target, "measure": "macs" if by_macs else "file",
                "damage": "measured on the calibration data" if data_aware else "estimated from the weights (no data)",
                "reached": result.reached, "damage_level": round(float(result.level), 6),
                "estimate": round(total / max(result.estimate, 1), 3), "layers": list(info.values())}
+    if quantized:
+        summary["baseline_bytes"] = round(total)
     return settings, info, summary
 
 
-def rank_layers(model, plan, passes, progress=None) -> tuple[list, list]:
+def rank_layers(model, plan, passes, progress=None, full_int8: bool = False) -> tuple[list, list]:
     """(ops, their BudgetLayers with rank options) for every layer the low-rank passes may rewrite, in the
-    input's order; with calibration rows, only the layers that have them."""
+    input's order; with calibration rows, only the layers that have them. Layers count the bytes their ops
+    will take in the file (`stored_bytes`), as full-integer layers with `full_int8` (--quantize full-int8
+    follows)."""
     data_aware = bool(plan.layer_data)
     ops, layers = [], []
     for pass_ in passes:
@@ -154,7 +211,7 @@ def rank_layers(model, plan, passes, progress=None) -> tuple[list, list]:
             if progress:
                 progress(op)
             ops.append(op)
-            layers.append(_budget_layer(op, weight, options, plan))
+            layers.append(_budget_layer(op, weight, options, plan, full_int8))
     return _in_input_order(plan, ops, layers)
 
 
@@ -205,11 +262,23 @@ def rank_settings(plan, ops: list, layers: list, choice: list, by_macs: bool) ->
     return settings, info
 
 
-def _budget_layer(op, weight, options: list, plan) -> BudgetLayer:
+def _budget_layer(op, weight, options: list, plan, full_int8: bool = False) -> BudgetLayer:
     """A layer's budget entry: its dense cost as stored in the input, its options at the itemsize the run stores
-    its weights in (a float32 weight becomes float16 / int8 under --quantize)."""
+    its weights in (a float32 weight becomes float16 / int8 under --quantize). A full-integer layer (or any with
+    `full_int8`) counts the bytes of its ops (`stored_bytes`: 28 bytes per output channel beside the 1-byte
+    weights), and an option whose ops would take more than the dense layer is not offered (small int8 layers:
+    each new op's tables and quantization parameters outweigh the weights it saves)."""
     from .passes import quantize
     w = weight.values
+    if weight.full_integer or full_int8:
+        nb = len(op.outputs[0].name.split(";")[0]) + 12  # the chain's tensors: the layer's name + a suffix
+        dense = stored_bytes(w.size, (w.shape[0],), "full-int8", nb)
+        options = [o for o in (o._replace(nbytes=stored_bytes(o.params, o.channels, "full-int8", nb))
+                               if getattr(o, "channels", None) else o for o in options)
+                   if o.nbytes is None or o.nbytes < dense]
+        return BudgetLayer(op.outputs[0].name, options, w.size,
+                           numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])), 1,
+                           input_bytes=dense, dense_bytes=dense)
     now = ITEMSIZE.get(weight.kind, 4)
     return BudgetLayer(op.outputs[0].name, list(options), w.size,
                        numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),

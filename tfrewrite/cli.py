@@ -85,6 +85,9 @@ def _rewrite_parser() -> argparse.ArgumentParser:
                    "low-rank layers are then fitted to their outputs on them, with bias correction")
     d.add_argument("--sequential", action="store_true", help="fit each layer on the activations of the already "
                    "rewritten layers before it")
+    d.add_argument("--activation-percentile", type=float, metavar="P", help="full-integer models: the int8 "
+                   "tensors a low-rank chain adds cover their calibration values from the (100-P)-th to the P-th "
+                   "percentile (default 100: min/max)")
     d.add_argument("--target-size", type=float, metavar="X", help="choose every layer's rank so the file gets X "
                    "times smaller with the least measured damage")
     d.add_argument("--target-macs", type=float, metavar="X", help="the same for X times fewer MACs")

@@ -178,6 +178,7 @@ class Plan:
     # themselves are held in `input_ops` so that no op a pass creates can reuse one of their ids.
     positions: dict = field(default_factory=dict)
     input_ops: list = field(default_factory=list)
+    input_tensors: set = field(default_factory=set)
     # Per-op extra data for data-aware fitting: id(op) → dict (calibration rows, their mean, ...).
     layer_data: dict = field(default_factory=dict)
     # id(op) → LayerSettings chosen by the global budget search (override the defaults and the recipe).
@@ -212,8 +213,9 @@ class Plan:
         return s
 
     def remember_input(self, model) -> None:
-        """Record the input model's ops (positions for the report; passes rewrite only these)."""
+        """Record the input model's ops (positions for the report; passes rewrite only these) and tensors."""
         self.input_ops = [op for sg in model.subgraphs for op in sg.operators]
+        self.input_tensors = {id(t) for sg in model.subgraphs for t in sg.tensors}
         self.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
 
     def release_model(self) -> None:

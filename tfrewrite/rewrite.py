@@ -37,6 +37,7 @@ class Options:
     report: str | None = None
     calibration: str | None = None
     sequential: bool = False
+    activation_percentile: float | None = None
     target_size: float | None = None
     target_macs: float | None = None
     verify: bool = False
@@ -78,6 +79,8 @@ class Options:
             raise ValueError("--min-params must be >= 0")
         if self.sequential and not self.calibration:
             raise ValueError("--sequential needs --calibration")
+        if self.activation_percentile is not None and not 50 < self.activation_percentile <= 100:
+            raise ValueError("--activation-percentile must be in (50, 100]")
         for flag, v in (("--target-size", self.target_size), ("--target-macs", self.target_macs)):
             if v is not None and not (v > 1 and math.isfinite(v)):
                 raise ValueError(f"{flag} must be a number greater than 1")
@@ -160,6 +163,9 @@ class Options:
                                           "save nothing or make the file larger)", bool(asked_techniques(self))),
                                          ("--sequential", self.sequential, f"{ranks} or {prunes}",
                                           lowrank or prune),
+                                         ("--activation-percentile", self.activation_percentile is not None,
+                                          f"{ranks} (it sets the range of the int8 tensors a rewrite of a "
+                                          "full-integer layer adds)", lowrank),
                                          ("--channel-multiple", self.channel_multiple is not None,
                                           channel_prunes, channels)):
             if given and not used:
@@ -275,7 +281,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             # --rank auto: rank options join the channel budget, judged on the unpruned layers' rows.
             mixed = lowrank if options.rank == "auto" else ()
             if mixed:
-                targets = _lowrank_rows(model, plan, samples, not options.calibration, progress)
+                targets = _lowrank_rows(model, plan, samples, not options.calibration, progress,
+                                        options.activation_percentile)
             plan.channel_budget, ranks, rank_info, plan.budget_summary = budget.plan_channels(
                 model, plan, target, by_macs, total, samples,
                 stage=lambda count: _stage(progress, "budget: channel group", count), passes=mixed,
@@ -296,7 +303,7 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             samples = samples or calibration_samples(source or model, options.calibration, options.signature)
         else:  # no data: the model's response to generated images
             samples = _generated(model, source, options)
-        targets = _lowrank_rows(model, plan, samples, generated, progress)  # after any channel cut
+        targets = _lowrank_rows(model, plan, samples, generated, progress, options.activation_percentile)
         plan.calibration = {"file": str(options.calibration) if options.calibration else None,
                             "inputs": "calibration" if options.calibration else "generated",
                             "samples": len(samples), "layers": len(targets)}
@@ -320,7 +327,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
             model, plan, target, by_macs, total, lowrank if "lowrank" in plan.budget_kinds else (),
             sparsity_options=sparsity_options,
-            progress=_stage(progress, "budget: layer", len(targets)))  # targets: calibrated above, data or not
+            progress=_stage(progress, "budget: layer", len(targets)),  # targets: calibrated above, data or not
+            full_int8=options.quantize == "full-int8")
         if generated:
             plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
     done = set()
@@ -343,8 +351,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         entries += checked(quantize.run(model, plan))
     if options.quantize == "full-int8":
         from .passes import full_int8
-        plan.calibration = dict(plan.calibration or {}, full_int8=full_int8.run(model, options.calibration,
-                                                                                options.signature))
+        plan.calibration = dict(plan.calibration or {}, full_int8=full_int8.run(
+            model, options.calibration, options.signature, plan.input_tensors))
         update_min_runtime_version(model)
         model.validate(known_problems)
     if plan.uses("prune") or options.sparse_encode:
@@ -370,12 +378,16 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     return entries
 
 
-def _lowrank_rows(model, plan: Plan, samples, generated: bool, progress=None) -> list:
-    """Collect the low-rank targets' input rows on `samples` into `plan.layer_data`; returns the targets."""
+def _lowrank_rows(model, plan: Plan, samples, generated: bool, progress=None, percentile: float | None = None
+                  ) -> list:
+    """Collect the low-rank targets' input rows on `samples` into `plan.layer_data`; returns the targets.
+    `percentile`: --activation-percentile, for the int8 chains fitted on these rows."""
     from . import calibrate
     targets = lowrank_targets(model, plan)
     rows = calibrate.collect(model, samples, targets, progress=_stage(progress, "calibration: sample", len(samples)))
     extra = {"damping": calibrate.GENERATED_DAMPING, "generated": True} if generated else {}
+    if percentile is not None:
+        extra["activation_percentile"] = percentile
     for op in targets:
         plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
     return targets
@@ -415,8 +427,9 @@ def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> li
         data = plan.layer_data[id(op)]
         if entries and any(e["action"] == "rewritten" for e in entries):
             now = calibrate.collect(model, samples, [op])[id(op)]
+            settings = {k: data[k] for k in ("damping", "activation_percentile") if k in data}
             plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean, "target_rows": data["rows"],
-                                       "target_mean": data["mean"]}
+                                       "target_mean": data["mean"], **settings}
         pass_ = lowrank_fc if op.builtin == OP.FULLY_CONNECTED else cp_conv
         entries.append(pass_.rewrite_op(model, model.main, op, plan))
         if progress:
@@ -556,9 +569,12 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
 
 def judge_budget(summary: dict, totals: dict) -> dict:
     """The budget's summary with `achieved` measured on the written file (or the rewritten model's MACs) and
-    `reached` true only when that meets the goal: the planner's own figure is an estimate."""
+    `reached` true only when that meets the goal: the planner's own figure is an estimate. Before `--quantize
+    full-int8` the goal is relative to the input quantized alone (`baseline_bytes`, estimated)."""
     if summary["measure"] == "macs":
         achieved = totals["macs_before"] / max(totals["macs_after"], 1)
+    elif summary.get("baseline_bytes"):
+        achieved = summary["baseline_bytes"] / max(totals["file_bytes_after"], 1)
     else:
         achieved = totals["file_bytes_before"] / max(totals["file_bytes_after"], 1)
     return {**summary, "achieved": round(achieved, 3), "reached": achieved >= summary["goal"]}

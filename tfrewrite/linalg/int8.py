@@ -13,18 +13,44 @@ from .quant import dequantize_int8, quantize_symmetric_int8
 INT32_MAX = 2 ** 31 - 1
 
 
-def activation_params(values: np.ndarray) -> tuple[float, int]:
-    """(scale, zero point) of an int8 activation covering the min/max of `values` (and 0, which is then exactly
-    representable: the zero point is an integer in [−128, 127])."""
+# XNNPACK refuses an int8 conv / FC whose requantization scale s_in·s_w / s_out reaches this (the op then fails
+# to prepare and the whole model does not run with XNNPACK on).
+MAX_REQUANTIZATION_SCALE = 256.0
+
+
+def activation_params(values: np.ndarray, percentile: float = 100.0, fallback: float = 1.0) -> tuple[float, int]:
+    """(scale, zero point) of an int8 activation covering `values` from their (100 − p)-th to their p-th
+    percentile (p = 100: min/max; below, the rare extremes are clipped for a finer step) and 0, which is then
+    exactly representable: the zero point is an integer in [−128, 127]. All zero: (`fallback`, 0)."""
     v = np.asarray(values)
-    lo = min(0.0, float(v.min())) if v.size else 0.0
-    hi = max(0.0, float(v.max())) if v.size else 0.0
+    if v.size and percentile < 100:
+        low, high = np.percentile(v, [100 - percentile, percentile])
+    else:
+        low, high = (v.min(), v.max()) if v.size else (0.0, 0.0)
+    lo, hi = min(0.0, float(low)), max(0.0, float(high))
     scale = (hi - lo) / 255.0
     if not scale > 0:
-        return 1.0, 0
+        return float(np.float32(fallback)), 0
     scale = float(np.float32(scale))  # the stored value is float32: compute the zero point with it
     zero = int(np.clip(np.round(-128 - lo / scale), -128, 127))
     return scale, zero
+
+
+def equalization_scales(first_ranges: np.ndarray, second_ranges: np.ndarray) -> np.ndarray:
+    """Cross-layer equalization (Nagel et al. 2019, data-free quantization): for a channel j written by one
+    factor (its weights' largest |value| r₁[j]) and read by the next (r₂[j]), the s[j] = √(r₁/r₂) that makes both
+    ranges √(r₁·r₂) when the first factor's channel is divided by it and the second's multiplied — exact in real
+    arithmetic, and it lets one scale per tensor fit both factors about as well as one per channel. 1 where
+    either range is 0."""
+    r1, r2 = (np.asarray(r, np.float64) for r in (first_ranges, second_ranges))
+    ok = (r1 > 0) & (r2 > 0)
+    return np.where(ok, np.sqrt(np.where(ok, r1, 1.0) / np.where(ok, r2, 1.0)), 1.0)
+
+
+def channel_ranges(values: np.ndarray, axis: int) -> np.ndarray:
+    """The largest |value| of each index of `axis`."""
+    v = np.abs(np.moveaxis(np.asarray(values), axis, 0))
+    return v.reshape(v.shape[0], -1).max(axis=1) if v.size else np.zeros(v.shape[0])
 
 
 def fake_quant(values: np.ndarray, scale: float, zero: int) -> np.ndarray:
@@ -43,7 +69,7 @@ def weights_and_bias(weight: np.ndarray, bias: np.ndarray, in_scale: float, axis
     """Symmetric int8 `weight` (per channel along `axis`, or per tensor for None) and an int32 `bias` at
     in_scale·s_w[c]. Where |b / (in_scale·s_w[c])| would not fit in int32 the channel's weight scale is grown
     until it does (the weights are requantized with it; they only get smaller).
-    Returns (q int8, scales float32, bias int32, bias scales float32)."""
+    Returns (q int8, scales float32, bias int32, bias scales float32: one per channel, or one for `axis` None)."""
     q, scales = quantize_symmetric_int8(weight, axis=axis)
     bias = np.asarray(bias, np.float64).reshape(-1)
     channels = len(bias)
@@ -60,7 +86,8 @@ def weights_and_bias(weight: np.ndarray, bias: np.ndarray, in_scale: float, axis
     bias_scales = (in_scale * per).astype(np.float32)
     b = np.round(bias / bias_scales.astype(np.float64))
     assert np.all(np.abs(b) <= INT32_MAX)
-    return q, scales, b.astype(np.int32), bias_scales
+    # A per-tensor weight's bias has one scale too: XNNPACK refuses a per-tensor CONV_2D whose bias has several.
+    return q, scales, b.astype(np.int32), bias_scales[:1] if axis is None else bias_scales
 
 
 def _quantize_with(weight: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:

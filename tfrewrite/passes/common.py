@@ -48,6 +48,8 @@ class RankOption(NamedTuple):
     params: int
     macs: int
     damage: float
+    channels: tuple = ()        # output channels of each op the rewrite emits, the layer's own last
+    nbytes: float | None = None  # file bytes of those ops as they will be stored (the budget fills it in)
 
 
 class Skip(Exception):

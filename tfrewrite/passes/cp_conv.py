@@ -84,6 +84,11 @@ def chain_costs(method: str, o: int, k: int, i: int, in_pixels: int, out_pixels:
     return rk.cp_params(o, k, i, rank), in_pixels * i * rank + out_pixels * k * rank + out_pixels * rank * o
 
 
+def chain_channels(method: str, o: int, rank) -> tuple[int, int, int]:
+    """Output channels of the three ops of a k×k chain: CP (R, R, out), Tucker-2 (R_in, R_out, out)."""
+    return (rank[1], rank[0], o) if method == "tucker2" else (rank, rank, o)
+
+
 def fit_cp(kernel: np.ndarray, r: int, weight: LayerWeight, kh: int, kw: int, metric, cross=None, **als):
     """CP factors of an [o, k, i] kernel as they will be stored (first [r,1,1,i], middle [1,kh,kw,r], last
     [o,1,1,r]), the last fitted to the layer's outputs when there is a metric; plus the CP result and the
@@ -137,7 +142,7 @@ def rank_options(op: Operator, weight: LayerWeight, policy: RankPolicy, ratios) 
             if r not in picked and params < o * i:
                 picked[r] = (ratio, params, macs)
         damages = lowrank_fc.spectrum_damages(w.reshape(o, i), metric, list(picked)) if picked else []
-        options = [RankOption(ratio, r, p, m, d) for (r, (ratio, p, m)), d in zip(picked.items(), damages)]
+        options = [RankOption(ratio, r, p, m, d, (r, o)) for (r, (ratio, p, m)), d in zip(picked.items(), damages)]
         return [x for x in options if usable_option(x, (o, i), None, metric is not None)]
     k = kh * kw
     kernel = w.reshape(o, k, i)
@@ -170,7 +175,8 @@ def rank_options(op: Operator, weight: LayerWeight, policy: RankPolicy, ratios) 
             approx = fitter(kernel, key, weight, kh, kw, metric, **sweeps)[-1]
             damages.append(fit.output_error(w.reshape(o, -1), approx.reshape(o, -1), metric) if metric is not None
                            else rel_error(kernel, approx))
-    options = [RankOption(ratio, key, p, m, d) for (key, (ratio, p, m)), d in zip(picked.items(), damages)]
+    options = [RankOption(ratio, key, p, m, d, chain_channels(policy.method, o, key))
+               for (key, (ratio, p, m)), d in zip(picked.items(), damages)]
     return [x for x in options if usable_option(x, (o, k * i), i, metric is not None)]
 
 

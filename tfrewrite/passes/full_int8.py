@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import re
 import warnings
 from io import StringIO
+
+import numpy as np
 
 from .. import io, schema
 from ..graph import Model
@@ -32,8 +35,10 @@ class QuantizeError(io.ModelError):
     """The model cannot be quantized this way; the message says why (exit 2)."""
 
 
-def run(model: Model, calibration, signature: str | None = None) -> dict:
-    """Replace `model`'s contents by its full-integer version; returns what the report shows."""
+def run(model: Model, calibration, signature: str | None = None, original_tensors: set | None = None) -> dict:
+    """Replace `model`'s contents by its full-integer version; returns what the report shows.
+    `original_tensors`: ids of the input model's tensors — a conv / FC writing any other tensor into a single
+    conv / FC reader is an inner factor of a low-rank chain (per-tensor weight scales, balanced first)."""
     from importlib.metadata import version
 
     from .. import verify
@@ -47,12 +52,19 @@ def run(model: Model, calibration, signature: str | None = None) -> dict:
                             f"through it; the model has {len(keys) or 'none'}{'' if len(keys) < 2 else ': choose with --signature'})")
     key = signature or keys[0]
     restored = float_weights(model)
+    inner = chain_inner_ops(model, original_tensors) if original_tensors else []
+    balanced = balance(model, inner)
     data = io.to_bytes(model)
     runner = verify.Runner(data, signature=key)
     batches, _ = runner.samples_from(calibration)
     names = [name for name, _, _ in runner.inputs]
     steps = getattr(recipe, RECIPE)() + [  # the model's float inputs and outputs stay float
         {"regex": ".*", "operation": edge, "algorithm_key": "no_quantize"} for edge in ("INPUT", "OUTPUT")]
+    if inner:  # ai-edge-quantizer's scope of an op: its output names, each followed by ';'
+        rule = dict(steps[0], regex="^(?:" + "|".join(re.escape(op.outputs[0].name) for _, op, _ in inner) + ");$")
+        rule["op_config"] = dict(rule["op_config"], weight_tensor_config=dict(
+            rule["op_config"]["weight_tensor_config"], granularity="TENSORWISE"))
+        steps.append(rule)
     qt = quantizer.Quantizer(data, steps)
     # Its calibration prints a progress bar and a warning about keeping all tensors: not ours to show.
     with warnings.catch_warnings(), contextlib.redirect_stderr(StringIO()):
@@ -64,7 +76,65 @@ def run(model: Model, calibration, signature: str | None = None) -> dict:
         setattr(model, f.name, getattr(new, f.name))
     raised = raise_versions(model)
     return {"tool": f"ai-edge-quantizer {version('ai-edge-quantizer')}", "recipe": RECIPE, "samples": len(batches),
-            "versions_raised": raised, "float_weights_restored": restored}
+            "versions_raised": raised, "float_weights_restored": restored, "per_tensor_chain_ops": len(inner),
+            "balanced_channels": balanced}
+
+
+def chain_inner_ops(model: Model, original_tensors: set) -> list[tuple]:
+    """(subgraph, op, reader) for every inner factor of a low-rank chain: a CONV_2D, DEPTHWISE_CONV_2D or
+    FULLY_CONNECTED without fused activation writing a new tensor that exactly one such op reads."""
+    from ..ops.semantics import LAYER_OPS
+    out = []
+    for sg in model.subgraphs:
+        consumers = sg.consumers()
+        outputs = {id(t) for t in sg.outputs}
+        for op in sg.operators:
+            t = op.outputs[0] if op.builtin in LAYER_OPS and op.outputs else None
+            if t is None or id(t) in original_tensors or id(t) in outputs:
+                continue
+            readers = consumers.get(id(t), [])
+            opts = op.builtin_options
+            if len(readers) == 1 and readers[0].builtin in LAYER_OPS and readers[0].inputs[0] is t \
+                    and getattr(opts, "fusedActivationFunction", 0) == 0:
+                out.append((sg, op, readers[0]))
+    return out
+
+
+def balance(model: Model, inner: list[tuple]) -> int:
+    """Cross-layer equalization of each inner factor A with its reader B, in execution order: A's output channel
+    j divided by s_j = √(r₁/r₂) and B's input channel j multiplied by it, r₁ / r₂ the largest |weight| of channel j
+    in A / B — exact in float, and both ranges become √(r₁·r₂). Constants read by any other op are left alone.
+    Returns how many channels were rescaled."""
+    from ..linalg.int8 import channel_ranges, equalization_scales
+    from ..ops.semantics import LAYERS
+    users: dict = {}
+    for _, op in model.operators():
+        for t in op.inputs:
+            if t is not None and t.is_constant:
+                users[id(t.buffer)] = users.get(id(t.buffer), 0) + 1
+    changed = 0
+    for _, a, b in inner:
+        la, lb = LAYERS[a.builtin], LAYERS[b.builtin]
+        wa, wb = a.inputs[la.weight], b.inputs[lb.weight]
+        bias = a.inputs[la.bias] if len(a.inputs) > la.bias else None
+        consts = [t for t in (wa, wb, bias) if t is not None]
+        if any(not t.is_constant or t.type != schema.TensorType.FLOAT32 or users.get(id(t.buffer)) != 1
+               for t in consts):
+            continue
+        a_axis, b_axis = la.out_axis, (lb.out_axis if lb.coupled else lb.in_axis)
+        va, vb = np.asarray(wa.data, np.float64), np.asarray(wb.data, np.float64)
+        r1, r2 = channel_ranges(va, a_axis), channel_ranges(vb, b_axis)
+        if len(r1) != len(r2):
+            continue
+        s = equalization_scales(r1, r2)
+        shape_a, shape_b = [1] * va.ndim, [1] * vb.ndim
+        shape_a[a_axis], shape_b[b_axis] = -1, -1
+        wa.set_data((va / s.reshape(shape_a)).astype(np.float32))
+        wb.set_data((vb * s.reshape(shape_b)).astype(np.float32))
+        if bias is not None:
+            bias.set_data((np.asarray(bias.data, np.float64) / s).astype(np.float32))
+        changed += int(np.count_nonzero(s != 1.0))
+    return changed
 
 
 def float_weights(model: Model) -> int:

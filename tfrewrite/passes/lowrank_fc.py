@@ -103,7 +103,8 @@ def rank_options(op: Operator, weight: LayerWeight, policy: RankPolicy, ratios) 
             picked[r] = (ratio, params, macs)
     metric = layer_metric(policy)
     damages = spectrum_damages(mat, metric, list(picked)) if picked else []
-    options = [RankOption(ratio, r, params, macs, d) for (r, (ratio, params, macs)), d in zip(picked.items(), damages)]
+    options = [RankOption(ratio, r, params, macs, d, (r, m))
+               for (r, (ratio, params, macs)), d in zip(picked.items(), damages)]
     return [o for o in options if usable_option(o, (m, n), None, metric is not None)]
 
 
