@@ -619,7 +619,7 @@ TECHNIQUE_OPTIONS = ("rank", "fc_rank", "conv_rank", "ratio", "energy", "target_
 def asked_techniques(options: Options) -> list[str]:
     """The technique options given, as typed ('--rank 4', '--sparse-encode')."""
     return [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k in TECHNIQUE_OPTIONS
-            if (v := getattr(options, k, None)) not in (None, False)]
+            if (v := getattr(options, k, None)) is not None and v is not False]
 
 
 def nothing_done(options: Options, entries: list[dict]) -> str:
