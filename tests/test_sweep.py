@@ -39,6 +39,13 @@ OPTION_SETS = {
     "sparse-encode": ["--sparse-encode"],
     "verify": ["--rank", "8", "--verify", "--max-error", "1e9"],
     "combined": ["--ratio", "2", "--prune", "0.5", "--quantize", "float16"],
+    # The budgets and channel pruning without data (judged on generated inputs).
+    "target-size": ["--target-size", "2"],
+    "target-macs": ["--target-macs", "1.5"],
+    "prune-channels": ["--prune-channels", "0.25"],
+    "prune-channels-auto": ["--prune-channels", "auto", "--target-macs", "1.5"],
+    "prune-auto": ["--prune", "auto", "--target-size", "2"],
+    "prune-auto+rank-auto": ["--prune", "auto", "--rank", "auto", "--target-size", "2"],
 }
 # Fixtures the fast subset takes (small ones); the full sweep takes them all.
 FAST_FIXTURES = ["two_signatures.tflite", "shared_weight.tflite", "control_flow.tflite", "custom_op.tflite"]
@@ -49,7 +56,16 @@ XNNPACK_AGREEMENT, XNNPACK_AGREEMENT_INTEGER = 1e-3, 0.08
 # Known faults outside this part of the work, named (the case runs; a fix makes it pass and xfail strict fails).
 # (model, option set) → a known fault, marked xfail until fixed. Empty: --verify on a model whose custom op has
 # no kernel now exits 2 with one line.
-KNOWN: dict = {}
+KNOWN: dict = {
+    ("vgg_digits_dynint8.tflite", "prune-channels-auto"):
+        "channel pruning of a dynamic-range int8 model without data: its refitted hybrid layers give XNNPACK and "
+        "builtin outputs 1.1 % apart (the input: 3e-7)",
+    ("vgg_digits_int8.tflite", "target-size"):
+        "data-free low rank on a full-integer model: chains whose int8 ranges come from generated images give "
+        "XNNPACK and builtin outputs 15 % apart at the softmax on noise inputs (the input: 1.6 %)",
+    ("vgg_digits_int8.tflite", "prune-auto+rank-auto"):
+        "the same as ('vgg_digits_int8.tflite', 'target-size'): data-free int8 chains",
+}
 
 _ODD = None
 
