@@ -426,3 +426,64 @@ def test_balancing_chain_factors_keeps_the_float_model():
     assert balanced.std() / balanced.mean() < ranges.std() / ranges.mean()
     for a, b in zip(before, outputs(io.to_bytes(model), samples=3)):
         np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-6)
+
+
+def test_full_int8_after_low_rank_of_a_dynamic_range_model(calib, tmp_path):
+    """Low rank on a dynamic-range int8 model stores 1x1 factors int8 behind a DEQUANTIZE; full-int8 in the same
+    run must get their float values back too (ai-edge-quantizer took them for activations and gave a conv weight
+    zero point -128: the model did not run, an internal error)."""
+    pytest.importorskip("ai_edge_quantizer", reason="the test extra installs ai-edge-quantizer")
+    out = tmp_path / "q.tflite"
+    report = rewrite.run(FIXTURES / "vgg_digits_dynint8.tflite", out, rewrite.Options(
+        rank=24, skip="predictions", quantize="full-int8", calibration=str(calib), force=True))
+    assert any(e["action"] == "rewritten" for e in report["layers"])
+    model = io.read(out)
+    layers = [op for _, op in model.operators() if op.builtin in (OP.CONV_2D, OP.DEPTHWISE_CONV_2D,
+                                                                  OP.FULLY_CONNECTED)]
+    assert layers and all((op.inputs[0].type, op.inputs[1].type) == (T.INT8, T.INT8) for op in layers)
+    assert all(not np.any(op.inputs[1].quantization.zero_point) for op in layers)
+    assert report["output_error"]["worst"] < 0.5
+
+
+def test_full_int8_of_an_integer_only_model_leaves_it_as_it_is(calib, tmp_path, capsys):
+    source = FIXTURES / "vgg_digits_int8.tflite"
+    out = tmp_path / "q.tflite"
+    assert cli.main([str(source), str(out), "--quantize", "full-int8", "--calibration", str(calib)]) == 0
+    assert "already integer-only" in capsys.readouterr().out
+    assert out.stat().st_size <= source.stat().st_size  # re-serialized as it is, not re-quantized (it grew)
+    ops_of = lambda path: [(op.builtin, [t.type for t in op.inputs if t is not None]) for _, op in io.read(path).operators()]
+    assert ops_of(out) == ops_of(source)
+
+
+def test_full_int8_refusals_are_one_line(tmp_path, capsys, monkeypatch):
+    """Several signatures (ai-edge-quantizer calibrates all of them, one data file feeds one), and whatever the
+    quantizer cannot handle (recurrent ops, control flow: it raised from inside its calibration) are exit 2."""
+    pytest.importorskip("ai_edge_quantizer", reason="the test extra installs ai-edge-quantizer")
+    rng = np.random.default_rng(3)
+    source = FIXTURES / "two_signatures.tflite"
+    model = io.read(source)
+    first = next(d for d in model.signature_defs if d.subgraph is model.main)  # the data feeds subgraph 0
+    (name, tensor), = first.inputs
+    np.savez(tmp_path / "sig.npz", **{name: rng.standard_normal((4, *tensor.shape[1:])).astype(np.float32)})
+    code = cli.main([str(source), str(tmp_path / "o.tflite"), "--quantize", "full-int8", "--signature", first.key,
+                     "--calibration", str(tmp_path / "sig.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "exactly one signature" in err and err.count("\n") == 1
+    from ai_edge_quantizer import quantizer
+
+    def fails(*args, **kwargs):
+        raise ValueError("Tensor data is null. Run allocate_tensors() first\nmore")
+    monkeypatch.setattr(quantizer.Quantizer, "calibrate", fails)
+    code = cli.main([str(FIXTURES / "vgg_digits.tflite"), str(tmp_path / "o.tflite"), "--quantize", "full-int8",
+                     "--calibration", str(_calib_file(tmp_path))])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("tfrewrite: error: ai-edge-quantizer cannot quantize this model to full-integer: "
+                                 "Tensor data is null. Run allocate_tensors() first\n")
+    assert not (tmp_path / "o.tflite").exists()
+
+
+def _calib_file(tmp_path):
+    x, _ = load_split("test", 32)
+    name = io.read(FIXTURES / "vgg_digits.tflite").signature_defs[0].inputs[0][0]
+    np.savez(tmp_path / "c.npz", **{name: x[:4]})
+    return tmp_path / "c.npz"

@@ -351,10 +351,13 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         entries += checked(quantize.run(model, plan))
     if options.quantize == "full-int8":
         from .passes import full_int8
-        plan.calibration = dict(plan.calibration or {}, full_int8=full_int8.run(
-            model, options.calibration, options.signature, plan.input_tensors))
-        update_min_runtime_version(model)
-        model.validate(known_problems)
+        if full_int8.integer_only(model):  # an integer-only input asks for nothing more (re-quantizing grew it)
+            plan.calibration = dict(plan.calibration or {}, full_int8={"skipped": full_int8.ALREADY_INTEGER})
+        else:
+            plan.calibration = dict(plan.calibration or {}, full_int8=full_int8.run(
+                model, options.calibration, options.signature, plan.input_tensors))
+            update_min_runtime_version(model)
+            model.validate(known_problems)
     if plan.uses("prune") or options.sparse_encode:
         from .passes import sparse_encode
         entries += checked(sparse_encode.run(model, plan))
@@ -503,13 +506,18 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         target = staged.path(output_path)
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
-        changed = options.quantize == "full-int8" or any(e["action"] != "skipped" for e in entries)
-        notes = [] if changed else [nothing_done(options, entries)]
-        if size_after > size_before and options.quantize == "full-int8" and not notes:
+        full_int8 = (plan.calibration or {}).get("full_int8") or {}
+        made_full_int8 = bool(full_int8) and "skipped" not in full_int8
+        changed = made_full_int8 or any(e["action"] != "skipped" for e in entries)
+        notes = [] if changed else [f"nothing was rewritten: --quantize full-int8: {full_int8['skipped']}"
+                                    if full_int8.get("skipped") else nothing_done(options, entries)]
+        kept_larger = False
+        if size_after > size_before and made_full_int8 and not notes:
             # An integer-only model is what was asked for, even where it costs bytes (the input's weights were
             # already 8-bit and the activation scales come on top): kept, and said.
             notes.append(f"the full-integer model is larger than the input ({size_after} > {size_before} bytes); "
                          "kept, because --quantize full-int8 asks for an integer-only model")
+            kept_larger = True
         elif size_after > size_before and not options.force:
             # Never a larger file unless asked for (--force): the input goes out as it is, and the report says so.
             if not notes:
@@ -527,7 +535,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         import gc
         gc.collect()
         fidelity = None
-        if not notes:
+        if not notes or kept_larger:  # whenever the written model is not the input's
             fidelity = measure_output_error(input_path, target, options)
             if fidelity["measured"] and fidelity["worst"] is None:
                 warnings.append(f"the rewritten model gives NaN or infinite outputs on {fidelity['samples']} "

@@ -99,7 +99,7 @@ def refuse_degenerate(policy: "RankPolicy", rank, dims: tuple[int, int], in_chan
         error = output_error()
         if error > MAX_OUTPUT_ERROR:
             inputs = "generated" if policy.extra.get("generated") else "calibration"
-            reason = f"output error {error:.2f} on the {inputs} inputs is above {MAX_OUTPUT_ERROR}"
+            reason = f"output error {error:.3g} on the {inputs} inputs is above {MAX_OUTPUT_ERROR}"
     if reason:
         raise Skip(f"{reason}; --force rewrites it anyway")
 

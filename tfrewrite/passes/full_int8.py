@@ -47,10 +47,13 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
     except ImportError:
         raise QuantizeError(f"--quantize full-int8 needs ai-edge-quantizer: {INSTALL_HINT}") from None
     keys = [d.key for d in model.signature_defs]
-    if signature is None and len(keys) != 1:
-        raise QuantizeError("--quantize full-int8 needs a model with one signature (ai-edge-quantizer calibrates "
-                            f"through it; the model has {len(keys) or 'none'}{'' if len(keys) < 2 else ': choose with --signature'})")
-    key = signature or keys[0]
+    if len(keys) != 1:
+        # ai-edge-quantizer calibrates every signature of the model, and one data file feeds one of them: with
+        # --signature it failed on the other signature's tensors (an internal error).
+        raise QuantizeError(f"--quantize full-int8 needs a model with exactly one signature (the model has "
+                            f"{len(keys) or 'none'}): ai-edge-quantizer calibrates every signature, and "
+                            f"--calibration feeds one")
+    key = keys[0]
     restored = float_weights(model)
     inner = chain_inner_ops(model, original_tensors) if original_tensors else []
     balanced = balance(model, inner)
@@ -69,8 +72,13 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
     # Its calibration prints a progress bar and a warning about keeping all tensors: not ours to show.
     with warnings.catch_warnings(), contextlib.redirect_stderr(StringIO()):
         warnings.simplefilter("ignore")
-        result = qt.calibrate({key: [dict(zip(names, batch)) for batch in batches]})
-        quantized = qt.quantize(result, enable_progress_report=False).quantized_model
+        try:
+            result = qt.calibrate({key: [dict(zip(names, batch)) for batch in batches]})
+            quantized = qt.quantize(result, enable_progress_report=False).quantized_model
+        except Exception as e:  # what it cannot handle (recurrent ops, control flow, ...): a model error, not ours
+            text = str(e).strip().splitlines()
+            raise QuantizeError(f"ai-edge-quantizer cannot quantize this model to full-integer: "
+                                f"{text[0] if text else type(e).__name__}") from None
     new = io.read_buffer(bytes(quantized), "<ai-edge-quantizer output>")
     for f in dataclasses.fields(Model):
         setattr(model, f.name, getattr(new, f.name))
@@ -137,11 +145,24 @@ def balance(model: Model, inner: list[tuple]) -> int:
     return changed
 
 
+ALREADY_INTEGER = "the model is already integer-only (every op but QUANTIZE / DEQUANTIZE reads and writes integers)"
+
+
+def integer_only(model: Model) -> bool:
+    """Whether no op but a QUANTIZE or DEQUANTIZE at the edges reads or writes a float tensor: a full-integer
+    model already (the converter's, or one this tool made)."""
+    floats = (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
+    return not any(t is not None and t.type in floats
+                   for _, op in model.operators() if op.builtin not in (OP.QUANTIZE, OP.DEQUANTIZE)
+                   for t in (*op.inputs, *op.outputs))
+
+
 def float_weights(model: Model) -> int:
     """Float32 constants before static quantization: ai-edge-quantizer expects the float model, and crashed on
     constants stored float16 behind a DEQUANTIZE (the converter's float16 weights and biases) or kept the layers
-    whose weights were dynamic-range int8. Every float16 constant behind a DEQUANTIZE and every conv / FC weight
-    read as int8 by a hybrid kernel gets its float32 values back. Returns how many constants were restored."""
+    whose weights were dynamic-range int8. Every float16 or int8 constant behind a DEQUANTIZE and every conv / FC
+    weight read as int8 by a hybrid kernel gets its float32 values back. Returns how many were restored."""
+    from ..analysis import stored
     from ..ops.semantics import LAYERS
     from .common import Skip, read_weight
     restored = 0
@@ -149,9 +170,13 @@ def float_weights(model: Model) -> int:
         for op in sg.operators:
             for i, t in enumerate(op.inputs):
                 src = t.producer if t is not None else None
-                if src is not None and src.builtin == OP.DEQUANTIZE and src.inputs[0] is not None \
-                        and src.inputs[0].type == schema.TensorType.FLOAT16 and src.inputs[0].data is not None:
-                    op.inputs[i] = sg.add_constant(t.name + "/float", src.inputs[0].data.astype("float32"))
+                # float16 or int8 (a low-rank factor of a dynamic-range model) behind a DEQUANTIZE: ai-edge-quantizer
+                # took an int8 one for an activation and gave a conv weight zero point -128, which LiteRT refuses.
+                values = stored(t).values() if src is not None and src.builtin == OP.DEQUANTIZE \
+                    and src.inputs[0] is not None and src.inputs[0].is_constant \
+                    and src.inputs[0].type in (schema.TensorType.FLOAT16, schema.TensorType.INT8) else None
+                if values is not None:
+                    op.inputs[i] = sg.add_constant(t.name + "/float", np.asarray(values, np.float32))
                     restored += 1
             x = op.inputs[0] if op.inputs else None
             layout = LAYERS.get(op.builtin)
