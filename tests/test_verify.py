@@ -206,3 +206,19 @@ def test_output_error_covers_every_signature(tmp, capsys):
     assert error["worst"] == max(r["rel_l2"] for r in error["outputs"])
     assert "signatures second on generated inputs" in capsys.readouterr().out
     _validate(json.loads(report.read_text()))
+
+
+def test_delegate_disagreement_counts_int8_steps(monkeypatch):
+    rng = np.random.default_rng(4)
+    model = _int8_fc(rng.standard_normal((16, 32)) * 0.05)
+    inputs = [[rng.integers(-128, 128, (1, 32)).astype(np.int8)] for _ in range(3)]
+    assert verify.delegate_disagreement(model, inputs) <= 1
+    # Outputs 3 codes apart on one kernel path are 3 steps; a float model has no integer step.
+    real_call = verify.Runner.__call__
+
+    def shifted(self, arrays):
+        outs = real_call(self, arrays)
+        return outs if self.xnnpack else [np.clip(o.astype(np.int16) - 3, -128, 127).astype(np.int8) for o in outs]
+    monkeypatch.setattr(verify.Runner, "__call__", shifted)
+    assert verify.delegate_disagreement(model, inputs) == 3
+    assert verify.delegate_disagreement(VGG, None, samples=1) is None

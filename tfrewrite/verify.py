@@ -208,6 +208,7 @@ class Runner:
         from . import io
         self.model = io.read(model) if isinstance(model, (str, Path)) else io.read_buffer(bytes(model))
         self.it = interpreter(model, xnnpack, threads)
+        self.xnnpack = xnnpack
         self.signatures = self.it.get_signature_list()
         if signature is not None and signature not in self.signatures:
             raise DataError(f"no signature {signature!r}; the model has {sorted(self.signatures) or 'none'}")
@@ -592,6 +593,49 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
     if note:
         result["note"] = note
     return result
+
+
+def delegate_disagreement(model, inputs=None, signature: str | None = None, samples: int = 4) -> float | None:
+    """The largest difference between `model`'s outputs with XNNPACK and with the builtin kernels alone, in
+    steps of the int8 (or int16) tensor each output is made of: its own scale when quantized, the scale a
+    DEQUANTIZE output reads. None when no output comes from an integer tensor. Rounding may differ by one step;
+    more means the two kernels compute the model differently (an NPU-bound model's results are not pinned down)."""
+    on = Runner(model, True, 1, signature)
+    inputs = inputs or on.generated_samples(samples)
+    steps = [_integer_step(t) for t in _output_tensors(on)]
+    if not any(steps):
+        return None
+    outs_on = on.per_sample(inputs)
+    del on
+    outs_off = Runner(model, False, 1, signature).per_sample(inputs)
+    worst = 0.0
+    for a, b in zip(outs_on, outs_off):
+        for x, y, step in zip(a, b, steps):
+            if step:
+                worst = max(worst, float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)),
+                                                initial=0.0)) / (1.0 if np.asarray(x).dtype.kind in "iu" else step))
+    return worst
+
+
+def _output_tensors(runner: Runner) -> list:
+    """The IR tensors behind the runner's outputs, in its order."""
+    if runner.runner is not None:
+        sig = next(d for d in runner.model.signature_defs if d.key == runner.signature)
+        by_name = dict(sig.outputs)
+        return [by_name.get(name) for name in runner.outputs]
+    return list(runner.subgraph.outputs)
+
+
+def _integer_step(t) -> float | None:
+    """The real value of one step of the integer tensor `t` stands for (through a DEQUANTIZE), or None."""
+    from . import schema
+    if t is not None and t.producer is not None and t.producer.builtin == schema.BuiltinOperator.DEQUANTIZE:
+        t = t.producer.inputs[0]
+    q = t.quantization if t is not None else None
+    if t is None or t.type not in (schema.TensorType.INT8, schema.TensorType.INT16, schema.TensorType.UINT8) \
+            or q is None or q.scale is None or not len(q.scale):
+        return None
+    return float(q.scale[0]) or None
 
 
 def _first_line(e: Exception) -> str:
