@@ -1,6 +1,6 @@
 """Store weights that hold enough zeros in TFLite's sparse format, in the form each kernel can really use.
 
-The rules (established against LiteRT's kernels, /work/shared/notes/tflite-sparsity.md; each has a test):
+The rules (established against LiteRT's sparse kernels and op-version rules; each has a test):
 
 * FULLY_CONNECTED, float32 in / weight / out: 1×4 blocks when whole blocks are zero (block sparsity / element
   sparsity > 0.9, as the TF converter decides): the weight tensor itself becomes sparse and the operator gets
