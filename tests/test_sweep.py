@@ -60,11 +60,6 @@ KNOWN: dict = {
     ("vgg_digits_dynint8.tflite", "prune-channels-auto"):
         "channel pruning of a dynamic-range int8 model without data: its refitted hybrid layers give XNNPACK and "
         "builtin outputs 1.1 % apart (the input: 3e-7)",
-    ("vgg_digits_int8.tflite", "target-size"):
-        "data-free low rank on a full-integer model: chains whose int8 ranges come from generated images give "
-        "XNNPACK and builtin outputs 15 % apart at the softmax on noise inputs (the input: 1.6 %)",
-    ("vgg_digits_int8.tflite", "prune-auto+rank-auto"):
-        "the same as ('vgg_digits_int8.tflite', 'target-size'): data-free int8 chains",
 }
 
 _ODD = None
