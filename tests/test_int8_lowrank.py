@@ -456,7 +456,7 @@ def test_full_int8_of_an_integer_only_model_leaves_it_as_it_is(calib, tmp_path, 
     assert ops_of(out) == ops_of(source)
 
 
-def test_full_int8_refusals_are_one_line(tmp_path, capsys, monkeypatch):
+def test_full_int8_refusals_are_one_line(calib, tmp_path, capsys, monkeypatch):
     """Several signatures (ai-edge-quantizer calibrates all of them, one data file feeds one), and whatever the
     quantizer cannot handle (recurrent ops, control flow: it raised from inside its calibration) are exit 2."""
     pytest.importorskip("ai_edge_quantizer", reason="the test extra installs ai-edge-quantizer")
@@ -476,18 +476,11 @@ def test_full_int8_refusals_are_one_line(tmp_path, capsys, monkeypatch):
         raise ValueError("Tensor data is null. Run allocate_tensors() first\nmore")
     monkeypatch.setattr(quantizer.Quantizer, "calibrate", fails)
     code = cli.main([str(FIXTURES / "vgg_digits.tflite"), str(tmp_path / "o.tflite"), "--quantize", "full-int8",
-                     "--calibration", str(_calib_file(tmp_path))])
+                     "--calibration", str(calib)])
     err = capsys.readouterr().err
     assert code == 2 and err == ("tfrewrite: error: ai-edge-quantizer cannot quantize this model to full-integer: "
                                  "Tensor data is null. Run allocate_tensors() first\n")
     assert not (tmp_path / "o.tflite").exists()
-
-
-def _calib_file(tmp_path):
-    x, _ = load_split("test", 32)
-    name = io.read(FIXTURES / "vgg_digits.tflite").signature_defs[0].inputs[0][0]
-    np.savez(tmp_path / "c.npz", **{name: x[:4]})
-    return tmp_path / "c.npz"
 
 
 def test_budget_low_rank_on_a_full_integer_model_needs_calibration(tmp_path, capsys):

@@ -673,8 +673,9 @@ def measure_output_error(original, rewritten, options: Options) -> dict:
     defs = model.signature_defs if model is not None else []
     # Every other signature, on generated inputs: a pass may have changed its subgraph too. Without a signature
     # the run above was subgraph 0's.
-    others = [d.key for d in defs if d.key != signature and (signature is not None or d.subgraph is not model.main)]
-    for key in others if len(defs) > 1 else []:
+    others = [d.key for d in defs if d.key != signature and (signature is not None or d.subgraph is not model.main)
+              ] if len(defs) > 1 else []
+    for key in others:
         try:
             other = verify.output_error(original, rewritten, None, OUTPUT_ERROR_SAMPLES, key)
         except verify.CandidateFailed as e:

@@ -525,7 +525,7 @@ def compare(model_a, model_b, data=None, samples: int = 8, seed: int = 0, runs: 
     else:
         ra = Runner(model_a, xnnpack, threads, signature)
         inputs_a = ra.generated_samples(samples, seed)
-    rb = Runner(model_b, xnnpack, threads, ra.signature if ra.signature in signature_keys(model_b) else signature)
+    rb = Runner(model_b, xnnpack, threads, ra.signature if ra.signature in _signature_keys(model_b) else signature)
     result["samples"] = count if count is not None else len(inputs_a)  # samples, or model runs on whole inputs
     if ra.inputs == rb.inputs:
         inputs_b = inputs_a
@@ -583,8 +583,7 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
         raise CandidateFailed(_first_line(e)) from None
     rows = []
     for j, name in enumerate(names):
-        a = np.concatenate([o[j].reshape(-1) for o in outs_a]).astype(np.float64)
-        b = np.concatenate([o[j].reshape(-1) for o in outs_b]).astype(np.float64)
+        a, b = _joined(outs_a, j), _joined(outs_b, j)
         broken = bool(np.any(~np.isfinite(b) & np.isfinite(a)))
         rows.append({"name": name, "rel_l2": None if broken else fidelity(a, b)["rel_l2"]})
     errors = [r["rel_l2"] for r in rows]
@@ -614,11 +613,15 @@ def delegate_disagreement(model, inputs=None, signature: str | None = None, samp
     for j, step in enumerate(steps):
         if not step:
             continue
-        a = np.concatenate([o[j].reshape(-1) for o in outs_on]).astype(np.float64)
-        b = np.concatenate([o[j].reshape(-1) for o in outs_off]).astype(np.float64)
+        a, b = _joined(outs_on, j), _joined(outs_off, j)
         worst_steps = max(worst_steps, float(np.max(np.abs(a - b), initial=0.0)) / step)
         worst_rel = max(worst_rel, fidelity(a, b)["rel_l2"])
     return {"steps": round(worst_steps, 3), "rel_l2": worst_rel}
+
+
+def _joined(outs: list[list[np.ndarray]], j: int) -> np.ndarray:
+    """Output `j` of every sample, as one float64 vector."""
+    return np.concatenate([o[j].reshape(-1) for o in outs]).astype(np.float64)
 
 
 def _output_tensors(runner: Runner) -> list:
@@ -647,7 +650,7 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
-def signature_keys(model) -> set[str]:
+def _signature_keys(model) -> set[str]:
     from . import io
     m = io.read(model) if isinstance(model, (str, Path)) else io.read_buffer(bytes(model))
     return {d.key for d in m.signature_defs}
