@@ -25,6 +25,7 @@ from ..ops import semantics
 from ..analysis import macs, numel, stored
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..linalg import sparse
+from ..report import Entry
 from .common import Skip, bias_values, new_entry
 
 OP = schema.BuiltinOperator
@@ -166,7 +167,7 @@ def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, bloc
 
 
 def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, block, data: dict,
-                     entry: dict) -> tuple[np.ndarray, str]:
+                     entry: Entry) -> tuple[np.ndarray, str]:
     """(new stored weight, method): `data_aware_weights`, an int8 weight requantized (new per-channel scales),
     and the bias corrected (a new bias constant)."""
     from ..linalg import fit, obs
@@ -177,8 +178,8 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     matrix, values = result.matrix, result.values
     if result.scales is not None:
         weight.tensor.quantization = Quantization.symmetric(result.scales, weight.tensor.quantization.axis)
-    entry["output_error"] = obs.output_error(matrix, values, rows, target_rows)
-    entry["output_error_magnitude"] = obs.output_error(
+    entry.output_error = obs.output_error(matrix, values, rows, target_rows)
+    entry.output_error_magnitude = obs.output_error(
         matrix, matrix * keep_mask(op, weight, sparsity, block)[0].reshape(matrix.shape), rows, target_rows)
     shift = fit.bias_shift(matrix, values, data["mean"], data.get("target_mean"))
     corrected = bias_before + shift.astype(np.float32)
@@ -187,22 +188,22 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
         op.inputs[2] = new_bias
     else:
         op.inputs.append(new_bias)
-    entry["bias_corrected"] = True
+    entry.bias_corrected = True
     return result.stored, result.method
 
 
-def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict:
-    entry = new_entry(model, sg, op, "prune", plan)
+def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry:
+    entry = new_entry(model, sg, op, "prune", ctx)
     w = op.inputs[1] if len(op.inputs) > 1 else None
-    entry["weight_shape"] = list(w.shape) if w is not None else []
-    entry["macs_before"] = entry["macs_after"] = macs(op, w) if w is not None else 0
+    entry.weight_shape = list(w.shape) if w is not None else []
+    entry.macs_before = entry.macs_after = macs(op, w) if w is not None else 0
     try:
-        settings = plan.settings(op)
+        settings = ctx.settings(op)
         weight = find_stored_weight(op)
         n = numel(weight.tensor.shape)
         nonzero = int(np.count_nonzero(weight.raw))
-        entry.update(weight_dtype=weight.kind, params_before=nonzero, params_after=nonzero,
-                     sparsity_before=round(1 - nonzero / max(n, 1), 6), sparsity_after=round(1 - nonzero / max(n, 1), 6))
+        entry.set(weight_dtype=weight.kind, params_before=nonzero, params_after=nonzero,
+                  sparsity_before=round(1 - nonzero / max(n, 1), 6), sparsity_after=round(1 - nonzero / max(n, 1), 6))
         if id(weight.tensor.buffer) in done:
             raise Skip(f"shares its weight with {done[id(weight.tensor.buffer)]}, pruned once there")
         # Every reader of the stored weight, in any subgraph, must be a layer reading it as its weight.
@@ -211,18 +212,18 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
                   if not (c.builtin == OP.DEQUANTIZE or (c.builtin in TARGETS and i == 1))]
         if others:
             raise Skip(f"the weight is also read by {others[0].name}")
-        reason = plan.reason_to_skip(op, n)
+        reason = ctx.reason_to_skip(op, n)
         if reason:
             raise Skip(reason)
         if not settings.prune:
             raise Skip("no sparsity given")
         if op.builtin == OP.DEPTHWISE_CONV_2D and not settings.prune_depthwise:
             raise Skip("depthwise conv (use --prune-depthwise)")
-        data = plan.layer_data.get(id(op))
+        data = ctx.layer_data.get(id(op))
         if data is not None and data_aware_reason(model, op, weight) is None:
             pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block, data,
                                               entry)
-            plan.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
+            ctx.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
         else:
             keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
             if data is not None:
@@ -233,19 +234,19 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
         model.set_shared_data(weight.tensor, pruned)
         done[id(weight.tensor.buffer)] = f"{op.name} {op.outputs[0].name!r}"
         after = int(np.count_nonzero(pruned))
-        entry.update(action="pruned", method=method, params_after=after, sparsity_after=round(1 - after / max(n, 1), 6))
+        entry.set(action="pruned", method=method, params_after=after, sparsity_after=round(1 - after / max(n, 1), 6))
     except Skip as e:
-        entry["reason"] = str(e)
+        entry.reason = str(e)
     return entry
 
 
-def run(model: Model, plan, progress=None, skip=frozenset()) -> list[dict]:
+def run(model: Model, ctx, progress=None, skip=frozenset()) -> list[Entry]:
     """Prune every target op except those whose id is in `skip` (already pruned one by one, sequentially)."""
     entries = []
     done: dict = {}  # id(new Buffer) of weights pruned already → their first reader
     for sg in model.subgraphs:
         for op in [op for op in sg.operators if op.builtin in TARGETS and id(op) not in skip]:
-            entries.append(prune_op(model, sg, op, plan, done))
+            entries.append(prune_op(model, sg, op, ctx, done))
             if progress:
                 progress(entries[-1])
     return entries
