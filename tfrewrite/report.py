@@ -101,6 +101,9 @@ class Entry(Mapping):
     def __len__(self):
         return sum(1 for _ in self)
 
+    def __repr__(self):
+        return f"Entry({', '.join(f'{k}={v!r}' for k, v in self.items())})"
+
     def as_json(self) -> dict:
         return {k: v for k, v in self.items() if k != "factors"}
 
