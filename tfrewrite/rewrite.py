@@ -130,7 +130,9 @@ class Options:
     def defaults(self) -> LayerSettings:
         return LayerSettings(rank=None if self.rank == "auto" else self.rank, fc_rank=self.fc_rank, conv_rank=self.conv_rank, ratio=self.ratio,
                              energy=self.energy, conv_method=self.conv_method or "cp", force=self.force,
-                             prune=None if self.prune == "auto" else self.prune, prune_block=parse_block(self.prune_block),
+                             prune=None if self.prune == "auto" else self.prune,
+                             # Under full-int8 every FC becomes one whose sparse kernel reads 1x16 blocks only.
+                             prune_block=parse_block("1x16" if self.quantize == "full-int8" else self.prune_block),
                              prune_depthwise=self.prune_depthwise,
                              quantize=None if self.quantize == "full-int8" else self.quantize,
                              prune_channels=self.prune_channels, channel_multiple=self.channel_multiple)
@@ -323,7 +325,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
                 if reason:
                     raise Skip(reason)
                 return sparse_encode.sparsity_options(model, op, plan.settings(op), plan.layer_data[id(op)],
-                                              min_params=plan.min_params)
+                                                      min_params=plan.min_params,
+                                                      full_int8=options.quantize == "full-int8")
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
             model, plan, target, by_macs, total, lowrank if "lowrank" in plan.budget_kinds else (),
             sparsity_options=sparsity_options,
