@@ -121,7 +121,9 @@ def keep_mask(op: Operator, weight: StoredWeight, sparsity: float, block) -> tup
 
 def data_aware_reason(model: Model, op: Operator, weight: StoredWeight) -> str | None:
     """Why this layer is pruned by magnitude although calibration rows exist, or None."""
-    if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D):
+    if op.builtin == OP.DEPTHWISE_CONV_2D and weight.kind.startswith("int8"):
+        return "int8 depthwise weight: stored dense (int8 through DENSIFY makes XNNPACK fail to prepare)"
+    if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D, OP.DEPTHWISE_CONV_2D):
         return "no data-aware pruning for this op"
     readers = [c for _, c, _ in model.readers(model.sharers(weight.tensor)) if c.builtin != OP.DEQUANTIZE]
     if weight.carrier is not None:
@@ -197,12 +199,47 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     entry["output_error"] = obs.output_error(matrix, result.values, rows, target_rows)
     entry["output_error_magnitude"] = obs.output_error(
         matrix, matrix * keep_mask(op, weight, sparsity, block)[0].reshape(matrix.shape), rows, target_rows)
-    if len(op.inputs) > 2:
-        op.inputs[2] = new_bias
-    else:
-        op.inputs.append(new_bias)
-    entry["bias_corrected"] = True
+    _set_corrected_bias(op, new_bias, entry)
     return result.stored, result.method
+
+
+def _set_corrected_bias(op: Operator, bias: Tensor, entry: dict) -> None:
+    if len(op.inputs) > 2:
+        op.inputs[2] = bias
+    else:
+        op.inputs.append(bias)
+    entry["bias_corrected"] = True
+
+
+def prune_depthwise_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, data: dict,
+                               entry: dict) -> tuple[np.ndarray, str]:
+    """(new stored weight, method) of a float32 / float16 DEPTHWISE_CONV_2D pruned by exact OBS per channel on
+    its calibration patches (`obs.prune_depthwise`), the bias corrected (a new bias constant)."""
+    from ..linalg import obs, quant, sparse as sp
+    raw = np.asarray(weight.raw)
+    _, kh, kw, channels = raw.shape
+    bias_before = bias_values(op.inputs[2] if len(op.inputs) > 2 else None, channels)
+    taps = kh * kw
+    matrix = np.asarray(raw, np.float32).reshape(taps, channels)
+    # Output channel c reads input channel c // multiplier.
+    source = np.arange(channels) // (channels // (data["rows"].shape[1] // taps))
+
+    def per_channel(a):
+        return None if a is None else np.asarray(a).reshape(*np.shape(a)[:-1], taps, -1)[..., source]
+    rows, target_rows = per_channel(data["rows"]), per_channel(data.get("target_rows"))
+    new, keep, method = obs.prune_depthwise(matrix, rows, sparsity, data.get("damping", obs.DEFAULT_DAMPING),
+                                            target_rows)
+    stored = quant.to_float16(new.reshape(raw.shape)) if weight.kind == "float16" else new.reshape(raw.shape)
+    values = np.asarray(stored, np.float32).reshape(taps, channels)
+    entry["output_error"] = obs.depthwise_output_error(matrix, values, rows, target_rows)
+    magnitude = matrix * sp.prune_magnitude(np.abs(matrix), sparsity)
+    entry["output_error_magnitude"] = obs.depthwise_output_error(matrix, magnitude, rows, target_rows)
+    mean = per_channel(data["mean"])
+    target_mean = mean if data.get("target_mean") is None else per_channel(data["target_mean"])
+    shift = np.einsum("kc,kc->c", target_mean, matrix) - np.einsum("kc,kc->c", mean, values)
+    new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", (bias_before + shift).astype(np.float32))
+    _set_corrected_bias(op, new_bias, entry)
+    return stored, method
 
 
 class RefusedByXnnpack(Exception):
@@ -274,8 +311,11 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
         pruned = None
         if data is not None and reason is None:
             try:
-                pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block, data,
-                                                  entry)
+                if op.builtin == OP.DEPTHWISE_CONV_2D:
+                    pruned, method = prune_depthwise_data_aware(sg, op, weight, float(settings.prune), data, entry)
+                else:
+                    pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block,
+                                                      data, entry)
             except RefusedByXnnpack as e:
                 reason = str(e)
             plan.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
