@@ -2,7 +2,9 @@
 
 A recipe (JSON, `schemas/recipe.schema.json`) is a list of rules; each names a regex on the op's output tensor
 name and any of rank / ratio / energy / conv_method / prune / prune_block / quantize / skip. Later rules
-override earlier ones; the command line gives the defaults. Passes ask the plan, never the options.
+override earlier ones; the command line gives the defaults. A `Plan` is fixed before any pass runs; a run's
+`RunContext` adds what the run finds and chooses (the budget's choice overrides the plan's). Passes ask the
+context, never the options.
 """
 from __future__ import annotations
 
