@@ -8,7 +8,8 @@ pruned in 1×16 blocks instead, the only block its sparse kernel reads.
 The weight keeps its storage form: float32, float16 behind a DEQUANTIZE, or int8 (dynamic-range or
 full-integer, pruned in the integer domain: a zeroed value is exactly the zero point 0). Only the zeros are
 written here; `sparse_encode` stores them in TFLite's sparse format. A weight shared by several ops (in any
-subgraph: one Buffer) is pruned once, with the settings of its first reader, and stays one shared Buffer.
+subgraph: one Buffer) is pruned once, at its first reader, and stays one shared Buffer, when every reader is a
+layer reading it as its weight that asks for the same pruning (the IR's shared-weight policy, `analysis`).
 
 With calibration rows for the layer (`--calibration`), pruning is data-aware instead (`linalg.obs`): the mask
 and the kept weights minimise the change of the layer's outputs on the samples (SparseGPT's mask, then the
@@ -24,7 +25,7 @@ import numpy as np
 
 from .. import schema
 from ..ops import semantics
-from ..analysis import macs, numel, stored
+from ..analysis import macs, numel, stored, weight_uses
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..linalg import sparse
 from .common import Skip, bias_values, new_entry
@@ -125,10 +126,7 @@ def data_aware_reason(model: Model, op: Operator, weight: StoredWeight) -> str |
         return "int8 depthwise weight: stored dense (int8 through DENSIFY makes XNNPACK fail to prepare)"
     if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D, OP.DEPTHWISE_CONV_2D):
         return "no data-aware pruning for this op"
-    readers = [c for _, c, _ in model.readers(model.sharers(weight.tensor)) if c.builtin != OP.DEQUANTIZE]
-    if weight.carrier is not None:
-        readers += [c for _, c, _ in model.readers([(None, weight.carrier.outputs[0])])]
-    if any(c is not op for c in readers):
+    if weight_uses(model, weight.tensor).shared:
         return "weight shared with another op: no data-aware update"
     return None
 
@@ -293,19 +291,18 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
                      sparsity_before=round(1 - nonzero / max(n, 1), 6), sparsity_after=round(1 - nonzero / max(n, 1), 6))
         if id(weight.tensor.buffer) in done:
             raise Skip(f"shares its weight with {done[id(weight.tensor.buffer)]}, pruned once there")
-        # Every reader of the stored weight, in any subgraph, must be a layer reading it as its weight.
-        sharers = model.sharers(weight.tensor)
-        others = [c for _, c, i in model.readers(sharers)
-                  if not (c.builtin == OP.DEQUANTIZE or (c.builtin in TARGETS and i == 1))]
-        if others:
-            raise Skip(f"the weight is also read by {others[0].name}")
-        reason = plan.reason_to_skip(op, n)
+        reason = _reason_to_leave(op, plan, n)
         if reason:
             raise Skip(reason)
-        if not settings.prune:
-            raise Skip("no sparsity given")
-        if op.builtin == OP.DEPTHWISE_CONV_2D and not settings.prune_depthwise:
-            raise Skip("depthwise conv (use --prune-depthwise)")
+        uses = weight_uses(model, weight.tensor)
+        if uses.shared:
+            # Pruned once for every reader, in any subgraph: each must be a layer reading it as its weight and
+            # asking for the same pruning.
+            reason = uses.refusal(
+                lambda u: u.op.builtin in TARGETS and u.index == 1 and (_reason_to_leave(u.op, plan, n) or True),
+                ask=lambda u: _asked(plan.settings(u.op)), differ="its readers ask for different pruning")
+            if reason:
+                raise Skip(reason)
         data = plan.layer_data.get(id(op))
         reason = data_aware_reason(model, op, weight) if data is not None else None
         pruned = None
@@ -333,6 +330,23 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
     except Skip as e:
         entry["reason"] = str(e)
     return entry
+
+
+def _reason_to_leave(op: Operator, plan, n: int) -> str | None:
+    """Why this layer is not pruned, whatever its weight (None: it is)."""
+    settings = plan.settings(op)
+    reason = plan.reason_to_skip(op, n)
+    if reason:
+        return reason
+    if not settings.prune:
+        return "no sparsity given"
+    if op.builtin == OP.DEPTHWISE_CONV_2D and not settings.prune_depthwise:
+        return "depthwise conv (use --prune-depthwise)"
+    return None
+
+
+def _asked(settings) -> tuple:
+    return settings.prune, settings.prune_block
 
 
 def run(model: Model, plan, progress=None, skip=frozenset()) -> list[dict]:

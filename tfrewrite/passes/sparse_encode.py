@@ -17,14 +17,15 @@ The rules (established against LiteRT's sparse kernels and op-version rules; eac
 * A weight is encoded only when at least MIN_ZERO_FRACTION of it is zero and the encoding (values + index
   vectors + table overhead) is smaller than the dense bytes. Index vectors use the smallest type that fits
   (uint8 / uint16 / int32); the tensor keeps its dense shape.
-A weight shared by several ops (in any subgraph: one Buffer) is decided and encoded once and stays one Buffer.
+A weight shared by several ops (in any subgraph: one Buffer) is decided and encoded once and stays one Buffer,
+when every reader is a layer reading it as its weight and none is excluded (the IR's shared-weight policy).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import schema
-from ..analysis import macs, numel
+from ..analysis import macs, numel, weight_uses
 from ..graph import Buffer, Model, Operator, Subgraph, Tensor
 from ..linalg import sparse
 from ..ops import builders, versions
@@ -238,10 +239,8 @@ def run(model: Model, plan, progress=None) -> list[dict]:
     """Decide once per stored weight (one Buffer, whichever subgraphs read it), from every op that reads it."""
     per_op: list[tuple[Operator, dict, StoredWeight | None, int]] = []
     groups: dict[int, list[Operator]] = {}  # id(Buffer) → the target ops that may encode it
-    targets: set[int] = set()
     for sg in model.subgraphs:
         for op in [op for op in sg.operators if op.builtin in TARGETS]:
-            targets.add(id(op))
             entry = new_entry(model, sg, op, "sparse_encode", plan)
             w = op.inputs[1] if len(op.inputs) > 1 else None
             entry["weight_shape"] = list(w.shape) if w is not None else []
@@ -266,7 +265,7 @@ def run(model: Model, plan, progress=None) -> list[dict]:
         if weight is None:
             continue
         if key not in decisions:
-            decisions[key] = _decide_and_apply(model, weight, groups[key], targets)
+            decisions[key] = _decide_and_apply(model, weight, groups[key])
             first_entry[key] = entry
         d = decisions[key]
         entry.update(bytes_before=d.bytes_before, bytes_after=d.bytes_after, zero_fraction=d.zero_fraction)
@@ -282,21 +281,20 @@ def run(model: Model, plan, progress=None) -> list[dict]:
     return [e for _, e, _, _ in per_op]
 
 
-def _decide_and_apply(model: Model, weight: StoredWeight, group: list[Operator], targets: set[int]) -> Decision:
+def _decide_and_apply(model: Model, weight: StoredWeight, group: list[Operator]) -> Decision:
     t = weight.tensor
-    uses = model.readers(model.sharers(t))
-    direct = [op for _, op, _ in uses]
-    if weight.carrier is not None:
-        readers = [r for sg, c, _ in uses for r in sg.consumers_of(c.outputs[0])]
-        odd = [c for c in direct if c.builtin != OP.DEQUANTIZE]
-    else:
-        readers = list(direct)
-        odd = [op for _, op, i in uses if op.builtin not in TARGETS or i != 1]
+    found = weight_uses(model, t)
+    readers = found.ops
+    direct = found.carriers or readers  # the ops that read the stored tensor itself
+
+    def rewrites(use) -> bool | str:
+        if use.op.builtin not in TARGETS or use.index != 1 or (found.carriers and use.op.inputs[1].is_constant):
+            return False  # not a layer's weight, or read directly beside the carrier
+        return True if any(use.op is op for op in group) else "excluded from encoding"
     zf = 1.0 - np.count_nonzero(weight.raw) / max(numel(t.shape), 1)
-    if odd:
-        decision = Decision(reason=f"the weight is also read by {odd[0].name}")
-    elif any(id(r) in targets and r not in group for r in readers):
-        decision = Decision(reason="the weight is shared with a layer excluded from encoding")
+    reason = found.refusal(rewrites, left="a reader is excluded from encoding")
+    if reason:
+        decision = Decision(reason=reason)
     else:
         decision = decide(weight, readers, direct)
     decision.zero_fraction = round(zf, 6)
