@@ -80,13 +80,52 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
             raise QuantizeError(f"ai-edge-quantizer cannot quantize this model to full-integer: "
                                 f"{text[0] if text else type(e).__name__}") from None
     new = io.read_buffer(bytes(quantized), "<ai-edge-quantizer output>")
+    rewired = read_integer_outputs(new)
     keep_origins(model, new)
     for f in dataclasses.fields(Model):
         setattr(model, f.name, getattr(new, f.name))
     raised = raise_versions(model)
+    check_runs(model)
     return {"tool": f"ai-edge-quantizer {version('ai-edge-quantizer')}", "recipe": RECIPE, "samples": len(batches),
             "versions_raised": raised, "float_weights_restored": restored, "per_tensor_chain_ops": len(inner),
-            "balanced_channels": balanced}
+            "balanced_channels": balanced, "integer_inputs_rewired": rewired}
+
+
+INTEGER = (schema.TensorType.INT8, schema.TensorType.INT16)
+
+
+def read_integer_outputs(model: Model) -> int:
+    """An integer op that reads a float tensor which a DEQUANTIZE makes of an integer activation reads that
+    activation instead: ai-edge-quantizer wires a model output that another op also reads (an embedding the
+    logits FC reads) to the reader through the output's DEQUANTIZE, and LiteRT's int8 FULLY_CONNECTED refused
+    the float input. The dequantized copy stays the model's output. Returns how many inputs were rewired."""
+    rewired = 0
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            if op.builtin in (OP.QUANTIZE, OP.DEQUANTIZE) or not op.outputs or any(
+                    t is not None and t.type not in INTEGER for t in op.outputs):
+                continue
+            for i, t in enumerate(op.inputs):
+                src = t.producer if t is not None and t.type == schema.TensorType.FLOAT32 else None
+                if src is not None and src.builtin == OP.DEQUANTIZE and src.inputs[0] is not None \
+                        and not src.inputs[0].is_constant and src.inputs[0].type in INTEGER:
+                    op.inputs[i] = src.inputs[0]
+                    rewired += 1
+    return rewired
+
+
+def check_runs(model: Model) -> None:
+    """ai-edge-quantizer's output must run in LiteRT, with XNNPACK and with the builtin kernels alone; when it does
+    not, the model cannot be made full-integer this way (exit 2, naming the op LiteRT refused)."""
+    from .. import verify
+    data = io.to_bytes(model)
+    for xnnpack in (False, True):
+        try:
+            verify.interpreter(data, xnnpack=xnnpack)
+        except verify.NotRunnable as e:
+            reason = str(e).split("does not run in LiteRT: ", 1)[-1]
+            raise QuantizeError(f"ai-edge-quantizer's full-integer model does not run in LiteRT"
+                                f"{'' if xnnpack else ' (builtin kernels)'}: {reason}") from None
 
 
 def keep_origins(old: Model, new: Model) -> None:
@@ -174,19 +213,17 @@ def float_weights(model: Model) -> int:
     constants stored float16 behind a DEQUANTIZE (the converter's float16 weights and biases) or kept the layers
     whose weights were dynamic-range int8. Every float16 or int8 constant behind a DEQUANTIZE and every conv / FC
     weight read as int8 by a hybrid kernel gets its float32 values back. Returns how many were restored."""
-    from ..analysis import stored
+    from ..analysis import WEIGHT_CARRIERS
     from ..ops.semantics import LAYERS
     from .common import Skip, read_weight
     restored = 0
     for sg in model.subgraphs:
         for op in sg.operators:
             for i, t in enumerate(op.inputs):
-                src = t.producer if t is not None else None
-                # float16 or int8 (a low-rank factor of a dynamic-range model) behind a DEQUANTIZE: ai-edge-quantizer
-                # took an int8 one for an activation and gave a conv weight zero point -128, which LiteRT refuses.
-                values = stored(t).values() if src is not None and src.builtin == OP.DEQUANTIZE \
-                    and src.inputs[0] is not None and src.inputs[0].is_constant \
-                    and src.inputs[0].type in (schema.TensorType.FLOAT16, schema.TensorType.INT8) else None
+                # float16 or int8 (a low-rank factor of a dynamic-range model) behind a DEQUANTIZE, or sparse
+                # behind a DENSIFY (the converter's sparse weights): ai-edge-quantizer took such a weight for an
+                # activation and gave a conv weight zero point -128, which LiteRT refuses.
+                values = carried_values(t) if op.builtin not in WEIGHT_CARRIERS else None
                 if values is not None:
                     op.inputs[i] = sg.add_constant(t.name + "/float", np.asarray(values, np.float32))
                     restored += 1
@@ -204,6 +241,32 @@ def float_weights(model: Model) -> int:
     if restored:
         model.cleanup()
     return restored
+
+
+def carried_values(t) -> np.ndarray | None:
+    """The dense float32 values of a constant that DEQUANTIZE / DENSIFY ops carry to `t` (float16 widened, int8
+    dequantized, a sparse one decoded); None when `t` is a constant itself, an activation, or of another type."""
+    from ..analysis import stored
+    from ..linalg import sparse
+    from .sparse_encode import from_sparsity
+    s = stored(t) if t is not None and not t.is_constant else None
+    if s is None or not s.carriers:
+        return None
+    c = s.tensor
+    if c.sparsity is None:
+        if not any(op.builtin == OP.DEQUANTIZE for op in s.carriers) or c.type == schema.TensorType.FLOAT32:
+            return None
+        return s.values()
+    if c.type not in (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16, schema.TensorType.INT8):
+        return None
+    try:
+        dense = sparse.decode(from_sparsity(c))
+    except ValueError:  # a block layout the decoder does not read: the weight stays as it is
+        return None
+    if c.type == schema.TensorType.INT8:
+        q = c.quantization
+        return q.dequantize(dense) if q is not None and q.scale is not None else None
+    return np.asarray(dense, np.float32)
 
 
 def raise_versions(model: Model) -> int:
