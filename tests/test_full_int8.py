@@ -126,3 +126,126 @@ def test_a_sparse_weight_behind_densify_is_quantized_as_a_weight(tmp_path):
     assert not any(op.builtin == OP.DENSIFY for _, op in model.operators())
     assert report["output_error"]["worst"] < 0.05
     assert_runs_alike(out, (1, 9, 9, 8), 4)
+
+
+def float_island_model(seed=0) -> bytes:
+    """x[1, 16] → FC 24 → NEG → FC 10: ai-edge-quantizer 0.10 leaves the NEG float, between a DEQUANTIZE and a
+    QUANTIZE (as the NEG of a LayerNorm, a CONV_3D or a REDUCE_MAX)."""
+    rng = np.random.default_rng(seed)
+    sg = Subgraph(name="main")
+    x = sg.add_tensor(Tensor("x", T.FLOAT32, [1, 16]))
+    h, n, y = (sg.add_activation(name, T.FLOAT32, shape) for name, shape in
+               (("h", [1, 24]), ("neg", [1, 24]), ("y", [1, 10])))
+    w1 = sg.add_constant("h/weight", (rng.standard_normal((24, 16)) / 4).astype(np.float32))
+    w2 = sg.add_constant("y/weight", (rng.standard_normal((10, 24)) / 5).astype(np.float32))
+    sg.operators = [ops.fully_connected(x, w1, None, h), op(OP.NEG, [h], [n]), ops.fully_connected(n, w2, None, y)]
+    sg.inputs, sg.outputs = [x], [y]
+    return with_signature(sg)
+
+
+def test_ops_left_float_are_named_and_the_result_is_not_quantized_again(tmp_path, capsys):
+    """full-int8 that leaves an op float says so (a warning line and the report's float_ops with their share of
+    the MACs); its own output fed back is left as it is (it was quantized again), with the same warning."""
+    source = tmp_path / "neg.tflite"
+    source.write_bytes(float_island_model())
+    calib = calibration(tmp_path / "c.npz", "x", (1, 16), 5)
+    out, again = tmp_path / "q.tflite", tmp_path / "q2.tflite"
+    report = rewrite.run(source, out, rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    info = report["calibration"]["full_int8"]
+    assert info["float_ops"] == [{"op": "NEG", "count": 1, "macs": 0}] and info["float_macs_share"] == 0.0
+    warning, = [w for w in report["warnings"] if "full-int8" in w]
+    assert "1x NEG" in warning and "not integer-only" in warning
+    model = io.read(out)
+    assert [op.builtin for op in model.main.operators if op.inputs[0].type == T.INT8 and op.builtin != OP.DEQUANTIZE
+            ] == [OP.FULLY_CONNECTED, OP.FULLY_CONNECTED]
+    assert_runs_alike(out, (1, 16), 6)
+    assert cli.main([str(out), str(again), "--quantize", "full-int8", "--calibration", str(calib)]) == 0
+    printed = capsys.readouterr()
+    assert "already statically quantized" in printed.out and "1x NEG" in printed.err
+    assert again.read_bytes() == out.read_bytes()
+
+
+def op(builtin, inputs, outputs, options=None, options_type=0):
+    from tfrewrite.graph import Operator
+    return Operator(opcode=ops.opcode_for(builtin, 1), inputs=inputs, outputs=outputs, builtin_options=options,
+                    builtin_options_type=options_type)
+
+
+def test_an_integer_only_result_has_no_float_ops(tmp_path):
+    """A flatten's SHAPE read the DEQUANTIZE'd tensor (a float op and a DEQUANTIZE for nothing): it reads the
+    int8 tensor, and the model is integer-only, without a warning."""
+    sg = Subgraph(name="main")
+    x = sg.add_tensor(Tensor("x", T.FLOAT32, [1, 4, 4, 3]))
+    c, flat, y = (sg.add_activation(n, T.FLOAT32, s) for n, s in (("c", [1, 4, 4, 8]), ("flat", [1, 128]),
+                                                                     ("y", [1, 10])))
+    shape = sg.add_activation("shape", T.INT32, [4])
+    rng = np.random.default_rng(7)
+    conv = ops.conv2d(x, sg.add_constant("k", (rng.standard_normal((8, 3, 3, 3)) / 3).astype(np.float32)),
+                      sg.add_constant("b", np.zeros(8, np.float32)), c, padding=schema.Padding.SAME)
+    # A flatten as the converter writes it: RESHAPE to [SHAPE(c)[0], 128] (SHAPE → STRIDED_SLICE → joined).
+    shape_options, slice_options, concat_options = schema.ShapeOptionsT(), schema.StridedSliceOptionsT(), \
+        schema.ConcatenationOptionsT()
+    shape_options.outType = T.INT32
+    batch = sg.add_activation("batch", T.INT32, [1])
+    new_shape = sg.add_activation("new_shape", T.INT32, [2])
+    one = sg.add_constant("one", np.array([1], np.int32))
+    sg.operators = [
+        conv,
+        op(OP.SHAPE, [c], [shape], shape_options, schema.BuiltinOptions.ShapeOptions),
+        op(OP.STRIDED_SLICE, [shape, sg.add_constant("zero", np.array([0], np.int32)), one, one], [batch],
+           slice_options, schema.BuiltinOptions.StridedSliceOptions),
+        op(OP.CONCATENATION, [batch, sg.add_constant("cols", np.array([128], np.int32))], [new_shape],
+           concat_options, schema.BuiltinOptions.ConcatenationOptions),
+        op(OP.RESHAPE, [c, new_shape], [flat]),
+        ops.fully_connected(flat, sg.add_constant("w", (rng.standard_normal((10, 128)) / 8).astype(np.float32)),
+                            None, y)]
+    sg.inputs, sg.outputs = [x], [y]
+    source = tmp_path / "flatten.tflite"
+    source.write_bytes(with_signature(sg))
+    calib = calibration(tmp_path / "c.npz", "x", (1, 4, 4, 3), 8)
+    out = tmp_path / "q.tflite"
+    report = rewrite.run(source, out, rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    assert report["calibration"]["full_int8"]["float_ops"] == []
+    assert report["calibration"]["full_int8"]["integer_inputs_rewired"] == 1  # the SHAPE
+    assert not [w for w in report["warnings"] if "full-int8" in w]
+    from tfrewrite.passes import full_int8
+    assert full_int8.integer_only(io.read(out))
+    assert_runs_alike(out, (1, 4, 4, 3), 9)
+
+
+# ----------------------------------------------------------------------- XNNPACK against the builtin kernels
+@pytest.mark.parametrize("gap,input_gap,verdict", [
+    (0.0837, 0.0226, "refuse"),  # int8 model, channel budget + rank auto: 11 steps where the input has 3
+    (0.0377, 0.0114, "warn"),    # its uint8-in/out twin: 5 steps where the input has 1 (no warning before)
+    (0.09, 0.05, "warn"),        # above the absolute threshold, but less than twice the input's own
+    (0.05, 0.04, None), (0.015, 0.0, None)])
+def test_delegate_gap_is_judged_against_the_inputs_own(gap, input_gap, verdict):
+    assert rewrite.delegate_gap_verdict({"steps": 1.0, "rel_l2": gap, "input_rel_l2": input_gap}) == verdict
+
+
+def test_a_rewrite_whose_delegates_disagree_is_left_as_it_is(tmp_path, monkeypatch, capsys):
+    """Far more XNNPACK-vs-builtin disagreement than the input's own: the input is written unchanged with the
+    reason (--force keeps the rewrite, with a warning); a smaller but still own gap gets the warning."""
+    source = tmp_path / "emb.tflite"
+    source.write_bytes(output_also_read())
+    calib = calibration(tmp_path / "c.npz", "x", (1, 16), 1)
+    out = tmp_path / "q.tflite"
+    args = [str(source), str(out), "--quantize", "full-int8", "--calibration", str(calib),
+            "--report", str(tmp_path / "r.json")]
+    import json
+    for measured, expect in ((0.12, "refuse"), (0.03, "warn")):
+        monkeypatch.setattr(verify, "delegate_disagreement", lambda *a, measured=measured, **k: {
+            "steps": 9.0, "rel_l2": measured})
+        for force in ([], ["--force"]):
+            assert cli.main(args + force) == 0
+            printed = capsys.readouterr()
+            report = json.loads((tmp_path / "r.json").read_text())
+            if expect == "refuse" and not force:
+                assert out.read_bytes() == source.read_bytes()
+                assert "written unchanged" in report["notes"][0] and "0.12 apart" in report["notes"][0]
+                assert report["calibration"]["full_int8"]["skipped"].startswith("undone: XNNPACK")
+                assert "output_error" not in report and not report["warnings"]
+            else:
+                assert out.read_bytes() != source.read_bytes() and not report["notes"]
+                assert "tfrewrite: warning: XNNPACK and the builtin kernels" in printed.err
+                assert report["output_error"]["xnnpack"]["input_rel_l2"] == 0.0  # a float input

@@ -364,13 +364,16 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
         entries += checked(quantize.run(model, ctx))
     if options.quantize == "full-int8":
         from .passes import full_int8
-        if full_int8.integer_only(model):  # an integer-only input asks for nothing more (re-quantizing grew it)
-            ctx.calibration = dict(ctx.calibration or {}, full_int8={"skipped": full_int8.ALREADY_INTEGER})
+        # An integer-only or already statically quantized input asks for nothing more (re-quantizing grew it,
+        # or quantized ai-edge-quantizer's own output again).
+        already = full_int8.already_quantized(model)
+        if already:
+            info = {"skipped": already}
         else:
-            ctx.calibration = dict(ctx.calibration or {}, full_int8=full_int8.run(
-                model, options.calibration, options.signature, ctx.input_tensors))
+            info = full_int8.run(model, options.calibration, options.signature, ctx.input_tensors)
             update_min_runtime_version(model)
             model.validate(known_problems)
+        ctx.calibration = dict(ctx.calibration or {}, full_int8={**info, **full_int8.float_report(model)})
     if ctx.uses("prune") or options.sparse_encode:
         from .passes import sparse_encode
         entries += checked(sparse_encode.run(model, ctx))
@@ -530,11 +533,16 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     nonzero_before = analysis.nonzero_params(model)
     bar = Progress(count_targets(model), enabled=progress)
     entries = rewrite_model(model, options, bar, ctx, source=input_path)
+    full_int8 = (ctx.calibration or {}).get("full_int8") or {}
+    float_ops_warning = None
+    if full_int8.get("float_ops"):  # users ask for full-int8 for integer-only hardware: say what is not
+        from .passes.full_int8 import float_warning
+        float_ops_warning = float_warning(full_int8)
+        warnings.append(float_ops_warning)
     with io.Staged() as staged:
         target = staged.path(output_path)
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
-        full_int8 = (ctx.calibration or {}).get("full_int8") or {}
         made_full_int8 = bool(full_int8) and "skipped" not in full_int8
         changed = made_full_int8 or any(e.action != "skipped" for e in entries)
         notes = [] if changed else [f"nothing was rewritten: --quantize full-int8: {full_int8['skipped']}"
@@ -566,9 +574,30 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         if not notes or kept_larger:  # whenever the written model is not the input's
             fidelity = measure_output_error(input_path, target, options)
             gap = fidelity.get("xnnpack")
-            if gap and gap["rel_l2"] > XNNPACK_GAP_WARNING:
+            verdict = delegate_gap_verdict(gap) if gap else None
+            if verdict == "refuse" and not options.force:
+                # XNNPACK on and off must agree on what is written as they do on the input: the input goes out
+                # as it is, and the report says why (--force keeps such a rewrite).
+                reason = (f"XNNPACK and the builtin kernels give the rewritten model's outputs {gap['rel_l2']:.3g} "
+                          f"apart (relative L2; {gap['steps']:.3g} integer steps), the input's "
+                          f"{gap['input_rel_l2']:.3g} ({gap['input_steps']:.3g} steps)")
+                _undo_entries(entries, f"undone: {reason}")
+                notes = [f"{reason}: the input was written unchanged (--force keeps such a rewrite)"]
+                size_after = _written(lambda: _copy_unchanged(input_path, target), output_path)
+                unchanged = io.read(input_path)
+                after, nonzero_after = analysis.summary(unchanged, zeros=False)["totals"], analysis.nonzero_params(
+                    unchanged)
+                unchanged = None
+                fidelity = None
+                if made_full_int8:
+                    ctx.calibration["full_int8"] = {"skipped": f"undone: {reason}"}
+                if float_ops_warning in warnings:
+                    warnings.remove(float_ops_warning)
+            elif verdict is not None:
                 warnings.append(f"XNNPACK and the builtin kernels give outputs {gap['rel_l2']:.3g} apart (relative "
-                                f"L2; {gap['steps']:.3g} int8 steps) on this model: check it on the target runtime")
+                                f"L2; {gap['steps']:.3g} integer steps; the input's: {gap['input_rel_l2']:.3g}, "
+                                f"{gap['input_steps']:.3g} steps) on this model: check it on the target runtime")
+        if fidelity is not None:
             if fidelity["measured"] and fidelity["worst"] is None:
                 warnings.append(f"the rewritten model gives NaN or infinite outputs on {fidelity['samples']} "
                                 f"{fidelity['inputs']} inputs where the input model does not — it is broken")
@@ -636,6 +665,23 @@ def _undo_entries(entries: list[Entry], reason: str) -> None:
 # integer activations gets a warning (the sweep's tolerance for integer models: the two round requantization
 # differently, by a step per op, and a softmax in steps of 1/256 moves by a few percent).
 XNNPACK_GAP_WARNING = 0.08
+# A gap more than this many times the input model's own is the rewrite's doing: a warning above
+# XNNPACK_GAP_FLOOR (below it, a step or two of rounding), and the rewrite is undone above XNNPACK_GAP_WARNING too.
+# r3-style int8 model, channel budget + rank auto: 0.084 against the input's 0.02; its uint8-in/out twin 0.038
+# against 0.011, which the absolute threshold alone did not warn about.
+XNNPACK_GAP_FACTOR = 2.0
+XNNPACK_GAP_FLOOR = 0.02
+
+
+def delegate_gap_verdict(gap: dict) -> str | None:
+    """'refuse', 'warn' or None for the written model's XNNPACK-vs-builtin gap (`verify.delegate_disagreement`
+    with the input's own as input_rel_l2)."""
+    own = gap["rel_l2"] > XNNPACK_GAP_FACTOR * gap.get("input_rel_l2", 0.0)
+    if own and gap["rel_l2"] > XNNPACK_GAP_WARNING:
+        return "refuse"
+    if gap["rel_l2"] > XNNPACK_GAP_WARNING or (own and gap["rel_l2"] > XNNPACK_GAP_FLOOR):
+        return "warn"
+    return None
 # Above this relative L2 error of an output on a few inputs, the summary warns that the model is probably broken.
 OUTPUT_ERROR_WARNING = 0.5
 # How many inputs (calibration samples, else generated) the output error is measured on.
@@ -692,7 +738,12 @@ def measure_output_error(original, rewritten, options: Options) -> dict:
     if result["measured"] and _integer_activations(rewritten):
         # What an integer model computes must not depend on the kernels: ai-edge-quantizer's output of a
         # LayerNorm/GELU model gave 5 steps between XNNPACK and the builtin kernels (its input: 1e-7).
-        result["xnnpack"] = verify.delegate_disagreement(rewritten, inputs, signature, OUTPUT_ERROR_SAMPLES)
+        gap = verify.delegate_disagreement(rewritten, inputs, signature, OUTPUT_ERROR_SAMPLES)
+        if gap is not None:  # the input's own gap on the same inputs: what the rewrite is measured against
+            own = verify.delegate_disagreement(original, inputs, signature, OUTPUT_ERROR_SAMPLES) \
+                if _integer_activations(original) else None
+            gap.update(input_steps=own["steps"] if own else 0.0, input_rel_l2=own["rel_l2"] if own else 0.0)
+        result["xnnpack"] = gap
     model = io.read(original) if result["measured"] else None
     defs = model.signature_defs if model is not None else []
     # Every other signature, on generated inputs: a pass may have changed its subgraph too. Without a signature

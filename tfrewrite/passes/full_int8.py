@@ -81,6 +81,8 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
                                 f"{text[0] if text else type(e).__name__}") from None
     new = io.read_buffer(bytes(quantized), "<ai-edge-quantizer output>")
     rewired = read_integer_outputs(new)
+    if rewired:
+        new.cleanup()
     keep_origins(model, new)
     for f in dataclasses.fields(Model):
         setattr(model, f.name, getattr(new, f.name))
@@ -98,11 +100,13 @@ def read_integer_outputs(model: Model) -> int:
     """An integer op that reads a float tensor which a DEQUANTIZE makes of an integer activation reads that
     activation instead: ai-edge-quantizer wires a model output that another op also reads (an embedding the
     logits FC reads) to the reader through the output's DEQUANTIZE, and LiteRT's int8 FULLY_CONNECTED refused
-    the float input. The dequantized copy stays the model's output. Returns how many inputs were rewired."""
+    the float input. The dequantized copy stays the model's output. A SHAPE (a flatten's) reads the integer
+    tensor too: it reads only the shape, and a float SHAPE left the model with a float op and a DEQUANTIZE for
+    nothing. Returns how many inputs were rewired."""
     rewired = 0
     for sg in model.subgraphs:
         for op in sg.operators:
-            if op.builtin in (OP.QUANTIZE, OP.DEQUANTIZE) or not op.outputs or any(
+            if op.builtin in (OP.QUANTIZE, OP.DEQUANTIZE) or not op.outputs or op.builtin != OP.SHAPE and any(
                     t is not None and t.type not in INTEGER for t in op.outputs):
                 continue
             for i, t in enumerate(op.inputs):
@@ -197,15 +201,67 @@ def balance(model: Model, inner: list[tuple]) -> int:
 
 
 ALREADY_INTEGER = "the model is already integer-only (every op but QUANTIZE / DEQUANTIZE reads and writes integers)"
+ALREADY_STATIC = ("the model is already statically quantized (it computes on int8 / int16 activations; any op it "
+                  "still runs in float is named in a warning)")
+FLOATS = (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
 
 
 def integer_only(model: Model) -> bool:
     """Whether no op but a QUANTIZE or DEQUANTIZE at the edges reads or writes a float tensor: a full-integer
     model already (the converter's, or one this tool made)."""
-    floats = (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
-    return not any(t is not None and t.type in floats
-                   for _, op in model.operators() if op.builtin not in (OP.QUANTIZE, OP.DEQUANTIZE)
-                   for t in (*op.inputs, *op.outputs))
+    return not float_ops(model)
+
+
+def float_ops(model: Model) -> list:
+    """The ops other than QUANTIZE / DEQUANTIZE that read or write a float tensor, in model order."""
+    return [op for _, op in model.operators() if op.builtin not in (OP.QUANTIZE, OP.DEQUANTIZE)
+            and any(t is not None and t.type in FLOATS for t in (*op.inputs, *op.outputs))]
+
+
+def already_quantized(model: Model) -> str | None:
+    """Why `model` needs no static quantization, or None when it does: it is integer-only, or some op already
+    computes on int8 / int16 activations (statically quantized; ai-edge-quantizer's own output, whose float ops
+    it left float, was quantized again)."""
+    if integer_only(model):
+        return ALREADY_INTEGER
+    for _, op in model.operators():
+        if op.builtin not in (OP.QUANTIZE, OP.DEQUANTIZE) and any(
+                t is not None and not t.is_constant and t.type in INTEGER for t in op.inputs) and op.outputs and all(
+                t is not None and t.type in INTEGER for t in op.outputs):
+            return ALREADY_STATIC
+    return None
+
+
+def float_report(model: Model) -> dict:
+    """The ops a full-integer model still runs in float: op names with counts and MACs, and their share of the
+    model's MACs (None when no op has a MAC formula)."""
+    from ..analysis import WEIGHTED_OPS, macs, stored_constant
+    left = float_ops(model)
+    if not left:
+        return {"float_ops": []}
+
+    def op_macs(op):
+        weight = stored_constant(op.inputs[1]) if op.builtin in WEIGHTED_OPS and len(op.inputs) > 1 else None
+        return macs(op, weight)
+
+    by_name: dict[str, dict] = {}
+    for op in left:
+        row = by_name.setdefault(op.name, {"op": op.name, "count": 0, "macs": 0})
+        row["count"] += 1
+        row["macs"] += op_macs(op)
+    total = sum(op_macs(op) for _, op in model.operators())
+    share = sum(r["macs"] for r in by_name.values()) / total if total else None
+    return {"float_ops": sorted(by_name.values(), key=lambda r: (-r["macs"], -r["count"], r["op"])),
+            "float_macs_share": None if share is None else round(share, 4)}
+
+
+def float_warning(report: dict) -> str:
+    """The summary's warning line for the ops `float_report` found."""
+    ops_text = ", ".join(f"{r['count']}x {r['op']}" for r in report["float_ops"])
+    share = report.get("float_macs_share")
+    macs_text = f"; {100 * share:.4g} % of the MACs" if share is not None else ""
+    return (f"--quantize full-int8: ops left in float ({ops_text}{macs_text}): the model is not integer-only; an "
+            f"integer-only runtime (NPU, DSP, microcontroller) cannot run it as it is")
 
 
 def float_weights(model: Model) -> int:
