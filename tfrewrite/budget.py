@@ -179,9 +179,7 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
             lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)))
         result.level = max((c.damage for c in result.choice if c is not None), default=0.0)
     settings, info = rank_settings(plan, ops, layers, result.choice, by_macs)
-    what = "fewer MACs" if by_macs else ("smaller file than --quantize full-int8 alone (estimated "
-                                         f"{total / 1e3:.1f} kB)" if quantized else "smaller file")
-    summary = {"target": f"{target:g}x {what}", "goal": target, "measure": "macs" if by_macs else "file",
+    summary = {"target": f"{target:g}x {_target_measure(by_macs, quantized, total)}", "goal": target, "measure": "macs" if by_macs else "file",
                "damage": "measured on the calibration data" if data_aware else "estimated from the weights (no data)",
                "reached": result.reached, "damage_level": round(float(result.level), 6),
                "estimate": round(total / max(result.estimate, 1), 3), "layers": list(info.values())}
@@ -300,7 +298,7 @@ CHANNELS_KEPT = "kept whole by the budget: the target is met at a damage level b
 
 
 def plan_channels(model, plan, target: float, by_macs: bool, total: float, samples, stage=None, passes=(),
-                  progress=None) -> tuple[dict, dict, dict, dict]:
+                  progress=None, full_int8: bool = False) -> tuple[dict, dict, dict, dict]:
     """`--prune-channels auto`: each channel group open to the budget keeps the channels its cheapest option
     under one shared damage level leaves (options and damage: `prune_channels.group_options`, on `samples`).
     Savings are not additive (a layer between two pruned groups shrinks by both shares), so every level is
@@ -311,11 +309,14 @@ def plan_channels(model, plan, target: float, by_macs: bool, total: float, sampl
     Returns id(lead op) → kept units (or the reason the group stays whole), the low-rank settings and report
     info (as `plan_ranks`), and the summary. `stage(count)`: a progress step for the `count` groups, or None."""
     from .passes import prune_channels as pc
-    space = pc.budget_space(model, plan, samples, stage)
-    layers = [BudgetLayer(b.group.producers[0].op.outputs[0].name, b.options, b.params, b.macs, b.itemsize)
-              for b in space.open]
-    ops, ranked = rank_layers(model, plan, passes, progress) if passes else ([], [])
+    space = pc.budget_space(model, plan, samples, stage, full_int8)
+    layers = [BudgetLayer(b.group.producers[0].op.outputs[0].name, b.options, b.params, b.macs, 1,
+                          input_bytes=b.nbytes, dense_bytes=b.nbytes) for b in space.open]
+    ops, ranked = rank_layers(model, plan, passes, progress, full_int8) if passes else ([], [])
     n = len(layers)
+    quantized = full_int8 and not by_macs
+    if quantized:
+        total = full_int8_size(model, total)
 
     def measure(choice):
         keeps = [(b.group, c.keep) for b, c in zip(space.open, choice) if c is not None]
@@ -346,12 +347,21 @@ def plan_channels(model, plan, target: float, by_macs: bool, total: float, sampl
                        "budget_share": round(cost(layer, c, by_macs) / spent, 6),
                        "candidates": [{"kept": o.keep, "damage": round(o.damage, 6)} for o in b.options]})
     settings, info = rank_settings(plan, ops, ranked, result.choice[n:], by_macs)
-    summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
+    summary = {"target": f"{target:g}x {_target_measure(by_macs, quantized, total)}", "goal": target,
                "measure": "macs" if by_macs else "file", "technique": "channels+lowrank" if passes else "channels",
                "damage": "measured on the calibration data", "reached": result.reached,
                "damage_level": round(float(result.level), 6), "estimate": round(total / max(result.estimate, 1), 3),
                "layers": groups + list(info.values())}
+    if quantized:
+        summary["baseline_bytes"] = round(total)
     return keeps, settings, info, summary
+
+
+def _target_measure(by_macs: bool, quantized: bool, total: float) -> str:
+    if by_macs:
+        return "fewer MACs"
+    return f"smaller file than --quantize full-int8 alone (estimated {total / 1e3:.1f} kB)" if quantized \
+        else "smaller file"
 
 
 def _rank_json(rank):
