@@ -111,3 +111,55 @@ def test_quantizing_a_weight_two_signatures_share_stores_it_once(mode):
     entries, out = rewrite_and_check(model, 1e-2 if mode == "float16" else 5e-2, quantize=mode)
     assert [e["action"] for e in entries] == ["quantized", "quantized"]
     assert distinct_weight_buffers(out) == 1
+
+
+# ----------------------------------------------------------------------------- the IR's shared-weight helpers
+def single_outputs(model: bytes, xnnpack: bool = False) -> np.ndarray:
+    runner = verify.Runner(model, xnnpack=xnnpack)
+    return runner(runner.random_samples(1, 0)[0])[0]
+
+
+@pytest.mark.parametrize("form", ["float32", "float16"])
+def test_private_weight_gives_one_reader_its_own_copy_over_the_same_bytes(form):
+    from tfrewrite.analysis import private_weight, stored
+    from tfrewrite.schema import BuiltinOperator as OP
+    built = B.shared_in_one_subgraph(form=form)
+    model = io.read_buffer(built)
+    sg = model.main
+    a, b = [op for op in sg.operators if op.builtin == OP.FULLY_CONNECTED][1:3]
+    assert a.inputs[1] is b.inputs[1]
+    before = stored(a.inputs[1])
+    mine = private_weight(b, 1)
+    theirs = stored(a.inputs[1])
+    # a keeps what it read; b reads a tensor (and, stored float16, a DEQUANTIZE) of its own over the same bytes.
+    assert theirs.tensor is before.tensor and a.inputs[1] is not b.inputs[1]
+    assert mine.tensor is not theirs.tensor and mine.tensor.buffer is theirs.tensor.buffer
+    assert len(mine.carriers) == len(theirs.carriers) == (1 if form == "float16" else 0)
+    assert mine.carriers == () or mine.carriers[0] is not theirs.carriers[0]
+    assert b.inputs[1].consumers == [b] and model.problems() == []
+    assert private_weight(b, 1).tensor is mine.tensor  # already its own: nothing more to copy
+    unchanged = io.to_bytes(model)
+    np.testing.assert_array_equal(single_outputs(unchanged), single_outputs(built))
+    # New data for b's copy changes b only.
+    mine.tensor.set_data(np.zeros(mine.tensor.shape, mine.tensor.dtype))
+    assert np.count_nonzero(theirs.tensor.data) > 0 and model.problems() == []
+    assert stored(a.inputs[1]).tensor.buffer is before.tensor.buffer
+
+
+@pytest.mark.parametrize("form", ["float32", "float16"])
+def test_channel_pruning_slices_a_weight_two_ops_read_on_copies_of_their_own(form):
+    from tfrewrite.analysis import stored
+    from tfrewrite.schema import BuiltinOperator as OP
+    built = B.shared_in_one_subgraph(form=form)
+    m = io.read_buffer(built)
+    entries = rewrite.rewrite_model(m, rewrite.Options(prune_channels=0.5))
+    assert m.problems() == []
+    fcs = [op for op in m.main.operators if op.builtin == OP.FULLY_CONNECTED]
+    shapes = [stored(op.inputs[1]).tensor.shape for op in fcs]
+    assert shapes == [[16, 16], [16, 16], [16, 16], [10, 16]], shapes  # each hidden group halved
+    assert stored(fcs[1].inputs[1]).tensor is not stored(fcs[2].inputs[1]).tensor
+    channels = [e for e in entries if e["kind"] == "channels"]
+    assert [e["action"] for e in channels] == ["pruned"] * 3 + ["skipped"] and channels[3]["reason"] == "a subgraph output"
+    out = io.to_bytes(m)
+    for xnn in (True, False):
+        assert np.isfinite(single_outputs(out, xnn)).all()

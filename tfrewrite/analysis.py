@@ -1,13 +1,14 @@
 """Per-operator facts about a model: its weight, parameters, MACs and share of zero weights."""
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import numpy as np
 
 from . import schema
 from .ops import semantics
-from .graph import Model, Operator, Tensor
+from .graph import Model, Operator, Subgraph, Tensor
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -66,6 +67,36 @@ def stored_constant(t: Tensor | None) -> Tensor | None:
     """The constant behind `t` (see `stored`)."""
     s = stored(t)
     return s.tensor if s is not None else None
+
+
+# ------------------------------------------------------------------------------------------- shared weights
+def private_weight(op: Operator, index: int) -> Stored | None:
+    """The constant behind input `index` of `op` (and the DEQUANTIZE / DENSIFY carrying it), made one that only
+    `op` reads, for a change that is op's own: where another op of the subgraph reads the same tensor, `op` gets
+    a copy of it (and of the carriers and constant behind it) over the same Buffer, so no bytes are copied until
+    the pass gives the copy new data. Tensors of other subgraphs over the Buffer need nothing: a pass gives a
+    tensor new data in a new Buffer, it never writes into one. None when the input is not a stored constant."""
+    if stored(op.inputs[index]) is None:
+        return None
+    sg, reader, i = op.subgraph, op, index
+    while True:
+        t = reader.inputs[i]
+        carrier = t.producer
+        if any(c is not reader for c in t.consumers):
+            mine = copy.copy(t)
+            mine.name = sg.unique_name(t.name)
+            mine.quantization = copy.copy(t.quantization)
+            sg.add_tensor(mine)
+            if carrier is not None:  # its own carrier, right after the shared one, reading the constant
+                twin = copy.copy(carrier)
+                twin.outputs = [mine]
+                sg.operators.insert(sg._position(carrier) + 1, twin)
+            reader.inputs[i] = mine
+            t = mine
+            carrier = twin if carrier is not None else None
+        if carrier is None:
+            return stored(op.inputs[index])
+        reader, i = carrier, 0
 
 
 def zero_fraction(t: Tensor) -> float:
