@@ -163,3 +163,56 @@ def test_channel_pruning_slices_a_weight_two_ops_read_on_copies_of_their_own(for
     out = io.to_bytes(m)
     for xnn in (True, False):
         assert np.isfinite(single_outputs(out, xnn)).all()
+
+
+@pytest.mark.parametrize("form", ["float32", "float16"])
+def test_weight_uses_finds_every_reader_through_the_carriers_in_model_order(form):
+    from tfrewrite.analysis import stored, weight_uses
+    from tfrewrite.schema import BuiltinOperator as OP
+    model = io.read_buffer(B.shared_in_one_subgraph(form=form))
+    fcs = [op for op in model.main.operators if op.builtin == OP.FULLY_CONNECTED]
+    found = weight_uses(model, stored(fcs[1].inputs[1]).tensor)
+    assert [(u.op, u.index) for u in found.uses] == [(fcs[1], 1), (fcs[2], 1)]
+    assert [c.builtin for c in found.carriers] == ([OP.DEQUANTIZE] if form == "float16" else [])
+    assert found.shared and found.first is fcs[1]
+    alone = weight_uses(model, stored(fcs[0].inputs[1]).tensor)
+    assert not alone.shared and alone.ops == [fcs[0]]
+    # Across signatures: one Buffer, a tensor (and a DEQUANTIZE) in each subgraph; subgraph order first.
+    model = io.read_buffer(B.shared_across_signatures(np.ones((8, 16)), form=form))
+    found = weight_uses(model, stored(model.subgraphs[1].operators[-1].inputs[1]).tensor)
+    assert [(u.subgraph, u.op.builtin) for u in found.uses] == [(sg, OP.FULLY_CONNECTED) for sg in model.subgraphs]
+    assert len(found.carriers) == (2 if form == "float16" else 0) and found.first is model.subgraphs[0].operators[-1]
+
+
+def test_refusal_names_the_reader_in_the_way():
+    from tfrewrite.analysis import weight_uses, stored
+    from tfrewrite.schema import BuiltinOperator as OP
+    model = io.read_buffer(B.shared_in_one_subgraph())
+    a, b = [op for op in model.main.operators if op.builtin == OP.FULLY_CONNECTED][1:3]
+    found = weight_uses(model, stored(a.inputs[1]).tensor)
+    assert found.refusal(lambda u: True, ask=lambda u: "same") is None
+    assert found.refusal(lambda u: u.op is a) == "the weight is also read by FULLY_CONNECTED"
+    assert found.refusal(lambda u: u.op is a or "excluded", left="b is excluded") == "shared weight: b is excluded"
+    assert found.refusal(lambda u: True, ask=lambda u: u.op is a, differ="they differ") == "shared weight: they differ"
+
+
+@pytest.mark.parametrize("options,kind,both", [
+    (dict(prune=0.5), "prune", ["pruned", None]),  # pruned once, at the first reader
+    (dict(rank=4), "fc", ["rewritten", "rewritten"])])  # one set of factors for both
+def test_a_weight_one_reader_leaves_alone_is_left_alone_for_every_reader(options, kind, both):
+    """Pruning or low rank for every reader of a shared weight happens only when every reader asks for it: a
+    reader excluded by --skip keeps the weight as it is, and so the other reader does too (before, the other
+    reader changed it for both)."""
+    from tfrewrite.analysis import stored
+    built = B.shared_in_one_subgraph()
+    for skip, expected in ((None, both), ("^h2$", [None, None])):
+        m = io.read_buffer(built)
+        entries = [e for e in rewrite.rewrite_model(m, rewrite.Options(skip=skip, **options))
+                   if e["kind"] == kind and e["output"] in ("h1", "h2")]
+        assert [e["action"] if e["action"] != "skipped" else None for e in entries] == expected, entries
+        if skip:
+            assert entries[0]["reason"] == "shared weight: another reader is left as it is"
+            assert entries[1]["reason"] == "matched by --skip"
+            readers = [op for op in m.main.operators if op.outputs[0].name in ("h1", "h2")]
+            assert stored(readers[0].inputs[1]).tensor is stored(readers[1].inputs[1]).tensor
+            assert np.count_nonzero(stored(readers[0].inputs[1]).tensor.data) == 32 * 32

@@ -70,6 +70,86 @@ def stored_constant(t: Tensor | None) -> Tensor | None:
 
 
 # ------------------------------------------------------------------------------------------- shared weights
+# One policy for a weight that several ops read (in one subgraph, or across subgraphs and signatures: one Buffer
+# with a tensor in each), which every pass that changes weights follows; `weight_uses` finds the readers:
+# - a change made for every reader keeps the weight stored once (prune, sparse_encode, quantize, and the low-rank
+#   passes, whose one set of factors serves every reader). It is made only when every reader is an op the pass
+#   rewrites, and rewrites the same way (`refusal` says why not, naming the reader in the way, and the weight
+#   is left as it is). The first reader in model order decides and carries the bytes; the later ones report
+#   that the change was made once there.
+# - a change that is one op's own (channel pruning slices a weight with that op's channels) is made on a copy
+#   that op alone reads (`private_weight`); the other readers keep theirs.
+class WeightUse(NamedTuple):
+    """One op input that reads a stored weight's values (directly or through the ops that carry it)."""
+    subgraph: Subgraph
+    op: Operator
+    index: int
+
+
+class WeightUses(NamedTuple):
+    """A stored weight and everything that reads it, in model order (subgraph, then execution order): `uses`
+    are the op inputs that read its values, `carriers` the DEQUANTIZE / DENSIFY ops in between (whose readers
+    are in `uses`)."""
+    stored: Tensor
+    uses: list
+    carriers: list
+
+    @property
+    def ops(self) -> list[Operator]:
+        """The reading ops, each once."""
+        return list({u.op: None for u in self.uses})
+
+    @property
+    def shared(self) -> bool:
+        """Read by more than one op."""
+        return len(self.ops) > 1
+
+    @property
+    def first(self) -> Operator | None:
+        """The reader that decides a change made for every reader."""
+        return self.uses[0].op if self.uses else None
+
+    def refusal(self, rewrites, ask=None, **messages) -> str | None:
+        return refusal(self.uses, rewrites, ask, **messages)
+
+
+def refusal(uses, rewrites, ask=None, left: str = "another reader is left as it is",
+            differ: str = "its readers ask for different changes") -> str | None:
+    """Why a change for every one of `uses` (each with an `op`) cannot be made, None when it can: `rewrites(use)`
+    is True for a use the pass rewrites, False for one it does not rewrite at all ("the weight is also read by
+    OP"), or that use's own reason to be left as it is (`left`); `ask(use)` is the change it asks for, which
+    must be the same for all (`differ`)."""
+    asks = set()
+    for use in uses:
+        verdict = rewrites(use)
+        if verdict is False:
+            return f"the weight is also read by {use.op.name}"
+        if verdict is not True:
+            return f"shared weight: {left}"
+        if ask is not None:
+            asks.add(ask(use))
+    return f"shared weight: {differ}" if len(asks) > 1 else None
+
+
+def weight_uses(model: Model, t: Tensor) -> WeightUses:
+    """Every op input, in any subgraph, that reads the values of the weight stored in `t`'s buffer (`t` the stored
+    constant), looking through the DEQUANTIZE / DENSIFY ops that carry it."""
+    uses, carriers = [], []
+    pending = model.readers(model.sharers(t))
+    while pending:
+        found = []
+        for sg, op, i in pending:
+            if op.builtin in WEIGHT_CARRIERS and i == 0 and op.outputs and len(carriers) < 64:
+                carriers.append(op)
+                found += model.readers([(sg, op.outputs[0])])
+            else:
+                uses.append(WeightUse(sg, op, i))
+        pending = found
+    order = {sg: k for k, sg in enumerate(model.subgraphs)}
+    uses.sort(key=lambda u: (order[u.subgraph], u.subgraph._position(u.op), u.index))
+    return WeightUses(t, uses, carriers)
+
+
 def private_weight(op: Operator, index: int) -> Stored | None:
     """The constant behind input `index` of `op` (and the DEQUANTIZE / DENSIFY carrying it), made one that only
     `op` reads, for a change that is op's own: where another op of the subgraph reads the same tensor, `op` gets
