@@ -514,3 +514,22 @@ def test_budget_counts_the_bytes_of_full_integer_layers(tmp_path):
     assert budget["baseline_bytes"] == pytest.approx(int8.stat().st_size, rel=0.01)
     assert budget["reached"] and budget["estimate"] == pytest.approx(budget["achieved"], rel=0.015)
     assert budget["achieved"] == pytest.approx(budget["baseline_bytes"] / out.stat().st_size, rel=1e-3)
+
+
+def test_budget_mixing_ranks_into_channels_of_the_int8_mobilenetv2_meets_its_size(tmp_path):
+    """The int8 MobileNetV2 fixture at 3x with channel shares and ranks mixed: a rank option on a layer the cut
+    leaves at a share of its weights saves that share, less the tables of the op it adds (these do not shrink):
+    counted in proportion, the estimate said 3.02x and the file came out 2.95x (target missed)."""
+    from digits import load_split
+    source = FIXTURES / "mobilenetv2_digits_int8.tflite"
+    (name, _), = io.read(source).signature_defs[0].inputs
+    x, _ = load_split("calib", 96)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{name: x[:32]})
+    out = tmp_path / "out.tflite"
+    report = rewrite.run(source, out, rewrite.Options(prune_channels="auto", rank="auto", target_size=3,
+                                                      calibration=str(calib)))
+    budget = report["budget"]
+    assert any(e["action"] == "rewritten" for e in report["layers"])  # low-rank chains and channel cuts both
+    assert budget["reached"] and budget["achieved"] == pytest.approx(budget["estimate"], rel=0.02)
+    assert source.stat().st_size / out.stat().st_size == pytest.approx(budget["achieved"], rel=1e-3)
