@@ -387,7 +387,8 @@ def _lowrank_rows(model, plan: Plan, samples, generated: bool, progress=None, pe
     `percentile`: --activation-percentile, for the int8 chains fitted on these rows."""
     from . import calibrate
     targets = lowrank_targets(model, plan)
-    rows = calibrate.collect(model, samples, targets, progress=_stage(progress, "calibration: sample", len(samples)))
+    rows = calibrate.collect(model, samples, targets, progress=_stage(progress, "calibration: sample", len(samples)),
+                             max_rows=calibrate.GENERATED_ROWS if generated else calibrate.MAX_ROWS)
     extra = {"damping": calibrate.GENERATED_DAMPING, "generated": True} if generated else {}
     if percentile is not None:
         extra["activation_percentile"] = percentile

@@ -201,15 +201,11 @@ def output_variation_error(policy: "RankPolicy", weight: np.ndarray, approx=None
     C the rows' damped covariance. Bias correction restores the mean output, so this is the error that remains;
     relative to the uncentered signal (`layer_metric`) it looks small wherever the inputs' mean dominates (a
     ReLU network's later layers). `approx`: Ŵ; or `factors`: (L, R) with Ŵ = L·R."""
-    if "centered_metric" not in policy.extra:
-        from ..linalg import fit
-        policy.extra["centered_metric"] = fit.input_metric(
-            policy.extra["rows"], policy.extra.get("damping", fit.DEFAULT_DAMPING), centered=True)
     from ..linalg import fit
-    metric = policy.extra["centered_metric"]
+    metric = layer_metric(policy)
     if factors is not None:
-        return fit.lowrank_output_error(weight, *factors, metric)
-    return fit.output_error(weight, approx, metric)
+        return fit.lowrank_output_error(weight, *factors, metric, centered=True)
+    return fit.centered_output_error(weight, approx, metric)
 
 
 def layer_cross(policy: "RankPolicy", weight_matrix: np.ndarray):
@@ -342,7 +338,21 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, plan, kind: str, rewri
             _keep_if_smaller(model, weight, plan, entry, snapshot, size_before, shared_before)
     except Skip as e:
         entry["reason"] = str(e)
+    _release_layer_data(plan, op, entry)
     return entry
+
+
+def _release_layer_data(plan, op: Operator, entry: dict) -> None:
+    """Let go of what only this op's fit needed, before the next layer's: its input metric (VGG16's 3x3x512
+    convs: ~100 MB each), and all its calibration data once the op is replaced (later passes read rows only of
+    ops still in the model)."""
+    data = plan.layer_data.get(id(op))
+    if data is None:
+        return
+    if entry.get("action") == "rewritten":
+        del plan.layer_data[id(op)]
+    else:
+        data.pop("metric", None)
 
 
 def _keep_if_smaller(model, weight: LayerWeight, plan, entry: dict, snapshot, size_before: int, shared_before: int):
