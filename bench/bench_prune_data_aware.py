@@ -147,6 +147,24 @@ def budget_table(rows: list[dict]) -> list[str]:
     return L + ["", "```sh"] + [r["command"] for r in rows] + ["```", ""]
 
 
+def fixture_table(name: str, rows: list[dict]) -> list[str]:
+    """One fixture's fixed-sparsity table (rows[0]: the original)."""
+    base = rows[0]
+    L = [f"## {name}", "", f"Original: {base['bytes']:,} B, top-1 {100 * base['top1']:.2f} %.", "",
+         "| sparsity | magnitude top-1 | data-aware top-1 | data-aware sequential top-1 | file (all three) | "
+         "data-aware s / sequential s | worst layer error ratio |", "|---|---|---|---|---|---|---|"]
+    for s in sorted({r["sparsity"] for r in rows[1:]}):
+        by = {r["mode"]: r for r in rows if r["sparsity"] == s}
+        cells = [f"{100 * by[m]['top1']:.2f} % ({100 * (by[m]['top1'] - base['top1']):+.2f})"
+                 if m in by else "-" for m in MODES]
+        sizes = sorted({by[m]["bytes"] for m in by})
+        secs = " / ".join(f"{by[m]['seconds']:.1f}" for m in ("data-aware", "data-aware sequential") if m in by)
+        ratio = by.get("data-aware", {}).get("max_error_ratio")
+        L.append(f"| {100 * s:g} % | " + " | ".join(cells) + f" | {' / '.join(f'{b:,} B' for b in sizes)} | "
+                 f"{secs} | {'-' if ratio is None else f'{ratio:.3f}'} |")
+    return L + ["", "```sh"] + [r["command"] for r in rows if r.get("command")] + ["```", ""]
+
+
 def write(fixtures: dict, full: list[dict], started: str) -> None:
     L = ["# Data-aware pruning: magnitude vs OBS/SparseGPT, no retraining (issue 15)", "",
          f"- Date: {started} UTC; machine: {machine()}; OPENBLAS_NUM_THREADS="
@@ -163,20 +181,7 @@ def write(fixtures: dict, full: list[dict], started: str) -> None:
          "data-aware output error / magnitude output error on the calibration rows (report fields "
          "`output_error`, `output_error_magnitude`).", ""]
     for name, rows in fixtures.items():
-        base = rows[0]
-        L += [f"## {name}", "", f"Original: {base['bytes']:,} B, top-1 {100 * base['top1']:.2f} %.", "",
-              "| sparsity | magnitude top-1 | data-aware top-1 | data-aware sequential top-1 | file (all three) | "
-              "data-aware s / sequential s | worst layer error ratio |", "|---|---|---|---|---|---|---|"]
-        for s in sorted({r["sparsity"] for r in rows[1:]}):
-            by = {r["mode"]: r for r in rows if r["sparsity"] == s}
-            cells = [f"{100 * by[m]['top1']:.2f} % ({100 * (by[m]['top1'] - base['top1']):+.2f})"
-                     if m in by else "-" for m in MODES]
-            sizes = sorted({by[m]["bytes"] for m in by})
-            secs = " / ".join(f"{by[m]['seconds']:.1f}" for m in ("data-aware", "data-aware sequential") if m in by)
-            ratio = by.get("data-aware", {}).get("max_error_ratio")
-            L.append(f"| {100 * s:g} % | " + " | ".join(cells) + f" | {' / '.join(f'{b:,} B' for b in sizes)} | "
-                     f"{secs} | {'-' if ratio is None else f'{ratio:.3f}'} |")
-        L.append("")
+        L += fixture_table(name, rows)
     if full:
         L += ["## Full-size models: time and memory", "",
               "64 calibration images of 224x224 (the digits `calib` split upsampled; random weights, so speed and "
@@ -188,10 +193,6 @@ def write(fixtures: dict, full: list[dict], started: str) -> None:
                      f"{r['kb'] / 1024:.0f} MB ({r['kb'] / BAR_KB * 4:.2f} GiB) | {after} | "
                      f"{r['load']:.2f} / {r['load_after']:.2f} |")
         L.append("")
-    L += ["## Commands", "", "```sh"]
-    for rows in fixtures.values():
-        L += [r["command"] for r in rows if r.get("command")]
-    L += ["```", ""]
     OUT.write_text("\n".join(L))
     print(f"wrote {OUT.relative_to(ROOT)}")
 
@@ -201,9 +202,18 @@ def main() -> int:
     ap.add_argument("--skip-full", action="store_true", help="only the fixtures")
     ap.add_argument("--skip-fixtures", action="store_true", help="only the full-size models")
     ap.add_argument("--full-sparsity", type=float, default=0.5)
+    ap.add_argument("--rows-only", nargs="+", metavar="FIXTURE [S ...]",
+                    help="only one fixture's fixed-sparsity rows at the given sparsities (printed as a markdown table, "
+                         "the results file is left as it is)")
     ap.add_argument("--budget-only", type=float, nargs="*", metavar="X",
                     help="only the --prune auto --target-size X rows (printed as a markdown table)")
     args = ap.parse_args()
+    if args.rows_only:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        name, sparsities = args.rows_only[0], [float(v) for v in args.rows_only[1:]]
+        size, default = FIXTURES[name]
+        print("\n".join(fixture_table(name, fixture_rows(name, size, sparsities or default, list(MODES)))))
+        return 0
     if args.budget_only is not None:
         CACHE.mkdir(parents=True, exist_ok=True)
         rows = []

@@ -154,6 +154,31 @@ def shared_across_signatures(weight, layer="fc", form="float32", bias=None, inpu
     return io.to_bytes(model)
 
 
+def shared_in_one_subgraph(width=16, hidden=32, out=10, form="float32", seed=0):
+    """x[1, width] → FC (hidden) → RELU → FC (S) → RELU → FC (S again: the same tensor, or the same DEQUANTIZE
+    output when stored float16) → FC (out): one weight two ops of one subgraph read."""
+    rng = np.random.default_rng(seed)
+    sg = Subgraph(name="main")
+    x = sg.add_tensor(Tensor("x", T.FLOAT32, [1, width]))
+    first = sg.add_constant("first/weight", rng.standard_normal((hidden, width)).astype(np.float32) / 4)
+    shared, pre = _weight(sg, "shared/weight", rng.standard_normal((hidden, hidden)) / 6, form, 0)
+    last = sg.add_constant("last/weight", rng.standard_normal((out, hidden)).astype(np.float32) / 6)
+    h = [sg.add_activation(f"h{k}", T.FLOAT32, [1, hidden]) for k in range(3)]
+    y = sg.add_activation("y", T.FLOAT32, [1, out])
+    sg.operators = pre + [
+        ops.fully_connected(x, first, sg.add_constant("first/bias", rng.standard_normal(hidden).astype(np.float32)),
+                            h[0], activation=ACT["RELU"]),
+        ops.fully_connected(h[0], shared, sg.add_constant("a/bias", np.full(hidden, 0.1, np.float32)), h[1],
+                            activation=ACT["RELU"]),
+        ops.fully_connected(h[1], shared, sg.add_constant("b/bias", np.full(hidden, 0.2, np.float32)), h[2],
+                            activation=ACT["RELU"]),
+        ops.fully_connected(h[2], last, None, y)]
+    sg.inputs, sg.outputs = [x], [y]
+    model = Model(subgraphs=[sg])
+    model.signature_defs = [_signature("serving_default", sg)]
+    return io.to_bytes(model)
+
+
 def gather_fc_model(table_rows=50, width=16, out=32, indices=4, seed=0):
     """An index input: int32 indices → GATHER rows of a float32 table → FULLY_CONNECTED."""
     from tfrewrite.graph import Operator

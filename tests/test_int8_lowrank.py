@@ -135,13 +135,12 @@ def test_xnnpack_on_and_off_agree(rewritten):
     images = x[:12]
     model = io.read(path)
     sg = model.main
-    producers = sg.producers()
     layers = {op.outputs[0].name for op in io.read(INT8_VGG).main.operators}
     chains = []
     for end in [op for op in sg.operators if op.outputs[0].name in layers and op.builtin in (OP.CONV_2D, OP.FULLY_CONNECTED)]:
         chain = [end]
         while chain[0].inputs[0].name not in layers:
-            chain.insert(0, producers[id(chain[0].inputs[0])])
+            chain.insert(0, chain[0].inputs[0].producer)
         if len(chain) > 1:  # the 10-class layer and the first conv are left as they are
             chains.append(chain)
     assert len(chains) == 7  # the first conv does not pay (see above)

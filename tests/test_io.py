@@ -175,9 +175,8 @@ def test_graph_helpers_edit_and_clean_up():
     model = io.read(FIXTURES / "vgg_digits.tflite")
     sg = model.main
     fc = [op for op in sg.operators if op.name == "FULLY_CONNECTED"][0]
-    producers, consumers = sg.producers(), sg.consumers()
-    assert producers[id(fc.outputs[0])] is fc
-    assert consumers[id(fc.inputs[0])] == [fc]
+    assert fc.outputs[0].producer is fc
+    assert fc.inputs[0].consumers == [fc]
     # Replace the FC by an identical one that reads a fresh copy of its weight.
     w = sg.add_constant("copy_of_weight", np.array(fc.inputs[1].data))
     new = ops.fully_connected(fc.inputs[0], w, fc.inputs[2], fc.outputs[0],

@@ -135,3 +135,24 @@ def test_quota_is_exact_with_ties_and_dead_inputs():
     assert np.sum(~keep) == 32
     assert not keep[:, :8].any()  # exactly the dead inputs' weights go
     np.testing.assert_allclose(new[:, 8:], 1.0)
+
+
+def test_depthwise_obs_is_the_exact_optimum_for_its_mask_and_beats_magnitude():
+    rng = np.random.default_rng(11)
+    taps, channels = 9, 24
+    x = rng.standard_normal((800, taps, channels))
+    x += 0.8 * x[:, :1, :]  # neighbouring taps of an image are correlated
+    w = rng.standard_normal((taps, channels))
+    new, keep, method = obs.prune_depthwise(w, x, 0.5, damping=1e-9)
+    assert method == "obs" and np.sum(~keep) == round(0.5 * taps * channels) and np.all(new[~keep] == 0)
+    for c in range(channels):  # each channel: least squares on its own taps, pruned ones zero
+        h = x[:, :, c].T @ x[:, :, c] / len(x)
+        np.testing.assert_allclose(new[:, c], best_refit(w[:, c], h, set(np.flatnonzero(~keep[:, c]))), atol=1e-5)
+    magnitude = w * sparse.prune_magnitude(np.abs(w), 0.5)
+    assert obs.depthwise_output_error(w, new, x) < 0.85 * obs.depthwise_output_error(w, magnitude, x)
+    # Sequential: inputs changed (x) from the original ones (t); the fit aims at the original outputs.
+    t = x + 0.3 * rng.standard_normal(x.shape)
+    same, _, _ = obs.prune_depthwise(w, x, 0.5, target_rows=x)
+    np.testing.assert_allclose(same, obs.prune_depthwise(w, x, 0.5)[0], atol=1e-4)
+    fitted, _, _ = obs.prune_depthwise(w, x, 0.5, target_rows=t)
+    assert obs.depthwise_output_error(w, fitted, x, t) < obs.depthwise_output_error(w, new, x, t)

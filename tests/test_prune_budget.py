@@ -15,9 +15,9 @@ def calib(tmp_path_factory):
     return digits_calibration(tmp_path_factory, 16)
 
 
-def _run(tmp, calib, *argv):
+def _run(tmp, calib, *argv, model=VGG):
     out, rep = tmp / "o.tflite", tmp / "r.json"
-    assert cli.main([str(VGG), str(out), "--calibration", str(calib), "--only", "fc", "--report", str(rep),
+    assert cli.main([str(model), str(out), "--calibration", str(calib), "--only", "fc", "--report", str(rep),
                      "--quiet", *argv]) == 0
     return json.loads(rep.read_text())
 
@@ -77,3 +77,27 @@ def test_refused_combinations(tmp, capsys, argv, words):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err, err
     assert not out.exists()
+
+
+def test_full_integer_fc_sparsities_are_1x16_blocks_counted_with_their_per_channel_parameters(calib, tmp):
+    from tfrewrite import budget, io, schema
+    from tfrewrite.passes.common import SparsityOption, read_weight
+    int8 = FIXTURES / "vgg_digits_int8.tflite"
+    report = _run(tmp, calib, "--prune", "auto", "--target-size", "1.5", model=int8)
+    b = report["budget"]
+    assert b["reached"] and b["estimate"] == pytest.approx(b["achieved"], rel=0.01)  # costs what is written
+    chosen = [layer for layer in b["layers"] if layer.get("sparsity") is not None]
+    assert chosen
+    pruned, encoded = _entries(report, "prune"), _entries(report, "sparse_encode")
+    for layer in chosen:
+        assert pruned[layer["output"]]["method"] == "sparsegpt+refit block1x16"
+        assert encoded[layer["output"]]["method"] == "block1x16, FC v8"
+    # A sparse option is charged the bias, scales, zero points and tables the dense layer is charged (it keeps
+    # them): its cost is its encoded weight plus exactly that overhead.
+    m = io.read(int8)
+    op = next(op for op in m.main.operators if op.builtin == schema.BuiltinOperator.FULLY_CONNECTED
+              and op.inputs[1].shape[0] == 256)
+    weight = read_weight(op)
+    layer = budget._budget_layer(op, weight, [SparsityOption(0.5, 100, 1000, 0, 0.1)], None)
+    assert layer.options[0].nbytes == 1000 + layer.dense_bytes - weight.values.size
+    assert layer.dense_bytes > weight.values.size + 28 * 256

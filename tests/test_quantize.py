@@ -136,9 +136,8 @@ def test_int8_structure_matches_the_converter():
 def test_depthwise_int8_is_per_channel_on_dimension_3():
     model, _, _ = quantized(MNV2, quantize="int8")
     # Read through a DEQUANTIZE (XNNPACK and the builtin hybrid depthwise kernel differ inside a model).
-    producers = model.main.producers()
-    stored = [producers[id(op.inputs[1])].inputs[0] for op in layer_ops(model, OP.DEPTHWISE_CONV_2D)
-              if id(op.inputs[1]) in producers]
+    stored = [op.inputs[1].producer.inputs[0] for op in layer_ops(model, OP.DEPTHWISE_CONV_2D)
+              if op.inputs[1].producer is not None]
     dws = [t for t in stored if t.type == T.INT8]
     assert len(dws) == 10  # the 7 with fewer than 1024 weights stay float32, as with the converter
     for t in dws:

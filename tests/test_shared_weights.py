@@ -111,3 +111,108 @@ def test_quantizing_a_weight_two_signatures_share_stores_it_once(mode):
     entries, out = rewrite_and_check(model, 1e-2 if mode == "float16" else 5e-2, quantize=mode)
     assert [e["action"] for e in entries] == ["quantized", "quantized"]
     assert distinct_weight_buffers(out) == 1
+
+
+# ----------------------------------------------------------------------------- the IR's shared-weight helpers
+def single_outputs(model: bytes, xnnpack: bool = False) -> np.ndarray:
+    runner = verify.Runner(model, xnnpack=xnnpack)
+    return runner(runner.random_samples(1, 0)[0])[0]
+
+
+@pytest.mark.parametrize("form", ["float32", "float16"])
+def test_private_weight_gives_one_reader_its_own_copy_over_the_same_bytes(form):
+    from tfrewrite.analysis import private_weight, stored
+    from tfrewrite.schema import BuiltinOperator as OP
+    built = B.shared_in_one_subgraph(form=form)
+    model = io.read_buffer(built)
+    sg = model.main
+    a, b = [op for op in sg.operators if op.builtin == OP.FULLY_CONNECTED][1:3]
+    assert a.inputs[1] is b.inputs[1]
+    before = stored(a.inputs[1])
+    mine = private_weight(b, 1)
+    theirs = stored(a.inputs[1])
+    # a keeps what it read; b reads a tensor (and, stored float16, a DEQUANTIZE) of its own over the same bytes.
+    assert theirs.tensor is before.tensor and a.inputs[1] is not b.inputs[1]
+    assert mine.tensor is not theirs.tensor and mine.tensor.buffer is theirs.tensor.buffer
+    assert len(mine.carriers) == len(theirs.carriers) == (1 if form == "float16" else 0)
+    assert mine.carriers == () or mine.carriers[0] is not theirs.carriers[0]
+    assert b.inputs[1].consumers == [b] and model.problems() == []
+    assert private_weight(b, 1).tensor is mine.tensor  # already its own: nothing more to copy
+    unchanged = io.to_bytes(model)
+    np.testing.assert_array_equal(single_outputs(unchanged), single_outputs(built))
+    # New data for b's copy changes b only.
+    mine.tensor.set_data(np.zeros(mine.tensor.shape, mine.tensor.dtype))
+    assert np.count_nonzero(theirs.tensor.data) > 0 and model.problems() == []
+    assert stored(a.inputs[1]).tensor.buffer is before.tensor.buffer
+
+
+@pytest.mark.parametrize("form", ["float32", "float16"])
+def test_channel_pruning_slices_a_weight_two_ops_read_on_copies_of_their_own(form):
+    from tfrewrite.analysis import stored
+    from tfrewrite.schema import BuiltinOperator as OP
+    built = B.shared_in_one_subgraph(form=form)
+    m = io.read_buffer(built)
+    entries = rewrite.rewrite_model(m, rewrite.Options(prune_channels=0.5))
+    assert m.problems() == []
+    fcs = [op for op in m.main.operators if op.builtin == OP.FULLY_CONNECTED]
+    shapes = [stored(op.inputs[1]).tensor.shape for op in fcs]
+    assert shapes == [[16, 16], [16, 16], [16, 16], [10, 16]], shapes  # each hidden group halved
+    assert stored(fcs[1].inputs[1]).tensor is not stored(fcs[2].inputs[1]).tensor
+    channels = [e for e in entries if e["kind"] == "channels"]
+    assert [e["action"] for e in channels] == ["pruned"] * 3 + ["skipped"] and channels[3]["reason"] == "a subgraph output"
+    out = io.to_bytes(m)
+    for xnn in (True, False):
+        assert np.isfinite(single_outputs(out, xnn)).all()
+
+
+@pytest.mark.parametrize("form", ["float32", "float16"])
+def test_weight_uses_finds_every_reader_through_the_carriers_in_model_order(form):
+    from tfrewrite.analysis import stored, weight_uses
+    from tfrewrite.schema import BuiltinOperator as OP
+    model = io.read_buffer(B.shared_in_one_subgraph(form=form))
+    fcs = [op for op in model.main.operators if op.builtin == OP.FULLY_CONNECTED]
+    found = weight_uses(model, stored(fcs[1].inputs[1]).tensor)
+    assert [(u.op, u.index) for u in found.uses] == [(fcs[1], 1), (fcs[2], 1)]
+    assert [c.builtin for c in found.carriers] == ([OP.DEQUANTIZE] if form == "float16" else [])
+    assert found.shared and found.first is fcs[1]
+    alone = weight_uses(model, stored(fcs[0].inputs[1]).tensor)
+    assert not alone.shared and alone.ops == [fcs[0]]
+    # Across signatures: one Buffer, a tensor (and a DEQUANTIZE) in each subgraph; subgraph order first.
+    model = io.read_buffer(B.shared_across_signatures(np.ones((8, 16)), form=form))
+    found = weight_uses(model, stored(model.subgraphs[1].operators[-1].inputs[1]).tensor)
+    assert [(u.subgraph, u.op.builtin) for u in found.uses] == [(sg, OP.FULLY_CONNECTED) for sg in model.subgraphs]
+    assert len(found.carriers) == (2 if form == "float16" else 0) and found.first is model.subgraphs[0].operators[-1]
+
+
+def test_refusal_names_the_reader_in_the_way():
+    from tfrewrite.analysis import weight_uses, stored
+    from tfrewrite.schema import BuiltinOperator as OP
+    model = io.read_buffer(B.shared_in_one_subgraph())
+    a, b = [op for op in model.main.operators if op.builtin == OP.FULLY_CONNECTED][1:3]
+    found = weight_uses(model, stored(a.inputs[1]).tensor)
+    assert found.refusal(lambda u: True, ask=lambda u: "same") is None
+    assert found.refusal(lambda u: u.op is a) == "the weight is also read by FULLY_CONNECTED"
+    assert found.refusal(lambda u: u.op is a or "excluded", left="b is excluded") == "shared weight: b is excluded"
+    assert found.refusal(lambda u: True, ask=lambda u: u.op is a, differ="they differ") == "shared weight: they differ"
+
+
+@pytest.mark.parametrize("options,kind,both", [
+    (dict(prune=0.5), "prune", ["pruned", None]),  # pruned once, at the first reader
+    (dict(rank=4), "fc", ["rewritten", "rewritten"])])  # one set of factors for both
+def test_a_weight_one_reader_leaves_alone_is_left_alone_for_every_reader(options, kind, both):
+    """Pruning or low rank for every reader of a shared weight happens only when every reader asks for it: a
+    reader excluded by --skip keeps the weight as it is, and so the other reader does too (before, the other
+    reader changed it for both)."""
+    from tfrewrite.analysis import stored
+    built = B.shared_in_one_subgraph()
+    for skip, expected in ((None, both), ("^h2$", [None, None])):
+        m = io.read_buffer(built)
+        entries = [e for e in rewrite.rewrite_model(m, rewrite.Options(skip=skip, **options))
+                   if e["kind"] == kind and e["output"] in ("h1", "h2")]
+        assert [e["action"] if e["action"] != "skipped" else None for e in entries] == expected, entries
+        if skip:
+            assert entries[0]["reason"] == "shared weight: another reader is left as it is"
+            assert entries[1]["reason"] == "matched by --skip"
+            readers = [op for op in m.main.operators if op.outputs[0].name in ("h1", "h2")]
+            assert stored(readers[0].inputs[1]).tensor is stored(readers[1].inputs[1]).tensor
+            assert np.count_nonzero(stored(readers[0].inputs[1]).tensor.data) == 32 * 32

@@ -1,13 +1,14 @@
 """Per-operator facts about a model: its weight, parameters, MACs and share of zero weights."""
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import numpy as np
 
 from . import schema
 from .ops import semantics
-from .graph import Model, Operator, Tensor
+from .graph import Model, Operator, Subgraph, Tensor
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -66,6 +67,116 @@ def stored_constant(t: Tensor | None) -> Tensor | None:
     """The constant behind `t` (see `stored`)."""
     s = stored(t)
     return s.tensor if s is not None else None
+
+
+# ------------------------------------------------------------------------------------------- shared weights
+# One policy for a weight that several ops read (in one subgraph, or across subgraphs and signatures: one Buffer
+# with a tensor in each), which every pass that changes weights follows; `weight_uses` finds the readers:
+# - a change made for every reader keeps the weight stored once (prune, sparse_encode, quantize, and the low-rank
+#   passes, whose one set of factors serves every reader). It is made only when every reader is an op the pass
+#   rewrites, and rewrites the same way (`refusal` says why not, naming the reader in the way, and the weight
+#   is left as it is). The first reader in model order decides and carries the bytes; the later ones report
+#   that the change was made once there.
+# - a change that is one op's own (channel pruning slices a weight with that op's channels) is made on a copy
+#   that op alone reads (`private_weight`); the other readers keep theirs.
+class WeightUse(NamedTuple):
+    """One op input that reads a stored weight's values (directly or through the ops that carry it)."""
+    subgraph: Subgraph
+    op: Operator
+    index: int
+
+
+class WeightUses(NamedTuple):
+    """A stored weight and everything that reads it, in model order (subgraph, then execution order): `uses`
+    are the op inputs that read its values, `carriers` the DEQUANTIZE / DENSIFY ops in between (whose readers
+    are in `uses`)."""
+    stored: Tensor
+    uses: list
+    carriers: list
+
+    @property
+    def ops(self) -> list[Operator]:
+        """The reading ops, each once."""
+        return list({u.op: None for u in self.uses})
+
+    @property
+    def shared(self) -> bool:
+        """Read by more than one op."""
+        return len(self.ops) > 1
+
+    @property
+    def first(self) -> Operator | None:
+        """The reader that decides a change made for every reader."""
+        return self.uses[0].op if self.uses else None
+
+    def refusal(self, rewrites, ask=None, **messages) -> str | None:
+        return refusal(self.uses, rewrites, ask, **messages)
+
+
+def refusal(uses, rewrites, ask=None, left: str = "another reader is left as it is",
+            differ: str = "its readers ask for different changes") -> str | None:
+    """Why a change for every one of `uses` (each with an `op`) cannot be made, None when it can: `rewrites(use)`
+    is True for a use the pass rewrites, False for one it does not rewrite at all ("the weight is also read by
+    OP"), or that use's own reason to be left as it is (`left`); `ask(use)` is the change it asks for, which
+    must be the same for all (`differ`)."""
+    asks = set()
+    for use in uses:
+        verdict = rewrites(use)
+        if verdict is False:
+            return f"the weight is also read by {use.op.name}"
+        if verdict is not True:
+            return f"shared weight: {left}"
+        if ask is not None:
+            asks.add(ask(use))
+    return f"shared weight: {differ}" if len(asks) > 1 else None
+
+
+def weight_uses(model: Model, t: Tensor) -> WeightUses:
+    """Every op input, in any subgraph, that reads the values of the weight stored in `t`'s buffer (`t` the stored
+    constant), looking through the DEQUANTIZE / DENSIFY ops that carry it."""
+    uses, carriers = [], []
+    pending = model.readers(model.sharers(t))
+    while pending:
+        found = []
+        for sg, op, i in pending:
+            if op.builtin in WEIGHT_CARRIERS and i == 0 and op.outputs and len(carriers) < 64:
+                carriers.append(op)
+                found += model.readers([(sg, op.outputs[0])])
+            else:
+                uses.append(WeightUse(sg, op, i))
+        pending = found
+    order = {sg: k for k, sg in enumerate(model.subgraphs)}
+    uses.sort(key=lambda u: (order[u.subgraph], u.subgraph._position(u.op), u.index))
+    return WeightUses(t, uses, carriers)
+
+
+def private_weight(op: Operator, index: int) -> Stored | None:
+    """The constant behind input `index` of `op` (and the DEQUANTIZE / DENSIFY carrying it), made one that only
+    `op` reads, for a change that is op's own: where another op of the subgraph reads the same tensor, `op` gets
+    a copy of it (and of the carriers and constant behind it) over the same Buffer, so no bytes are copied until
+    the pass gives the copy new data. Tensors of other subgraphs over the Buffer need nothing: a pass gives a
+    tensor new data in a new Buffer, it never writes into one. None when the input is not a stored constant."""
+    if stored(op.inputs[index]) is None:
+        return None
+    sg, reader, i = op.subgraph, op, index
+    while True:
+        t = reader.inputs[i]
+        carrier = t.producer
+        if any(c is not reader for c in t.consumers):
+            mine = copy.copy(t)
+            mine.name = sg.unique_name(t.name)
+            mine.quantization = copy.copy(t.quantization)
+            sg.add_tensor(mine)
+            if carrier is not None:  # its own carrier, right after the shared one, reading the constant
+                twin = copy.copy(carrier)
+                twin.outputs = [mine]
+                sg.operators.insert(sg._position(carrier) + 1, twin)
+            reader.inputs[i] = mine
+            t = mine
+            carrier = twin if carrier is not None else None
+        if carrier is None:
+            return stored(op.inputs[index])
+        reader, i = carrier, 0
 
 
 def zero_fraction(t: Tensor) -> float:

@@ -165,7 +165,8 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
     data_aware = bool(plan.layer_data)
     ops, layers = rank_layers(model, plan, passes, progress, full_int8)
     if sparsity_options is not None:
-        ops, layers = add_sparsity_options(model, plan, ops, layers, sparsity_options, None if passes else progress)
+        ops, layers = add_sparsity_options(model, plan, ops, layers, sparsity_options, None if passes else progress,
+                                           full_int8)
     quantized = full_int8 and not by_macs
     if quantized:
         total = full_int8_size(model, total)
@@ -215,9 +216,11 @@ def rank_layers(model, plan, passes, progress=None, full_int8: bool = False) -> 
     return _in_input_order(plan, ops, layers)
 
 
-def add_sparsity_options(model, plan, ops: list, layers: list, sparsity_options, progress=None) -> tuple[list, list]:
+def add_sparsity_options(model, plan, ops: list, layers: list, sparsity_options, progress=None,
+                         full_int8: bool = False) -> tuple[list, list]:
     """`ops`, `layers` with every main-subgraph layer that has calibration rows given its sparsity options
-    (`sparsity_options(op)`; Skip: none): added to its rank options, or as a layer of its own."""
+    (`sparsity_options(op)`; Skip: none): added to its rank options, or as a layer of its own (counted as
+    full-integer with `full_int8`)."""
     ops, layers = list(ops), list(layers)
     index = {id(op): i for i, op in enumerate(ops)}
     for op in [op for op in model.main.operators if id(op) in plan.layer_data]:
@@ -229,10 +232,10 @@ def add_sparsity_options(model, plan, ops: list, layers: list, sparsity_options,
         if progress:
             progress(op)
         if id(op) in index:
-            layers[index[id(op)]].options.extend(options)
+            layers[index[id(op)]].options.extend(_with_layer_overhead(options, layers[index[id(op)]], weight))
         else:
             ops.append(op)
-            layers.append(_budget_layer(op, weight, options, plan))
+            layers.append(_budget_layer(op, weight, options, plan, full_int8))
     return _in_input_order(plan, ops, layers)
 
 
@@ -273,17 +276,28 @@ def _budget_layer(op, weight, options: list, plan, full_int8: bool = False) -> B
     if weight.full_integer or full_int8:
         nb = len(op.outputs[0].name.split(";")[0]) + 12  # the chain's tensors: the layer's name + a suffix
         dense = stored_bytes(w.size, (w.shape[0],), "full-int8", nb)
-        options = [o for o in (o._replace(nbytes=stored_bytes(o.params, o.channels, "full-int8", nb))
-                               if getattr(o, "channels", None) else o for o in options)
-                   if o.nbytes is None or o.nbytes < dense]
-        return BudgetLayer(op.outputs[0].name, options, w.size,
-                           numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])), 1,
-                           input_bytes=dense, dense_bytes=dense)
+        layer = BudgetLayer(op.outputs[0].name, [], w.size,
+                            numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])), 1,
+                            input_bytes=dense, dense_bytes=dense)
+        options = [o._replace(nbytes=stored_bytes(o.params, o.channels, "full-int8", nb))
+                   if getattr(o, "channels", None) else o for o in options]
+        layer.options = [o for o in _with_layer_overhead(options, layer, weight) if o.nbytes is None or o.nbytes < dense]
+        return layer
     now = ITEMSIZE.get(weight.kind, 4)
     return BudgetLayer(op.outputs[0].name, list(options), w.size,
                        numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
                        quantize.stored_itemsize(weight.kind, w.size, plan.settings(op).quantize, plan.min_params),
                        input_bytes=w.size * now)
+
+
+def _with_layer_overhead(options: list, layer: BudgetLayer, weight) -> list:
+    """Sparsity options (whose bytes are the sparse weight's alone) of a layer whose dense cost counts more
+    than its weights (`dense_bytes`: a full-integer layer's bias, per-channel scales and zero points, op and
+    tensor tables): charged the same overhead, which the sparse layer keeps."""
+    if layer.dense_bytes is None:
+        return list(options)
+    overhead = layer.dense_bytes - weight.values.size * layer.itemsize
+    return [o._replace(nbytes=o.nbytes + overhead) if isinstance(o, SparsityOption) else o for o in options]
 
 
 def _option_json(option) -> dict:

@@ -468,18 +468,6 @@ class Subgraph:
         return self._positions[op]
 
     # --- queries --------------------------------------------------------------------------------------
-    def producers(self) -> dict[int, Operator]:
-        """id(tensor) → the operator that writes it (a snapshot; `Tensor.producer` is the live link)."""
-        return {id(t): op for op in self.operators for t in op.outputs}
-
-    def consumers(self) -> dict[int, list[Operator]]:
-        """id(tensor) → operators that read it, in execution order (a snapshot; `Tensor.consumers` is live)."""
-        readers: dict[int, list[Operator]] = {}
-        for op in self.operators:
-            for t in _op_reads(op):
-                readers.setdefault(id(t), []).append(op)
-        return readers
-
     def producer_of(self, tensor: Tensor) -> Operator | None:
         return tensor.producer
 

@@ -130,7 +130,9 @@ class Options:
     def defaults(self) -> LayerSettings:
         return LayerSettings(rank=None if self.rank == "auto" else self.rank, fc_rank=self.fc_rank, conv_rank=self.conv_rank, ratio=self.ratio,
                              energy=self.energy, conv_method=self.conv_method or "cp", force=self.force,
-                             prune=None if self.prune == "auto" else self.prune, prune_block=parse_block(self.prune_block),
+                             prune=None if self.prune == "auto" else self.prune,
+                             # Under full-int8 every FC becomes one whose sparse kernel reads 1x16 blocks only.
+                             prune_block=parse_block("1x16" if self.quantize == "full-int8" else self.prune_block),
                              prune_depthwise=self.prune_depthwise,
                              quantize=None if self.quantize == "full-int8" else self.quantize,
                              prune_channels=self.prune_channels, channel_multiple=self.channel_multiple)
@@ -298,12 +300,16 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     # images (VGG-style fixture: --target-size 5 judged and fitted on the weights 34.7 %, on these 95.8 %; --ratio 5
     # with the same floors 93.6 % fitted on the weights, 95.6 % on these; bench/results/nodata_floors.md).
     generated = not options.calibration and (rank_budget or bool(plan.budget) or plan.uses("ratio"))
+    depthwise = []
     if options.calibration or generated:
         if options.calibration:
             samples = samples or calibration_samples(source or model, options.calibration, options.signature)
         else:  # no data: the model's response to generated images
             samples = _generated(model, source, options)
-        targets = _lowrank_rows(model, plan, samples, generated, progress, options.activation_percentile)
+        # Depthwise layers to prune (--prune-depthwise) are fitted to calibration data too.
+        if options.calibration:
+            depthwise = depthwise_prune_targets(model, plan)
+        targets = _lowrank_rows(model, plan, samples, generated, progress, options.activation_percentile, depthwise)
         plan.calibration = {"file": str(options.calibration) if options.calibration else None,
                             "inputs": "calibration" if options.calibration else "generated",
                             "samples": len(samples), "layers": len(targets)}
@@ -323,7 +329,8 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
                 if reason:
                     raise Skip(reason)
                 return sparse_encode.sparsity_options(model, op, plan.settings(op), plan.layer_data[id(op)],
-                                              min_params=plan.min_params)
+                                                      min_params=plan.min_params,
+                                                      full_int8=options.quantize == "full-int8")
         plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
             model, plan, target, by_macs, total, lowrank if "lowrank" in plan.budget_kinds else (),
             sparsity_options=sparsity_options,
@@ -343,8 +350,10 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         from .passes import prune
         pruned_one_by_one = set()
         if options.sequential:
-            entries += checked(sequential_prune(model, plan, samples, targets))
-            pruned_one_by_one = {id(op) for op in targets}
+            order = {id(op): i for i, op in enumerate(model.main.operators)}
+            layers = sorted([op for op in targets + depthwise if id(op) in order], key=lambda op: order[id(op)])
+            entries += checked(sequential_prune(model, plan, samples, layers))
+            pruned_one_by_one = {id(op) for op in layers}
         entries += checked(prune.run(model, plan, skip=pruned_one_by_one))
     if plan.uses("quantize"):
         from .passes import quantize
@@ -381,18 +390,27 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
     return entries
 
 
-def _lowrank_rows(model, plan: Plan, samples, generated: bool, progress=None, percentile: float | None = None
-                  ) -> list:
-    """Collect the low-rank targets' input rows on `samples` into `plan.layer_data`; returns the targets.
+def depthwise_prune_targets(model, plan: Plan) -> list:
+    """The main subgraph's DEPTHWISE_CONV_2D ops of the input model that are to be pruned (--prune-depthwise)."""
+    OP = schema.BuiltinOperator
+    return [op for op in model.main.operators if op.builtin == OP.DEPTHWISE_CONV_2D and plan.is_input_op(op)
+            and plan.settings(op).prune and plan.settings(op).prune_depthwise]
+
+
+def _lowrank_rows(model, plan: Plan, samples, generated: bool, progress=None, percentile: float | None = None,
+                  more=()) -> list:
+    """Collect the low-rank targets' input rows on `samples` into `plan.layer_data`, and those of the ops in
+    `more` (in the same runs); returns the low-rank targets.
     `percentile`: --activation-percentile, for the int8 chains fitted on these rows."""
     from . import calibrate
     targets = lowrank_targets(model, plan)
-    rows = calibrate.collect(model, samples, targets, progress=_stage(progress, "calibration: sample", len(samples)),
+    rows = calibrate.collect(model, samples, targets + list(more),
+                             progress=_stage(progress, "calibration: sample", len(samples)),
                              max_rows=calibrate.GENERATED_ROWS if generated else calibrate.MAX_ROWS)
     extra = {"damping": calibrate.GENERATED_DAMPING, "generated": True} if generated else {}
     if percentile is not None:
         extra["activation_percentile"] = percentile
-    for op in targets:
+    for op in targets + list(more):
         plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
     return targets
 
@@ -442,7 +460,8 @@ def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> li
 
 
 def sequential_prune(model, plan: Plan, samples, targets) -> list[dict]:
-    """Prune the main subgraph's FULLY_CONNECTED and CONV_2D layers in execution order, each on the activations
+    """Prune the main subgraph's FULLY_CONNECTED and CONV_2D layers (and DEPTHWISE_CONV_2D with
+    --prune-depthwise) in execution order, each on the activations
     of the already pruned (or rewritten) layers before it, its kept weights fitted to reproduce the original
     layer's outputs (rows paired with the original activations at the same positions)."""
     from . import calibrate

@@ -327,3 +327,60 @@ def output_error(weight: np.ndarray, approx: np.ndarray, rows: np.ndarray,
     diff = ref - x @ np.asarray(approx, np.float32).T
     den = float(np.linalg.norm(ref))
     return float(np.linalg.norm(diff)) / den if den > 0 else 0.0
+
+
+def depthwise_hessians(rows: np.ndarray, damping: float = DEFAULT_DAMPING) -> tuple[np.ndarray, np.ndarray]:
+    """(per channel c the damped H_c = X_cᵀX_c/N + δ_c·I [C, k, k], δ [C]) of depthwise input rows [N, k, C]
+    (each channel's k = kh·kw taps; δ_c: `damping` × the mean of diag(X_cᵀX_c/N))."""
+    x = np.asarray(rows, np.float64)
+    h = np.einsum("nkc,nlc->ckl", x, x) / max(len(x), 1)
+    mean_diag = np.einsum("ckk->c", h) / h.shape[1]
+    delta = np.where(mean_diag > 0, damping * mean_diag, 1.0)
+    h[:, np.arange(h.shape[1]), np.arange(h.shape[1])] += delta[:, None]
+    return h, delta
+
+
+def prune_depthwise(weight: np.ndarray, rows: np.ndarray, sparsity: float, damping: float = DEFAULT_DAMPING,
+                    target_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Exact OBS (OBC) for a depthwise layer: weight [k, C] (taps × channels), sample rows [N, k, C] (the
+    channel's own k taps at sampled positions). Every channel is its own k-input least-squares problem, so the
+    layer's round(sparsity·k·C) removals are made one weight at a time, each time the one of least OBS cost
+    w_q²/[H_c⁻¹]_qq over all channels (the increase of the layer's summed squared output error), the rest of its
+    channel updated exactly and H_c⁻¹ restricted to the channel's remaining weights. The kept weights end at the
+    exact optimum for the mask. With `target_rows` (sequential: the original model's inputs at the same
+    positions) each channel starts from its best fit to the original outputs (`start_weights`, per channel).
+    Returns (pruned float32 weight [k, C] with exact zeros, keep mask, method)."""
+    w = np.asarray(weight, np.float64).T.copy()  # [C, k]
+    channels, k = w.shape
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    h, delta = depthwise_hessians(rows, damping)
+    if target_rows is not None:  # w'_c = H_c⁻¹(E[x tᵀ]_c w_c + δ_c w_c)
+        x, t = np.asarray(rows, np.float64), np.asarray(target_rows, np.float64)
+        cross = np.einsum("nkc,nlc->ckl", x, t) / max(len(x), 1)
+        w = np.linalg.solve(h, (np.einsum("ckl,cl->ck", cross, w) + delta[:, None] * w)[..., None])[..., 0]
+    h_inv = np.linalg.inv(h)
+    alive = np.ones((channels, k), bool)
+    cost = w * w / np.einsum("ckk->ck", h_inv)
+    for _ in range(int(round(sparsity * channels * k))):
+        c, q = divmod(int(np.argmin(np.where(alive, cost, np.inf))), k)
+        hc, wc = h_inv[c], w[c]
+        col = hc[:, q].copy()
+        wc -= (wc[q] / col[q]) * col
+        hc -= np.outer(col, col) / col[q]
+        wc[q], alive[c, q] = 0.0, False
+        wc[~alive[c]] = 0.0
+        diag = np.diag(hc)
+        cost[c] = np.where(alive[c] & (diag > 0), wc * wc / np.where(diag > 0, diag, 1.0), np.inf)
+    return w.T.astype(np.float32), alive.T, "obs"
+
+
+def depthwise_output_error(weight: np.ndarray, approx: np.ndarray, rows: np.ndarray,
+                           target_rows: np.ndarray | None = None) -> float:
+    """The depthwise layer's relative output error on sample rows [N, k, C] (weights [k, C])."""
+    x = np.asarray(rows, np.float32)
+    t = x if target_rows is None else np.asarray(target_rows, np.float32)
+    ref = np.einsum("nkc,kc->nc", t, np.asarray(weight, np.float32))
+    den = float(np.linalg.norm(ref))
+    return float(np.linalg.norm(ref - np.einsum("nkc,kc->nc", x, np.asarray(approx, np.float32)))) / den \
+        if den > 0 else 0.0

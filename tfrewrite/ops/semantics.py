@@ -55,8 +55,9 @@ PER_CHANNEL_PARAMETER = {OP.PRELU: 1}
 # Channel-wise only under a condition on their constant operand (checked by the walker):
 # MEAN / SUM / REDUCE_MAX over axes that exclude the last; PAD / PADV2 / MIRROR_PAD with no padding of the
 # last axis; SQUEEZE of other axes; RESHAPE keeping the last dimension.
-CONDITIONAL_CHANNELWISE = frozenset({OP.MEAN, OP.SUM, OP.REDUCE_MAX, OP.PAD, OP.PADV2, OP.MIRROR_PAD,
-                                     OP.SQUEEZE, OP.RESHAPE})
+CHANNEL_REDUCTIONS = frozenset({OP.MEAN, OP.SUM, OP.REDUCE_MAX})  # axes: input 1
+PADS = frozenset({OP.PAD, OP.PADV2, OP.MIRROR_PAD})  # paddings: input 1
+CONDITIONAL_CHANNELWISE = CHANNEL_REDUCTIONS | PADS | {OP.SQUEEZE, OP.RESHAPE}
 # Ops that map channels between their inputs and outputs: CONCATENATION (on the last axis: offsets), SPLIT /
 # SPLIT_V (on the last axis: the inverse), RESHAPE flattening [.., H, W, C] → [.., H·W·C] (channel c owns
 # columns c, c+C, c+2C, …).

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import io, ops, schema
-from ..analysis import numel, static_shape, stored
+from ..analysis import numel, static_shape, stored, weight_uses
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..report import Entry
 
@@ -324,10 +324,17 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, plan, kind: str, rewri
     policy = plan.rank_policy(op, kind)
     try:
         weight = read_weight(op)
-        readers = weight_readers(model, weight.stored)
-        if len(readers) > 1 or any(k[0] == id(weight.stored.buffer) for k in plan.shared_factors):
+        uses = weight_uses(model, weight.stored)
+        if uses.shared or any(k[0] == id(weight.stored.buffer) for k in plan.shared_factors):
             # One set of factors serves every reader (a weight stored once stays stored once), so it is fitted to
-            # the weight, not to the inputs of one of its readers.
+            # the weight, not to the inputs of one of its readers; every reader must be a layer of this kind
+            # asking for the same rank (the IR's shared-weight policy).
+            reason = _reason_to_leave(plan, op, kind, weight.values.size) or uses.refusal(
+                lambda u: u.op.builtin == op.builtin and u.index == 1
+                and (_reason_to_leave(plan, u.op, kind, weight.values.size) or True),
+                ask=lambda u: _rank_asked(plan, u.op, kind), differ="its readers ask for different ranks")
+            if reason:
+                raise Skip(reason)
             policy = replace(policy, extra={})
             entry["shared"] = True
         snapshot, size_before, shared_before = model.snapshot(), io.estimated_size(model), len(plan.shared_factors)
@@ -377,16 +384,16 @@ def _keep_if_smaller(model, weight: LayerWeight, plan, entry: dict, snapshot, si
                f"what they replace (file about {size_before} -> {size_after} bytes)")
 
 
-def weight_readers(model: Model, stored: Tensor) -> list[tuple[Subgraph, Operator]]:
-    """Every op of any subgraph that reads the weight held in `stored`'s buffer, directly or through the
-    DEQUANTIZE / DENSIFY that carries it."""
-    out = []
-    for sg, op, _ in model.readers(model.sharers(stored)):
-        if op.builtin in (OP.DEQUANTIZE, OP.DENSIFY) and op.outputs:
-            out += [(sg, r) for r in sg.consumers_of(op.outputs[0])]
-        else:
-            out.append((sg, op))
-    return out
+def _reason_to_leave(plan, op: Operator, kind: str, n: int) -> str | None:
+    """Why a low-rank pass leaves a layer as it is, whatever its weight (None: it rewrites it)."""
+    if not plan.is_input_op(op):
+        return "made by an earlier pass"
+    return plan.reason_to_skip(op, n) or (None if plan.rank_policy(op, kind).active else "no rank asked")
+
+
+def _rank_asked(plan, op: Operator, kind: str) -> tuple:
+    p = plan.settings(op).rank_policy(kind)
+    return p.rank, p.ratio, p.energy, p.method
 
 
 def shared_key(weight: LayerWeight, *choice) -> tuple:

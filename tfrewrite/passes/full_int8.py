@@ -94,13 +94,12 @@ def chain_inner_ops(model: Model, original_tensors: set) -> list[tuple]:
     from ..ops.semantics import LAYER_OPS
     out = []
     for sg in model.subgraphs:
-        consumers = sg.consumers()
         outputs = {id(t) for t in sg.outputs}
         for op in sg.operators:
             t = op.outputs[0] if op.builtin in LAYER_OPS and op.outputs else None
             if t is None or id(t) in original_tensors or id(t) in outputs:
                 continue
-            readers = consumers.get(id(t), [])
+            readers = t.consumers
             opts = op.builtin_options
             if len(readers) == 1 and readers[0].builtin in LAYER_OPS and readers[0].inputs[0] is t \
                     and getattr(opts, "fusedActivationFunction", 0) == 0:

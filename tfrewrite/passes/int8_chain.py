@@ -63,7 +63,7 @@ def check(op: Operator, weight: LayerWeight, policy: RankPolicy, entry: dict) ->
     per_tensor(op.outputs[0])
 
 
-def _bias_real(op: Operator, channels: int) -> np.ndarray:
+def bias_real(op: Operator, channels: int) -> np.ndarray:
     """The original int32 bias as real values (b_q · s_in · s_w[c]); zeros without one."""
     bias = op.inputs[2] if len(op.inputs) > 2 else None
     if bias is None:
@@ -90,7 +90,7 @@ class Chain:
         self.in_scale, _ = per_tensor(op.inputs[0])
         rows = np.asarray(policy.extra["rows"], np.float64)
         w = weight.values.reshape(weight.values.shape[0], -1).astype(np.float64)
-        bias = _bias_real(op, w.shape[0])
+        bias = bias_real(op, w.shape[0])
         source = policy.extra.get("target_rows")  # sequential fitting: match the original model's outputs
         self.target = (rows if source is None else np.asarray(source, np.float64)) @ w.T + bias
         self.rows = rows

@@ -8,13 +8,16 @@ pruned in 1×16 blocks instead, the only block its sparse kernel reads.
 The weight keeps its storage form: float32, float16 behind a DEQUANTIZE, or int8 (dynamic-range or
 full-integer, pruned in the integer domain: a zeroed value is exactly the zero point 0). Only the zeros are
 written here; `sparse_encode` stores them in TFLite's sparse format. A weight shared by several ops (in any
-subgraph: one Buffer) is pruned once, with the settings of its first reader, and stays one shared Buffer.
+subgraph: one Buffer) is pruned once, at its first reader, and stays one shared Buffer, when every reader is a
+layer reading it as its weight that asks for the same pruning (the IR's shared-weight policy, `analysis`).
 
 With calibration rows for the layer (`--calibration`), pruning is data-aware instead (`linalg.obs`): the mask
 and the kept weights minimise the change of the layer's outputs on the samples (SparseGPT's mask, then the
 exact least-squares update of the kept weights), with the same block shapes; the bias is then corrected so that
 the mean output on the samples is unchanged, and an int8 weight is requantized (new per-channel scales) after
-the update. Full-integer layers and weights shared with other ops stay with magnitude pruning.
+the update. A full-integer layer is pruned on its quantized inputs captured from the int8 model, its kept
+weights requantized and its int32 bias recomputed at s_in·s_w[c] with the bias correction
+(`_requantize_full_integer`). Weights shared with other ops stay with magnitude pruning.
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ import numpy as np
 
 from .. import schema
 from ..ops import semantics
-from ..analysis import macs, numel, stored
+from ..analysis import macs, numel, stored, weight_uses
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..linalg import sparse
 from .common import Skip, bias_values, new_entry
+from .int8_chain import bias_real, per_tensor
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -95,12 +99,19 @@ def find_stored_weight(op: Operator) -> StoredWeight:
     raise Skip(f"{w.type_name} weights are not supported")
 
 
+def fc_block(op: Operator, weight: StoredWeight, block):
+    """The block a FULLY_CONNECTED weight is pruned in: a full-integer one always in 1×16 (the only sparse form
+    its kernel reads: other zeros would cost accuracy and save no byte), others in `block` (None: elements)."""
+    if op.builtin != OP.FULLY_CONNECTED:
+        return None
+    return INT8_FC_BLOCK if weight.kind == "int8 (full-integer)" else block
+
+
 def keep_mask(op: Operator, weight: StoredWeight, sparsity: float, block) -> tuple[np.ndarray, str]:
     """(keep mask, method) for one layer."""
     mags = weight.magnitudes()
-    if op.builtin == OP.FULLY_CONNECTED and block is not None:
-        if weight.kind == "int8 (full-integer)":
-            block = INT8_FC_BLOCK
+    block = fc_block(op, weight, block)
+    if block is not None:
         bh, bw = block
         rows, cols = mags.shape
         if rows % bh == 0 and cols % bw == 0:
@@ -111,14 +122,11 @@ def keep_mask(op: Operator, weight: StoredWeight, sparsity: float, block) -> tup
 
 def data_aware_reason(model: Model, op: Operator, weight: StoredWeight) -> str | None:
     """Why this layer is pruned by magnitude although calibration rows exist, or None."""
-    if weight.kind == "int8 (full-integer)":
-        return "full-integer: no data-aware update"
-    if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D):
+    if op.builtin == OP.DEPTHWISE_CONV_2D and weight.kind.startswith("int8"):
+        return "int8 depthwise weight: stored dense (int8 through DENSIFY makes XNNPACK fail to prepare)"
+    if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D, OP.DEPTHWISE_CONV_2D):
         return "no data-aware pruning for this op"
-    readers = [c for _, c, _ in model.readers(model.sharers(weight.tensor)) if c.builtin != OP.DEQUANTIZE]
-    if weight.carrier is not None:
-        readers += [c for _, c, _ in model.readers([(None, weight.carrier.outputs[0])])]
-    if any(c is not op for c in readers):
+    if weight_uses(model, weight.tensor).shared:
         return "weight shared with another op: no data-aware update"
     return None
 
@@ -143,7 +151,8 @@ def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, bloc
     real = weight.magnitudes() * np.sign(raw) if raw.dtype.kind != "f" else np.asarray(raw, np.float32)
     matrix = np.asarray(real, np.float32).reshape(shape[0], -1)  # [out, in]; conv inputs in patch order kh, kw, C
     width, suffix = 1, ""
-    if op.builtin == OP.FULLY_CONNECTED and block is not None:
+    block = fc_block(op, weight, block)
+    if block is not None:
         bh, bw = block
         if bh == 1 and matrix.shape[1] % bw == 0:
             width, suffix = bw, f" block1x{bw}"
@@ -170,25 +179,102 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     """(new stored weight, method): `data_aware_weights`, an int8 weight requantized (new per-channel scales),
     and the bias corrected (a new bias constant)."""
     from ..linalg import fit, obs
+    full_integer = weight.kind == "int8 (full-integer)"
     bias = op.inputs[2] if len(op.inputs) > 2 else None
-    bias_before = bias_values(bias, weight.tensor.shape[0])  # a Skip here leaves the layer untouched
+    # A Skip here leaves the layer untouched.
+    bias_before = bias_real(op, weight.tensor.shape[0]) if full_integer else bias_values(bias, weight.tensor.shape[0])
     rows, target_rows = data["rows"], data.get("target_rows")
     result = data_aware_weights(op, weight, sparsity, block, data)
-    matrix, values = result.matrix, result.values
-    if result.scales is not None:
-        weight.tensor.quantization = Quantization.symmetric(result.scales, weight.tensor.quantization.axis)
-    entry["output_error"] = obs.output_error(matrix, values, rows, target_rows)
+    matrix = result.matrix
+    if full_integer:
+        result, new_bias = _requantize_full_integer(sg, op, weight, result, bias_before, data)
+    else:
+        shift = fit.bias_shift(matrix, result.values, data["mean"], data.get("target_mean"))
+        corrected = bias_before + shift.astype(np.float32)
+        new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", corrected.astype(np.float32))
+        if result.scales is not None:
+            weight.tensor.quantization = Quantization.symmetric(result.scales, weight.tensor.quantization.axis)
+    entry["output_error"] = obs.output_error(matrix, result.values, rows, target_rows)
     entry["output_error_magnitude"] = obs.output_error(
         matrix, matrix * keep_mask(op, weight, sparsity, block)[0].reshape(matrix.shape), rows, target_rows)
-    shift = fit.bias_shift(matrix, values, data["mean"], data.get("target_mean"))
-    corrected = bias_before + shift.astype(np.float32)
-    new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", corrected.astype(np.float32))
-    if len(op.inputs) > 2:
-        op.inputs[2] = new_bias
-    else:
-        op.inputs.append(new_bias)
-    entry["bias_corrected"] = True
+    _set_corrected_bias(op, new_bias, entry)
     return result.stored, result.method
+
+
+def _set_corrected_bias(op: Operator, bias: Tensor, entry: dict) -> None:
+    if len(op.inputs) > 2:
+        op.inputs[2] = bias
+    else:
+        op.inputs.append(bias)
+    entry["bias_corrected"] = True
+
+
+def prune_depthwise_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, data: dict,
+                               entry: dict) -> tuple[np.ndarray, str]:
+    """(new stored weight, method) of a float32 / float16 DEPTHWISE_CONV_2D pruned by exact OBS per channel on
+    its calibration patches (`obs.prune_depthwise`), the bias corrected (a new bias constant)."""
+    from ..linalg import obs, quant, sparse as sp
+    raw = np.asarray(weight.raw)
+    _, kh, kw, channels = raw.shape
+    bias_before = bias_values(op.inputs[2] if len(op.inputs) > 2 else None, channels)
+    taps = kh * kw
+    matrix = np.asarray(raw, np.float32).reshape(taps, channels)
+    # Output channel c reads input channel c // multiplier.
+    source = np.arange(channels) // (channels // (data["rows"].shape[1] // taps))
+
+    def per_channel(a):
+        return None if a is None else np.asarray(a).reshape(*np.shape(a)[:-1], taps, -1)[..., source]
+    rows, target_rows = per_channel(data["rows"]), per_channel(data.get("target_rows"))
+    new, keep, method = obs.prune_depthwise(matrix, rows, sparsity, data.get("damping", obs.DEFAULT_DAMPING),
+                                            target_rows)
+    stored = quant.to_float16(new.reshape(raw.shape)) if weight.kind == "float16" else new.reshape(raw.shape)
+    values = np.asarray(stored, np.float32).reshape(taps, channels)
+    entry["output_error"] = obs.depthwise_output_error(matrix, values, rows, target_rows)
+    magnitude = matrix * sp.prune_magnitude(np.abs(matrix), sparsity)
+    entry["output_error_magnitude"] = obs.depthwise_output_error(matrix, magnitude, rows, target_rows)
+    mean = per_channel(data["mean"])
+    target_mean = mean if data.get("target_mean") is None else per_channel(data["target_mean"])
+    shift = np.einsum("kc,kc->c", target_mean, matrix) - np.einsum("kc,kc->c", mean, values)
+    new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", (bias_before + shift).astype(np.float32))
+    _set_corrected_bias(op, new_bias, entry)
+    return stored, method
+
+
+class RefusedByXnnpack(Exception):
+    """The data-aware update would give an int8 op XNNPACK refuses: the layer is pruned by magnitude instead."""
+
+
+def _requantize_full_integer(sg: Subgraph, op: Operator, weight: StoredWeight, result: DataAwarePrune,
+                             bias_before: np.ndarray, data: dict) -> tuple[DataAwarePrune, Tensor]:
+    """The updated real weights of a full-integer layer stored as its kernels read them: int8 symmetric (per
+    channel when the weight was; zero point 0; scales recomputed, an all-zero channel keeping its old one), the
+    bias int32 at s_in·s_w[c] (scales grown where it would overflow) and corrected so that the mean output on the
+    samples is unchanged, computed with the weights as stored. Sets the weight's quantization; returns the stored
+    result and the new bias tensor. RefusedByXnnpack when a requantization scale s_in·s_w/s_out would reach
+    XNNPACK's limit (nothing changed then)."""
+    from ..linalg import fit, int8, quant
+    q_old = weight.tensor.quantization
+    scales_old = np.asarray(q_old.scale, np.float32).reshape(-1)
+    axis = q_old.axis if len(scales_old) > 1 else None
+    shape = np.asarray(weight.raw).shape
+    new = result.values.reshape(shape).astype(np.float64)  # SparseGPT's real values, quantized below
+    in_scale, out_scale = per_tensor(op.inputs[0])[0], per_tensor(op.outputs[0])[0]
+    keep_scales = scales_old if axis is not None else None
+    q, scales, _, _ = int8.weights_and_bias(new, bias_before, in_scale, axis, zero_channel_scales=keep_scales)
+    stored_values = quant.dequantize_int8(q, scales, axis=axis).reshape(result.matrix.shape)
+    corrected = bias_before + fit.bias_shift(result.matrix, stored_values, data["mean"], data.get("target_mean"))
+    # The int32 bias at the final scales; a scale grown for it (|b| near 2^31, not seen in practice) requantizes
+    # the weights once more, leaving the correction computed with the first ones.
+    q, scales, b, b_scales = int8.weights_and_bias(new, corrected, in_scale, axis, zero_channel_scales=keep_scales)
+    values = quant.dequantize_int8(q, scales, axis=axis).astype(np.float32)
+    ratio = in_scale * float(np.max(scales)) / out_scale
+    if not ratio < int8.MAX_REQUANTIZATION_SCALE:
+        raise RefusedByXnnpack(f"the update's requantization scale s_in*s_w/s_out would be {ratio:.3g} (XNNPACK "
+                               f"accepts below {int8.MAX_REQUANTIZATION_SCALE:g})")
+    weight.tensor.quantization = Quantization.symmetric(scales, axis)
+    new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", b, quantization=Quantization.symmetric(b_scales))
+    return DataAwarePrune(q, values.reshape(result.matrix.shape), result.keep, result.method, result.matrix,
+                          scales), new_bias
 
 
 def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict:
@@ -205,28 +291,35 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
                      sparsity_before=round(1 - nonzero / max(n, 1), 6), sparsity_after=round(1 - nonzero / max(n, 1), 6))
         if id(weight.tensor.buffer) in done:
             raise Skip(f"shares its weight with {done[id(weight.tensor.buffer)]}, pruned once there")
-        # Every reader of the stored weight, in any subgraph, must be a layer reading it as its weight.
-        sharers = model.sharers(weight.tensor)
-        others = [c for _, c, i in model.readers(sharers)
-                  if not (c.builtin == OP.DEQUANTIZE or (c.builtin in TARGETS and i == 1))]
-        if others:
-            raise Skip(f"the weight is also read by {others[0].name}")
-        reason = plan.reason_to_skip(op, n)
+        reason = _reason_to_leave(op, plan, n)
         if reason:
             raise Skip(reason)
-        if not settings.prune:
-            raise Skip("no sparsity given")
-        if op.builtin == OP.DEPTHWISE_CONV_2D and not settings.prune_depthwise:
-            raise Skip("depthwise conv (use --prune-depthwise)")
+        uses = weight_uses(model, weight.tensor)
+        if uses.shared:
+            # Pruned once for every reader, in any subgraph: each must be a layer reading it as its weight and
+            # asking for the same pruning.
+            reason = uses.refusal(
+                lambda u: u.op.builtin in TARGETS and u.index == 1 and (_reason_to_leave(u.op, plan, n) or True),
+                ask=lambda u: _asked(plan.settings(u.op)), differ="its readers ask for different pruning")
+            if reason:
+                raise Skip(reason)
         data = plan.layer_data.get(id(op))
-        if data is not None and data_aware_reason(model, op, weight) is None:
-            pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block, data,
-                                              entry)
+        reason = data_aware_reason(model, op, weight) if data is not None else None
+        pruned = None
+        if data is not None and reason is None:
+            try:
+                if op.builtin == OP.DEPTHWISE_CONV_2D:
+                    pruned, method = prune_depthwise_data_aware(sg, op, weight, float(settings.prune), data, entry)
+                else:
+                    pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block,
+                                                      data, entry)
+            except RefusedByXnnpack as e:
+                reason = str(e)
             plan.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
-        else:
+        if pruned is None:
             keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
-            if data is not None:
-                method += f" ({data_aware_reason(model, op, weight)})"
+            if reason is not None:
+                method += f" ({reason})"
             raw = np.asarray(weight.raw)
             pruned = np.where(keep, raw, np.zeros((), raw.dtype)).astype(raw.dtype)
         # A new buffer (the input file's map is never written), still shared by every tensor that shared it.
@@ -237,6 +330,23 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
     except Skip as e:
         entry["reason"] = str(e)
     return entry
+
+
+def _reason_to_leave(op: Operator, plan, n: int) -> str | None:
+    """Why this layer is not pruned, whatever its weight (None: it is)."""
+    settings = plan.settings(op)
+    reason = plan.reason_to_skip(op, n)
+    if reason:
+        return reason
+    if not settings.prune:
+        return "no sparsity given"
+    if op.builtin == OP.DEPTHWISE_CONV_2D and not settings.prune_depthwise:
+        return "depthwise conv (use --prune-depthwise)"
+    return None
+
+
+def _asked(settings) -> tuple:
+    return settings.prune, settings.prune_block
 
 
 def run(model: Model, plan, progress=None, skip=frozenset()) -> list[dict]:

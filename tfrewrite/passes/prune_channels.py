@@ -6,8 +6,9 @@ table (`ops/semantics.py`): channel-wise ops join channel c of their input and o
 both operands, CONCATENATION maps with offsets, SPLIT the inverse, a flatten into FULLY_CONNECTED gives
 channel c the columns c, c+C, c+2C, …, DEPTHWISE_CONV_2D maps input c to outputs [c·m, (c+1)·m). A connected
 set of nodes is one removable channel (a unit); units that touch the same tensors form a group, pruned to the
-same share. Any op the table does not know, a subgraph input or output, a weight shared by several ops or not
-stored as a plain constant freezes the tensors it touches: groups touching them stay as they are.
+same share. Any op the table does not know, a subgraph input or output, or a weight not stored as a plain
+constant freezes the tensors it touches: groups touching them stay as they are. A constant other ops also read
+(a shared weight) is sliced on a copy of its own (`analysis.private_weight`): the other readers keep theirs.
 
 A removed channel does not output zero: after batch-norm folding it outputs act(bias), carried through the
 channel-wise ops to the next layers, whose biases absorb it (exact for 1×1, FULLY_CONNECTED and VALID
@@ -30,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import schema
-from ..analysis import macs, numel
+from ..analysis import Stored, macs, numel, private_weight, stored
 from ..graph import Model, Operator, Subgraph, Tensor
 from ..linalg.svd import single_threaded_lapack
 from ..ops import semantics
@@ -51,27 +52,30 @@ class Barrier(Exception):
 
 @dataclass(eq=False)
 class Layer:
-    """A CONV_2D / FULLY_CONNECTED / DEPTHWISE_CONV_2D whose weight (and bias) can be sliced."""
+    """A CONV_2D / FULLY_CONNECTED / DEPTHWISE_CONV_2D whose weight (and bias) can be sliced. Its constants are
+    looked up through the op's inputs each time (a private copy or a new bias is seen at once)."""
     op: Operator
     layout: semantics.WeightLayout
-    weight: Tensor          # the stored constant (float32, float16 behind DEQUANTIZE, or int8)
-    carrier: Operator | None  # the DEQUANTIZE in front of it, if any
-    bias: Tensor | None     # the stored constant (float32, int32, or float16 behind DEQUANTIZE)
-    bias_carrier: Operator | None = None
 
-    def values(self) -> np.ndarray:
-        w = self.weight
-        data = np.asarray(w.data, np.float32)
-        q = w.quantization
-        if w.type == T.INT8 and q is not None and q.scale is not None and len(q.scale):
-            scale = np.asarray(q.scale, np.float32)
-            zero = np.asarray(q.zero_point if q.zero_point is not None else np.zeros(len(scale)), np.float32)
-            if len(scale) > 1:
-                shape = [1] * data.ndim
-                shape[q.axis] = -1
-                return (data - zero.reshape(shape)) * scale.reshape(shape)
-            return (data - zero[0]) * scale[0]
-        return data
+    @property
+    def stored(self) -> Stored:
+        """The weight: float32, float16 behind DEQUANTIZE, or int8."""
+        return _constant(self.op.inputs[self.layout.weight])
+
+    @property
+    def weight(self) -> Tensor:
+        return self.stored.tensor
+
+    @property
+    def bias_stored(self) -> Stored | None:
+        """The bias: float32, int32, or float16 behind DEQUANTIZE; None when the layer has none."""
+        ins = self.op.inputs
+        return _constant(ins[self.layout.bias]) if len(ins) > self.layout.bias else None
+
+    @property
+    def bias(self) -> Tensor | None:
+        b = self.bias_stored
+        return b.tensor if b is not None else None
 
 
 @dataclass(eq=False)
@@ -136,28 +140,6 @@ class ChannelGraph:
             self.space(t)
             self.members.setdefault(id(t), []).append(op)
 
-    def own(self, op: Operator) -> None:
-        """Give `op` private copies of the constants it shares with other ops (same bytes until changed)."""
-        readers: dict[int, int] = {}
-        for other in self.sg.operators:
-            for t in other.inputs:
-                if t is not None:
-                    readers[id(t)] = readers.get(id(t), 0) + 1
-        for i, t in enumerate(op.inputs):
-            if t is None or not t.is_constant or readers.get(id(t), 0) < 2:
-                continue
-            mine = copy.copy(t)
-            mine.name = self.sg.unique_name(t.name)
-            mine.quantization = copy.copy(t.quantization)
-            self.sg.add_tensor(mine)
-            op.inputs[i] = mine
-            readers[id(t)] -= 1
-            layer = self.layers.get(id(op))
-            if layer is not None and layer.weight is t:
-                layer.weight = mine
-            if layer is not None and layer.bias is t:
-                layer.bias = mine
-
     def freeze(self, t: Tensor, reason: str) -> None:
         if channels_of(t) is None:
             return
@@ -171,39 +153,37 @@ def channels_of(t: Tensor | None) -> int | None:
     return int(t.shape[-1])
 
 
-def _const(t: Tensor | None, producers: dict) -> tuple[Tensor | None, Operator | None]:
-    """The constant behind `t` (following one DEQUANTIZE) and that DEQUANTIZE; (None, None) if not constant."""
-    if t is None:
-        return None, None
-    if t.is_constant:
-        return t, None
-    p = producers.get(id(t))
-    if p is not None and p.builtin == OP.DEQUANTIZE and p.inputs[0] is not None and p.inputs[0].is_constant:
-        return p.inputs[0], p
-    return None, None
+def _constant(t: Tensor | None) -> Stored | None:
+    """The constant behind `t` as the walk follows it: read directly or through one DEQUANTIZE."""
+    s = stored(t)
+    if s is None or len(s.carriers) > 1 or (s.carrier is not None and s.carrier.builtin != OP.DEQUANTIZE):
+        return None
+    return s
+
+
+def _own_constants(op: Operator) -> None:
+    """Before `op`'s constants change: give it copies of those other ops also read (a shared weight, read
+    directly or through one DEQUANTIZE), over the same bytes until they change."""
+    for i in range(len(op.inputs)):
+        if _constant(op.inputs[i]) is not None:
+            private_weight(op, i)
 
 
 def _axis(value: int, rank: int) -> int:
     return value + rank if value < 0 else value
 
 
-def _int_values(t: Tensor | None, producers: dict) -> list[int] | None:
-    c, _ = _const(t, producers)
-    if c is None or c.data is None:
+def _int_values(t: Tensor | None) -> list[int] | None:
+    c = _constant(t)
+    if c is None or c.tensor.data is None:
         return None
-    return [int(v) for v in np.asarray(c.data).reshape(-1)]
+    return [int(v) for v in np.asarray(c.tensor.data).reshape(-1)]
 
 
 # ------------------------------------------------------------------------------------------------ the walk
 def build_graph(sg: Subgraph) -> ChannelGraph:
     """Link the channel spaces of one subgraph; freeze what the table cannot follow."""
     g = ChannelGraph(sg)
-    producers, consumers = sg.producers(), sg.consumers()
-    readers = {}  # id(constant) → number of ops reading it (a DEQUANTIZE counts its own readers)
-    for op in sg.operators:
-        for t in op.inputs:
-            if t is not None:
-                readers[id(t)] = readers.get(id(t), 0) + 1
     carriers = {id(op.outputs[0]) for op in sg.operators
                 if op.builtin == OP.DEQUANTIZE and op.inputs[0] is not None and op.inputs[0].is_constant}
     for op in sg.operators:
@@ -212,7 +192,7 @@ def build_graph(sg: Subgraph) -> ChannelGraph:
         acts = [op.inputs[0], op.outputs[0]] if op.builtin in semantics.LAYERS else list(op.inputs) + list(op.outputs)
         acts = [t for t in acts if channels_of(t) is not None and id(t) not in carriers]
         try:
-            _link(g, op, producers, consumers, readers)
+            _link(g, op)
             g.touch(op, *acts)
         except Barrier as e:
             for t in acts:
@@ -228,34 +208,28 @@ def build_graph(sg: Subgraph) -> ChannelGraph:
     return g
 
 
-def _single_reader(t: Tensor, readers: dict, consumers: dict) -> bool:
-    """Changing this constant changes no other op: a constant read directly (a shared one gets a private
-    copy before it changes, `ChannelGraph.own`), or one read through a DEQUANTIZE that only one op reads."""
-    reader = consumers.get(id(t), [None])[0]
-    if reader is not None and reader.builtin == OP.DEQUANTIZE:
-        return readers.get(id(t), 0) == 1 and len(consumers.get(id(reader.outputs[0]), [])) == 1
-    return True
-
-
-def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
+def _link(g: ChannelGraph, op: Operator) -> None:
     b = op.builtin
     ins = op.inputs
+    if semantics.is_barrier(b):
+        raise Barrier("op not known to the channel table")
     if b in semantics.LAYERS:
         if b not in semantics.LAYER_OPS:
             raise Barrier("not pruned by channels yet")
         layout = semantics.LAYERS[b]
         x, y = ins[0], op.outputs[0]
-        weight, carrier = _const(ins[layout.weight] if len(ins) > layout.weight else None, producers)
+        w = _constant(ins[layout.weight] if len(ins) > layout.weight else None)
+        weight = w.tensor if w is not None else None
         if weight is None or weight.data is None:
             raise Barrier("weight is not a dense constant")
         if weight.type not in (T.FLOAT32, T.FLOAT16, T.INT8):
             raise Barrier(f"{weight.type_name} weight")
-        if not _single_reader(weight, readers, consumers):
-            raise Barrier("weight shared with other ops")
+        if w.values() is None:
+            raise Barrier("int8 weight without a scale")
         bias_input = ins[layout.bias] if len(ins) > layout.bias else None
-        bias, bias_carrier = _const(bias_input, producers)
-        if bias_input is not None and (bias is None or bias.data is None or not _single_reader(bias, readers, consumers)):
-            raise Barrier("bias is not a constant of its own")
+        bias = _constant(bias_input)
+        if bias_input is not None and (bias is None or bias.tensor.data is None):
+            raise Barrier("bias is not a constant")
         if channels_of(x) is None or channels_of(y) is None:
             raise Barrier("activation without a known channel count")
         wshape = weight.shape
@@ -270,14 +244,14 @@ def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
         elif x.shape[-1] != wshape[layout.in_axis]:
             raise Barrier("input is flattened implicitly")
         g.space(x), g.space(y)
-        g.layers[id(op)] = Layer(op, layout, weight, carrier, bias, bias_carrier)
+        g.layers[id(op)] = Layer(op, layout)
         return
     if b in semantics.CHANNELWISE_UNARY or b in semantics.PER_CHANNEL_PARAMETER:
         x, y = ins[0], op.outputs[0]
         if channels_of(x) is None or channels_of(y) != channels_of(x):
             raise Barrier("channel counts differ")
         if b in semantics.PER_CHANNEL_PARAMETER:
-            _check_channel_constant(ins[semantics.PER_CHANNEL_PARAMETER[b]], y, readers, consumers)
+            _check_channel_constant(ins[semantics.PER_CHANNEL_PARAMETER[b]], y)
         if b == OP.QUANTIZE and (y.quantization is None or len(y.quantization.scale or []) != 1):
             raise Barrier("not per-tensor quantization")
         c = np.arange(y.shape[-1])
@@ -291,14 +265,14 @@ def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
         for t in ins[:2]:
             if t is None:
                 raise Barrier("missing operand")
-            if t.is_constant or _const(t, producers)[0] is not None:
-                _check_channel_constant(t, y, readers, consumers)
+            if _constant(t) is not None:
+                _check_channel_constant(t, y)
             elif t.shape and t.shape[-1] == y.shape[-1]:
                 g.join(op, t, c, y, c)
             elif not t.shape or t.shape[-1] != 1:
                 raise Barrier("operand broadcasts over channels in a way not followed")
         return
-    if b in (OP.MEAN, OP.SUM, OP.REDUCE_MAX, OP.SQUEEZE):
+    if b in semantics.CHANNEL_REDUCTIONS or b == OP.SQUEEZE:
         x, y = ins[0], op.outputs[0]
         if channels_of(x) is None:
             raise Barrier("input without a known channel count")
@@ -308,7 +282,7 @@ def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
             if not axes and x.shape[-1] == 1:
                 raise Barrier("squeezes the channel axis")
         else:
-            axes = _int_values(ins[1], producers)
+            axes = _int_values(ins[1])
             if axes is None:
                 raise Barrier("reduction axes are not constant")
         if rank - 1 in {_axis(a, rank) for a in axes} or channels_of(y) != x.shape[-1]:
@@ -316,9 +290,9 @@ def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
         c = np.arange(x.shape[-1])
         g.join(op, x, c, y, c)
         return
-    if b in (OP.PAD, OP.PADV2, OP.MIRROR_PAD):
+    if b in semantics.PADS:
         x, y = ins[0], op.outputs[0]
-        pads = _int_values(ins[1], producers)
+        pads = _int_values(ins[1])
         if channels_of(x) is None or pads is None or pads[-2:] != [0, 0] or channels_of(y) != x.shape[-1]:
             raise Barrier("pads the channel axis (or paddings not constant)")
         c = np.arange(x.shape[-1])
@@ -328,10 +302,8 @@ def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
         x, y = ins[0], op.outputs[0]
         if channels_of(x) is None or channels_of(y) is None:
             raise Barrier("unknown shapes")
-        if len(ins) > 1 and ins[1] is not None and _const(ins[1], producers)[0] is None:
+        if len(ins) > 1 and ins[1] is not None and _constant(ins[1]) is None:
             raise Barrier("shape is computed at run time")
-        if len(ins) > 1 and ins[1] is not None and not _single_reader(ins[1], readers, consumers):
-            raise Barrier("shape tensor shared with other ops")
         cx = x.shape[-1]
         if y.shape[-1] == cx and numel(y.shape[:-1]) == numel(x.shape[:-1]):
             c = np.arange(cx)
@@ -356,11 +328,11 @@ def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
     if b in (OP.SPLIT, OP.SPLIT_V):
         x = ins[1] if b == OP.SPLIT else ins[0]
         axis_t = ins[0] if b == OP.SPLIT else ins[2]
-        axes = _int_values(axis_t, producers)
+        axes = _int_values(axis_t)
         if channels_of(x) is None or axes is None or any(channels_of(t) is None for t in op.outputs):
             raise Barrier("unknown shapes or axis")
-        if b == OP.SPLIT_V and (_const(ins[1], producers)[0] is None or not _single_reader(ins[1], readers, consumers)):
-            raise Barrier("sizes are not a constant of their own")
+        if b == OP.SPLIT_V and _constant(ins[1]) is None:
+            raise Barrier("sizes are not a constant")
         last = _axis(axes[0], len(x.shape)) == len(x.shape) - 1
         offset = 0
         for t in op.outputs:
@@ -373,13 +345,10 @@ def _link(g: ChannelGraph, op: Operator, producers, consumers, readers) -> None:
     raise Barrier("op not known to the channel table")
 
 
-def _check_channel_constant(t: Tensor | None, y: Tensor, readers, consumers) -> None:
+def _check_channel_constant(t: Tensor | None, y: Tensor) -> None:
     if t is None or not t.is_constant or t.data is None:
         raise Barrier("operand is not a constant")
-    if t.shape and t.shape[-1] == y.shape[-1] and y.shape[-1] != 1:
-        if not _single_reader(t, readers, consumers):
-            raise Barrier("per-channel constant shared with other ops")
-    elif t.shape and t.shape[-1] != 1:
+    if t.shape and t.shape[-1] != y.shape[-1] and t.shape[-1] != 1:
         raise Barrier("constant broadcasts over channels in a way not followed")
 
 
@@ -471,7 +440,7 @@ def norm_scores(g: ChannelGraph, group: ChannelGroup) -> np.ndarray:
     score = np.zeros(group.channels)
     for layer, tensor, axis in ([(p, p.op.outputs[0], p.layout.out_axis) for p in group.producers]
                                 + [(r, r.op.inputs[0], r.layout.in_axis) for r in group.readers]):
-        w = layer.values()
+        w = layer.stored.values()
         w = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
         sq = np.einsum("ij,ij->i", w, w, dtype=np.float64)
         norms = np.array([math.sqrt(sq[idx].sum()) for idx in _unit_positions(g, group, tensor)])
@@ -530,7 +499,6 @@ def removed_values(g: ChannelGraph, removed: dict) -> dict:
     are applied to the constants; a depthwise conv scales by the summed kernel and adds its bias."""
     values: dict[int, dict[int, float]] = {}
     edges_by_op: dict[int, list] = {}
-    producers = g.sg.producers()
     for e in g.edges:
         edges_by_op.setdefault(id(e[0]), []).append(e)
     for op in g.sg.operators:
@@ -545,7 +513,7 @@ def removed_values(g: ChannelGraph, removed: dict) -> dict:
                 out.update(zip(idx.tolist(), v.tolist()))
                 continue
             if layer is not None:  # depthwise
-                w = layer.values().reshape(-1, y.shape[-1]).sum(axis=0)
+                w = layer.stored.values().reshape(-1, y.shape[-1]).sum(axis=0)
                 b = bias_real(layer, y.shape[-1])
                 src = _gather(values, edges_by_op.get(id(op), []), y, idx)[0]
                 out.update(zip(idx.tolist(), fused(src * w[idx] + b[idx], op).tolist()))
@@ -554,9 +522,9 @@ def removed_values(g: ChannelGraph, removed: dict) -> dict:
             if op.builtin in _BINARY:
                 terms = []
                 for t in op.inputs[:2]:
-                    c, _ = _const(t, producers)
+                    c = _constant(t)
                     if c is not None:
-                        d = np.asarray(c.data, np.float64).reshape(-1) if c.data.size else np.zeros(1)
+                        d = np.asarray(c.tensor.data, np.float64).reshape(-1) if c.tensor.data.size else np.zeros(1)
                         terms.append(d[idx] if d.size == y.shape[-1] and y.shape[-1] > 1 else np.full(len(idx), d[0]))
                     elif t.shape and t.shape[-1] == y.shape[-1]:
                         terms.append(operands.pop(0) if operands else np.full(len(idx), np.nan))
@@ -594,24 +562,12 @@ def _gather(values: dict, edges: list, y: Tensor, idx: np.ndarray) -> list[np.nd
 
 
 # ------------------------------------------------------------------------------------------- slicing
-def _take_quant(q, keep: np.ndarray, axis: int):
-    """Per-channel quantization parameters of the kept channels (per-tensor ones stay as they are)."""
-    if q is None or q.scale is None or len(q.scale) <= 1 or q.axis != axis:
-        return q
-    q = copy.copy(q)
-    q.scale = np.asarray(q.scale, np.float32)[keep]
-    if q.zero_point is not None and len(q.zero_point) > 1:
-        q.zero_point = np.asarray(q.zero_point, np.int64)[keep]
-    return q
-
-
-def _slice_constant(t: Tensor, keep: np.ndarray, axis: int, carrier: Operator | None = None) -> None:
-    data = np.asarray(t.data)
-    q = _take_quant(t.quantization, keep, axis % data.ndim)
-    t.set_data(np.take(data, keep, axis=axis))
-    t.quantization = q
-    if carrier is not None:
-        carrier.outputs[0].shape = list(t.shape)
+def _slice_constant(c: Stored, keep: np.ndarray, axis: int) -> None:
+    """Keep entries `keep` along `axis` of a constant (and its per-channel quantization); the tensors its
+    carriers write take the new shape."""
+    c.tensor.take(keep, axis)
+    for carrier in c.carriers:
+        carrier.outputs[0].shape = list(c.tensor.shape)
         carrier.outputs[0].shape_signature = None
 
 
@@ -626,12 +582,11 @@ def apply(g: ChannelGraph, removed: dict, fold: bool = True, skip_fold: set = fr
     channels' constants move into the biases of the layers that read them (except the layers in
     `skip_fold`, already refitted with the mean of what they lose)."""
     sg = g.sg
-    producers = sg.producers()
     keeps = {tid: np.setdiff1d(np.arange(channels_of(g.tensors[tid])), idx) for tid, idx in removed.items()}
     values = removed_values(g, removed) if fold else {}
     for op in list(sg.operators):
         if any(t is not None and id(t) in keeps for t in list(op.inputs) + list(op.outputs)):
-            g.own(op)
+            _own_constants(op)
     for op in sg.operators:
         layer = g.layers.get(id(op))
         if layer is not None:
@@ -641,9 +596,9 @@ def apply(g: ChannelGraph, removed: dict, fold: bool = True, skip_fold: set = fr
         if op.builtin in semantics.CHANNELWISE_BINARY or op.builtin in semantics.PER_CHANNEL_PARAMETER:
             if y is not None and id(y) in keeps:
                 for t in op.inputs[:2]:
-                    c, carrier = _const(t, producers)
-                    if c is not None and c.shape and c.shape[-1] == channels_of(y) and channels_of(y) > 1:
-                        _slice_constant(c, keeps[id(y)], -1, carrier)
+                    c = _constant(t)
+                    if c is not None and c.tensor.shape and c.tensor.shape[-1] == channels_of(y) and channels_of(y) > 1:
+                        _slice_constant(c, keeps[id(y)], -1)
         elif op.builtin == OP.RESHAPE and y is not None and id(y) in keeps:
             new_last = len(keeps[id(y)])
             opts = op.builtin_options
@@ -653,13 +608,13 @@ def apply(g: ChannelGraph, removed: dict, fold: bool = True, skip_fold: set = fr
                     shape[-1] = new_last
                 opts.newShape = shape
             if len(op.inputs) > 1 and op.inputs[1] is not None:
-                c, _ = _const(op.inputs[1], producers)
+                c = _constant(op.inputs[1]).tensor
                 shape = np.asarray(c.data).copy()
                 if shape[-1] != -1:
                     shape[-1] = new_last
                 c.set_data(shape)
         elif op.builtin == OP.SPLIT_V and any(id(t) in keeps for t in op.outputs):
-            c, _ = _const(op.inputs[1], producers)
+            c = _constant(op.inputs[1]).tensor
             sizes = np.array([len(keeps[id(t)]) if id(t) in keeps else channels_of(t) for t in op.outputs],
                              np.asarray(c.data).dtype)
             c.set_data(sizes)
@@ -675,15 +630,15 @@ def _slice_layer(sg: Subgraph, layer: Layer, keeps: dict, removed: dict, values:
         vals = np.array([values.get(id(x), {}).get(int(i), 0.0) for i in idx], np.float64)
         vals = np.nan_to_num(vals)  # a channel that is not constant downstream (an SE gate) is dropped
         if np.any(vals):
-            cols = np.take(layer.values().astype(np.float64), idx, axis=lay.in_axis)
+            cols = np.take(layer.stored.values().astype(np.float64), idx, axis=lay.in_axis)
             cols = np.moveaxis(cols, lay.in_axis, -1).reshape(cols.shape[lay.out_axis], -1, len(idx)).sum(axis=1)
             _add_to_bias(sg, layer, cols @ vals)
-        _slice_constant(layer.weight, keeps[id(x)], lay.in_axis, layer.carrier)
+        _slice_constant(layer.stored, keeps[id(x)], lay.in_axis)
     if id(y) in keeps:
         keep = keeps[id(y)]
-        _slice_constant(layer.weight, keep, lay.out_axis, layer.carrier)
-        if layer.bias is not None:
-            _slice_constant(layer.bias, keep, 0, layer.bias_carrier)
+        _slice_constant(layer.stored, keep, lay.out_axis)
+        if layer.bias_stored is not None:
+            _slice_constant(layer.bias_stored, keep, 0)
 
 
 def _add_to_bias(sg: Subgraph, layer: Layer, shift: np.ndarray) -> None:
@@ -692,10 +647,10 @@ def _add_to_bias(sg: Subgraph, layer: Layer, shift: np.ndarray) -> None:
     if layer.bias is None:
         if op.inputs[0].type != T.FLOAT32:
             return  # an integer layer without a bias: nothing to hold the constant
-        layer.bias = sg.add_constant(op.outputs[0].name + "/bias", shift.astype(np.float32))
+        bias = sg.add_constant(op.outputs[0].name + "/bias", shift.astype(np.float32))
         while len(op.inputs) <= layer.layout.bias:
             op.inputs.append(None)
-        op.inputs[layer.layout.bias] = layer.bias
+        op.inputs[layer.layout.bias] = bias
         return
     b = layer.bias
     if b.type == T.INT32:
@@ -744,7 +699,7 @@ def reader_columns(layer: Layer, channels: np.ndarray) -> np.ndarray:
 
 
 def weight_matrix(layer: Layer) -> np.ndarray:
-    w = layer.values()
+    w = layer.stored.values()
     return w.reshape(w.shape[0], -1)
 
 
@@ -1001,7 +956,7 @@ def refit_readers(model: Model, g: ChannelGraph, removed: dict, data: dict, samp
             continue
         now = collect_reader_data(model, [layer], samples, moments=False).get(id(op)) if errors else None
         keep = np.setdiff1d(np.arange(channels_of(x)), removed[id(x)])
-        g.own(op)
+        _own_constants(op)
         w = weight_matrix(layer)
         with single_threaded_lapack():
             new_w, new_b, err = ch.refit(w, bias_real(layer, w.shape[0]), np.sort(reader_columns(layer, keep)),

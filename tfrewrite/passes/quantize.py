@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops, schema
-from ..analysis import macs, numel
+from ..analysis import macs, numel, refusal
 from ..graph import Buffer, Model, OpCode, Operator, Quantization, Subgraph, Tensor
 from ..ops import semantics, versions
 from .common import Skip, hybrid_reads_alike, new_entry, read_weight
@@ -184,19 +184,15 @@ def _hybrid_form(op: Operator, t: Tensor) -> tuple[bool, int | None]:
 
 
 def _quantize_group(uses: list[_Use]) -> None:
-    reasons = [u.reason for u in uses if u.reason]
     modes = {u.mode for u in uses}
     tensors = list({id(u.tensor): u.tensor for u in uses}.values())
-    problem = None
-    if reasons:
-        problem = "shared weight: another reader is left as it is"
-    elif len(modes) != 1:
-        problem = "shared weight: its readers ask for different quantization"
-    elif len({tuple(t.shape) for t in tensors}) != 1:
+    # The IR's shared-weight policy: one change for every reader, or none. A small constant input of another op
+    # has no entry: it is not a weight this pass quantizes.
+    problem = refusal(uses, lambda u: u.entry is not None and (u.reason or True), ask=lambda u: u.mode,
+                      differ="its readers ask for different quantization")
+    if problem is None and len({tuple(t.shape) for t in tensors}) != 1:
         problem = "buffer shared by tensors of different shapes"
-    elif any(u.entry is None for u in uses):
-        problem = "shared with a small constant input of another op"
-    else:
+    if problem is None:
         problem = _does_not_pay(uses, tensors, modes)
     if problem:
         for u in uses:

@@ -17,14 +17,15 @@ The rules (established against LiteRT's sparse kernels and op-version rules; eac
 * A weight is encoded only when at least MIN_ZERO_FRACTION of it is zero and the encoding (values + index
   vectors + table overhead) is smaller than the dense bytes. Index vectors use the smallest type that fits
   (uint8 / uint16 / int32); the tensor keeps its dense shape.
-A weight shared by several ops (in any subgraph: one Buffer) is decided and encoded once and stays one Buffer.
+A weight shared by several ops (in any subgraph: one Buffer) is decided and encoded once and stays one Buffer,
+when every reader is a layer reading it as its weight and none is excluded (the IR's shared-weight policy).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import schema
-from ..analysis import macs, numel
+from ..analysis import macs, numel, weight_uses
 from ..graph import Buffer, Model, Operator, Subgraph, Tensor
 from ..linalg import sparse
 from ..ops import builders, versions
@@ -238,10 +239,8 @@ def run(model: Model, plan, progress=None) -> list[dict]:
     """Decide once per stored weight (one Buffer, whichever subgraphs read it), from every op that reads it."""
     per_op: list[tuple[Operator, dict, StoredWeight | None, int]] = []
     groups: dict[int, list[Operator]] = {}  # id(Buffer) → the target ops that may encode it
-    targets: set[int] = set()
     for sg in model.subgraphs:
         for op in [op for op in sg.operators if op.builtin in TARGETS]:
-            targets.add(id(op))
             entry = new_entry(model, sg, op, "sparse_encode", plan)
             w = op.inputs[1] if len(op.inputs) > 1 else None
             entry["weight_shape"] = list(w.shape) if w is not None else []
@@ -266,7 +265,7 @@ def run(model: Model, plan, progress=None) -> list[dict]:
         if weight is None:
             continue
         if key not in decisions:
-            decisions[key] = _decide_and_apply(model, weight, groups[key], targets)
+            decisions[key] = _decide_and_apply(model, weight, groups[key])
             first_entry[key] = entry
         d = decisions[key]
         entry.update(bytes_before=d.bytes_before, bytes_after=d.bytes_after, zero_fraction=d.zero_fraction)
@@ -282,21 +281,20 @@ def run(model: Model, plan, progress=None) -> list[dict]:
     return [e for _, e, _, _ in per_op]
 
 
-def _decide_and_apply(model: Model, weight: StoredWeight, group: list[Operator], targets: set[int]) -> Decision:
+def _decide_and_apply(model: Model, weight: StoredWeight, group: list[Operator]) -> Decision:
     t = weight.tensor
-    uses = model.readers(model.sharers(t))
-    direct = [op for _, op, _ in uses]
-    if weight.carrier is not None:
-        readers = [r for sg, c, _ in uses for r in sg.consumers_of(c.outputs[0])]
-        odd = [c for c in direct if c.builtin != OP.DEQUANTIZE]
-    else:
-        readers = list(direct)
-        odd = [op for _, op, i in uses if op.builtin not in TARGETS or i != 1]
+    found = weight_uses(model, t)
+    readers = found.ops
+    direct = found.carriers or readers  # the ops that read the stored tensor itself
+
+    def rewrites(use) -> bool | str:
+        if use.op.builtin not in TARGETS or use.index != 1 or (found.carriers and use.op.inputs[1].is_constant):
+            return False  # not a layer's weight, or read directly beside the carrier
+        return True if any(use.op is op for op in group) else "excluded from encoding"
     zf = 1.0 - np.count_nonzero(weight.raw) / max(numel(t.shape), 1)
-    if odd:
-        decision = Decision(reason=f"the weight is also read by {odd[0].name}")
-    elif any(id(r) in targets and r not in group for r in readers):
-        decision = Decision(reason="the weight is shared with a layer excluded from encoding")
+    reason = found.refusal(rewrites, left="a reader is excluded from encoding")
+    if reason:
+        decision = Decision(reason=reason)
     else:
         decision = decide(weight, readers, direct)
     decision.zero_fraction = round(zf, 6)
@@ -309,12 +307,24 @@ def _decide_and_apply(model: Model, weight: StoredWeight, group: list[Operator],
 SPARSITY_OPTIONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
+def planned_int8_fc_nbytes(raw: np.ndarray) -> int:
+    """Bytes the weight of a full-integer FULLY_CONNECTED (int8, or float32 that --quantize full-int8 will make
+    int8 with its zeros kept) pruned in 1×16 blocks will take, as `decide` stores it: 1×16 blocks of 1-byte
+    values, dense below MIN_ZERO_FRACTION all-zero blocks or when the encoding saves nothing."""
+    nonzero = np.asarray(raw) != 0
+    if sparse.block_sparsity(nonzero, INT8_FC_BLOCK) < MIN_ZERO_FRACTION:
+        return nonzero.size
+    return min(nonzero.size, stored_nbytes(sparse.encode_blocks(nonzero.astype(np.int8), INT8_FC_BLOCK), False))
+
+
 def sparsity_options(model: Model, op: Operator, settings, data: dict, sparsities=SPARSITY_OPTIONS,
-                     min_params: int = 0) -> list:
+                     min_params: int = 0, full_int8: bool = False) -> list:
     """The budget's options for pruning one layer (`--prune auto`; data-aware, on its calibration rows): per
     sparsity the bytes this pass will really store (after --quantize float16 when asked) and the layer's relative output
-    error. Skip when the layer cannot be pruned data-aware or no sparsity would save bytes (an int8 weight is
-    never stored sparse except a full-integer FC, which has no data-aware update)."""
+    error. Skip when the layer cannot be pruned data-aware or no sparsity would save bytes: an int8 weight is
+    never stored sparse except a full-integer FC, in 1×16 blocks — so a full-integer layer (of an int8 model, or
+    any with `full_int8`: --quantize full-int8 follows) gets options only as a FULLY_CONNECTED, costed as those
+    blocks (the budget adds its per-channel parameters, as for the dense layer: `budget._budget_layer`)."""
     from ..linalg import obs
     from .quantize import stored_itemsize
     weight = find_stored_weight(op)
@@ -324,13 +334,22 @@ def sparsity_options(model: Model, op: Operator, settings, data: dict, sparsitie
     if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D):
         raise Skip("no data-aware pruning for this op")
     n = numel(weight.tensor.shape)
-    kind = weight.kind.split()[0]  # "int8 (dequantized)": int8 data behind a DEQUANTIZE
-    store_as = {4: "float32", 2: "float16", 1: "int8"}[stored_itemsize(kind, n, settings.quantize, min_params)]
-    if store_as not in ("float32", "float16"):
-        raise Skip(f"an {store_as} weight is stored dense (the runtime reads no sparse {store_as} here)")
+    block = settings.prune_block
+    if weight.kind == "int8 (full-integer)" or (full_int8 and weight.kind in ("float32", "float16")):
+        if op.builtin != OP.FULLY_CONNECTED or weight.carrier is not None:
+            raise Skip("a full-integer int8 weight is stored dense (int8 through DENSIFY makes XNNPACK fail to "
+                       "prepare); only a FULLY_CONNECTED reads it sparse")
+        if len(weight.tensor.shape) != 2 or weight.tensor.shape[1] % INT8_FC_BLOCK[1]:
+            raise Skip(f"a full-integer FULLY_CONNECTED reads 1x16 blocks only; its inputs do not divide")
+        store_as, block, dense_bytes = "int8 (full-integer)", INT8_FC_BLOCK, n
+    else:
+        kind = weight.kind.split()[0]  # "int8 (dequantized)": int8 data behind a DEQUANTIZE
+        store_as = {4: "float32", 2: "float16", 1: "int8"}[stored_itemsize(kind, n, settings.quantize, min_params)]
+        if store_as not in ("float32", "float16"):
+            raise Skip(f"an {store_as} weight is stored dense (the runtime reads no sparse {store_as} here)")
+        dense_bytes = n * (2 if store_as == "float16" else 4)
     direct_fc = store_as == "float32" and weight.carrier is None and \
         fc_direct_kind(op, weight.tensor) == "float32"
-    dense_bytes = n * (2 if store_as == "float16" else 4)
     macs_ = macs(op, op.inputs[1])
     # Damage is judged on rows the prune did not see: fitted on the first half of the samples, measured on the
     # second. With fewer rows than inputs (an FC layer gets one row per image) the update reproduces the rows it
@@ -341,8 +360,10 @@ def sparsity_options(model: Model, op: Operator, settings, data: dict, sparsitie
     cache: dict = {}  # H and its factor, once for all sparsities
     options = []
     for s in sparsities:
-        result = data_aware_weights(op, weight, s, settings.prune_block, fit_data, store_as=store_as, cache=cache)
-        nbytes = planned_nbytes(result.stored, direct_fc)
+        result = data_aware_weights(op, weight, s, block, fit_data,
+                                    store_as=store_as if store_as == "float16" else None, cache=cache)
+        nbytes = planned_int8_fc_nbytes(result.stored) if block == INT8_FC_BLOCK and store_as.startswith("int8") \
+            else planned_nbytes(result.stored, direct_fc)
         if nbytes < dense_bytes:
             options.append(SparsityOption(s, int(np.count_nonzero(result.stored)), nbytes, macs_,
                                           obs.output_error(result.matrix, result.values, rows[half:])))
