@@ -37,6 +37,10 @@ CACHE = ROOT / "bench" / "cache" / "prune_data_aware"
 OUT = ROOT / "bench" / "results" / "prune_data_aware.md"
 FIXTURES = {"vgg_digits": (32, [0.5, 0.7, 0.8, 0.9]),
             "mobilenetv2_digits": (96, [0.15, 0.25, 0.35, 0.5, 0.7, 0.8, 0.9])}
+# Fixtures run on some of their layers only (not in the default run; `--rows-only NAME`): the full-integer VGG's
+# FULLY_CONNECTED layers (1x16 blocks; its int8 convs would stay dense), MobileNetV2 with its depthwise layers.
+EXTRA = {"vgg_digits_int8": (32, [0.5, 0.7, 0.8, 0.9], ["--only", "fc|predictions"]),
+         "mobilenetv2_digits+depthwise": (96, [0.35, 0.5], ["--prune-depthwise"])}
 MODES = {"magnitude": [], "data-aware": ["--calibration", "{calib}"],
          "data-aware sequential": ["--calibration", "{calib}", "--sequential"]}
 
@@ -55,17 +59,18 @@ def calib_file(name: str, size: int) -> Path:
     return path
 
 
-def fixture_rows(name: str, size: int, sparsities, modes) -> list[dict]:
+def fixture_rows(name: str, size: int, sparsities, modes, flags=()) -> list[dict]:
+    """`name`: a fixture, or fixture+label for a run with extra `flags`."""
     from digits import tflite_accuracy
-    src = ROOT / "fixtures" / f"{name}.tflite"
-    calib = calib_file(name, size)
+    src = ROOT / "fixtures" / f"{name.split('+')[0]}.tflite"
+    calib = calib_file(name.split("+")[0], size)
     rows = [{"sparsity": 0.0, "mode": "original", "bytes": os.path.getsize(src),
              "top1": tflite_accuracy(str(src), "test", size), "seconds": 0.0, "max_error_ratio": None}]
     for s in sparsities:
         for mode in modes:
-            out = CACHE / f"{name}_{mode.replace(' ', '_')}_{round(100 * s)}.tflite"
+            out = CACHE / f"{name.replace('+', '_')}_{mode.replace(' ', '_')}_{round(100 * s)}.tflite"
             report = out.with_suffix(".json")
-            cmd = [TFREWRITE, str(src), str(out), "--prune", f"{s:g}", "--quiet", "--report", str(report)]
+            cmd = [TFREWRITE, str(src), str(out), "--prune", f"{s:g}", *flags, "--quiet", "--report", str(report)]
             cmd += [a.format(calib=calib) for a in MODES[mode]]
             t = time.perf_counter()
             subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
@@ -211,8 +216,9 @@ def main() -> int:
     if args.rows_only:
         CACHE.mkdir(parents=True, exist_ok=True)
         name, sparsities = args.rows_only[0], [float(v) for v in args.rows_only[1:]]
-        size, default = FIXTURES[name]
-        print("\n".join(fixture_table(name, fixture_rows(name, size, sparsities or default, list(MODES)))))
+        size, default, *flags = {**FIXTURES, **EXTRA}[name]
+        rows = fixture_rows(name, size, sparsities or default, list(MODES), *flags)
+        print("\n".join(fixture_table(name, rows)))
         return 0
     if args.budget_only is not None:
         CACHE.mkdir(parents=True, exist_ok=True)

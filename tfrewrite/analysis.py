@@ -134,19 +134,14 @@ def refusal(uses, rewrites, ask=None, left: str = "another reader is left as it 
 def weight_uses(model: Model, t: Tensor) -> WeightUses:
     """Every op input, in any subgraph, that reads the values of the weight stored in `t`'s buffer (`t` the stored
     constant), looking through the DEQUANTIZE / DENSIFY ops that carry it."""
-    uses, carriers = [], []
-    pending = model.readers(model.sharers(t))
-    while pending:
-        found = []
-        for sg, op, i in pending:
-            if op.builtin in WEIGHT_CARRIERS and i == 0 and op.outputs and len(carriers) < 64:
-                carriers.append(op)
-                found += model.readers([(sg, op.outputs[0])])
-            else:
-                uses.append(WeightUse(sg, op, i))
-        pending = found
-    order = {sg: k for k, sg in enumerate(model.subgraphs)}
-    uses.sort(key=lambda u: (order[u.subgraph], u.subgraph._position(u.op), u.index))
+    tensors, carriers = model.sharers(t), []
+    frontier = tensors
+    while frontier and len(carriers) < 64:
+        frontier = [(sg, op.outputs[0]) for sg, op, i in model.readers(frontier)
+                    if op.builtin in WEIGHT_CARRIERS and i == 0 and op.outputs]
+        carriers += [out.producer for _, out in frontier]
+        tensors = tensors + frontier
+    uses = [WeightUse(sg, op, i) for sg, op, i in model.readers(tensors) if all(op is not c for c in carriers)]
     return WeightUses(t, uses, carriers)
 
 
@@ -167,10 +162,10 @@ def private_weight(op: Operator, index: int) -> Stored | None:
             mine.name = sg.unique_name(t.name)
             mine.quantization = copy.copy(t.quantization)
             sg.add_tensor(mine)
-            if carrier is not None:  # its own carrier, right after the shared one, reading the constant
+            if carrier is not None:  # its own carrier, right before the reader, reading the constant
                 twin = copy.copy(carrier)
                 twin.outputs = [mine]
-                sg.operators.insert(sg._position(carrier) + 1, twin)
+                sg.insert_before(reader, [twin])
             reader.inputs[i] = mine
             t = mine
             carrier = twin if carrier is not None else None
