@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 from tfrewrite import io, rewrite, schema, verify  # noqa: E402
 from tfrewrite.linalg import sparse  # noqa: E402
 from tfrewrite.passes import prune  # noqa: E402
+from tfrewrite.plan import RunContext  # noqa: E402
 
 OUT = ROOT / "bench" / "cache" / "prune"
 OP = schema.BuiltinOperator
@@ -42,9 +43,8 @@ OP = schema.BuiltinOperator
 
 def pruned_dense(path, **options) -> bytes:
     m = io.read(path)
-    plan = rewrite.Options(**options).plan()
-    plan.positions = {}
-    prune.run(m, plan)
+    ctx = RunContext(rewrite.Options(**options).plan())
+    prune.run(m, ctx)
     return io.to_bytes(m)
 
 

@@ -10,6 +10,7 @@ from conftest import FIXTURES, ROOT, digits_calibration
 from digits import load_split
 from tfrewrite import cli, io, rewrite, verify
 from tfrewrite.linalg import fit, svd
+from tfrewrite.plan import RunContext
 
 VGG = FIXTURES / "vgg_digits.tflite"
 
@@ -206,10 +207,10 @@ def test_fc_with_calibration_on_a_built_model():
     x = rng.standard_normal((200, 4)) @ basis
     m_plain, m_aware = io.read_buffer(model), io.read_buffer(model)
     rewrite.rewrite_model(m_plain, rewrite.Options(fc_rank=4))
-    plan = rewrite.Options(fc_rank=4).plan()
+    ctx = RunContext(rewrite.Options(fc_rank=4).plan())
     op = m_aware.main.operators[0]
-    plan.layer_data[id(op)] = {"rows": x.astype(np.float32), "mean": x.mean(axis=0)}
-    rewrite.rewrite_model(m_aware, rewrite.Options(fc_rank=4), plan=plan)
+    ctx.layer_data[id(op)] = {"rows": x.astype(np.float32), "mean": x.mean(axis=0)}
+    rewrite.rewrite_model(m_aware, rewrite.Options(fc_rank=4), context=ctx)
     samples = [[x[i:i + 1].astype(np.float32)] for i in range(20)]
     ref = np.concatenate([o[0] for o in verify.run(model, samples)])
     plain = np.concatenate([o[0] for o in verify.run(io.to_bytes(m_plain), samples)])

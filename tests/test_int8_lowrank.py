@@ -7,6 +7,7 @@ from conftest import FIXTURES, digits_calibration
 from digits import load_split
 from tfrewrite import cli, io, rewrite, schema, verify
 from tfrewrite.linalg import int8
+from tfrewrite.plan import RunContext
 
 INT8_VGG = FIXTURES / "vgg_digits_int8.tflite"
 T = schema.TensorType
@@ -413,10 +414,10 @@ def test_balancing_chain_factors_keeps_the_float_model():
     from conftest import outputs
     from tfrewrite.passes import full_int8
     model = io.read(FIXTURES / "vgg_digits.tflite")
-    plan = rewrite.Options(rank=24, skip="predictions").plan()
-    rewrite.rewrite_model(model, rewrite.Options(rank=24, skip="predictions"), plan=plan)
+    ctx = RunContext(rewrite.Options(rank=24, skip="predictions").plan())
+    rewrite.rewrite_model(model, rewrite.Options(rank=24, skip="predictions"), context=ctx)
     before = outputs(io.to_bytes(model), samples=3)
-    inner = full_int8.chain_inner_ops(model, plan.input_tensors)
+    inner = full_int8.chain_inner_ops(model, ctx.input_tensors)
     assert {op.builtin for _, op, _ in inner} == {OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED}
     assert len(inner) == 2 * 5 + 2  # conv1_1 (3 input channels) is left dense
     first = inner[0][1].inputs[1]

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -106,8 +107,7 @@ def test_later_rules_override_earlier_ones_and_cli_options_are_defaults():
         {"match": "predictions", "quantize": "none", "skip": True},
         {"match": "fc1", "energy": 0.9},
     ]})
-    p = Options(quantize="float16", rank=4, prune=0.3).plan()
-    p.rules = rules
+    p = replace(Options(quantize="float16", rank=4, prune=0.3).plan(), rules=rules)
     fc1, fc2, pred, other = (p.settings(_op(n)) for n in ("m/fc1", "m/fc2", "m/predictions", "m/conv"))
     assert (fc1.quantize, fc1.rank, fc1.energy, fc1.prune) == ("int8", None, 0.9, 0.3)
     assert (fc2.quantize, fc2.rank, fc2.prune) == ("float16", 8, 0.3)
@@ -116,7 +116,7 @@ def test_later_rules_override_earlier_ones_and_cli_options_are_defaults():
     plain = Options(quantize="float16", rank=4).plan()  # no recipe: the command line everywhere
     s = plain.settings(_op("m/fc1"))
     assert (s.quantize, s.rank, s.skip) == ("float16", 4, False)
-    assert p.reason_to_skip(_op("m/predictions"), 100) == "skipped by the recipe"
+    assert plan.RunContext(p).reason_to_skip(_op("m/predictions"), 100) == "skipped by the recipe"
 
 
 def _cli(*args):

@@ -7,15 +7,15 @@ from conftest import FIXTURES
 from tfrewrite import io, rewrite, schema
 from tfrewrite.linalg import sparse
 from tfrewrite.passes import prune
+from tfrewrite.plan import RunContext
 
 OP = schema.BuiltinOperator
 
 
 def run_prune(model, **options):
     m = io.read_buffer(model) if isinstance(model, bytes) else io.read(model)
-    plan = rewrite.Options(**options).plan()
-    plan.positions = {}
-    return prune.run(m, plan), m
+    ctx = RunContext(rewrite.Options(**options).plan())
+    return prune.run(m, ctx), m
 
 
 def weight_values(m, op):

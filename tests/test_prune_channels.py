@@ -8,6 +8,7 @@ from tfrewrite import analysis, io, ops, rewrite, schema, verify
 from tfrewrite.graph import Model, Operator, Subgraph, Tensor
 from tfrewrite.ops import semantics
 from tfrewrite.passes import prune_channels as pc
+from tfrewrite.plan import RunContext
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -110,9 +111,8 @@ def residual_concat_net(rng) -> bytes:
 
 def prune(model_bytes, **options):
     m = io.read_buffer(model_bytes)
-    plan = rewrite.Options(**options).plan()
-    plan.positions = {}
-    return m, plan
+    ctx = RunContext(rewrite.Options(**options).plan())
+    return m, ctx
 
 
 def zeroed_reference(model_bytes, choices) -> bytes:
@@ -136,8 +136,8 @@ def outputs(model, inputs, xnnpack=True):
 
 def test_groups_follow_add_concat_depthwise_and_flatten():
     rng = np.random.default_rng(0)
-    m, plan = prune(residual_concat_net(rng), prune_channels=0.5)
-    ((sg, g, groups),) = pc.candidates(m, plan)
+    m, ctx = prune(residual_concat_net(rng), prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, ctx)
     by_first = {grp.tensors[0].name: grp for grp in groups if grp.producers}
     # c2 and c3 meet in the residual ADD: one group through PRELU, MUL, depthwise, concat, pool, flatten.
     res = by_first["c2"]
@@ -156,8 +156,8 @@ def test_groups_follow_add_concat_depthwise_and_flatten():
 def test_pruned_model_equals_original_with_removed_channels_at_their_bias(fraction):
     rng = np.random.default_rng(1)
     original = residual_concat_net(rng)
-    m, plan = prune(original, prune_channels=fraction)
-    choices = pc.choose(m, plan)
+    m, ctx = prune(original, prune_channels=fraction)
+    choices = pc.choose(m, ctx)
     reference = zeroed_reference(original, choices)
     for sg, g, groups, removed in choices:
         pc.apply(g, removed)
@@ -204,12 +204,12 @@ def test_barriers_leave_groups_untouched():
     c1 = n.conv("c1", n.x, 16)
     mixed = n.reshape(n.conv("c2", c1, 16), [1, 6, 96], "mix")  # channels mixed with W: a barrier
     model = n.finish(mixed, n.conv("c3", c1, 16))                # c3 is a subgraph output
-    m, plan = prune(model, prune_channels=0.5)
-    ((sg, g, groups),) = pc.candidates(m, plan)
+    m, ctx = prune(model, prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, ctx)
     reasons = {grp.tensors[0].name: grp.reason for grp in groups if grp.producers}
     assert reasons["c1"] is None
     assert "reshape mixes channels" in reasons["c2"] and reasons["c3"] == "a subgraph output"
-    entries = pc.run(m, plan)
+    entries = pc.run(m, ctx)
     assert [e["output"] for e in entries if e["action"] == "pruned"] == ["c1"]
     shapes = {t.name: t.shape for t in m.main.tensors}
     assert shapes["c2"][-1] == 16 and shapes["c3"][-1] == 16 and shapes["c1"][-1] == 8
@@ -289,22 +289,22 @@ def test_a_bias_shared_with_an_unpruned_layer_gets_a_private_copy():
     c2 = n.conv("c2", c1, 16)
     n.sg.operators[1].inputs[2] = n.sg.operators[0].inputs[2]  # the converter shares equal constants
     original = n.finish(c2)                                    # c2 is the output: its group stays
-    m, plan = prune(original, prune_channels=0.5)
-    entries = pc.run(m, plan)
+    m, ctx = prune(original, prune_channels=0.5)
+    entries = pc.run(m, ctx)
     assert [e["output"] for e in entries if e["action"] == "pruned"] == ["c1"]
     conv1, conv2 = m.main.operators
     assert conv1.inputs[2].shape == [8] and conv2.inputs[2].shape == [16] and conv1.inputs[2] is not conv2.inputs[2]
     inputs = [[rng.standard_normal((1, 6, 6, 4)).astype(np.float32)]]
     m.main.cleanup()
     # c1's removed channels are constant: the fold into c2's (private) bias keeps the output exact.
-    reference = zeroed_reference(original, pc.choose(io.read_buffer(original), plan))
+    reference = zeroed_reference(original, pc.choose(io.read_buffer(original), ctx))
     np.testing.assert_allclose(outputs(io.to_bytes(m), inputs)[0], outputs(reference, inputs)[0],
                                rtol=1e-4, atol=1e-4)
 
 
 def test_converted_residual_concat_groups():
-    m, plan = prune((FIXTURES / "resnet_concat_digits.tflite").read_bytes(), prune_channels=0.5)
-    ((sg, g, groups),) = pc.candidates(m, plan)
+    m, ctx = prune((FIXTURES / "resnet_concat_digits.tflite").read_bytes(), prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, ctx)
     pruned = [grp for grp in groups if grp.reason is None]
     kinds = sorted((len(grp.producers), grp.channels) for grp in pruned)
     # stem + second conv of block 1 (joined by the ADD), each concatenated branch joined through the ADD of
@@ -319,8 +319,8 @@ def test_a_weight_shared_by_two_layers_is_sliced_for_each():
     """The converter's shared Dense: both FULLY_CONNECTED ops read one weight; the first one's output channels
     go, so it loses rows and the second loses columns of its own copy."""
     original = (FIXTURES / "shared_weight.tflite").read_bytes()
-    m, plan = prune(original, prune_channels=0.5)
-    choices = pc.choose(m, plan)
+    m, ctx = prune(original, prune_channels=0.5)
+    choices = pc.choose(m, ctx)
     reference = zeroed_reference(original, choices)
     for sg, g, groups, removed in choices:
         pc.apply(g, removed)
@@ -349,12 +349,12 @@ def test_split_maps_channels_to_its_pieces(builtin):
         op = Operator(ops.opcode_for(OP.SPLIT_V, 1), [c1, sizes, axis], pieces, o, schema.BuiltinOptions.SplitVOptions)
     n.sg.operators.append(op)
     original = n.finish(n.conv("a", pieces[0], 8, act=ACT.NONE), n.conv("b", pieces[1], 8, act=ACT.NONE))
-    m, plan = prune(original, prune_channels=0.5)
-    ((sg, g, groups),) = pc.candidates(m, plan)
+    m, ctx = prune(original, prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, ctx)
     live = [grp for grp in groups if grp.reason is None]
     # SPLIT: one group whose units own a channel of each piece; SPLIT_V: one group per piece.
     assert [grp.channels for grp in live] == ([16] if builtin == OP.SPLIT else [16, 16])
-    choices = pc.choose(m, plan)
+    choices = pc.choose(m, ctx)
     reference = zeroed_reference(original, choices)
     for sg, g, groups, removed in choices:
         pc.apply(g, removed)

@@ -3,6 +3,7 @@ created names the input model's op it came from."""
 import json
 
 import jsonschema
+import pytest
 
 from conftest import FIXTURES, ROOT
 from tfrewrite import io, rewrite
@@ -28,9 +29,27 @@ def test_entries_match_the_schema_and_created_ops_point_at_their_input_op():
     # Every factor layer the quantize pass saw is reported at the index of the input layer it replaced.
     assert {e["index"] for e in created} <= rewritten
     assert all(inputs[e["index"]].name in ("CONV_2D", "FULLY_CONNECTED") for e in created)
-    e = created[0]
-    e["reason"] = "x"
-    e["shared"] = True
-    assert e.reason == "x" and e.details["shared"] is True and "shared" in e
-    del e["shared"]
-    assert "shared" not in e
+
+
+def test_an_entry_is_written_through_its_fields_only():
+    """Item assignment is refused (a pass that wrote an entry as a dict would fail here and in every run); an
+    optional field is in the mapping and the JSON only once set, in the schema's order whatever the order of
+    writing; `factors` is never in the JSON."""
+    e = Entry(subgraph=0, index=3, op="FULLY_CONNECTED", output="fc", kind="fc")
+    with pytest.raises(TypeError):
+        e["reason"] = "x"
+    with pytest.raises(TypeError):
+        del e["reason"]
+    assert "shared" not in e and "output_error" not in e and e.get("shared") is None
+    e.bias_corrected = True
+    e.set(output_error=0.25, shared=True, factors={"left": None})
+    e.dtype_after = None  # None is a value (JSON null), not an absent field
+    assert list(e)[16:] == ["dtype_after", "shared", "output_error", "bias_corrected", "factors"]
+    assert list(e.as_json())[16:] == ["dtype_after", "shared", "output_error", "bias_corrected"]
+    assert e["output_error"] == 0.25 and e.as_json()["dtype_after"] is None
+    e.drop("output_error", "factors")
+    assert "output_error" not in e and "factors" not in e
+    with pytest.raises(AttributeError):
+        e.set(no_such_field=1)
+    with pytest.raises(AttributeError):
+        e.drop("reason")  # every entry has one

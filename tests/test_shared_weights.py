@@ -6,6 +6,7 @@ import pytest
 import builders as B
 from tfrewrite import io, rewrite, verify
 from tfrewrite.passes import prune
+from tfrewrite.plan import RunContext
 
 
 def low_rank(shape, rank, rng):
@@ -95,9 +96,8 @@ def test_pruning_a_weight_two_signatures_share_stores_it_once(form):
     stored = {id(t.buffer) for sg in io.read_buffer(out).subgraphs for t in sg.tensors if t.sparsity is not None}
     assert len(stored) == 1
     dense = io.read_buffer(model)  # the same pruning, stored dense
-    plan = rewrite.Options(prune=0.8).plan()
-    plan.positions = {}
-    prune.run(dense, plan)
+    ctx = RunContext(rewrite.Options(prune=0.8).plan())
+    prune.run(dense, ctx)
     for xnn in (True, False):
         ref, got = signature_outputs(io.to_bytes(dense), xnn), signature_outputs(out, xnn)
         for key in ref:

@@ -14,6 +14,7 @@ from tfrewrite import cli, io, rewrite, schema, verify
 from tfrewrite.graph import OpCode
 from tfrewrite.linalg import sparse
 from tfrewrite.passes import prune, sparse_encode as se
+from tfrewrite.plan import RunContext
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -64,9 +65,8 @@ def decode_reference(tensor) -> np.ndarray:
 def prune_only(model_path_or_bytes, **options) -> bytes:
     """The same pruned model, stored dense (prune pass only)."""
     m = io.read(model_path_or_bytes) if not isinstance(model_path_or_bytes, bytes) else io.read_buffer(model_path_or_bytes)
-    plan = rewrite.Options(**options).plan()
-    plan.positions = {}
-    prune.run(m, plan)
+    ctx = RunContext(rewrite.Options(**options).plan())
+    prune.run(m, ctx)
     return io.to_bytes(m)
 
 
@@ -494,9 +494,8 @@ def test_an_all_zero_weight_is_stored_with_one_explicit_zero_and_runs(layer, for
 
 def test_validate_names_a_sparse_tensor_without_data():
     m = io.read_buffer(B.fc_model(np.zeros((8, 16)), None, (1, 16)))
-    plan = rewrite.Options(sparse_encode=True).plan()
-    plan.positions = {}
-    se.run(m, plan)
+    ctx = RunContext(rewrite.Options(sparse_encode=True).plan())
+    se.run(m, ctx)
     (t,) = [t for _, t in sparse_tensors(m)]
     t.buffer = None
     with pytest.raises(ValueError, match="sparse but has no stored values"):

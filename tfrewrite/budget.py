@@ -152,7 +152,7 @@ def give_back(layers: list, choice: list, goal: float, measure) -> tuple[list, f
     return choice, measure(choice)
 
 
-def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, progress=None,
+def plan_ranks(model, ctx, target: float, by_macs: bool, total: float, passes, progress=None,
                sparsity_options=None, full_int8: bool = False) -> tuple[dict, dict, dict]:
     """Per-layer settings (id(op) → LayerSettings) that meet `target` (X times smaller file, or X times fewer MACs
     when `by_macs`), what the report shows per layer (id(op) → dict) and the budget's summary. `total`: the input's file bytes or MACs. `passes`: the low-rank
@@ -162,10 +162,10 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
     Costs count each weight as it will be stored (after --quantize float16 / int8); full-integer layers (of an
     int8 model, or all with `full_int8`: --quantize full-int8 follows) count their ops' bytes in the file
     (`stored_bytes`), and with `full_int8` the target applies to the input quantized alone (`full_int8_size`)."""
-    data_aware = bool(plan.layer_data)
-    ops, layers = rank_layers(model, plan, passes, progress, full_int8)
+    data_aware = bool(ctx.layer_data)
+    ops, layers = rank_layers(model, ctx, passes, progress, full_int8)
     if sparsity_options is not None:
-        ops, layers = add_sparsity_options(model, plan, ops, layers, sparsity_options, None if passes else progress,
+        ops, layers = add_sparsity_options(model, ctx, ops, layers, sparsity_options, None if passes else progress,
                                            full_int8)
     quantized = full_int8 and not by_macs
     if quantized:
@@ -179,7 +179,7 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
             layers, result.choice, total / target,
             lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)))
         result.level = max((c.damage for c in result.choice if c is not None), default=0.0)
-    settings, info = rank_settings(plan, ops, layers, result.choice, by_macs)
+    settings, info = rank_settings(ctx, ops, layers, result.choice, by_macs)
     what = "fewer MACs" if by_macs else ("smaller file than --quantize full-int8 alone (estimated "
                                          f"{total / 1e3:.1f} kB)" if quantized else "smaller file")
     summary = {"target": f"{target:g}x {what}", "goal": target, "measure": "macs" if by_macs else "file",
@@ -191,16 +191,16 @@ def plan_ranks(model, plan, target: float, by_macs: bool, total: float, passes, 
     return settings, info, summary
 
 
-def rank_layers(model, plan, passes, progress=None, full_int8: bool = False) -> tuple[list, list]:
+def rank_layers(model, ctx, passes, progress=None, full_int8: bool = False) -> tuple[list, list]:
     """(ops, their BudgetLayers with rank options) for every layer the low-rank passes may rewrite, in the
     input's order; with calibration rows, only the layers that have them. Layers count the bytes their ops
     will take in the file (`stored_bytes`), as full-integer layers with `full_int8` (--quantize full-int8
     follows)."""
-    data_aware = bool(plan.layer_data)
+    data_aware = bool(ctx.layer_data)
     ops, layers = [], []
     for pass_ in passes:
-        for op in pass_.candidates(model, plan):
-            if data_aware and id(op) not in plan.layer_data:
+        for op in pass_.candidates(model, ctx):
+            if data_aware and id(op) not in ctx.layer_data:
                 continue
             try:
                 weight = read_weight(op)
@@ -208,22 +208,22 @@ def rank_layers(model, plan, passes, progress=None, full_int8: bool = False) -> 
                 continue
             kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"
             with blas_threads_for(weight.values.size):
-                options = pass_.rank_options(op, weight, plan.rank_policy(op, kind), CANDIDATE_RATIOS)
+                options = pass_.rank_options(op, weight, ctx.rank_policy(op, kind), CANDIDATE_RATIOS)
             if progress:
                 progress(op)
             ops.append(op)
-            layers.append(_budget_layer(op, weight, options, plan, full_int8))
-    return _in_input_order(plan, ops, layers)
+            layers.append(_budget_layer(op, weight, options, ctx, full_int8))
+    return _in_input_order(ctx, ops, layers)
 
 
-def add_sparsity_options(model, plan, ops: list, layers: list, sparsity_options, progress=None,
+def add_sparsity_options(model, ctx, ops: list, layers: list, sparsity_options, progress=None,
                          full_int8: bool = False) -> tuple[list, list]:
     """`ops`, `layers` with every main-subgraph layer that has calibration rows given its sparsity options
     (`sparsity_options(op)`; Skip: none): added to its rank options, or as a layer of its own (counted as
     full-integer with `full_int8`)."""
     ops, layers = list(ops), list(layers)
     index = {id(op): i for i, op in enumerate(ops)}
-    for op in [op for op in model.main.operators if id(op) in plan.layer_data]:
+    for op in [op for op in model.main.operators if id(op) in ctx.layer_data]:
         try:
             options = sparsity_options(op)
             weight = read_weight(op)
@@ -235,23 +235,23 @@ def add_sparsity_options(model, plan, ops: list, layers: list, sparsity_options,
             layers[index[id(op)]].options.extend(_with_layer_overhead(options, layers[index[id(op)]], weight))
         else:
             ops.append(op)
-            layers.append(_budget_layer(op, weight, options, plan, full_int8))
-    return _in_input_order(plan, ops, layers)
+            layers.append(_budget_layer(op, weight, options, ctx, full_int8))
+    return _in_input_order(ctx, ops, layers)
 
 
-def _in_input_order(plan, ops: list, layers: list) -> tuple[list, list]:
-    order = {id(op): plan.positions.get(id(op), (0, i)) for i, op in enumerate(ops)}
+def _in_input_order(ctx, ops: list, layers: list) -> tuple[list, list]:
+    order = {id(op): ctx.positions.get(id(op), (0, i)) for i, op in enumerate(ops)}
     ops, layers = zip(*sorted(zip(ops, layers), key=lambda p: order[id(p[0])])) if ops else ((), ())
     return list(ops), list(layers)
 
 
-def rank_settings(plan, ops: list, layers: list, choice: list, by_macs: bool) -> tuple[dict, dict]:
+def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool) -> tuple[dict, dict]:
     """The chosen ranks (or sparsities) as per-layer settings (id(op) → LayerSettings; a layer without a choice
     is kept dense) and what the report shows per layer."""
     spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)) or 1
     settings, info = {}, {}
     for op, layer, c in zip(ops, layers, choice):
-        base = plan.settings(op)
+        base = ctx.settings(op)
         cleared = dict(rank=None, fc_rank=None, conv_rank=None, energy=None)
         if c is None:
             settings[id(op)] = replace(base, **cleared, ratio=None, skip_reason=KEPT_DENSE)
@@ -265,7 +265,7 @@ def rank_settings(plan, ops: list, layers: list, choice: list, by_macs: bool) ->
     return settings, info
 
 
-def _budget_layer(op, weight, options: list, plan, full_int8: bool = False) -> BudgetLayer:
+def _budget_layer(op, weight, options: list, ctx, full_int8: bool = False) -> BudgetLayer:
     """A layer's budget entry: its dense cost as stored in the input, its options at the itemsize the run stores
     its weights in (a float32 weight becomes float16 / int8 under --quantize). A full-integer layer (or any with
     `full_int8`) counts the bytes of its ops (`stored_bytes`: 28 bytes per output channel beside the 1-byte
@@ -286,7 +286,7 @@ def _budget_layer(op, weight, options: list, plan, full_int8: bool = False) -> B
     now = ITEMSIZE.get(weight.kind, 4)
     return BudgetLayer(op.outputs[0].name, list(options), w.size,
                        numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
-                       quantize.stored_itemsize(weight.kind, w.size, plan.settings(op).quantize, plan.min_params),
+                       quantize.stored_itemsize(weight.kind, w.size, ctx.settings(op).quantize, ctx.plan.min_params),
                        input_bytes=w.size * now)
 
 
@@ -313,22 +313,22 @@ FILE_MARGIN = 0.995
 CHANNELS_KEPT = "kept whole by the budget: the target is met at a damage level below every share's"
 
 
-def plan_channels(model, plan, target: float, by_macs: bool, total: float, samples, stage=None, passes=(),
+def plan_channels(model, ctx, target: float, by_macs: bool, total: float, samples, stage=None, passes=(),
                   progress=None) -> tuple[dict, dict, dict, dict]:
     """`--prune-channels auto`: each channel group open to the budget keeps the channels its cheapest option
     under one shared damage level leaves (options and damage: `prune_channels.group_options`, on `samples`).
     Savings are not additive (a layer between two pruned groups shrinks by both shares), so every level is
     judged on the whole model's cost under its choice, and what one level step overshoots is given back
     (`give_back`). With low-rank `passes` (`--rank auto`), their layers' rank options (judged on the unpruned
-    layers' calibration rows in `plan.layer_data`) join the same allocation: a rank option saves its share of
+    layers' calibration rows in `ctx.layer_data`) join the same allocation: a rank option saves its share of
     what the layer keeps after the channel cut, and the chosen ratio is then applied to the pruned layer.
     Returns id(lead op) → kept units (or the reason the group stays whole), the low-rank settings and report
     info (as `plan_ranks`), and the summary. `stage(count)`: a progress step for the `count` groups, or None."""
     from .passes import prune_channels as pc
-    space = pc.budget_space(model, plan, samples, stage)
+    space = pc.budget_space(model, ctx, samples, stage)
     layers = [BudgetLayer(b.group.producers[0].op.outputs[0].name, b.options, b.params, b.macs, b.itemsize)
               for b in space.open]
-    ops, ranked = rank_layers(model, plan, passes, progress) if passes else ([], [])
+    ops, ranked = rank_layers(model, ctx, passes, progress) if passes else ([], [])
     n = len(layers)
 
     def measure(choice):
@@ -359,7 +359,7 @@ def plan_channels(model, plan, target: float, by_macs: bool, total: float, sampl
                        "share": c.share if c is not None else 0.0, "damage": round(c.damage, 6) if c else 0.0,
                        "budget_share": round(cost(layer, c, by_macs) / spent, 6),
                        "candidates": [{"kept": o.keep, "damage": round(o.damage, 6)} for o in b.options]})
-    settings, info = rank_settings(plan, ops, ranked, result.choice[n:], by_macs)
+    settings, info = rank_settings(ctx, ops, ranked, result.choice[n:], by_macs)
     summary = {"target": f"{target:g}x {'fewer MACs' if by_macs else 'smaller file'}", "goal": target,
                "measure": "macs" if by_macs else "file", "technique": "channels+lowrank" if passes else "channels",
                "damage": "measured on the calibration data", "reached": result.reached,

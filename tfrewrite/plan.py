@@ -2,7 +2,9 @@
 
 A recipe (JSON, `schemas/recipe.schema.json`) is a list of rules; each names a regex on the op's output tensor
 name and any of rank / ratio / energy / conv_method / prune / prune_block / quantize / skip. Later rules
-override earlier ones; the command line gives the defaults. Passes ask the plan, never the options.
+override earlier ones; the command line gives the defaults. A `Plan` is fixed before any pass runs; a run's
+`RunContext` adds what the run finds and chooses (the budget's choice overrides the plan's). Passes ask the
+context, never the options.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from .graph import Operator
 from .passes.common import RankPolicy
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerSettings:
     rank: int | None = None          # both kinds, unless fc_rank / conv_rank say otherwise
     fc_rank: int | None = None
@@ -167,36 +169,25 @@ def check_layer_values(values: dict, name) -> dict:
     return values
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """The per-layer settings decided before any pass runs: the command line's defaults and the recipe's rules.
+    Immutable: what a run finds out or chooses on the way (the input's positions, calibration rows, the budget's
+    per-layer choice, factors already emitted) lives in its `RunContext`."""
     defaults: LayerSettings = field(default_factory=LayerSettings)
-    rules: list[dict] = field(default_factory=list)
+    rules: tuple = ()
     only: str | None = None
     skip: str | None = None
     min_params: int = 0
-    # id(op) → (subgraph, index) before any pass ran, so the report names ops as the input file does; the ops
-    # themselves are held in `input_ops` so that no op a pass creates can reuse one of their ids.
-    positions: dict = field(default_factory=dict)
-    input_ops: list = field(default_factory=list)
-    input_tensors: set = field(default_factory=set)
-    # Per-op extra data for data-aware fitting: id(op) → dict (calibration rows, their mean, ...).
-    layer_data: dict = field(default_factory=dict)
-    # id(op) → LayerSettings chosen by the global budget search (override the defaults and the recipe).
-    budget: dict = field(default_factory=dict)
-    budget_info: dict = field(default_factory=dict)
-    budget_summary: dict | None = None
     # What the budget chooses per layer: "lowrank" (ranks) and / or "prune" (sparsities, --prune auto).
     budget_kinds: frozenset = frozenset({"lowrank"})
-    # `--prune-channels auto`: id(first layer writing a group) → units the budget keeps, or why it keeps them all.
-    channel_budget: dict = field(default_factory=dict)
-    # What calibration did (for the report), or None.
-    calibration: dict | None = None
-    # (id(weight buffer), rank) → factors already emitted for a weight that several ops share.
-    shared_factors: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", tuple(self.rules))
 
     def settings(self, op: Operator) -> LayerSettings:
-        if id(op) in self.budget:
-            return self.budget[id(op)]
+        """The defaults with every matching recipe rule applied in order (the budget's choice is the run's:
+        `RunContext.settings`)."""
         name = op.outputs[0].name if op.outputs else ""
         s = self.defaults
         for rule in self.rules:
@@ -212,26 +203,11 @@ class Plan:
                 s = replace(s, **changes)
         return s
 
-    def remember_input(self, model) -> None:
-        """Record the input model's ops (positions for the report; passes rewrite only these) and tensors."""
-        self.input_ops = [op for sg in model.subgraphs for op in sg.operators]
-        self.input_tensors = {id(t) for sg in model.subgraphs for t in sg.tensors}
-        self.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
-
-    def release_model(self) -> None:
-        """Drop every reference to the model's ops, tensors and arrays (the report keeps positions and summaries),
-        so that the rewritten model can be freed once written."""
-        self.input_ops = []
-        self.layer_data = {}
-        self.shared_factors = {}
-
-    def is_input_op(self, op: Operator) -> bool:
-        """Whether `op` was in the input model (always true when the input was not recorded)."""
-        return not self.input_ops or id(op) in self.positions
-
-    def reason_to_skip(self, op: Operator, n_params: int, kept_dense_counts: bool = True) -> str | None:
-        """Why a pass leaves `op` alone, or None. `kept_dense_counts=False` (the quantize pass): a layer the budget
-        kept dense is still stored as --quantize asks — the budget counted it so."""
+    def reason_to_skip(self, op: Operator, n_params: int, settings: LayerSettings,
+                       kept_dense_counts: bool = True) -> str | None:
+        """Why a pass leaves `op` (whose settings are `settings`) alone, or None. `kept_dense_counts=False` (the
+        quantize pass): a layer the budget kept dense is still stored as --quantize asks — the budget counted it
+        so."""
         name = op.outputs[0].name if op.outputs else ""
         if self.only and not re.search(self.only, name):
             return "not matched by --only"
@@ -239,32 +215,21 @@ class Plan:
             return "matched by --skip"
         if n_params < self.min_params:
             return f"fewer than {self.min_params} weights (--min-params)"
-        settings = self.settings(op)
         if settings.skip_reason and kept_dense_counts:
             return settings.skip_reason
         if settings.skip:
             return "skipped by the recipe"
         return None
 
-    def rank_policy(self, op: Operator, kind: str) -> RankPolicy:
-        policy = self.settings(op).rank_policy(kind)
-        data = self.layer_data.get(id(op))
-        if data:
-            policy.extra = data  # shared, so the layer's input metric is computed once (budget, then the fit)
-        policy.budgeted = id(op) in self.budget
-        return policy
-
     # Which techniques any layer may use (so a pass can be skipped outright).
     def uses(self, technique: str) -> bool:
         candidates = [self.defaults] + [self.settings_of_rule(r) for r in self.rules]
         if technique == "lowrank":
-            if self.budget and "lowrank" in self.budget_kinds:
-                return True
             return any(s.rank_policy("fc").active or s.rank_policy("conv").active for s in candidates)
         if technique == "ratio":  # a rank chosen by a reduction ratio (--ratio, or a recipe rule's ratio)
             return any(s.ratio is not None for s in candidates)
         if technique == "prune":
-            return any(s.prune for s in candidates) or bool(self.budget and "prune" in self.budget_kinds)
+            return any(s.prune for s in candidates)
         if technique == "quantize":
             return any(s.quantize for s in candidates)
         if technique == "prune_channels":
@@ -282,3 +247,68 @@ class Plan:
         if changes.get("quantize") == "none":
             changes["quantize"] = None
         return replace(self.defaults, **changes)
+
+
+@dataclass(eq=False)
+class RunContext:
+    """What one run finds out and decides on the way, handed to every pass with the (immutable) plan: the input
+    model's ops and positions, calibration rows, the budget's per-layer choice, factors already emitted. The
+    passes ask it, not the plan, for a layer's settings: the budget's choice overrides the plan's."""
+    plan: Plan = field(default_factory=Plan)
+    # id(op) → (subgraph, index) before any pass ran, so the report names ops as the input file does; the ops
+    # themselves are held in `input_ops` so that no op a pass creates can reuse one of their ids.
+    positions: dict = field(default_factory=dict)
+    input_ops: list = field(default_factory=list)
+    input_tensors: set = field(default_factory=set)
+    # Per-op extra data for data-aware fitting: id(op) → dict (calibration rows, their mean, ...).
+    layer_data: dict = field(default_factory=dict)
+    # id(op) → LayerSettings chosen by the global budget search (override the defaults and the recipe).
+    budget: dict = field(default_factory=dict)
+    budget_info: dict = field(default_factory=dict)
+    budget_summary: dict | None = None
+    # `--prune-channels auto`: id(first layer writing a group) → units the budget keeps, or why it keeps them all.
+    channel_budget: dict = field(default_factory=dict)
+    # What calibration did (for the report), or None.
+    calibration: dict | None = None
+    # (id(weight buffer), rank) → factors already emitted for a weight that several ops share.
+    shared_factors: dict = field(default_factory=dict)
+
+    def settings(self, op: Operator) -> LayerSettings:
+        if id(op) in self.budget:
+            return self.budget[id(op)]
+        return self.plan.settings(op)
+
+    def reason_to_skip(self, op: Operator, n_params: int, kept_dense_counts: bool = True) -> str | None:
+        """`Plan.reason_to_skip` with the layer's settings in this run (the budget's choice included)."""
+        return self.plan.reason_to_skip(op, n_params, self.settings(op), kept_dense_counts)
+
+    def rank_policy(self, op: Operator, kind: str) -> RankPolicy:
+        policy = self.settings(op).rank_policy(kind)
+        data = self.layer_data.get(id(op))
+        if data:
+            policy.extra = data  # shared, so the layer's input metric is computed once (budget, then the fit)
+        policy.budgeted = id(op) in self.budget
+        return policy
+
+    def uses(self, technique: str) -> bool:
+        """`Plan.uses`, and the techniques the budget chose for some layer."""
+        if technique in ("lowrank", "prune") and self.budget and technique in self.plan.budget_kinds:
+            return True
+        return self.plan.uses(technique)
+
+    def remember_input(self, model) -> None:
+        """Record the input model's ops (positions for the report; passes rewrite only these) and tensors."""
+        self.input_ops = [op for sg in model.subgraphs for op in sg.operators]
+        self.input_tensors = {id(t) for sg in model.subgraphs for t in sg.tensors}
+        self.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
+
+    def release_model(self) -> None:
+        """Drop every reference to the model's ops, tensors and arrays (the report keeps positions and summaries),
+        so that the rewritten model can be freed once written."""
+        self.input_ops = []
+        self.layer_data = {}
+        self.shared_factors = {}
+
+    def is_input_op(self, op: Operator) -> bool:
+        """Whether `op` was in the input model (always true when the input was not recorded)."""
+        return not self.input_ops or id(op) in self.positions

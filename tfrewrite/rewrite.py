@@ -11,7 +11,8 @@ from pathlib import Path
 
 from . import analysis, io, schema
 from .ops import versions
-from .plan import LayerSettings, Plan, RecipeError, check_layer_values, load_recipe, parse_block
+from .plan import LayerSettings, Plan, RecipeError, RunContext, check_layer_values, load_recipe, parse_block
+from .report import Entry
 
 
 @dataclass
@@ -204,13 +205,13 @@ class Progress:
     def __init__(self, total: int, enabled: bool):
         self.total, self.done, self.enabled, self.start = total, 0, enabled, time.monotonic()
 
-    def __call__(self, entry: dict) -> None:
+    def __call__(self, entry: Entry) -> None:
         self.done += 1
         if not self.enabled:
             return
         width = 24
         filled = int(width * self.done / max(self.total, 1))
-        name = entry["output"][-40:]
+        name = entry.output[-40:]
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
                          f"{time.monotonic() - self.start:6.1f}s {name:<40}")
         if self.done >= self.total:
@@ -244,33 +245,36 @@ def calibration_samples(model, path, signature: str | None = None) -> list[list]
     return samples
 
 
-def lowrank_targets(model, plan: Plan) -> list:
+def lowrank_targets(model, ctx: RunContext) -> list:
     """The main subgraph's ops the low-rank passes may rewrite (their own `candidates`), in execution order."""
     from .passes import cp_conv, lowrank_fc
     order = {id(op): i for i, op in enumerate(model.main.operators)}
-    return sorted((op for pass_ in (cp_conv, lowrank_fc) for op in pass_.candidates(model, plan) if id(op) in order),
+    return sorted((op for pass_ in (cp_conv, lowrank_fc) for op in pass_.candidates(model, ctx) if id(op) in order),
                   key=lambda op: order[id(op)])
 
 
-def rewrite_model(model, options: Options, progress=None, plan: Plan | None = None, source=None) -> list[dict]:
+def rewrite_model(model, options: Options, progress=None, context: RunContext | None = None, source=None
+                  ) -> list[Entry]:
     """Run the passes on `model` in place, in the order decompose, prune, quantize, encode sparse.
-    Returns one report entry per op each pass considered. `source`: the model's file, for calibration."""
+    Returns one report entry per op each pass considered. `context`: the run's state (a new one for the options'
+    plan when None; the caller's holds what the run found and chose afterwards). `source`: the model's file, for
+    calibration."""
     from .passes import cp_conv, lowrank_fc
-    plan = plan or options.plan()
-    plan.remember_input(model)
+    ctx = context or RunContext(options.plan())
+    ctx.remember_input(model)
     lowrank = (cp_conv, lowrank_fc)
     entries = []
     # Problems the input already has are not ours to fix; any new one after a pass is a fault of that pass.
     known_problems = model.problems()
 
-    def checked(pass_entries: list[dict]) -> list[dict]:
+    def checked(pass_entries: list[Entry]) -> list[Entry]:
         model.validate(known_problems)
         return pass_entries
     samples = None
     target = options.target_macs or options.target_size
     by_macs = options.target_macs is not None
-    channel_budget = plan.uses("channel_budget")
-    if plan.uses("prune_channels"):
+    channel_budget = ctx.uses("channel_budget")
+    if ctx.uses("prune_channels"):
         # First: it changes the shapes every later pass (and the calibration rows) see.
         from .passes import prune_channels
         if options.calibration:
@@ -283,23 +287,23 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             # --rank auto: rank options join the channel budget, judged on the unpruned layers' rows.
             mixed = lowrank if options.rank == "auto" else ()
             if mixed:
-                targets = _lowrank_rows(model, plan, samples, not options.calibration, progress,
+                targets = _lowrank_rows(model, ctx, samples, not options.calibration, progress,
                                         options.activation_percentile)
-            plan.channel_budget, ranks, rank_info, plan.budget_summary = budget.plan_channels(
-                model, plan, target, by_macs, total, samples,
+            ctx.channel_budget, ranks, rank_info, ctx.budget_summary = budget.plan_channels(
+                model, ctx, target, by_macs, total, samples,
                 stage=lambda count: _stage(progress, "budget: channel group", count), passes=mixed,
                 progress=_stage(progress, "budget: layer", len(targets) if mixed else 0))
             if not options.calibration:
-                plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
-        entries += checked(prune_channels.run(model, plan, samples=samples))
+                ctx.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
+        entries += checked(prune_channels.run(model, ctx, samples=samples))
         if channel_budget:  # only now: a layer the ranks keep dense may still lose channels
-            plan.budget, plan.budget_info = ranks, rank_info
+            ctx.budget, ctx.budget_info = ranks, rank_info
     # The target goes to the channel budget when it is asked for, else to the ranks.
     rank_budget = bool(target) and not channel_budget
     # Without data, a budget judges and fits the layers, and --ratio fits them, on the model's response to generated
     # images (VGG-style fixture: --target-size 5 judged and fitted on the weights 34.7 %, on these 95.8 %; --ratio 5
     # with the same floors 93.6 % fitted on the weights, 95.6 % on these; bench/results/nodata_floors.md).
-    generated = not options.calibration and (rank_budget or bool(plan.budget) or plan.uses("ratio"))
+    generated = not options.calibration and (rank_budget or bool(ctx.budget) or ctx.uses("ratio"))
     depthwise = []
     if options.calibration or generated:
         if options.calibration:
@@ -308,9 +312,9 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
             samples = _generated(model, source, options)
         # Depthwise layers to prune (--prune-depthwise) are fitted to calibration data too.
         if options.calibration:
-            depthwise = depthwise_prune_targets(model, plan)
-        targets = _lowrank_rows(model, plan, samples, generated, progress, options.activation_percentile, depthwise)
-        plan.calibration = {"file": str(options.calibration) if options.calibration else None,
+            depthwise = depthwise_prune_targets(model, ctx)
+        targets = _lowrank_rows(model, ctx, samples, generated, progress, options.activation_percentile, depthwise)
+        ctx.calibration = {"file": str(options.calibration) if options.calibration else None,
                             "inputs": "calibration" if options.calibration else "generated",
                             "samples": len(samples), "layers": len(targets)}
     if rank_budget:
@@ -318,92 +322,92 @@ def rewrite_model(model, options: Options, progress=None, plan: Plan | None = No
         # After channel pruning the input file no longer measures the model: the budget then counts the pruned
         # model's own bytes (the target applies on top of the pruning).
         total = _model_cost(model, source, by_macs,
-                            pruned=any(e["kind"] == "channels" and e["action"] == "pruned" for e in entries))
+                            pruned=any(e.kind == "channels" and e.action == "pruned" for e in entries))
         sparsity_options = None
-        if "prune" in plan.budget_kinds:
+        if "prune" in ctx.plan.budget_kinds:
             from .passes import sparse_encode
 
             def sparsity_options(op):
                 from .passes.common import Skip
-                reason = plan.reason_to_skip(op, analysis.numel(op.inputs[1].shape))
+                reason = ctx.reason_to_skip(op, analysis.numel(op.inputs[1].shape))
                 if reason:
                     raise Skip(reason)
-                return sparse_encode.sparsity_options(model, op, plan.settings(op), plan.layer_data[id(op)],
-                                                      min_params=plan.min_params,
+                return sparse_encode.sparsity_options(model, op, ctx.settings(op), ctx.layer_data[id(op)],
+                                                      min_params=ctx.plan.min_params,
                                                       full_int8=options.quantize == "full-int8")
-        plan.budget, plan.budget_info, plan.budget_summary = budget.plan_ranks(
-            model, plan, target, by_macs, total, lowrank if "lowrank" in plan.budget_kinds else (),
+        ctx.budget, ctx.budget_info, ctx.budget_summary = budget.plan_ranks(
+            model, ctx, target, by_macs, total, lowrank if "lowrank" in ctx.plan.budget_kinds else (),
             sparsity_options=sparsity_options,
             progress=_stage(progress, "budget: layer", len(targets)),  # targets: calibrated above, data or not
             full_int8=options.quantize == "full-int8")
         if generated:
-            plan.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
+            ctx.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
     done = set()
-    if options.sequential and plan.uses("lowrank"):
-        entries += checked(sequential_lowrank(model, plan, samples, targets, progress))
+    if options.sequential and ctx.uses("lowrank"):
+        entries += checked(sequential_lowrank(model, ctx, samples, targets, progress))
         done = {id(op) for op in targets}
-    if plan.uses("lowrank"):
-        entries += checked(cp_conv.run(model, plan, progress, done))
-        entries += checked(lowrank_fc.run(model, plan, progress, done))
+    if ctx.uses("lowrank"):
+        entries += checked(cp_conv.run(model, ctx, progress, done))
+        entries += checked(lowrank_fc.run(model, ctx, progress, done))
     # The progress bar counts the low-rank layers, the slow part; the other passes take moments.
-    if plan.uses("prune"):
+    if ctx.uses("prune"):
         from .passes import prune
         pruned_one_by_one = set()
         if options.sequential:
             order = {id(op): i for i, op in enumerate(model.main.operators)}
             layers = sorted([op for op in targets + depthwise if id(op) in order], key=lambda op: order[id(op)])
-            entries += checked(sequential_prune(model, plan, samples, layers))
+            entries += checked(sequential_prune(model, ctx, samples, layers))
             pruned_one_by_one = {id(op) for op in layers}
-        entries += checked(prune.run(model, plan, skip=pruned_one_by_one))
-    if plan.uses("quantize"):
+        entries += checked(prune.run(model, ctx, skip=pruned_one_by_one))
+    if ctx.uses("quantize"):
         from .passes import quantize
-        entries += checked(quantize.run(model, plan))
+        entries += checked(quantize.run(model, ctx))
     if options.quantize == "full-int8":
         from .passes import full_int8
         if full_int8.integer_only(model):  # an integer-only input asks for nothing more (re-quantizing grew it)
-            plan.calibration = dict(plan.calibration or {}, full_int8={"skipped": full_int8.ALREADY_INTEGER})
+            ctx.calibration = dict(ctx.calibration or {}, full_int8={"skipped": full_int8.ALREADY_INTEGER})
         else:
-            plan.calibration = dict(plan.calibration or {}, full_int8=full_int8.run(
-                model, options.calibration, options.signature, plan.input_tensors))
+            ctx.calibration = dict(ctx.calibration or {}, full_int8=full_int8.run(
+                model, options.calibration, options.signature, ctx.input_tensors))
             update_min_runtime_version(model)
             model.validate(known_problems)
-    if plan.uses("prune") or options.sparse_encode:
+    if ctx.uses("prune") or options.sparse_encode:
         from .passes import sparse_encode
-        entries += checked(sparse_encode.run(model, plan))
-    if any(e["action"] != "skipped" for e in entries):
+        entries += checked(sparse_encode.run(model, ctx))
+    if any(e.action != "skipped" for e in entries):
         model.cleanup()
         update_min_runtime_version(model)
         model.validate(known_problems)
-    if plan.budget_info:
-        by_position = {plan.positions[k]: v for k, v in plan.budget_info.items() if k in plan.positions}
+    if ctx.budget_info:
+        by_position = {ctx.positions[k]: v for k, v in ctx.budget_info.items() if k in ctx.positions}
         for e in entries:
-            info = by_position.get((e["subgraph"], e["index"]))
-            if info is not None and e["kind"] in (("prune",) if "sparsity" in info else ("fc", "conv", "conv1x1")):
-                e["damage"], e["budget_share"] = info["damage"], info["share"]
-    if plan.channel_budget and plan.budget_summary:
-        by_output = {g["output"]: g for g in plan.budget_summary["layers"] if "kept" in g}
+            info = by_position.get((e.subgraph, e.index))
+            if info is not None and e.kind in (("prune",) if "sparsity" in info else ("fc", "conv", "conv1x1")):
+                e.damage, e.budget_share = info["damage"], info["share"]
+    if ctx.channel_budget and ctx.budget_summary:
+        by_output = {g["output"]: g for g in ctx.budget_summary["layers"] if "kept" in g}
         for e in entries:
-            info = by_output.get(e["output"]) if e["kind"] == "channels" else None
+            info = by_output.get(e.output) if e.kind == "channels" else None
             if info is not None:
-                e["damage"], e["budget_share"] = info["damage"], info["budget_share"]
-    entries.sort(key=lambda e: (e["subgraph"], e["index"]))
+                e.damage, e.budget_share = info["damage"], info["budget_share"]
+    entries.sort(key=lambda e: (e.subgraph, e.index))
     return entries
 
 
-def depthwise_prune_targets(model, plan: Plan) -> list:
+def depthwise_prune_targets(model, ctx: RunContext) -> list:
     """The main subgraph's DEPTHWISE_CONV_2D ops of the input model that are to be pruned (--prune-depthwise)."""
     OP = schema.BuiltinOperator
-    return [op for op in model.main.operators if op.builtin == OP.DEPTHWISE_CONV_2D and plan.is_input_op(op)
-            and plan.settings(op).prune and plan.settings(op).prune_depthwise]
+    return [op for op in model.main.operators if op.builtin == OP.DEPTHWISE_CONV_2D and ctx.is_input_op(op)
+            and ctx.settings(op).prune and ctx.settings(op).prune_depthwise]
 
 
-def _lowrank_rows(model, plan: Plan, samples, generated: bool, progress=None, percentile: float | None = None,
+def _lowrank_rows(model, ctx: RunContext, samples, generated: bool, progress=None, percentile: float | None = None,
                   more=()) -> list:
-    """Collect the low-rank targets' input rows on `samples` into `plan.layer_data`, and those of the ops in
+    """Collect the low-rank targets' input rows on `samples` into `ctx.layer_data`, and those of the ops in
     `more` (in the same runs); returns the low-rank targets.
     `percentile`: --activation-percentile, for the int8 chains fitted on these rows."""
     from . import calibrate
-    targets = lowrank_targets(model, plan)
+    targets = lowrank_targets(model, ctx)
     rows = calibrate.collect(model, samples, targets + list(more),
                              progress=_stage(progress, "calibration: sample", len(samples)),
                              max_rows=calibrate.GENERATED_ROWS if generated else calibrate.MAX_ROWS)
@@ -411,7 +415,7 @@ def _lowrank_rows(model, plan: Plan, samples, generated: bool, progress=None, pe
     if percentile is not None:
         extra["activation_percentile"] = percentile
     for op in targets + list(more):
-        plan.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
+        ctx.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
     return targets
 
 
@@ -434,7 +438,7 @@ def _stage(progress, label: str, total: int):
     return progress.stage(label, total) if isinstance(progress, Progress) and total else None
 
 
-def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> list[dict]:
+def sequential_lowrank(model, ctx: RunContext, samples, targets, progress=None) -> list[Entry]:
     """Rewrite the main subgraph's layers in execution order, each fitted on the activations of the already
     rewritten layers before it (paired with the original activations at the same positions), so that errors
     compounding through the network are accounted for. Only the input model's layers: never the factor layers
@@ -446,20 +450,20 @@ def sequential_lowrank(model, plan: Plan, samples, targets, progress=None) -> li
     for op in list(targets):
         if op not in model.main.operators:
             continue
-        data = plan.layer_data[id(op)]
-        if entries and any(e["action"] == "rewritten" for e in entries):
+        data = ctx.layer_data[id(op)]
+        if entries and any(e.action == "rewritten" for e in entries):
             now = calibrate.collect(model, samples, [op])[id(op)]
             settings = {k: data[k] for k in ("damping", "activation_percentile") if k in data}
-            plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean, "target_rows": data["rows"],
+            ctx.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean, "target_rows": data["rows"],
                                        "target_mean": data["mean"], **settings}
         pass_ = lowrank_fc if op.builtin == OP.FULLY_CONNECTED else cp_conv
-        entries.append(pass_.rewrite_op(model, model.main, op, plan))
+        entries.append(pass_.rewrite_op(model, model.main, op, ctx))
         if progress:
             progress(entries[-1])
     return entries
 
 
-def sequential_prune(model, plan: Plan, samples, targets) -> list[dict]:
+def sequential_prune(model, ctx: Plan, samples, targets) -> list[dict]:
     """Prune the main subgraph's FULLY_CONNECTED and CONV_2D layers (and DEPTHWISE_CONV_2D with
     --prune-depthwise) in execution order, each on the activations
     of the already pruned (or rewritten) layers before it, its kept weights fitted to reproduce the original
@@ -471,13 +475,13 @@ def sequential_prune(model, plan: Plan, samples, targets) -> list[dict]:
     for op in targets:
         if op not in model.main.operators:
             continue
-        data = plan.layer_data[id(op)]
+        data = ctx.layer_data[id(op)]
         if changed:
             now = calibrate.collect(model, samples, [op])[id(op)]
-            plan.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean,
+            ctx.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean,
                                        "target_rows": data.get("target_rows", data["rows"]),
                                        "target_mean": data.get("target_mean", data["mean"])}
-        entries.append(prune.prune_op(model, model.main, op, plan, {}))
+        entries.append(prune.prune_op(model, model.main, op, ctx, {}))
         changed = changed or entries[-1]["action"] != "skipped"
     return entries
 
@@ -507,6 +511,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
                    writes={"output": output_path, "--report": options.report})
     plan = options.plan()
     warnings = options.check_used(plan)
+    ctx = RunContext(plan)
     model = io.read(input_path)
     from .passes import int8_chain
     # A budget's low rank counts too: chains whose int8 ranges came from generated images gave XNNPACK and the
@@ -514,7 +519,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     budget_lowrank = bool(options.target_size or options.target_macs) and "lowrank" in plan.budget_kinds and (
         not plan.uses("channel_budget") or options.rank == "auto")
     if (plan.uses("lowrank") or budget_lowrank) and not options.calibration and any(
-            int8_chain.is_full_integer(op) for op in lowrank_targets(model, plan)):
+            int8_chain.is_full_integer(op) for op in lowrank_targets(model, ctx)):
         raise io.ModelError(f"{input_path}: a full-integer int8 model: low rank needs --calibration (the new "
                             "intermediate tensors get their int8 ranges from it)")
     keys = [d.key for d in model.signature_defs]
@@ -525,14 +530,14 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     before = analysis.summary(model, zeros=False)["totals"]
     nonzero_before = analysis.nonzero_params(model)
     bar = Progress(count_targets(model), enabled=progress)
-    entries = rewrite_model(model, options, bar, plan, source=input_path)
+    entries = rewrite_model(model, options, bar, ctx, source=input_path)
     with io.Staged() as staged:
         target = staged.path(output_path)
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
-        full_int8 = (plan.calibration or {}).get("full_int8") or {}
+        full_int8 = (ctx.calibration or {}).get("full_int8") or {}
         made_full_int8 = bool(full_int8) and "skipped" not in full_int8
-        changed = made_full_int8 or any(e["action"] != "skipped" for e in entries)
+        changed = made_full_int8 or any(e.action != "skipped" for e in entries)
         notes = [] if changed else [f"nothing was rewritten: --quantize full-int8: {full_int8['skipped']}"
                                     if full_int8.get("skipped") else nothing_done(options, entries)]
         kept_larger = False
@@ -555,7 +560,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         # The output-error check loads the input and the written model in LiteRT: let go of the rewritten IR
         # first (its new weights and the input's mapped pages; 1.7 GB for VGG16 pruned to 50 %).
         model = None
-        plan.release_model()
+        ctx.release_model()
         import gc
         gc.collect()
         fidelity = None
@@ -575,7 +580,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         report = {
             "input": str(input_path), "output": str(output_path),
             "options": {k: v for k, v in vars(options).items() if k != "report"},
-            "layers": [{k: v for k, v in e.items() if k != "factors"} for e in entries],
+            "layers": [e.as_json() for e in entries],
             "totals": {
                 "file_bytes_before": size_before, "file_bytes_after": size_after,
                 "params_before": before["params"], "params_after": after["params"],
@@ -588,10 +593,10 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         }
         if fidelity is not None:
             report["output_error"] = fidelity
-        if plan.calibration:
-            report["calibration"] = plan.calibration
-        if plan.budget_summary:
-            report["budget"] = judge_budget(plan.budget_summary, report["totals"])
+        if ctx.calibration:
+            report["calibration"] = ctx.calibration
+        if ctx.budget_summary:
+            report["budget"] = judge_budget(ctx.budget_summary, report["totals"])
         if options.verify:
             report["verify"] = verify_against(input_path, target, options)
         if report_target is not None:
@@ -622,10 +627,10 @@ def _copy_unchanged(source, target) -> int:
     return os.path.getsize(target)
 
 
-def _undo_entries(entries: list[dict], reason: str) -> None:
+def _undo_entries(entries: list[Entry], reason: str) -> None:
     for e in entries:
-        if e["action"] != "skipped":
-            e.update(action="skipped", reason=reason, params_after=e["params_before"], macs_after=e["macs_before"])
+        if e.action != "skipped":
+            e.set(action="skipped", reason=reason, params_after=e.params_before, macs_after=e.macs_before)
 
 
 # Above this relative L2 distance between the outputs with XNNPACK and with the builtin kernels, a result with
@@ -647,7 +652,7 @@ def asked_techniques(options: Options) -> list[str]:
             if (v := getattr(options, k, None)) is not None and v is not False]
 
 
-def nothing_done(options: Options, entries: list[dict]) -> str:
+def nothing_done(options: Options, entries: list[Entry]) -> str:
     """Why the model came out unchanged: no technique asked for, no layer of a kind it applies to, or the
     reasons the layers considered were left as they are."""
     asked = asked_techniques(options)
@@ -659,7 +664,7 @@ def nothing_done(options: Options, entries: list[dict]) -> str:
                 f"(a FULLY_CONNECTED, CONV_2D or DEPTHWISE_CONV_2D with a constant weight); re-serialized unchanged")
     reasons: dict[str, int] = {}
     for e in entries:
-        reasons[e.get("reason") or "left as it is"] = reasons.get(e.get("reason") or "left as it is", 0) + 1
+        reasons[e.reason or "left as it is"] = reasons.get(e.reason or "left as it is", 0) + 1
     why = "; ".join(f"{r} ({n}x)" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
     return f"nothing was rewritten: {asked} asked, but none of the {len(entries)} layers considered qualified: {why}"
 

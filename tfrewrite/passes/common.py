@@ -228,7 +228,7 @@ def bias_values(bias: Tensor | None, channels: int) -> np.ndarray:
     raise Skip("bias is not a constant")
 
 
-def finish_data_aware(sg: Subgraph, entry: dict, policy: "RankPolicy", weight: np.ndarray, approx,
+def finish_data_aware(sg: Subgraph, entry: Entry, policy: "RankPolicy", weight: np.ndarray, approx,
                       bias: Tensor | None, name: str) -> Tensor | None:
     """With calibration data: report the layer's output error and return a bias shifted so that the mean
     output on the samples matches the original's (bias correction). Without: the bias unchanged.
@@ -241,15 +241,15 @@ def finish_data_aware(sg: Subgraph, entry: dict, policy: "RankPolicy", weight: n
     mean, target_mean = policy.extra["mean"], policy.extra.get("target_mean")
     if isinstance(approx, tuple):  # never form L·R: FC weights can be 25088×4096
         left, right = (np.asarray(a, np.float64) for a in approx)
-        entry["output_error"] = fit.lowrank_output_error(weight, left, right, metric)
+        entry.output_error = fit.lowrank_output_error(weight, left, right, metric)
         t = mean if target_mean is None else target_mean
         shift = np.asarray(weight @ np.asarray(t, weight.dtype), np.float64) - left @ (right @ np.asarray(mean, np.float64))
     else:
         approx = approx()
-        entry["output_error"] = fit.output_error(weight, approx, metric)
+        entry.output_error = fit.output_error(weight, approx, metric)
         shift = fit.bias_shift(weight, approx, mean, target_mean)
     values = bias_values(bias, weight.shape[0]) + shift.astype(np.float32)
-    entry["bias_corrected"] = True
+    entry.bias_corrected = True
     return sg.add_constant(name, values.astype(np.float32))
 
 
@@ -270,9 +270,9 @@ def stored_weight_values(tensor_values: np.ndarray, like: LayerWeight, quant_axi
     return tensor_values.astype(np.float32)
 
 
-def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, plan) -> Entry:
+def new_entry(model: Model, sg: Subgraph, op: Operator, kind: str, ctx) -> Entry:
     """The report entry of `op`, at the input model's position of the op it is or came from."""
-    si, oi = plan.positions.get(id(op)) or plan.positions.get(id(op.origin)) or (
+    si, oi = ctx.positions.get(id(op)) or ctx.positions.get(id(op.origin)) or (
         next(i for i, s in enumerate(model.subgraphs) if s is sg), next(i for i, o in enumerate(sg.operators) if o is op))
     return Entry(subgraph=si, index=oi, op=op.name, output=op.outputs[0].name if op.outputs else "", kind=kind)
 
@@ -317,82 +317,81 @@ class RankPolicy:
         return self.rank is not None or self.ratio is not None or self.energy is not None
 
 
-def rewrite_one(model: Model, sg: Subgraph, op: Operator, plan, kind: str, rewrite) -> dict:
-    """Run `rewrite(sg, op, weight, policy, plan, entry)` on one op; a Skip becomes the entry's
+def rewrite_one(model: Model, sg: Subgraph, op: Operator, ctx, kind: str, rewrite) -> Entry:
+    """Run `rewrite(sg, op, weight, policy, ctx, entry)` on one op; a Skip becomes the entry's
     reason. Returns the op's report entry."""
-    entry = new_entry(model, sg, op, kind, plan)
-    policy = plan.rank_policy(op, kind)
+    entry = new_entry(model, sg, op, kind, ctx)
+    policy = ctx.rank_policy(op, kind)
     try:
         weight = read_weight(op)
         uses = weight_uses(model, weight.stored)
-        if uses.shared or any(k[0] == id(weight.stored.buffer) for k in plan.shared_factors):
+        if uses.shared or any(k[0] == id(weight.stored.buffer) for k in ctx.shared_factors):
             # One set of factors serves every reader (a weight stored once stays stored once), so it is fitted to
             # the weight, not to the inputs of one of its readers; every reader must be a layer of this kind
             # asking for the same rank (the IR's shared-weight policy).
-            reason = _reason_to_leave(plan, op, kind, weight.values.size) or uses.refusal(
+            reason = _reason_to_leave(ctx, op, kind, weight.values.size) or uses.refusal(
                 lambda u: u.op.builtin == op.builtin and u.index == 1
-                and (_reason_to_leave(plan, u.op, kind, weight.values.size) or True),
-                ask=lambda u: _rank_asked(plan, u.op, kind), differ="its readers ask for different ranks")
+                and (_reason_to_leave(ctx, u.op, kind, weight.values.size) or True),
+                ask=lambda u: _rank_asked(ctx, u.op, kind), differ="its readers ask for different ranks")
             if reason:
                 raise Skip(reason)
             policy = replace(policy, extra={})
-            entry["shared"] = True
-        snapshot, size_before, shared_before = model.snapshot(), io.estimated_size(model), len(plan.shared_factors)
+            entry.shared = True
+        snapshot, size_before, shared_before = model.snapshot(), io.estimated_size(model), len(ctx.shared_factors)
         from ..linalg.svd import blas_threads_for
         with blas_threads_for(weight.values.size):
-            rewrite(sg, op, weight, policy, plan, entry)
+            rewrite(sg, op, weight, policy, ctx, entry)
         if not policy.force:
-            _keep_if_smaller(model, weight, plan, entry, snapshot, size_before, shared_before)
+            _keep_if_smaller(model, weight, ctx, entry, snapshot, size_before, shared_before)
     except Skip as e:
-        entry["reason"] = str(e)
-    _release_layer_data(plan, op, entry)
+        entry.reason = str(e)
+    _release_layer_data(ctx, op, entry)
     return entry
 
 
-def _release_layer_data(plan, op: Operator, entry: dict) -> None:
+def _release_layer_data(ctx, op: Operator, entry: Entry) -> None:
     """Let go of what only this op's fit needed, before the next layer's: its input metric (VGG16's 3x3x512
     convs: ~100 MB each), and all its calibration data once the op is replaced (later passes read rows only of
     ops still in the model)."""
-    data = plan.layer_data.get(id(op))
+    data = ctx.layer_data.get(id(op))
     if data is None:
         return
-    if entry.get("action") == "rewritten":
-        del plan.layer_data[id(op)]
+    if entry.action == "rewritten":
+        del ctx.layer_data[id(op)]
     else:
         data.pop("metric", None)
 
 
-def _keep_if_smaller(model, weight: LayerWeight, plan, entry: dict, snapshot, size_before: int, shared_before: int):
+def _keep_if_smaller(model, weight: LayerWeight, ctx, entry: Entry, snapshot, size_before: int, shared_before: int):
     """Undo a rewrite whose new tensors, buffers and ops take more file bytes than it frees (tiny layers).
     A weight other ops still read frees nothing yet: the first reader of a shared weight is credited with it
     (its factors serve them all), later readers only reuse those factors and are kept."""
-    if entry.get("shared") and len(plan.shared_factors) == shared_before:
+    if entry.shared and len(ctx.shared_factors) == shared_before:
         return  # reuses factors the first reader already paid for
     size_after = io.estimated_size(model)
-    if entry.get("shared") and weight.stored.buffer is not None:
+    if entry.shared and weight.stored.buffer is not None:
         size_after -= weight.stored.buffer.nbytes
     if size_after < size_before:
         return
     snapshot.restore()
-    for key in list(plan.shared_factors)[shared_before:]:
-        del plan.shared_factors[key]
-    for k in ("output_error", "bias_corrected", "factors", "init", "degeneracy", "n_iter"):
-        entry.pop(k, None)
-    entry.update(action="skipped", method=None, rank=None, rel_error=None,
-                 params_after=entry["params_before"], macs_after=entry["macs_before"])
+    for key in list(ctx.shared_factors)[shared_before:]:
+        del ctx.shared_factors[key]
+    entry.drop("output_error", "bias_corrected", "factors", "init", "degeneracy", "n_iter")
+    entry.set(action="skipped", method=None, rank=None, rel_error=None,
+              params_after=entry.params_before, macs_after=entry.macs_before)
     raise Skip(f"does not pay: the new weights, tensors and ops take {size_after - size_before} bytes more than "
                f"what they replace (file about {size_before} -> {size_after} bytes)")
 
 
-def _reason_to_leave(plan, op: Operator, kind: str, n: int) -> str | None:
+def _reason_to_leave(ctx, op: Operator, kind: str, n: int) -> str | None:
     """Why a low-rank pass leaves a layer as it is, whatever its weight (None: it rewrites it)."""
-    if not plan.is_input_op(op):
+    if not ctx.is_input_op(op):
         return "made by an earlier pass"
-    return plan.reason_to_skip(op, n) or (None if plan.rank_policy(op, kind).active else "no rank asked")
+    return ctx.reason_to_skip(op, n) or (None if ctx.rank_policy(op, kind).active else "no rank asked")
 
 
-def _rank_asked(plan, op: Operator, kind: str) -> tuple:
-    p = plan.settings(op).rank_policy(kind)
+def _rank_asked(ctx, op: Operator, kind: str) -> tuple:
+    p = ctx.settings(op).rank_policy(kind)
     return p.rank, p.ratio, p.energy, p.method
 
 
@@ -402,14 +401,14 @@ def shared_key(weight: LayerWeight, *choice) -> tuple:
     return (id(weight.stored.buffer), *choice)
 
 
-def emit_shared(plan, sg: Subgraph, key: tuple, make) -> tuple[list[tuple[Tensor, list[Operator]]], object]:
+def emit_shared(ctx, sg: Subgraph, key: tuple, make) -> tuple[list[tuple[Tensor, list[Operator]]], object]:
     """The new weights of a layer and what was computed with them: `make()` returns ([(tensor, ops to run
     first), ...], payload) and is called once per key; a later reader of the same stored weight gets the same
     buffers, as tensors of its own subgraph (behind a DEQUANTIZE of its own when stored float16)."""
-    cached = plan.shared_factors.get(key)
+    cached = ctx.shared_factors.get(key)
     if cached is None:
         emitted, payload = make()
-        plan.shared_factors[key] = (sg, emitted, payload)
+        ctx.shared_factors[key] = (sg, emitted, payload)
         return emitted, payload
     home, emitted, payload = cached
     return [_weight_in(sg, home, tensor, pre) for tensor, pre in emitted], payload
@@ -424,30 +423,30 @@ def _weight_in(sg: Subgraph, home: Subgraph, tensor: Tensor, pre: list[Operator]
     return out, [ops.dequantize(sg.own_tensor(pre[0].inputs[0]), out)]
 
 
-def rewrite_all(model: Model, plan, builtin: int, rewrite_op, progress=None, done=()) -> list[dict]:
+def rewrite_all(model: Model, ctx, builtin: int, rewrite_op, progress=None, done=()) -> list[Entry]:
     """`rewrite_op` on every op of one builtin kind that the input model had (never on an op a pass created,
     e.g. the factor layers of an earlier low-rank rewrite), in every subgraph, in execution order; ops in
     `done` (ids) were already handled."""
     entries = []
     for sg in model.subgraphs:
-        for op in [op for op in sg.operators if op.builtin == builtin and plan.is_input_op(op)
+        for op in [op for op in sg.operators if op.builtin == builtin and ctx.is_input_op(op)
                    and id(op) not in done]:
-            entries.append(rewrite_op(model, sg, op, plan))
+            entries.append(rewrite_op(model, sg, op, ctx))
             if progress:
                 progress(entries[-1])
     return entries
 
 
-def eligible_ops(model: Model, plan, builtin: int, check) -> list[Operator]:
-    """The input model's ops of one builtin kind that pass `check(op, weight, plan)` (a pass's eligibility
+def eligible_ops(model: Model, ctx, builtin: int, check) -> list[Operator]:
+    """The input model's ops of one builtin kind that pass `check(op, weight, ctx)` (a pass's eligibility
     check, which raises Skip), in every subgraph, in execution order."""
     out = []
     for sg in model.subgraphs:
         for op in sg.operators:
-            if op.builtin != builtin or not plan.is_input_op(op):
+            if op.builtin != builtin or not ctx.is_input_op(op):
                 continue
             try:
-                check(op, read_weight(op), plan)
+                check(op, read_weight(op), ctx)
             except Skip:
                 continue
             out.append(op)

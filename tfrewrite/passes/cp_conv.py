@@ -17,6 +17,7 @@ from ..analysis import static_shape
 from ..graph import Model, Operator, Subgraph
 from . import int8_chain, lowrank_fc
 from ..linalg import fit
+from ..report import Entry
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, degenerate_reason, eligible_ops, emit_shared,
                      emit_weight, finish_data_aware, layer_cross, layer_metric, lowrank_rel_error,
                      output_variation_error, pixels, refuse_degenerate, rel_error, rewrite_all, rewrite_one,
@@ -50,13 +51,13 @@ def choose_rank(kernel: np.ndarray, policy: RankPolicy):
     return rank.cp_rank_for_energy(kernel, policy.energy)
 
 
-def check(op: Operator, weight: LayerWeight, plan) -> None:
+def check(op: Operator, weight: LayerWeight, ctx) -> None:
     """Raise Skip (with the reason) when this pass must leave `op` as it is, whatever the rank: the one
     eligibility check that the rewrite, calibration and the budget share."""
     w = weight.values
     if w.ndim != 4:
         raise Skip("weight is not 4-D")
-    reason = plan.reason_to_skip(op, w.size)
+    reason = ctx.reason_to_skip(op, w.size)
     if reason:
         raise Skip(reason)
     x, out = op.inputs[0], op.outputs[0]
@@ -69,9 +70,9 @@ def check(op: Operator, weight: LayerWeight, plan) -> None:
         raise Skip("input or output is not float32")
 
 
-def candidates(model: Model, plan) -> list[Operator]:
+def candidates(model: Model, ctx) -> list[Operator]:
     """The CONV_2D ops of the input model this pass may rewrite."""
-    return eligible_ops(model, plan, OP.CONV_2D, check)
+    return eligible_ops(model, ctx, OP.CONV_2D, check)
 
 
 def chain_costs(method: str, o: int, k: int, i: int, in_pixels: int, out_pixels: int, rank) -> tuple[int, int]:
@@ -180,28 +181,28 @@ def rank_options(op: Operator, weight: LayerWeight, policy: RankPolicy, ratios) 
     return [x for x in options if usable_option(x, (o, k * i), i, metric is not None)]
 
 
-def rewrite_op(model: Model, sg: Subgraph, op: Operator, plan) -> dict:
+def rewrite_op(model: Model, sg: Subgraph, op: Operator, ctx) -> Entry:
     """Rewrite one CONV_2D as the plan says; returns its report entry (skipped ones say why)."""
-    return rewrite_one(model, sg, op, plan, "conv", _rewrite)
+    return rewrite_one(model, sg, op, ctx, "conv", _rewrite)
 
 
-def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
+def _rewrite(sg, op, weight: LayerWeight, policy, ctx, entry):
     w = weight.values
     x, bias, out = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None), op.outputs[0]
     bias_params = int(np.prod(bias.shape)) if bias is not None and bias.is_constant else 0
     if w.ndim == 4:
         o, kh, kw, i = w.shape
         dense_macs = pixels(out) * kh * kw * i * o
-        entry.update(kind="conv1x1" if kh == kw == 1 else "conv", weight_shape=[o, kh, kw, i],
-                     weight_dtype=weight.kind, params_before=w.size + bias_params, params_after=w.size + bias_params,
-                     macs_before=dense_macs, macs_after=dense_macs)
-    check(op, weight, plan)
+        entry.set(kind="conv1x1" if kh == kw == 1 else "conv", weight_shape=[o, kh, kw, i],
+                  weight_dtype=weight.kind, params_before=w.size + bias_params, params_after=w.size + bias_params,
+                  macs_before=dense_macs, macs_after=dense_macs)
+    check(op, weight, ctx)
     opts = op.builtin_options
     in_pixels, out_pixels = pixels(x), pixels(out)
     if weight.full_integer:
         int8_chain.check(op, weight, policy, entry)
     if kh == kw == 1:
-        return _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels)
+        return _rewrite_1x1(sg, op, weight, policy, ctx, entry, bias, bias_params, out_pixels)
     if not policy.active:
         raise Skip("no rank given")
 
@@ -241,7 +242,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
                        emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0, hybrid=False)]
             return emitted, (sf, sm, sl, approx, weight_error, {"init": "hosvd"})
 
-        emitted = emit_shared(plan, sg, shared_key(weight, "tucker2", r_out, r_in), make) if entry.get("shared") \
+        emitted = emit_shared(ctx, sg, shared_key(weight, "tucker2", r_out, r_in), make) if entry.shared \
             else make()
         ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
@@ -252,7 +253,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
                  ops.conv2d(z1, w2, zero_bias(sg, f"{base}/tucker2/core_bias", r_out), z2, stride=stride,
                             padding=opts.padding, dilation=dilation),
                  ops.conv2d(z2, w3, bias, out, activation=act)]
-        entry.update(method="tucker2", rank=[int(r_out), int(r_in)])
+        entry.set(method="tucker2", rank=[int(r_out), int(r_in)])
     else:
         r = rank
         if weight.full_integer:  # the int8 chain refits the last factor on its quantized intermediate itself
@@ -275,7 +276,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
             extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
             return emitted, (sf, sm, sl, approx, weight_error, extra)
 
-        emitted = emit_shared(plan, sg, shared_key(weight, "cp", r), make) if entry.get("shared") else make()
+        emitted = emit_shared(ctx, sg, shared_key(weight, "cp", r), make) if entry.shared else make()
         ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
                                  f"{base}/cp/bias")
@@ -285,16 +286,16 @@ def _rewrite(sg, op, weight: LayerWeight, policy, plan, entry):
                  ops.depthwise_conv2d(z1, w2, zero_bias(sg, f"{base}/cp/depthwise_bias", r), z2, stride=stride,
                                       padding=opts.padding, dilation=dilation),
                  ops.conv2d(z2, w3, bias, out, activation=act)]
-        entry.update(method="cp", rank=int(r))
+        entry.set(method="cp", rank=int(r))
     sg.replace_operator(op, pre1 + pre2 + pre3 + chain)
-    entry.update(action="rewritten", params_after=params + bias_params, macs_after=macs, rel_error=weight_error,
-                 **extra)
-    entry["factors"] = {"first": sf, "middle": sm, "last": sl}
+    entry.set(action="rewritten", params_after=params + bias_params, macs_after=macs, rel_error=weight_error,
+              **extra)
+    entry.factors = {"first": sf, "middle": sm, "last": sl}
 
 
 def _finish_int8(entry, factors, kernel, approx, method, rank, params, macs, **extra):
-    entry.update(action="rewritten", method=method, rank=rank, params_after=params, macs_after=macs,
-                 rel_error=rel_error(kernel, approx), factors=factors, **extra)
+    entry.set(action="rewritten", method=method, rank=rank, params_after=params, macs_after=macs,
+              rel_error=rel_error(kernel, approx), factors=factors, **extra)
 
 
 def _check_profit(policy, params, dense_params, macs, dense_macs, what):
@@ -302,7 +303,7 @@ def _check_profit(policy, params, dense_params, macs, dense_macs, what):
         raise Skip(f"{what} does not reduce parameters and MACs")
 
 
-def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pixels):
+def _rewrite_1x1(sg, op, weight, policy, ctx, entry, bias, bias_params, out_pixels):
     if not policy.active:
         raise Skip("no rank given")
     o, _, _, i = weight.values.shape
@@ -316,9 +317,9 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
     if weight.full_integer:
         left, right = lowrank_fc.factorize(w, r, policy)
         factors = int8_chain.svd(sg, op, weight, policy, entry, left, right, base)
-        entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-                     rel_error=lowrank_rel_error(w, factors["left"], factors["right"]),
-                     factors={"left": factors["left"].reshape(o, 1, 1, r), "right": factors["right"].reshape(r, 1, 1, i)})
+        entry.set(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                  rel_error=lowrank_rel_error(w, factors["left"], factors["right"]),
+                  factors={"left": factors["left"].reshape(o, 1, 1, r), "right": factors["right"].reshape(r, 1, 1, i)})
         return
 
     def make():
@@ -332,7 +333,7 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
                    emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0, hybrid=False)]
         return emitted, (sl, sr, weight_error)
 
-    emitted = emit_shared(plan, sg, shared_key(weight, "svd1x1", r), make) if entry.get("shared") else make()
+    emitted = emit_shared(ctx, sg, shared_key(weight, "svd1x1", r), make) if entry.shared else make()
     ((w1, pre1), (w2, pre2)), (sl, sr, weight_error) = emitted
     bias = finish_data_aware(sg, entry, policy, w, (sl.reshape(o, r), sr.reshape(r, i)), bias,
                              f"{base}/lowrank/bias")
@@ -341,10 +342,10 @@ def _rewrite_1x1(sg, op, weight, policy, plan, entry, bias, bias_params, out_pix
                         padding=opts.padding),
              ops.conv2d(mid, w2, bias, out, activation=opts.fusedActivationFunction)]
     sg.replace_operator(op, pre1 + pre2 + chain)
-    entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-                 rel_error=weight_error)
-    entry["factors"] = {"left": sl, "right": sr}
+    entry.set(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+              rel_error=weight_error)
+    entry.factors = {"left": sl, "right": sr}
 
 
-def run(model: Model, plan, progress=None, done=()) -> list[dict]:
-    return rewrite_all(model, plan, OP.CONV_2D, rewrite_op, progress, done)
+def run(model: Model, ctx, progress=None, done=()) -> list[Entry]:
+    return rewrite_all(model, ctx, OP.CONV_2D, rewrite_op, progress, done)

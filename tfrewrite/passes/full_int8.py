@@ -80,12 +80,25 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
             raise QuantizeError(f"ai-edge-quantizer cannot quantize this model to full-integer: "
                                 f"{text[0] if text else type(e).__name__}") from None
     new = io.read_buffer(bytes(quantized), "<ai-edge-quantizer output>")
+    keep_origins(model, new)
     for f in dataclasses.fields(Model):
         setattr(model, f.name, getattr(new, f.name))
     raised = raise_versions(model)
     return {"tool": f"ai-edge-quantizer {version('ai-edge-quantizer')}", "recipe": RECIPE, "samples": len(batches),
             "versions_raised": raised, "float_weights_restored": restored, "per_tensor_chain_ops": len(inner),
             "balanced_channels": balanced}
+
+
+def keep_origins(old: Model, new: Model) -> None:
+    """Give each op of the quantized model, as its `origin`, the op of `old` that wrote the same output tensor (or
+    that op's own origin): ai-edge-quantizer keeps the tensor names, so a later pass's report entry still names the
+    input model's op (its QUANTIZE after each input shifts every position by one)."""
+    for old_sg, new_sg in zip(old.subgraphs, new.subgraphs):
+        by_output = {op.outputs[0].name: op.origin or op for op in old_sg.operators if op.outputs}
+        for op in new_sg.operators:
+            source = by_output.get(op.outputs[0].name) if op.outputs else None
+            if source is not None:
+                op.origin = source
 
 
 def chain_inner_ops(model: Model, original_tensors: set) -> list[tuple]:

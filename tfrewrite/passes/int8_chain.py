@@ -30,6 +30,7 @@ import numpy as np
 from .. import ops, schema
 from ..analysis import static_shape
 from ..graph import Operator, Quantization, Subgraph, Tensor
+from ..report import Entry
 from .common import LayerWeight, RankPolicy, Skip
 
 T = schema.TensorType
@@ -51,11 +52,11 @@ def per_tensor(t: Tensor) -> tuple[float, int]:
     return float(np.float32(q.scale[0])), zero
 
 
-def check(op: Operator, weight: LayerWeight, policy: RankPolicy, entry: dict) -> None:
+def check(op: Operator, weight: LayerWeight, policy: RankPolicy, entry: Entry) -> None:
     """Skip what the int8 chains cannot rewrite; a full-integer layer needs its calibration rows."""
     if not is_full_integer(op):
         raise Skip("mixed int8 / float activations")
-    if entry.get("shared"):
+    if entry.shared:
         raise Skip("full-integer weight shared by several ops (each chain is fitted to its own layer)")
     if policy.extra.get("rows") is None:
         raise Skip("full-integer int8 layer: needs --calibration")
@@ -97,7 +98,7 @@ class Chain:
         self.damping = policy.extra.get("damping", fit.DEFAULT_DAMPING)
         self.percentile = policy.extra.get("activation_percentile", DEFAULT_PERCENTILE)
         self.z = rows.reshape(len(rows), taps, -1)  # [N, K, C]: the chain's current real-valued signal
-        self.first_new_tensor, self.entry = len(sg.tensors), {}
+        self.first_new_tensor, self.entry = len(sg.tensors), None
 
     def replace(self, ops_: list[Operator]) -> None:
         """Put the chain in the layer's place, unless an op's requantization scale s_in·s_w[c]/s_out is one
@@ -108,8 +109,8 @@ class Chain:
             ratio = per_tensor(x)[0] * float(np.max(w.quantization.scale)) / per_tensor(out)[0]
             if not ratio < int8.MAX_REQUANTIZATION_SCALE:
                 del self.sg.tensors[self.first_new_tensor:]
-                for key in ("output_error", "bias_corrected"):
-                    self.entry.pop(key, None)
+                if self.entry is not None:
+                    self.entry.drop("output_error", "bias_corrected")
                 raise Skip(f"the int8 chain's requantization scale s_in*s_w/s_out would be {ratio:.3g} at "
                            f"{out.name}: XNNPACK accepts below {int8.MAX_REQUANTIZATION_SCALE:g}")
         self.sg.replace_operator(self.op, ops_)
@@ -140,7 +141,7 @@ class Chain:
         self.z = int8.fake_quant(values, scale, zero)
         return _activation(self.sg, f"{self.base}/{name}", shape, like, scale, zero), scale
 
-    def last(self, name: str, prior: np.ndarray, in_scale: float, entry: dict, conv: bool
+    def last(self, name: str, prior: np.ndarray, in_scale: float, entry: Entry, conv: bool
              ) -> tuple[Tensor, Tensor, np.ndarray]:
         """The last factor [out, r] (stored [out, 1, 1, r] for a 1×1 conv), refitted with its bias on the
         quantized intermediate; reports the chain's output error on the rows. Returns real values [out, r]."""
@@ -154,12 +155,12 @@ class Chain:
         a_real = a_real.reshape(a.shape)
         approx = z @ a_real.T + b_t.data.astype(np.float64) * b_t.quantization.scale.astype(np.float64)
         den = float(np.linalg.norm(self.target))
-        entry["output_error"] = float(np.linalg.norm(approx - self.target)) / den if den > 0 else 0.0
-        entry["bias_corrected"] = True
+        entry.output_error = float(np.linalg.norm(approx - self.target)) / den if den > 0 else 0.0
+        entry.bias_corrected = True
         return w_t, b_t, a_real
 
 
-def svd(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, entry: dict, left: np.ndarray,
+def svd(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, entry: Entry, left: np.ndarray,
         right: np.ndarray, base: str) -> dict:
     """FULLY_CONNECTED or 1×1 CONV_2D → two int8 ops from (left [out, r], right [r, in])."""
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
@@ -189,7 +190,7 @@ def svd(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, ent
     return {"left": left_real.astype(np.float32), "right": right_real.astype(np.float32)}
 
 
-def kxk(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, entry: dict, method: str,
+def kxk(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, entry: Entry, method: str,
         first: np.ndarray, middle: np.ndarray, last: np.ndarray, base: str) -> tuple[dict, np.ndarray]:
     """k×k CONV_2D → 1×1 CONV_2D (first [r_in, in]) → k×k op → 1×1 CONV_2D (last [out, r_out]), all int8. The
     k×k op is a DEPTHWISE_CONV_2D for CP (middle [k·k, r]) or a CONV_2D for Tucker-2 (core [r_out, k·k, r_in]).

@@ -11,6 +11,7 @@ from .. import ops, schema
 from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
 from . import int8_chain
+from ..report import Entry
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
                      finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, output_variation_error,
                      refuse_degenerate, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option)
@@ -23,12 +24,12 @@ OP = schema.BuiltinOperator
 SPECTRUM_WORK_LIMIT = 3e10
 
 
-def check(op: Operator, weight: LayerWeight, plan) -> None:
+def check(op: Operator, weight: LayerWeight, ctx) -> None:
     """Raise Skip (with the reason) when this pass must leave `op` as it is, whatever the rank: the one
     eligibility check that the rewrite, calibration and the budget share."""
     if weight.values.ndim != 2:
         raise Skip("weight is not 2-D")
-    reason = plan.reason_to_skip(op, weight.values.size)
+    reason = ctx.reason_to_skip(op, weight.values.size)
     if reason:
         raise Skip(reason)
     options = op.builtin_options or schema.FullyConnectedOptionsT()
@@ -48,9 +49,9 @@ def check(op: Operator, weight: LayerWeight, plan) -> None:
                    f"{list(x.shape_signature) if x.shape_signature is not None else 'none'})")
 
 
-def candidates(model: Model, plan) -> list[Operator]:
+def candidates(model: Model, ctx) -> list[Operator]:
     """The FULLY_CONNECTED ops of the input model this pass may rewrite."""
-    return eligible_ops(model, plan, OP.FULLY_CONNECTED, check)
+    return eligible_ops(model, ctx, OP.FULLY_CONNECTED, check)
 
 
 def spectrum_damages(matrix: np.ndarray, metric, ranks: list[int]) -> list[float]:
@@ -152,12 +153,12 @@ def costs(rows: int, m: int, n: int, r: int) -> tuple[int, int, int, int]:
     return m * n, r * (m + n), rows * m * n, rows * r * (m + n)
 
 
-def rewrite_op(model: Model, sg: Subgraph, op: Operator, plan) -> dict:
+def rewrite_op(model: Model, sg: Subgraph, op: Operator, ctx) -> Entry:
     """Rewrite one FULLY_CONNECTED as the plan says; returns its report entry (skipped ones say why)."""
-    return rewrite_one(model, sg, op, plan, "fc", _rewrite)
+    return rewrite_one(model, sg, op, ctx, "fc", _rewrite)
 
 
-def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, plan, entry: dict):
+def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, ctx, entry: Entry):
     w = weight.values
     x, bias = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None)
     out = op.outputs[0]
@@ -166,9 +167,9 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         m, n = w.shape
         rows = numel(static_shape(out)) // m
         bias_params = numel(bias.shape) if bias is not None and bias.is_constant else 0
-        entry.update(weight_shape=[m, n], weight_dtype=weight.kind, params_before=m * n + bias_params,
-                     params_after=m * n + bias_params, macs_before=rows * m * n, macs_after=rows * m * n)
-    check(op, weight, plan)
+        entry.set(weight_shape=[m, n], weight_dtype=weight.kind, params_before=m * n + bias_params,
+                  params_after=m * n + bias_params, macs_before=rows * m * n, macs_after=rows * m * n)
+    check(op, weight, ctx)
     if weight.full_integer:
         int8_chain.check(op, weight, policy, entry)
     if not policy.active:
@@ -183,8 +184,8 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
     if weight.full_integer:
         left, right = factorize(w, r, policy)
         factors = int8_chain.svd(sg, op, weight, policy, entry, left, right, base)
-        entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-                     rel_error=lowrank_rel_error(w, factors["left"], factors["right"]), factors=factors)
+        entry.set(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+                  rel_error=lowrank_rel_error(w, factors["left"], factors["right"]), factors=factors)
         return
 
     def make():
@@ -198,7 +199,7 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         return emitted, (*stored, weight_error)
 
     # A weight shared by several FCs (in any subgraph) gets one pair of factors, shared too.
-    emitted = emit_shared(plan, sg, shared_key(weight, "svd", r), make) if entry.get("shared") else make()
+    emitted = emit_shared(ctx, sg, shared_key(weight, "svd", r), make) if entry.shared else make()
     ((w1, pre1), (w2, pre2)), (stored_left, stored_right, weight_error) = emitted
     bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias,
                              f"{base}/lowrank/bias")
@@ -215,10 +216,10 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
                               asymmetric_quantize_inputs=asym)
     sg.replace_operator(op, pre1 + pre2 + [fc1, fc2])
 
-    entry.update(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-                 rel_error=weight_error)
-    entry["factors"] = {"left": stored_left, "right": stored_right}
+    entry.set(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+              rel_error=weight_error)
+    entry.factors = {"left": stored_left, "right": stored_right}
 
 
-def run(model: Model, plan, progress=None, done=()) -> list[dict]:
-    return rewrite_all(model, plan, OP.FULLY_CONNECTED, rewrite_op, progress, done)
+def run(model: Model, ctx, progress=None, done=()) -> list[Entry]:
+    return rewrite_all(model, ctx, OP.FULLY_CONNECTED, rewrite_op, progress, done)

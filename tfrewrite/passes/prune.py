@@ -28,6 +28,7 @@ from ..ops import semantics
 from ..analysis import macs, numel, stored, weight_uses
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..linalg import sparse
+from ..report import Entry
 from .common import Skip, bias_values, new_entry
 from .int8_chain import bias_real, per_tensor
 
@@ -175,7 +176,7 @@ def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, bloc
 
 
 def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, block, data: dict,
-                     entry: dict) -> tuple[np.ndarray, str]:
+                     entry: Entry) -> tuple[np.ndarray, str]:
     """(new stored weight, method): `data_aware_weights`, an int8 weight requantized (new per-channel scales),
     and the bias corrected (a new bias constant)."""
     from ..linalg import fit, obs
@@ -194,23 +195,23 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
         new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", corrected.astype(np.float32))
         if result.scales is not None:
             weight.tensor.quantization = Quantization.symmetric(result.scales, weight.tensor.quantization.axis)
-    entry["output_error"] = obs.output_error(matrix, result.values, rows, target_rows)
-    entry["output_error_magnitude"] = obs.output_error(
+    entry.output_error = obs.output_error(matrix, result.values, rows, target_rows)
+    entry.output_error_magnitude = obs.output_error(
         matrix, matrix * keep_mask(op, weight, sparsity, block)[0].reshape(matrix.shape), rows, target_rows)
     _set_corrected_bias(op, new_bias, entry)
     return result.stored, result.method
 
 
-def _set_corrected_bias(op: Operator, bias: Tensor, entry: dict) -> None:
+def _set_corrected_bias(op: Operator, bias: Tensor, entry: Entry) -> None:
     if len(op.inputs) > 2:
         op.inputs[2] = bias
     else:
         op.inputs.append(bias)
-    entry["bias_corrected"] = True
+    entry.bias_corrected = True
 
 
 def prune_depthwise_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, data: dict,
-                               entry: dict) -> tuple[np.ndarray, str]:
+                               entry: Entry) -> tuple[np.ndarray, str]:
     """(new stored weight, method) of a float32 / float16 DEPTHWISE_CONV_2D pruned by exact OBS per channel on
     its calibration patches (`obs.prune_depthwise`), the bias corrected (a new bias constant)."""
     from ..linalg import obs, quant, sparse as sp
@@ -229,9 +230,9 @@ def prune_depthwise_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight,
                                             target_rows)
     stored = quant.to_float16(new.reshape(raw.shape)) if weight.kind == "float16" else new.reshape(raw.shape)
     values = np.asarray(stored, np.float32).reshape(taps, channels)
-    entry["output_error"] = obs.depthwise_output_error(matrix, values, rows, target_rows)
+    entry.output_error = obs.depthwise_output_error(matrix, values, rows, target_rows)
     magnitude = matrix * sp.prune_magnitude(np.abs(matrix), sparsity)
-    entry["output_error_magnitude"] = obs.depthwise_output_error(matrix, magnitude, rows, target_rows)
+    entry.output_error_magnitude = obs.depthwise_output_error(matrix, magnitude, rows, target_rows)
     mean = per_channel(data["mean"])
     target_mean = mean if data.get("target_mean") is None else per_channel(data["target_mean"])
     shift = np.einsum("kc,kc->c", target_mean, matrix) - np.einsum("kc,kc->c", mean, values)
@@ -277,21 +278,21 @@ def _requantize_full_integer(sg: Subgraph, op: Operator, weight: StoredWeight, r
                           scales), new_bias
 
 
-def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict:
-    entry = new_entry(model, sg, op, "prune", plan)
+def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry:
+    entry = new_entry(model, sg, op, "prune", ctx)
     w = op.inputs[1] if len(op.inputs) > 1 else None
-    entry["weight_shape"] = list(w.shape) if w is not None else []
-    entry["macs_before"] = entry["macs_after"] = macs(op, w) if w is not None else 0
+    entry.weight_shape = list(w.shape) if w is not None else []
+    entry.macs_before = entry.macs_after = macs(op, w) if w is not None else 0
     try:
-        settings = plan.settings(op)
+        settings = ctx.settings(op)
         weight = find_stored_weight(op)
         n = numel(weight.tensor.shape)
         nonzero = int(np.count_nonzero(weight.raw))
-        entry.update(weight_dtype=weight.kind, params_before=nonzero, params_after=nonzero,
-                     sparsity_before=round(1 - nonzero / max(n, 1), 6), sparsity_after=round(1 - nonzero / max(n, 1), 6))
+        entry.set(weight_dtype=weight.kind, params_before=nonzero, params_after=nonzero,
+                  sparsity_before=round(1 - nonzero / max(n, 1), 6), sparsity_after=round(1 - nonzero / max(n, 1), 6))
         if id(weight.tensor.buffer) in done:
             raise Skip(f"shares its weight with {done[id(weight.tensor.buffer)]}, pruned once there")
-        reason = _reason_to_leave(op, plan, n)
+        reason = _reason_to_leave(op, ctx, n)
         if reason:
             raise Skip(reason)
         uses = weight_uses(model, weight.tensor)
@@ -299,11 +300,11 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
             # Pruned once for every reader, in any subgraph: each must be a layer reading it as its weight and
             # asking for the same pruning.
             reason = uses.refusal(
-                lambda u: u.op.builtin in TARGETS and u.index == 1 and (_reason_to_leave(u.op, plan, n) or True),
-                ask=lambda u: _asked(plan.settings(u.op)), differ="its readers ask for different pruning")
+                lambda u: u.op.builtin in TARGETS and u.index == 1 and (_reason_to_leave(u.op, ctx, n) or True),
+                ask=lambda u: _asked(ctx.settings(u.op)), differ="its readers ask for different pruning")
             if reason:
                 raise Skip(reason)
-        data = plan.layer_data.get(id(op))
+        data = ctx.layer_data.get(id(op))
         reason = data_aware_reason(model, op, weight) if data is not None else None
         pruned = None
         if data is not None and reason is None:
@@ -315,7 +316,7 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
                                                       data, entry)
             except RefusedByXnnpack as e:
                 reason = str(e)
-            plan.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
+            ctx.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
         if pruned is None:
             keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
             if reason is not None:
@@ -326,16 +327,16 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, plan, done: dict) -> dict
         model.set_shared_data(weight.tensor, pruned)
         done[id(weight.tensor.buffer)] = f"{op.name} {op.outputs[0].name!r}"
         after = int(np.count_nonzero(pruned))
-        entry.update(action="pruned", method=method, params_after=after, sparsity_after=round(1 - after / max(n, 1), 6))
+        entry.set(action="pruned", method=method, params_after=after, sparsity_after=round(1 - after / max(n, 1), 6))
     except Skip as e:
-        entry["reason"] = str(e)
+        entry.reason = str(e)
     return entry
 
 
-def _reason_to_leave(op: Operator, plan, n: int) -> str | None:
+def _reason_to_leave(op: Operator, ctx, n: int) -> str | None:
     """Why this layer is not pruned, whatever its weight (None: it is)."""
-    settings = plan.settings(op)
-    reason = plan.reason_to_skip(op, n)
+    settings = ctx.settings(op)
+    reason = ctx.reason_to_skip(op, n)
     if reason:
         return reason
     if not settings.prune:
@@ -349,13 +350,13 @@ def _asked(settings) -> tuple:
     return settings.prune, settings.prune_block
 
 
-def run(model: Model, plan, progress=None, skip=frozenset()) -> list[dict]:
+def run(model: Model, ctx, progress=None, skip=frozenset()) -> list[Entry]:
     """Prune every target op except those whose id is in `skip` (already pruned one by one, sequentially)."""
     entries = []
     done: dict = {}  # id(new Buffer) of weights pruned already → their first reader
     for sg in model.subgraphs:
         for op in [op for op in sg.operators if op.builtin in TARGETS and id(op) not in skip]:
-            entries.append(prune_op(model, sg, op, plan, done))
+            entries.append(prune_op(model, sg, op, ctx, done))
             if progress:
                 progress(entries[-1])
     return entries

@@ -35,6 +35,7 @@ from ..analysis import Stored, macs, numel, private_weight, stored
 from ..graph import Model, Operator, Subgraph, Tensor
 from ..linalg.svd import single_threaded_lapack
 from ..ops import semantics
+from ..report import Entry
 from .common import new_entry
 
 OP = schema.BuiltinOperator
@@ -395,7 +396,7 @@ def find_groups(g: ChannelGraph) -> list[ChannelGroup]:
     return groups
 
 
-def candidates(model: Model, plan) -> list[tuple[Subgraph, ChannelGraph, list[ChannelGroup]]]:
+def candidates(model: Model, ctx) -> list[tuple[Subgraph, ChannelGraph, list[ChannelGroup]]]:
     """Every subgraph's channel groups; a group's `reason` says why it cannot be pruned, else None."""
     out = []
     for sg in model.subgraphs:
@@ -404,18 +405,18 @@ def candidates(model: Model, plan) -> list[tuple[Subgraph, ChannelGraph, list[Ch
         for group in groups:
             if group.reason is None:
                 lead = group.producers[0].op
-                group.reason = plan.reason_to_skip(lead, numel(group.producers[0].weight.shape))
-            if group.reason is None and not plan.settings(group.producers[0].op).prune_channels:
+                group.reason = ctx.reason_to_skip(lead, numel(group.producers[0].weight.shape))
+            if group.reason is None and not ctx.settings(group.producers[0].op).prune_channels:
                 group.reason = "no channel pruning asked for"
         out.append((sg, g, groups))
     return out
 
 
-def asked(groups: list[ChannelGroup], plan):
+def asked(groups: list[ChannelGroup], ctx):
     """(group, its share or AUTO, its channel multiple) for every group that may be pruned."""
     for group in groups:
         if group.reason is None:
-            settings = plan.settings(group.producers[0].op)
+            settings = ctx.settings(group.producers[0].op)
             share = settings.prune_channels
             yield group, share if share == AUTO else float(share), settings.channel_multiple or DEFAULT_MULTIPLE
 
@@ -738,14 +739,14 @@ def reader_grams(g: ChannelGraph, group: ChannelGroup, data: dict) -> list[tuple
     return out
 
 
-def reader_data(model: Model, plan, readers: list[Layer], samples) -> dict:
-    """`collect_reader_data`, kept in `plan.layer_data` for the refit: the budget and the choice share one
+def reader_data(model: Model, ctx, readers: list[Layer], samples) -> dict:
+    """`collect_reader_data`, kept in `ctx.layer_data` for the refit: the budget and the choice share one
     collection."""
-    have = {id(r.op) for r in readers if ("channels", id(r.op)) in plan.layer_data}
+    have = {id(r.op) for r in readers if ("channels", id(r.op)) in ctx.layer_data}
     fresh = collect_reader_data(model, [r for r in readers if id(r.op) not in have], samples)
-    plan.layer_data.update({("channels", k): v for k, v in fresh.items()})
-    return {id(r.op): plan.layer_data[("channels", id(r.op))] for r in readers
-            if ("channels", id(r.op)) in plan.layer_data}
+    ctx.layer_data.update({("channels", k): v for k, v in fresh.items()})
+    return {id(r.op): ctx.layer_data[("channels", id(r.op))] for r in readers
+            if ("channels", id(r.op)) in ctx.layer_data}
 
 
 def reconstruction_removal(g: ChannelGraph, group: ChannelGroup, data: dict, remove: int) -> np.ndarray | None:
@@ -757,17 +758,17 @@ def reconstruction_removal(g: ChannelGraph, group: ChannelGroup, data: dict, rem
     return ch.greedy_removal(sum(gram for _, gram in grams), remove)
 
 
-def choose(model: Model, plan, samples=None) -> list[tuple[Subgraph, ChannelGraph, list[ChannelGroup], dict]]:
+def choose(model: Model, ctx, samples=None) -> list[tuple[Subgraph, ChannelGraph, list[ChannelGroup], dict]]:
     """Per subgraph: its channel graph, groups (with the kept units chosen) and the removed channels
     (id(tensor) → sorted indices). Nothing is changed yet. With `samples` (calibration inputs) the choice
-    follows the reading layers' outputs, whose data is kept in `plan.layer_data` for the refit."""
+    follows the reading layers' outputs, whose data is kept in `ctx.layer_data` for the refit."""
     out = []
-    for sg, g, groups in candidates(model, plan):
+    for sg, g, groups in candidates(model, ctx):
         removed: set[int] = set()
         todo = []
-        for group, share, multiple in asked(groups, plan):
+        for group, share, multiple in asked(groups, ctx):
             if share == AUTO:
-                keep = plan.channel_budget.get(id(group.producers[0].op), "not considered by the budget")
+                keep = ctx.channel_budget.get(id(group.producers[0].op), "not considered by the budget")
                 if isinstance(keep, str):
                     group.reason = keep
                     continue
@@ -781,7 +782,7 @@ def choose(model: Model, plan, samples=None) -> list[tuple[Subgraph, ChannelGrap
         data = {}
         if samples and sg is model.main and todo:
             readers = list({id(r.op): r for group in todo for r in group.readers}.values())
-            data = reader_data(model, plan, readers, samples)
+            data = reader_data(model, ctx, readers, samples)
         for group in todo:
             drop = reconstruction_removal(g, group, data, group.channels - group.keep) if data else None
             if drop is None:
@@ -911,19 +912,19 @@ def _option(g, group, grams, data, cut, keep, space, layers) -> ChannelOption:
     return ChannelOption(round((n - keep) / n, 6), keep, params, macs_, worst)
 
 
-def budget_space(model: Model, plan, samples, stage=None) -> ChannelSpace:
+def budget_space(model: Model, ctx, samples, stage=None) -> ChannelSpace:
     """The budget's view of the main subgraph (`ChannelSpace`), reader data collected on `samples` (kept in
-    `plan.layer_data` for the choice and the refit that follow). `stage(count)`: a progress step, or None."""
-    sg, g, groups = next(c for c in candidates(model, plan) if c[0] is model.main)
+    `ctx.layer_data` for the choice and the refit that follow). `stage(count)`: a progress step, or None."""
+    sg, g, groups = next(c for c in candidates(model, ctx) if c[0] is model.main)
     space = ChannelSpace(g, [], [], {})
     auto = []
-    for group, share, multiple in asked(groups, plan):
+    for group, share, multiple in asked(groups, ctx):
         if share == AUTO:
             auto.append((group, multiple))
         else:
             space.fixed.append((group, kept_count(group.channels, share, multiple)))
     readers = list({id(r.op): r for group, _ in auto for r in group.readers}.values())
-    data = reader_data(model, plan, readers, samples) if samples and readers else {}
+    data = reader_data(model, ctx, readers, samples) if samples and readers else {}
     progress = stage(len(auto)) if stage else None
     for group, multiple in auto:
         options = group_options(g, group, data, multiple, space)
@@ -1000,20 +1001,20 @@ def store_layer(sg: Subgraph, layer: Layer, weight: np.ndarray, bias: np.ndarray
         b.quantization = q
 
 
-def run(model: Model, plan, progress=None, samples=None) -> list[dict]:
+def run(model: Model, ctx, progress=None, samples=None) -> list[Entry]:
     entries = []
-    for sg, g, groups, removed in choose(model, plan, samples):
+    for sg, g, groups, removed in choose(model, ctx, samples):
         before = {k: layer_cost(layer) for k, layer in g.layers.items()}
         shapes = {id(op): list(op.inputs[1].shape) for op in sg.operators
                   if op.builtin in semantics.LAYERS and len(op.inputs) > 1 and op.inputs[1] is not None}
-        data = {k: plan.layer_data.pop(("channels", k)) for k in list(g.layers) if ("channels", k) in plan.layer_data}
+        data = {k: ctx.layer_data.pop(("channels", k)) for k in list(g.layers) if ("channels", k) in ctx.layer_data}
         errors = refit_readers(model, g, removed, data, samples) if removed and data else {}
         if removed:
             apply(g, removed, skip_fold=set(errors))
         for group in groups:
             if _lead(group) is None:
                 continue  # channels no layer writes (model inputs, outputs of other ops): nothing to report
-            entries.append(_entry(model, sg, g, group, plan, before, errors, shapes))
+            entries.append(_entry(model, sg, g, group, ctx, before, errors, shapes))
             if progress:
                 progress(entries[-1])
     return entries
@@ -1040,16 +1041,16 @@ def _lead(group: ChannelGroup) -> Operator | None:
     return next((op for op in group.members if op.builtin in semantics.LAYERS and id(op.outputs[0]) in tids), None)
 
 
-def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict, errors: dict, shapes: dict) -> dict:
+def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, ctx, before: dict, errors: dict, shapes: dict) -> Entry:
     lead = _lead(group)
-    entry = new_entry(model, sg, lead, "channels", plan)
+    entry = new_entry(model, sg, lead, "channels", ctx)
     layers = [g.layers[id(op)] for op in group.members if id(op) in g.layers]
     pruned = group.chosen is not None
     pb = sum(before[id(layer.op)][0] for layer in layers)
     mb = sum(before[id(layer.op)][1] for layer in layers)
     after = [layer_cost(layer) for layer in layers]
     weight = lead.inputs[1] if len(lead.inputs) > 1 else None
-    entry.update(
+    entry.set(
         weight_shape=shapes.get(id(lead)), weight_dtype=weight.type_name if weight is not None else None,
         action="pruned" if pruned else "skipped", reason=None if pruned else group.reason,
         members=[op.outputs[0].name if op.outputs else op.name for op in group.members],
@@ -1058,5 +1059,5 @@ def _entry(model, sg, g: ChannelGraph, group: ChannelGroup, plan, before: dict, 
         macs_before=mb, macs_after=sum(m for _, m in after))
     measured = [errors[id(r.op)] for r in group.readers if errors.get(id(r.op)) is not None]
     if pruned and measured:
-        entry["output_error"] = round(max(measured), 6)  # the worst reading layer's relative output error
+        entry.output_error = round(max(measured), 6)  # the worst reading layer's relative output error
     return entry

@@ -24,6 +24,7 @@ from .. import ops, schema
 from ..analysis import macs, numel, refusal
 from ..graph import Buffer, Model, OpCode, Operator, Quantization, Subgraph, Tensor
 from ..ops import semantics, versions
+from ..report import Entry
 from .common import Skip, hybrid_reads_alike, new_entry, read_weight
 
 OP = schema.BuiltinOperator
@@ -66,8 +67,8 @@ class _Use:
         self.axis = None
 
 
-def run(model: Model, plan, progress=None) -> list[dict]:
-    entries: list[dict] = []
+def run(model: Model, ctx, progress=None) -> list[Entry]:
+    entries: list[Entry] = []
     groups: dict[int, list[_Use]] = {}  # id(Buffer) → every use of a float32 constant on that buffer
     for sg in model.subgraphs:
         # Constants that must keep their float32 type whatever their other readers want.
@@ -83,12 +84,12 @@ def run(model: Model, plan, progress=None) -> list[dict]:
                 if t is None or i == BIAS_INPUT.get(op.builtin):
                     continue
                 if op.builtin in LAYER_OPS and i == 1 and not _is_float_constant(t):
-                    entries.append(_layer_weight_entry(model, sg, op, plan))
+                    entries.append(_layer_weight_entry(model, sg, op, ctx))
                     continue
                 if not _is_float_constant(t):
                     continue
                 use = _Use(sg, op, i, t)
-                _judge(model, use, plan, id(t) in blocked)
+                _judge(model, use, ctx, id(t) in blocked)
                 if use.entry is not None:
                     entries.append(use.entry)
                 groups.setdefault(id(t.buffer), []).append(use)
@@ -96,7 +97,7 @@ def run(model: Model, plan, progress=None) -> list[dict]:
         _quantize_group(uses)
     if progress:
         for e in entries:
-            if e["op"] in ("CONV_2D", "FULLY_CONNECTED"):
+            if e.op in ("CONV_2D", "FULLY_CONNECTED"):
                 progress(e)
     return entries
 
@@ -105,50 +106,50 @@ def _is_float_constant(t: Tensor) -> bool:
     return t.is_constant and t.type == T.FLOAT32 and t.sparsity is None and not t.is_variable
 
 
-def _layer_weight_entry(model, sg, op, plan) -> dict:
+def _layer_weight_entry(model, sg, op, ctx) -> Entry:
     """Report entry of a conv / FC whose weight is not a dense float32 constant."""
-    entry = _entry(model, sg, op, plan)
-    mode = plan.settings(op).quantize
+    entry = _entry(model, sg, op, ctx)
+    mode = ctx.settings(op).quantize
     try:
         w = read_weight(op)
     except Skip as e:
-        entry["reason"] = str(e)
+        entry.reason = str(e)
         return entry
-    entry.update(weight_shape=list(w.stored.shape), weight_dtype=w.kind, dtype_after=w.kind,
-                 params_before=numel(w.stored.shape), params_after=numel(w.stored.shape))
+    entry.set(weight_shape=list(w.stored.shape), weight_dtype=w.kind, dtype_after=w.kind,
+              params_before=numel(w.stored.shape), params_after=numel(w.stored.shape))
     if w.kind == mode:
-        entry["reason"] = f"already {w.kind}"
+        entry.reason = f"already {w.kind}"
     elif w.kind == "float16":
-        entry["reason"] = "already float16 (int8 needs the float32 weights: quantize the float32 model)"
+        entry.reason = "already float16 (int8 needs the float32 weights: quantize the float32 model)"
     else:
-        entry["reason"] = f"already {w.kind} (smaller than {mode})" if mode else f"already {w.kind}"
+        entry.reason = f"already {w.kind} (smaller than {mode})" if mode else f"already {w.kind}"
     return entry
 
 
-def _entry(model, sg, op, plan) -> dict:
-    entry = new_entry(model, sg, op, "quantize", plan)
+def _entry(model, sg, op, ctx) -> Entry:
+    entry = new_entry(model, sg, op, "quantize", ctx)
     # Storing a weight differently leaves the layer's MACs as they are (the table showed 0 -> 0).
     work = macs(op, op.inputs[1] if len(op.inputs) > 1 else None)
-    entry.update(dtype_after=None, bytes_before=0, bytes_after=0, macs_before=work, macs_after=work)
+    entry.set(dtype_after=None, bytes_before=0, bytes_after=0, macs_before=work, macs_after=work)
     return entry
 
 
-def _judge(model, use: _Use, plan, blocked: bool) -> None:
+def _judge(model, use: _Use, ctx, blocked: bool) -> None:
     """Decide what this use asks for; make its report entry (None for small constants of other ops)."""
     op, t = use.op, use.tensor
     n = numel(t.shape)
     layer_weight = op.builtin in LAYER_OPS and use.index == 1
-    minimum = plan.min_params if layer_weight or plan.min_params > 0 else OTHER_MIN_ELEMENTS
+    minimum = ctx.plan.min_params if layer_weight or ctx.plan.min_params > 0 else OTHER_MIN_ELEMENTS
     if not layer_weight and n < minimum:
         return  # a small constant of another op: not a weight worth reporting
-    entry = use.entry = _entry(model, use.sg, op, plan)
-    entry.update(weight_shape=list(t.shape), weight_dtype="float32", dtype_after="float32",
-                 params_before=n, params_after=n, bytes_before=t.buffer.nbytes, bytes_after=t.buffer.nbytes)
+    entry = use.entry = _entry(model, use.sg, op, ctx)
+    entry.set(weight_shape=list(t.shape), weight_dtype="float32", dtype_after="float32",
+              params_before=n, params_after=n, bytes_before=t.buffer.nbytes, bytes_after=t.buffer.nbytes)
     if not layer_weight:
-        entry["input"] = use.index
-    reason = plan.reason_to_skip(op, n, kept_dense_counts=False)
-    mode = plan.settings(op).quantize
-    if reason is None and mode == "int8" and layer_weight and plan.min_params == 0 and n < INT8_MIN_ELEMENTS:
+        entry.input = use.index
+    reason = ctx.reason_to_skip(op, n, kept_dense_counts=False)
+    mode = ctx.settings(op).quantize
+    if reason is None and mode == "int8" and layer_weight and ctx.plan.min_params == 0 and n < INT8_MIN_ELEMENTS:
         # Like the converter's dynamic range: a small layer saves a few hundred bytes (less after its
         # per-channel scales) and costs accuracy and speed in the hybrid kernel.
         reason = f"fewer than {INT8_MIN_ELEMENTS} weights (int8 default, as the TF converter; --min-params sets it)"
@@ -197,9 +198,9 @@ def _quantize_group(uses: list[_Use]) -> None:
     if problem:
         for u in uses:
             if u.entry is not None and not u.reason:
-                u.entry["reason"] = problem
+                u.entry.reason = problem
             elif u.entry is not None:
-                u.entry["reason"] = u.reason
+                u.entry.reason = u.reason
         return
     mode = modes.pop()
     values = np.asarray(tensors[0].data, np.float32)
@@ -210,13 +211,13 @@ def _quantize_group(uses: list[_Use]) -> None:
         _to_int8(uses, tensors, values)
     after = tensors[0].buffer.nbytes
     for k, u in enumerate(uses):
-        u.entry.update(action="quantized", dtype_after=_dtype_after(u, mode), reason=None,
-                       bytes_before=before if k == 0 else 0, bytes_after=after if k == 0 else 0)
-        u.entry["method"] = u.entry["dtype_after"]
+        u.entry.set(action="quantized", dtype_after=_dtype_after(u, mode), reason=None,
+                    bytes_before=before if k == 0 else 0, bytes_after=after if k == 0 else 0)
+        u.entry.method = u.entry.dtype_after
         if len(uses) > 1:
-            u.entry["shared"] = True
+            u.entry.shared = True
             if k:
-                u.entry["reason"] = "shared weight (bytes counted at its first reader)"
+                u.entry.reason = "shared weight (bytes counted at its first reader)"
 
 
 def _does_not_pay(uses, tensors, modes) -> str | None:

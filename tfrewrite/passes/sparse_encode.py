@@ -29,6 +29,7 @@ from ..analysis import macs, numel, weight_uses
 from ..graph import Buffer, Model, Operator, Subgraph, Tensor
 from ..linalg import sparse
 from ..ops import builders, versions
+from ..report import Entry
 from .common import Skip, SparsityOption, new_entry
 from .prune import TARGETS, StoredWeight, data_aware_reason, data_aware_weights, find_stored_weight
 
@@ -235,32 +236,32 @@ def apply(model: Model, weight: StoredWeight, decision: Decision, direct_readers
 
 
 # ------------------------------------------------------------------------------------------------------ run
-def run(model: Model, plan, progress=None) -> list[dict]:
+def run(model: Model, ctx, progress=None) -> list[Entry]:
     """Decide once per stored weight (one Buffer, whichever subgraphs read it), from every op that reads it."""
     per_op: list[tuple[Operator, dict, StoredWeight | None, int]] = []
     groups: dict[int, list[Operator]] = {}  # id(Buffer) → the target ops that may encode it
     for sg in model.subgraphs:
         for op in [op for op in sg.operators if op.builtin in TARGETS]:
-            entry = new_entry(model, sg, op, "sparse_encode", plan)
+            entry = new_entry(model, sg, op, "sparse_encode", ctx)
             w = op.inputs[1] if len(op.inputs) > 1 else None
-            entry["weight_shape"] = list(w.shape) if w is not None else []
+            entry.weight_shape = list(w.shape) if w is not None else []
             weight, key = None, 0
             try:
                 weight = find_stored_weight(op)
                 n = numel(weight.tensor.shape)
-                entry.update(weight_dtype=weight.kind, params_before=n, params_after=n)
-                reason = plan.reason_to_skip(op, n)
+                entry.set(weight_dtype=weight.kind, params_before=n, params_after=n)
+                reason = ctx.reason_to_skip(op, n)
                 if reason:
                     raise Skip(reason)
                 key = id(weight.tensor.buffer)
                 groups.setdefault(key, []).append(op)
             except Skip as e:
-                entry["reason"] = str(e)
+                entry.reason = str(e)
                 weight = None
             per_op.append((op, entry, weight, key))
 
     decisions: dict[int, Decision] = {}
-    first_entry: dict[int, dict] = {}
+    first_entry: dict[int, Entry] = {}
     for op, entry, weight, key in per_op:
         if weight is None:
             continue
@@ -268,13 +269,13 @@ def run(model: Model, plan, progress=None) -> list[dict]:
             decisions[key] = _decide_and_apply(model, weight, groups[key])
             first_entry[key] = entry
         d = decisions[key]
-        entry.update(bytes_before=d.bytes_before, bytes_after=d.bytes_after, zero_fraction=d.zero_fraction)
+        entry.set(bytes_before=d.bytes_before, bytes_after=d.bytes_after, zero_fraction=d.zero_fraction)
         if d.enc is not None:
-            entry.update(action="encoded", method=d.method, params_after=int(np.asarray(d.enc.values).size))
+            entry.set(action="encoded", method=d.method, params_after=int(np.asarray(d.enc.values).size))
             if entry is not first_entry[key]:
-                entry["reason"] = "weight shared with an earlier layer, encoded once"
+                entry.reason = "weight shared with an earlier layer, encoded once"
         else:
-            entry["reason"] = d.reason
+            entry.reason = d.reason
     for _, entry, _, _ in per_op:
         if progress:
             progress(entry)
