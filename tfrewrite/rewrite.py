@@ -568,9 +568,10 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         if not notes or kept_larger:  # whenever the written model is not the input's
             fidelity = measure_output_error(input_path, target, options)
             broken = fidelity["measured"] and (fidelity["worst"] is None or fidelity["worst"] > OUTPUT_ERROR_WARNING)
-            if broken and ctx.budget_summary and not options.force:
+            if broken and ctx.budget_summary and not plan.uses("channel_budget") and not options.force:
                 # A target the layers meet only by breaking the model is not met: the input goes out as it is
                 # (MobileNetV2 fixture, low rank at 4.36x: every 1x1 conv at rank 3-9, output error 0.8-1.0, 11 %).
+                # The rank / sparsity budget only: the channel budget (`--prune-channels auto`) keeps its result.
                 size_after, after, nonzero_after = _budget_refused(entries, notes, ctx.budget_summary, fidelity,
                                                                    input_path, target, output_path)
                 fidelity = None
