@@ -42,8 +42,9 @@ def _runtime_reason(e: Exception) -> str:
     return " ".join(lines) or type(e).__name__
 
 
-def interpreter(model, xnnpack: bool = True, threads: int = 1):
-    """An allocated interpreter for a path or the model's bytes; XNNPACK on or off."""
+def interpreter(model, xnnpack: bool = True, threads: int = 1, name: str | None = None):
+    """An allocated interpreter for a path or the model's bytes; XNNPACK on or off. `name` says what the model
+    is in an error (a file the tool made itself must not be named as if the user gave it)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     kwargs = {"model_path": str(model)} if isinstance(model, (str, Path)) else {"model_content": bytes(model)}
@@ -52,7 +53,7 @@ def interpreter(model, xnnpack: bool = True, threads: int = 1):
             it = Interpreter(**kwargs, num_threads=threads, experimental_op_resolver_type=resolver)
             it.allocate_tensors()
     except (RuntimeError, ValueError) as e:
-        name = str(model) if isinstance(model, (str, Path)) else "the model"
+        name = name or (str(model) if isinstance(model, (str, Path)) else "the model")
         raise NotRunnable(f"{name} does not run in LiteRT: {_runtime_reason(e)}") from None
     return it
 
