@@ -7,7 +7,8 @@ pruned in 1×16 blocks instead, the only block its sparse kernel reads.
 
 The weight keeps its storage form: float32, float16 behind a DEQUANTIZE, or int8 (dynamic-range or
 full-integer, pruned in the integer domain: a zeroed value is exactly the zero point 0). Only the zeros are
-written here; `sparse_encode` stores them in TFLite's sparse format. A weight shared by several ops (in any
+written here; `sparse_encode` stores them in TFLite's sparse format. A weight whose zeros no kernel would read
+sparse (`sparse_storage_refusal`: every int8 weight but a full-integer int8 FC's) is not pruned: "does not pay". A weight shared by several ops (in any
 subgraph: one Buffer) is pruned once, at its first reader, and stays one shared Buffer, when every reader is a
 layer reading it as its weight that asks for the same pruning (the IR's shared-weight policy, `analysis`).
 
@@ -119,6 +120,47 @@ def keep_mask(op: Operator, weight: StoredWeight, sparsity: float, block) -> tup
             return sparse.prune_blocks(mags, sparsity, block, norm="l2"), f"block{bh}x{bw}"
         return sparse.prune_magnitude(mags, sparsity), f"magnitude (block {bh}x{bw} does not divide {rows}x{cols})"
     return sparse.prune_magnitude(mags, sparsity), "magnitude"
+
+
+def fc_direct_kind(op: Operator, weight: Tensor) -> str | None:
+    """'float32' or 'int8' when this FC can read `weight` sparse itself (version 8); None otherwise."""
+    if op.builtin != OP.FULLY_CONNECTED or len(op.inputs) < 2 or op.inputs[1] is None or \
+            op.inputs[1].buffer is not weight.buffer:
+        return None
+    x, out = op.inputs[0], op.outputs[0]
+    if x is None or getattr(op.builtin_options, "weightsFormat", 0) != 0 or len(weight.shape) != 2:
+        return None
+    if x.type == T.FLOAT32 and weight.type == T.FLOAT32 and out.type == T.FLOAT32:
+        return "float32"
+    if x.type == T.INT8 and weight.type == T.INT8 and out.type == T.INT8:
+        return "int8"
+    return None
+
+
+def sparse_storage_refusal(op: Operator, weight: StoredWeight, settings, min_params: int = 0) -> str | None:
+    """Why this layer's weight, once pruned, could not be stored sparse in a form the runtime reads (None: it
+    can). Zeros that stay dense save no byte and only cost accuracy, so such a weight is not pruned. The runtime
+    reads an int8 weight sparse only as a full-integer int8 FULLY_CONNECTED's (int8 input and output, 1×16
+    blocks): int8 through DENSIFY makes XNNPACK fail to prepare, the hybrid FC's sparse kernel gives wrong results,
+    and the 16x8 (int16 activation) kernels read their int8 weight dense."""
+    from .quantize import stored_itemsize
+    if weight.kind in ("float32", "float16"):
+        if stored_itemsize(weight.kind, numel(weight.tensor.shape), settings.quantize, min_params) == 1:
+            return "--quantize int8 stores it as int8 for a kernel that reads it dense"
+        return None
+    if weight.carrier is not None:
+        return "an int8 weight behind a DEQUANTIZE (int8 through DENSIFY makes XNNPACK fail to prepare)"
+    if op.builtin != OP.FULLY_CONNECTED:
+        return f"an int8 {op.name} weight (int8 through DENSIFY makes XNNPACK fail to prepare)"
+    x = op.inputs[0]
+    if x is not None and x.type == T.FLOAT32:
+        return "a hybrid FULLY_CONNECTED's int8 weight (its sparse kernel gives wrong results)"
+    if fc_direct_kind(op, weight.tensor) != "int8":
+        kind = x.type_name if x is not None else "unknown"
+        return f"an int8 weight read with {kind} activations (only the int8 FULLY_CONNECTED kernel reads one sparse)"
+    if weight.tensor.shape[1] % INT8_FC_BLOCK[1]:
+        return f"an int8 FULLY_CONNECTED reads 1x16 blocks only; its {weight.tensor.shape[1]} inputs do not divide"
+    return None
 
 
 def data_aware_reason(model: Model, op: Operator, weight: StoredWeight) -> str | None:
@@ -295,6 +337,10 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
         reason = _reason_to_leave(op, ctx, n)
         if reason:
             raise Skip(reason)
+        reason = sparse_storage_refusal(op, weight, settings, ctx.plan.min_params)
+        if reason:
+            ctx.layer_data.pop(id(op), None)  # its rows are not needed: free them
+            raise Skip(f"does not pay: {reason}; zeros would stay dense, so it is not pruned")
         uses = weight_uses(model, weight.tensor)
         if uses.shared:
             # Pruned once for every reader, in any subgraph: each must be a layer reading it as its weight and
