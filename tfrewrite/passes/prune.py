@@ -18,7 +18,9 @@ exact least-squares update of the kept weights), with the same block shapes; the
 the mean output on the samples is unchanged, and an int8 weight is requantized (new per-channel scales) after
 the update. A full-integer layer is pruned on its quantized inputs captured from the int8 model, its kept
 weights requantized and its int32 bias recomputed at s_in·s_w[c] with the bias correction
-(`_requantize_full_integer`). Weights shared with other ops stay with magnitude pruning.
+(`_requantize_full_integer`). A float weight several FULLY_CONNECTED (or several CONV_2D) ops read is pruned
+once on the rows of all its readers together (`shared_rows`: H summed over them), each reader's bias corrected on
+its own inputs; other shared weights are pruned by magnitude, the reason in the method.
 """
 from __future__ import annotations
 
@@ -163,15 +165,39 @@ def sparse_storage_refusal(op: Operator, weight: StoredWeight, settings, min_par
     return None
 
 
-def data_aware_reason(model: Model, op: Operator, weight: StoredWeight) -> str | None:
-    """Why this layer is pruned by magnitude although calibration rows exist, or None."""
+def data_aware_reason(model: Model, op: Operator, weight: StoredWeight, pooled: bool = False) -> str | None:
+    """Why this layer is pruned by magnitude although calibration rows exist, or None. `pooled`: a shared weight's
+    readers' rows are pooled (`shared_rows`), so sharing is no reason."""
     if op.builtin == OP.DEPTHWISE_CONV_2D and weight.kind.startswith("int8"):
         return "int8 depthwise weight: stored dense (int8 through DENSIFY makes XNNPACK fail to prepare)"
     if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D, OP.DEPTHWISE_CONV_2D):
         return "no data-aware pruning for this op"
-    if weight_uses(model, weight.tensor).shared:
+    if not pooled and weight_uses(model, weight.tensor).shared:
         return "weight shared with another op: no data-aware update"
     return None
+
+
+def shared_rows(ops: list[Operator], weight: StoredWeight, layer_data: dict) -> tuple[dict | None, str | None]:
+    """(pooled data, None) for a float weight read by several FULLY_CONNECTED or CONV_2D ops of one kind: the
+    rows of all readers together (H summed over them), so one mask and update serve every reader; each reader's
+    own `mean` / `target_mean` are kept under "readers" for its bias correction. (None, why) otherwise."""
+    if weight.kind not in ("float32", "float16"):
+        return None, "a shared int8 weight is pruned by magnitude"
+    kinds = {op.builtin for op in ops}
+    if len(kinds) > 1 or kinds - {OP.FULLY_CONNECTED, OP.CONV_2D}:
+        return None, "its readers are not all FULLY_CONNECTED or all CONV_2D"
+    missing = [op for op in ops if id(op) not in layer_data]
+    if missing:
+        return None, f"no calibration rows for the reader {missing[0].name} {missing[0].outputs[0].name!r}"
+    parts = [layer_data[id(op)] for op in ops]
+    pooled = {k: v for k, v in parts[0].items() if k not in ("rows", "mean", "target_rows", "target_mean")}
+    pooled["rows"] = np.concatenate([d["rows"] for d in parts])
+    pooled["mean"] = pooled["rows"].mean(axis=0, dtype=np.float64)
+    if any(d.get("target_rows") is not None for d in parts):
+        pooled["target_rows"] = np.concatenate([d.get("target_rows", d["rows"]) for d in parts])
+        pooled["target_mean"] = pooled["target_rows"].mean(axis=0, dtype=np.float64)
+    pooled["readers"] = [(op, d["mean"], d.get("target_mean")) for op, d in zip(ops, parts)]
+    return pooled, None
 
 
 class DataAwarePrune:
@@ -232,7 +258,14 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     if full_integer:
         result, new_bias = _requantize_full_integer(sg, op, weight, result, bias_before, data)
     else:
-        shift = fit.bias_shift(matrix, result.values, data["mean"], data.get("target_mean"))
+        for reader, mean, target_mean in data.get("readers", [])[1:]:
+            # The other readers of a shared weight: each bias corrected on its own inputs' mean.
+            before = bias_values(reader.inputs[2] if len(reader.inputs) > 2 else None, weight.tensor.shape[0])
+            shift = fit.bias_shift(matrix, result.values, mean, target_mean)
+            _set_corrected_bias(reader, sg.add_constant(f"{reader.outputs[0].name}/pruned_bias",
+                                                        (before + shift).astype(np.float32)), None)
+        own = data["readers"][0][1:] if "readers" in data else (data["mean"], data.get("target_mean"))
+        shift = fit.bias_shift(matrix, result.values, *own)
         corrected = bias_before + shift.astype(np.float32)
         new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", corrected.astype(np.float32))
         if result.scales is not None:
@@ -244,12 +277,13 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     return result.stored, result.method
 
 
-def _set_corrected_bias(op: Operator, bias: Tensor, entry: Entry) -> None:
+def _set_corrected_bias(op: Operator, bias: Tensor, entry: Entry | None) -> None:
     if len(op.inputs) > 2:
         op.inputs[2] = bias
     else:
         op.inputs.append(bias)
-    entry.bias_corrected = True
+    if entry is not None:
+        entry.bias_corrected = True
 
 
 def prune_depthwise_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, data: dict,
@@ -351,7 +385,14 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
             if reason:
                 raise Skip(reason)
         data = ctx.layer_data.get(id(op))
-        reason = data_aware_reason(model, op, weight) if data is not None else None
+        reason = None
+        if data is not None and uses.shared:
+            # One mask and update for every reader, fitted on all their rows.
+            pool, reason = shared_rows(uses.ops, weight, ctx.layer_data)
+            data = pool if pool is not None else data
+            reason = reason or data_aware_reason(model, op, weight, pooled=True)
+        elif data is not None:
+            reason = data_aware_reason(model, op, weight)
         pruned = None
         if data is not None and reason is None:
             try:
@@ -360,9 +401,12 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
                 else:
                     pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block,
                                                       data, entry)
+                    if "readers" in data:
+                        method += f" (shared: on the rows of its {len(data['readers'])} readers)"
             except RefusedByXnnpack as e:
                 reason = str(e)
-            ctx.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
+            for reader in uses.ops if uses.shared else [op]:  # rows not needed again: free them
+                ctx.layer_data.pop(id(reader), None)
         if pruned is None:
             keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
             if reason is not None:
