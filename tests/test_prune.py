@@ -146,7 +146,7 @@ def _weights_untouched(before, after):
 
 
 @pytest.mark.parametrize("case", ["int16 activations", "dynamic-range conv", "hybrid fc", "full-integer conv",
-                                  "float fc quantized to int8"])
+                                  "float fc quantized to int8", "float conv under full-int8"])
 def test_weights_that_cannot_be_stored_sparse_are_not_pruned(case):
     """Zeros the runtime would read dense save no byte and cost accuracy: such a weight is left as it is, with
     "does not pay" and the reason (16x8 and dynamic-range int8 weights, int8 convs, a float weight --quantize int8
@@ -162,13 +162,22 @@ def test_weights_that_cannot_be_stored_sparse_are_not_pruned(case):
     elif case == "full-integer conv":
         from builders import int8_conv_chain
         model, why = int8_conv_chain(), "DENSIFY"
-    else:
+    elif case == "float fc quantized to int8":
         model, why = B.fc_model(rng.standard_normal((128, 256))), "--quantize int8"
         options = dict(quantize="int8")
+    else:
+        model, why = B.conv_model(rng.standard_normal((16, 3, 3, 8))), "--quantize full-int8"
+        options = dict(quantize="full-int8")
     entries, m = run_prune(model, prune=0.5, **options)
     assert entries and all(e["action"] == "skipped" and e["reason"].startswith("does not pay") and why in e["reason"]
                            for e in entries)
     _weights_untouched(io.read_buffer(model), m)
+
+
+def test_an_fc_under_full_int8_is_pruned_in_1x16_blocks():
+    rng = np.random.default_rng(32)
+    (e,), m = run_prune(B.fc_model(rng.standard_normal((32, 64))), prune=0.5, quantize="full-int8")
+    assert e["action"] == "pruned" and e["method"] == "block1x16"
 
 
 def test_a_16x8_model_is_left_as_it_is(tmp_path):

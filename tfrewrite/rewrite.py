@@ -141,7 +141,8 @@ class Options:
     def plan(self) -> Plan:
         rules = load_recipe(self.recipe) if self.recipe else []
         return Plan(defaults=self.defaults(), rules=rules, only=self.only, skip=self.skip,
-                    min_params=self.min_params, budget_kinds=self.budget_kinds())
+                    min_params=self.min_params, budget_kinds=self.budget_kinds(),
+                    full_int8=self.quantize == "full-int8")
 
     def check_used(self, plan: Plan) -> list[str]:
         """One rule for the command line and the recipe: a setting that nothing in the run would use is refused

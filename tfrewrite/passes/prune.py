@@ -139,13 +139,21 @@ def fc_direct_kind(op: Operator, weight: Tensor) -> str | None:
     return None
 
 
-def sparse_storage_refusal(op: Operator, weight: StoredWeight, settings, min_params: int = 0) -> str | None:
+def sparse_storage_refusal(op: Operator, weight: StoredWeight, settings, min_params: int = 0,
+                           full_int8: bool = False) -> str | None:
     """Why this layer's weight, once pruned, could not be stored sparse in a form the runtime reads (None: it
     can). Zeros that stay dense save no byte and only cost accuracy, so such a weight is not pruned. The runtime
     reads an int8 weight sparse only as a full-integer int8 FULLY_CONNECTED's (int8 input and output, 1×16
     blocks): int8 through DENSIFY makes XNNPACK fail to prepare, the hybrid FC's sparse kernel gives wrong results,
     and the 16x8 (int16 activation) kernels read their int8 weight dense."""
     from .quantize import stored_itemsize
+    if weight.kind in ("float32", "float16") and full_int8:
+        if op.builtin != OP.FULLY_CONNECTED or weight.carrier is not None:
+            return (f"--quantize full-int8 makes it an int8 {op.name} weight (int8 through DENSIFY makes XNNPACK "
+                    "fail to prepare)")
+        if weight.tensor.shape[1] % INT8_FC_BLOCK[1]:
+            return f"an int8 FULLY_CONNECTED reads 1x16 blocks only; its {weight.tensor.shape[1]} inputs do not divide"
+        return None
     if weight.kind in ("float32", "float16"):
         if stored_itemsize(weight.kind, numel(weight.tensor.shape), settings.quantize, min_params) == 1:
             return "--quantize int8 stores it as int8 for a kernel that reads it dense"
@@ -371,7 +379,7 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
         reason = _reason_to_leave(op, ctx, n)
         if reason:
             raise Skip(reason)
-        reason = sparse_storage_refusal(op, weight, settings, ctx.plan.min_params)
+        reason = sparse_storage_refusal(op, weight, settings, ctx.plan.min_params, ctx.plan.full_int8)
         if reason:
             ctx.layer_data.pop(id(op), None)  # its rows are not needed: free them
             raise Skip(f"does not pay: {reason}; zeros would stay dense, so it is not pruned")
