@@ -180,3 +180,42 @@ def test_console_script_end_to_end(tmp):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("tfrewrite: error:")
     r = subprocess.run([sys.executable, "-m", "tfrewrite.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "--rank" in r.stdout
+
+
+def test_an_operand_without_dimensions_is_no_internal_error(capsys, tmp):
+    """A byte flipped in a shape can leave a BATCH_MATMUL operand with no dimensions: counting its MACs must not
+    index into the empty shape (inspect and every rewrite ended in an IndexError)."""
+    def empty_shape(m):
+        op = _first_op_with(m, schema.BuiltinOperator.BATCH_MATMUL)
+        sg = next(sg for sg in m.subgraphs if op in sg.operators)
+        sg.tensors[op.inputs[0]].shape = np.array([], np.int32)
+    bad = tmp / "bad.tflite"
+    bad.write_bytes(_mutated(empty_shape))
+    for argv in (["inspect", bad], [bad, tmp / "out.tflite", "--prune", "0.5"]):
+        code, _, err = _run_cli(capsys, *argv)
+        assert code in (0, 2), (argv, code, err)
+        assert "internal error" not in err and "Traceback" not in err, err
+
+
+def test_a_pipe_as_input_is_refused_at_once(capsys, tmp):
+    """Opening a FIFO blocks until someone writes to it: every read path must be a regular file."""
+    fifo = tmp / "fifo.tflite"
+    os.mkfifo(fifo)
+    model = tmp / "m.tflite"
+    model.write_bytes(CONTROL_FLOW.read_bytes())
+    for argv in ([fifo, tmp / "out.tflite", "--prune", "0.5"], ["inspect", fifo], ["compare", model, fifo],
+                 [model, tmp / "out.tflite", "--prune", "0.5", "--calibration", fifo]):
+        start = time.monotonic()
+        code, _, err = _run_cli(capsys, *argv)
+        assert time.monotonic() - start < 10
+        assert code == 2 and err.count("\n") == 1 and "not a regular file" in err, (argv, err)
+    assert not (tmp / "out.tflite").exists()
+
+
+def test_an_ascii_only_terminal_gets_escapes_not_an_error(tmp):
+    """Layer names and the table's own '…' cannot be encoded for an ASCII-only stdout."""
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    done = subprocess.run([sys.executable, "-m", "tfrewrite.cli", "inspect", str(FIXTURES / "vgg_digits.tflite")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "\\u2026" in done.stdout

@@ -184,3 +184,16 @@ def test_integer_data_outside_the_input_dtype_is_refused():
     with pytest.raises(verify.DataError, match=r"outside the int8 range"):
         verify._cast(np.array([[1, 300]]), np.dtype(np.int8), "d.npz: array 'x'")
     assert verify._cast(np.array([[1, 127]]), np.dtype(np.int8), "x").dtype == np.int8
+
+
+def test_calibration_values_that_overflow_the_model_are_exit_2(tmp, capsys):
+    """Finite float32 inputs (3e38) that drive a later layer's inputs to infinity: one error line, not a failed
+    eigen-decomposition."""
+    from conftest import FIXTURES
+    data = tmp / "huge.npz"
+    np.savez(data, image=np.full((2, 32, 32, 3), 3e38, np.float32))
+    out = tmp / "o.tflite"
+    code = cli.main([str(FIXTURES / "vgg_digits.tflite"), str(out), "--rank", "8", "--calibration", str(data)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("tfrewrite: error: ") and err.count("\n") == 1, err
+    assert "NaN or infinite" in err and not out.exists()

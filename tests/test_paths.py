@@ -167,3 +167,8 @@ def test_a_real_signal_mid_run_leaves_nothing(tmp, sig, code):
     assert p.returncode == code, err
     assert "nothing written" in err
     assert _snapshot(tmp) == before and sorted(p.name for p in tmp.iterdir()) == sorted(before)
+
+
+def test_an_output_name_too_long_for_the_file_system(capsys, tmp):
+    model, _, _ = _folder(tmp)
+    _assert_refused(capsys, tmp, model, tmp / ("a" * 300 + ".tflite"), words=["too long"])

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import FIXTURES, ROOT
 from digits import load_split
+import builders as B
 from tfrewrite import cli, verify
 
 VGG = FIXTURES / "vgg_digits.tflite"
@@ -223,3 +224,16 @@ def test_delegate_disagreement_counts_int8_steps(monkeypatch):
     gap = verify.delegate_disagreement(model, inputs)
     assert gap["steps"] == 3 and 0 < gap["rel_l2"] < 1
     assert verify.delegate_disagreement(VGG, None, samples=1) is None
+
+
+def test_top5_agreement_needs_more_than_5_classes(tmp_path, capsys):
+    """With 5 classes or fewer every class is in the top 5: no agreement figure, and --min-top5-agree is a usage
+    error there (exit 2, nothing written) rather than a bound that always holds."""
+    rng = np.random.default_rng(0)
+    model = tmp_path / "fc.tflite"
+    model.write_bytes(B.fc_model(rng.standard_normal((5, 16)).astype(np.float32)))
+    out = tmp_path / "o.tflite"
+    code = cli.main([str(model), str(out), "--rank", "2", "--force", "--verify", "--min-top5-agree", "0.99"])
+    err = capsys.readouterr().err
+    assert code == 2 and "more than 5 classes" in err and err.count("\n") == 1, err
+    assert not out.exists()

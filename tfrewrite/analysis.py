@@ -207,7 +207,7 @@ def macs(op: Operator, weight: Tensor | None) -> int:
     if b == OP.TRANSPOSE_CONV and weight is not None and len(weight.shape) == 4 and len(op.inputs) > 2 and op.inputs[2] is not None:
         o, kh, kw, i = weight.shape
         return numel(static_shape(op.inputs[2])) * kh * kw * o
-    if b == OP.BATCH_MATMUL and op.inputs[0] is not None:
+    if b == OP.BATCH_MATMUL and op.inputs[0] is not None and len(static_shape(op.inputs[0])) >= 2:
         a = static_shape(op.inputs[0])
         adj_x = bool(getattr(op.builtin_options, "adjX", False))
         k = a[-2] if adj_x else a[-1]

@@ -148,5 +148,8 @@ def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], 
     result = {}
     for op in ops:
         rows = np.concatenate(chunks.pop(id(op)))[: budget[id(op)] * 2]
+        if not np.all(np.isfinite(rows)):
+            raise verify.DataError(f"the calibration samples drive the inputs of layer {op.outputs[0].name!r} to NaN or "
+                                   "infinite values (values far outside the range this model was trained on?)")
         result[id(op)] = LayerRows(rows=rows, mean=rows.mean(axis=0, dtype=np.float64))
     return result

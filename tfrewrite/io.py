@@ -10,6 +10,7 @@ Above 2 GiB the weights go after the flatbuffer in the large-model layout (Buffe
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
@@ -59,15 +60,26 @@ def check_paths(reads: dict, writes: dict) -> None:
     writes = {k: Path(v) for k, v in writes.items() if v is not None}
     seen = {}
     for what, path in reads.items():
-        if not path.exists():
-            raise PathError(f"{what} {path}: no such file")
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise PathError(f"{what} {path}: {'no such file' if e.errno == errno.ENOENT else e.strerror or e}") \
+                from None
+        if stat.S_ISDIR(mode):
             raise PathError(f"{what} {path}: is a directory, not a file")
+        if not stat.S_ISREG(mode):  # a pipe or a device: reading it could block forever or never end
+            raise PathError(f"{what} {path}: is not a regular file")
         seen.setdefault(_identity(path), what)
     for what, path in writes.items():
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise PathError(f"{what} {path}: {e.strerror or e}") from None
+        if mode is not None and stat.S_ISDIR(mode):
             raise PathError(f"{what} {path}: is a directory; give a file name")
-        if path.exists() and not stat.S_ISREG(os.stat(path).st_mode):
+        if mode is not None and not stat.S_ISREG(mode):
             raise PathError(f"{what} {path}: exists and is not a regular file")
         same = seen.get(_identity(path))
         if same is not None:
@@ -135,8 +147,14 @@ class Staged:
 # ================================================================================================ reading
 def read(path: str | os.PathLike) -> Model:
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ModelError(f"{path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
         raise ModelError(f"{path}: is a directory, not a .tflite file")
+    if not stat.S_ISREG(mode):  # opening a pipe blocks until someone writes to it
+        raise ModelError(f"{path}: is not a regular file")
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

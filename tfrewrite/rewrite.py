@@ -736,8 +736,9 @@ def verify_against(original, rewritten, options: Options) -> dict:
             failures.append(f"output relative L2 error {worst:.4g} exceeds --max-error {options.max_error:g}")
     if options.min_top5_agree is not None:
         agrees = [o["top5_agree"] for o in result["outputs"] if o["top5_agree"] is not None]
-        if not agrees:
-            failures.append("--min-top5-agree given but no output looks like a classifier")
+        if not agrees:  # a usage error, not a failed bound: nothing is written (exit 2)
+            raise OptionError("--min-top5-agree needs an output that looks like a classifier with more than 5 "
+                              "classes ([1, classes] per sample); use --max-error for this model")
         elif min(agrees) < options.min_top5_agree:
             failures.append(f"top-5 agreement {min(agrees):.4g} is below --min-top5-agree {options.min_top5_agree:g}")
     result["passed"] = not failures
