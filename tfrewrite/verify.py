@@ -34,7 +34,11 @@ def check_run_options(samples: int, runs: int, threads: int = 1, seed: int = 0) 
 
 class NotRunnable(RuntimeError):
     """A model the LiteRT interpreter refuses or fails on (a custom op without a kernel, an input it cannot
-    take); the message says which model and the runtime's reason, on one line."""
+    take); the message says which model and the runtime's reason, on one line; `reason` is the runtime's alone."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def _runtime_reason(e: Exception) -> str:
@@ -54,7 +58,8 @@ def interpreter(model, xnnpack: bool = True, threads: int = 1, name: str | None 
             it.allocate_tensors()
     except (RuntimeError, ValueError) as e:
         name = name or (str(model) if isinstance(model, (str, Path)) else "the model")
-        raise NotRunnable(f"{name} does not run in LiteRT: {_runtime_reason(e)}") from None
+        reason = _runtime_reason(e)
+        raise NotRunnable(f"{name} does not run in LiteRT: {reason}", reason) from None
     return it
 
 
@@ -581,6 +586,8 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
     try:
         rb = Runner(candidate, True, 1, signature)
         outs_b = rb.real(rb.per_sample(inputs))
+    except NotRunnable as e:  # the runtime's reason only: the candidate is the tool's temporary file
+        raise CandidateFailed(_first_line(e.reason)) from None
     except Exception as e:
         raise CandidateFailed(_first_line(e)) from None
     rows = []
