@@ -9,6 +9,8 @@ import sys
 import tempfile
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -172,3 +174,21 @@ def test_a_real_signal_mid_run_leaves_nothing(tmp, sig, code):
 def test_an_output_name_too_long_for_the_file_system(capsys, tmp):
     model, _, _ = _folder(tmp)
     _assert_refused(capsys, tmp, model, tmp / ("a" * 300 + ".tflite"), words=["too long"])
+
+
+def test_ctrl_c_while_the_files_move_into_place_finishes_the_run(capsys, tmp, monkeypatch):
+    """A Ctrl-C that arrives while the outputs are being moved into place is held back until they all are, then
+    dropped: the run is finished, and "interrupted; nothing written" would not be true."""
+    model, _, _ = _folder(tmp)
+    out, rep = tmp / "out.tflite", tmp / "r.json"
+    real_replace = os.replace
+
+    def replace_with_ctrl_c(src, dst):
+        if Path(dst) == out:  # the staged model moving onto its target, the report still to come
+            os.kill(os.getpid(), signal.SIGINT)
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace_with_ctrl_c)
+    code, _, err = _run(capsys, model, out, "--quantize", "float16", "--report", rep)
+    assert code == 0 and "interrupted" not in err, err
+    assert out.exists() and rep.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -123,16 +123,23 @@ class Staged:
         """Move the staged files (or those for `targets`) into place, with Ctrl-C and SIGTERM held back until
         all moved."""
         chosen = [(t, p) for t, p in self.pending if targets is None or p in [Path(x) for x in targets]]
-        blocked = hasattr(signal, "pthread_sigmask")
-        if blocked:
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # A Ctrl-C or SIGTERM while the files move is recorded and dropped, not raised: half the files would be
+        # in place, and once they all are, "interrupted; nothing written" would not be true. (Python runs
+        # signal handlers in the main thread whichever thread the signal hit, so a handler swap, unlike a
+        # signal mask, covers a process with BLAS or interpreter threads.)
+        held = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                held[sig] = signal.signal(sig, lambda *_: None)
+            except (ValueError, OSError):  # not the main thread: the caller owns the signals
+                pass
         try:
             for tmp, target in chosen:
                 os.replace(tmp, target)
                 self.pending.remove((tmp, target))
         finally:
-            if blocked:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            for sig, handler in held.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def __exit__(self, *exc):
         for tmp, _ in self.pending:
