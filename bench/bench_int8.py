@@ -13,6 +13,10 @@
 
     .venv/bin/python bench/bench_int8.py [vgg] [mobilenetv2]     # writes bench/results/int8.md (int8_KEY.md
                                                                   # for a subset)
+4. `--mixed`: `--rank auto --prune-channels auto --target-size X --calibration calib.npz` (the budget mixes
+   channel shares with ranks) on the int8 and the float fixture at the same X, with the same columns:
+
+    .venv/bin/python bench/bench_int8.py --mixed [mobilenetv2] [vgg]  # writes bench/results/int8_mixed.md
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ MODELS = {"vgg": ("vgg_digits.tflite", "vgg_digits_int8.tflite", 32),
 # layers' activations), which the int8 rewrite needs (1.5x: 77.5 % without, 91.4 % with).
 TARGETS = {"vgg": ((3, False), (5, False)),
            "mobilenetv2": ((1.5, False), (1.5, True), (2, True), (3, True))}
+MIXED_TARGETS = {"vgg": (3, 5), "mobilenetv2": (1.5, 2, 3)}
 
 
 def data_files(tmp: Path, source: Path, size: int) -> tuple[Path, Path]:
@@ -77,41 +82,77 @@ def where_bytes_go(path) -> tuple[int, int]:
 
 def row(label, path, base_bytes, size, t0=None):
     from digits import tflite_accuracy
+    seconds = None if t0 is None else time.monotonic() - t0  # the rewrite's, before the accuracy run
     acc = tflite_accuracy(path, "test", size)
     weights, qparams = where_bytes_go(path)
     return {"label": label, "bytes": os.path.getsize(path), "ratio": base_bytes / os.path.getsize(path),
-            "acc": acc, "seconds": None if t0 is None else time.monotonic() - t0, "weights": weights,
+            "acc": acc, "seconds": seconds, "weights": weights,
             "qparams": qparams}
+
+
+def int8_row(label, out, isrc, timing, size, t0):
+    """`row` for an int8 rewrite, with its latency against the int8 original and its XNNPACK on/off gap."""
+    from tfrewrite import verify
+    r = row(label, out, isrc.stat().st_size, size, t0)
+    c = verify.compare(isrc, out, data=timing, runs=30)
+    r["speedup"] = c["a"]["latency_ms"] / c["b"]["latency_ms"]
+    r["latency"] = (c["a"]["latency_ms"], c["b"]["latency_ms"])
+    r["lsb"] = xnnpack_lsb(out, size)
+    return r
+
+
+def originals(tmp: Path, key: str):
+    """(float fixture, int8 fixture, image size, calibration file, timing file, their table rows)."""
+    float_name, int8_name, size = MODELS[key]
+    fsrc, isrc = FIX / float_name, FIX / int8_name
+    calib, timing = data_files(tmp, fsrc, size)
+    rows = [row(f"float original ({float_name})", fsrc, fsrc.stat().st_size, size),
+            row(f"int8 original ({int8_name})", isrc, isrc.stat().st_size, size)]
+    rows[1]["lsb"] = xnnpack_lsb(isrc, size)
+    return fsrc, isrc, size, calib, timing, rows
+
+
+def mixed(keys):
+    """Item 4: the budget mixing channel shares with ranks, int8 and float fixture at the same target."""
+    from tfrewrite import rewrite
+    load = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-int8-mixed-"))
+    results = {}
+    for key in keys:
+        fsrc, isrc, size, calib, timing, rows = originals(tmp, key)
+        for target in MIXED_TARGETS[key]:
+            for kind, src in (("float", fsrc), ("int8", isrc)):
+                out = tmp / f"{key}_{kind}_mixed{target}.tflite"
+                t0 = time.monotonic()
+                rewrite.run(src, out, rewrite.Options(target_size=target, calibration=str(calib), rank="auto",
+                                                      prune_channels="auto"))
+                label = f"{kind} --rank auto --prune-channels auto --target-size {target}"
+                rows.append(int8_row(label, out, isrc, timing, size, t0) if kind == "int8"
+                            else row(label, out, src.stat().st_size, size, t0))
+            print(key, target, rows[-2:], flush=True)
+        results[key] = rows
+    write(results, load, "int8_mixed.md")
 
 
 def main():
     from tfrewrite import rewrite, verify
-    lines = []
+    if sys.argv[1:2] == ["--mixed"]:
+        return mixed(sys.argv[2:] or ["mobilenetv2", "vgg"])
     load = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-int8-"))
     results = {}
     keys = sys.argv[1:] or list(MODELS)
     for key in keys:
-        float_name, int8_name, size = MODELS[key]
-        fsrc, isrc = FIX / float_name, FIX / int8_name
-        calib, timing = data_files(tmp, fsrc, size)
-        rows = [row(f"float original ({float_name})", fsrc, fsrc.stat().st_size, size),
-                row(f"int8 original ({int8_name})", isrc, isrc.stat().st_size, size)]
-        rows[1]["lsb"] = xnnpack_lsb(isrc, size)
+        fsrc, isrc, size, calib, timing, rows = originals(tmp, key)
         for target, sequential in TARGETS[key]:
             for kind, src in (("float", fsrc), ("int8", isrc)):
                 out = tmp / f"{key}_{kind}_t{target}{'_seq' * sequential}.tflite"
                 t0 = time.monotonic()
                 rewrite.run(src, out, rewrite.Options(target_size=target, calibration=str(calib),
                                                       sequential=sequential))
-                r = row(f"{kind} --target-size {target}{' --sequential' * sequential}", out, src.stat().st_size,
-                        size, t0)
-                if kind == "int8":
-                    c = verify.compare(isrc, out, data=timing, runs=30)
-                    r["speedup"] = c["a"]["latency_ms"] / c["b"]["latency_ms"]
-                    r["latency"] = (c["a"]["latency_ms"], c["b"]["latency_ms"])
-                    r["lsb"] = xnnpack_lsb(out, size)
-                rows.append(r)
+                label = f"{kind} --target-size {target}{' --sequential' * sequential}"
+                rows.append(int8_row(label, out, isrc, timing, size, t0) if kind == "int8"
+                            else row(label, out, src.stat().st_size, size, t0))
             print(key, target, rows[-2:], flush=True)
         out = tmp / f"{key}_float_t5_fullint8.tflite"
         t0 = time.monotonic()

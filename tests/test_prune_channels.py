@@ -528,3 +528,49 @@ def test_transpose_conv_is_a_barrier_on_its_data_input(tmp_path):
     assert "TRANSPOSE_CONV" in reasons["c1"] or "tconv" in reasons["c1"]
     assert {t.name: t.shape[-1] for t in io.read(out).main.tensors}["c1"] == 16
     _runs_alike_with_and_without_xnnpack(out)
+
+
+def test_budget_counts_the_bytes_of_full_integer_layers(tmp_path):
+    """A full-integer layer stores 1-byte weights and, per output channel, an int32 bias and a float32 scale and
+    int64 zero point for the weight and again for the bias (28 bytes): the channel budget counts those, on an
+    int8 model and before --quantize full-int8, so its estimate is the written file (counted as float bytes it
+    was 1.54x for 1.68x on the int8 net, and 1.71x for 3.97x before --quantize full-int8)."""
+    pytest.importorskip("ai_edge_quantizer", reason="the test extra installs ai-edge-quantizer")
+    from builders import _signature
+    src, calib = _net_and_calibration(tmp_path, 13)
+    model = io.read(src)
+    model.signature_defs = [_signature("serving_default", model.main)]  # ai-edge-quantizer calibrates signatures
+    io.write(model, src)
+    int8 = tmp_path / "int8.tflite"
+    rewrite.run(src, int8, rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    report = rewrite.run(int8, tmp_path / "pruned.tflite", rewrite.Options(
+        prune_channels="auto", target_size=1.5, calibration=str(calib)))
+    budget = report["budget"]
+    assert budget["reached"] and budget["estimate"] == pytest.approx(budget["achieved"], rel=0.01)
+    out = tmp_path / "pruned_then_int8.tflite"
+    report = rewrite.run(src, out, rewrite.Options(prune_channels="auto", target_size=1.5, quantize="full-int8",
+                                                   calibration=str(calib)))
+    budget = report["budget"]
+    # The target applies to the input quantized alone, estimated within 1 %, and is met within 1 % of estimate.
+    assert budget["baseline_bytes"] == pytest.approx(int8.stat().st_size, rel=0.01)
+    assert budget["reached"] and budget["estimate"] == pytest.approx(budget["achieved"], rel=0.015)
+    assert budget["achieved"] == pytest.approx(budget["baseline_bytes"] / out.stat().st_size, rel=1e-3)
+
+
+def test_budget_mixing_ranks_into_channels_of_the_int8_mobilenetv2_meets_its_size(tmp_path):
+    """The int8 MobileNetV2 fixture at 3x with channel shares and ranks mixed: a rank option on a layer the cut
+    leaves at a share of its weights saves that share, less the tables of the op it adds (these do not shrink):
+    counted in proportion, the estimate said 3.02x and the file came out 2.95x (target missed)."""
+    from digits import load_split
+    source = FIXTURES / "mobilenetv2_digits_int8.tflite"
+    (name, _), = io.read(source).signature_defs[0].inputs
+    x, _ = load_split("calib", 96)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{name: x[:32]})
+    out = tmp_path / "out.tflite"
+    report = rewrite.run(source, out, rewrite.Options(prune_channels="auto", rank="auto", target_size=3,
+                                                      calibration=str(calib)))
+    budget = report["budget"]
+    assert any(e["action"] == "rewritten" for e in report["layers"])  # low-rank chains and channel cuts both
+    assert budget["reached"] and budget["achieved"] == pytest.approx(budget["estimate"], rel=0.02)
+    assert source.stat().st_size / out.stat().st_size == pytest.approx(budget["achieved"], rel=1e-3)

@@ -293,7 +293,8 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
             ctx.channel_budget, ranks, rank_info, ctx.budget_summary = budget.plan_channels(
                 model, ctx, target, by_macs, total, samples,
                 stage=lambda count: _stage(progress, "budget: channel group", count), passes=mixed,
-                progress=_stage(progress, "budget: layer", len(targets) if mixed else 0))
+                progress=_stage(progress, "budget: layer", len(targets) if mixed else 0),
+                full_int8=options.quantize == "full-int8")
             if not options.calibration:
                 ctx.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
         entries += checked(prune_channels.run(model, ctx, samples=samples))

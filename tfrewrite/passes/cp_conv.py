@@ -122,7 +122,7 @@ def fit_tucker2(kernel: np.ndarray, ranks, weight: LayerWeight, kh: int, kw: int
         out_factor, core = fit.tucker2_output_fit(kernel, res.in_factor, r_out, metric, cross)
     sf, sm, sl = (stored_weight_values(a, weight, 0) for a in (
         res.in_factor.T.reshape(r_in, 1, 1, i), core.reshape(r_out, kh, kw, r_in), out_factor.reshape(o, 1, 1, r_out)))
-    approx = np.einsum("tp,pkq,sq->tks", sl.reshape(o, r_out), sm.reshape(r_out, k, r_in), sf.reshape(r_in, i).T)
+    approx = tucker.tucker2_reconstruct(sl.reshape(o, r_out), sm.reshape(r_out, k, r_in), sf.reshape(r_in, i).T)
     return (sf, sm, sl), approx
 
 

@@ -78,6 +78,10 @@ class Layer:
         b = self.bias_stored
         return b.tensor if b is not None else None
 
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[self.layout.out_axis]
+
 
 @dataclass(eq=False)
 class ChannelGroup:
@@ -804,13 +808,15 @@ def choose(model: Model, ctx, samples=None) -> list[tuple[Subgraph, ChannelGraph
 
 # ------------------------------------------------------------------------------------------- the budget's options
 class ChannelOption(NamedTuple):
-    """One share of a group's channels the budget could remove: the params and MACs of the group's layers with
-    this group alone cut, and its damage: the worst reading layer's relative output error after its refit."""
+    """One share of a group's channels the budget could remove: the params, MACs and file bytes of the group's
+    layers with this group alone cut, and its damage: the worst reading layer's relative output error after its
+    refit."""
     share: float
     keep: int
     params: int
     macs: int
     damage: float
+    nbytes: float | None = None
 
 
 @dataclass(eq=False)
@@ -819,7 +825,7 @@ class BudgetGroup:
     options: list[ChannelOption]
     params: int       # the group's layers as they stand
     macs: int
-    itemsize: int
+    nbytes: float     # their weights', biases' and per-channel quantization parameters' bytes
 
 
 @dataclass(eq=False)
@@ -832,6 +838,7 @@ class ChannelSpace:
     fixed: list[tuple[ChannelGroup, int]]   # (group, kept units)
     closed: dict                            # id(lead op) → why the budget leaves an `auto` group whole
     units_on: dict = field(default_factory=dict)  # id(group) → `per_unit`
+    full_int8: bool = False                 # --quantize full-int8 follows: float layers count as full-integer
 
     def per_unit(self, group: ChannelGroup) -> list[tuple[int, float]]:
         """(id(tensor), channels one unit of the group owns there) for each tensor the group touches."""
@@ -866,9 +873,35 @@ class ChannelSpace:
             m = macs(layer.op, layer.weight)
             params_after += round(w * inp * out + b * out)
             macs_after += round(m * inp * out)
-            saved += (m * (1 - inp * out) if by_macs
-                      else w * (1 - inp * out) * layer.weight.dtype.itemsize + b * (1 - out) * 4)
+            if by_macs:
+                saved += m * (1 - inp * out)
+            else:
+                per_weight, per_channel = byte_rates(layer, self.full_int8)
+                saved += w * (1 - inp * out) * per_weight + layer.out_channels * (1 - out) * per_channel
         return saved, params_after, macs_after
+
+    def dense_bytes(self, layers) -> float:
+        """The file bytes of `layers`' weights, biases and per-channel quantization parameters as they stand
+        (as full-integer layers with `full_int8`)."""
+        return sum(numel(layer.weight.shape) * byte_rates(layer, self.full_int8)[0]
+                   + layer.out_channels * byte_rates(layer, self.full_int8)[1] for layer in layers)
+
+
+def byte_rates(layer: Layer, full_int8: bool = False) -> tuple[float, float]:
+    """(bytes per weight, bytes per output channel) of a layer in the file: the weight's itemsize; per output
+    channel its bias and each per-channel quantization parameter (a float32 scale and an int64 zero point, 12
+    bytes, for the weight and again for an int32 bias: a full-integer layer's 28 bytes per channel beside its
+    1-byte weights). With `full_int8` (--quantize full-int8 follows) a float layer counts as it will be stored:
+    int8 weights, an int32 bias, both per channel (`budget.stored_bytes`)."""
+    w, b = layer.weight, layer.bias
+    if full_int8 and w.type in (T.FLOAT32, T.FLOAT16):
+        return 1.0, 28.0
+
+    def per_channel_params(t: Tensor | None) -> float:
+        q = t.quantization if t is not None else None
+        return 12.0 if q is not None and q.scale is not None and len(q.scale) > 1 else 0.0
+    bias = b.dtype.itemsize + per_channel_params(b) if b is not None else 0.0
+    return float(w.dtype.itemsize), bias + per_channel_params(w)
 
 
 def _group_layers(g: ChannelGraph, group: ChannelGroup) -> list[Layer]:
@@ -912,15 +945,16 @@ def _option(g, group, grams, data, cut, keep, space, layers) -> ChannelOption:
             kept_cols = np.setdiff1d(np.arange(d.cov.shape[0]), gone)
             err = ch.held_out_error(weight_matrix(reader), d.split(), kept_cols)
         worst = max(worst, err)
-    _, params, macs_ = space.saving([(group, keep)], False, layers)
-    return ChannelOption(round((n - keep) / n, 6), keep, params, macs_, worst)
+    saved, params, macs_ = space.saving([(group, keep)], False, layers)
+    return ChannelOption(round((n - keep) / n, 6), keep, params, macs_, worst, space.dense_bytes(layers) - saved)
 
 
-def budget_space(model: Model, ctx, samples, stage=None) -> ChannelSpace:
+def budget_space(model: Model, ctx, samples, stage=None, full_int8: bool = False) -> ChannelSpace:
     """The budget's view of the main subgraph (`ChannelSpace`), reader data collected on `samples` (kept in
-    `ctx.layer_data` for the choice and the refit that follow). `stage(count)`: a progress step, or None."""
+    `ctx.layer_data` for the choice and the refit that follow). `stage(count)`: a progress step, or None.
+    `full_int8`: --quantize full-int8 follows (float layers count their bytes as full-integer layers)."""
     sg, g, groups = next(c for c in candidates(model, ctx) if c[0] is model.main)
-    space = ChannelSpace(g, [], [], {})
+    space = ChannelSpace(g, [], [], {}, full_int8=full_int8)
     auto = []
     for group, share, multiple in asked(groups, ctx):
         if share == AUTO:
@@ -940,7 +974,7 @@ def budget_space(model: Model, ctx, samples, stage=None) -> ChannelSpace:
         layers = _group_layers(g, group)
         params = sum(layer_cost(layer)[0] for layer in layers)
         space.open.append(BudgetGroup(group, options, params, sum(layer_cost(layer)[1] for layer in layers),
-                                      group.producers[0].weight.dtype.itemsize))
+                                      space.dense_bytes(layers)))
         if progress:
             progress(lead)
     return space
