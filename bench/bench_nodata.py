@@ -4,6 +4,7 @@ next to the data-aware `--calibration calib.npz --target-size X`; writes bench/r
 
     .venv/bin/python bench/bench_nodata.py                    # X = 2, 4.36, 5, 7.98, 10.54, both fixtures
     .venv/bin/python bench/bench_nodata.py --ratios 5 --fixtures vgg_digits --no-aware
+    .venv/bin/python bench/bench_nodata.py --table1           # the plain rows of RESULTS.md's Table 1
 
 Accuracy: top-1 on the 360 held-out digits (fixtures/digits.py, batch 1) via `tfrewrite compare --data`;
 speed-up: the same command's interleaved medians (1 thread, XNNPACK on, --runs 20).
@@ -44,6 +45,25 @@ def layer_floors(names) -> list[str]:
     return lines + [""]
 
 
+def table1_plain_rows(runs: int) -> list[str]:
+    """The plain columns of bench/RESULTS.md's Table 1 (VGG-style fixture, X = the published VGG16 ratios):
+    `--ratio X` and `--ratio X --skip predictions`, x smaller / top-1 / top-5 and the fixture speed-up."""
+    src = R.ROOT / "fixtures" / "vgg_digits.tflite"
+    _, test = R.data_files("vgg_digits", SIZES["vgg_digits"])
+    lines = ["| X | plain `--ratio X`: x smaller / top-1 / top-5 | plain `--ratio X --skip predictions`: x smaller / "
+             "top-1 / top-5 | fixture speed-up (plain / skip) | load average after the row |", "|---|---|---|---|---|"]
+    for x in R.PUB_RATIOS:
+        cells, speed = [], []
+        for tag, extra in (("plain", []), ("skip", ["--skip", "predictions"])):
+            r = R.fixture_row(src, R.CACHE / f"table1_vgg_digits_{tag}_{x:g}.tflite", ["--ratio", f"{x:g}", *extra],
+                              test, runs)
+            cells.append(f"{r['before'] / r['bytes']:.2f}x / {100 * r['top1']:.2f} % / {100 * r['top5']:.2f} %")
+            speed.append(f"{r['speedup']:.2f}x")
+        lines.append(f"| {x:g} | {cells[0]} | {cells[1]} | {' / '.join(speed)} | {R.load_str()} |")
+        R.log(lines[-1])
+    return lines + [""]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ratios", default="2,4.36,5,7.98,10.54")
@@ -51,9 +71,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-aware", action="store_true", help="skip the data-aware rows")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--layers", action="store_true", help="also: each layer alone at --ratio 5 --force (the floors)")
+    p.add_argument("--table1", action="store_true",
+                   help="only the plain rows of bench/RESULTS.md's Table 1 (VGG-style fixture), printed")
     p.add_argument("--out", default=str(R.ROOT / "bench" / "results" / "nodata.md"))
     args = p.parse_args(argv)
     R.CACHE.mkdir(parents=True, exist_ok=True)
+    if args.table1:
+        print("\n".join([f"Load average at the start {R.load_str()}", *table1_plain_rows(args.runs),
+                          "Commands:", "", "```", *R.COMMANDS, "```"]))
+        return 0
     started, load_start, t0 = datetime.datetime.now(datetime.timezone.utc), R.load_str(), time.monotonic()
     ratios = [float(x) for x in args.ratios.split(",")]
     lines = []

@@ -201,3 +201,65 @@ def test_full_int8_size_estimates_the_quantized_file():
     size = budget.stored_bytes
     assert size(1000, (20,), "full-int8", 20) - size(1000, (10,), "full-int8", 20) == 280
     assert size(1000, (16, 10), "full-int8", 20) - size(1000, (8, 10), "full-int8", 20) == 32
+
+
+def test_a_target_out_of_reach_rewrites_nothing_and_says_how_far_it_goes(tmp_path):
+    """A target beyond what the layers' most compressed options reach is not met by spending them all (every
+    layer at its smallest rank, a collapsed model): the input goes out as it is, and the report gives the limit."""
+    rng = np.random.default_rng(9)
+    src = tmp_path / "fc.tflite"
+    src.write_bytes(B.fc_model(_decaying(rng, 64, 256).astype(np.float32), rng.standard_normal(64), (1, 256)))
+    rep = tmp_path / "r.json"
+    assert cli.main([str(src), str(tmp_path / "o.tflite"), "--target-size", "200", "--report", str(rep),
+                     "--quiet"]) == 0
+    report = json.loads(rep.read_text())
+    budget = report["budget"]
+    assert not budget["reached"] and budget["achieved"] == 1.0 and 1 < budget["estimate"] < 200
+    assert f"cannot reach 200x with low rank: at most about {budget['estimate']:.2f}x" in budget["note"]
+    assert (tmp_path / "o.tflite").read_bytes() == src.read_bytes()
+    assert all(e["action"] == "skipped" and "cannot reach 200x" in e["reason"] for e in report["layers"])
+
+
+def test_a_budget_that_would_break_the_model_leaves_it_as_it_is(tmp_path):
+    """The budget meets a 3x target on a flat-spectrum weight only at an output error far above the level the
+    output-error check calls broken (0.5): the input is written unchanged and the report says why; --force
+    keeps the rewrite."""
+    rng = np.random.default_rng(9)
+    src = tmp_path / "fc.tflite"
+    src.write_bytes(B.fc_model(rng.standard_normal((64, 256)).astype(np.float32), rng.standard_normal(64),
+                               (1, 256)))
+    for force in (False, True):
+        rep, out = tmp_path / f"r{force}.json", tmp_path / f"o{force}.tflite"
+        args = [str(src), str(out), "--target-size", "3", "--report", str(rep), "--quiet"]
+        assert cli.main(args + (["--force"] if force else [])) == 0
+        report = json.loads(rep.read_text())
+        if force:
+            assert report["budget"]["reached"] and report["output_error"]["worst"] > 0.5
+            continue
+        assert out.read_bytes() == src.read_bytes() and not report["budget"]["reached"]
+        assert report["budget"]["refused_output_error"] > 0.5 and "output_error" not in report
+        assert any("cannot reach 3x smaller file without breaking the model" in n for n in report["notes"])
+        assert all(e["action"] == "skipped" and e["reason"].startswith("undone: the budget's choice")
+                   for e in report["layers"])
+
+
+def test_ratio_refuses_a_clearly_degenerate_conv_after_a_short_fit(monkeypatch):
+    """A CP conv whose output error is far above the --ratio floor after a few ALS sweeps is refused without the
+    full fit (VGG16's random-init convs: most of a data-free --ratio 5's time); forced, it gets the full fit."""
+    from tfrewrite.linalg import cp
+    from tfrewrite.passes import common
+    rng = np.random.default_rng(4)
+    model_bytes = B.conv_model(rng.standard_normal((24, 3, 3, 24)).astype(np.float32), None, (9, 9))
+    sweeps = []
+    real_cp3 = cp.cp3
+
+    def counting_cp3(*args, **kwargs):
+        sweeps.append(kwargs.get("n_iter_max"))
+        return real_cp3(*args, **kwargs)
+    monkeypatch.setattr(cp, "cp3", counting_cp3)
+    entry = rewrite.rewrite_model(io.read_buffer(model_bytes), rewrite.Options(ratio=5))[0]
+    assert entry["action"] == "skipped" and f"(a {common.QUICK_SWEEPS}-sweep fit)" in entry["reason"]
+    assert sweeps == [common.QUICK_SWEEPS]
+    sweeps.clear()
+    forced = rewrite.rewrite_model(io.read_buffer(model_bytes), rewrite.Options(ratio=5, force=True))[0]
+    assert forced["action"] == "rewritten" and sweeps == [None]

@@ -40,14 +40,13 @@ def test_conv_rows_are_patches_of_the_layer_input(stride, padding):
     np.testing.assert_array_equal(rows.rows, again.rows)  # the same positions every time
 
 
-def test_fc_rows_are_the_input_rows_and_bounded(monkeypatch):
+def test_fc_rows_are_the_input_rows_and_bounded():
     rng = np.random.default_rng(4)
     model = io.read_buffer(B.fc_model(rng.standard_normal((5, 12)), None, (2, 12)))
     op = next(op for op in model.main.operators if op.builtin == OP.FULLY_CONNECTED)
     samples = [[rng.standard_normal((2, 12)).astype(np.float32)] for _ in range(4)]
     rows = calibrate.collect(model, samples, [op])[id(op)]
     np.testing.assert_array_equal(rows.rows, np.concatenate([s[0] for s in samples]))
-    monkeypatch.setattr(calibrate, "MAX_ROWS", 3)
-    bounded = calibrate.collect(model, samples, [op])[id(op)]
+    bounded = calibrate.collect(model, samples, [op], max_rows=3)[id(op)]
     assert len(bounded.rows) <= 2 * 3
     assert all(any(np.array_equal(r, s) for s in rows.rows) for r in bounded.rows)

@@ -50,6 +50,26 @@ def test_output_fitted_svd_is_optimal_in_the_data_metric(n_rows):
     assert fit.output_error(w, l3 @ r3, metric) == pytest.approx(err_data, rel=1e-4)
 
 
+@pytest.mark.parametrize("n_rows", [40, 400])
+def test_error_around_the_mean_comes_from_the_second_moment_metric(n_rows):
+    """The --ratio floor's error around the mean, read off the uncentered metric (no second eigendecomposition),
+    equals the one computed from the rows' damped covariance formed explicitly; also for factors L·R."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((30, 100))
+    x = _correlated_rows(rng, n_rows, 100) + 3.0  # a large mean, as after a RELU
+    left, right = rng.standard_normal((30, 6)), rng.standard_normal((6, 100))
+    metric = fit.input_metric(x, 0.02)
+    c = x - x.mean(axis=0)
+    cov = c.T @ c / n_rows + 0.02 * np.sum(c * c) / n_rows / 100 * np.eye(100)
+
+    def around_mean(e):
+        return np.sqrt(np.trace(e @ cov @ e.T) / np.trace(w @ cov @ w.T))
+    approx = 0.7 * w + 0.1 * left @ right
+    assert fit.centered_output_error(w, approx, metric) == pytest.approx(around_mean(w - approx), rel=1e-9)
+    assert fit.lowrank_output_error(w, left, right, metric, centered=True) == \
+        pytest.approx(around_mean(w - left @ right), rel=1e-9)
+
+
 def test_bias_shift_matches_the_mean_output():
     rng = np.random.default_rng(7)
     w = rng.standard_normal((30, 50))

@@ -180,12 +180,23 @@ def plan_ranks(model, ctx, target: float, by_macs: bool, total: float, passes, p
             layers, result.choice, total / target,
             lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)))
         result.level = max((c.damage for c in result.choice if c is not None), default=0.0)
-    settings, info = rank_settings(ctx, ops, layers, result.choice, by_macs)
+    limit = total / max(result.estimate, 1)
+    kept = KEPT_DENSE
+    if not result.reached:
+        # Out of reach even with every layer at its most compressed option, where models break (MobileNetV2
+        # fixture, low rank alone: at most 4.95x, at 11 %): nothing is rewritten, and the report says how far it goes.
+        kept = (f"kept dense: the budget cannot reach {target:g}x with {_techniques(layers)}: at most about "
+                f"{limit:.2f}x, with every layer at its most compressed option")
+        result.choice = [None] * len(layers)
+    settings, info = rank_settings(ctx, ops, layers, result.choice, by_macs, kept)
     summary = {"target": f"{target:g}x {_target_measure(by_macs, quantized, total)}", "goal": target,
                "measure": "macs" if by_macs else "file",
                "damage": "measured on the calibration data" if data_aware else "estimated from the weights (no data)",
                "reached": result.reached, "damage_level": round(float(result.level), 6),
-               "estimate": round(total / max(result.estimate, 1), 3), "layers": list(info.values())}
+               "estimate": round(limit, 3), "layers": list(info.values())}
+    if not result.reached:
+        summary["note"] = f"cannot reach {target:g}x with {_techniques(layers)}: at most about {limit:.2f}x; nothing " \
+                          "was rewritten (ask for less, or add --prune auto or --quantize)"
     if quantized:
         summary["baseline_bytes"] = round(total)
     return settings, info, summary
@@ -245,16 +256,24 @@ def _in_input_order(ctx, ops: list, layers: list) -> tuple[list, list]:
     return list(ops), list(layers)
 
 
-def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool) -> tuple[dict, dict]:
+def _techniques(layers: list) -> str:
+    """What the layers' options are, for a message: 'low rank', 'pruning' or both."""
+    kinds = {isinstance(o, SparsityOption) for layer in layers for o in layer.options}
+    return " and ".join(k for k, used in (("low rank", False in kinds), ("pruning", True in kinds)) if used) or \
+        "low rank"
+
+
+def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool, kept: str = KEPT_DENSE
+                  ) -> tuple[dict, dict]:
     """The chosen ranks (or sparsities) as per-layer settings (id(op) → LayerSettings; a layer without a choice
-    is kept dense) and what the report shows per layer."""
+    is kept dense, for the reason `kept`) and what the report shows per layer."""
     spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)) or 1
     settings, info = {}, {}
     for op, layer, c in zip(ops, layers, choice):
         base = ctx.settings(op)
         cleared = dict(rank=None, fc_rank=None, conv_rank=None, energy=None)
         if c is None:
-            settings[id(op)] = replace(base, **cleared, ratio=None, skip_reason=KEPT_DENSE)
+            settings[id(op)] = replace(base, **cleared, ratio=None, skip_reason=kept)
         elif isinstance(c, SparsityOption):
             settings[id(op)] = replace(base, **cleared, ratio=None, prune=c.sparsity)
         else:

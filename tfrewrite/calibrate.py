@@ -32,6 +32,11 @@ MAX_BYTES = 48 << 20
 # 32 blocky smooth-noise images 93.6 %, 32 uniform-noise images 85.8 %; judging by the weights alone: 34.7 %).
 GENERATED_SAMPLES = 64
 GENERATED_DAMPING = 0.02
+# ... and keep at most this many rows per layer: a layer's input metric costs about min(rows, row length)³ (an
+# eigendecomposition), and 4096 rows of VGG16's 3x3x512 patches made it most of a data-free `--ratio 5`'s time.
+# On the VGG-style fixture 1024 rows gave the same top-1 as 4096 at --ratio 2, 3, 4.36 and 5 and --target-size 5
+# (bench/results/nodata.md).
+GENERATED_ROWS = 1024
 
 
 @dataclass
@@ -92,8 +97,9 @@ def real_values(x: np.ndarray, tensor) -> np.ndarray:
 
 
 def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], seed: int = 0,
-            progress=None) -> dict[int, LayerRows]:
-    """id(op) → sampled input rows, for layers of the main subgraph fed by `samples` (lists of model inputs)."""
+            progress=None, max_rows: int = MAX_ROWS) -> dict[int, LayerRows]:
+    """id(op) → sampled input rows (at most `max_rows` per layer), for layers of the main subgraph fed by `samples`
+    (lists of model inputs)."""
     from . import verify
     sg = model.main
     ops = [op for op in ops if op in sg.operators]
@@ -130,7 +136,7 @@ def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], 
     budget = {}
     for op in ops:
         dim = row_dim(op)
-        budget[id(op)] = max(1, min(MAX_ROWS, MAX_BYTES // (4 * dim)))
+        budget[id(op)] = max(1, min(max_rows, MAX_BYTES // (4 * dim)))
     per_sample = {k: max(1, math.ceil(v / len(samples))) for k, v in budget.items()}
     chunks: dict[int, list[np.ndarray]] = {id(op): [] for op in ops}
     # Positions depend only on (seed, layer name, sample): the original and a partly rewritten model give

@@ -230,6 +230,8 @@ def print_report(report: dict, quiet: bool = False) -> None:
         print(f"budget: {budget['target']}, {'reached' if budget['reached'] else 'NOT reached'}: "
               f"{budget['achieved']:.2f}x at damage level {budget['damage_level']:.3f} "
               f"(estimated {budget['estimate']:.2f}x; damage {budget['damage']})")
+        if budget.get("note"):
+            print(budget["note"])
     for note in report.get("notes", []):
         print(note)
     for warning in report.get("warnings", []):

@@ -25,6 +25,8 @@ class InputMetric:
     lam: np.ndarray
     delta: float
     n: int
+    mean: np.ndarray | None = None       # the rows' mean [n]
+    centered_delta: float | None = None  # δ of the rows' covariance (the same damping of its smaller energy)
 
     def sqrt_apply(self, w: np.ndarray, power: float = 0.5) -> np.ndarray:
         """W·Σ^power for W [m, n] (power ±½ or 1)."""
@@ -39,15 +41,16 @@ class InputMetric:
         return v @ ((self.lam - self.delta)[:, None] * (v.T @ phi)) + self.delta * phi
 
 
-def input_metric(rows: np.ndarray, damping: float = DEFAULT_DAMPING, centered: bool = False) -> InputMetric:
-    """The damped second-moment metric of sample input rows [N, n] (float64 maths); `centered`: of the rows minus
-    their mean (the covariance), for a fit whose mean output error a bias correction removes."""
+def input_metric(rows: np.ndarray, damping: float = DEFAULT_DAMPING) -> InputMetric:
+    """The damped second-moment metric of sample input rows [N, n] (float64 maths), with the rows' mean and the
+    damping their covariance would get (`centered_output_error`)."""
     x = np.asarray(rows, np.float64)
-    if centered:
-        x = x - x.mean(axis=0)
+    mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
     n_rows, n = x.shape
     energy = float(np.sum(x * x)) / max(n_rows, 1) / n  # mean of diag(XᵀX/N)
     delta = damping * energy if energy > 0 else 1.0
+    centered_energy = energy - float(mean @ mean) / n
+    centered_delta = damping * centered_energy if centered_energy > 0 else 1.0
     if n <= n_rows:
         lam, v = np.linalg.eigh(x.T @ x / n_rows)
     else:
@@ -58,7 +61,7 @@ def input_metric(rows: np.ndarray, damping: float = DEFAULT_DAMPING, centered: b
         v = (x.T @ u) / np.sqrt(g_lam * n_rows)
         lam = g_lam
     lam = np.maximum(lam, 0.0) + delta
-    return InputMetric(basis=v, lam=lam, delta=delta, n=n)
+    return InputMetric(basis=v, lam=lam, delta=delta, n=n, mean=mean, centered_delta=centered_delta)
 
 
 def cross_term(weight: np.ndarray, metric: InputMetric, rows: np.ndarray, target_rows: np.ndarray) -> np.ndarray:
@@ -103,9 +106,10 @@ def output_error(weight: np.ndarray, approx: np.ndarray, metric: InputMetric) ->
     return float(np.linalg.norm(d)) / den if den > 0 else 0.0
 
 
-def lowrank_output_error(weight: np.ndarray, left: np.ndarray, right: np.ndarray, metric: InputMetric) -> float:
+def lowrank_output_error(weight: np.ndarray, left: np.ndarray, right: np.ndarray, metric: InputMetric,
+                         centered: bool = False) -> float:
     """`output_error` of Ŵ = L·R without forming Ŵ or a float64 copy of W (VGG16's fc1 is 400 MB in float32):
-    ‖(W − LR)Σ^½‖² = δ‖W − LR‖² + Σ_j (λ_j − δ)‖(W − LR)v_j‖²."""
+    ‖(W − LR)Σ^½‖² = δ‖W − LR‖² + Σ_j (λ_j − δ)‖(W − LR)v_j‖². `centered`: `centered_output_error`'s."""
     from .svd import squared_norm
     v = metric.basis
     left64, right64 = np.asarray(left, np.float64), np.asarray(right, np.float64)
@@ -114,10 +118,35 @@ def lowrank_output_error(weight: np.ndarray, left: np.ndarray, right: np.ndarray
     extra = metric.lam - metric.delta
     w_norm2 = squared_norm(weight)
     wr = np.asarray(weight @ right64.T.astype(weight.dtype), np.float64)
-    diff_norm2 = w_norm2 - 2 * float(np.sum(left64 * wr)) + float(np.sum((left64.T @ left64) * (right64 @ right64.T)))
-    num = metric.delta * max(diff_norm2, 0.0) + float(np.sum(extra * np.sum(dv * dv, axis=0)))
+    diff_norm2 = max(w_norm2 - 2 * float(np.sum(left64 * wr)) +
+                     float(np.sum((left64.T @ left64) * (right64 @ right64.T))), 0.0)
+    num = metric.delta * diff_norm2 + float(np.sum(extra * np.sum(dv * dv, axis=0)))
     den = metric.delta * w_norm2 + float(np.sum(extra * np.sum(wv * wv, axis=0)))
+    if centered:
+        w_mean = np.asarray(weight @ metric.mean.astype(weight.dtype), np.float64)
+        d_mean = w_mean - left64 @ (right64 @ metric.mean)
+        num, den = _centered(num, den, d_mean, w_mean, diff_norm2, w_norm2, metric)
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def centered_output_error(weight: np.ndarray, approx: np.ndarray, metric: InputMetric) -> float:
+    """The relative output error around the rows' mean, ‖(W − Ŵ)Σ_c^½‖ / ‖W·Σ_c^½‖ with Σ_c = C + δ_c·I the
+    rows' damped covariance (what remains after a bias correction restores the mean output), from the
+    second-moment metric alone: C = XᵀX/N − μμᵀ, so ‖E·Σ_c^½‖² = ‖E·Σ^½‖² − ‖Eμ‖² + (δ_c − δ)‖E‖²
+    (no second eigendecomposition of the rows)."""
+    w = np.asarray(weight, np.float64)
+    e = w - np.asarray(approx, np.float64)
+    num, den = (float(np.sum(metric.sqrt_apply(a, 0.5) ** 2)) for a in (e, w))
+    num, den = _centered(num, den, e @ metric.mean, w @ metric.mean, float(np.sum(e * e)), float(np.sum(w * w)),
+                         metric)
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def _centered(num: float, den: float, e_mean, w_mean, e_norm2: float, w_norm2: float, metric: InputMetric):
+    """Squared error and signal in the uncentered metric → around the mean (see `centered_output_error`)."""
+    shift = metric.centered_delta - metric.delta
+    return (num - float(np.sum(np.square(e_mean))) + shift * e_norm2,
+            den - float(np.sum(np.square(w_mean))) + shift * w_norm2)
 
 
 def refit_output_factor(weight: np.ndarray, features: np.ndarray, metric: InputMetric,

@@ -18,10 +18,10 @@ from ..graph import Model, Operator, Subgraph
 from . import int8_chain, lowrank_fc
 from ..linalg import fit
 from ..report import Entry
-from .common import (LayerWeight, RankOption, RankPolicy, Skip, degenerate_reason, eligible_ops, emit_shared,
-                     emit_weight, finish_data_aware, layer_cross, layer_metric, lowrank_rel_error,
-                     output_variation_error, pixels, refuse_degenerate, rel_error, rewrite_all, rewrite_one,
-                     shared_key, stored_weight_values, usable_option, zero_bias)
+from .common import (QUICK_SWEEPS, LayerWeight, RankOption, RankPolicy, Skip, degenerate_reason, eligible_ops,
+                     emit_shared, emit_weight, finish_data_aware, layer_cross, layer_metric, lowrank_rel_error,
+                     output_variation_error, pixels, refuse_clearly_degenerate, refuse_degenerate, rel_error,
+                     rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option, zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -265,6 +265,9 @@ def _rewrite(sg, op, weight: LayerWeight, policy, ctx, entry):
                                 init=res.init, degeneracy=round(float(res.degeneracy), 4), n_iter=int(res.n_iter))
 
         def make():
+            refuse_clearly_degenerate(policy, lambda: output_variation_error(
+                policy, w.reshape(o, -1), fit_cp(kernel, r, weight, kh, kw, metric, cross,
+                                                 n_iter_max=QUICK_SWEEPS)[-1].reshape(o, -1)))
             res, (sf, sm, sl), approx = fit_cp(kernel, r, weight, kh, kw, metric, cross)
             weight_error = rel_error(kernel, approx)
             refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error,

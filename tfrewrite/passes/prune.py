@@ -217,6 +217,20 @@ class DataAwarePrune:
         self.scales = scales  # new int8 scales (int8 weights only)
 
 
+# Output channels quantized at a time: per-channel int8 quantization is separable along the channels, and its
+# float64 temporaries for a whole 4096 x 25088 FC (VGG16's fc1) took 3 GB beside the weights.
+CHANNEL_CHUNK = 256
+
+
+def by_channels(fn, channels: int, axis: int | None) -> tuple:
+    """fn(slice) over chunks of the output channels (axis 0), its arrays joined; one call unless per channel
+    along axis 0."""
+    if axis != 0 or channels <= CHANNEL_CHUNK:
+        return fn(slice(None))
+    parts = [fn(slice(a, a + CHANNEL_CHUNK)) for a in range(0, channels, CHANNEL_CHUNK)]
+    return tuple(np.concatenate([part[i] for part in parts]) for i in range(len(parts[0])))
+
+
 def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, block, data: dict,
                        store_as: str | None = None, cache: dict | None = None) -> DataAwarePrune:
     """OBS/SparseGPT pruning on the layer's calibration rows, the kept weights updated, stored in the weight's own
@@ -225,8 +239,8 @@ def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, bloc
     from ..linalg import obs, quant
     raw = np.asarray(weight.raw)
     shape = raw.shape
-    real = weight.magnitudes() * np.sign(raw) if raw.dtype.kind != "f" else np.asarray(raw, np.float32)
-    matrix = np.asarray(real, np.float32).reshape(shape[0], -1)  # [out, in]; conv inputs in patch order kh, kw, C
+    real = weight.tensor.quantization.dequantize(raw) if raw.dtype.kind != "f" else np.asarray(raw, np.float32)
+    matrix = real.reshape(shape[0], -1)  # [out, in]; conv inputs in patch order kh, kw, C
     width, suffix = 1, ""
     block = fc_block(op, weight, block)
     if block is not None:
@@ -244,8 +258,9 @@ def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, bloc
     elif raw.dtype.kind == "i":
         q = weight.tensor.quantization
         axis = q.axis if len(np.asarray(q.scale).reshape(-1)) > 1 else None
-        stored, scales = quant.quantize_symmetric_int8(new.reshape(shape), axis=axis)
-        values = quant.dequantize_int8(stored, scales, axis=axis).astype(np.float32)
+        stored, scales = by_channels(lambda c: quant.quantize_symmetric_int8(new.reshape(shape)[c], axis=axis),
+                                     shape[0], axis)
+        values = Quantization.symmetric(scales, axis).dequantize(stored)
     else:
         stored = values = new.reshape(shape)  # float32 already
     return DataAwarePrune(stored, values.reshape(matrix.shape), keep, method + suffix, matrix, scales)
@@ -337,29 +352,41 @@ def _requantize_full_integer(sg: Subgraph, op: Operator, weight: StoredWeight, r
     samples is unchanged, computed with the weights as stored. Sets the weight's quantization; returns the stored
     result and the new bias tensor. RefusedByXnnpack when a requantization scale s_in·s_w/s_out would reach
     XNNPACK's limit (nothing changed then)."""
-    from ..linalg import fit, int8, quant
+    from ..linalg import int8
     q_old = weight.tensor.quantization
     scales_old = np.asarray(q_old.scale, np.float32).reshape(-1)
     axis = q_old.axis if len(scales_old) > 1 else None
     shape = np.asarray(weight.raw).shape
-    new = result.values.reshape(shape).astype(np.float64)  # SparseGPT's real values, quantized below
+    new = result.values.reshape(shape)  # SparseGPT's real values (float32), quantized below
     in_scale, out_scale = per_tensor(op.inputs[0])[0], per_tensor(op.outputs[0])[0]
-    keep_scales = scales_old if axis is not None else None
-    q, scales, _, _ = int8.weights_and_bias(new, bias_before, in_scale, axis, zero_channel_scales=keep_scales)
-    stored_values = quant.dequantize_int8(q, scales, axis=axis).reshape(result.matrix.shape)
-    corrected = bias_before + fit.bias_shift(result.matrix, stored_values, data["mean"], data.get("target_mean"))
+    matrix = result.matrix
+    mean = np.asarray(data["mean"], np.float64)
+    target = mean if data.get("target_mean") is None else np.asarray(data["target_mean"], np.float64)
+
+    def quantized(bias):
+        """(q, scales, int32 bias, bias scales, stored real values [out, in]) for a real bias."""
+        def part(c):
+            keep = scales_old[c] if axis is not None else None
+            q, scales, b, b_scales = int8.weights_and_bias(new[c], bias[c] if axis is not None else bias, in_scale,
+                                                           axis, zero_channel_scales=keep)
+            return q, scales, b, b_scales, Quantization.symmetric(scales, axis).dequantize(q).reshape(len(q), -1)
+        return by_channels(part, shape[0], axis)
+
+    def bias_shift(values):
+        """W·E[t] − Ŵ·E[x] (`fit.bias_shift`), by chunks of channels in float64."""
+        return by_channels(lambda c: (matrix[c].astype(np.float64) @ target - values[c].astype(np.float64) @ mean,),
+                           shape[0], 0)[0]
+    corrected = bias_before + bias_shift(quantized(bias_before)[4])
     # The int32 bias at the final scales; a scale grown for it (|b| near 2^31, not seen in practice) requantizes
     # the weights once more, leaving the correction computed with the first ones.
-    q, scales, b, b_scales = int8.weights_and_bias(new, corrected, in_scale, axis, zero_channel_scales=keep_scales)
-    values = quant.dequantize_int8(q, scales, axis=axis).astype(np.float32)
+    q, scales, b, b_scales, values = quantized(corrected)
     ratio = in_scale * float(np.max(scales)) / out_scale
     if not ratio < int8.MAX_REQUANTIZATION_SCALE:
         raise RefusedByXnnpack(f"the update's requantization scale s_in*s_w/s_out would be {ratio:.3g} (XNNPACK "
                                f"accepts below {int8.MAX_REQUANTIZATION_SCALE:g})")
     weight.tensor.quantization = Quantization.symmetric(scales, axis)
     new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", b, quantization=Quantization.symmetric(b_scales))
-    return DataAwarePrune(q, values.reshape(result.matrix.shape), result.keep, result.method, result.matrix,
-                          scales), new_bias
+    return DataAwarePrune(q, values, result.keep, result.method, result.matrix, scales), new_bias
 
 
 def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry:
