@@ -272,6 +272,34 @@ def int16_fc_model(width=64, out=32, seed=0):
     return io.to_bytes(Model(subgraphs=[sg]))
 
 
+def int8_conv_chain(widths=(3, 16, 16, 8), hw=6, per_tensor=True, seed=0):
+    """A full-integer int8 chain of 3×3 SAME convs with RELU (int8 input and output, int32 biases at s_in·s_w),
+    weights with one scale each (`per_tensor`, the converter's `_experimental_disable_per_channel`) or one
+    per output channel."""
+    rng = np.random.default_rng(seed)
+    s_act = 0.04
+
+    def quantization(scale, zero=0):
+        scale = np.asarray(scale, np.float32).reshape(-1)
+        return Quantization.affine(scale, np.full(len(scale), zero))
+
+    sg = Subgraph()
+    x = sg.add_tensor(Tensor("input", T.INT8, [1, hw, hw, widths[0]], quantization=quantization([1 / 64])))
+    sg.inputs = [x]
+    for k, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+        w = rng.standard_normal((o, 3, 3, i)) / np.sqrt(9 * i)
+        q, scales = quant.quantize_symmetric_int8(w, axis=None if per_tensor else 0)
+        weight = sg.add_constant(f"conv{k}/weight", q, quantization=quantization(scales))
+        s_b = float(x.quantization.scale[0]) * np.asarray(scales, np.float64).reshape(-1)
+        b = sg.add_constant(f"conv{k}/bias", np.round(rng.standard_normal(o) * 0.2 / s_b).astype(np.int32),
+                            quantization=quantization(s_b))
+        y = sg.add_tensor(Tensor(f"conv{k}", T.INT8, [1, hw, hw, o], quantization=quantization([s_act], -128)))
+        sg.operators.append(ops.conv2d(x, weight, b, y, padding=PAD["SAME"], activation=ACT["RELU"]))
+        x = y
+    sg.outputs = [x]
+    return io.to_bytes(Model(subgraphs=[sg]))
+
+
 def odd_models() -> dict[str, bytes]:
     """The models of the sweep that the fixtures do not cover, built with the IR (seeded)."""
     rng = np.random.default_rng(10)

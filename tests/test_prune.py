@@ -59,23 +59,18 @@ def test_block_that_does_not_divide_falls_back_to_elements():
     assert entries[0]["action"] == "pruned" and entries[0]["method"].startswith("magnitude (block 1x4")
 
 
-@pytest.mark.parametrize("form", ["float16", "int8"])
-def test_float16_and_int8_weights_are_pruned_in_their_own_storage(form):
+def test_float16_weights_are_pruned_in_their_own_storage():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 3, 3, 8))
-    model = B.conv_model(w, form=form)
+    model = B.conv_model(w, form="float16")
     before = io.read_buffer(model)
     entries, m = run_prune(model, prune=0.6)
-    assert entries[0]["action"] == "pruned" and entries[0]["weight_dtype"].startswith(form)
-    conv = m.main.operators[-1]
-    got, stored = weight_values(m, conv)
-    assert stored.type == (schema.TensorType.FLOAT16 if form == "float16" else schema.TensorType.INT8)
-    orig, orig_t = weight_values(before, before.main.operators[-1])
+    assert entries[0]["action"] == "pruned" and entries[0]["weight_dtype"] == "float16"
+    got, stored = weight_values(m, m.main.operators[-1])
+    assert stored.type == schema.TensorType.FLOAT16
+    orig, _ = weight_values(before, before.main.operators[-1])
     assert np.count_nonzero(got == 0) == round(0.6 * w.size)
     np.testing.assert_array_equal(got[got != 0], orig[got != 0])
-    if form == "int8":  # scales and zero points are untouched, so a zeroed weight is exactly 0.0
-        np.testing.assert_array_equal(stored.quantization.scale, orig_t.quantization.scale)
-        assert not np.any(stored.quantization.zero_point)
 
 
 def test_depthwise_only_with_the_flag():
@@ -142,3 +137,54 @@ def test_accuracy_after_pruning_held_out():
     x, y = digits.load_split("test", 32)
     pred = digits.tflite_predict(io.to_bytes(m), x[:96]).argmax(1)
     assert (pred == y[:96]).mean() >= 0.85
+
+
+def _weights_untouched(before, after):
+    for a, b in zip(before.main.operators, after.main.operators):
+        if len(a.inputs) > 1 and a.inputs[1] is not None and a.inputs[1].is_constant:
+            np.testing.assert_array_equal(weight_values(before, a)[0], weight_values(after, b)[0])
+
+
+@pytest.mark.parametrize("case", ["int16 activations", "dynamic-range conv", "hybrid fc", "full-integer conv",
+                                  "float fc quantized to int8", "float conv under full-int8"])
+def test_weights_that_cannot_be_stored_sparse_are_not_pruned(case):
+    """Zeros the runtime would read dense save no byte and cost accuracy: such a weight is left as it is, with
+    "does not pay" and the reason (16x8 and dynamic-range int8 weights, int8 convs, a float weight --quantize int8
+    makes int8)."""
+    rng = np.random.default_rng(31)
+    options = {}
+    if case == "int16 activations":
+        model, why = B.int16_fc_model(width=64, out=32), "int16 activations"
+    elif case == "dynamic-range conv":
+        model, why = B.conv_model(rng.standard_normal((16, 3, 3, 8)), form="int8"), "DENSIFY"
+    elif case == "hybrid fc":
+        model, why = B.fc_model(rng.standard_normal((32, 64)), form="int8"), "hybrid FULLY_CONNECTED"
+    elif case == "full-integer conv":
+        from builders import int8_conv_chain
+        model, why = int8_conv_chain(), "DENSIFY"
+    elif case == "float fc quantized to int8":
+        model, why = B.fc_model(rng.standard_normal((128, 256))), "--quantize int8"
+        options = dict(quantize="int8")
+    else:
+        model, why = B.conv_model(rng.standard_normal((16, 3, 3, 8))), "--quantize full-int8"
+        options = dict(quantize="full-int8")
+    entries, m = run_prune(model, prune=0.5, **options)
+    assert entries and all(e["action"] == "skipped" and e["reason"].startswith("does not pay") and why in e["reason"]
+                           for e in entries)
+    _weights_untouched(io.read_buffer(model), m)
+
+
+def test_an_fc_under_full_int8_is_pruned_in_1x16_blocks():
+    rng = np.random.default_rng(32)
+    (e,), m = run_prune(B.fc_model(rng.standard_normal((32, 64))), prune=0.5, quantize="full-int8")
+    assert e["action"] == "pruned" and e["method"] == "block1x16"
+
+
+def test_a_16x8_model_is_left_as_it_is(tmp_path):
+    """A whole rewrite of an int16-activation model: nothing pruned, one prune entry per layer saying why."""
+    src, out = tmp_path / "a16w8.tflite", tmp_path / "out.tflite"
+    src.write_bytes(B.int16_fc_model())
+    report = rewrite.run(src, out, rewrite.Options(prune=0.3))
+    pruning = [e for e in report["layers"] if e["kind"] == "prune"]
+    assert len(pruning) == 1 and pruning[0]["action"] == "skipped" and "does not pay" in pruning[0]["reason"]
+    assert report["totals"]["nonzero_params_after"] == report["totals"]["nonzero_params_before"]

@@ -489,6 +489,47 @@ def test_budget_by_file_size_meets_the_written_size(tmp_path):
     assert budget["achieved"] >= 1.5
 
 
+def test_refit_of_a_per_tensor_int8_layer_keeps_one_bias_scale(tmp_path):
+    """A full-int8 model whose weights have one scale each: the refitted layers keep a per-tensor bias (one scale
+    per bias channel makes XNNPACK refuse the conv, which the next layer's calibration run would hit)."""
+    from builders import int8_conv_chain
+    rng = np.random.default_rng(21)
+    src, out, calib = tmp_path / "pt.tflite", tmp_path / "out.tflite", tmp_path / "calib.npz"
+    src.write_bytes(int8_conv_chain(per_tensor=True))
+    np.savez(calib, input=rng.integers(-128, 128, (8, 1, 6, 6, 3)).astype(np.int8))
+    report = rewrite.run(src, out, rewrite.Options(prune_channels=0.5, calibration=str(calib)))
+    assert [e["output"] for e in report["layers"] if e["action"] == "pruned"] == ["conv0", "conv1"]
+    for op in io.read(out).main.operators:
+        weight, bias = op.inputs[1], op.inputs[2]
+        assert len(bias.quantization.scale) == len(weight.quantization.scale) == 1
+    verify.interpreter(out.read_bytes())  # XNNPACK delegates every conv
+
+
+def test_transpose_conv_is_a_barrier_on_its_data_input(tmp_path):
+    """TRANSPOSE_CONV reads its activation as input 2 (input 0 is the output shape): the conv feeding it keeps
+    its channels, and inspect's channel column names the real input."""
+    rng = np.random.default_rng(22)
+    n = Net(rng, [1, 5, 5, 3])
+    c1 = n.conv("c1", n.x, 16, k=1)
+    y = n.act("tconv", [1, 10, 10, 8])
+    o = schema.TransposeConvOptionsT()
+    o.padding, o.strideH, o.strideW = schema.Padding.SAME, 2, 2
+    shape = n.sg.add_constant("tconv/shape", np.asarray([1, 10, 10, 8], np.int32))
+    w = n.const("tconv/w", rng.standard_normal((8, 3, 3, 16)) / 12)
+    b = n.const("tconv/b", rng.standard_normal(8))
+    n.sg.operators.append(Operator(ops.opcode_for(OP.TRANSPOSE_CONV, 3), [shape, w, c1, b], [y], o,
+                                   schema.BuiltinOptions.TransposeConvOptions))
+    src, out = tmp_path / "tconv.tflite", tmp_path / "out.tflite"
+    src.write_bytes(n.finish(n.conv("c3", y, 4, k=1)))
+    rows = analysis.op_rows(io.read(src))
+    assert [r["channels"] for r in rows if r["op"] == "TRANSPOSE_CONV"] == [[16, 8]]
+    report = rewrite.run(src, out, rewrite.Options(prune_channels=0.5))
+    reasons = {e["output"]: e.get("reason", "") for e in report["layers"]}
+    assert "TRANSPOSE_CONV" in reasons["c1"] or "tconv" in reasons["c1"]
+    assert {t.name: t.shape[-1] for t in io.read(out).main.tensors}["c1"] == 16
+    _runs_alike_with_and_without_xnnpack(out)
+
+
 def test_budget_counts_the_bytes_of_full_integer_layers(tmp_path):
     """A full-integer layer stores 1-byte weights and, per output channel, an int32 bias and a float32 scale and
     int64 zero point for the weight and again for the bias (28 bytes): the channel budget counts those, on an

@@ -7,7 +7,7 @@ import pytest
 from conftest import FIXTURES, digits_calibration
 from digits import load_split
 from test_sparse_encode import check_rules
-from tfrewrite import io, rewrite, verify
+from tfrewrite import analysis, io, rewrite, verify
 
 VGG = FIXTURES / "vgg_digits.tflite"
 TEST_IMAGES = 120
@@ -67,9 +67,16 @@ def test_xnnpack_on_and_off_agree_and_the_encoding_is_valid(vgg_08):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("fixture,dtype", [("vgg_digits_fp16.tflite", "float16"),
-                                           ("vgg_digits_dynint8.tflite", "int8")])
-def test_float16_and_dynamic_range_int8_weights(calib, fixture, dtype):
+def test_dynamic_range_int8_weights_are_not_pruned(calib):
+    """No kernel reads a dynamic-range int8 weight sparse: pruning it would only cost accuracy."""
+    model, entries = rewritten(FIXTURES / "vgg_digits_dynint8.tflite", calib, prune=0.7, only="fc|conv3")
+    pruning = [e for e in entries if "--only" not in (e["reason"] or "")]
+    assert len(pruning) == 4 and all(e["action"] == "skipped" and "does not pay" in e["reason"] for e in pruning)
+    assert analysis.nonzero_params(model) == analysis.nonzero_params(io.read(FIXTURES / "vgg_digits_dynint8.tflite"))
+
+
+@pytest.mark.parametrize("fixture,dtype", [("vgg_digits_fp16.tflite", "float16")])
+def test_float16_weights(calib, fixture, dtype):
     model, entries = rewritten(FIXTURES / fixture, calib, prune=0.7, only="fc|conv3")
     pruned = [e for e in entries if e["action"] == "pruned"]
     assert len(pruned) == 4 and all(e["weight_dtype"].startswith(dtype) for e in pruned)
@@ -216,3 +223,41 @@ def test_depthwise_layers_pruned_by_exact_obs_per_channel(tmp_path):
     # (original 97.78 %).
     assert np.mean(on.argmax(-1) == y[0:120:2]) >= base - 0.06
     assert np.mean(accuracy96(out["magnitude"][0]).argmax(-1) == y[0:120:2]) < base - 0.3
+
+
+def test_a_shared_weight_is_pruned_on_the_rows_of_all_its_readers(tmp_path):
+    """One FC weight read by two FCs: one mask and update fitted on both readers' rows (H summed over them), each
+    reader's bias corrected on its own inputs; the model's output moves less than with magnitude pruning."""
+    import builders as B
+    rng = np.random.default_rng(41)
+    src, calib = tmp_path / "shared.tflite", tmp_path / "calib.npz"
+    src.write_bytes(B.shared_in_one_subgraph(width=16, hidden=32, seed=3))
+    x = rng.standard_normal((64, 1, 16)).astype(np.float32)
+    np.savez(calib, x=x)
+    errors = {}
+    for name, data in (("data-aware", calib), ("magnitude", None)):
+        out = tmp_path / f"{name}.tflite"
+        report = rewrite.run(src, out, rewrite.Options(prune=0.5, calibration=str(data) if data else None))
+        a, b = [e for e in report["layers"] if e["kind"] == "prune" and e["output"] in ("h1", "h2")]
+        assert a["action"] == "pruned" and "pruned once there" in b["reason"]
+        model = io.read(out)
+        readers = [op for op in model.main.operators if op.outputs[0].name in ("h1", "h2")]
+        assert readers[0].inputs[1].buffer is readers[1].inputs[1].buffer  # still one stored weight
+        if data:
+            assert a["method"].startswith("sparsegpt") and a["output_error"] < a["output_error_magnitude"]
+            assert {op.inputs[2].name for op in readers} == {"h1/pruned_bias", "h2/pruned_bias"}
+        ref = verify.run(src.read_bytes(), [[v] for v in x[:16]])
+        got = verify.run(out.read_bytes(), [[v] for v in x[:16]])
+        errors[name] = np.linalg.norm(np.subtract(got, ref)) / np.linalg.norm(ref)
+    assert errors["data-aware"] < 0.5 * errors["magnitude"]
+
+
+def test_a_shared_weight_is_pruned_once_in_sequential_pruning(tmp_path):
+    import builders as B
+    rng = np.random.default_rng(42)
+    src, calib, out = tmp_path / "shared.tflite", tmp_path / "calib.npz", tmp_path / "out.tflite"
+    src.write_bytes(B.shared_in_one_subgraph(width=16, hidden=32, seed=4))
+    np.savez(calib, x=rng.standard_normal((32, 1, 16)).astype(np.float32))
+    report = rewrite.run(src, out, rewrite.Options(prune=0.5, calibration=str(calib), sequential=True))
+    a, b = [e for e in report["layers"] if e["kind"] == "prune" and e["output"] in ("h1", "h2")]
+    assert a["action"] == "pruned" and "shared" in a["method"] and "pruned once there" in b["reason"]

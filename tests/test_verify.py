@@ -237,3 +237,18 @@ def test_top5_agreement_needs_more_than_5_classes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "more than 5 classes" in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_failing_tool_made_file_is_not_named(tmp_path):
+    """The rewritten model and the calibration copy live in temporary files the user never gave: a runtime
+    failure says what failed in the tool's terms, never the temporary path."""
+    from tfrewrite import calibrate, io
+    candidate = tmp_path / ".out.tflite.abc123.tmp"
+    candidate.write_bytes((FIXTURES / "custom_op.tflite").read_bytes())
+    with pytest.raises(verify.CandidateFailed) as e:
+        verify.output_error(FIXTURES / "shared_weight.tflite", candidate)
+    assert str(candidate) not in str(e.value) and "does not run" not in str(e.value)
+    model = io.read(FIXTURES / "custom_op.tflite")  # FULLY_CONNECTED → … → a custom op without a kernel
+    with pytest.raises(verify.NotRunnable) as e:
+        calibrate.collect(model, [[np.zeros(model.main.inputs[0].shape, np.float32)]], model.main.operators[:1])
+    assert "tfrewrite-calib" not in str(e.value) and "the tool's copy of the model" in str(e.value)

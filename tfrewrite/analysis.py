@@ -240,11 +240,19 @@ def op_row(sg_index: int, op_index: int, op: Operator, zeros: bool = True) -> di
         "params": params,
         "macs": macs(op, weight),
         # Input → output channels (last axis) of a layer, what structured pruning changes.
-        "channels": ([int(op.inputs[0].shape[-1]) if op.inputs[0] is not None and op.inputs[0].shape else None,
-                      int(op.outputs[0].shape[-1]) if op.outputs[0].shape else None]
-                     if op.builtin in semantics.LAYERS and op.outputs and op.inputs else None),
+        "channels": _layer_channels(op),
         "zero_fraction": round(zero_fraction(weight), 4) if weight is not None and zeros else None,
     }
+
+
+def _layer_channels(op: Operator) -> list | None:
+    """A layer's activation input → output channels (last axis); None for other ops."""
+    layout = semantics.LAYERS.get(op.builtin)
+    if layout is None or not op.outputs or op.outputs[0] is None:
+        return None
+    x = op.inputs[layout.data] if len(op.inputs) > layout.data else None
+    y = op.outputs[0]
+    return [int(x.shape[-1]) if x is not None and x.shape else None, int(y.shape[-1]) if y.shape else None]
 
 
 def op_rows(model: Model, zeros: bool = True) -> list[dict]:

@@ -122,7 +122,8 @@ def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], 
             out_tensors = list(sg.outputs)
         finally:
             sg.outputs = saved_outputs
-        it = verify.interpreter(path)
+        it = verify.interpreter(path, name="the tool's copy of the model (as rewritten so far) with the layer "
+                                           "inputs calibration reads added as outputs")
     details = it.get_output_details()
     assert len(details) == n_outputs
     index_of = {}

@@ -181,6 +181,8 @@ class Plan:
     min_params: int = 0
     # What the budget chooses per layer: "lowrank" (ranks) and / or "prune" (sparsities, --prune auto).
     budget_kinds: frozenset = frozenset({"lowrank"})
+    # --quantize full-int8 follows the passes: every weight ends up int8 (what pruning can store sparse).
+    full_int8: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "rules", tuple(self.rules))

@@ -141,7 +141,8 @@ class Options:
     def plan(self) -> Plan:
         rules = load_recipe(self.recipe) if self.recipe else []
         return Plan(defaults=self.defaults(), rules=rules, only=self.only, skip=self.skip,
-                    min_params=self.min_params, budget_kinds=self.budget_kinds())
+                    min_params=self.min_params, budget_kinds=self.budget_kinds(),
+                    full_int8=self.quantize == "full-int8")
 
     def check_used(self, plan: Plan) -> list[str]:
         """One rule for the command line and the recipe: a setting that nothing in the run would use is refused
@@ -476,16 +477,17 @@ def sequential_prune(model, ctx: Plan, samples, targets) -> list[dict]:
     from .passes import prune
     entries = []
     changed = any(op not in model.main.operators for op in targets)  # low rank ran first and replaced some
+    done: dict = {}  # a shared weight is pruned once, at its first reader (on the rows of all of them)
     for op in targets:
         if op not in model.main.operators:
             continue
-        data = ctx.layer_data[id(op)]
-        if changed:
+        data = ctx.layer_data.get(id(op))  # None: a shared weight's later reader, pruned with the first
+        if changed and data is not None:
             now = calibrate.collect(model, samples, [op])[id(op)]
             ctx.layer_data[id(op)] = {"rows": now.rows, "mean": now.mean,
                                        "target_rows": data.get("target_rows", data["rows"]),
                                        "target_mean": data.get("target_mean", data["mean"])}
-        entries.append(prune.prune_op(model, model.main, op, ctx, {}))
+        entries.append(prune.prune_op(model, model.main, op, ctx, done))
         changed = changed or entries[-1]["action"] != "skipped"
     return entries
 

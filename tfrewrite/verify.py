@@ -34,7 +34,11 @@ def check_run_options(samples: int, runs: int, threads: int = 1, seed: int = 0) 
 
 class NotRunnable(RuntimeError):
     """A model the LiteRT interpreter refuses or fails on (a custom op without a kernel, an input it cannot
-    take); the message says which model and the runtime's reason, on one line."""
+    take); the message says which model and the runtime's reason, on one line; `reason` is the runtime's alone."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def _runtime_reason(e: Exception) -> str:
@@ -42,8 +46,9 @@ def _runtime_reason(e: Exception) -> str:
     return " ".join(lines) or type(e).__name__
 
 
-def interpreter(model, xnnpack: bool = True, threads: int = 1):
-    """An allocated interpreter for a path or the model's bytes; XNNPACK on or off."""
+def interpreter(model, xnnpack: bool = True, threads: int = 1, name: str | None = None):
+    """An allocated interpreter for a path or the model's bytes; XNNPACK on or off. `name` says what the model
+    is in an error (a file the tool made itself must not be named as if the user gave it)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     kwargs = {"model_path": str(model)} if isinstance(model, (str, Path)) else {"model_content": bytes(model)}
@@ -52,8 +57,9 @@ def interpreter(model, xnnpack: bool = True, threads: int = 1):
             it = Interpreter(**kwargs, num_threads=threads, experimental_op_resolver_type=resolver)
             it.allocate_tensors()
     except (RuntimeError, ValueError) as e:
-        name = str(model) if isinstance(model, (str, Path)) else "the model"
-        raise NotRunnable(f"{name} does not run in LiteRT: {_runtime_reason(e)}") from None
+        name = name or (str(model) if isinstance(model, (str, Path)) else "the model")
+        reason = _runtime_reason(e)
+        raise NotRunnable(f"{name} does not run in LiteRT: {reason}", reason) from None
     return it
 
 
@@ -580,6 +586,8 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
     try:
         rb = Runner(candidate, True, 1, signature)
         outs_b = rb.real(rb.per_sample(inputs))
+    except NotRunnable as e:  # the runtime's reason only: the candidate is the tool's temporary file
+        raise CandidateFailed(_first_line(e.reason)) from None
     except Exception as e:
         raise CandidateFailed(_first_line(e)) from None
     rows = []

@@ -20,12 +20,14 @@ class WeightLayout:
     """Where a layer keeps its weight and which weight axes hold its output and input channels.
 
     `coupled`: input channel c feeds only output channels [c·m, (c+1)·m) (depthwise, m = depth multiplier),
-    so the two spaces are one; `in_axis` is then None."""
+    so the two spaces are one; `in_axis` is then None. `data`: the input holding the activation the layer
+    reads (TRANSPOSE_CONV's input 0 is its output shape, its activation is input 2)."""
     weight: int
     bias: int | None
     out_axis: int
     in_axis: int | None
     coupled: bool = False
+    data: int = 0
 
 
 # Layers whose input `weight` is "the weight": CONV_2D [O,kh,kw,I], FULLY_CONNECTED [O,I],
@@ -34,7 +36,7 @@ LAYERS = {
     OP.CONV_2D: WeightLayout(weight=1, bias=2, out_axis=0, in_axis=3),
     OP.FULLY_CONNECTED: WeightLayout(weight=1, bias=2, out_axis=0, in_axis=1),
     OP.DEPTHWISE_CONV_2D: WeightLayout(weight=1, bias=2, out_axis=3, in_axis=None, coupled=True),
-    OP.TRANSPOSE_CONV: WeightLayout(weight=1, bias=3, out_axis=0, in_axis=3),
+    OP.TRANSPOSE_CONV: WeightLayout(weight=1, bias=3, out_axis=0, in_axis=3, data=2),
 }
 # The layers the weight passes rewrite (prune, quantize, structured channel pruning).
 LAYER_OPS = frozenset({OP.CONV_2D, OP.DEPTHWISE_CONV_2D, OP.FULLY_CONNECTED})

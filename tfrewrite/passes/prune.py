@@ -7,7 +7,8 @@ pruned in 1×16 blocks instead, the only block its sparse kernel reads.
 
 The weight keeps its storage form: float32, float16 behind a DEQUANTIZE, or int8 (dynamic-range or
 full-integer, pruned in the integer domain: a zeroed value is exactly the zero point 0). Only the zeros are
-written here; `sparse_encode` stores them in TFLite's sparse format. A weight shared by several ops (in any
+written here; `sparse_encode` stores them in TFLite's sparse format. A weight whose zeros no kernel would read
+sparse (`sparse_storage_refusal`: every int8 weight but a full-integer int8 FC's) is not pruned: "does not pay". A weight shared by several ops (in any
 subgraph: one Buffer) is pruned once, at its first reader, and stays one shared Buffer, when every reader is a
 layer reading it as its weight that asks for the same pruning (the IR's shared-weight policy, `analysis`).
 
@@ -17,7 +18,9 @@ exact least-squares update of the kept weights), with the same block shapes; the
 the mean output on the samples is unchanged, and an int8 weight is requantized (new per-channel scales) after
 the update. A full-integer layer is pruned on its quantized inputs captured from the int8 model, its kept
 weights requantized and its int32 bias recomputed at s_in·s_w[c] with the bias correction
-(`_requantize_full_integer`). Weights shared with other ops stay with magnitude pruning.
+(`_requantize_full_integer`). A float weight several FULLY_CONNECTED (or several CONV_2D) ops read is pruned
+once on the rows of all its readers together (`shared_rows`: H summed over them), each reader's bias corrected on
+its own inputs; other shared weights are pruned by magnitude, the reason in the method.
 """
 from __future__ import annotations
 
@@ -121,15 +124,88 @@ def keep_mask(op: Operator, weight: StoredWeight, sparsity: float, block) -> tup
     return sparse.prune_magnitude(mags, sparsity), "magnitude"
 
 
-def data_aware_reason(model: Model, op: Operator, weight: StoredWeight) -> str | None:
-    """Why this layer is pruned by magnitude although calibration rows exist, or None."""
+def fc_direct_kind(op: Operator, weight: Tensor) -> str | None:
+    """'float32' or 'int8' when this FC can read `weight` sparse itself (version 8); None otherwise."""
+    if op.builtin != OP.FULLY_CONNECTED or len(op.inputs) < 2 or op.inputs[1] is None or \
+            op.inputs[1].buffer is not weight.buffer:
+        return None
+    x, out = op.inputs[0], op.outputs[0]
+    if x is None or getattr(op.builtin_options, "weightsFormat", 0) != 0 or len(weight.shape) != 2:
+        return None
+    if x.type == T.FLOAT32 and weight.type == T.FLOAT32 and out.type == T.FLOAT32:
+        return "float32"
+    if x.type == T.INT8 and weight.type == T.INT8 and out.type == T.INT8:
+        return "int8"
+    return None
+
+
+def sparse_storage_refusal(op: Operator, weight: StoredWeight, settings, min_params: int = 0,
+                           full_int8: bool = False) -> str | None:
+    """Why this layer's weight, once pruned, could not be stored sparse in a form the runtime reads (None: it
+    can). Zeros that stay dense save no byte and only cost accuracy, so such a weight is not pruned. The runtime
+    reads an int8 weight sparse only as a full-integer int8 FULLY_CONNECTED's (int8 input and output, 1×16
+    blocks): int8 through DENSIFY makes XNNPACK fail to prepare, the hybrid FC's sparse kernel gives wrong results,
+    and the 16x8 (int16 activation) kernels read their int8 weight dense."""
+    from .quantize import stored_itemsize
+    if weight.kind in ("float32", "float16") and full_int8:
+        if op.builtin != OP.FULLY_CONNECTED or weight.carrier is not None:
+            return (f"--quantize full-int8 makes it an int8 {op.name} weight (int8 through DENSIFY makes XNNPACK "
+                    "fail to prepare)")
+        if weight.tensor.shape[1] % INT8_FC_BLOCK[1]:
+            return f"an int8 FULLY_CONNECTED reads 1x16 blocks only; its {weight.tensor.shape[1]} inputs do not divide"
+        return None
+    if weight.kind in ("float32", "float16"):
+        if stored_itemsize(weight.kind, numel(weight.tensor.shape), settings.quantize, min_params) == 1:
+            return "--quantize int8 stores it as int8 for a kernel that reads it dense"
+        return None
+    if weight.carrier is not None:
+        return "an int8 weight behind a DEQUANTIZE (int8 through DENSIFY makes XNNPACK fail to prepare)"
+    if op.builtin != OP.FULLY_CONNECTED:
+        return f"an int8 {op.name} weight (int8 through DENSIFY makes XNNPACK fail to prepare)"
+    x = op.inputs[0]
+    if x is not None and x.type == T.FLOAT32:
+        return "a hybrid FULLY_CONNECTED's int8 weight (its sparse kernel gives wrong results)"
+    if fc_direct_kind(op, weight.tensor) != "int8":
+        kind = x.type_name if x is not None else "unknown"
+        return f"an int8 weight read with {kind} activations (only the int8 FULLY_CONNECTED kernel reads one sparse)"
+    if weight.tensor.shape[1] % INT8_FC_BLOCK[1]:
+        return f"an int8 FULLY_CONNECTED reads 1x16 blocks only; its {weight.tensor.shape[1]} inputs do not divide"
+    return None
+
+
+def data_aware_reason(model: Model, op: Operator, weight: StoredWeight, pooled: bool = False) -> str | None:
+    """Why this layer is pruned by magnitude although calibration rows exist, or None. `pooled`: a shared weight's
+    readers' rows are pooled (`shared_rows`), so sharing is no reason."""
     if op.builtin == OP.DEPTHWISE_CONV_2D and weight.kind.startswith("int8"):
         return "int8 depthwise weight: stored dense (int8 through DENSIFY makes XNNPACK fail to prepare)"
     if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D, OP.DEPTHWISE_CONV_2D):
         return "no data-aware pruning for this op"
-    if weight_uses(model, weight.tensor).shared:
+    if not pooled and weight_uses(model, weight.tensor).shared:
         return "weight shared with another op: no data-aware update"
     return None
+
+
+def shared_rows(ops: list[Operator], weight: StoredWeight, layer_data: dict) -> tuple[dict | None, str | None]:
+    """(pooled data, None) for a float weight read by several FULLY_CONNECTED or CONV_2D ops of one kind: the
+    rows of all readers together (H summed over them), so one mask and update serve every reader; each reader's
+    own `mean` / `target_mean` are kept under "readers" for its bias correction. (None, why) otherwise."""
+    if weight.kind not in ("float32", "float16"):
+        return None, "a shared int8 weight is pruned by magnitude"
+    kinds = {op.builtin for op in ops}
+    if len(kinds) > 1 or kinds - {OP.FULLY_CONNECTED, OP.CONV_2D}:
+        return None, "its readers are not all FULLY_CONNECTED or all CONV_2D"
+    missing = [op for op in ops if id(op) not in layer_data]
+    if missing:
+        return None, f"no calibration rows for the reader {missing[0].name} {missing[0].outputs[0].name!r}"
+    parts = [layer_data[id(op)] for op in ops]
+    pooled = {k: v for k, v in parts[0].items() if k not in ("rows", "mean", "target_rows", "target_mean")}
+    pooled["rows"] = np.concatenate([d["rows"] for d in parts])
+    pooled["mean"] = pooled["rows"].mean(axis=0, dtype=np.float64)
+    if any(d.get("target_rows") is not None for d in parts):
+        pooled["target_rows"] = np.concatenate([d.get("target_rows", d["rows"]) for d in parts])
+        pooled["target_mean"] = pooled["target_rows"].mean(axis=0, dtype=np.float64)
+    pooled["readers"] = [(op, d["mean"], d.get("target_mean")) for op, d in zip(ops, parts)]
+    return pooled, None
 
 
 class DataAwarePrune:
@@ -205,7 +281,14 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     if full_integer:
         result, new_bias = _requantize_full_integer(sg, op, weight, result, bias_before, data)
     else:
-        shift = fit.bias_shift(matrix, result.values, data["mean"], data.get("target_mean"))
+        for reader, mean, target_mean in data.get("readers", [])[1:]:
+            # The other readers of a shared weight: each bias corrected on its own inputs' mean.
+            before = bias_values(reader.inputs[2] if len(reader.inputs) > 2 else None, weight.tensor.shape[0])
+            shift = fit.bias_shift(matrix, result.values, mean, target_mean)
+            _set_corrected_bias(reader, sg.add_constant(f"{reader.outputs[0].name}/pruned_bias",
+                                                        (before + shift).astype(np.float32)), None)
+        own = data["readers"][0][1:] if "readers" in data else (data["mean"], data.get("target_mean"))
+        shift = fit.bias_shift(matrix, result.values, *own)
         corrected = bias_before + shift.astype(np.float32)
         new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", corrected.astype(np.float32))
         if result.scales is not None:
@@ -217,12 +300,13 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     return result.stored, result.method
 
 
-def _set_corrected_bias(op: Operator, bias: Tensor, entry: Entry) -> None:
+def _set_corrected_bias(op: Operator, bias: Tensor, entry: Entry | None) -> None:
     if len(op.inputs) > 2:
         op.inputs[2] = bias
     else:
         op.inputs.append(bias)
-    entry.bias_corrected = True
+    if entry is not None:
+        entry.bias_corrected = True
 
 
 def prune_depthwise_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity: float, data: dict,
@@ -322,6 +406,10 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
         reason = _reason_to_leave(op, ctx, n)
         if reason:
             raise Skip(reason)
+        reason = sparse_storage_refusal(op, weight, settings, ctx.plan.min_params, ctx.plan.full_int8)
+        if reason:
+            ctx.layer_data.pop(id(op), None)  # its rows are not needed: free them
+            raise Skip(f"does not pay: {reason}; zeros would stay dense, so it is not pruned")
         uses = weight_uses(model, weight.tensor)
         if uses.shared:
             # Pruned once for every reader, in any subgraph: each must be a layer reading it as its weight and
@@ -332,7 +420,14 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
             if reason:
                 raise Skip(reason)
         data = ctx.layer_data.get(id(op))
-        reason = data_aware_reason(model, op, weight) if data is not None else None
+        reason = None
+        if data is not None and uses.shared:
+            # One mask and update for every reader, fitted on all their rows.
+            pool, reason = shared_rows(uses.ops, weight, ctx.layer_data)
+            data = pool if pool is not None else data
+            reason = reason or data_aware_reason(model, op, weight, pooled=True)
+        elif data is not None:
+            reason = data_aware_reason(model, op, weight)
         pruned = None
         if data is not None and reason is None:
             try:
@@ -341,9 +436,12 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
                 else:
                     pruned, method = prune_data_aware(sg, op, weight, float(settings.prune), settings.prune_block,
                                                       data, entry)
+                    if "readers" in data:
+                        method += f" (shared: on the rows of its {len(data['readers'])} readers)"
             except RefusedByXnnpack as e:
                 reason = str(e)
-            ctx.layer_data.pop(id(op))  # its rows are not needed again: free them before the next layer
+            for reader in uses.ops if uses.shared else [op]:  # rows not needed again: free them
+                ctx.layer_data.pop(id(reader), None)
         if pruned is None:
             keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
             if reason is not None:

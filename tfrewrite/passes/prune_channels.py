@@ -194,7 +194,11 @@ def build_graph(sg: Subgraph) -> ChannelGraph:
     for op in sg.operators:
         if op.outputs and id(op.outputs[0]) in carriers:
             continue  # a weight carrier, handled with its reader
-        acts = [op.inputs[0], op.outputs[0]] if op.builtin in semantics.LAYERS else list(op.inputs) + list(op.outputs)
+        layout = semantics.LAYERS.get(op.builtin)
+        if layout is not None:  # a layer ties only its activation input and output (not its shape operand)
+            acts = [op.inputs[layout.data] if len(op.inputs) > layout.data else None, op.outputs[0]]
+        else:
+            acts = list(op.inputs) + list(op.outputs)
         acts = [t for t in acts if channels_of(t) is not None and id(t) not in carriers]
         try:
             _link(g, op)
@@ -1023,11 +1027,13 @@ def store_layer(sg: Subgraph, layer: Layer, weight: np.ndarray, bias: np.ndarray
         return
     if b.type == T.INT32:
         s_in = float(layer.op.inputs[0].quantization.scale[0])
-        s_w = np.broadcast_to(np.asarray(w.quantization.scale, np.float64), (len(bias),))
+        # One bias scale per weight scale: a per-tensor weight keeps a per-tensor bias (XNNPACK refuses to
+        # delegate a conv whose bias has more scales than its weight).
+        s_b = s_in * np.asarray(w.quantization.scale, np.float64).reshape(-1)
         q = copy.copy(b.quantization)
-        q.scale = (s_in * s_w).astype(np.float32)
-        q.zero_point = np.zeros(len(bias), np.int64)
-        b.set_data(np.clip(np.round(np.asarray(bias) / (s_in * s_w)), -2**31, 2**31 - 1).astype(np.int32))
+        q.scale = s_b.astype(np.float32)
+        q.zero_point = np.zeros(len(s_b), np.int64)
+        b.set_data(np.clip(np.round(np.asarray(bias) / s_b), -2**31, 2**31 - 1).astype(np.int32))
         b.quantization = q
     else:
         q = b.quantization

@@ -31,7 +31,7 @@ from ..linalg import sparse
 from ..ops import builders, versions
 from ..report import Entry
 from .common import Skip, SparsityOption, new_entry
-from .prune import TARGETS, StoredWeight, data_aware_reason, data_aware_weights, find_stored_weight
+from .prune import TARGETS, StoredWeight, data_aware_reason, data_aware_weights, fc_direct_kind, find_stored_weight
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -121,21 +121,6 @@ def index_dtypes(tensor: Tensor) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ decisions
-def fc_direct_kind(op: Operator, weight: Tensor) -> str | None:
-    """'float32' or 'int8' when this FC can read `weight` sparse itself (version 8); None otherwise."""
-    if op.builtin != OP.FULLY_CONNECTED or len(op.inputs) < 2 or op.inputs[1] is None or \
-            op.inputs[1].buffer is not weight.buffer:
-        return None
-    x, out = op.inputs[0], op.outputs[0]
-    if x is None or getattr(op.builtin_options, "weightsFormat", 0) != 0 or len(weight.shape) != 2:
-        return None
-    if x.type == T.FLOAT32 and weight.type == T.FLOAT32 and out.type == T.FLOAT32:
-        return "float32"
-    if x.type == T.INT8 and weight.type == T.INT8 and out.type == T.INT8:
-        return "int8"
-    return None
-
-
 def _fc_version(op: Operator) -> int:
     x, w, out = op.inputs[0], op.inputs[1], op.outputs[0]
     options = op.builtin_options
@@ -180,8 +165,6 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
     raw = np.asarray(weight.raw)
     dense_bytes = t.buffer.nbytes
     zf = 1.0 - np.count_nonzero(raw) / max(raw.size, 1)
-    if zf < MIN_ZERO_FRACTION:
-        return Decision(reason=f"only {100 * zf:.1f}% zeros (encoding needs {100 * MIN_ZERO_FRACTION:.0f}%)")
     fc_kinds = [fc_direct_kind(op, t) for op in direct_readers] if weight.carrier is None else []
     direct_fc = bool(fc_kinds) and all(k is not None for k in fc_kinds) and len(set(fc_kinds)) == 1 \
         and len(direct_readers) == len(readers)
@@ -194,6 +177,10 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
             return Decision(reason="int8 weight: int8 through DENSIFY makes XNNPACK fail to prepare; stays dense")
         if raw.shape[1] % INT8_FC_BLOCK[1]:
             return Decision(reason=f"int8 FULLY_CONNECTED needs 1x16 blocks; {raw.shape[1]} inputs do not divide")
+    # The int8 rules first: a weight the runtime cannot read sparse says so, whatever its zeros.
+    if zf < MIN_ZERO_FRACTION:
+        return Decision(reason=f"only {100 * zf:.1f}% zeros (encoding needs {100 * MIN_ZERO_FRACTION:.0f}%)")
+    if t.type == T.INT8:
         bzf = sparse.block_sparsity(raw, INT8_FC_BLOCK)
         if bzf < MIN_ZERO_FRACTION:
             return Decision(reason=f"int8 FULLY_CONNECTED reads 1x16 blocks only; only {100 * bzf:.1f}% of them "
