@@ -148,12 +148,18 @@ def float_encoding(raw: np.ndarray, direct_fc: bool) -> tuple[sparse.SparseEncod
     return sparse.encode_csr_last_dim(raw), "csr + DENSIFY"
 
 
+def below_zero_floor(fraction: float) -> bool:
+    """Fewer zeros than MIN_ZERO_FRACTION, to the half percent: `--prune 0.3` removes round(0.3·n) weights (per
+    column block, with data), which can fall a few short of 30 %, and those zeros must still be stored sparse."""
+    return fraction < MIN_ZERO_FRACTION - 0.005
+
+
 def planned_nbytes(raw: np.ndarray, direct_fc: bool) -> int:
     """Bytes a pruned float32 / float16 weight will take in the file (values, index vectors, tables, a DENSIFY),
     as `decide` stores it: dense below MIN_ZERO_FRACTION zeros or when the encoding saves nothing."""
     raw = np.asarray(raw)
     dense = raw.nbytes
-    if 1.0 - np.count_nonzero(raw) / max(raw.size, 1) < MIN_ZERO_FRACTION:
+    if below_zero_floor(1.0 - np.count_nonzero(raw) / max(raw.size, 1)):
         return dense
     enc, method = float_encoding(raw, direct_fc)
     return min(dense, stored_nbytes(enc, method.endswith("DENSIFY")))
@@ -178,11 +184,11 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
         if raw.shape[1] % INT8_FC_BLOCK[1]:
             return Decision(reason=f"int8 FULLY_CONNECTED needs 1x16 blocks; {raw.shape[1]} inputs do not divide")
     # The int8 rules first: a weight the runtime cannot read sparse says so, whatever its zeros.
-    if zf < MIN_ZERO_FRACTION:
+    if below_zero_floor(zf):
         return Decision(reason=f"only {100 * zf:.1f}% zeros (encoding needs {100 * MIN_ZERO_FRACTION:.0f}%)")
     if t.type == T.INT8:
         bzf = sparse.block_sparsity(raw, INT8_FC_BLOCK)
-        if bzf < MIN_ZERO_FRACTION:
+        if below_zero_floor(bzf):
             return Decision(reason=f"int8 FULLY_CONNECTED reads 1x16 blocks only; only {100 * bzf:.1f}% of them "
                                    "are all zero (prune with --prune-block)")
         enc, method = sparse.encode_blocks(raw, INT8_FC_BLOCK), "block1x16, FC v8"
@@ -300,7 +306,7 @@ def planned_int8_fc_nbytes(raw: np.ndarray) -> int:
     int8 with its zeros kept) pruned in 1×16 blocks will take, as `decide` stores it: 1×16 blocks of 1-byte
     values, dense below MIN_ZERO_FRACTION all-zero blocks or when the encoding saves nothing."""
     nonzero = np.asarray(raw) != 0
-    if sparse.block_sparsity(nonzero, INT8_FC_BLOCK) < MIN_ZERO_FRACTION:
+    if below_zero_floor(sparse.block_sparsity(nonzero, INT8_FC_BLOCK)):
         return nonzero.size
     return min(nonzero.size, stored_nbytes(sparse.encode_blocks(nonzero.astype(np.int8), INT8_FC_BLOCK), False))
 
