@@ -389,11 +389,19 @@ def test_per_tensor_weights_stay_per_tensor(calib, tmp_path):
 def test_full_int8_from_float16_and_dynamic_range_models(fixture, calib, tmp_path):
     """Weights (and biases) stored float16 behind DEQUANTIZE, or dynamic-range int8, get their float values
     back before static quantization: ai-edge-quantizer crashed on the first ('NoneType' object has no attribute
-    'ndim') and left the second hybrid. The result is integer-only and kept even when it is a little larger than
-    a dynamic-range input (it is what was asked for), and XNNPACK on and off give the same int8 results."""
+    'ndim') and left the second hybrid. The result is integer-only, and XNNPACK on and off give the same int8
+    results. A full-integer model a little larger than its dynamic-range input is kept only with --force (never
+    larger unless asked): without it the input goes out unchanged, and the report says why."""
     pytest.importorskip("ai_edge_quantizer", reason="the test extra installs ai-edge-quantizer")
     out = tmp_path / "q.tflite"
     report = rewrite.run(FIXTURES / fixture, out, rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    if out.stat().st_size == (FIXTURES / fixture).stat().st_size:
+        assert out.read_bytes() == (FIXTURES / fixture).read_bytes()
+        assert any("full-integer model is larger" in n and "--force" in n for n in report["notes"]), report["notes"]
+        report = rewrite.run(FIXTURES / fixture, out, rewrite.Options(quantize="full-int8", calibration=str(calib),
+                                                                        force=True))
+        assert out.stat().st_size > (FIXTURES / fixture).stat().st_size
+        assert any("kept (--force)" in n for n in report["notes"]), report["notes"]
     assert report["calibration"]["full_int8"]["float_weights_restored"] >= 8
     model = io.read(out)
     layers = [op for _, op in model.operators() if op.builtin in (OP.CONV_2D, OP.FULLY_CONNECTED)]

@@ -552,19 +552,20 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         notes = [] if changed else [f"nothing was rewritten: --quantize full-int8: {full_int8['skipped']}"
                                     if full_int8.get("skipped") else nothing_done(options, entries)]
         kept_larger = False
-        if size_after > size_before and made_full_int8 and not notes:
-            # An integer-only model is what was asked for, even where it costs bytes (the input's weights were
-            # already 8-bit and the activation scales come on top): kept, and said.
+        if size_after > size_before and made_full_int8 and not notes and options.force:
+            # A full-integer model can cost bytes (the input's weights were already 8-bit, or stored sparse, and
+            # the activation scales come on top): kept when asked for, and said.
             notes.append(f"the full-integer model is larger than the input ({size_after} > {size_before} bytes); "
-                         "kept, because --quantize full-int8 asks for an integer-only model")
+                         "kept (--force)")
             kept_larger = True
         elif size_after > size_before and not options.force:
             # Never a larger file unless asked for (--force): the input goes out as it is, and the report says so.
             if not notes:
                 _undo_entries(entries, f"undone: the rewritten file ({size_after} bytes) was larger than the input "
                                        f"({size_before} bytes)")
-                notes.append(f"the rewrite made the file larger ({size_after} > {size_before} bytes): the input "
-                             "was written unchanged (--force keeps such a rewrite)")
+                what = "the full-integer model is" if made_full_int8 else "the rewrite made the file"
+                notes.append(f"{what} larger ({size_after} > {size_before} bytes): the input was written unchanged "
+                             "(--force keeps such a rewrite)")
             size_after, model = _written(lambda: _copy_unchanged(input_path, target), output_path), io.read(input_path)
         after = analysis.summary(model, zeros=False)["totals"]
         nonzero_after = analysis.nonzero_params(model)
