@@ -9,7 +9,7 @@ import pytest
 import builders as B
 import odd_models as M
 from conftest import FIXTURES, ROOT
-from tfrewrite import cli, rewrite, verify
+from tfrewrite import cli, io, rewrite, verify
 
 
 def _run(capsys, *argv):
@@ -197,3 +197,15 @@ def test_hostile_command_lines_are_one_line_and_exit_2(tmp, capsys, argv, words)
     code, _, err = _run(capsys, *[names.get(a, a) for a in argv])
     assert code == 2 and err.count("\n") == 1 and err.startswith("tfrewrite: error: ") and words in err, err
     assert not (tmp / "o.tflite").exists()
+
+
+@pytest.mark.parametrize("bad", [dict(rank=-3), dict(fc_rank=0), dict(conv_rank=-2), dict(quantize="int4"),
+                                 dict(prune="auto")])
+def test_library_callers_get_the_same_checks_as_the_command_line(bad, tmp_path):
+    """Options built in Python never went through the command line: rewrite_model and run check them too (a
+    negative rank silently rewrote every layer at rank 1)."""
+    with pytest.raises(ValueError):
+        rewrite.rewrite_model(io.read(FIXTURES / "two_signatures.tflite"), rewrite.Options(**bad))
+    with pytest.raises(ValueError):
+        rewrite.run(FIXTURES / "two_signatures.tflite", tmp_path / "o.tflite", rewrite.Options(**bad))
+    assert not (tmp_path / "o.tflite").exists()

@@ -261,6 +261,7 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
     plan when None; the caller's holds what the run found and chose afterwards). `source`: the model's file, for
     calibration."""
     from .passes import cp_conv, lowrank_fc
+    options.validate()  # a library caller's Options have not been through the command line's checks
     ctx = context or RunContext(options.plan())
     ctx.remember_input(model)
     lowrank = (cp_conv, lowrank_fc)
@@ -512,6 +513,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
     names and moved into place together at the end (both or neither; on a broken --verify bound, the report
     only)."""
     input_path, output_path = Path(input_path), Path(output_path)
+    options.validate()
     io.check_paths(reads={"input model": input_path, "--calibration file": options.calibration,
                           "--recipe file": options.recipe, "--data file": options.data},
                    writes={"output": output_path, "--report": options.report})
