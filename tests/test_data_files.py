@@ -197,3 +197,17 @@ def test_calibration_values_that_overflow_the_model_are_exit_2(tmp, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("tfrewrite: error: ") and err.count("\n") == 1, err
     assert "NaN or infinite" in err and not out.exists()
+
+
+def test_a_budget_needs_two_calibration_samples(tmp, capsys):
+    """A budget judges each option on samples its fit did not see: with one sample the held-out half was empty
+    (numpy warnings on stderr and a 'reached 6.33x' for a 2x target)."""
+    from conftest import FIXTURES
+    data = tmp / "one.npz"
+    np.savez(data, image=np.random.default_rng(0).random((1, 32, 32, 3), np.float32))
+    out = tmp / "o.tflite"
+    for argv in (["--target-size", "2"], ["--prune-channels", "auto", "--target-macs", "1.5"]):
+        code = cli.main([str(FIXTURES / "vgg_digits.tflite"), str(out), *argv, "--calibration", str(data)])
+        err = capsys.readouterr().err
+        assert code == 2 and "needs 2 at least" in err and err.count("\n") == 1, err
+        assert not out.exists()

@@ -4,7 +4,7 @@ import pytest
 
 import builders as B
 from conftest import FIXTURES
-from tfrewrite import io, rewrite, schema
+from tfrewrite import cli, io, rewrite, schema
 from tfrewrite.linalg import sparse
 from tfrewrite.passes import prune
 from tfrewrite.plan import RunContext
@@ -188,3 +188,14 @@ def test_a_16x8_model_is_left_as_it_is(tmp_path):
     pruning = [e for e in report["layers"] if e["kind"] == "prune"]
     assert len(pruning) == 1 and pruning[0]["action"] == "skipped" and "does not pay" in pruning[0]["reason"]
     assert report["totals"]["nonzero_params_after"] == report["totals"]["nonzero_params_before"]
+
+
+def test_a_replaced_prune_block_is_said(tmp_path):
+    """A full-integer FC is always pruned in 1x16 blocks (the only sparse form its kernel reads): a --prune-block
+    it cannot use is named in the entry's method, not dropped silently."""
+    import json
+    out, report = tmp_path / "o.tflite", tmp_path / "r.json"
+    assert cli.main([str(FIXTURES / "vgg_digits_int8.tflite"), str(out), "--prune", "0.5", "--prune-block", "1x4",
+                     "--only", "fc2", "--report", str(report), "--quiet"]) == 0
+    methods = [e["method"] for e in json.loads(report.read_text())["layers"] if e["action"] == "pruned"]
+    assert methods and all("--prune-block 1x4 not used" in m for m in methods), methods

@@ -233,9 +233,10 @@ class Progress:
         return step
 
 
-def calibration_samples(model, path, signature: str | None = None) -> list[list]:
+def calibration_samples(model, path, signature: str | None = None, budget: bool = False) -> list[list]:
     """The calibration file's samples (in batches of the model's batch size), checked against the model's
-    inputs (names, shapes, dtypes, values); they may name the inputs of any one signature of the main subgraph."""
+    inputs (names, shapes, dtypes, values); they may name the inputs of any one signature of the main subgraph.
+    A `budget` judges its options on samples the fit did not see, so it needs two at least."""
     from . import verify
     source = model if isinstance(model, (str, Path)) else io.to_bytes(model)
     runner, samples, _, _ = verify.open_data(source, path, signature)
@@ -243,6 +244,9 @@ def calibration_samples(model, path, signature: str | None = None) -> list[list]
         raise verify.DataError(f"{path}: feeds signature {runner.signature!r}, which runs subgraph "
                                f"{runner.model.subgraphs.index(runner.subgraph)}; data-aware fitting works on the "
                                f"main subgraph (subgraph 0) only")
+    if budget and len(samples) < 2:
+        raise verify.DataError(f"{path}: holds {len(samples)} sample; a budget (--target-size / --target-macs) "
+                               "measures each option on samples its fit did not see, so it needs 2 at least")
     return samples
 
 
@@ -280,7 +284,8 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
         # First: it changes the shapes every later pass (and the calibration rows) see.
         from .passes import prune_channels
         if options.calibration:
-            samples = calibration_samples(source or model, options.calibration, options.signature)
+            samples = calibration_samples(source or model, options.calibration, options.signature,
+                                          budget=bool(target))
         elif channel_budget:  # no data: the groups are judged, chosen and refitted on generated images
             samples = _generated(model, source, options)
         if channel_budget:
@@ -310,7 +315,8 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
     depthwise = []
     if options.calibration or generated:
         if options.calibration:
-            samples = samples or calibration_samples(source or model, options.calibration, options.signature)
+            samples = samples or calibration_samples(source or model, options.calibration, options.signature,
+                                                     budget=bool(target))
         else:  # no data: the model's response to generated images
             samples = _generated(model, source, options)
         # Depthwise layers to prune (--prune-depthwise) are fitted to calibration data too.

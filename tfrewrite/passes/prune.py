@@ -111,15 +111,24 @@ def fc_block(op: Operator, weight: StoredWeight, block):
     return INT8_FC_BLOCK if weight.kind == "int8 (full-integer)" else block
 
 
+def replaced_block_note(asked, used) -> str:
+    """What the method says when `--prune-block` was not the block used (a full-integer FC's is always 1×16)."""
+    if asked is None or used is None or tuple(asked) == tuple(used):
+        return ""
+    return (f" (--prune-block {asked[0]}x{asked[1]} not used: an int8 FULLY_CONNECTED is read sparse in "
+            f"{used[0]}x{used[1]} blocks only)")
+
+
 def keep_mask(op: Operator, weight: StoredWeight, sparsity: float, block) -> tuple[np.ndarray, str]:
     """(keep mask, method) for one layer."""
     mags = weight.magnitudes()
-    block = fc_block(op, weight, block)
+    asked, block = block, fc_block(op, weight, block)
     if block is not None:
         bh, bw = block
         rows, cols = mags.shape
         if rows % bh == 0 and cols % bw == 0:
-            return sparse.prune_blocks(mags, sparsity, block, norm="l2"), f"block{bh}x{bw}"
+            return (sparse.prune_blocks(mags, sparsity, block, norm="l2"),
+                    f"block{bh}x{bw}" + replaced_block_note(asked, block))
         return sparse.prune_magnitude(mags, sparsity), f"magnitude (block {bh}x{bw} does not divide {rows}x{cols})"
     return sparse.prune_magnitude(mags, sparsity), "magnitude"
 
@@ -242,11 +251,11 @@ def data_aware_weights(op: Operator, weight: StoredWeight, sparsity: float, bloc
     real = weight.tensor.quantization.dequantize(raw) if raw.dtype.kind != "f" else np.asarray(raw, np.float32)
     matrix = real.reshape(shape[0], -1)  # [out, in]; conv inputs in patch order kh, kw, C
     width, suffix = 1, ""
-    block = fc_block(op, weight, block)
+    asked, block = block, fc_block(op, weight, block)
     if block is not None:
         bh, bw = block
         if bh == 1 and matrix.shape[1] % bw == 0:
-            width, suffix = bw, f" block1x{bw}"
+            width, suffix = bw, f" block1x{bw}" + replaced_block_note(asked, block)
         else:
             suffix = f" (block {bh}x{bw} does not fit {matrix.shape[0]}x{matrix.shape[1]})"
     new, keep, method = obs.prune(matrix, data["rows"], sparsity, width=width, target_rows=data.get("target_rows"),
