@@ -218,10 +218,13 @@ def macs(op: Operator, weight: Tensor | None) -> int:
     return 0
 
 
+def layer_weight(op: Operator) -> Tensor | None:
+    """The stored weight constant of a weighted op (input 1, through DEQUANTIZE / DENSIFY), else None."""
+    return stored_constant(op.inputs[1]) if op.builtin in WEIGHTED_OPS and len(op.inputs) > 1 else None
+
+
 def op_row(sg_index: int, op_index: int, op: Operator, zeros: bool = True) -> dict:
-    weight = None
-    if op.builtin in WEIGHTED_OPS and len(op.inputs) > 1:
-        weight = stored_constant(op.inputs[1])
+    weight = layer_weight(op)
     params = 0
     if op.builtin not in WEIGHT_CARRIERS:
         for t in op.inputs:

@@ -667,9 +667,7 @@ def _budget_refused(entries: list[Entry], notes: list[str], summary: dict, fidel
     notes.append(f"cannot reach {summary['target']} without breaking the model: the budget's choice gave {measured}, "
                  "so the input was written unchanged (ask for less, or --force to keep it)")
     summary["refused_output_error"] = fidelity["worst"]
-    size = _written(lambda: _copy_unchanged(input_path, target), output_path)
-    unchanged = io.read(input_path)
-    return size, analysis.summary(unchanged, zeros=False)["totals"], analysis.nonzero_params(unchanged)
+    return _input_unchanged(input_path, target, output_path)
 
 
 def _delegates_refused(entries: list[Entry], notes: list[str], gap: dict, input_path, target,
@@ -682,9 +680,7 @@ def _delegates_refused(entries: list[Entry], notes: list[str], gap: dict, input_
               f"({gap['input_steps']:.3g} steps)")
     _undo_entries(entries, f"undone: {reason}")
     notes[:] = [f"{reason}: the input was written unchanged (--force keeps such a rewrite)"]
-    size = _written(lambda: _copy_unchanged(input_path, target), output_path)
-    unchanged = io.read(input_path)
-    return size, analysis.summary(unchanged, zeros=False)["totals"], analysis.nonzero_params(unchanged)
+    return _input_unchanged(input_path, target, output_path)
 
 
 def judge_budget(summary: dict, totals: dict) -> dict:
@@ -704,6 +700,14 @@ def _copy_unchanged(source, target) -> int:
     import shutil
     shutil.copyfile(source, target)
     return os.path.getsize(target)
+
+
+def _input_unchanged(input_path, target, output_path) -> tuple[int, dict, int]:
+    """Write the input unchanged in place of a refused result: the written size and the input's totals and
+    nonzero parameters."""
+    size = _written(lambda: _copy_unchanged(input_path, target), output_path)
+    unchanged = io.read(input_path)
+    return size, analysis.summary(unchanged, zeros=False)["totals"], analysis.nonzero_params(unchanged)
 
 
 def _undo_entries(entries: list[Entry], reason: str) -> None:

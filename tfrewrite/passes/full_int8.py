@@ -235,21 +235,17 @@ def already_quantized(model: Model) -> str | None:
 def float_report(model: Model) -> dict:
     """The ops a full-integer model still runs in float: op names with counts and MACs, and their share of the
     model's MACs (None when no op has a MAC formula)."""
-    from ..analysis import WEIGHTED_OPS, macs, stored_constant
+    from ..analysis import layer_weight, macs
     left = float_ops(model)
     if not left:
         return {"float_ops": []}
-
-    def op_macs(op):
-        weight = stored_constant(op.inputs[1]) if op.builtin in WEIGHTED_OPS and len(op.inputs) > 1 else None
-        return macs(op, weight)
-
+    work = {id(op): macs(op, layer_weight(op)) for _, op in model.operators()}
     by_name: dict[str, dict] = {}
     for op in left:
         row = by_name.setdefault(op.name, {"op": op.name, "count": 0, "macs": 0})
         row["count"] += 1
-        row["macs"] += op_macs(op)
-    total = sum(op_macs(op) for _, op in model.operators())
+        row["macs"] += work[id(op)]
+    total = sum(work.values())
     share = sum(r["macs"] for r in by_name.values()) / total if total else None
     return {"float_ops": sorted(by_name.values(), key=lambda r: (-r["macs"], -r["count"], r["op"])),
             "float_macs_share": None if share is None else round(share, 4)}
