@@ -883,8 +883,8 @@ class ChannelSpace:
     def dense_bytes(self, layers) -> float:
         """The file bytes of `layers`' weights, biases and per-channel quantization parameters as they stand
         (as full-integer layers with `full_int8`)."""
-        return sum(numel(layer.weight.shape) * byte_rates(layer, self.full_int8)[0]
-                   + layer.out_channels * byte_rates(layer, self.full_int8)[1] for layer in layers)
+        return sum(numel(layer.weight.shape) * per_weight + layer.out_channels * per_channel
+                   for layer in layers for per_weight, per_channel in [byte_rates(layer, self.full_int8)])
 
 
 def byte_rates(layer: Layer, full_int8: bool = False) -> tuple[float, float]:
