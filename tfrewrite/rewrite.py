@@ -334,16 +334,16 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
                             pruned=any(e.kind == "channels" and e.action == "pruned" for e in entries))
         sparsity_options = None
         if "prune" in ctx.plan.budget_kinds:
-            from .passes import sparse_encode
+            from .passes import prune
 
             def sparsity_options(op):
                 from .passes.common import Skip
                 reason = ctx.reason_to_skip(op, analysis.numel(op.inputs[1].shape))
                 if reason:
                     raise Skip(reason)
-                return sparse_encode.sparsity_options(model, op, ctx.settings(op), ctx.layer_data[id(op)],
-                                                      min_params=ctx.plan.min_params,
-                                                      full_int8=options.quantize == "full-int8")
+                return prune.sparsity_options(model, op, ctx.settings(op), ctx.layer_data[id(op)],
+                                              min_params=ctx.plan.min_params,
+                                              full_int8=options.quantize == "full-int8")
         ctx.budget, ctx.budget_info, ctx.budget_summary = budget.plan_ranks(
             model, ctx, target, by_macs, total, lowrank if "lowrank" in ctx.plan.budget_kinds else (),
             sparsity_options=sparsity_options,

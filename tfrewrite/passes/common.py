@@ -161,6 +161,67 @@ def read_weight(op: Operator, index: int = 1) -> LayerWeight:
     raise Skip(f"{c.type_name} weights are not supported")
 
 
+class StoredWeight:
+    """The constant that really holds a layer's weight, and how to read its magnitudes."""
+
+    def __init__(self, tensor: Tensor, kind: str, carrier: Operator | None = None):
+        self.tensor, self.kind, self.carrier = tensor, kind, carrier
+
+    @property
+    def raw(self) -> np.ndarray:
+        return self.tensor.data
+
+    def magnitudes(self) -> np.ndarray:
+        """|real value| of every weight (int8: |q - zero point| · scale, per channel when so quantized)."""
+        raw = np.asarray(self.raw)
+        if raw.dtype.kind == "f":  # |w| of a float32 or float16 value is exact in float32
+            return np.abs(raw if raw.dtype == np.float32 else raw.astype(np.float32))
+        q = self.tensor.quantization
+        scale = np.asarray(q.scale, np.float64).reshape(-1)
+        if len(scale) > 1:
+            shape = [1] * raw.ndim
+            shape[q.axis] = -1
+            scale = scale.reshape(shape)
+        else:
+            scale = scale[0]
+        return np.abs(raw.astype(np.float64)) * scale
+
+
+def find_stored_weight(op: Operator) -> StoredWeight:
+    """The stored constant of input 1, following one DEQUANTIZE; Skip when it cannot be pruned."""
+    w = op.inputs[1] if len(op.inputs) > 1 else None
+    if w is None:
+        raise Skip("no weight input")
+    src = stored(w)
+    carrier = src.carrier if src is not None else w.producer
+    if not w.is_constant:
+        if carrier is None:
+            raise Skip("weight is not a constant")
+        if carrier.builtin == OP.DENSIFY:
+            raise Skip("weight is already sparse (behind DENSIFY)")
+        if carrier.builtin != OP.DEQUANTIZE or src is None or len(src.carriers) > 1:
+            raise Skip("weight is not a constant")
+        w = src.tensor
+    if w.sparsity is not None:
+        raise Skip("weight is already sparse")
+    if w.type == T.FLOAT32:
+        return StoredWeight(w, "float32", carrier)
+    if w.type == T.FLOAT16:
+        return StoredWeight(w, "float16", carrier)
+    if w.type == T.INT8:
+        q = w.quantization
+        if q is None or q.scale is None or len(q.scale) == 0:
+            raise Skip("int8 weight without a scale")
+        zp = np.asarray(q.zero_point if q.zero_point is not None else [0])
+        if np.any(zp != 0):
+            raise Skip("int8 weight with a nonzero zero point")
+        if carrier is not None:
+            return StoredWeight(w, "int8 (dequantized)", carrier)
+        x = op.inputs[0]
+        return StoredWeight(w, "int8" if x is not None and x.type == T.FLOAT32 else "int8 (full-integer)")
+    raise Skip(f"{w.type_name} weights are not supported")
+
+
 def emit_weight(sg: Subgraph, name: str, values: np.ndarray, like: LayerWeight, quant_axis: int = 0,
                 hybrid: bool = True) -> tuple[Tensor, list[Operator]]:
     """A new weight holding `values`, stored as `like` is; returns the tensor the op reads and any ops

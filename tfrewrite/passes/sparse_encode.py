@@ -25,18 +25,18 @@ from __future__ import annotations
 import numpy as np
 
 from .. import schema
-from ..analysis import macs, numel, weight_uses
-from ..graph import Buffer, Model, Operator, Subgraph, Tensor
+from ..analysis import numel, weight_uses
+from ..graph import Buffer, Model, Operator, Tensor
 from ..linalg import sparse
-from ..ops import builders, versions
+from ..ops import builders, semantics, versions
 from ..report import Entry
-from .common import Skip, SparsityOption, new_entry
-from .prune import TARGETS, StoredWeight, data_aware_reason, data_aware_weights, fc_direct_kind, find_stored_weight
+from .common import Skip, StoredWeight, find_stored_weight, new_entry
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
 DIM = schema.DimensionType
 SIV = schema.SparseIndexVector
+TARGETS = semantics.LAYER_OPS
 
 MIN_ZERO_FRACTION = 0.3      # the TF converter leaves weights below 30 % zeros dense
 FLOAT_BLOCK_RATIO = 0.9      # float FC: 1x4 blocks when block sparsity / element sparsity exceeds this
@@ -45,7 +45,7 @@ FLOAT_BLOCK_RATIO = 0.9      # float FC: 1x4 blocks when block sparsity / elemen
 # single-threaded loop ≈ 2x slower than XNNPACK's dense FC (MobileNetV2 224 at 50 %: +5 % end-to-end), while
 # both store the same bytes (DENSIFY adds ~100 B); 1x4 blocks are read directly (about as fast as dense).
 FLOAT_FC_RANDOM = "densify"
-INT8_FC_BLOCK = (1, 16)
+INT8_FC_BLOCK = (1, 16)      # the only block the full-integer int8 sparse FULLY_CONNECTED kernel reads
 FLOAT_FC_BLOCK = (1, 4)
 # Flatbuffer cost of a SparsityParameters table (+ per dim metadata) and of a DENSIFY op + its tensor; measured
 # on written files: ~132 B for a 2-D FC weight, ~310 B for a 4-D conv weight with its DENSIFY.
@@ -130,6 +130,61 @@ def _fc_version(op: Operator) -> int:
         num_inputs=len(op.inputs))
 
 
+def fc_direct_kind(op: Operator, weight: Tensor) -> str | None:
+    """'float32' or 'int8' when this FC can read `weight` sparse itself (version 8); None otherwise."""
+    if op.builtin != OP.FULLY_CONNECTED or len(op.inputs) < 2 or op.inputs[1] is None or \
+            op.inputs[1].buffer is not weight.buffer:
+        return None
+    x, out = op.inputs[0], op.outputs[0]
+    if x is None or getattr(op.builtin_options, "weightsFormat", 0) != 0 or len(weight.shape) != 2:
+        return None
+    if x.type == T.FLOAT32 and weight.type == T.FLOAT32 and out.type == T.FLOAT32:
+        return "float32"
+    if x.type == T.INT8 and weight.type == T.INT8 and out.type == T.INT8:
+        return "int8"
+    return None
+
+
+def int8_refusal(op: Operator, weight: StoredWeight, becomes_int8: bool = False) -> str | None:
+    """Why `op` would not read this int8 weight sparse — with `becomes_int8`, this float weight once --quantize
+    full-int8 makes it int8 and its activations int8 — or None when it would. Only a full-integer int8
+    FULLY_CONNECTED (int8 input, weight and output) reads an int8 weight sparse, itself, in 1×16 blocks: int8
+    through DENSIFY makes XNNPACK fail to prepare, the hybrid FC's sparse kernel gives wrong results, and the
+    16x8 (int16 activation) kernels read their int8 weight dense."""
+    if becomes_int8:
+        if op.builtin != OP.FULLY_CONNECTED or weight.carrier is not None:
+            return (f"--quantize full-int8 makes it an int8 {op.name} weight (int8 through DENSIFY makes XNNPACK "
+                    "fail to prepare)")
+    elif weight.carrier is not None:
+        return "an int8 weight behind a DEQUANTIZE (int8 through DENSIFY makes XNNPACK fail to prepare)"
+    elif op.builtin != OP.FULLY_CONNECTED:
+        return f"an int8 {op.name} weight (int8 through DENSIFY makes XNNPACK fail to prepare)"
+    else:
+        x = op.inputs[0]
+        if x is not None and x.type == T.FLOAT32:
+            return "a hybrid FULLY_CONNECTED's int8 weight (its sparse kernel gives wrong results)"
+        if fc_direct_kind(op, weight.tensor) != "int8":
+            kind = x.type_name if x is not None else "unknown"
+            return f"an int8 weight read with {kind} activations (only the int8 FULLY_CONNECTED kernel reads one sparse)"
+    if weight.tensor.shape[1] % INT8_FC_BLOCK[1]:
+        return f"an int8 FULLY_CONNECTED reads 1x16 blocks only; its {weight.tensor.shape[1]} inputs do not divide"
+    return None
+
+
+def storage_refusal(op: Operator, weight: StoredWeight, settings, min_params: int = 0,
+                    full_int8: bool = False) -> str | None:
+    """Why this layer's weight, once pruned, could not be stored sparse in a form the runtime reads (None: it
+    can): an int8 weight (`int8_refusal`), or a float one that --quantize full-int8 (`full_int8`) or --quantize
+    int8 makes int8. Zeros that stay dense save no byte and only cost accuracy, so the prune pass leaves such a
+    weight as it is."""
+    from .quantize import stored_itemsize
+    if weight.kind not in ("float32", "float16") or full_int8:
+        return int8_refusal(op, weight, becomes_int8=weight.kind in ("float32", "float16"))
+    if stored_itemsize(weight.kind, numel(weight.tensor.shape), settings.quantize, min_params) == 1:
+        return "--quantize int8 stores it as int8 for a kernel that reads it dense"
+    return None
+
+
 class Decision:
     def __init__(self, enc=None, method=None, densify=False, reason=None, bytes_before=0, bytes_after=0):
         self.enc, self.method, self.densify, self.reason = enc, method, densify, reason
@@ -175,14 +230,9 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
     direct_fc = bool(fc_kinds) and all(k is not None for k in fc_kinds) and len(set(fc_kinds)) == 1 \
         and len(direct_readers) == len(readers)
     if t.type == T.INT8:
-        if any(op.builtin == OP.FULLY_CONNECTED and op.inputs[0] is not None and op.inputs[0].type == T.FLOAT32
-               for op in readers) and not direct_fc:
-            return Decision(reason="hybrid FULLY_CONNECTED (float input, int8 weight): its sparse kernel gives "
-                                   "wrong results; stays dense")
-        if not direct_fc:
-            return Decision(reason="int8 weight: int8 through DENSIFY makes XNNPACK fail to prepare; stays dense")
-        if raw.shape[1] % INT8_FC_BLOCK[1]:
-            return Decision(reason=f"int8 FULLY_CONNECTED needs 1x16 blocks; {raw.shape[1]} inputs do not divide")
+        reason = next((r for r in (int8_refusal(op, weight) for op in readers) if r), None)
+        if reason:
+            return Decision(reason=f"{reason}; stays dense")
     # The int8 rules first: a weight the runtime cannot read sparse says so, whatever its zeros.
     if below_zero_floor(zf):
         return Decision(reason=f"only {100 * zf:.1f}% zeros (encoding needs {100 * MIN_ZERO_FRACTION:.0f}%)")
@@ -297,10 +347,6 @@ def _decide_and_apply(model: Model, weight: StoredWeight, group: list[Operator])
     return decision
 
 
-# Sparsities the budget (`--prune auto --target-size X`) may give a layer; below 30 % zeros nothing is stored sparse.
-SPARSITY_OPTIONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-
-
 def planned_int8_fc_nbytes(raw: np.ndarray) -> int:
     """Bytes the weight of a full-integer FULLY_CONNECTED (int8, or float32 that --quantize full-int8 will make
     int8 with its zeros kept) pruned in 1×16 blocks will take, as `decide` stores it: 1×16 blocks of 1-byte
@@ -309,58 +355,3 @@ def planned_int8_fc_nbytes(raw: np.ndarray) -> int:
     if below_zero_floor(sparse.block_sparsity(nonzero, INT8_FC_BLOCK)):
         return nonzero.size
     return min(nonzero.size, stored_nbytes(sparse.encode_blocks(nonzero.astype(np.int8), INT8_FC_BLOCK), False))
-
-
-def sparsity_options(model: Model, op: Operator, settings, data: dict, sparsities=SPARSITY_OPTIONS,
-                     min_params: int = 0, full_int8: bool = False) -> list:
-    """The budget's options for pruning one layer (`--prune auto`; data-aware, on its calibration rows): per
-    sparsity the bytes this pass will really store (after --quantize float16 when asked) and the layer's relative output
-    error. Skip when the layer cannot be pruned data-aware or no sparsity would save bytes: an int8 weight is
-    never stored sparse except a full-integer FC, in 1×16 blocks — so a full-integer layer (of an int8 model, or
-    any with `full_int8`: --quantize full-int8 follows) gets options only as a FULLY_CONNECTED, costed as those
-    blocks (the budget adds its per-channel parameters, as for the dense layer: `budget._budget_layer`)."""
-    from ..linalg import obs
-    from .quantize import stored_itemsize
-    weight = find_stored_weight(op)
-    reason = data_aware_reason(model, op, weight)
-    if reason:
-        raise Skip(reason)
-    if op.builtin not in (OP.FULLY_CONNECTED, OP.CONV_2D):
-        raise Skip("no data-aware pruning for this op")
-    n = numel(weight.tensor.shape)
-    block = settings.prune_block
-    if weight.kind == "int8 (full-integer)" or (full_int8 and weight.kind in ("float32", "float16")):
-        if op.builtin != OP.FULLY_CONNECTED or weight.carrier is not None:
-            raise Skip("a full-integer int8 weight is stored dense (int8 through DENSIFY makes XNNPACK fail to "
-                       "prepare); only a FULLY_CONNECTED reads it sparse")
-        if len(weight.tensor.shape) != 2 or weight.tensor.shape[1] % INT8_FC_BLOCK[1]:
-            raise Skip(f"a full-integer FULLY_CONNECTED reads 1x16 blocks only; its inputs do not divide")
-        store_as, block, dense_bytes = "int8 (full-integer)", INT8_FC_BLOCK, n
-    else:
-        kind = weight.kind.split()[0]  # "int8 (dequantized)": int8 data behind a DEQUANTIZE
-        store_as = {4: "float32", 2: "float16", 1: "int8"}[stored_itemsize(kind, n, settings.quantize, min_params)]
-        if store_as not in ("float32", "float16"):
-            raise Skip(f"an {store_as} weight is stored dense (the runtime reads no sparse {store_as} here)")
-        dense_bytes = n * (2 if store_as == "float16" else 4)
-    direct_fc = store_as == "float32" and weight.carrier is None and \
-        fc_direct_kind(op, weight.tensor) == "float32"
-    macs_ = macs(op, op.inputs[1])
-    # Damage is judged on rows the prune did not see: fitted on the first half of the samples, measured on the
-    # second. With fewer rows than inputs (an FC layer gets one row per image) the update reproduces the rows it
-    # was fitted on almost exactly, whatever the sparsity (VGG fixture, 16 images: damage 0.000 at 85 %).
-    rows = data["rows"]
-    half = len(rows) // 2
-    fit_data = {**data, "rows": rows[:half]}
-    cache: dict = {}  # H and its factor, once for all sparsities
-    options = []
-    for s in sparsities:
-        result = data_aware_weights(op, weight, s, block, fit_data,
-                                    store_as=store_as if store_as == "float16" else None, cache=cache)
-        nbytes = planned_int8_fc_nbytes(result.stored) if block == INT8_FC_BLOCK and store_as.startswith("int8") \
-            else planned_nbytes(result.stored, direct_fc)
-        if nbytes < dense_bytes:
-            options.append(SparsityOption(s, int(np.count_nonzero(result.stored)), nbytes, macs_,
-                                          obs.output_error(result.matrix, result.values, rows[half:])))
-    if not options:
-        raise Skip("no sparsity saves bytes")
-    return options
