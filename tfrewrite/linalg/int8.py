@@ -64,19 +64,26 @@ def requantize(values: np.ndarray, in_scale: float, zero: int) -> np.ndarray:
     return (np.asarray(values, np.float64) - zero) * in_scale
 
 
-def weights_and_bias(weight: np.ndarray, bias: np.ndarray, in_scale: float, axis: int | None = 0,
-                     zero_channel_scales: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Symmetric int8 `weight` (per channel along `axis`, or per tensor for None) and an int32 `bias` at
-    in_scale·s_w[c]. Where |b / (in_scale·s_w[c])| would not fit in int32 the channel's weight scale is grown
-    until it does (the weights are requantized with it; they only get smaller). `zero_channel_scales`: the
-    scales an all-zero channel gets instead of 1 (a pruned-away output channel keeps its old scale, so its
-    requantization scale s_in·s_w/s_out stays what XNNPACK accepted).
-    Returns (q int8, scales float32, bias int32, bias scales float32: one per channel, or one for `axis` None)."""
+def weights(weight: np.ndarray, axis: int | None = 0, zero_channel_scales: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 `weight` (per channel along `axis`, or per tensor for None): (q int8, scales float32).
+    `zero_channel_scales`: the scales an all-zero channel gets instead of 1 (a pruned-away output channel keeps
+    its old scale, so its requantization scale s_in·s_w/s_out stays what XNNPACK accepted)."""
     q, scales = quantize_symmetric_int8(weight, axis=axis)
     if zero_channel_scales is not None and axis is not None:
         empty = ~np.any(np.moveaxis(q, axis, 0).reshape(len(scales), -1), axis=1)
         scales = np.where(empty, np.asarray(zero_channel_scales, np.float32).reshape(-1), scales).astype(np.float32)
+    return q, scales
+
+
+def weights_and_bias(weight: np.ndarray, bias: np.ndarray, in_scale: float, axis: int | None = 0,
+                     zero_channel_scales: np.ndarray | None = None, quantized: tuple | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric int8 `weight` (`weights`) and an int32 `bias` at in_scale·s_w[c]. Where |b / (in_scale·s_w[c])|
+    would not fit in int32 the channel's weight scale is grown until it does (the weights are requantized with
+    it; they only get smaller). `quantized`: `weights`' result for `weight` when already made.
+    Returns (q int8, scales float32, bias int32, bias scales float32: one per channel, or one for `axis` None)."""
+    q, scales = quantized if quantized is not None else weights(weight, axis, zero_channel_scales)
     bias = np.asarray(bias, np.float64).reshape(-1)
     channels = len(bias)
     per = np.broadcast_to(scales.astype(np.float64), (channels,)) if axis is None else scales.astype(np.float64)

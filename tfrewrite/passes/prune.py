@@ -168,32 +168,35 @@ def prune_data_aware(sg: Subgraph, op: Operator, weight: StoredWeight, sparsity:
     and the bias corrected (a new bias constant)."""
     from ..linalg import fit, obs
     full_integer = weight.kind == "int8 (full-integer)"
-    bias = op.inputs[2] if len(op.inputs) > 2 else None
-    # A Skip here leaves the layer untouched.
-    bias_before = bias_real(op, weight.tensor.shape[0]) if full_integer else bias_values(bias, weight.tensor.shape[0])
+    channels = weight.tensor.shape[0]
+    # Each reader's bias corrected on its own inputs' mean: `op`, or every reader of a shared weight whose rows
+    # were pooled (`shared_rows`). A Skip here leaves the layers untouched.
+    readers = data.get("readers") or [(op, data["mean"], data.get("target_mean"))]
+    biases_before = [bias_real(op, channels) if full_integer else bias_values(_bias(reader), channels)
+                     for reader, _, _ in readers]
     rows, target_rows = data["rows"], data.get("target_rows")
     result = data_aware_weights(op, weight, sparsity, block, data)
     matrix = result.matrix
     if full_integer:
-        result, new_bias = _requantize_full_integer(sg, op, weight, result, bias_before, data)
+        result, new_bias = _requantize_full_integer(sg, op, weight, result, biases_before[0], data)
     else:
-        for reader, mean, target_mean in data.get("readers", [])[1:]:
-            # The other readers of a shared weight: each bias corrected on its own inputs' mean.
-            before = bias_values(reader.inputs[2] if len(reader.inputs) > 2 else None, weight.tensor.shape[0])
+        for (reader, mean, target_mean), before in zip(readers, biases_before):
             shift = fit.bias_shift(matrix, result.values, mean, target_mean)
-            _set_corrected_bias(reader, sg.add_constant(f"{reader.outputs[0].name}/pruned_bias",
-                                                        (before + shift).astype(np.float32)), None)
-        own = data["readers"][0][1:] if "readers" in data else (data["mean"], data.get("target_mean"))
-        shift = fit.bias_shift(matrix, result.values, *own)
-        corrected = bias_before + shift.astype(np.float32)
-        new_bias = sg.add_constant(f"{op.outputs[0].name}/pruned_bias", corrected.astype(np.float32))
-        if result.scales is not None:
-            weight.tensor.quantization = Quantization.symmetric(result.scales, weight.tensor.quantization.axis)
+            corrected = sg.add_constant(f"{reader.outputs[0].name}/pruned_bias",
+                                        (before + shift.astype(np.float32)).astype(np.float32))
+            if reader is op:
+                new_bias = corrected
+            else:
+                _set_corrected_bias(reader, corrected, None)
     entry.output_error = obs.output_error(matrix, result.values, rows, target_rows)
     entry.output_error_magnitude = obs.output_error(
         matrix, matrix * keep_mask(op, weight, sparsity, block)[0].reshape(matrix.shape), rows, target_rows)
     _set_corrected_bias(op, new_bias, entry)
     return result.stored, result.method
+
+
+def _bias(op: Operator) -> Tensor | None:
+    return op.inputs[2] if len(op.inputs) > 2 else None
 
 
 def _set_corrected_bias(op: Operator, bias: Tensor, entry: Entry | None) -> None:
@@ -259,23 +262,28 @@ def _requantize_full_integer(sg: Subgraph, op: Operator, weight: StoredWeight, r
     mean = np.asarray(data["mean"], np.float64)
     target = mean if data.get("target_mean") is None else np.asarray(data["target_mean"], np.float64)
 
-    def quantized(bias):
-        """(q, scales, int32 bias, bias scales, stored real values [out, in]) for a real bias."""
-        def part(c):
-            keep = scales_old[c] if axis is not None else None
-            q, scales, b, b_scales = int8.weights_and_bias(new[c], bias[c] if axis is not None else bias, in_scale,
-                                                           axis, zero_channel_scales=keep)
-            return q, scales, b, b_scales, Quantization.symmetric(scales, axis).dequantize(q).reshape(len(q), -1)
-        return by_channels(part, shape[0], axis)
+    def stored_values(q, scales):
+        return Quantization.symmetric(scales, axis).dequantize(q).reshape(len(q), -1)
 
-    def bias_shift(values):
-        """W·E[t] − Ŵ·E[x] (`fit.bias_shift`), by chunks of channels in float64."""
-        return by_channels(lambda c: (matrix[c].astype(np.float64) @ target - values[c].astype(np.float64) @ mean,),
-                           shape[0], 0)[0]
-    corrected = bias_before + bias_shift(quantized(bias_before)[4])
-    # The int32 bias at the final scales; a scale grown for it (|b| near 2^31, not seen in practice) requantizes
-    # the weights once more, leaving the correction computed with the first ones.
-    q, scales, b, b_scales, values = quantized(corrected)
+    def quantize(c):
+        """(q, scales, stored real values [out, in]) of channels `c`."""
+        q, scales = int8.weights(new[c], axis, zero_channel_scales=scales_old[c] if axis is not None else None)
+        return q, scales, stored_values(q, scales)
+    q, scales, values = by_channels(quantize, shape[0], axis)
+    # W·E[t] − Ŵ·E[x] (`fit.bias_shift`) with the weights as stored, by chunks of channels in float64.
+    corrected = bias_before + by_channels(
+        lambda c: (matrix[c].astype(np.float64) @ target - values[c].astype(np.float64) @ mean,), shape[0], 0)[0]
+
+    def with_bias(c):
+        """(q, scales, int32 bias, bias scales) of channels `c`: the int32 bias at the weights' scales, a scale
+        grown for it (|b| near 2^31, not seen in practice) requantizing the weights, the correction computed
+        with the first ones."""
+        return int8.weights_and_bias(new[c], corrected[c] if axis is not None else corrected, in_scale, axis,
+                                     quantized=(q[c], scales[c]))
+    grown_q, grown_scales, b, b_scales = by_channels(with_bias, shape[0], axis)
+    if not np.array_equal(grown_scales, scales):
+        q, scales = grown_q, grown_scales
+        values = by_channels(lambda c: (stored_values(q[c], scales[c]),), shape[0], axis)[0]
     ratio = in_scale * float(np.max(scales)) / out_scale
     if not ratio < int8.MAX_REQUANTIZATION_SCALE:
         raise RefusedByXnnpack(f"the update's requantization scale s_in*s_w/s_out would be {ratio:.3g} (XNNPACK "
