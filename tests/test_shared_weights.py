@@ -174,14 +174,14 @@ def test_weight_uses_finds_every_reader_through_the_carriers_in_model_order(form
     found = weight_uses(model, stored(fcs[1].inputs[1]).tensor)
     assert [(u.op, u.index) for u in found.uses] == [(fcs[1], 1), (fcs[2], 1)]
     assert [c.builtin for c in found.carriers] == ([OP.DEQUANTIZE] if form == "float16" else [])
-    assert found.shared and found.first is fcs[1]
+    assert found.shared and found.ops[0] is fcs[1]
     alone = weight_uses(model, stored(fcs[0].inputs[1]).tensor)
     assert not alone.shared and alone.ops == [fcs[0]]
     # Across signatures: one Buffer, a tensor (and a DEQUANTIZE) in each subgraph; subgraph order first.
     model = io.read_buffer(B.shared_across_signatures(np.ones((8, 16)), form=form))
     found = weight_uses(model, stored(model.subgraphs[1].operators[-1].inputs[1]).tensor)
     assert [(u.subgraph, u.op.builtin) for u in found.uses] == [(sg, OP.FULLY_CONNECTED) for sg in model.subgraphs]
-    assert len(found.carriers) == (2 if form == "float16" else 0) and found.first is model.subgraphs[0].operators[-1]
+    assert len(found.carriers) == (2 if form == "float16" else 0) and found.ops[0] is model.subgraphs[0].operators[-1]
 
 
 def test_refusal_names_the_reader_in_the_way():

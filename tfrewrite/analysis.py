@@ -104,11 +104,6 @@ class WeightUses(NamedTuple):
         """Read by more than one op."""
         return len(self.ops) > 1
 
-    @property
-    def first(self) -> Operator | None:
-        """The reader that decides a change made for every reader."""
-        return self.uses[0].op if self.uses else None
-
     def refusal(self, rewrites, ask=None, **messages) -> str | None:
         return refusal(self.uses, rewrites, ask, **messages)
 
