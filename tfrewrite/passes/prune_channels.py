@@ -908,14 +908,14 @@ def _group_layers(g: ChannelGraph, group: ChannelGroup) -> list[Layer]:
     return [g.layers[id(op)] for op in group.members if id(op) in g.layers]
 
 
-def group_options(g: ChannelGraph, group: ChannelGroup, data: dict, multiple: int, space: ChannelSpace
-                  ) -> list[ChannelOption]:
+def group_options(g: ChannelGraph, group: ChannelGroup, data: dict, multiple: int, space: ChannelSpace,
+                  layers: list[Layer], dense: float) -> list[ChannelOption]:
     """The group's options at BUDGET_SHARES: channels removed in the greedy order (the removal for a larger
     share extends the one for a smaller), the damage measured after the refit each reading layer will get, on
     rows the fit did not see (two-fold, from the halves' covariances: a FULLY_CONNECTED reader has one row per
     sample, often fewer than its columns, and a fit on them reproduces them exactly); beyond FULL_COLUMNS
     columns, where the refit only moves the mean, the error before refit. No options without data for every
-    reader."""
+    reader. `layers`: the group's layers (`_group_layers`); `dense`: their bytes as they stand (`dense_bytes`)."""
     from ..linalg import channels as ch
     grams = reader_grams(g, group, data)
     n = group.channels
@@ -923,15 +923,14 @@ def group_options(g: ChannelGraph, group: ChannelGroup, data: dict, multiple: in
     if grams is None or not keeps:
         return []
     order = ch.removal_order(sum(gram for _, gram in grams), n - keeps[-1])
-    layers = _group_layers(g, group)
     options = []
     with single_threaded_lapack():  # hundreds of mid-sized solves: OpenBLAS's thread hand-offs would dominate
         for keep in keeps:
-            options.append(_option(g, group, grams, data, order[:n - keep], keep, space, layers))
+            options.append(_option(g, group, grams, data, order[:n - keep], keep, space, layers, dense))
     return options
 
 
-def _option(g, group, grams, data, cut, keep, space, layers) -> ChannelOption:
+def _option(g, group, grams, data, cut, keep, space, layers, dense) -> ChannelOption:
     from ..linalg import channels as ch
     n = group.channels
     worst = 0.0
@@ -946,7 +945,7 @@ def _option(g, group, grams, data, cut, keep, space, layers) -> ChannelOption:
             err = ch.held_out_error(weight_matrix(reader), d.split(), kept_cols)
         worst = max(worst, err)
     saved, params, macs_ = space.saving([(group, keep)], False, layers)
-    return ChannelOption(round((n - keep) / n, 6), keep, params, macs_, worst, space.dense_bytes(layers) - saved)
+    return ChannelOption(round((n - keep) / n, 6), keep, params, macs_, worst, dense - saved)
 
 
 def budget_space(model: Model, ctx, samples, stage=None, full_int8: bool = False) -> ChannelSpace:
@@ -965,16 +964,16 @@ def budget_space(model: Model, ctx, samples, stage=None, full_int8: bool = False
     data = reader_data(model, ctx, readers, samples) if samples and readers else {}
     progress = stage(len(auto)) if stage else None
     for group, multiple in auto:
-        options = group_options(g, group, data, multiple, space)
+        layers = _group_layers(g, group)
+        dense = space.dense_bytes(layers)
+        options = group_options(g, group, data, multiple, space, layers, dense)
         lead = group.producers[0].op
         if not options:
             space.closed[id(lead)] = (f"{group.channels} channels: nothing to remove at multiples of {multiple}"
                                       if data else "no calibration rows for the layers reading these channels")
             continue
-        layers = _group_layers(g, group)
         params = sum(layer_cost(layer)[0] for layer in layers)
-        space.open.append(BudgetGroup(group, options, params, sum(layer_cost(layer)[1] for layer in layers),
-                                      space.dense_bytes(layers)))
+        space.open.append(BudgetGroup(group, options, params, sum(layer_cost(layer)[1] for layer in layers), dense))
         if progress:
             progress(lead)
     return space
