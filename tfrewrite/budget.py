@@ -398,8 +398,8 @@ def plan_channels(model, ctx, target: float, by_macs: bool, total: float, sample
                        "budget_share": round(cost(layer, c, by_macs) / spent, 6),
                        "candidates": [{"kept": o.keep, "damage": round(o.damage, 6)} for o in b.options]})
     settings, info = rank_settings(ctx, ops, ranked, result.choice[n:], by_macs)
-    summary = _summary(target, by_macs, quantized, total, result, groups + list(info.values()), technique="channels+lowrank" if passes else "channels",
-                       damage="measured on the calibration data")
+    summary = _summary(target, by_macs, quantized, total, result, groups + list(info.values()),
+                       technique="channels+lowrank" if passes else "channels", damage="measured on the calibration data")
     return keeps, settings, info, summary
 
 

@@ -8,9 +8,10 @@ pruned in 1×16 blocks instead, the only block its sparse kernel reads.
 The weight keeps its storage form: float32, float16 behind a DEQUANTIZE, or int8 (dynamic-range or
 full-integer, pruned in the integer domain: a zeroed value is exactly the zero point 0). Only the zeros are
 written here; `sparse_encode` stores them in TFLite's sparse format. A weight whose zeros no kernel would read
-sparse (`sparse_encode.storage_refusal`: every int8 weight but a full-integer int8 FC's) is not pruned: "does not pay". A weight shared by several ops (in any
-subgraph: one Buffer) is pruned once, at its first reader, and stays one shared Buffer, when every reader is a
-layer reading it as its weight that asks for the same pruning (the IR's shared-weight policy, `analysis`).
+sparse (`sparse_encode.storage_refusal`: every int8 weight but a full-integer int8 FC's) is not pruned: "does not
+pay". A weight shared by several ops (in any subgraph: one Buffer) is pruned once, at its first reader, and stays
+one shared Buffer, when every reader is a layer reading it as its weight that asks for the same pruning (the IR's
+shared-weight policy, `analysis`).
 
 With calibration rows for the layer (`--calibration`), pruning is data-aware instead (`linalg.obs`): the mask
 and the kept weights minimise the change of the layer's outputs on the samples (SparseGPT's mask, then the

@@ -165,7 +165,8 @@ def int8_refusal(op: Operator, weight: StoredWeight, becomes_int8: bool = False)
             return "a hybrid FULLY_CONNECTED's int8 weight (its sparse kernel gives wrong results)"
         if fc_direct_kind(op, weight.tensor) != "int8":
             kind = x.type_name if x is not None else "unknown"
-            return f"an int8 weight read with {kind} activations (only the int8 FULLY_CONNECTED kernel reads one sparse)"
+            return (f"an int8 weight read with {kind} activations (only the int8 FULLY_CONNECTED kernel reads one "
+                    "sparse)")
     if weight.tensor.shape[1] % INT8_FC_BLOCK[1]:
         return f"an int8 FULLY_CONNECTED reads 1x16 blocks only; its {weight.tensor.shape[1]} inputs do not divide"
     return None
