@@ -304,8 +304,9 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
         weight = find_stored_weight(op)
         n = numel(weight.tensor.shape)
         nonzero = int(np.count_nonzero(weight.raw))
+        sparsity = round(1 - nonzero / max(n, 1), 6)
         entry.set(weight_dtype=weight.kind, params_before=nonzero, params_after=nonzero,
-                  sparsity_before=round(1 - nonzero / max(n, 1), 6), sparsity_after=round(1 - nonzero / max(n, 1), 6))
+                  sparsity_before=sparsity, sparsity_after=sparsity)
         if id(weight.tensor.buffer) in done:
             raise Skip(f"shares its weight with {done[id(weight.tensor.buffer)]}, pruned once there")
         reason = _reason_to_leave(op, ctx, n)

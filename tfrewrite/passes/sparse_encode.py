@@ -192,11 +192,16 @@ class Decision:
         self.bytes_before, self.bytes_after = bytes_before, bytes_after
 
 
+def zero_share(raw: np.ndarray) -> float:
+    """The share of a dense weight's values that are zero."""
+    return 1.0 - np.count_nonzero(raw) / max(np.size(raw), 1)
+
+
 def float_encoding(raw: np.ndarray, direct_fc: bool) -> tuple[sparse.SparseEncoding, str]:
     """(encoding, method) of a float32 / float16 weight holding enough zeros; `direct_fc`: a float32
     FULLY_CONNECTED reads it itself (1x4 blocks when whole blocks are zero)."""
     if direct_fc:
-        zf = 1.0 - np.count_nonzero(raw) / max(raw.size, 1)
+        zf = zero_share(raw)
         if raw.shape[1] % FLOAT_FC_BLOCK[1] == 0 and zf > 0 \
                 and sparse.block_sparsity(raw, FLOAT_FC_BLOCK) / zf > FLOAT_BLOCK_RATIO:
             return sparse.encode_blocks(raw, FLOAT_FC_BLOCK), "block1x4, FC v8"
@@ -215,7 +220,7 @@ def planned_nbytes(raw: np.ndarray, direct_fc: bool) -> int:
     as `decide` stores it: dense below MIN_ZERO_FRACTION zeros or when the encoding saves nothing."""
     raw = np.asarray(raw)
     dense = raw.nbytes
-    if below_zero_floor(1.0 - np.count_nonzero(raw) / max(raw.size, 1)):
+    if below_zero_floor(zero_share(raw)):
         return dense
     enc, method = float_encoding(raw, direct_fc)
     return min(dense, stored_nbytes(enc, method.endswith("DENSIFY")))
@@ -226,7 +231,7 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
     t = weight.tensor
     raw = np.asarray(weight.raw)
     dense_bytes = t.buffer.nbytes
-    zf = 1.0 - np.count_nonzero(raw) / max(raw.size, 1)
+    zf = zero_share(raw)
     fc_kinds = [fc_direct_kind(op, t) for op in direct_readers] if weight.carrier is None else []
     direct_fc = bool(fc_kinds) and all(k is not None for k in fc_kinds) and len(set(fc_kinds)) == 1 \
         and len(direct_readers) == len(readers)
@@ -336,7 +341,7 @@ def _decide_and_apply(model: Model, weight: StoredWeight, group: list[Operator])
         if use.op.builtin not in TARGETS or use.index != 1 or (found.carriers and use.op.inputs[1].is_constant):
             return False  # not a layer's weight, or read directly beside the carrier
         return True if any(use.op is op for op in group) else "excluded from encoding"
-    zf = 1.0 - np.count_nonzero(weight.raw) / max(numel(t.shape), 1)
+    zf = zero_share(weight.raw)
     reason = found.refusal(rewrites, left="a reader is excluded from encoding")
     if reason:
         decision = Decision(reason=reason)
