@@ -175,7 +175,7 @@ def zero_fraction(t: Tensor) -> float:
     if n == 0:
         return 0.0
     if t.sparsity is not None:
-        values = t.buffer.data.view(t.dtype) if t.dtype is not None else None
+        values = _stored_values(t)
         if values is None:
             return 0.0
         return 1.0 - float(np.count_nonzero(values)) / n
@@ -218,14 +218,24 @@ def layer_weight(op: Operator) -> Tensor | None:
     return stored_constant(op.inputs[1]) if op.builtin in WEIGHTED_OPS and len(op.inputs) > 1 else None
 
 
+def _stored_values(c: Tensor):
+    """The values a constant stores: a sparse tensor's are only its nonzero ones (None when unreadable)."""
+    if c.sparsity is not None:
+        return c.buffer.data.view(c.dtype) if c.dtype is not None else None
+    return c.data
+
+
+def _constants_read(op: Operator) -> list[Tensor]:
+    """The stored constants `op` reads (through DEQUANTIZE / DENSIFY), one per input; none for those
+    carriers themselves (their reader counts them)."""
+    if op.builtin in WEIGHT_CARRIERS:
+        return []
+    return [c for c in map(stored_constant, op.inputs) if c is not None]
+
+
 def op_row(sg_index: int, op_index: int, op: Operator, zeros: bool = True) -> dict:
     weight = layer_weight(op)
-    params = 0
-    if op.builtin not in WEIGHT_CARRIERS:
-        for t in op.inputs:
-            c = stored_constant(t)
-            if c is not None:
-                params += numel(c.shape)
+    params = sum(numel(c.shape) for c in _constants_read(op))
     return {
         "subgraph": sg_index,
         "index": op_index,
@@ -278,13 +288,8 @@ def nonzero_params(model: Model) -> int:
     total = 0
     for sg in model.subgraphs:
         for op in sg.operators:
-            if op.builtin in WEIGHT_CARRIERS:
-                continue
-            for t in op.inputs:
-                c = stored_constant(t)
-                if c is None:
-                    continue
-                values = c.buffer.data.view(c.dtype) if c.sparsity is not None and c.dtype is not None else c.data
+            for c in _constants_read(op):
+                values = _stored_values(c)
                 total += int(np.count_nonzero(values)) if values is not None else numel(c.shape)
     return total
 
