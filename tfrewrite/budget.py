@@ -63,17 +63,20 @@ def stored_bytes(params: int, channels: tuple, form: str, name_bytes: int) -> fl
     'full-int8'): weights, biases, quantization parameters and each op's tables (its weight, bias and output
     tensors with their names, two buffers). `channels`: each op's output channels, the layer's own output last.
     Per output channel a float32 bias costs 4 bytes; a per-channel int8 weight adds a float32 scale and an int64
-    zero point (12), and a full-integer int32 bias the same again: 28 bytes per channel beside 1-byte weights.
+    zero point (12), and a full-integer int32 bias the same again: `io.FULL_INT8_CHANNEL_BYTES` (28) per channel
+    beside 1-byte weights.
     The ops before the last of a full-integer chain are quantized per tensor (their rank channels cost only a
     zero int32 bias each; `passes.int8_chain`, `passes.full_int8`)."""
-    from .io import BUFFER_BYTES, OPERATOR_BYTES, OPTIONS_BYTES, QUANTIZATION_BYTES, TENSOR_BYTES
+    from .io import (BUFFER_BYTES, CHANNEL_QUANTIZATION_BYTES, FULL_INT8_CHANNEL_BYTES, OPERATOR_BYTES,
+                     OPTIONS_BYTES, QUANTIZATION_BYTES, TENSOR_BYTES)
     tables = OPERATOR_BYTES + 16 + OPTIONS_BYTES + 3 * (TENSOR_BYTES + name_bytes + 16) + 2 * BUFFER_BYTES
     ops = len(channels)
     if form == "full-int8":
-        per_tensor = QUANTIZATION_BYTES + 12  # one scale and one zero point
-        return params + 28 * channels[-1] + 4 * sum(channels[:-1]) + ops * (tables + 3 * per_tensor)
+        per_tensor = QUANTIZATION_BYTES + CHANNEL_QUANTIZATION_BYTES  # one scale and one zero point
+        return (params + FULL_INT8_CHANNEL_BYTES * channels[-1] + 4 * sum(channels[:-1])
+                + ops * (tables + 3 * per_tensor))
     if form == "int8":
-        return params + 16 * sum(channels) + ops * (tables + 2 * QUANTIZATION_BYTES)
+        return params + (4 + CHANNEL_QUANTIZATION_BYTES) * sum(channels) + ops * (tables + 2 * QUANTIZATION_BYTES)
     return params * ITEMSIZE[form] + 4 * sum(channels) + ops * tables
 
 
@@ -82,7 +85,7 @@ def full_int8_size(model, file_bytes: int) -> float:
     quantized full-integer and every activation gets a scale and zero point: what `--quantize full-int8` alone
     would write, so that a target applies on top of it."""
     from .ops.semantics import LAYERS
-    from .io import QUANTIZATION_BYTES
+    from .io import CHANNEL_QUANTIZATION_BYTES, QUANTIZATION_BYTES
     size = float(file_bytes)
     for sg in model.subgraphs:
         for op in sg.operators:
@@ -98,7 +101,7 @@ def full_int8_size(model, file_bytes: int) -> float:
             w, nb = weight.values, len(op.outputs[0].name)
             channels = (w.shape[layout.out_axis],)
             size += stored_bytes(w.size, channels, "full-int8", nb) - stored_bytes(w.size, channels, weight.kind, nb)
-        size += sum(QUANTIZATION_BYTES + 12 for t in sg.tensors if not t.is_constant)
+        size += sum(QUANTIZATION_BYTES + CHANNEL_QUANTIZATION_BYTES for t in sg.tensors if not t.is_constant)
     return size
 
 
