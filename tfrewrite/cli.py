@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -11,6 +12,10 @@ EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED, EXIT_TERMINATED 
 
 class UsageError(Exception):
     pass
+
+
+class StdoutLost(Exception):
+    """stdout refused what was printed (a full disk, a closed file): after a rewrite, its outputs are complete."""
 
 
 class Terminated(BaseException):
@@ -238,7 +243,7 @@ def print_report(report: dict, quiet: bool = False) -> None:
     for note in report.get("notes", []):
         print(note)
     for warning in report.get("warnings", []):
-        print(f"tfrewrite: warning: {warning}", file=sys.stderr)
+        _say(f"tfrewrite: warning: {warning}")
 
 
 def print_compare(r: dict) -> None:
@@ -266,6 +271,44 @@ def print_compare(r: dict) -> None:
               f"{100 * acc['a']['top5']:.2f}%, B top-1 {100 * acc['b']['top1']:.2f}% top-5 {100 * acc['b']['top5']:.2f}%")
 
 
+def _say(line: str) -> None:
+    """One line on stderr; a stderr that cannot take it (closed, full) leaves only the exit status to tell."""
+    if sys.stderr is None:  # closed (`2>&-`): print(file=None) would write to stdout
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _stop_printing() -> None:
+    """Point stdout at the null device (Python's own advice for a broken pipe): what is still buffered for it
+    would fail again when the interpreter flushes it on exit, with a traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (a library caller's capture): nothing to do
+        pass
+
+
+@contextlib.contextmanager
+def _printing(written: str = ""):
+    """Print to stdout, flushed at the end. A reader that went away (`| head -1`) propagates as BrokenPipeError
+    (ended quietly by `_main`); a stdout that refuses the text (disk full, `> /dev/full`) is StdoutLost, its
+    message saying what the run wrote all the same (`written`)."""
+    try:
+        yield
+        if sys.stdout is not None:  # None: the caller closed it (`>&-`), and print() drops everything
+            sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _stop_printing()
+        raise StdoutLost(f"could not write to stdout ({e.strerror or e})" + (f"; {written}" if written else "")
+                         ) from None
+
+
 # ------------------------------------------------------------------------------------------ commands
 def cmd_compare(argv) -> int:
     args = _compare_parser().parse_args(argv)
@@ -278,10 +321,11 @@ def cmd_compare(argv) -> int:
         io.read(path)  # a clear error for a bad file before the interpreter sees it
     result = verify.compare(args.a, args.b, data=args.data, samples=args.samples, seed=args.seed, runs=args.runs,
                             threads=args.threads, xnnpack=not args.no_xnnpack, signature=args.signature)
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print_compare(result)
+    with _printing():
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            print_compare(result)
     return EXIT_OK
 
 
@@ -290,10 +334,11 @@ def cmd_inspect(argv) -> int:
     from . import analysis, io
     model = io.read(args.model)
     summary = analysis.summary(model, file_bytes=os.path.getsize(args.model))
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print_inspect(summary)
+    with _printing():
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            print_inspect(summary)
     return EXIT_OK
 
 
@@ -305,23 +350,37 @@ def cmd_rewrite(argv) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
-        report = rewrite.run(args.input, args.output, options, progress=sys.stderr.isatty())
+        report = rewrite.run(args.input, args.output, options,
+                             progress=sys.stderr is not None and sys.stderr.isatty())
     except (rewrite.RecipeError, rewrite.OptionError) as e:
         raise UsageError(str(e)) from None
     except rewrite.RewriteFault as e:
-        print(f"tfrewrite: internal error: {e}", file=sys.stderr)
+        _say(f"tfrewrite: internal error: {e}")
         return EXIT_FAULT
     except rewrite.VerifyFailed as e:
-        print(f"tfrewrite: verification failed: {e}; no output written", file=sys.stderr)
+        _say(f"tfrewrite: verification failed: {e}; no output written")
         return EXIT_VERIFY
-    print_report(report, quiet=args.quiet)
-    if "verify" in report:
-        print_compare(report["verify"])
+    written = f"{args.output}" + (f" and {args.report}" if args.report else "")
+    with _printing(f"{written} {'were' if args.report else 'was'} written and complete"):
+        print_report(report, quiet=args.quiet)
+        if "verify" in report:
+            print_compare(report["verify"])
     return EXIT_OK
+
+
+def _fill_closed_standard_fds() -> None:
+    """A standard descriptor the caller closed (`2>&-`) gets the null device: a file the run opens would take its
+    number otherwise, and LiteRT's log lines (written to descriptor 2) would go into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
 
 
 def main(argv=None) -> int:
     import signal
+    _fill_closed_standard_fds()
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -348,22 +407,22 @@ def _main(argv) -> int:
         if argv[:1] == ["compare"]:
             return cmd_compare(argv[1:])
         return cmd_rewrite(argv)
-    except (UsageError, ModelError, PathError, DataError, NotRunnable) as e:
-        print(f"tfrewrite: error: {e}", file=sys.stderr)
+    except (UsageError, ModelError, PathError, DataError, NotRunnable, StdoutLost) as e:
+        _say(f"tfrewrite: error: {e}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tfrewrite: interrupted; nothing written", file=sys.stderr)
+        _say("tfrewrite: interrupted; nothing written")
         return EXIT_INTERRUPTED
     except Terminated:
-        print("tfrewrite: terminated; nothing written", file=sys.stderr)
+        _say("tfrewrite: terminated; nothing written")
         return EXIT_TERMINATED
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader stopped reading (`| head -1`): what it read is what it asked for
+        _stop_printing()
         return EXIT_OK
     except Exception as e:  # an internal fault: one line unless asked for the traceback
         if os.environ.get("TFREWRITE_DEBUG"):
             raise
-        print(f"tfrewrite: internal error: {type(e).__name__}: {e} (set TFREWRITE_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        _say(f"tfrewrite: internal error: {type(e).__name__}: {e} (set TFREWRITE_DEBUG=1 for a traceback)")
         return EXIT_FAULT
 
 
