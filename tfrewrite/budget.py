@@ -174,26 +174,32 @@ def plan_ranks(model, ctx, target: float, by_macs: bool, total: float, passes, p
         ops, layers = add_sparsity_options(model, ctx, ops, layers, sparsity_options, None if passes else progress,
                                            full_int8)
     quantized, total = _baseline(model, total, by_macs, full_int8)
-    result = allocate(list(layers), total, total / target, by_macs)
+    pt_ops, pt_layers = per_tensor_layers(model, ctx) if per_tensor and not by_macs else ([], [])
+    n = len(layers)
+    everything = list(layers) + pt_layers
+    result = allocate(everything, total, total / target, by_macs)
     if sparsity_options is not None and result.reached:
         # A sparsity step can halve a big layer's bytes (fc1 of the VGG fixture 0.8 → 0.9): give back what the
         # level step overshoots (data-free --prune auto --target-size 5 came out at 7.0x).
-        fixed = fixed_cost(layers, total, by_macs)
-        _give_back(result, layers, total / target,
-                   lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)))
+        fixed = fixed_cost(everything, total, by_macs)
+        _give_back(result, everything, total / target,
+                   lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(everything, choice)))
     limit = total / max(result.estimate, 1)
     kept = KEPT_DENSE
     if not result.reached:
         # Out of reach even with every layer at its most compressed option, where models break (MobileNetV2
         # fixture, low rank alone: at most 4.95x, at 11 %): nothing is rewritten, and the report says how far it goes.
-        out_of_reach = f"cannot reach {target:g}x with {_techniques(layers)}: at most about {limit:.2f}x"
+        out_of_reach = f"cannot reach {target:g}x with {_techniques(everything)}: at most about {limit:.2f}x"
         kept = f"kept dense: the budget {out_of_reach}, with every layer at its most compressed option"
-        result.choice = [None] * len(layers)
-    settings, info = rank_settings(ctx, ops, layers, result.choice, by_macs, kept)
+        result.choice = [None] * len(everything)
+    settings, info = rank_settings(ctx, ops, layers, result.choice[:n], by_macs, kept)
+    ctx.per_tensor = per_tensor_choice(pt_ops, result.choice[n:])
     note = None if result.reached else \
         f"{out_of_reach}; nothing was rewritten (ask for less, or add --prune auto or --quantize)"
-    summary = _summary(target, by_macs, quantized, total, result, list(info.values()), note, damage=(
-        "measured on the calibration data" if data_aware else "estimated from the weights (no data)"))
+    damage = "measured on the calibration data" if data_aware else "estimated from the weights (no data)"
+    summary = _summary(target, by_macs, quantized, total, result,
+                       list(info.values()) + per_tensor_info(pt_layers, result.choice[n:], by_macs), note,
+                       damage=damage)
     return settings, info, summary
 
 
@@ -409,7 +415,8 @@ def plan_channels(model, ctx, target: float, by_macs: bool, total: float, sample
     layers = [BudgetLayer(b.group.producers[0].op.outputs[0].name, b.options, b.params, b.macs, 1,
                           input_bytes=b.nbytes, dense_bytes=b.nbytes) for b in space.open]
     ops, ranked = rank_layers(model, ctx, passes, progress, full_int8) if passes else ([], [])
-    n = len(layers)
+    pt_ops, pt_layers = per_tensor_layers(model, ctx) if per_tensor and not by_macs else ([], [])
+    n, m = len(layers), len(layers) + len(ranked)
     quantized, total = _baseline(model, total, by_macs, full_int8)
 
     def measure(choice):
@@ -442,8 +449,11 @@ def plan_channels(model, ctx, target: float, by_macs: bool, total: float, sample
                        "share": c.share if c is not None else 0.0, "damage": round(c.damage, 6) if c else 0.0,
                        "budget_share": round(cost(layer, c, by_macs) / spent, 6),
                        "candidates": [{"kept": o.keep, "damage": round(o.damage, 6)} for o in b.options]})
-    settings, info = rank_settings(ctx, ops, ranked, result.choice[n:], by_macs)
-    summary = _summary(target, by_macs, quantized, total, result, groups + list(info.values()), technique="channels+lowrank" if passes else "channels",
+    settings, info = rank_settings(ctx, ops, ranked, result.choice[n:m], by_macs)
+    ctx.per_tensor = per_tensor_choice(pt_ops, result.choice[m:])
+    summary = _summary(target, by_macs, quantized, total, result,
+                       groups + list(info.values()) + per_tensor_info(pt_layers, result.choice[m:], by_macs),
+                       technique="channels+lowrank" if passes else "channels",
                        damage="measured on the calibration data")
     return keeps, settings, info, summary
 
