@@ -168,38 +168,57 @@ def plan_ranks(model, ctx, target: float, by_macs: bool, total: float, passes, p
     if sparsity_options is not None:
         ops, layers = add_sparsity_options(model, ctx, ops, layers, sparsity_options, None if passes else progress,
                                            full_int8)
-    quantized = full_int8 and not by_macs
-    if quantized:
-        total = full_int8_size(model, total)
+    quantized, total = _baseline(model, total, by_macs, full_int8)
     result = allocate(list(layers), total, total / target, by_macs)
     if sparsity_options is not None and result.reached:
         # A sparsity step can halve a big layer's bytes (fc1 of the VGG fixture 0.8 → 0.9): give back what the
         # level step overshoots (data-free --prune auto --target-size 5 came out at 7.0x).
         fixed = fixed_cost(layers, total, by_macs)
-        result.choice, result.estimate = give_back(
-            layers, result.choice, total / target,
-            lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)))
-        result.level = max((c.damage for c in result.choice if c is not None), default=0.0)
+        _give_back(result, layers, total / target,
+                   lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)))
     limit = total / max(result.estimate, 1)
     kept = KEPT_DENSE
     if not result.reached:
         # Out of reach even with every layer at its most compressed option, where models break (MobileNetV2
         # fixture, low rank alone: at most 4.95x, at 11 %): nothing is rewritten, and the report says how far it goes.
-        kept = (f"kept dense: the budget cannot reach {target:g}x with {_techniques(layers)}: at most about "
-                f"{limit:.2f}x, with every layer at its most compressed option")
+        out_of_reach = f"cannot reach {target:g}x with {_techniques(layers)}: at most about {limit:.2f}x"
+        kept = f"kept dense: the budget {out_of_reach}, with every layer at its most compressed option"
         result.choice = [None] * len(layers)
     settings, info = rank_settings(ctx, ops, layers, result.choice, by_macs, kept)
+    note = None if result.reached else \
+        f"{out_of_reach}; nothing was rewritten (ask for less, or add --prune auto or --quantize)"
+    summary = _summary(target, by_macs, quantized, total, result, list(info.values()), note, damage=(
+        "measured on the calibration data" if data_aware else "estimated from the weights (no data)"))
+    return settings, info, summary
+
+
+def _baseline(model, total: float, by_macs: bool, full_int8: bool) -> tuple[bool, float]:
+    """(whether the target applies to the input quantized alone, the total it applies to): with `full_int8`
+    (--quantize full-int8 follows) a file target counts the model as that quantization alone would write it."""
+    quantized = full_int8 and not by_macs
+    return quantized, (full_int8_size(model, total) if quantized else total)
+
+
+def _give_back(result: Allocation, layers: list, goal: float, measure) -> None:
+    """`give_back` on an allocation that reached its goal: its choice, estimate and level updated."""
+    result.choice, result.estimate = give_back(layers, result.choice, goal, measure)
+    result.level = max((c.damage for c in result.choice if c is not None), default=0.0)
+
+
+def _summary(target: float, by_macs: bool, quantized: bool, total: float, result: Allocation, layers: list,
+             note: str | None = None, **fields) -> dict:
+    """The budget's summary for the report: the target, `fields` (what the budget judged), the allocation's
+    outcome, the per-layer rows, `note` when given, and the baseline the target applies to when it is the input
+    quantized alone."""
     summary = {"target": f"{target:g}x {_target_measure(by_macs, quantized, total)}", "goal": target,
-               "measure": "macs" if by_macs else "file",
-               "damage": "measured on the calibration data" if data_aware else "estimated from the weights (no data)",
-               "reached": result.reached, "damage_level": round(float(result.level), 6),
-               "estimate": round(limit, 3), "layers": list(info.values())}
-    if not result.reached:
-        summary["note"] = f"cannot reach {target:g}x with {_techniques(layers)}: at most about {limit:.2f}x; nothing " \
-                          "was rewritten (ask for less, or add --prune auto or --quantize)"
+               "measure": "macs" if by_macs else "file", **fields, "reached": result.reached,
+               "damage_level": round(float(result.level), 6), "estimate": round(total / max(result.estimate, 1), 3),
+               "layers": layers}
+    if note is not None:
+        summary["note"] = note
     if quantized:
         summary["baseline_bytes"] = round(total)
-    return settings, info, summary
+    return summary
 
 
 def rank_layers(model, ctx, passes, progress=None, full_int8: bool = False) -> tuple[list, list]:
@@ -349,9 +368,7 @@ def plan_channels(model, ctx, target: float, by_macs: bool, total: float, sample
                           input_bytes=b.nbytes, dense_bytes=b.nbytes) for b in space.open]
     ops, ranked = rank_layers(model, ctx, passes, progress, full_int8) if passes else ([], [])
     n = len(layers)
-    quantized = full_int8 and not by_macs
-    if quantized:
-        total = full_int8_size(model, total)
+    quantized, total = _baseline(model, total, by_macs, full_int8)
 
     def measure(choice):
         keeps = [(b.group, c.keep) for b, c in zip(space.open, choice) if c is not None]
@@ -369,8 +386,7 @@ def plan_channels(model, ctx, target: float, by_macs: bool, total: float, sample
         # The MACs are counted exactly; the file also holds what the estimate leaves out (buffer padding, shapes:
         # 0.1 % of MobileNetV2's pruned file), so the give-back keeps a margin there.
         margin = 1.0 if by_macs else FILE_MARGIN
-        result.choice, result.estimate = give_back(everything, result.choice, margin * total / target, measure)
-        result.level = max((c.damage for c in result.choice if c is not None), default=0.0)
+        _give_back(result, everything, margin * total / target, measure)
     keeps = dict(space.closed)
     groups = []
     spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, result.choice[:n])) or 1
@@ -382,13 +398,8 @@ def plan_channels(model, ctx, target: float, by_macs: bool, total: float, sample
                        "budget_share": round(cost(layer, c, by_macs) / spent, 6),
                        "candidates": [{"kept": o.keep, "damage": round(o.damage, 6)} for o in b.options]})
     settings, info = rank_settings(ctx, ops, ranked, result.choice[n:], by_macs)
-    summary = {"target": f"{target:g}x {_target_measure(by_macs, quantized, total)}", "goal": target,
-               "measure": "macs" if by_macs else "file", "technique": "channels+lowrank" if passes else "channels",
-               "damage": "measured on the calibration data", "reached": result.reached,
-               "damage_level": round(float(result.level), 6), "estimate": round(total / max(result.estimate, 1), 3),
-               "layers": groups + list(info.values())}
-    if quantized:
-        summary["baseline_bytes"] = round(total)
+    summary = _summary(target, by_macs, quantized, total, result, groups + list(info.values()), technique="channels+lowrank" if passes else "channels",
+                       damage="measured on the calibration data")
     return keeps, settings, info, summary
 
 
