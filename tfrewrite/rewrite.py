@@ -538,10 +538,11 @@ def update_min_runtime_version(model) -> None:
         model.set_metadata("min_runtime_version", needed.encode("ascii").ljust(16, b"\0"))
 
 
-def run(input_path, output_path, options: Options, progress: bool = False) -> dict:
+def run(input_path, output_path, options: Options, progress: bool = False, committed: list | None = None) -> dict:
     """The whole job. Paths are checked before any work; the model and the report are written under temporary
     names and moved into place together at the end (both or neither; on a broken --verify bound, the report
-    only)."""
+    only). `committed`: a list the paths are added to as they are moved into place (complete), so that a caller
+    interrupted afterwards can say what it leaves."""
     input_path, output_path = Path(input_path), Path(output_path)
     options.validate()
     io.check_paths(reads={"input model": input_path, "--calibration file": options.calibration,
@@ -575,7 +576,7 @@ def run(input_path, output_path, options: Options, progress: bool = False) -> di
         from .passes.full_int8 import float_warning
         float_ops_warning = float_warning(full_int8)
         warnings.append(float_ops_warning)
-    with io.Staged() as staged:
+    with io.Staged(committed) as staged:
         target = staged.path(output_path)
         report_target = staged.path(options.report) if options.report else None
         size_after = _written(lambda: io.write(model, target), output_path)
