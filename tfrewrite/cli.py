@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -11,6 +12,10 @@ EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_VERIFY, EXIT_INTERRUPTED, EXIT_TERMINATED 
 
 class UsageError(Exception):
     pass
+
+
+class StdoutLost(Exception):
+    """stdout refused what was printed (a full disk, a closed file): after a rewrite, its outputs are complete."""
 
 
 class Terminated(BaseException):
@@ -73,6 +78,9 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=["float16", "int8", "full-int8"],
                    help="store weights as float16 or int8; full-int8: the whole model to int8 activations and "
                         "weights after the other passes (needs --calibration and ai-edge-quantizer)")
+    g.add_argument("--per-tensor", choices=["auto"], help="full-integer int8 models with --target-size and "
+                   "--calibration: the budget may also requantize a layer's weights per tensor (one scale instead "
+                   "of one per output channel, 24 bytes less per channel) where its measured damage is least")
     s = p.add_argument_group("selection")
     s.add_argument("--only", metavar="REGEX", help="rewrite only ops whose output tensor name matches")
     s.add_argument("--skip", metavar="REGEX", help="leave ops whose output tensor name matches")
@@ -235,7 +243,7 @@ def print_report(report: dict, quiet: bool = False) -> None:
     for note in report.get("notes", []):
         print(note)
     for warning in report.get("warnings", []):
-        print(f"tfrewrite: warning: {warning}", file=sys.stderr)
+        _say(f"tfrewrite: warning: {warning}")
 
 
 def print_compare(r: dict) -> None:
@@ -263,6 +271,44 @@ def print_compare(r: dict) -> None:
               f"{100 * acc['a']['top5']:.2f}%, B top-1 {100 * acc['b']['top1']:.2f}% top-5 {100 * acc['b']['top5']:.2f}%")
 
 
+def _say(line: str) -> None:
+    """One line on stderr; a stderr that cannot take it (closed, full) leaves only the exit status to tell."""
+    if sys.stderr is None:  # closed (`2>&-`): print(file=None) would write to stdout
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _stop_printing() -> None:
+    """Point stdout at the null device (Python's own advice for a broken pipe): what is still buffered for it
+    would fail again when the interpreter flushes it on exit, with a traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (a library caller's capture): nothing to do
+        pass
+
+
+@contextlib.contextmanager
+def _printing(written: str = ""):
+    """Print to stdout, flushed at the end. A reader that went away (`| head -1`) propagates as BrokenPipeError
+    (ended quietly by `_main`); a stdout that refuses the text (disk full, `> /dev/full`) is StdoutLost, its
+    message saying what the run wrote all the same (`written`)."""
+    try:
+        yield
+        if sys.stdout is not None:  # None: the caller closed it (`>&-`), and print() drops everything
+            sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _stop_printing()
+        raise StdoutLost(f"could not write to stdout ({e.strerror or e})" + (f"; {written}" if written else "")
+                         ) from None
+
+
 # ------------------------------------------------------------------------------------------ commands
 def cmd_compare(argv) -> int:
     args = _compare_parser().parse_args(argv)
@@ -275,10 +321,11 @@ def cmd_compare(argv) -> int:
         io.read(path)  # a clear error for a bad file before the interpreter sees it
     result = verify.compare(args.a, args.b, data=args.data, samples=args.samples, seed=args.seed, runs=args.runs,
                             threads=args.threads, xnnpack=not args.no_xnnpack, signature=args.signature)
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print_compare(result)
+    with _printing():
+        if args.json:
+            print(json.dumps(result, indent=1))
+        else:
+            print_compare(result)
     return EXIT_OK
 
 
@@ -287,11 +334,18 @@ def cmd_inspect(argv) -> int:
     from . import analysis, io
     model = io.read(args.model)
     summary = analysis.summary(model, file_bytes=os.path.getsize(args.model))
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print_inspect(summary)
+    with _printing():
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            print_inspect(summary)
     return EXIT_OK
+
+
+def _complete(paths) -> str:
+    """'a and b were written and are complete', for the outputs a run has moved into place."""
+    names = " and ".join(str(p) for p in paths)
+    return f"{names} {'were' if len(paths) > 1 else 'was'} written and {'are' if len(paths) > 1 else 'is'} complete"
 
 
 def cmd_rewrite(argv) -> int:
@@ -301,24 +355,47 @@ def cmd_rewrite(argv) -> int:
         options = rewrite.Options.from_namespace(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    written = []  # the outputs the run has moved into place: complete from then on
     try:
-        report = rewrite.run(args.input, args.output, options, progress=sys.stderr.isatty())
-    except (rewrite.RecipeError, rewrite.OptionError) as e:
-        raise UsageError(str(e)) from None
-    except rewrite.RewriteFault as e:
-        print(f"tfrewrite: internal error: {e}", file=sys.stderr)
-        return EXIT_FAULT
-    except rewrite.VerifyFailed as e:
-        print(f"tfrewrite: verification failed: {e}; no output written", file=sys.stderr)
-        return EXIT_VERIFY
-    print_report(report, quiet=args.quiet)
-    if "verify" in report:
-        print_compare(report["verify"])
+        try:
+            report = rewrite.run(args.input, args.output, options,
+                                 progress=sys.stderr is not None and sys.stderr.isatty(), committed=written)
+        except (rewrite.RecipeError, rewrite.OptionError) as e:
+            raise UsageError(str(e)) from None
+        except rewrite.RewriteFault as e:
+            _say(f"tfrewrite: internal error: {e}")
+            return EXIT_FAULT
+        except rewrite.VerifyFailed as e:
+            _say(f"tfrewrite: verification failed: {e}; no output written")
+            return EXIT_VERIFY
+        with _printing(_complete(written)):
+            print_report(report, quiet=args.quiet)
+            if "verify" in report:
+                print_compare(report["verify"])
+    except (KeyboardInterrupt, Terminated) as e:
+        if not written:  # before the commit: nothing is left (`_main` says so)
+            raise
+        # After it the outputs are complete: the run ends as the signal asks, saying what it leaves.
+        interrupted = isinstance(e, KeyboardInterrupt)
+        _say(f"tfrewrite: {'interrupted' if interrupted else 'terminated'} after the outputs were moved into "
+             f"place: {_complete(written)}")
+        return EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED
     return EXIT_OK
+
+
+def _fill_closed_standard_fds() -> None:
+    """A standard descriptor the caller closed (`2>&-`) gets the null device: a file the run opens would take its
+    number otherwise, and LiteRT's log lines (written to descriptor 2) would go into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
 
 
 def main(argv=None) -> int:
     import signal
+    _fill_closed_standard_fds()
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -345,24 +422,35 @@ def _main(argv) -> int:
         if argv[:1] == ["compare"]:
             return cmd_compare(argv[1:])
         return cmd_rewrite(argv)
-    except (UsageError, ModelError, PathError, DataError, NotRunnable) as e:
-        print(f"tfrewrite: error: {e}", file=sys.stderr)
+    except (UsageError, ModelError, PathError, DataError, NotRunnable, StdoutLost) as e:
+        _say(f"tfrewrite: error: {e}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tfrewrite: interrupted; nothing written", file=sys.stderr)
+        _say("tfrewrite: interrupted; nothing written")
         return EXIT_INTERRUPTED
     except Terminated:
-        print("tfrewrite: terminated; nothing written", file=sys.stderr)
+        _say("tfrewrite: terminated; nothing written")
         return EXIT_TERMINATED
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader stopped reading (`| head -1`): what it read is what it asked for
+        _stop_printing()
         return EXIT_OK
     except Exception as e:  # an internal fault: one line unless asked for the traceback
         if os.environ.get("TFREWRITE_DEBUG"):
             raise
-        print(f"tfrewrite: internal error: {type(e).__name__}: {e} (set TFREWRITE_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        _say(f"tfrewrite: internal error: {type(e).__name__}: {e} (set TFREWRITE_DEBUG=1 for a traceback)")
         return EXIT_FAULT
 
 
+def entry() -> int:
+    """The process's entry point (the `tfrewrite` command, `python -m tfrewrite.cli`): `main`, then Ctrl-C and
+    SIGTERM ignored while the interpreter shuts down. The run is over and what it wrote is final; a signal then
+    would only turn its status into a kill, or add a KeyboardInterrupt traceback from an exit handler."""
+    import signal
+    status = main()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
