@@ -1,5 +1,5 @@
 """Every path a run writes is checked against every path it reads before any work; the model and the report are
-written together at the end, or neither; Ctrl-C leaves nothing behind."""
+written together at the end, or neither; Ctrl-C before that leaves nothing behind."""
 import errno
 import json
 import os
@@ -176,9 +176,9 @@ def test_an_output_name_too_long_for_the_file_system(capsys, tmp):
     _assert_refused(capsys, tmp, model, tmp / ("a" * 300 + ".tflite"), words=["too long"])
 
 
-def test_ctrl_c_while_the_files_move_into_place_finishes_the_run(capsys, tmp, monkeypatch):
+def test_ctrl_c_while_the_files_move_into_place_is_held_until_they_all_are(capsys, tmp, monkeypatch):
     """A Ctrl-C that arrives while the outputs are being moved into place is held back until they all are, then
-    dropped: the run is finished, and "interrupted; nothing written" would not be true."""
+    takes effect: exit 130, and the line says the outputs are complete (not "nothing written")."""
     model, _, _ = _folder(tmp)
     out, rep = tmp / "out.tflite", tmp / "r.json"
     real_replace = os.replace
@@ -189,6 +189,7 @@ def test_ctrl_c_while_the_files_move_into_place_finishes_the_run(capsys, tmp, mo
         real_replace(src, dst)
     monkeypatch.setattr(os, "replace", replace_with_ctrl_c)
     code, _, err = _run(capsys, model, out, "--quantize", "float16", "--report", rep)
-    assert code == 0 and "interrupted" not in err, err
-    assert out.exists() and rep.exists()
+    assert code == 130, err
+    assert err.count("\n") == 1 and "interrupted after the outputs were moved into place" in err, err
+    assert json.loads(rep.read_text())["output"] == str(out) and io.read(out) is not None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -101,8 +101,11 @@ class Staged:
     """Files written under temporary names beside their targets and moved into place together by `commit`;
     whatever is not committed is removed on leaving the `with` block, so an error or Ctrl-C leaves nothing."""
 
-    def __init__(self):
+    def __init__(self, committed: list | None = None):
         self.pending: list[tuple[Path, Path]] = []
+        # The targets moved into place, in the caller's list when it gives one: what a Ctrl-C after the commit
+        # leaves (complete files), for the caller to say.
+        self.committed = committed if committed is not None else []
 
     def __enter__(self):
         return self
@@ -121,25 +124,29 @@ class Staged:
 
     def commit(self, targets=None) -> None:
         """Move the staged files (or those for `targets`) into place, with Ctrl-C and SIGTERM held back until
-        all moved."""
+        all moved and listed in `committed`, then delivered."""
         chosen = [(t, p) for t, p in self.pending if targets is None or p in [Path(x) for x in targets]]
-        # A Ctrl-C or SIGTERM while the files move is recorded and dropped, not raised: half the files would be
-        # in place, and once they all are, "interrupted; nothing written" would not be true. (Python runs
-        # signal handlers in the main thread whichever thread the signal hit, so a handler swap, unlike a
-        # signal mask, covers a process with BLAS or interpreter threads.)
-        held = {}
+        # A Ctrl-C or SIGTERM while the files move is held back, not raised at once: half the files would be in
+        # place. Once they all are (and listed), it is raised again under the caller's handlers, which can then
+        # say that the outputs are complete. (Python runs signal handlers in the main thread whichever thread
+        # the signal hit, so a handler swap, unlike a signal mask, covers a process with BLAS or interpreter
+        # threads.)
+        held, received = {}, []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                held[sig] = signal.signal(sig, lambda *_: None)
+                held[sig] = signal.signal(sig, lambda signum, _: received.append(signum))
             except (ValueError, OSError):  # not the main thread: the caller owns the signals
                 pass
         try:
             for tmp, target in chosen:
                 os.replace(tmp, target)
                 self.pending.remove((tmp, target))
+                self.committed.append(target)
         finally:
             for sig, handler in held.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if received:
+            signal.raise_signal(received[0])
 
     def __exit__(self, *exc):
         for tmp, _ in self.pending:
@@ -824,6 +831,11 @@ def _patch_field(buf, table, field_index, fmt, value):
 # estimate against real files): a tensor table with its offset and shape vector, a buffer table with its
 # offset, length prefix and average alignment padding, an operator table with its index vectors and options.
 TENSOR_BYTES, BUFFER_BYTES, OPERATOR_BYTES, OPTIONS_BYTES, QUANTIZATION_BYTES = 24, 28, 28, 24, 28
+# Per channel of a per-channel quantized tensor: a float32 scale and an int64 zero point.
+CHANNEL_QUANTIZATION_BYTES = 4 + 8
+# Per output channel of a full-integer layer quantized per channel: its int32 bias value, and the scale and zero
+# point of its weight and again of its bias (beside the 1-byte weights).
+FULL_INT8_CHANNEL_BYTES = 4 + 2 * CHANNEL_QUANTIZATION_BYTES
 
 
 def tensor_bytes(t: Tensor) -> int:
@@ -832,7 +844,7 @@ def tensor_bytes(t: Tensor) -> int:
     q = t.quantization
     if q is not None:
         n += QUANTIZATION_BYTES + 4 * len(q.scale if q.scale is not None else []) \
-            + 8 * len(q.zero_point if q.zero_point is not None else [])
+            + 8 * len(q.zero_point if q.zero_point is not None else [])  # CHANNEL_QUANTIZATION_BYTES each
     if t.sparsity is not None:
         n += 48 + sum(40 + sum(np.asarray(getattr(v, "values", None) if v is not None else [], ).nbytes
                                 for v in (d.arraySegments, d.arrayIndices))
