@@ -17,6 +17,11 @@
    channel shares with ranks) on the int8 and the float fixture at the same X, with the same columns:
 
     .venv/bin/python bench/bench_int8.py --mixed [mobilenetv2] [vgg]  # writes bench/results/int8_mixed.md
+5. `--per-tensor`: what per-tensor weights do to the int8 original (every pointwise CONV_2D, every CONV_2D and
+   FULLY_CONNECTED, every layer with the DEPTHWISE_CONV_2D too: accuracy, bytes), then item 4 with the int8 rewrite
+   also given `--per-tensor auto`, beside the float and the int8 rewrite without it:
+
+    .venv/bin/python bench/bench_int8.py --per-tensor [mobilenetv2] [vgg]  # writes bench/results/int8_per_tensor.md
 """
 from __future__ import annotations
 
@@ -134,10 +139,59 @@ def mixed(keys):
     write(results, load, "int8_mixed.md")
 
 
+def all_per_tensor(isrc: Path, out: Path, which) -> None:
+    """The int8 original with every layer `which(op)` accepts among `passes.per_tensor.candidates` requantized
+    per tensor (no budget, no data: the weights and biases alone)."""
+    from tfrewrite import io
+    from tfrewrite.passes import per_tensor
+    from tfrewrite.plan import RunContext
+    model = io.read(isrc)
+    ctx = RunContext()
+    ctx.remember_input(model)
+    ctx.per_tensor = {id(op): 0.0 for op in per_tensor.candidates(model, ctx) if which(op)}
+    entries = per_tensor.run(model, ctx)
+    assert all(e.action == "requantized" for e in entries), [e.reason for e in entries]
+    io.write(model, out)
+
+
+def per_tensor_table(keys):
+    """Item 5: per-tensor weights on the int8 original, then the mixed budget with and without them."""
+    from tfrewrite import rewrite, schema
+    OP = schema.BuiltinOperator
+    load = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-int8-per-tensor-"))
+    kinds = {"every pointwise CONV_2D": lambda op: op.builtin == OP.CONV_2D and op.inputs[1].shape[1:3] == [1, 1],
+             "every CONV_2D and FULLY_CONNECTED": lambda op: op.builtin != OP.DEPTHWISE_CONV_2D,
+             "every CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED": lambda op: True}
+    results = {}
+    for key in keys:
+        fsrc, isrc, size, calib, timing, rows = originals(tmp, key)
+        for i, (label, which) in enumerate(kinds.items()):
+            out = tmp / f"{key}_int8_all_per_tensor{i}.tflite"
+            all_per_tensor(isrc, out, which)
+            rows.append(int8_row(f"int8 original, {label} per tensor", out, isrc, timing, size, None))
+        for target in MIXED_TARGETS[key]:
+            for kind, src, extra in (("float", fsrc, {}), ("int8", isrc, {}), ("int8", isrc, {"per_tensor": "auto"})):
+                out = tmp / f"{key}_{kind}_mixed{target}{'_pt' * bool(extra)}.tflite"
+                t0 = time.monotonic()
+                rewrite.run(src, out, rewrite.Options(target_size=target, calibration=str(calib), rank="auto",
+                                                      prune_channels="auto", **extra))
+                label = f"{kind} --rank auto --prune-channels auto --target-size {target}" + \
+                    " --per-tensor auto" * bool(extra)
+                rows.append(int8_row(label, out, isrc, timing, size, t0) if kind == "int8"
+                            else row(label, out, src.stat().st_size, size, t0))
+            print(key, target, rows[-3:], flush=True)
+        results[key] = rows
+    write(results, load, "int8_per_tensor.md" if set(keys) == set(MODELS) else f"int8_per_tensor_{'_'.join(keys)}.md",
+          "Full-integer int8: per-tensor weights (`--per-tensor auto`) in the mixed budget")
+
+
 def main():
     from tfrewrite import rewrite, verify
     if sys.argv[1:2] == ["--mixed"]:
         return mixed(sys.argv[2:] or ["mobilenetv2", "vgg"])
+    if sys.argv[1:2] == ["--per-tensor"]:
+        return per_tensor_table(sys.argv[2:] or ["mobilenetv2", "vgg"])
     load = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-int8-"))
     results = {}
@@ -173,9 +227,9 @@ def main():
     write(results, load, "int8.md" if set(keys) == set(MODELS) else f"int8_{'_'.join(keys)}.md")
 
 
-def write(results, load, name):
+def write(results, load, name, title="Full-integer int8: low rank inside int8 models, and `--quantize full-int8`"):
     from importlib.metadata import version
-    out = ["# Full-integer int8: low rank inside int8 models, and `--quantize full-int8`", "",
+    out = [f"# {title}", "",
            f"{datetime.date.today()}, `bench/bench_int8.py`, ai-edge-litert {version('ai-edge-litert')}, "
            f"ai-edge-quantizer {version('ai-edge-quantizer')}, 2-core shared machine, load average at start "
            f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. Calibration: the 100 `calib` images; accuracy: top-1 on "

@@ -55,6 +55,11 @@ REFUSED = {
     "--prune-channels neither a share nor auto": (["--prune-channels", "most"], "neither a number nor 'auto'"),
     "--prune-channels 1": (["--prune-channels", "1"], "share in [0, 1) or 'auto'"),
     "--rank auto without a target": (["--rank", "auto", "--prune-channels", "0.5"], "--rank auto needs"),
+    "--per-tensor auto without a target": (["--per-tensor", "auto", "--calibration", "CALIB"],
+                                           "--per-tensor auto needs --target-size"),
+    "--per-tensor auto with --target-macs": (["--per-tensor", "auto", "--target-macs", "2", "--calibration", "CALIB"],
+                                             "--per-tensor auto needs --target-size"),
+    "--per-tensor auto without calibration": (["--per-tensor", "auto", "--target-size", "2"], "needs --calibration"),
 }
 RULES = {"prune_block": {"match": ".", "prune_block": "1x4"}, "conv_method": {"match": ".", "conv_method": "cp"},
          "channel_multiple": {"match": ".", "channel_multiple": 4},

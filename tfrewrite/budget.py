@@ -63,17 +63,20 @@ def stored_bytes(params: int, channels: tuple, form: str, name_bytes: int) -> fl
     'full-int8'): weights, biases, quantization parameters and each op's tables (its weight, bias and output
     tensors with their names, two buffers). `channels`: each op's output channels, the layer's own output last.
     Per output channel a float32 bias costs 4 bytes; a per-channel int8 weight adds a float32 scale and an int64
-    zero point (12), and a full-integer int32 bias the same again: 28 bytes per channel beside 1-byte weights.
+    zero point (12), and a full-integer int32 bias the same again: `io.FULL_INT8_CHANNEL_BYTES` (28) per channel
+    beside 1-byte weights.
     The ops before the last of a full-integer chain are quantized per tensor (their rank channels cost only a
     zero int32 bias each; `passes.int8_chain`, `passes.full_int8`)."""
-    from .io import BUFFER_BYTES, OPERATOR_BYTES, OPTIONS_BYTES, QUANTIZATION_BYTES, TENSOR_BYTES
+    from .io import (BUFFER_BYTES, CHANNEL_QUANTIZATION_BYTES, FULL_INT8_CHANNEL_BYTES, OPERATOR_BYTES,
+                     OPTIONS_BYTES, QUANTIZATION_BYTES, TENSOR_BYTES)
     tables = OPERATOR_BYTES + 16 + OPTIONS_BYTES + 3 * (TENSOR_BYTES + name_bytes + 16) + 2 * BUFFER_BYTES
     ops = len(channels)
     if form == "full-int8":
-        per_tensor = QUANTIZATION_BYTES + 12  # one scale and one zero point
-        return params + 28 * channels[-1] + 4 * sum(channels[:-1]) + ops * (tables + 3 * per_tensor)
+        per_tensor = QUANTIZATION_BYTES + CHANNEL_QUANTIZATION_BYTES  # one scale and one zero point
+        return (params + FULL_INT8_CHANNEL_BYTES * channels[-1] + 4 * sum(channels[:-1])
+                + ops * (tables + 3 * per_tensor))
     if form == "int8":
-        return params + 16 * sum(channels) + ops * (tables + 2 * QUANTIZATION_BYTES)
+        return params + (4 + CHANNEL_QUANTIZATION_BYTES) * sum(channels) + ops * (tables + 2 * QUANTIZATION_BYTES)
     return params * ITEMSIZE[form] + 4 * sum(channels) + ops * tables
 
 
@@ -82,7 +85,7 @@ def full_int8_size(model, file_bytes: int) -> float:
     quantized full-integer and every activation gets a scale and zero point: what `--quantize full-int8` alone
     would write, so that a target applies on top of it."""
     from .ops.semantics import LAYERS
-    from .io import QUANTIZATION_BYTES
+    from .io import CHANNEL_QUANTIZATION_BYTES, QUANTIZATION_BYTES
     size = float(file_bytes)
     for sg in model.subgraphs:
         for op in sg.operators:
@@ -98,7 +101,7 @@ def full_int8_size(model, file_bytes: int) -> float:
             w, nb = weight.values, len(op.outputs[0].name)
             channels = (w.shape[layout.out_axis],)
             size += stored_bytes(w.size, channels, "full-int8", nb) - stored_bytes(w.size, channels, weight.kind, nb)
-        size += sum(QUANTIZATION_BYTES + 12 for t in sg.tensors if not t.is_constant)
+        size += sum(QUANTIZATION_BYTES + CHANNEL_QUANTIZATION_BYTES for t in sg.tensors if not t.is_constant)
     return size
 
 
@@ -154,7 +157,7 @@ def give_back(layers: list, choice: list, goal: float, measure) -> tuple[list, f
 
 
 def plan_ranks(model, ctx, target: float, by_macs: bool, total: float, passes, progress=None,
-               sparsity_options=None, full_int8: bool = False) -> tuple[dict, dict, dict]:
+               sparsity_options=None, full_int8: bool = False, per_tensor: bool = False) -> tuple[dict, dict, dict]:
     """Per-layer settings (id(op) → LayerSettings) that meet `target` (X times smaller file, or X times fewer MACs
     when `by_macs`), what the report shows per layer (id(op) → dict) and the budget's summary. `total`: the input's file bytes or MACs. `passes`: the low-rank
     pass modules, each with `candidates`, `rank_options` and its op kind. Layers with calibration rows are judged
@@ -162,33 +165,41 @@ def plan_ranks(model, ctx, target: float, by_macs: bool, total: float, passes, p
     prune pass's options for a layer with calibration rows (Skip: none); they join the layer's rank options.
     Costs count each weight as it will be stored (after --quantize float16 / int8); full-integer layers (of an
     int8 model, or all with `full_int8`: --quantize full-int8 follows) count their ops' bytes in the file
-    (`stored_bytes`), and with `full_int8` the target applies to the input quantized alone (`full_int8_size`)."""
+    (`stored_bytes`), and with `full_int8` the target applies to the input quantized alone (`full_int8_size`).
+    `per_tensor` (--per-tensor auto): full-integer layers with calibration rows may also have their weights
+    requantized per tensor (`per_tensor_layers`); the layers chosen go to `ctx.per_tensor`."""
     data_aware = bool(ctx.layer_data)
     ops, layers = rank_layers(model, ctx, passes, progress, full_int8)
     if sparsity_options is not None:
         ops, layers = add_sparsity_options(model, ctx, ops, layers, sparsity_options, None if passes else progress,
                                            full_int8)
     quantized, total = _baseline(model, total, by_macs, full_int8)
-    result = allocate(list(layers), total, total / target, by_macs)
+    pt_ops, pt_layers = per_tensor_layers(model, ctx) if per_tensor and not by_macs else ([], [])
+    n = len(layers)
+    everything = list(layers) + pt_layers
+    result = allocate(everything, total, total / target, by_macs)
     if sparsity_options is not None and result.reached:
         # A sparsity step can halve a big layer's bytes (fc1 of the VGG fixture 0.8 → 0.9): give back what the
         # level step overshoots (data-free --prune auto --target-size 5 came out at 7.0x).
-        fixed = fixed_cost(layers, total, by_macs)
-        _give_back(result, layers, total / target,
-                   lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)))
+        fixed = fixed_cost(everything, total, by_macs)
+        _give_back(result, everything, total / target,
+                   lambda choice: fixed + sum(cost(layer, c, by_macs) for layer, c in zip(everything, choice)))
     limit = total / max(result.estimate, 1)
     kept = KEPT_DENSE
     if not result.reached:
         # Out of reach even with every layer at its most compressed option, where models break (MobileNetV2
         # fixture, low rank alone: at most 4.95x, at 11 %): nothing is rewritten, and the report says how far it goes.
-        out_of_reach = f"cannot reach {target:g}x with {_techniques(layers)}: at most about {limit:.2f}x"
+        out_of_reach = f"cannot reach {target:g}x with {_techniques(everything)}: at most about {limit:.2f}x"
         kept = f"kept dense: the budget {out_of_reach}, with every layer at its most compressed option"
-        result.choice = [None] * len(layers)
-    settings, info = rank_settings(ctx, ops, layers, result.choice, by_macs, kept)
+        result.choice = [None] * len(everything)
+    settings, info = rank_settings(ctx, ops, layers, result.choice[:n], by_macs, kept)
+    ctx.per_tensor = per_tensor_choice(pt_ops, result.choice[n:])
     note = None if result.reached else \
         f"{out_of_reach}; nothing was rewritten (ask for less, or add --prune auto or --quantize)"
-    summary = _summary(target, by_macs, quantized, total, result, list(info.values()), note, damage=(
-        "measured on the calibration data" if data_aware else "estimated from the weights (no data)"))
+    damage = "measured on the calibration data" if data_aware else "estimated from the weights (no data)"
+    summary = _summary(target, by_macs, quantized, total, result,
+                       list(info.values()) + per_tensor_info(pt_layers, result.choice[n:], by_macs), note,
+                       damage=damage)
     return settings, info, summary
 
 
@@ -275,11 +286,46 @@ def _in_input_order(ctx, ops: list, layers: list) -> tuple[list, list]:
     return list(ops), list(layers)
 
 
+def per_tensor_layers(model, ctx) -> tuple[list, list]:
+    """(ops, BudgetLayers) for `--per-tensor auto`: every full-integer layer with calibration rows whose weights
+    may be requantized per tensor (`passes.per_tensor.candidates`), with that one option. Its cost is the bytes
+    of the weight's and bias's quantization parameters (24 per output channel, or 24 per tensor): what it saves
+    adds to what a rank or a channel share saves on the same layer (a low-rank chain's last op takes the
+    layer's weight quantization; the first ops of a chain are per tensor already)."""
+    from .passes import per_tensor
+    ops, layers = [], []
+    for op in per_tensor.candidates(model, ctx):
+        data = ctx.layer_data.get(id(op))
+        if data is None:
+            continue
+        option = per_tensor.option(op, data["rows"])
+        dense = per_tensor.per_channel_bytes(op)
+        ops.append(op)
+        layers.append(BudgetLayer(op.outputs[0].name, [option], option.params, option.macs, 1,
+                                  input_bytes=dense, dense_bytes=dense))
+    return ops, layers
+
+
+def per_tensor_choice(ops: list, choice: list) -> dict:
+    """id(op) → damage of every layer whose per-tensor option was chosen."""
+    return {id(op): c.damage for op, c in zip(ops, choice) if c is not None}
+
+
+def per_tensor_info(layers: list, choice: list, by_macs: bool) -> list[dict]:
+    """What the report shows of the per-tensor layers: chosen or not, the damage, the share of their bytes."""
+    spent = sum(cost(layer, c, by_macs) for layer, c in zip(layers, choice)) or 1
+    return [{"output": layer.name, "per_tensor": c is not None, "damage": round(c.damage, 6) if c else 0.0,
+             "share": round(cost(layer, c, by_macs) / spent, 6),
+             "candidates": [{"per_tensor": True, "damage": round(o.damage, 6)} for o in layer.options]}
+            for layer, c in zip(layers, choice)]
+
+
 def _techniques(layers: list) -> str:
-    """What the layers' options are, for a message: 'low rank', 'pruning' or both."""
-    kinds = {isinstance(o, SparsityOption) for layer in layers for o in layer.options}
-    return " and ".join(k for k, used in (("low rank", False in kinds), ("pruning", True in kinds)) if used) or \
-        "low rank"
+    """What the layers' options are, for a message: 'low rank', 'pruning', 'per-tensor weights', joined."""
+    from .passes.per_tensor import PerTensorOption
+    kinds = {type(o) for layer in layers for o in layer.options}
+    names = (("low rank", RankOption), ("pruning", SparsityOption), ("per-tensor weights", PerTensorOption))
+    return " and ".join(name for name, kind in names if kind in kinds) or "low rank"
 
 
 def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool, kept: str = KEPT_DENSE
@@ -352,7 +398,7 @@ CHANNELS_KEPT = "kept whole by the budget: the target is met at a damage level b
 
 
 def plan_channels(model, ctx, target: float, by_macs: bool, total: float, samples, stage=None, passes=(),
-                  progress=None, full_int8: bool = False) -> tuple[dict, dict, dict, dict]:
+                  progress=None, full_int8: bool = False, per_tensor: bool = False) -> tuple[dict, dict, dict, dict]:
     """`--prune-channels auto`: each channel group open to the budget keeps the channels its cheapest option
     under one shared damage level leaves (options and damage: `prune_channels.group_options`, on `samples`).
     Savings are not additive (a layer between two pruned groups shrinks by both shares), so every level is
@@ -361,26 +407,32 @@ def plan_channels(model, ctx, target: float, by_macs: bool, total: float, sample
     layers' calibration rows in `ctx.layer_data`) join the same allocation: a rank option saves its share of
     what the layer keeps after the channel cut, and the chosen ratio is then applied to the pruned layer.
     Returns id(lead op) → kept units (or the reason the group stays whole), the low-rank settings and report
-    info (as `plan_ranks`), and the summary. `stage(count)`: a progress step for the `count` groups, or None."""
+    info (as `plan_ranks`), and the summary. `stage(count)`: a progress step for the `count` groups, or None.
+    `per_tensor` (--per-tensor auto): per-tensor weights join too (`per_tensor_layers`), saving their bytes on
+    the output channels a layer keeps; the layers chosen go to `ctx.per_tensor`."""
     from .passes import prune_channels as pc
     space = pc.budget_space(model, ctx, samples, stage, full_int8)
     layers = [BudgetLayer(b.group.producers[0].op.outputs[0].name, b.options, b.params, b.macs, 1,
                           input_bytes=b.nbytes, dense_bytes=b.nbytes) for b in space.open]
     ops, ranked = rank_layers(model, ctx, passes, progress, full_int8) if passes else ([], [])
-    n = len(layers)
+    pt_ops, pt_layers = per_tensor_layers(model, ctx) if per_tensor and not by_macs else ([], [])
+    n, m = len(layers), len(layers) + len(ranked)
     quantized, total = _baseline(model, total, by_macs, full_int8)
 
     def measure(choice):
         keeps = [(b.group, c.keep) for b, c in zip(space.open, choice) if c is not None]
         saved = space.saving(keeps, by_macs)[0]
-        kept = space.kept(keeps) if ops else {}
-        for op, layer, c in zip(ops, ranked, choice[n:]):
+        kept = space.kept(keeps) if ops or pt_ops else {}
+        for op, layer, c in zip(ops, ranked, choice[n:m]):
             if c is not None:
                 inp, out = kept.get(id(op), (1.0, 1.0))
                 saved += saving_after_cut(layer, c, inp * out, by_macs)
+        for op, layer, c in zip(pt_ops, pt_layers, choice[m:]):
+            if c is not None:  # the per-channel parameters of the output channels the cut leaves, less one set
+                saved += layer.dense_bytes * kept.get(id(op), (1.0, 1.0))[1] - c.nbytes
         return total - saved
 
-    everything = layers + ranked
+    everything = layers + ranked + pt_layers
     result = allocate(everything, total, total / target, by_macs, measure=measure)
     if result.reached:
         # The MACs are counted exactly; the file also holds what the estimate leaves out (buffer padding, shapes:
@@ -397,8 +449,11 @@ def plan_channels(model, ctx, target: float, by_macs: bool, total: float, sample
                        "share": c.share if c is not None else 0.0, "damage": round(c.damage, 6) if c else 0.0,
                        "budget_share": round(cost(layer, c, by_macs) / spent, 6),
                        "candidates": [{"kept": o.keep, "damage": round(o.damage, 6)} for o in b.options]})
-    settings, info = rank_settings(ctx, ops, ranked, result.choice[n:], by_macs)
-    summary = _summary(target, by_macs, quantized, total, result, groups + list(info.values()), technique="channels+lowrank" if passes else "channels",
+    settings, info = rank_settings(ctx, ops, ranked, result.choice[n:m], by_macs)
+    ctx.per_tensor = per_tensor_choice(pt_ops, result.choice[m:])
+    summary = _summary(target, by_macs, quantized, total, result,
+                       groups + list(info.values()) + per_tensor_info(pt_layers, result.choice[m:], by_macs),
+                       technique="channels+lowrank" if passes else "channels",
                        damage="measured on the calibration data")
     return keeps, settings, info, summary
 

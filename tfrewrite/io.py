@@ -831,6 +831,11 @@ def _patch_field(buf, table, field_index, fmt, value):
 # estimate against real files): a tensor table with its offset and shape vector, a buffer table with its
 # offset, length prefix and average alignment padding, an operator table with its index vectors and options.
 TENSOR_BYTES, BUFFER_BYTES, OPERATOR_BYTES, OPTIONS_BYTES, QUANTIZATION_BYTES = 24, 28, 28, 24, 28
+# Per channel of a per-channel quantized tensor: a float32 scale and an int64 zero point.
+CHANNEL_QUANTIZATION_BYTES = 4 + 8
+# Per output channel of a full-integer layer quantized per channel: its int32 bias value, and the scale and zero
+# point of its weight and again of its bias (beside the 1-byte weights).
+FULL_INT8_CHANNEL_BYTES = 4 + 2 * CHANNEL_QUANTIZATION_BYTES
 
 
 def tensor_bytes(t: Tensor) -> int:
@@ -839,7 +844,7 @@ def tensor_bytes(t: Tensor) -> int:
     q = t.quantization
     if q is not None:
         n += QUANTIZATION_BYTES + 4 * len(q.scale if q.scale is not None else []) \
-            + 8 * len(q.zero_point if q.zero_point is not None else [])
+            + 8 * len(q.zero_point if q.zero_point is not None else [])  # CHANNEL_QUANTIZATION_BYTES each
     if t.sparsity is not None:
         n += 48 + sum(40 + sum(np.asarray(getattr(v, "values", None) if v is not None else [], ).nbytes
                                 for v in (d.arraySegments, d.arrayIndices))

@@ -274,6 +274,8 @@ class RunContext:
     calibration: dict | None = None
     # (id(weight buffer), rank) → factors already emitted for a weight that several ops share.
     shared_factors: dict = field(default_factory=dict)
+    # `--per-tensor auto`: id(op) → damage, for the full-integer layers the budget requantizes per tensor.
+    per_tensor: dict = field(default_factory=dict)
 
     def settings(self, op: Operator) -> LayerSettings:
         if id(op) in self.budget:

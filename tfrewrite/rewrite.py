@@ -34,6 +34,7 @@ class Options:
     quantize: str | None = None
     prune_channels: float | str | None = None  # a share, or "auto" (chosen by the budget)
     channel_multiple: int | None = None          # None: 8
+    per_tensor: str | None = None  # "auto": the budget may requantize full-integer layers' weights per tensor
     recipe: str | None = None
     report: str | None = None
     calibration: str | None = None
@@ -103,6 +104,17 @@ class Options:
             raise ValueError("--prune S with --target-size: the budget would not count what the fixed sparsity "
                              "saves; use --prune auto (the budget chooses every layer's sparsity; add --rank auto "
                              "to mix in low rank)")
+        if self.per_tensor is not None:
+            if self.per_tensor != "auto":
+                raise ValueError("--per-tensor must be 'auto' (the budget chooses the layers)")
+            if not self.target_size:
+                raise ValueError("--per-tensor auto needs --target-size X: the budget chooses the layers, and "
+                                 "per-tensor weights save file bytes, not MACs")
+            if not self.calibration:
+                raise ValueError("--per-tensor auto needs --calibration (each layer's damage is measured on it)")
+            if self.quantize == "full-int8":
+                raise ValueError("--per-tensor auto requantizes the layers of a full-integer input; --quantize "
+                                 "full-int8 quantizes a float model its own way")
         if not self.verify and (self.data or self.max_error is not None or self.min_top5_agree is not None):
             raise ValueError("--data, --max-error and --min-top5-agree need --verify")
         if self.max_error is not None and not self.max_error >= 0:
@@ -280,6 +292,11 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
     target = options.target_macs or options.target_size
     by_macs = options.target_macs is not None
     channel_budget = ctx.uses("channel_budget")
+    per_tensor = options.per_tensor == "auto"
+
+    def per_tensor_ops() -> list:
+        from .passes import per_tensor as pt
+        return pt.candidates(model, ctx) if per_tensor else []
     if ctx.uses("prune_channels"):
         # First: it changes the shapes every later pass (and the calibration rows) see.
         from .passes import prune_channels
@@ -293,14 +310,14 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
             total = _model_cost(model, source, by_macs, pruned=False)
             # --rank auto: rank options join the channel budget, judged on the unpruned layers' rows.
             mixed = lowrank if options.rank == "auto" else ()
-            if mixed:
+            if mixed or per_tensor:
                 targets = _lowrank_rows(model, ctx, samples, not options.calibration, progress,
-                                        options.activation_percentile)
+                                        options.activation_percentile, per_tensor_ops())
             ctx.channel_budget, ranks, rank_info, ctx.budget_summary = budget.plan_channels(
                 model, ctx, target, by_macs, total, samples,
                 stage=lambda count: _stage(progress, "budget: channel group", count), passes=mixed,
                 progress=_stage(progress, "budget: layer", len(targets) if mixed else 0),
-                full_int8=options.quantize == "full-int8")
+                full_int8=options.quantize == "full-int8", per_tensor=per_tensor)
             if not options.calibration:
                 ctx.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
         entries += checked(prune_channels.run(model, ctx, samples=samples))
@@ -322,7 +339,8 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
         # Depthwise layers to prune (--prune-depthwise) are fitted to calibration data too.
         if options.calibration:
             depthwise = depthwise_prune_targets(model, ctx)
-        targets = _lowrank_rows(model, ctx, samples, generated, progress, options.activation_percentile, depthwise)
+        targets = _lowrank_rows(model, ctx, samples, generated, progress, options.activation_percentile,
+                                depthwise + per_tensor_ops())
         ctx.calibration = {"file": str(options.calibration) if options.calibration else None,
                             "inputs": "calibration" if options.calibration else "generated",
                             "samples": len(samples), "layers": len(targets)}
@@ -348,9 +366,13 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
             model, ctx, target, by_macs, total, lowrank if "lowrank" in ctx.plan.budget_kinds else (),
             sparsity_options=sparsity_options,
             progress=_stage(progress, "budget: layer", len(targets)),  # targets: calibrated above, data or not
-            full_int8=options.quantize == "full-int8")
+            full_int8=options.quantize == "full-int8", per_tensor=per_tensor)
         if generated:
             ctx.budget_summary["damage"] = f"measured on {len(samples)} generated images (no data given)"
+    if ctx.per_tensor:
+        # Before low rank: a chain then quantizes its last factor per tensor too (as the budget counted it).
+        from .passes import per_tensor as pt
+        entries += checked(pt.run(model, ctx))
     done = set()
     if options.sequential and ctx.uses("lowrank"):
         entries += checked(sequential_lowrank(model, ctx, samples, targets, progress))
@@ -420,10 +442,13 @@ def _lowrank_rows(model, ctx: RunContext, samples, generated: bool, progress=Non
     `percentile`: --activation-percentile, for the int8 chains fitted on these rows."""
     from . import calibrate
     targets = lowrank_targets(model, ctx)
+    seen = {id(op) for op in targets}
+    more = [op for op in more if id(op) not in seen and not seen.add(id(op))]  # each op's rows once
     rows = calibrate.collect(model, samples, targets + list(more),
                              progress=_stage(progress, "calibration: sample", len(samples)),
                              max_rows=calibrate.GENERATED_ROWS if generated else calibrate.MAX_ROWS)
-    extra = {"damping": calibrate.GENERATED_DAMPING, "generated": True} if generated else {}
+    extra = {"damping": calibrate.GENERATED_DAMPING, "temper": calibrate.GENERATED_TEMPER, "generated": True} \
+        if generated else {}
     if percentile is not None:
         extra["activation_percentile"] = percentile
     for op in targets + list(more):
@@ -750,7 +775,7 @@ OUTPUT_ERROR_WARNING = 0.5
 OUTPUT_ERROR_SAMPLES = 4
 # Options that ask for a technique (for the message when nothing was rewritten).
 TECHNIQUE_OPTIONS = ("rank", "fc_rank", "conv_rank", "ratio", "energy", "target_size", "target_macs", "prune",
-                     "prune_channels", "quantize", "sparse_encode", "recipe")
+                     "prune_channels", "per_tensor", "quantize", "sparse_encode", "recipe")
 
 
 def asked_techniques(options: Options) -> list[str]:

@@ -893,13 +893,15 @@ def byte_rates(layer: Layer, full_int8: bool = False) -> tuple[float, float]:
     bytes, for the weight and again for an int32 bias: a full-integer layer's 28 bytes per channel beside its
     1-byte weights). With `full_int8` (--quantize full-int8 follows) a float layer counts as it will be stored:
     int8 weights, an int32 bias, both per channel (`budget.stored_bytes`)."""
+    from ..io import CHANNEL_QUANTIZATION_BYTES, FULL_INT8_CHANNEL_BYTES
     w, b = layer.weight, layer.bias
     if full_int8 and w.type in (T.FLOAT32, T.FLOAT16):
-        return 1.0, 28.0
+        return 1.0, float(FULL_INT8_CHANNEL_BYTES)
 
     def per_channel_params(t: Tensor | None) -> float:
         q = t.quantization if t is not None else None
-        return 12.0 if q is not None and q.scale is not None and len(q.scale) > 1 else 0.0
+        per_channel = q is not None and q.scale is not None and len(q.scale) > 1
+        return float(CHANNEL_QUANTIZATION_BYTES) if per_channel else 0.0
     bias = b.dtype.itemsize + per_channel_params(b) if b is not None else 0.0
     return float(w.dtype.itemsize), bias + per_channel_params(w)
 
