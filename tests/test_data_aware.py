@@ -120,8 +120,9 @@ def test_calibrated_layers_match_the_original_mean_and_beat_plain(calib, tmp):
 def test_accuracy_bars_on_the_trained_fixture(calib, tmp):
     """Measured (2026-12-01, this machine): original 97.50 %; plain --rank 48 (4.9x smaller) 90.28 %;
     data-aware --target-size 5 97.50 % (5.12x); --target-size 10 95.28 %. Bars from issue 7: at 5x the data-aware loss
-    is at most half the plain loss, at 10x the loss is at most 3 points. Without data (issue 12; measured 95.83 %
-    at 5.01x): within 3 points of the original, and never better than with data."""
+    is at most half the plain loss, at 10x the loss is at most 3 points. Without data (issue 12; measured 96.11 %
+    at 5.01x): within 3 points of the original, and never better than with data. Its fits are tempered: each FC's
+    output error on the generated rows is a little above its damage, the best fit's there (equal with data)."""
     base = accuracy(VGG)
     plain5, aware5, aware10 = tmp / "p5.tflite", tmp / "a5.tflite", tmp / "a10.tflite"
     free5, free_report = tmp / "f5.tflite", tmp / "f5.json"
@@ -130,6 +131,8 @@ def test_accuracy_bars_on_the_trained_fixture(calib, tmp):
     free = json.loads(free_report.read_text())
     assert free["output_error"]["worst"] < 0.2, free["output_error"]
     assert not any("broken" in w for w in free["warnings"]), free["warnings"]
+    fcs = [e for e in free["layers"] if e["kind"] == "fc" and e["action"] == "rewritten"]
+    assert fcs and all(e["damage"] < e["output_error"] < 1.25 * e["damage"] for e in fcs), fcs
     assert cli.main([str(VGG), str(plain5), "--rank", "48", "--quiet"]) == 0
     assert cli.main([str(VGG), str(aware5), "--target-size", "5", "--calibration", str(calib), "--quiet"]) == 0
     assert cli.main([str(VGG), str(aware10), "--target-size", "10", "--calibration", str(calib), "--quiet"]) == 0
@@ -246,3 +249,42 @@ def test_sequential_fitting_accounts_for_compounding_errors(calib, tmp):
     assert cli.main([str(VGG), str(seq), "--rank", "16", "--calibration", str(calib), "--sequential", "--quiet"]) == 0
     assert one.stat().st_size == seq.stat().st_size
     assert accuracy(seq) >= accuracy(one) + 0.01
+
+
+def test_tempered_metric_is_the_matrix_power_between_weights_and_samples():
+    """Σ^p through the eigenbasis equals the matrix power formed explicitly (also where the rows span less than
+    the input space); at p = 0 the output fit is the plain SVD, at p = 1 the samples' own fit."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((20, 50))
+    for n_rows in (30, 300):
+        x = _correlated_rows(rng, n_rows, 50)
+        metric = fit.input_metric(x, 0.05)
+        sigma = x.T @ x / n_rows + metric.delta * np.eye(50)
+        lam, v = np.linalg.eigh(sigma)
+        for p in (0.25, 0.5):
+            half_power = (v * lam ** (p / 2)) @ v.T  # (Σ^p)^½
+            assert np.allclose(metric.tempered(p).sqrt_apply(w, 0.5), w @ half_power, rtol=1e-8, atol=1e-10)
+        plain_left, plain_right = svd.lowrank_factors(w, 5)
+        left, right = fit.output_lowrank_factors(w, metric.tempered(0.0), 5)
+        assert np.allclose(left @ right, plain_left @ plain_right, atol=1e-5)
+        left, right = fit.output_lowrank_factors(w, metric.tempered(0.5), 5)
+        tempered = left @ right
+        # Half way: a smaller weight error than the samples' fit, a smaller output error than the plain SVD.
+        sample_left, sample_right = fit.output_lowrank_factors(w, metric, 5)
+        assert np.linalg.norm(w - tempered) < np.linalg.norm(w - sample_left @ sample_right)
+        assert fit.output_error(w, tempered, metric) < fit.output_error(w, plain_left @ plain_right, metric)
+
+
+def test_only_a_budget_without_data_fits_in_the_tempered_metric():
+    """Generated rows under a budget: the tempered metric. Real rows, --ratio (its floor judges the fit it
+    keeps) and sequential fitting (its cross term is in Σ): the rows' own."""
+    from tfrewrite.passes.common import RankPolicy, fit_metric, layer_metric
+    rows = _correlated_rows(np.random.default_rng(17), 60, 40)
+
+    def policy(budgeted=True, **extra):
+        return RankPolicy(ratio=2, budgeted=budgeted, extra={"rows": rows, "mean": rows.mean(0), **extra})
+    for p, tempered in ((policy(temper=0.5), True), (policy(), False), (policy(False, temper=0.5), False),
+                        (policy(temper=0.5, target_rows=rows), False)):
+        expected = layer_metric(p).tempered(0.5).lam if tempered else layer_metric(p).lam
+        assert np.allclose(fit_metric(p).lam, expected)
+    assert fit_metric(RankPolicy(ratio=2, budgeted=True)) is None  # no rows: fitted to the weights

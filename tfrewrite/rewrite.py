@@ -447,7 +447,8 @@ def _lowrank_rows(model, ctx: RunContext, samples, generated: bool, progress=Non
     rows = calibrate.collect(model, samples, targets + list(more),
                              progress=_stage(progress, "calibration: sample", len(samples)),
                              max_rows=calibrate.GENERATED_ROWS if generated else calibrate.MAX_ROWS)
-    extra = {"damping": calibrate.GENERATED_DAMPING, "generated": True} if generated else {}
+    extra = {"damping": calibrate.GENERATED_DAMPING, "temper": calibrate.GENERATED_TEMPER, "generated": True} \
+        if generated else {}
     if percentile is not None:
         extra["activation_percentile"] = percentile
     for op in targets + list(more):

@@ -35,6 +35,11 @@ class InputMetric:
         base = self.delta ** power
         return base * w + (wv * (self.lam ** power - base)) @ v.T
 
+    def tempered(self, power: float) -> "InputMetric":
+        """Σ^power (same eigenbasis; the damping raised too): between the weights' own metric (power 0, I) and
+        the samples' (power 1). Fits only: a tempered metric has no mean to measure errors around."""
+        return InputMetric(basis=self.basis, lam=self.lam ** power, delta=self.delta ** power, n=self.n)
+
     def apply(self, phi: np.ndarray) -> np.ndarray:
         """Σ·Φ for Φ [n, R], through the eigenbasis (cheaper than touching the sample rows again)."""
         v = self.basis

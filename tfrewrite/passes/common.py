@@ -218,6 +218,21 @@ def layer_metric(policy: "RankPolicy"):
     return policy.extra["metric"]
 
 
+def fit_metric(policy: "RankPolicy"):
+    """The metric a rewrite fits the layer to: `layer_metric`, tempered (Σ^p, `InputMetric.tempered`) when a
+    budget chose the rank on the model's response to generated inputs (`temper` p, set with those rows). Real
+    rows are trusted; generated rows are a guess at the real inputs' metric, so the fit goes only part way from
+    the weights' own (I) to theirs. `--ratio` keeps Σ: its floor judges the fit it keeps on these rows, and the
+    floors were measured so. Sequential fitting keeps Σ too: its cross term is stated in it."""
+    metric = layer_metric(policy)
+    power = policy.extra.get("temper") if metric is not None else None
+    if power is None or not policy.budgeted or policy.extra.get("target_rows") is not None:
+        return metric
+    if "fit_metric" not in policy.extra:
+        policy.extra["fit_metric"] = metric.tempered(power)
+    return policy.extra["fit_metric"]
+
+
 def output_variation_error(policy: "RankPolicy", weight: np.ndarray, approx=None, factors=None) -> float:
     """The fitted layer's relative output error on its sample rows around their mean: ‖(W − Ŵ)C^½‖ / ‖W·C^½‖ with
     C the rows' damped covariance. Bias correction restores the mean output, so this is the error that remains;

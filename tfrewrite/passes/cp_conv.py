@@ -19,9 +19,9 @@ from . import int8_chain, lowrank_fc
 from ..linalg import fit
 from ..report import Entry
 from .common import (QUICK_SWEEPS, LayerWeight, RankOption, RankPolicy, Skip, degenerate_reason, eligible_ops,
-                     emit_shared, emit_weight, finish_data_aware, layer_cross, layer_metric, lowrank_rel_error,
-                     output_variation_error, pixels, refuse_clearly_degenerate, refuse_degenerate, rel_error,
-                     rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option, zero_bias)
+                     emit_shared, emit_weight, finish_data_aware, fit_metric, layer_cross, layer_metric,
+                     lowrank_rel_error, output_variation_error, pixels, refuse_clearly_degenerate, refuse_degenerate,
+                     rel_error, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option, zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -212,7 +212,7 @@ def _rewrite(sg, op, weight: LayerWeight, policy, ctx, entry):
     dilation = (opts.dilationHFactor, opts.dilationWFactor)
     act = opts.fusedActivationFunction
     k = kh * kw
-    metric = layer_metric(policy)
+    metric = fit_metric(policy)
     cross = layer_cross(policy, w.reshape(o, -1)) if metric is not None else None
     rank = choose_rank(kernel, policy)
     params, macs = chain_costs(policy.method, o, k, i, in_pixels, out_pixels, rank)

@@ -13,8 +13,9 @@ from ..graph import Model, Operator, Subgraph
 from . import int8_chain
 from ..report import Entry
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
-                     finish_data_aware, layer_cross, layer_metric, lowrank_rel_error, output_variation_error,
-                     refuse_degenerate, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option)
+                     finish_data_aware, fit_metric, layer_cross, layer_metric, lowrank_rel_error,
+                     output_variation_error, refuse_degenerate, rewrite_all, rewrite_one, shared_key,
+                     stored_weight_values, usable_option)
 
 OP = schema.BuiltinOperator
 # The spectrum of a weight (whitened by the calibration metric when there is one) is computed up to the rank
@@ -142,7 +143,7 @@ def factorize(weight: np.ndarray, rank: int, policy: RankPolicy) -> tuple[np.nda
     """(left [out, r], right [r, in]): fitted to the layer's outputs on calibration rows when the policy has
     them, else to the weights (truncated SVD)."""
     from ..linalg import fit, svd
-    metric = layer_metric(policy)
+    metric = fit_metric(policy)
     if metric is not None:
         return fit.output_lowrank_factors(weight, metric, rank, layer_cross(policy, weight))
     return svd.lowrank_factors(weight, rank)
