@@ -103,7 +103,8 @@ def test_tucker2_and_cp_output_fits_beat_weight_fits():
 def test_calibrated_layers_match_the_original_mean_and_beat_plain(calib, tmp):
     plain, aware = tmp / "plain.tflite", tmp / "aware.tflite"
     rep = tmp / "r.json"
-    assert cli.main([str(VGG), str(plain), "--rank", "16", "--quiet"]) == 0
+    # The weight-fitted rewrite breaks this model (output error above 0.5): --force keeps it, for the comparison.
+    assert cli.main([str(VGG), str(plain), "--rank", "16", "--quiet", "--force"]) == 0
     assert cli.main([str(VGG), str(aware), "--rank", "16", "--calibration", str(calib), "--report", str(rep),
                      "--quiet"]) == 0
     report = json.loads(rep.read_text())

@@ -284,7 +284,9 @@ def test_ratio_and_energy_choose_ranks():
 def test_cli_report_and_table(tmp, capsys):
     from tfrewrite import cli
     out, report = tmp / "o.tflite", tmp / "r.json"
-    code = cli.main([str(FIXTURES / "vgg_digits.tflite"), str(out), "--rank", "16", "--report", str(report)])
+    # Rank 16 fitted to the weights breaks this model (output error above 0.5): --force keeps it, to be reported.
+    code = cli.main([str(FIXTURES / "vgg_digits.tflite"), str(out), "--rank", "16", "--force", "--report",
+                     str(report)])
     assert code == 0
     text = capsys.readouterr().out
     assert "rewritten" in text and "total: file" in text
@@ -319,14 +321,15 @@ def _accuracy(model) -> float:
 def test_vgg_fixture_accuracy_falls_with_rank_and_stays_useful(tmp):
     """The weight-fitted rewrite (no calibration data) of the trained VGG-style fixture: relations, not recorded
     numbers. More rank keeps at least as much accuracy; at rank 48 (about 5x smaller) the loss stays within 12
-    points of the original and at rank 24 (about 9x) within 25 (seen 2026-12-01: 97.5 %, 90.3 %, 80.6 %)."""
+    points of the original and at rank 24 (about 9x) within 25 (seen 2026-12-01: 97.5 %, 90.3 %, 80.6 %). Their
+    output error on generated images is above the 0.5 that calls a result broken: --force keeps them."""
     from tfrewrite import cli
     src = FIXTURES / "vgg_digits.tflite"
     base = _accuracy(src)
     acc = {}
     for rank, smaller in ((48, 4.8), (24, 9.0)):
         out = tmp / f"r{rank}.tflite"
-        assert cli.main([str(src), str(out), "--rank", str(rank), "--quiet"]) == 0
+        assert cli.main([str(src), str(out), "--rank", str(rank), "--quiet", "--force"]) == 0
         assert src.stat().st_size / out.stat().st_size >= smaller
         acc[rank] = _accuracy(out)
     assert acc[48] >= acc[24] - 0.01

@@ -400,8 +400,9 @@ def test_pruned_model_encoded_equals_pruned_dense(s):
 
 def test_block_pruned_vgg_via_cli(tmp):
     dst = tmp / "out.tflite"
+    # 80 % by magnitude breaks this model (output error above 0.5): --force keeps it, to check its encoding.
     rc = cli.main([str(FIXTURES / "vgg_digits.tflite"), str(dst), "--prune", "0.8", "--prune-block", "1x4",
-                   "--report", str(tmp / "r.json"), "--quiet"])
+                   "--report", str(tmp / "r.json"), "--quiet", "--force"])
     assert rc == 0
     m = io.read(dst)
     check_rules(m)

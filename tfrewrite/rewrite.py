@@ -612,21 +612,23 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
         fidelity = None
         if not notes or kept_larger:  # whenever the written model is not the input's
             fidelity = measure_output_error(input_path, target, options)
-            broken = fidelity["measured"] and (fidelity["worst"] is None or fidelity["worst"] > OUTPUT_ERROR_WARNING)
-            compounded = ctx.budget_summary and not broken and compounding(fidelity, ctx.budget_summary)
             gap = fidelity.get("xnnpack")
-            if (broken or compounded) and ctx.budget_summary and not plan.uses("channel_budget") and not options.force:
-                # A target the layers meet only by breaking the model is not met: the input goes out as it is
-                # (MobileNetV2 fixture, low rank at 4.36x: every 1x1 conv at rank 3-9, output error 0.8-1.0, 11 %).
-                # The rank / sparsity budget only: the channel budget (`--prune-channels auto`) keeps its result.
-                size_after, after, nonzero_after = _budget_refused(entries, notes, ctx.budget_summary, fidelity,
-                                                                   input_path, target, output_path, compounded)
-                fidelity = None
+            refused = None
+            # Without data, a rank / sparsity budget's result whose layer errors compound (`compounding`).
+            compounded = ctx.budget_summary and not plan.uses("channel_budget") and not broken_result(fidelity) \
+                and compounding(fidelity, ctx.budget_summary)
+            if broken_result(fidelity) and not options.force:
+                # A broken model is not a result, whichever technique or budget made it: the input goes out as it
+                # is (MobileNetV2 fixture, low rank at 4.36x: every 1x1 conv at rank 3-9, output error 0.8-1.0,
+                # 11 %; a channel budget on a BatchNorm-folded net without data), and the report says why.
+                refused = _broken_refused(entries, notes, ctx.budget_summary, fidelity)
+            elif compounded and not options.force:
+                refused = _compounding_refused(entries, notes, ctx.budget_summary, fidelity, compounded)
             elif gap and delegate_gap_verdict(gap) == "refuse" and not options.force:
-                # XNNPACK on and off must agree on what is written as they do on the input: the input goes out
-                # as it is, and the report says why (--force keeps such a rewrite).
-                size_after, after, nonzero_after = _delegates_refused(entries, notes, gap, input_path, target,
-                                                                      output_path)
+                # XNNPACK on and off must agree on what is written as they do on the input.
+                refused = _delegates_refused(entries, notes, gap)
+            if refused is not None:
+                size_after, after, nonzero_after = _input_unchanged(input_path, target, output_path)
                 fidelity = None
                 if made_full_int8:
                     ctx.calibration["full_int8"] = {"skipped": f"undone: {notes[0]}"}
@@ -683,6 +685,29 @@ def _fidelity_warnings(fidelity: dict) -> list[str]:
     return warnings
 
 
+def broken_result(fidelity: dict) -> bool:
+    """Whether the measured output error calls the written model broken: above OUTPUT_ERROR_WARNING, or NaN /
+    infinite outputs the input model does not give. Such a result is never written unless --force asks."""
+    return fidelity["measured"] and (fidelity["worst"] is None or fidelity["worst"] > OUTPUT_ERROR_WARNING)
+
+
+def _broken_refused(entries: list[Entry], notes: list[str], summary: dict | None, fidelity: dict) -> str:
+    """Say in the entries and notes why a broken result (`broken_result`) is replaced by the input: a budget's
+    (rank, sparsity or channel; `summary`) did not reach its target, a fixed option asked for too much."""
+    worst = f"{fidelity['worst']:.3g}" if fidelity["worst"] is not None else "NaN/inf"
+    measured = f"output error {worst} on {fidelity['samples']} {fidelity['inputs']} inputs"
+    what = f"the budget's choice for {summary['target']}" if summary else "the rewrite"
+    _undo_entries(entries, f"undone: {what} gave {measured} (above {OUTPUT_ERROR_WARNING}: a broken model)")
+    if summary:
+        summary["refused_output_error"] = fidelity["worst"]
+        notes.append(f"cannot reach {summary['target']} without breaking the model: the budget's choice gave "
+                     f"{measured}, so the input was written unchanged (ask for less, or --force to keep it)")
+    else:
+        notes.append(f"the rewrite gave {measured} (above {OUTPUT_ERROR_WARNING}: a broken model), so the input "
+                     "was written unchanged (ask for less, or --force to keep it)")
+    return notes[-1]
+
+
 def compounding(fidelity: dict, summary: dict) -> str | None:
     """Why a data-free budget's result is not kept although it is not broken, or None: its output error on the
     generated inputs is above both the damage level the budget allowed every layer and the --ratio floor. Where the
@@ -700,36 +725,26 @@ def compounding(fidelity: dict, summary: dict) -> str | None:
             "errors compound")
 
 
-def _budget_refused(entries: list[Entry], notes: list[str], summary: dict, fidelity: dict, input_path, target,
-                    output_path, compounded: str | None = None) -> tuple[int, dict, int]:
-    """Write the input unchanged in place of a budget's broken result (or, without data, one whose layer errors
-    compound: `compounded` says why); the entries and notes say why. Returns the written size and the unchanged
-    model's totals and nonzero parameters."""
-    worst = f"{fidelity['worst']:.3g}" if fidelity["worst"] is not None else "NaN/inf"
-    measured = f"output error {worst} on {fidelity['samples']} {fidelity['inputs']} inputs"
-    why = compounded or f"above {OUTPUT_ERROR_WARNING}: a broken model"
+def _compounding_refused(entries: list[Entry], notes: list[str], summary: dict, fidelity: dict, why: str) -> str:
+    """Say in the entries and notes why a data-free budget's result whose layer errors compound (`compounding`:
+    `why`) is replaced by the input."""
+    measured = f"output error {fidelity['worst']:.3g} on {fidelity['samples']} {fidelity['inputs']} inputs"
     _undo_entries(entries, f"undone: the budget's choice for {summary['target']} gave {measured} ({why})")
-    if compounded:
-        notes.append(f"cannot reach {summary['target']} without data: the budget's choice gave {measured}, {why}; "
-                     "the input was written unchanged (give --calibration, ask for less, or --force to keep it)")
-    else:
-        notes.append(f"cannot reach {summary['target']} without breaking the model: the budget's choice gave "
-                     f"{measured}, so the input was written unchanged (ask for less, or --force to keep it)")
     summary["refused_output_error"] = fidelity["worst"]
-    return _input_unchanged(input_path, target, output_path)
+    notes.append(f"cannot reach {summary['target']} without data: the budget's choice gave {measured}, {why}; the "
+                 "input was written unchanged (give --calibration, ask for less, or --force to keep it)")
+    return notes[-1]
 
 
-def _delegates_refused(entries: list[Entry], notes: list[str], gap: dict, input_path, target,
-                       output_path) -> tuple[int, dict, int]:
-    """Write the input unchanged in place of a result whose XNNPACK and builtin outputs disagree far more than the
-    input's (`delegate_gap_verdict`); the entries and notes say why (the note replaces any other). Returns the
-    written size and the unchanged model's totals and nonzero parameters."""
+def _delegates_refused(entries: list[Entry], notes: list[str], gap: dict) -> str:
+    """Say in the entries and notes (the note replaces any other) why a result whose XNNPACK and builtin outputs
+    disagree far more than the input's (`delegate_gap_verdict`) is replaced by the input."""
     reason = (f"XNNPACK and the builtin kernels give the rewritten model's outputs {gap['rel_l2']:.3g} apart "
               f"(relative L2; {gap['steps']:.3g} integer steps), the input's {gap['input_rel_l2']:.3g} "
               f"({gap['input_steps']:.3g} steps)")
     _undo_entries(entries, f"undone: {reason}")
     notes[:] = [f"{reason}: the input was written unchanged (--force keeps such a rewrite)"]
-    return _input_unchanged(input_path, target, output_path)
+    return notes[0]
 
 
 def judge_budget(summary: dict, totals: dict) -> dict:
@@ -786,7 +801,8 @@ def delegate_gap_verdict(gap: dict) -> str | None:
     if gap["rel_l2"] > XNNPACK_GAP_WARNING or (own and gap["rel_l2"] > XNNPACK_GAP_FLOOR):
         return "warn"
     return None
-# Above this relative L2 error of an output on a few inputs, the summary warns that the model is probably broken.
+# Above this relative L2 error of an output on a few inputs the rewritten model is broken (`broken_result`): the
+# input is written instead, unless --force keeps it (then with a "probably broken" warning).
 OUTPUT_ERROR_WARNING = 0.5
 # How many inputs (calibration samples, else generated) the output error is measured on.
 OUTPUT_ERROR_SAMPLES = 4
