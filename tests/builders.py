@@ -179,16 +179,17 @@ def shared_in_one_subgraph(width=16, hidden=32, out=10, form="float32", seed=0):
     return io.to_bytes(model)
 
 
-def unrolled_rnn(steps=12, width=8, hidden=32, out=4, form="float32", seed=0, unused_bytes=0):
+def unrolled_rnn(steps=12, width=8, hidden=32, out=4, form="float32", seed=0, unused_bytes=0, recurrent=None):
     """An unrolled recurrence without an input per step: h1 = relu(W_in·x + b), h(t+1) = relu(U·h(t) + b) for
     `steps` steps, y = W_out·h: one recurrent weight U (stored as `form`) read by `steps` FULLY_CONNECTED ops,
     as a converted unrolled RNN has. U is scaled to spectral norm 0.9 so the steps neither explode nor vanish.
-    `unused_bytes`: a constant of that many bytes no op reads (the converter leaves such; writing drops it)."""
+    `unused_bytes`: a constant of that many bytes no op reads (the converter leaves such; writing drops it).
+    `recurrent`: U's values before the scaling (default random)."""
     rng = np.random.default_rng(seed)
     sg = Subgraph(name="main")
     x = sg.add_tensor(Tensor("x", T.FLOAT32, [1, width]))
     w_in = sg.add_constant("in/weight", (rng.standard_normal((hidden, width)) / np.sqrt(width)).astype(np.float32))
-    u = rng.standard_normal((hidden, hidden))
+    u = rng.standard_normal((hidden, hidden)) if recurrent is None else np.array(recurrent, np.float64)
     u *= 0.9 / np.linalg.norm(u, 2)
     shared, pre = _weight(sg, "rnn/recurrent", u, form, 0)
     bias = sg.add_constant("rnn/bias", np.full(hidden, 0.05, np.float32))

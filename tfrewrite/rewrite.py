@@ -663,6 +663,11 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
             report["calibration"] = ctx.calibration
         if ctx.budget_summary:
             report["budget"] = judge_budget(ctx.budget_summary, report["totals"])
+            if ctx.budget_summary["reached"] and not report["budget"]["reached"] and changed and not notes:
+                # The plan met the target on paper; the file says otherwise: a miss is said, not only shown.
+                warnings.append(f"the target {report['budget']['goal']:g}x was not reached: the written file is "
+                                f"{report['budget']['achieved']:.2f}x smaller (the budget estimated "
+                                f"{report['budget']['estimate']:.2f}x)")
         if options.verify:
             report["verify"] = verify_against(input_path, target, options)
         if report_target is not None:

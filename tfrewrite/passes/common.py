@@ -364,12 +364,8 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, ctx, kind: str, rewrit
         uses = weight_uses(model, weight.stored)
         if uses.shared or any(k[0] == id(weight.stored.buffer) for k in ctx.shared_factors):
             # One set of factors serves every reader (a weight stored once stays stored once), so it is fitted to
-            # the weight, not to the inputs of one of its readers; every reader must be a layer of this kind
-            # asking for the same rank (the IR's shared-weight policy).
-            reason = _reason_to_leave(ctx, op, kind, weight.values.size) or uses.refusal(
-                lambda u: u.op.builtin == op.builtin and u.index == 1
-                and (_reason_to_leave(ctx, u.op, kind, weight.values.size) or True),
-                ask=lambda u: _rank_asked(ctx, u.op, kind), differ="its readers ask for different ranks")
+            # the weight, not to the inputs of one of its readers.
+            reason = shared_refusal(ctx, op, kind, weight, uses)
             if reason:
                 raise Skip(reason)
             policy = replace(policy, extra={})
@@ -436,11 +432,31 @@ def _new_weight_bytes(tensor: Tensor, pre: list[Operator]) -> int:
     return n + (sum(io.operator_bytes(op) for op in pre) + io.tensor_bytes(tensor) if pre else 0)
 
 
-def _reason_to_leave(ctx, op: Operator, kind: str, n: int) -> str | None:
-    """Why a low-rank pass leaves a layer as it is, whatever its weight (None: it rewrites it)."""
+def shared_refusal(ctx, op: Operator, kind: str, weight: LayerWeight, uses, eligible: set | None = None) -> str | None:
+    """Why the low-rank passes cannot give the weight `uses` lists (read by `op` and others) one set of factors
+    for all its readers (None: they can): every reader must be a layer of `op`'s kind reading it as its weight
+    and asking for the same rank (the IR's shared-weight policy). The rewrite and the budget both ask this; the
+    budget, which chooses the rank itself, passes `eligible` (ids of its candidates: each reader must be one)."""
+    n = weight.values.size
+    if eligible is None:
+        def leave(o):
+            return _reason_to_leave(ctx, o, kind, n)
+        ask = dict(ask=lambda u: _rank_asked(ctx, u.op, kind), differ="its readers ask for different ranks")
+    else:
+        def leave(o):
+            return None if id(o) in eligible else (_reason_to_leave(ctx, o, kind, n, asked=False) or
+                                                   "the pass cannot rewrite it")
+        ask = {}
+    return leave(op) or uses.refusal(lambda u: u.op.builtin == op.builtin and u.index == 1 and (leave(u.op) or True),
+                                     **ask)
+
+
+def _reason_to_leave(ctx, op: Operator, kind: str, n: int, asked: bool = True) -> str | None:
+    """Why a low-rank pass leaves a layer as it is, whatever its weight (None: it rewrites it). `asked`: a
+    layer no rank is asked for is left too."""
     if not ctx.is_input_op(op):
         return "made by an earlier pass"
-    return ctx.reason_to_skip(op, n) or (None if ctx.rank_policy(op, kind).active else "no rank asked")
+    return ctx.reason_to_skip(op, n) or (None if not asked or ctx.rank_policy(op, kind).active else "no rank asked")
 
 
 def _rank_asked(ctx, op: Operator, kind: str) -> tuple:
