@@ -760,7 +760,7 @@ def compounding(fidelity: dict, summary: dict) -> str | None:
 def _compounding_refused(entries: list[Entry], notes: list[str], summary: dict, fidelity: dict, why: str) -> str:
     """Say in the entries and notes why a data-free budget's result whose layer errors compound (`compounding`:
     `why`) is replaced by the input."""
-    measured = f"output error {fidelity['worst']:.3g} on {fidelity['samples']} {fidelity['inputs']} inputs"
+    measured = f"output error {fidelity['worst']:.3g} on {measured_on(fidelity)}"
     _undo_entries(entries, f"undone: the budget's choice for {summary['target']} gave {measured} ({why})")
     summary["refused_output_error"] = fidelity["worst"]
     notes.append(f"cannot reach {summary['target']} without data: the budget's choice gave {measured}, {why}; the "
