@@ -139,7 +139,13 @@ class Staged:
                 pass
         try:
             for tmp, target in chosen:
-                os.replace(tmp, target)
+                try:
+                    os.replace(tmp, target)
+                except OSError as e:  # the folder removed, or the temporary file, since it was written
+                    left = (f"{' and '.join(map(str, self.committed))} already in place" if self.committed
+                            else "nothing written")
+                    raise PathError(f"{target}: cannot move the finished file into place ({e.strerror or e}); "
+                                    f"{left}") from None
                 self.pending.remove((tmp, target))
                 self.committed.append(target)
         finally:
