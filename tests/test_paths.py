@@ -222,9 +222,10 @@ def test_an_output_folder_removed_during_the_run_is_one_error_line(capsys, tmp, 
     assert not folder.exists()
 
 
-def test_a_report_folder_removed_before_the_move_says_the_model_is_in_place(capsys, tmp, monkeypatch):
-    """The model and the report in different folders, the report's removed after it was written: the model moves
-    into place first, so the one error line says it is there (the report could not follow)."""
+def test_a_report_folder_removed_before_the_move_leaves_neither(capsys, tmp, monkeypatch):
+    """The model and the report in different folders, the report's removed after it was written: neither moves
+    into place (both or neither), one error line. Should a move still fail between the two (a folder removed in
+    that instant), the line says which file is already in place."""
     import shutil
     model, _, _ = _folder(tmp)
     (tmp / "reports").mkdir()
@@ -236,7 +237,19 @@ def test_a_report_folder_removed_before_the_move_says_the_model_is_in_place(caps
         shutil.rmtree(tmp / "reports")
     monkeypatch.setattr(rewrite, "write_json", then_remove)
     code, _, err = _run(capsys, model, out, "--quantize", "float16", "--report", rep)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"tfrewrite: error: {rep}: "), err
+    assert "nothing written" in err and not out.exists() and not list(tmp.glob(".*.tmp"))
+    monkeypatch.setattr(rewrite, "write_json", real)
+    (tmp / "reports").mkdir()
+    real_replace = os.replace
+
+    def report_move_fails(src, dst):
+        if Path(dst) == rep:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", report_move_fails)
+    code, _, err = _run(capsys, model, out, "--quantize", "float16", "--report", rep)
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"tfrewrite: error: {rep}: cannot move the finished file into place") and \
         f"{out} already in place" in err, err
-    assert io.read(out) is not None and not list(tmp.glob(".*.tmp"))
+    assert io.read(out) is not None and not list(tmp.glob(".*.tmp")) and not list(tmp.glob("reports/.*.tmp"))
