@@ -176,7 +176,8 @@ class Options:
                                          ("--prune-depthwise", self.prune_depthwise, prunes, prune),
                                          ("--conv-method", self.conv_method is not None, ranks, lowrank),
                                          ("--force", self.force, "a technique option (it keeps rewrites that "
-                                          "save nothing or make the file larger)", bool(asked_techniques(self))),
+                                          "save nothing, make the file larger or break the model)",
+                                          bool(asked_techniques(self))),
                                          ("--sequential", self.sequential, f"{ranks} or {prunes}",
                                           lowrank or prune),
                                          ("--activation-percentile", self.activation_percentile is not None,
