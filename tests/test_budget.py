@@ -263,3 +263,19 @@ def test_ratio_refuses_a_clearly_degenerate_conv_after_a_short_fit(monkeypatch):
     sweeps.clear()
     forced = rewrite.rewrite_model(io.read_buffer(model_bytes), rewrite.Options(ratio=5, force=True))[0]
     assert forced["action"] == "rewritten" and sweeps == [None]
+
+
+def test_a_budget_with_no_layer_to_rewrite_says_why(tmp_path):
+    """A 16x8 model with --target-size and calibration data: the budget finds no layer to rewrite; its damage is
+    "not measured" (not "estimated from the weights (no data)": data was given), and every layer's entry says why it
+    is left as it is (not "the model has no layer that applies")."""
+    src = tmp_path / "a16w8.tflite"
+    src.write_bytes(B.int16_fc_model())
+    cal = tmp_path / "cal.npz"
+    x = np.random.default_rng(36).integers(-8000, 8000, (8, 1, 64)).astype(np.int16)
+    np.savez(cal, input=x)
+    report = rewrite.run(src, tmp_path / "out.tflite", rewrite.Options(target_size=2.0, calibration=str(cal)))
+    assert report["budget"]["damage"].startswith("not measured") and not report["budget"]["reached"]
+    (fc,) = [e for e in report["layers"] if e["kind"] == "fc"]
+    assert fc["action"] == "skipped" and fc["reason"] == "int16 activations (a 16x8 layer): left as it is"
+    assert "int16 activations" in " ".join(report["notes"]) and "no layer that applies" not in " ".join(report["notes"])

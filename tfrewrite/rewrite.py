@@ -377,7 +377,8 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
     if options.sequential and ctx.uses("lowrank"):
         entries += checked(sequential_lowrank(model, ctx, samples, targets, progress))
         done = {id(op) for op in targets}
-    if ctx.uses("lowrank"):
+    # A rank budget that found no layer to rewrite: the passes still run, so that each layer says why.
+    if ctx.uses("lowrank") or (rank_budget and "lowrank" in ctx.plan.budget_kinds and not ctx.budget_info):
         entries += checked(cp_conv.run(model, ctx, progress, done))
         entries += checked(lowrank_fc.run(model, ctx, progress, done))
     # The progress bar counts the low-rank layers, the slow part; the other passes take moments.

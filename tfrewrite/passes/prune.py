@@ -32,7 +32,7 @@ from ..analysis import macs, numel, stored, weight_uses
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..linalg import sparse
 from ..report import Entry
-from .common import Skip, bias_values, new_entry
+from .common import Skip, bias_values, chained_weight_reason, new_entry
 from .int8_chain import bias_real, per_tensor
 
 OP = schema.BuiltinOperator
@@ -74,6 +74,9 @@ def find_stored_weight(op: Operator) -> StoredWeight:
     if w is None:
         raise Skip("no weight input")
     src = stored(w)
+    reason = chained_weight_reason(src)
+    if reason:
+        raise Skip(reason)
     carrier = src.carrier if src is not None else w.producer
     if not w.is_constant:
         if carrier is None:
