@@ -247,7 +247,7 @@ def test_a_data_free_budget_whose_layer_errors_compound_leaves_the_model_as_it_i
     """Without data, MobileNetV2 at 2x: every 1x1 conv loses up to 0.24 of its output on the generated inputs and
     the model 0.43, under the 0.5 'broken' line (60 % top-1 when it was written). The layers' errors compound
     (the model's error is above the level each layer was allowed): the input is written unchanged, and the report
-    says why and what to do."""
+    says why and what to do; --force keeps the rewrite with a warning."""
     src = FIXTURES / "mobilenetv2_digits.tflite"
     rep, out = tmp_path / "r.json", tmp_path / "o.tflite"
     assert cli.main([str(src), str(out), "--target-size", "2", "--report", str(rep), "--quiet"]) == 0
@@ -258,6 +258,10 @@ def test_a_data_free_budget_whose_layer_errors_compound_leaves_the_model_as_it_i
     assert any("without data" in n and "errors compound" in n and "--calibration" in n for n in report["notes"])
     assert all(e["action"] == "skipped" and "errors compound" in e["reason"] for e in report["layers"]
                if e["reason"].startswith("undone"))
+    assert cli.main([str(src), str(out), "--target-size", "2", "--force", "--report", str(rep), "--quiet"]) == 0
+    report = json.loads(rep.read_text())  # kept as asked, with a warning
+    assert report["totals"]["file_bytes_after"] < src.stat().st_size
+    assert any("errors compound" in w and "--verify --data" in w for w in report["warnings"]), report["warnings"]
 
 
 def test_compounding_is_judged_only_on_generated_inputs_above_the_level_and_the_floor():

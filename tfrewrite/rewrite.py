@@ -636,6 +636,10 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
                     warnings.remove(float_ops_warning)
             else:
                 warnings += _fidelity_warnings(fidelity)
+                if compounded:  # kept by --force
+                    warnings.append(f"output error {fidelity['worst']:.3g} on {fidelity['samples']} generated inputs, "
+                                    f"{compounded}: without data this result is not trusted; check it with "
+                                    "--verify --data")
         report = {
             "input": str(input_path), "output": str(output_path),
             "options": {k: v for k, v in vars(options).items() if k != "report"},
