@@ -179,6 +179,34 @@ def shared_in_one_subgraph(width=16, hidden=32, out=10, form="float32", seed=0):
     return io.to_bytes(model)
 
 
+def unrolled_rnn(steps=12, width=8, hidden=32, out=4, form="float32", seed=0, unused_bytes=0, recurrent=None):
+    """An unrolled recurrence without an input per step: h1 = relu(W_in·x + b), h(t+1) = relu(U·h(t) + b) for
+    `steps` steps, y = W_out·h: one recurrent weight U (stored as `form`) read by `steps` FULLY_CONNECTED ops,
+    as a converted unrolled RNN has. U is scaled to spectral norm 0.9 so the steps neither explode nor vanish.
+    `unused_bytes`: a constant of that many bytes no op reads (the converter leaves such; writing drops it).
+    `recurrent`: U's values before the scaling (default random)."""
+    rng = np.random.default_rng(seed)
+    sg = Subgraph(name="main")
+    x = sg.add_tensor(Tensor("x", T.FLOAT32, [1, width]))
+    w_in = sg.add_constant("in/weight", (rng.standard_normal((hidden, width)) / np.sqrt(width)).astype(np.float32))
+    u = rng.standard_normal((hidden, hidden)) if recurrent is None else np.array(recurrent, np.float64)
+    u *= 0.9 / np.linalg.norm(u, 2)
+    shared, pre = _weight(sg, "rnn/recurrent", u, form, 0)
+    bias = sg.add_constant("rnn/bias", np.full(hidden, 0.05, np.float32))
+    w_out = sg.add_constant("out/weight", (rng.standard_normal((out, hidden)) / np.sqrt(hidden)).astype(np.float32))
+    h = [sg.add_activation(f"rnn/step{k}", T.FLOAT32, [1, hidden]) for k in range(steps + 1)]
+    y = sg.add_activation("y", T.FLOAT32, [1, out])
+    body = [ops.fully_connected(x, w_in, bias, h[0], activation=ACT["RELU"])]
+    body += [ops.fully_connected(h[k], shared, bias, h[k + 1], activation=ACT["RELU"]) for k in range(steps)]
+    sg.operators = pre + body + [ops.fully_connected(h[steps], w_out, None, y)]
+    if unused_bytes:
+        sg.add_constant("unused", np.zeros(unused_bytes // 4, np.float32))
+    sg.inputs, sg.outputs = [x], [y]
+    model = Model(subgraphs=[sg])
+    model.signature_defs = [_signature("serving_default", sg)]
+    return io.to_bytes(model)
+
+
 def gather_fc_model(table_rows=50, width=16, out=32, indices=4, seed=0):
     """An index input: int32 indices → GATHER rows of a float32 table → FULLY_CONNECTED."""
     from tfrewrite.graph import Operator

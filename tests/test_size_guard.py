@@ -63,3 +63,43 @@ def test_a_rewrite_that_still_makes_the_file_larger_writes_the_input_unchanged(t
     # --force asks for the rewrite whatever it costs.
     assert cli.main([str(src), str(out), "--rank", "2", "--force"]) == 0
     assert out.stat().st_size > src.stat().st_size
+
+
+def test_a_weight_read_by_many_ops_is_factored_only_when_all_readers_pay():
+    """An unrolled RNN's recurrent weight (32x32, 12 readers): its one set of factors is stored once, but every
+    reader gets two FCs and a new tensor. Rank 12 frees 1 kB of weights, less than the 12 readers' new ops take
+    (the first reader alone would pay); rank 4 frees 3 kB and pays for all of them."""
+    from tfrewrite import schema
+    model = B.unrolled_rnn(steps=12, hidden=32)
+    m = io.read_buffer(model)
+    entries = [e for e in rewrite.rewrite_model(m, rewrite.Options(fc_rank=12)) if e.weight_shape == [32, 32]]
+    assert len(entries) == 12 and all(e.action == "skipped" and e.reason.startswith("does not pay")
+                                      and "shared by 12 ops" in e.reason for e in entries)
+    assert len(io.to_bytes(m)) <= len(model)
+    m = io.read_buffer(model)
+    entries = [e for e in rewrite.rewrite_model(m, rewrite.Options(fc_rank=4)) if e.weight_shape == [32, 32]]
+    assert [e.action for e in entries] == ["rewritten"] * 12
+    fcs = [op for op in m.main.operators if op.builtin == schema.BuiltinOperator.FULLY_CONNECTED]
+    readers = {}
+    for op in fcs:
+        readers[id(op.inputs[1].buffer)] = readers.get(id(op.inputs[1].buffer), 0) + 1
+    assert sorted(readers.values())[-2:] == [12, 12]  # one pair of factors, each read by all 12 steps
+    assert len(io.to_bytes(m)) < len(model) - 1500
+
+
+def test_a_larger_model_is_caught_where_the_input_file_had_bytes_to_spare(tmp, monkeypatch, capsys):
+    """The input file holds 8 kB no op reads, which writing drops: a pass that made the model larger (here the
+    per-layer check switched off) must not pass for a saving because the file still came out smaller."""
+    from tfrewrite.passes import common
+    src, out = tmp / "rnn.tflite", tmp / "o.tflite"
+    src.write_bytes(B.unrolled_rnn(steps=12, hidden=32, unused_bytes=8192))
+    monkeypatch.setattr(common, "_keep_if_smaller", lambda *a, **k: None)
+    assert cli.main([str(src), str(out), "--fc-rank", "12", "--only", "rnn/step", "--report", str(tmp / "r.json")]) == 0
+    assert out.read_bytes() == src.read_bytes()
+    import json
+    report = json.loads((tmp / "r.json").read_text())
+    assert any("larger than the input written as it is" in n for n in report["notes"])
+    assert all(e["action"] == "skipped" for e in report["layers"])
+    assert "written unchanged" in capsys.readouterr().out
+    assert cli.main([str(src), str(out), "--fc-rank", "4", "--only", "rnn/step"]) == 0  # one that pays is written
+    assert out.stat().st_size < src.stat().st_size - 8192

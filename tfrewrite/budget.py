@@ -39,6 +39,7 @@ class BudgetLayer:
     input_bytes: int | None = None    # the dense weight's bytes in the input (default dense_params × itemsize)
     dense_bytes: float | None = None  # the dense layer's bytes as stored, when counted beyond its weights
     op_bytes: float = 0.0             # what each op of an option adds whatever its shape (tables), when counted
+    readers: tuple = ()               # the other ops that read the same stored weight (a shared weight: one layer)
 
 
 @dataclass
@@ -236,38 +237,104 @@ def rank_layers(model, ctx, passes, progress=None, full_int8: bool = False) -> t
     """(ops, their BudgetLayers with rank options) for every layer the low-rank passes may rewrite, in the
     input's order; with calibration rows, only the layers that have them. Layers count the bytes their ops
     will take in the file (`stored_bytes`), as full-integer layers with `full_int8` (--quantize full-int8
-    follows)."""
+    follows). A weight several ops read is one layer (`_shared_layer`), at its first reader."""
+    from .analysis import weight_uses
     data_aware = bool(ctx.layer_data)
     ops, layers = [], []
     for pass_ in passes:
-        for op in pass_.candidates(model, ctx):
-            if data_aware and id(op) not in ctx.layer_data:
+        candidates = pass_.candidates(model, ctx)
+        eligible, done = {id(op) for op in candidates}, set()
+        for op in candidates:
+            if id(op) in done or data_aware and id(op) not in ctx.layer_data:
                 continue
             try:
                 weight = read_weight(op)
             except Skip:
                 continue
             kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"
-            with blas_threads_for(weight.values.size):
-                options = pass_.rank_options(op, weight, ctx.rank_policy(op, kind), CANDIDATE_RATIOS)
+            uses = weight_uses(model, weight.stored)
+            if uses.shared:
+                done.update(id(o) for o in uses.ops)
+                layer = _shared_layer(pass_, op, weight, uses, eligible, ctx, full_int8)
+                if layer is None:
+                    continue
+            else:
+                with blas_threads_for(weight.values.size):
+                    options = pass_.rank_options(op, weight, ctx.rank_policy(op, kind), CANDIDATE_RATIOS)
+                layer = _budget_layer(op, weight, options, ctx, full_int8)
             if progress:
                 progress(op)
             ops.append(op)
-            layers.append(_budget_layer(op, weight, options, ctx, full_int8))
+            layers.append(layer)
     return _in_input_order(ctx, ops, layers)
+
+
+def reader_bytes(name_bytes: int) -> float:
+    """About the file bytes one more reader of a low-rank weight adds beside the factors: a second op and the
+    intermediate tensor between its two ops."""
+    from .io import OPERATOR_BYTES, OPTIONS_BYTES, TENSOR_BYTES
+    return OPERATOR_BYTES + OPTIONS_BYTES + 16 + TENSOR_BYTES + name_bytes + 16 + 8
+
+
+def _shared_layer(pass_, op, weight, uses, eligible: set, ctx, full_int8: bool) -> BudgetLayer | None:
+    """The budget layer of a weight several ops read (an unrolled RNN's recurrent weight: one per time step), or
+    None when its readers cannot all get one set of factors (`shared_refusal`, which the rewrite asks too). It is
+    counted once: its bytes once, every reader's MACs; each option's bytes are the factors once plus each
+    reader's new op and tensor (`reader_bytes`), and only options that pay for all of them are offered. The
+    rewrite fits a shared weight to the weights alone (not to one reader's inputs), so an option's damage is that
+    fit's: its relative output error on every reader's rows, the worst of them (the pass's `shared_damages`;
+    without rows the weights' own relative error)."""
+    from .passes.common import RankPolicy, shared_refusal
+    kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"
+    readers = uses.ops
+    if weight.full_integer or shared_refusal(ctx, op, kind, weight, uses, eligible):
+        return None  # a full-integer chain is fitted to its own layer (passes.int8_chain refuses shared weights)
+    metrics = []
+    for reader in readers:
+        data = ctx.layer_data.get(id(reader))
+        if ctx.layer_data and data is None:
+            return None
+        if data is not None:
+            from .passes.common import layer_metric
+            metrics.append(layer_metric(ctx.rank_policy(reader, kind)))
+    if metrics and not hasattr(pass_, "shared_damages"):
+        return None  # no measure of a weights-only fit on the readers' rows for this kind of layer
+    weights_only = replace(ctx.rank_policy(op, kind), extra={})
+    with blas_threads_for(weight.values.size):
+        options = pass_.rank_options(op, weight, weights_only, CANDIDATE_RATIOS)
+        if metrics and options:
+            damages = pass_.shared_damages(weight.values, [o.rank for o in options], metrics)
+            options = [o._replace(damage=d) for o, d in zip(options, damages)]
+    layer = _budget_layer(op, weight, options, ctx, full_int8)
+    dense_macs = layer.dense_macs
+    layer.dense_macs = sum(numel(static_shape(r.outputs[0])) * int(np.prod(weight.values.shape[1:]))
+                           for r in readers)
+    extra = reader_bytes(len(op.outputs[0].name.split(";")[0]) + 12)
+    dense = cost(layer, None, False)
+    options = []
+    for o in layer.options:
+        nbytes = cost(layer, o, False) + len(readers) * extra
+        if nbytes < dense:
+            options.append(o._replace(macs=o.macs * layer.dense_macs / max(dense_macs, 1), nbytes=nbytes))
+    layer.options, layer.readers = options, tuple(r for r in readers if r is not op)
+    return layer
 
 
 def add_sparsity_options(model, ctx, ops: list, layers: list, sparsity_options, progress=None,
                          full_int8: bool = False) -> tuple[list, list]:
     """`ops`, `layers` with every main-subgraph layer that has calibration rows given its sparsity options
     (`sparsity_options(op)`; Skip: none): added to its rank options, or as a layer of its own (counted as
-    full-integer with `full_int8`)."""
+    full-integer with `full_int8`). A weight several ops read gets none: a reader's options are its own (its
+    rows, its bytes), and counted per reader they would count the weight's bytes once per reader."""
+    from .analysis import weight_uses
     ops, layers = list(ops), list(layers)
     index = {id(op): i for i, op in enumerate(ops)}
     for op in [op for op in model.main.operators if id(op) in ctx.layer_data]:
         try:
-            options = sparsity_options(op)
             weight = read_weight(op)
+            if weight_uses(model, weight.stored).shared:
+                continue
+            options = sparsity_options(op)
         except Skip:
             continue
         if progress:
@@ -343,6 +410,10 @@ def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool, kep
             settings[id(op)] = replace(base, **cleared, ratio=None, prune=c.sparsity)
         else:
             settings[id(op)] = replace(base, **cleared, ratio=c.ratio)
+        for reader in getattr(layer, "readers", ()):  # a shared weight: every reader gets the same choice
+            settings[id(reader)] = replace(ctx.settings(reader), **{k: getattr(settings[id(op)], k) for k in
+                                                                   ("rank", "fc_rank", "conv_rank", "energy",
+                                                                    "ratio", "skip_reason", "prune")})
         info[id(op)] = {"output": layer.name, **_option_json(c), "damage": round(c.damage, 6) if c else 0.0,
                         "share": round(cost(layer, c, by_macs) / spent, 6),
                         "candidates": [{**_option_json(o), "damage": round(o.damage, 6)} for o in layer.options]}

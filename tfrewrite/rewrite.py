@@ -570,6 +570,10 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
     before = analysis.summary(model, zeros=False)["totals"]
     nonzero_before = analysis.nonzero_params(model)
     bar = Progress(count_targets(model), enabled=progress)
+    # The input as the writer would write it (what tables and buffers it really uses): a rewrite is judged against
+    # this too, since rewriting nothing can already free bytes (unused buffers, padding) that would hide a pass
+    # that made the model larger.
+    estimate_before = io.estimated_size(model)
     entries = rewrite_model(model, options, bar, ctx, source=input_path)
     full_int8 = (ctx.calibration or {}).get("full_int8") or {}
     float_ops_warning = None
@@ -586,7 +590,15 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
         notes = [] if changed else [f"nothing was rewritten: --quantize full-int8: {full_int8['skipped']}"
                                     if full_int8.get("skipped") else nothing_done(options, entries)]
         kept_larger = False
-        if size_after > size_before and made_full_int8 and not notes and options.force:
+        grown = None if made_full_int8 else io.estimated_size(model) - estimate_before
+        if grown is not None and grown > 0 and size_after <= size_before and not notes and not options.force:
+            _undo_entries(entries, f"undone: the rewrite made the model about {grown} bytes larger than the input "
+                                   "written as it is")
+            notes.append(f"the rewrite made the model about {grown} bytes larger than the input written as it is "
+                         f"(the input's own file is {size_before} bytes): the input was written unchanged (--force "
+                         "keeps such a rewrite)")
+            size_after, model = _written(lambda: _copy_unchanged(input_path, target), output_path), io.read(input_path)
+        elif size_after > size_before and made_full_int8 and not notes and options.force:
             # A full-integer model can cost bytes (the input's weights were already 8-bit, or stored sparse, and
             # the activation scales come on top): kept when asked for, and said.
             notes.append(f"the full-integer model is larger than the input ({size_after} > {size_before} bytes); "
@@ -660,6 +672,11 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
             report["calibration"] = ctx.calibration
         if ctx.budget_summary:
             report["budget"] = judge_budget(ctx.budget_summary, report["totals"])
+            if ctx.budget_summary["reached"] and not report["budget"]["reached"] and changed and not notes:
+                # The plan met the target on paper; the file says otherwise: a miss is said, not only shown.
+                warnings.append(f"the target {report['budget']['goal']:g}x was not reached: the written file is "
+                                f"{report['budget']['achieved']:.2f}x smaller (the budget estimated "
+                                f"{report['budget']['estimate']:.2f}x)")
         if options.verify:
             report["verify"] = verify_against(input_path, target, options)
         if report_target is not None:

@@ -364,12 +364,8 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, ctx, kind: str, rewrit
         uses = weight_uses(model, weight.stored)
         if uses.shared or any(k[0] == id(weight.stored.buffer) for k in ctx.shared_factors):
             # One set of factors serves every reader (a weight stored once stays stored once), so it is fitted to
-            # the weight, not to the inputs of one of its readers; every reader must be a layer of this kind
-            # asking for the same rank (the IR's shared-weight policy).
-            reason = _reason_to_leave(ctx, op, kind, weight.values.size) or uses.refusal(
-                lambda u: u.op.builtin == op.builtin and u.index == 1
-                and (_reason_to_leave(ctx, u.op, kind, weight.values.size) or True),
-                ask=lambda u: _rank_asked(ctx, u.op, kind), differ="its readers ask for different ranks")
+            # the weight, not to the inputs of one of its readers.
+            reason = shared_refusal(ctx, op, kind, weight, uses)
             if reason:
                 raise Skip(reason)
             policy = replace(policy, extra={})
@@ -379,7 +375,7 @@ def rewrite_one(model: Model, sg: Subgraph, op: Operator, ctx, kind: str, rewrit
         with blas_threads_for(weight.values.size):
             rewrite(sg, op, weight, policy, ctx, entry)
         if not policy.force:
-            _keep_if_smaller(model, weight, ctx, entry, snapshot, size_before, shared_before)
+            _keep_if_smaller(model, weight, ctx, entry, snapshot, size_before, shared_before, len(uses.ops))
     except Skip as e:
         entry.reason = str(e)
     _release_layer_data(ctx, op, entry)
@@ -399,15 +395,22 @@ def _release_layer_data(ctx, op: Operator, entry: Entry) -> None:
         data.pop("metric", None)
 
 
-def _keep_if_smaller(model, weight: LayerWeight, ctx, entry: Entry, snapshot, size_before: int, shared_before: int):
+def _keep_if_smaller(model, weight: LayerWeight, ctx, entry: Entry, snapshot, size_before: int, shared_before: int,
+                     readers: int = 1):
     """Undo a rewrite whose new tensors, buffers and ops take more file bytes than it frees (tiny layers).
-    A weight other ops still read frees nothing yet: the first reader of a shared weight is credited with it
-    (its factors serve them all), later readers only reuse those factors and are kept."""
-    if entry.shared and len(ctx.shared_factors) == shared_before:
+    A shared weight is judged once, at its first reader, for all `readers`: the weight's bytes are freed once,
+    its one set of factors is stored once, and every reader adds the ops and tensors this one added beside the
+    factors (an unrolled RNN step reading a recurrent weight: 12 readers' new ops can cost more than the
+    factors save). Later readers only reuse those factors and are kept."""
+    made = [emitted for _, emitted, _ in list(ctx.shared_factors.values())[shared_before:]]
+    if entry.shared and not made:
         return  # reuses factors the first reader already paid for
     size_after = io.estimated_size(model)
     if entry.shared and weight.stored.buffer is not None:
-        size_after -= weight.stored.buffer.nbytes
+        factors = sum(_new_weight_bytes(tensor, pre) for emitted in made for tensor, pre in emitted)
+        per_reader = size_after - size_before - factors
+        freed = io.BUFFER_BYTES + weight.stored.buffer.nbytes + io.tensor_bytes(weight.stored)
+        size_after += (readers - 1) * per_reader - freed
     if size_after < size_before:
         return
     snapshot.restore()
@@ -416,15 +419,44 @@ def _keep_if_smaller(model, weight: LayerWeight, ctx, entry: Entry, snapshot, si
     entry.drop("output_error", "bias_corrected", "factors", "init", "degeneracy", "n_iter")
     entry.set(action="skipped", method=None, rank=None, rel_error=None,
               params_after=entry.params_before, macs_after=entry.macs_before)
+    readers_note = f" (a weight shared by {readers} ops: each gets the new ops)" if entry.shared and readers > 1 else ""
     raise Skip(f"does not pay: the new weights, tensors and ops take {size_after - size_before} bytes more than "
-               f"what they replace (file about {size_before} -> {size_after} bytes)")
+               f"what they replace{readers_note} (file about {size_before} -> {size_after} bytes)")
 
 
-def _reason_to_leave(ctx, op: Operator, kind: str, n: int) -> str | None:
-    """Why a low-rank pass leaves a layer as it is, whatever its weight (None: it rewrites it)."""
+def _new_weight_bytes(tensor: Tensor, pre: list[Operator]) -> int:
+    """File bytes of one new weight: its stored constant (table and buffer), and when it is read through a
+    DEQUANTIZE that op and the tensor it fills."""
+    stored_tensor = pre[0].inputs[0] if pre else tensor
+    n = io.tensor_bytes(stored_tensor) + io.BUFFER_BYTES + (stored_tensor.buffer.nbytes if stored_tensor.buffer else 0)
+    return n + (sum(io.operator_bytes(op) for op in pre) + io.tensor_bytes(tensor) if pre else 0)
+
+
+def shared_refusal(ctx, op: Operator, kind: str, weight: LayerWeight, uses, eligible: set | None = None) -> str | None:
+    """Why the low-rank passes cannot give the weight `uses` lists (read by `op` and others) one set of factors
+    for all its readers (None: they can): every reader must be a layer of `op`'s kind reading it as its weight
+    and asking for the same rank (the IR's shared-weight policy). The rewrite and the budget both ask this; the
+    budget, which chooses the rank itself, passes `eligible` (ids of its candidates: each reader must be one)."""
+    n = weight.values.size
+    if eligible is None:
+        def leave(o):
+            return _reason_to_leave(ctx, o, kind, n)
+        ask = dict(ask=lambda u: _rank_asked(ctx, u.op, kind), differ="its readers ask for different ranks")
+    else:
+        def leave(o):
+            return None if id(o) in eligible else (_reason_to_leave(ctx, o, kind, n, asked=False) or
+                                                   "the pass cannot rewrite it")
+        ask = {}
+    return leave(op) or uses.refusal(lambda u: u.op.builtin == op.builtin and u.index == 1 and (leave(u.op) or True),
+                                     **ask)
+
+
+def _reason_to_leave(ctx, op: Operator, kind: str, n: int, asked: bool = True) -> str | None:
+    """Why a low-rank pass leaves a layer as it is, whatever its weight (None: it rewrites it). `asked`: a
+    layer no rank is asked for is left too."""
     if not ctx.is_input_op(op):
         return "made by an earlier pass"
-    return ctx.reason_to_skip(op, n) or (None if ctx.rank_policy(op, kind).active else "no rank asked")
+    return ctx.reason_to_skip(op, n) or (None if not asked or ctx.rank_policy(op, kind).active else "no rank asked")
 
 
 def _rank_asked(ctx, op: Operator, kind: str) -> tuple:

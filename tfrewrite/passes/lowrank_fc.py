@@ -89,6 +89,15 @@ def spectrum_damages(matrix: np.ndarray, metric, ranks: list[int]) -> list[float
     return out
 
 
+def shared_damages(matrix: np.ndarray, ranks: list[int], metrics: list) -> list[float]:
+    """For each rank, the damage of the truncated SVD the rewrite gives a weight several FCs read (fitted to the
+    weights alone): its relative output error on each reader's inputs (`metrics`), the worst of them."""
+    from ..linalg import fit, svd
+    u, s, vt = svd.truncated_svd(matrix, max(ranks))
+    return [max(fit.lowrank_output_error(matrix, u[:, :r] * s[:r], vt[:r], metric) for metric in metrics)
+            for r in ranks]
+
+
 def rank_options(op: Operator, weight: LayerWeight, policy: RankPolicy, ratios) -> list[RankOption]:
     """The profitable ranks at the given reduction ratios, with their costs and damage (for the budget)."""
     from ..linalg import svd
