@@ -243,18 +243,20 @@ def test_a_budget_that_would_break_the_model_leaves_it_as_it_is(tmp_path):
                    for e in report["layers"])
 
 
-def test_a_data_free_budget_whose_layer_errors_compound_leaves_the_model_as_it_is(tmp_path):
+def test_a_data_free_budget_whose_layer_errors_compound_leaves_the_model_as_it_is(tmp_path, monkeypatch):
     """Without data, MobileNetV2 at 2x: every 1x1 conv loses up to 0.24 of its output on the generated inputs and
-    the model 0.43, under the 0.5 'broken' line (60 % top-1 when it was written). The layers' errors compound
+    the model 0.43 on the fit's own generated inputs (60 % top-1 when it was written; 0.64 on the check's, so the
+    'broken' line refuses it first: lifted here to reach the compounding rule). The layers' errors compound
     (the model's error is above the level each layer was allowed): the input is written unchanged, and the report
     says why and what to do; --force keeps the rewrite with a warning."""
+    monkeypatch.setattr(rewrite, "OUTPUT_ERROR_WARNING", 1.0)
     src = FIXTURES / "mobilenetv2_digits.tflite"
     rep, out = tmp_path / "r.json", tmp_path / "o.tflite"
     assert cli.main([str(src), str(out), "--target-size", "2", "--report", str(rep), "--quiet"]) == 0
     report = json.loads(rep.read_text())
     assert out.read_bytes() == src.read_bytes() and not report["budget"]["reached"]
     level, refused = report["budget"]["damage_level"], report["budget"]["refused_output_error"]
-    assert max(level, 0.15) < refused <= 0.5
+    assert max(level, 0.15) < refused <= 1.0
     assert any("without data" in n and "errors compound" in n and "--calibration" in n for n in report["notes"])
     assert all(e["action"] == "skipped" and "errors compound" in e["reason"] for e in report["layers"]
                if e["reason"].startswith("undone"))

@@ -110,7 +110,7 @@ def test_calibrated_layers_match_the_original_mean_and_beat_plain(calib, tmp):
     report = json.loads(rep.read_text())
     done = [e for e in report["layers"] if e["action"] == "rewritten"]
     assert done and all(e.get("bias_corrected") and e["output_error"] < e["rel_error"] for e in done)
-    assert report["calibration"]["samples"] == 100
+    assert report["calibration"]["samples"] == 96  # 100, the last 4 kept out of the fit for the output-error check
     x, _ = load_split("calib", 32)
     xs = [[x[i:i + 1]] for i in range(len(x))]
     ref, p, a = (np.concatenate([o[0] for o in verify.run(m, xs)]) for m in (VGG, plain, aware))

@@ -177,7 +177,7 @@ def test_report_table_has_subgraphs_and_totals_count_nonzero_params(tmp, capsys)
     assert {line.split()[0] for line in lines[2:4]} == {"0", "1"}
     model = _fc(tmp, shape=(64, 64))
     rep = tmp / "r.json"
-    code, out, _ = _run(capsys, model, tmp / "o.tflite", "--prune", "0.75", "--report", rep)
+    code, out, _ = _run(capsys, model, tmp / "o.tflite", "--prune", "0.75", "--report", rep, "--force")
     totals = json.loads(rep.read_text())["totals"]
     assert totals["params_after"] == 64 * 64 and totals["nonzero_params_after"] == 64 * 64 // 4
     assert totals["nonzero_params_before"] == 64 * 64

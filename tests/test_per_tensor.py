@@ -144,8 +144,9 @@ def test_mixed_budget_counts_per_tensor_bytes_on_the_channels_kept(files, tmp_pa
     to its end, and the result runs alike with XNNPACK on and off."""
     source, calib = files
     out = tmp_path / "o.tflite"
+    # Its held-out output error is about 0.6 (a broken model at 2x): --force keeps it, to check the bytes.
     report = rewrite.run(source, out, rewrite.Options(target_size=2, rank="auto", prune_channels="auto",
-                                                      per_tensor="auto", calibration=str(calib)))
+                                                      per_tensor="auto", calibration=str(calib), force=True))
     budget = report["budget"]
     done = {(e["kind"], e["output"]) for e in report["layers"] if e["action"] in ("requantized", "pruned", "rewritten")}
     assert {("channels", "conv0"), ("per_tensor", "dw1"), ("per_tensor", "fc3"), ("fc", "fc3")} <= done, done

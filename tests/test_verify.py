@@ -40,7 +40,7 @@ def test_compare_a_model_with_itself_is_exact():
 
 def test_compare_cli_json_with_labels(tmp, capsys, labelled):
     small = tmp / "small.tflite"
-    assert cli.main([str(VGG), str(small), "--rank", "32", "--quiet"]) == 0
+    assert cli.main([str(VGG), str(small), "--rank", "32", "--quiet", "--force"]) == 0  # error ~0.5 on generated
     capsys.readouterr()
     assert cli.main(["compare", str(VGG), str(small), "--data", str(labelled), "--runs", "5", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -253,3 +253,46 @@ def test_a_failing_tool_made_file_is_not_named(tmp_path):
     with pytest.raises(verify.NotRunnable) as e:
         calibrate.collect(model, [[np.zeros(model.main.inputs[0].shape, np.float32)]], model.main.operators[:1])
     assert "tfrewrite-calib" not in str(e.value) and "the tool's copy of the model" in str(e.value)
+
+
+def test_output_error_is_measured_on_inputs_no_fit_used(tmp_path, capsys):
+    """The printed output error must not come from the samples the layers were fitted on: fitted on 14 samples
+    of a 64-wide input, a data-aware low rank is nearly exact on them and far off on others."""
+    from tfrewrite import rewrite
+    rng = np.random.default_rng(5)
+    model = tmp_path / "fc.tflite"
+    model.write_bytes(B.fc_model(rng.standard_normal((48, 64)).astype(np.float32), input_shape=(1, 64)))
+    data = tmp_path / "calib.npz"
+    np.savez(data, input=rng.standard_normal((16, 1, 64)).astype(np.float32))
+    out, report = tmp_path / "o.tflite", tmp_path / "r.json"
+    assert cli.main([str(model), str(out), "--fc-rank", "12", "--calibration", str(data), "--force",
+                     "--report", str(report)]) == 0
+    result = json.loads(report.read_text())
+    error = result["output_error"]
+    # 16 samples: the last 2 are kept out of every fit and measured; the fit saw 14.
+    assert (error["samples"], error["held_out"], result["calibration"]["samples"]) == (2, True, 14)
+    assert "on 2 held-out calibration inputs" in capsys.readouterr().out
+    runner, batches, _, _ = verify.open_data(str(model), str(data))
+    assert error["worst"] == pytest.approx(verify.output_error(str(model), str(out), batches[14:])["worst"])
+    in_sample = verify.output_error(str(model), str(out), batches[:4])["worst"]
+    assert error["worst"] > 3 * in_sample  # what the check printed before
+    _validate(result)
+    # Fewer than 8 samples: all go to the fit, and the summary says the check is in-sample.
+    np.savez(data, input=rng.standard_normal((6, 1, 64)).astype(np.float32))
+    assert cli.main([str(model), str(out), "--fc-rank", "12", "--calibration", str(data), "--force",
+                     "--report", str(report)]) == 0
+    error = json.loads(report.read_text())["output_error"]
+    assert (error["samples"], error["held_out"]) == (4, False)
+    assert "calibration inputs the fit also used" in capsys.readouterr().out
+    assert rewrite.held_out_count(100) == 4 and rewrite.held_out_count(7) == 0
+
+
+def test_checks_draw_other_generated_inputs_than_the_data_free_fits():
+    # The data-free fits use FIT_SEED's generated inputs; the output-error check, --verify and compare another seed.
+    first_fit = verify.generated_samples(str(VGG), 1)[0][0]
+    first_check = verify.generated_samples(str(VGG), 1, seed=verify.CHECK_SEED)[0][0]
+    assert verify.CHECK_SEED != verify.FIT_SEED and not np.array_equal(first_fit, first_check)
+    assert cli._compare_parser().parse_args(["a", "b"]).seed == verify.CHECK_SEED
+    import inspect
+    for function in (verify.output_error, verify.compare):
+        assert inspect.signature(function).parameters["seed"].default == verify.CHECK_SEED
