@@ -193,3 +193,63 @@ def test_ctrl_c_while_the_files_move_into_place_is_held_until_they_all_are(capsy
     assert err.count("\n") == 1 and "interrupted after the outputs were moved into place" in err, err
     assert json.loads(rep.read_text())["output"] == str(out) and io.read(out) is not None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("when", ["measure_output_error", "verify_against", "write_json"])
+def test_an_output_folder_removed_during_the_run_is_one_error_line(capsys, tmp, monkeypatch, when):
+    """The output's folder removed after the checks (while the output error is measured, while --verify runs,
+    before the files move into place): one `tfrewrite: error:` line naming the folder, exit 2, nothing left;
+    it ended in "internal error" (the rewritten model "does not run", or a FileNotFoundError from the move)."""
+    import shutil
+    model, _, _ = _folder(tmp)
+    folder = tmp / "out"
+    folder.mkdir()
+    real = getattr(rewrite, when)
+
+    def remove_the_folder_first(*args):
+        if when == "write_json":  # the report is written: the next step moves both into place
+            real(*args)
+            shutil.rmtree(folder)
+            return None
+        shutil.rmtree(folder)
+        return real(*args)
+    monkeypatch.setattr(rewrite, when, remove_the_folder_first)
+    code, _, err = _run(capsys, model, folder / "o.tflite", "--quantize", "float16", "--report", folder / "r.json",
+                        "--verify", "--runs", "1", "--samples", "2")
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"tfrewrite: error: {folder}"), err
+    assert "nothing written" in err and ".tmp" not in err
+    assert not folder.exists()
+
+
+def test_a_report_folder_removed_before_the_move_leaves_neither(capsys, tmp, monkeypatch):
+    """The model and the report in different folders, the report's removed after it was written: neither moves
+    into place (both or neither), one error line. Should a move still fail between the two (a folder removed in
+    that instant), the line says which file is already in place."""
+    import shutil
+    model, _, _ = _folder(tmp)
+    (tmp / "reports").mkdir()
+    out, rep = tmp / "o.tflite", tmp / "reports" / "r.json"
+    real = rewrite.write_json
+
+    def then_remove(obj, path):
+        real(obj, path)
+        shutil.rmtree(tmp / "reports")
+    monkeypatch.setattr(rewrite, "write_json", then_remove)
+    code, _, err = _run(capsys, model, out, "--quantize", "float16", "--report", rep)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"tfrewrite: error: {rep}: "), err
+    assert "nothing written" in err and not out.exists() and not list(tmp.glob(".*.tmp"))
+    monkeypatch.setattr(rewrite, "write_json", real)
+    (tmp / "reports").mkdir()
+    real_replace = os.replace
+
+    def report_move_fails(src, dst):
+        if Path(dst) == rep:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", report_move_fails)
+    code, _, err = _run(capsys, model, out, "--quantize", "float16", "--report", rep)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"tfrewrite: error: {rep}: cannot move the finished file into place") and \
+        f"{out} already in place" in err, err
+    assert io.read(out) is not None and not list(tmp.glob(".*.tmp")) and not list(tmp.glob("reports/.*.tmp"))

@@ -87,7 +87,8 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-params", type=int, default=0, metavar="N", help="leave layers with fewer weights alone")
     s.add_argument("--recipe", metavar="FILE.json", help="per-layer settings (schemas/recipe.schema.json); "
                    "the command-line options are the defaults")
-    s.add_argument("--force", action="store_true", help="keep rewrites that save nothing or make the file larger (for checks)")
+    s.add_argument("--force", action="store_true", help="keep rewrites that save nothing, make the file larger, or "
+                   "break the model (output error above 0.5; for checks)")
     d = p.add_argument_group("data-aware fitting (a few real inputs, no retraining)")
     d.add_argument("--calibration", metavar="FILE.npz", help="sample inputs (arrays named after the model inputs); "
                    "low-rank layers are then fitted to their outputs on them, with bias correction")

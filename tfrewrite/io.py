@@ -138,8 +138,18 @@ class Staged:
             except (ValueError, OSError):  # not the main thread: the caller owns the signals
                 pass
         try:
+            for tmp, target in chosen:  # all still there (a folder removed meanwhile): else none is moved
+                if not tmp.is_file():
+                    raise PathError(f"{target}: the finished file was removed before it could move into place (its "
+                                    "folder or itself); nothing written")
             for tmp, target in chosen:
-                os.replace(tmp, target)
+                try:
+                    os.replace(tmp, target)
+                except OSError as e:  # removed in the instant between two moves
+                    left = (f"{' and '.join(map(str, self.committed))} already in place" if self.committed
+                            else "nothing written")
+                    raise PathError(f"{target}: cannot move the finished file into place ({e.strerror or e}); "
+                                    f"{left}") from None
                 self.pending.remove((tmp, target))
                 self.committed.append(target)
         finally:

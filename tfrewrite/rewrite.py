@@ -176,7 +176,8 @@ class Options:
                                          ("--prune-depthwise", self.prune_depthwise, prunes, prune),
                                          ("--conv-method", self.conv_method is not None, ranks, lowrank),
                                          ("--force", self.force, "a technique option (it keeps rewrites that "
-                                          "save nothing or make the file larger)", bool(asked_techniques(self))),
+                                          "save nothing, make the file larger or break the model)",
+                                          bool(asked_techniques(self))),
                                          ("--sequential", self.sequential, f"{ranks} or {prunes}",
                                           lowrank or prune),
                                          ("--activation-percentile", self.activation_percentile is not None,
@@ -856,6 +857,7 @@ def measure_output_error(original, rewritten, options: Options) -> dict:
     try:
         result = verify.output_error(original, rewritten, inputs, OUTPUT_ERROR_SAMPLES, signature)
     except verify.CandidateFailed as e:
+        _check_still_there(rewritten)  # not the rewrite's fault when someone removed it
         raise RewriteFault(f"the rewritten model does not run in LiteRT ({e}); nothing written") from None
     result["inputs"], result["held_out"] = kind, held_out
     if result["measured"] and _integer_activations(rewritten):
@@ -896,9 +898,18 @@ def _written(write, path):
         raise io.PathError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
+def _check_still_there(staged) -> None:
+    """A PathError when the staged model (under its temporary name) is gone: its folder or the file was removed
+    during the run, which is no fault of the rewrite's."""
+    if not Path(staged).is_file():
+        raise io.PathError(f"{Path(staged).parent}: the model being written there was removed during the run (the "
+                           "folder or the file); nothing written")
+
+
 def verify_against(original, rewritten, options: Options) -> dict:
     """Compare the rewritten model with the original and check the bounds the options give."""
     from . import verify
+    _check_still_there(rewritten)
     result = verify.compare(original, rewritten, data=options.data, samples=options.samples, runs=options.runs,
                             signature=options.signature)
     failures = []
