@@ -216,3 +216,32 @@ def test_a_weight_one_reader_leaves_alone_is_left_alone_for_every_reader(options
             readers = [op for op in m.main.operators if op.outputs[0].name in ("h1", "h2")]
             assert stored(readers[0].inputs[1]).tensor is stored(readers[1].inputs[1]).tensor
             assert np.count_nonzero(stored(readers[0].inputs[1]).tensor.data) == 32 * 32
+
+
+def test_a_weight_read_by_many_fcs_is_fitted_on_the_rows_of_all_its_readers(tmp_path):
+    """With calibration data, the one set of factors of an unrolled RNN's recurrent weight is fitted on every
+    reader's rows (the weights-alone SVD keeps directions the steps never see): on inputs it was not fitted on,
+    the output error is lower. Each reader keeps its bias, so the bias stays stored once."""
+    import json
+    from tfrewrite import cli
+    rng = np.random.default_rng(7)
+    src, data = tmp_path / "rnn.tflite", tmp_path / "x.npz"
+    decaying = rng.standard_normal((48, 48)) * 0.9 ** np.arange(48)  # a spectrum that decays, as trained ones do
+    src.write_bytes(B.unrolled_rnn(steps=8, width=8, hidden=48, seed=7, recurrent=decaying))
+    basis = rng.standard_normal((3, 8))  # inputs on a 3-dim subspace, as real inputs are correlated
+    np.savez(data, x=(rng.standard_normal((64, 3)) @ basis).astype(np.float32))
+    held_out = [(rng.standard_normal((1, 3)) @ basis).astype(np.float32) for _ in range(8)]  # not fitted on
+    reference = [verify.Runner(src.read_bytes())([v])[0] for v in held_out]
+    errors = {}
+    for name, extra in (("weights", []), ("rows", ["--calibration", str(data)])):
+        out, rep = tmp_path / f"{name}.tflite", tmp_path / f"{name}.json"
+        assert cli.main([str(src), str(out), "--fc-rank", "10", "--only", "rnn/step[1-8]$", "--report", str(rep),
+                         "--quiet", "--force", *extra]) == 0
+        readers = [e for e in json.loads(rep.read_text())["layers"] if e["weight_shape"] == [48, 48]]
+        assert len(readers) == 8 and all(e["action"] == "rewritten" for e in readers)
+        runner = verify.Runner(out.read_bytes())
+        errors[name] = max(np.linalg.norm(runner([v])[0] - r) / np.linalg.norm(r) for v, r in zip(held_out, reference))
+        steps = [op for op in io.read(out).main.operators
+                 if op.outputs[0].name.startswith("rnn/step") and "lowrank" not in op.outputs[0].name]
+        assert len({id(op.inputs[2].buffer) for op in steps}) == 1  # the readers' one bias, still shared
+    assert errors["rows"] < 0.7 * errors["weights"], errors

@@ -281,29 +281,24 @@ def _shared_layer(pass_, op, weight, uses, eligible: set, ctx, full_int8: bool) 
     None when its readers cannot all get one set of factors (`shared_refusal`, which the rewrite asks too). It is
     counted once: its bytes once, every reader's MACs; each option's bytes are the factors once plus each
     reader's new op and tensor (`reader_bytes`), and only options that pay for all of them are offered. The
-    rewrite fits a shared weight to the weights alone (not to one reader's inputs), so an option's damage is that
-    fit's: its relative output error on every reader's rows, the worst of them (the pass's `shared_damages`;
-    without rows the weights' own relative error)."""
-    from .passes.common import RankPolicy, shared_refusal
+    rewrite fits a shared weight on all its readers' rows together (`shared_layer_data`; not on one reader's), so
+    an option's damage is that fit's: its relative output error on every reader's rows, the worst of them (the
+    pass's `shared_damages`; without rows the weights' own relative error)."""
+    from .passes.common import layer_metric, shared_layer_data, shared_refusal
     kind = "fc" if op.builtin == OP.FULLY_CONNECTED else "conv"
     readers = uses.ops
     if weight.full_integer or shared_refusal(ctx, op, kind, weight, uses, eligible):
         return None  # a full-integer chain is fitted to its own layer (passes.int8_chain refuses shared weights)
-    metrics = []
-    for reader in readers:
-        data = ctx.layer_data.get(id(reader))
-        if ctx.layer_data and data is None:
-            return None
-        if data is not None:
-            from .passes.common import layer_metric
-            metrics.append(layer_metric(ctx.rank_policy(reader, kind)))
-    if metrics and not hasattr(pass_, "shared_damages"):
-        return None  # no measure of a weights-only fit on the readers' rows for this kind of layer
-    weights_only = replace(ctx.rank_policy(op, kind), extra={})
+    pooled = shared_layer_data(ctx, readers) if hasattr(pass_, "shared_damages") else None
+    if ctx.layer_data and pooled is None:
+        return None  # a reader without rows, or no measure of the shared fit on the readers' rows (convs)
+    policy = replace(ctx.rank_policy(op, kind), extra=pooled or {})
+    policy.budgeted = True
     with blas_threads_for(weight.values.size):
-        options = pass_.rank_options(op, weight, weights_only, CANDIDATE_RATIOS)
-        if metrics and options:
-            damages = pass_.shared_damages(weight.values, [o.rank for o in options], metrics)
+        options = pass_.rank_options(op, weight, policy, CANDIDATE_RATIOS)
+        if pooled is not None and options:
+            metrics = [layer_metric(ctx.rank_policy(reader, kind)) for reader in readers]
+            damages = pass_.shared_damages(weight.values, [o.rank for o in options], policy, metrics)
             options = [o._replace(damage=d) for o, d in zip(options, damages)]
     layer = _budget_layer(op, weight, options, ctx, full_int8)
     dense_macs = layer.dense_macs

@@ -89,13 +89,16 @@ def spectrum_damages(matrix: np.ndarray, metric, ranks: list[int]) -> list[float
     return out
 
 
-def shared_damages(matrix: np.ndarray, ranks: list[int], metrics: list) -> list[float]:
-    """For each rank, the damage of the truncated SVD the rewrite gives a weight several FCs read (fitted to the
-    weights alone): its relative output error on each reader's inputs (`metrics`), the worst of them."""
-    from ..linalg import fit, svd
-    u, s, vt = svd.truncated_svd(matrix, max(ranks))
-    return [max(fit.lowrank_output_error(matrix, u[:, :r] * s[:r], vt[:r], metric) for metric in metrics)
-            for r in ranks]
+def shared_damages(matrix: np.ndarray, ranks: list[int], policy: RankPolicy, metrics: list) -> list[float]:
+    """For each rank, the damage of the factors the rewrite gives a weight several FCs read (`factorize` with
+    `policy`: on the readers' pooled rows): its relative output error on each reader's inputs (`metrics`), the
+    worst of them."""
+    from ..linalg import fit
+    out = []
+    for r in ranks:
+        left, right = factorize(matrix, r, policy)
+        out.append(max(fit.lowrank_output_error(matrix, left, right, metric) for metric in metrics))
+    return out
 
 
 def rank_options(op: Operator, weight: LayerWeight, policy: RankPolicy, ratios) -> list[RankOption]:
