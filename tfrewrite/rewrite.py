@@ -320,7 +320,7 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
             mixed = lowrank if options.rank == "auto" else ()
             if mixed or per_tensor:
                 targets = _lowrank_rows(model, ctx, samples, not options.calibration, progress,
-                                        options.activation_percentile, per_tensor_ops())
+                                        options.activation_percentile, few=per_tensor_ops())
             ctx.channel_budget, ranks, rank_info, ctx.budget_summary = budget.plan_channels(
                 model, ctx, target, by_macs, total, samples,
                 stage=lambda count: _stage(progress, "budget: channel group", count), passes=mixed,
@@ -347,8 +347,8 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
         # Depthwise layers to prune (--prune-depthwise) are fitted to calibration data too.
         if options.calibration:
             depthwise = depthwise_prune_targets(model, ctx)
-        targets = _lowrank_rows(model, ctx, samples, generated, progress, options.activation_percentile,
-                                depthwise + per_tensor_ops())
+        targets = _lowrank_rows(model, ctx, samples, generated, progress, options.activation_percentile, depthwise,
+                                few=per_tensor_ops())
         ctx.calibration = {"file": str(options.calibration) if options.calibration else None,
                             "inputs": "calibration" if options.calibration else "generated",
                             "samples": len(samples), "layers": len(targets)}
@@ -444,22 +444,27 @@ def depthwise_prune_targets(model, ctx: RunContext) -> list:
 
 
 def _lowrank_rows(model, ctx: RunContext, samples, generated: bool, progress=None, percentile: float | None = None,
-                  more=()) -> list:
+                  more=(), few=()) -> list:
     """Collect the low-rank targets' input rows on `samples` into `ctx.layer_data`, and those of the ops in
-    `more` (in the same runs); returns the low-rank targets.
+    `more` and `few` (in the same runs; `few` only measured, not fitted: at most `per_tensor.ROWS` rows each);
+    returns the low-rank targets.
     `percentile`: --activation-percentile, for the int8 chains fitted on these rows."""
     from . import calibrate
+    from .passes.per_tensor import ROWS
     targets = lowrank_targets(model, ctx)
     seen = {id(op) for op in targets}
     more = [op for op in more if id(op) not in seen and not seen.add(id(op))]  # each op's rows once
-    rows = calibrate.collect(model, samples, targets + list(more),
+    measured = [op for op in few if id(op) not in seen and not seen.add(id(op))]
+    more += measured
+    rows = calibrate.collect(model, samples, targets + more,
                              progress=_stage(progress, "calibration: sample", len(samples)),
-                             max_rows=calibrate.GENERATED_ROWS if generated else calibrate.MAX_ROWS)
+                             max_rows=calibrate.GENERATED_ROWS if generated else calibrate.MAX_ROWS,
+                             row_caps={id(op): ROWS for op in measured})
     extra = {"damping": calibrate.GENERATED_DAMPING, "temper": calibrate.GENERATED_TEMPER, "generated": True} \
         if generated else {}
     if percentile is not None:
         extra["activation_percentile"] = percentile
-    for op in targets + list(more):
+    for op in targets + more:
         ctx.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
     return targets
 
