@@ -243,36 +243,6 @@ def test_a_budget_that_would_break_the_model_leaves_it_as_it_is(tmp_path):
                    for e in report["layers"])
 
 
-def test_a_data_free_budget_whose_layer_errors_compound_leaves_the_model_as_it_is(tmp_path, monkeypatch):
-    """Without data, MobileNetV2 at 2x: every 1x1 conv loses up to 0.24 of its output on the generated inputs and
-    the model 0.43 on the fit's own generated inputs (60 % top-1 when it was written; 0.64 on the check's, so the
-    'broken' line refuses it first: lifted here to reach the compounding rule). The layers' errors compound
-    (the model's error is above the level each layer was allowed): the input is written unchanged, and the report
-    says why and what to do."""
-    monkeypatch.setattr(rewrite, "OUTPUT_ERROR_WARNING", 1.0)
-    src = FIXTURES / "mobilenetv2_digits.tflite"
-    rep, out = tmp_path / "r.json", tmp_path / "o.tflite"
-    assert cli.main([str(src), str(out), "--target-size", "2", "--report", str(rep), "--quiet"]) == 0
-    report = json.loads(rep.read_text())
-    assert out.read_bytes() == src.read_bytes() and not report["budget"]["reached"]
-    level, refused = report["budget"]["damage_level"], report["budget"]["refused_output_error"]
-    assert max(level, 0.15) < refused <= 1.0
-    assert any("without data" in n and "errors compound" in n and "--calibration" in n for n in report["notes"])
-    assert all(e["action"] == "skipped" and "errors compound" in e["reason"] for e in report["layers"]
-               if e["reason"].startswith("undone"))
-
-
-def test_compounding_is_judged_only_on_generated_inputs_above_the_level_and_the_floor():
-    level = {"damage_level": 0.2}
-    measured = {"measured": True, "samples": 4}
-    assert rewrite.compounding({**measured, "inputs": "generated", "worst": 0.3}, level)
-    for fidelity, summary in (({**measured, "inputs": "calibration", "worst": 0.3}, level),  # real data: measured
-                              ({**measured, "inputs": "generated", "worst": 0.19}, level),  # below the level
-                              ({**measured, "inputs": "generated", "worst": 0.14}, {"damage_level": 0.05}),  # floor
-                              ({**measured, "inputs": "generated", "worst": None}, level)):  # NaN: 'broken' says so
-        assert rewrite.compounding(fidelity, summary) is None
-
-
 def test_ratio_refuses_a_clearly_degenerate_conv_after_a_short_fit(monkeypatch):
     """A CP conv whose output error is far above the --ratio floor after a few ALS sweeps is refused without the
     full fit (VGG16's random-init convs: most of a data-free --ratio 5's time); forced, it gets the full fit."""

@@ -105,9 +105,9 @@ def real_values(x: np.ndarray, tensor) -> np.ndarray:
 
 
 def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], seed: int = 0,
-            progress=None, max_rows: int = MAX_ROWS) -> dict[int, LayerRows]:
-    """id(op) → sampled input rows (at most `max_rows` per layer), for layers of the main subgraph fed by `samples`
-    (lists of model inputs)."""
+            progress=None, max_rows: int = MAX_ROWS, row_caps: dict | None = None) -> dict[int, LayerRows]:
+    """id(op) → sampled input rows (at most `max_rows` per layer, or `row_caps[id(op)]` where given), for layers of
+    the main subgraph fed by `samples` (lists of model inputs)."""
     from . import verify
     sg = model.main
     ops = [op for op in ops if op in sg.operators]
@@ -144,7 +144,7 @@ def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], 
     budget = {}
     for op in ops:
         dim = row_dim(op)
-        budget[id(op)] = max(1, min(max_rows, MAX_BYTES // (4 * dim)))
+        budget[id(op)] = max(1, min((row_caps or {}).get(id(op), max_rows), MAX_BYTES // (4 * dim)))
     per_sample = {k: max(1, math.ceil(v / len(samples))) for k, v in budget.items()}
     chunks: dict[int, list[np.ndarray]] = {id(op): [] for op in ops}
     # Positions depend only on (seed, layer name, sample): the original and a partly rewritten model give

@@ -320,7 +320,7 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
             mixed = lowrank if options.rank == "auto" else ()
             if mixed or per_tensor:
                 targets = _lowrank_rows(model, ctx, samples, not options.calibration, progress,
-                                        options.activation_percentile, per_tensor_ops())
+                                        options.activation_percentile, few=per_tensor_ops())
             ctx.channel_budget, ranks, rank_info, ctx.budget_summary = budget.plan_channels(
                 model, ctx, target, by_macs, total, samples,
                 stage=lambda count: _stage(progress, "budget: channel group", count), passes=mixed,
@@ -347,8 +347,8 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
         # Depthwise layers to prune (--prune-depthwise) are fitted to calibration data too.
         if options.calibration:
             depthwise = depthwise_prune_targets(model, ctx)
-        targets = _lowrank_rows(model, ctx, samples, generated, progress, options.activation_percentile,
-                                depthwise + per_tensor_ops())
+        targets = _lowrank_rows(model, ctx, samples, generated, progress, options.activation_percentile, depthwise,
+                                few=per_tensor_ops())
         ctx.calibration = {"file": str(options.calibration) if options.calibration else None,
                             "inputs": "calibration" if options.calibration else "generated",
                             "samples": len(samples), "layers": len(targets)}
@@ -445,22 +445,27 @@ def depthwise_prune_targets(model, ctx: RunContext) -> list:
 
 
 def _lowrank_rows(model, ctx: RunContext, samples, generated: bool, progress=None, percentile: float | None = None,
-                  more=()) -> list:
+                  more=(), few=()) -> list:
     """Collect the low-rank targets' input rows on `samples` into `ctx.layer_data`, and those of the ops in
-    `more` (in the same runs); returns the low-rank targets.
+    `more` and `few` (in the same runs; `few` only measured, not fitted: at most `per_tensor.ROWS` rows each);
+    returns the low-rank targets.
     `percentile`: --activation-percentile, for the int8 chains fitted on these rows."""
     from . import calibrate
+    from .passes.per_tensor import ROWS
     targets = lowrank_targets(model, ctx)
     seen = {id(op) for op in targets}
     more = [op for op in more if id(op) not in seen and not seen.add(id(op))]  # each op's rows once
-    rows = calibrate.collect(model, samples, targets + list(more),
+    measured = [op for op in few if id(op) not in seen and not seen.add(id(op))]
+    more += measured
+    rows = calibrate.collect(model, samples, targets + more,
                              progress=_stage(progress, "calibration: sample", len(samples)),
-                             max_rows=calibrate.GENERATED_ROWS if generated else calibrate.MAX_ROWS)
+                             max_rows=calibrate.GENERATED_ROWS if generated else calibrate.MAX_ROWS,
+                             row_caps={id(op): ROWS for op in measured})
     extra = {"damping": calibrate.GENERATED_DAMPING, "temper": calibrate.GENERATED_TEMPER, "generated": True} \
         if generated else {}
     if percentile is not None:
         extra["activation_percentile"] = percentile
-    for op in targets + list(more):
+    for op in targets + more:
         ctx.layer_data[id(op)] = {"rows": rows[id(op)].rows, "mean": rows[id(op)].mean, **extra}
     return targets
 
@@ -635,16 +640,11 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
             fidelity = measure_output_error(input_path, target, options)
             gap = fidelity.get("xnnpack")
             refused = None
-            # Without data, a rank / sparsity budget's result whose layer errors compound (`compounding`).
-            compounded = ctx.budget_summary and not plan.uses("channel_budget") and not broken_result(fidelity) \
-                and compounding(fidelity, ctx.budget_summary)
             if broken_result(fidelity) and not options.force:
                 # A broken model is not a result, whichever technique or budget made it: the input goes out as it
                 # is (MobileNetV2 fixture, low rank at 4.36x: every 1x1 conv at rank 3-9, output error 0.8-1.0,
                 # 11 %; a channel budget on a BatchNorm-folded net without data), and the report says why.
                 refused = _broken_refused(entries, notes, ctx.budget_summary, fidelity)
-            elif compounded and not options.force:
-                refused = _compounding_refused(entries, notes, ctx.budget_summary, fidelity, compounded)
             elif gap and delegate_gap_verdict(gap) == "refuse" and not options.force:
                 # XNNPACK on and off must agree on what is written as they do on the input.
                 refused = _delegates_refused(entries, notes, gap)
@@ -739,34 +739,6 @@ def _broken_refused(entries: list[Entry], notes: list[str], summary: dict | None
     else:
         notes.append(f"the rewrite gave {measured} (above {OUTPUT_ERROR_WARNING}: a broken model), so the input "
                      "was written unchanged (ask for less, or --force to keep it)")
-    return notes[-1]
-
-
-def compounding(fidelity: dict, summary: dict) -> str | None:
-    """Why a data-free budget's result is not kept although it is not broken, or None: its output error on the
-    generated inputs is above both the damage level the budget allowed every layer and the --ratio floor. Where the
-    budget's layer-by-layer damage holds, the layers' errors attenuate through the network (the VGG-style fixture
-    at 2-10.54x, the residual one at 1.5x: 0.4-1.0x the level, at most 0.08, at most 4.7 points lost); where they
-    compound, damage judged layer by layer on generated inputs did not foresee it (MobileNetV2 fixture at 1.25-2x,
-    the residual one at 2x: 1.5-4x the level, 0.22-0.47, 7-38 points lost; bench/results/nodata.md)."""
-    from .passes.common import MAX_OUTPUT_ERROR
-    level, worst = summary.get("damage_level"), fidelity.get("worst")
-    if fidelity.get("inputs") != "generated" or not fidelity.get("measured") or not level or worst is None:
-        return None
-    if worst <= max(level, MAX_OUTPUT_ERROR):
-        return None
-    return (f"above the damage level {level:.3g} it allowed each layer and above {MAX_OUTPUT_ERROR}: the layers' "
-            "errors compound")
-
-
-def _compounding_refused(entries: list[Entry], notes: list[str], summary: dict, fidelity: dict, why: str) -> str:
-    """Say in the entries and notes why a data-free budget's result whose layer errors compound (`compounding`:
-    `why`) is replaced by the input."""
-    measured = f"output error {fidelity['worst']:.3g} on {measured_on(fidelity)}"
-    _undo_entries(entries, f"undone: the budget's choice for {summary['target']} gave {measured} ({why})")
-    summary["refused_output_error"] = fidelity["worst"]
-    notes.append(f"cannot reach {summary['target']} without data: the budget's choice gave {measured}, {why}; the "
-                 "input was written unchanged (give --calibration, ask for less, or --force to keep it)")
     return notes[-1]
 
 
