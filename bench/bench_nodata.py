@@ -5,7 +5,7 @@ next to the data-aware `--calibration calib.npz --target-size X`; writes bench/r
     .venv/bin/python bench/bench_nodata.py                    # X = 2, 4.36, 5, 7.98, 10.54, both fixtures
     .venv/bin/python bench/bench_nodata.py --ratios 5 --fixtures vgg_digits --no-aware
     .venv/bin/python bench/bench_nodata.py --table1           # the plain rows of RESULTS.md's Table 1
-    .venv/bin/python bench/bench_nodata.py --compounding      # data-free results: damage level vs output error
+    .venv/bin/python bench/bench_nodata.py --levels           # data-free results: damage level vs output error
 
 Accuracy: top-1 on the 360 held-out digits (fixtures/digits.py, batch 1) via `tfrewrite compare --data`;
 speed-up: the same command's interleaved medians (1 thread, XNNPACK on, --runs 20).
@@ -46,25 +46,25 @@ def layer_floors(names) -> list[str]:
     return lines + [""]
 
 
-COMPOUNDING_CASES = [("vgg_digits", x) for x in (2, 4.36, 5, 7.98, 10.54)] + \
+LEVEL_CASES = [("vgg_digits", x) for x in (2, 4.36, 5, 7.98, 10.54)] + \
     [("resnet_concat_digits", 1.5), ("resnet_concat_digits", 2)] + [("mobilenetv2_digits", x) for x in (1.25, 1.5, 2)]
 
 
-def compounding_rows(runs: int) -> list[str]:
+def level_rows(runs: int) -> list[str]:
     """Data-free `--target-size X --force` (the result as the budget chose it, kept whatever its error): the budget's
     damage level, the output error on the 4 generated inputs, their ratio, and top-1 on the test digits; and what
-    the same command without --force does (the compounding rule, README "Which mode to use")."""
+    the same command without --force writes (the input unchanged when the check calls the result broken)."""
     import json
     lines = ["| fixture | X | x smaller | damage level | output error (generated) | error / level | top-1 (original) | "
              "without --force |", "|---|---|---|---|---|---|---|---|"]
-    for name, x in COMPOUNDING_CASES:
+    for name, x in LEVEL_CASES:
         src = R.ROOT / "fixtures" / f"{name}.tflite"
         _, test = R.data_files(name, SIZES[name])
-        out = R.CACHE / f"compounding_{name}_{x:g}.tflite"
+        out = R.CACHE / f"levels_{name}_{x:g}.tflite"
         r = R.fixture_row(src, out, ["--target-size", f"{x:g}", "--force"], test, runs)
         level = r["budget"]["damage_level"]
         worst = json.loads(out.with_suffix(".json").read_text())["output_error"]["worst"]
-        plain = R.rewrite(src, R.CACHE / f"compounding_{name}_{x:g}_kept.tflite", ["--target-size", f"{x:g}"])
+        plain = R.rewrite(src, R.CACHE / f"levels_{name}_{x:g}_unforced.tflite", ["--target-size", f"{x:g}"])
         refused = r["budget"].get("refused_output_error") or plain["budget"].get("refused_output_error")
         verdict = "input written unchanged" if refused is not None and plain["bytes"] == plain["before"] else "kept"
         lines.append(f"| {name} | {x:g} | {r['before'] / r['bytes']:.2f}x | {level:.3f} | {worst:.3f} | "
@@ -101,13 +101,13 @@ def main(argv=None) -> int:
     p.add_argument("--layers", action="store_true", help="also: each layer alone at --ratio 5 --force (the floors)")
     p.add_argument("--table1", action="store_true",
                    help="only the plain rows of bench/RESULTS.md's Table 1 (VGG-style fixture), printed")
-    p.add_argument("--compounding", action="store_true",
+    p.add_argument("--levels", action="store_true",
                    help="only the data-free results' damage level against their output error, printed")
     p.add_argument("--out", default=str(R.ROOT / "bench" / "results" / "nodata.md"))
     args = p.parse_args(argv)
     R.CACHE.mkdir(parents=True, exist_ok=True)
-    if args.compounding:
-        print("\n".join([f"Load average at the start {R.load_str()}", *compounding_rows(args.runs),
+    if args.levels:
+        print("\n".join([f"Load average at the start {R.load_str()}", *level_rows(args.runs),
                           f"Load average at the end {R.load_str()}", "Commands:", "", "```", *R.COMMANDS, "```"]))
         return 0
     if args.table1:

@@ -243,36 +243,6 @@ def test_a_budget_that_would_break_the_model_leaves_it_as_it_is(tmp_path):
                    for e in report["layers"])
 
 
-def test_a_data_free_budget_whose_layer_errors_compound_leaves_the_model_as_it_is(tmp_path, monkeypatch):
-    """Without data, MobileNetV2 at 2x: every 1x1 conv loses up to 0.24 of its output on the generated inputs and
-    the model 0.43 on the fit's own generated inputs (60 % top-1 when it was written; 0.64 on the check's, so the
-    'broken' line refuses it first: lifted here to reach the compounding rule). The layers' errors compound
-    (the model's error is above the level each layer was allowed): the input is written unchanged, and the report
-    says why and what to do."""
-    monkeypatch.setattr(rewrite, "OUTPUT_ERROR_WARNING", 1.0)
-    src = FIXTURES / "mobilenetv2_digits.tflite"
-    rep, out = tmp_path / "r.json", tmp_path / "o.tflite"
-    assert cli.main([str(src), str(out), "--target-size", "2", "--report", str(rep), "--quiet"]) == 0
-    report = json.loads(rep.read_text())
-    assert out.read_bytes() == src.read_bytes() and not report["budget"]["reached"]
-    level, refused = report["budget"]["damage_level"], report["budget"]["refused_output_error"]
-    assert max(level, 0.15) < refused <= 1.0
-    assert any("without data" in n and "errors compound" in n and "--calibration" in n for n in report["notes"])
-    assert all(e["action"] == "skipped" and "errors compound" in e["reason"] for e in report["layers"]
-               if e["reason"].startswith("undone"))
-
-
-def test_compounding_is_judged_only_on_generated_inputs_above_the_level_and_the_floor():
-    level = {"damage_level": 0.2}
-    measured = {"measured": True, "samples": 4}
-    assert rewrite.compounding({**measured, "inputs": "generated", "worst": 0.3}, level)
-    for fidelity, summary in (({**measured, "inputs": "calibration", "worst": 0.3}, level),  # real data: measured
-                              ({**measured, "inputs": "generated", "worst": 0.19}, level),  # below the level
-                              ({**measured, "inputs": "generated", "worst": 0.14}, {"damage_level": 0.05}),  # floor
-                              ({**measured, "inputs": "generated", "worst": None}, level)):  # NaN: 'broken' says so
-        assert rewrite.compounding(fidelity, summary) is None
-
-
 def test_ratio_refuses_a_clearly_degenerate_conv_after_a_short_fit(monkeypatch):
     """A CP conv whose output error is far above the --ratio floor after a few ALS sweeps is refused without the
     full fit (VGG16's random-init convs: most of a data-free --ratio 5's time); forced, it gets the full fit."""
@@ -293,6 +263,22 @@ def test_ratio_refuses_a_clearly_degenerate_conv_after_a_short_fit(monkeypatch):
     sweeps.clear()
     forced = rewrite.rewrite_model(io.read_buffer(model_bytes), rewrite.Options(ratio=5, force=True))[0]
     assert forced["action"] == "rewritten" and sweeps == [None]
+
+
+def test_a_budget_with_no_layer_to_rewrite_says_why(tmp_path):
+    """A 16x8 model with --target-size and calibration data: the budget finds no layer to rewrite; its damage is
+    "not measured" (not "estimated from the weights (no data)": data was given), and every layer's entry says why it
+    is left as it is (not "the model has no layer that applies")."""
+    src = tmp_path / "a16w8.tflite"
+    src.write_bytes(B.int16_fc_model())
+    cal = tmp_path / "cal.npz"
+    x = np.random.default_rng(36).integers(-8000, 8000, (8, 1, 64)).astype(np.int16)
+    np.savez(cal, input=x)
+    report = rewrite.run(src, tmp_path / "out.tflite", rewrite.Options(target_size=2.0, calibration=str(cal)))
+    assert report["budget"]["damage"].startswith("not measured") and not report["budget"]["reached"]
+    (fc,) = [e for e in report["layers"] if e["kind"] == "fc"]
+    assert fc["action"] == "skipped" and fc["reason"] == "int16 activations (a 16x8 layer): left as it is"
+    assert "int16 activations" in " ".join(report["notes"]) and "no layer that applies" not in " ".join(report["notes"])
 
 
 def test_a_weight_read_by_many_ops_is_one_layer_of_the_budget(tmp_path):

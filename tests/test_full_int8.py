@@ -252,3 +252,26 @@ def test_a_rewrite_whose_delegates_disagree_is_left_as_it_is(tmp_path, monkeypat
                 assert out.read_bytes() != source.read_bytes() and not report["notes"]
                 assert "tfrewrite: warning: XNNPACK and the builtin kernels" in printed.err
                 assert report["output_error"]["xnnpack"]["input_rel_l2"] == 0.0  # a float input
+
+
+def test_a_model_without_a_signature_is_quantized_and_stays_without_one(tmp_path):
+    """MediaPipe's models have no SignatureDef; ai-edge-quantizer calibrates by signature. The model gets one for
+    the run (named after its input and output tensors) and the output has none again, its outputs read by the
+    same tensor names (the quantizer named them '<name>_dequant')."""
+    sg = io.read_buffer(output_also_read(seed=2)).main
+    source = tmp_path / "unsigned.tflite"
+    source.write_bytes(io.to_bytes(Model(subgraphs=[sg])))
+    calib = calibration(tmp_path / "c.npz", "x", (1, 16), 3)
+    out = tmp_path / "q.tflite"
+    report = rewrite.run(source, out, rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    assert report["calibration"]["full_int8"]["recipe"] == "static_wi8_ai8"
+    model = io.read(out)
+    assert model.signature_defs == []
+    assert [t.name for t in model.main.inputs] == ["x"] and [t.name for t in model.main.outputs] == ["emb", "logits"]
+    assert [t.type for t in model.main.outputs] == [T.FLOAT32, T.FLOAT32]
+    assert all(op.inputs[0].type == T.INT8 for _, op in model.operators() if op.builtin == OP.FULLY_CONNECTED)
+    signed = tmp_path / "signed.tflite"
+    signed.write_bytes(output_also_read(seed=2))
+    same = rewrite.run(signed, tmp_path / "qs.tflite", rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    assert report["output_error"]["worst"] == same["output_error"]["worst"]  # the same quantization
+    assert_runs_alike(out, (1, 16), 4)

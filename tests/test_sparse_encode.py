@@ -513,3 +513,15 @@ def test_prune_at_the_floor_is_stored_sparse(tmp_path, capsys):
     assert cli.main([str(src), str(out), "--prune", "0.3", "--quiet"]) == 0, capsys.readouterr().err
     assert out.stat().st_size < src.stat().st_size
     assert any(t.sparsity is not None for t in io.read(out).main.tensors)
+
+
+def test_a_sparse_float16_weight_is_left_with_its_true_reason():
+    """A float16 weight stored sparse (sparse constant → DENSIFY → DEQUANTIZE, as MediaPipe's *_sparse models
+    store theirs): every pass leaves it as it is and says so, not "not a constant" / "not float16"."""
+    dense = B.conv_model(np.random.default_rng(35).standard_normal((16, 3, 3, 8)), form="float16")
+    sparse_fp16, entries, m = rewritten(dense, prune=0.8)
+    assert [op.name for op in m.main.operators] == ["DENSIFY", "DEQUANTIZE", "CONV_2D"]
+    why = "sparse float16 weight (DENSIFY → DEQUANTIZE): left as it is"
+    for options in ({"prune": 0.5}, {"quantize": "float16"}, {"ratio": 2.0}):
+        _, entries, _ = rewritten(sparse_fp16, **options)
+        assert entries and all(e["action"] == "skipped" and e["reason"] == why for e in entries), options

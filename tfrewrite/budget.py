@@ -198,6 +198,8 @@ def plan_ranks(model, ctx, target: float, by_macs: bool, total: float, passes, p
     note = None if result.reached else \
         f"{out_of_reach}; nothing was rewritten (ask for less, or add --prune auto or --quantize)"
     damage = "measured on the calibration data" if data_aware else "estimated from the weights (no data)"
+    if not everything:
+        damage = "not measured (no layer the budget's techniques apply to)"
     summary = _summary(target, by_macs, quantized, total, result,
                        list(info.values()) + per_tensor_info(pt_layers, result.choice[n:], by_macs), note,
                        damage=damage)

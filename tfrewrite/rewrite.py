@@ -385,7 +385,8 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
     if options.sequential and ctx.uses("lowrank"):
         entries += checked(sequential_lowrank(model, ctx, samples, targets, progress))
         done = {id(op) for op in targets}
-    if ctx.uses("lowrank"):
+    # A rank budget that found no layer to rewrite: the passes still run, so that each layer says why.
+    if ctx.uses("lowrank") or (rank_budget and "lowrank" in ctx.plan.budget_kinds and not ctx.budget_info):
         entries += checked(cp_conv.run(model, ctx, progress, done))
         entries += checked(lowrank_fc.run(model, ctx, progress, done))
     # The progress bar counts the low-rank layers, the slow part; the other passes take moments.
@@ -639,16 +640,11 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
             fidelity = measure_output_error(input_path, target, options)
             gap = fidelity.get("xnnpack")
             refused = None
-            # Without data, a rank / sparsity budget's result whose layer errors compound (`compounding`).
-            compounded = ctx.budget_summary and not plan.uses("channel_budget") and not broken_result(fidelity) \
-                and compounding(fidelity, ctx.budget_summary)
             if broken_result(fidelity) and not options.force:
                 # A broken model is not a result, whichever technique or budget made it: the input goes out as it
                 # is (MobileNetV2 fixture, low rank at 4.36x: every 1x1 conv at rank 3-9, output error 0.8-1.0,
                 # 11 %; a channel budget on a BatchNorm-folded net without data), and the report says why.
                 refused = _broken_refused(entries, notes, ctx.budget_summary, fidelity)
-            elif compounded and not options.force:
-                refused = _compounding_refused(entries, notes, ctx.budget_summary, fidelity, compounded)
             elif gap and delegate_gap_verdict(gap) == "refuse" and not options.force:
                 # XNNPACK on and off must agree on what is written as they do on the input.
                 refused = _delegates_refused(entries, notes, gap)
@@ -743,34 +739,6 @@ def _broken_refused(entries: list[Entry], notes: list[str], summary: dict | None
     else:
         notes.append(f"the rewrite gave {measured} (above {OUTPUT_ERROR_WARNING}: a broken model), so the input "
                      "was written unchanged (ask for less, or --force to keep it)")
-    return notes[-1]
-
-
-def compounding(fidelity: dict, summary: dict) -> str | None:
-    """Why a data-free budget's result is not kept although it is not broken, or None: its output error on the
-    generated inputs is above both the damage level the budget allowed every layer and the --ratio floor. Where the
-    budget's layer-by-layer damage holds, the layers' errors attenuate through the network (the VGG-style fixture
-    at 2-10.54x, the residual one at 1.5x: 0.4-1.0x the level, at most 0.08, at most 4.7 points lost); where they
-    compound, damage judged layer by layer on generated inputs did not foresee it (MobileNetV2 fixture at 1.25-2x,
-    the residual one at 2x: 1.5-4x the level, 0.22-0.47, 7-38 points lost; bench/results/nodata.md)."""
-    from .passes.common import MAX_OUTPUT_ERROR
-    level, worst = summary.get("damage_level"), fidelity.get("worst")
-    if fidelity.get("inputs") != "generated" or not fidelity.get("measured") or not level or worst is None:
-        return None
-    if worst <= max(level, MAX_OUTPUT_ERROR):
-        return None
-    return (f"above the damage level {level:.3g} it allowed each layer and above {MAX_OUTPUT_ERROR}: the layers' "
-            "errors compound")
-
-
-def _compounding_refused(entries: list[Entry], notes: list[str], summary: dict, fidelity: dict, why: str) -> str:
-    """Say in the entries and notes why a data-free budget's result whose layer errors compound (`compounding`:
-    `why`) is replaced by the input."""
-    measured = f"output error {fidelity['worst']:.3g} on {measured_on(fidelity)}"
-    _undo_entries(entries, f"undone: the budget's choice for {summary['target']} gave {measured} ({why})")
-    summary["refused_output_error"] = fidelity["worst"]
-    notes.append(f"cannot reach {summary['target']} without data: the budget's choice gave {measured}, {why}; the "
-                 "input was written unchanged (give --calibration, ask for less, or --force to keep it)")
     return notes[-1]
 
 

@@ -133,11 +133,25 @@ def usable_option(option: "RankOption", dims: tuple[int, int], in_channels: int 
     return data_aware or option.damage <= MAX_WEIGHT_ERROR
 
 
+def chained_weight_reason(src) -> str | None:
+    """Why a weight stored behind a chain of carriers is left as it is (a sparse float16 weight: DENSIFY →
+    DEQUANTIZE, as MediaPipe's *_sparse models store it; no pass rewrites or re-encodes one), None for a plain
+    constant or one carrier. `src`: `analysis.stored` of the weight."""
+    if src is None or len(src.carriers) < 2:
+        return None
+    t = src.tensor
+    form = ("sparse " if t.sparsity is not None else "") + t.type_name
+    return f"{form} weight ({' → '.join(op.name for op in reversed(src.carriers))}): left as it is"
+
+
 def read_weight(op: Operator, index: int = 1) -> LayerWeight:
     w = op.inputs[index] if len(op.inputs) > index else None
     if w is None:
         raise Skip("no weight input")
     src = stored(w)
+    reason = chained_weight_reason(src)
+    if reason:
+        raise Skip(reason)
     carrier = src.carrier if src is not None else w.producer
     if carrier is not None and carrier.builtin == OP.DENSIFY:
         raise Skip("sparse weight (behind DENSIFY)")
@@ -154,6 +168,8 @@ def read_weight(op: Operator, index: int = 1) -> LayerWeight:
     if c.type == T.FLOAT32:
         return LayerWeight("float32", src.values(), c)
     if c.type == T.INT8 and c.quantization is not None and c.quantization.scale is not None:
+        if op.inputs[0] is not None and op.inputs[0].type == T.INT16:
+            raise Skip("int16 activations (a 16x8 layer): left as it is")
         if op.inputs[0] is None or op.inputs[0].type not in (T.FLOAT32, T.INT8):
             raise Skip(f"{op.inputs[0].type_name if op.inputs[0] is not None else 'missing'} input")
         return LayerWeight("int8", src.values(), c, per_channel=c.quantization.channels > 1,
@@ -193,6 +209,9 @@ def find_stored_weight(op: Operator) -> StoredWeight:
     if w is None:
         raise Skip("no weight input")
     src = stored(w)
+    reason = chained_weight_reason(src)
+    if reason:
+        raise Skip(reason)
     carrier = src.carrier if src is not None else w.producer
     if not w.is_constant:
         if carrier is None:

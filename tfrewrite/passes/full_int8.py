@@ -20,10 +20,12 @@ from io import StringIO
 import numpy as np
 
 from .. import io, schema
-from ..graph import Model
+from ..graph import Model, SignatureDef
 
 RECIPE = "static_wi8_ai8"
 OP = schema.BuiltinOperator
+# The signature a model without one is quantized with (`run`); the output has none again.
+CALIBRATION_SIGNATURE = "tfrewrite_calibration"
 INSTALL_HINT = "pip install 'tfrewrite[int8]' (ai-edge-quantizer)"
 
 
@@ -47,12 +49,28 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
     except ImportError:
         raise QuantizeError(f"--quantize full-int8 needs ai-edge-quantizer: {INSTALL_HINT}") from None
     keys = [d.key for d in model.signature_defs]
-    if len(keys) != 1:
+    if len(keys) > 1:
         # ai-edge-quantizer calibrates every signature of the model, and one data file feeds one of them: with
         # --signature it failed on the other signature's tensors (an internal error).
-        raise QuantizeError(f"--quantize full-int8 needs a model with exactly one signature (the model has "
-                            f"{len(keys) or 'none'}): ai-edge-quantizer calibrates every signature, and "
-                            f"--calibration feeds one")
+        raise QuantizeError(f"--quantize full-int8 needs a model with one signature at most (the model has "
+                            f"{len(keys)}): ai-edge-quantizer calibrates every signature, and --calibration feeds one")
+    if not keys:
+        # ai-edge-quantizer calibrates by signature: a model without one (MediaPipe's) gets one for the run, over
+        # the main subgraph's inputs and outputs named as their tensors (the names its data file uses), and loses
+        # it again in `unsigned`.
+        main = model.main
+        names = [t.name for t in main.outputs]
+        if len({t.name for t in main.inputs + main.outputs}) != len(main.inputs) + len(main.outputs):
+            raise QuantizeError("--quantize full-int8 on a model without a signature needs distinct names for its "
+                                "inputs and outputs (it is calibrated through a signature named after them)")
+        model.signature_defs = [SignatureDef(CALIBRATION_SIGNATURE, main, [(t.name, t) for t in main.inputs],
+                                             [(t.name, t) for t in main.outputs])]
+        try:
+            info = run(model, calibration, None, original_tensors)
+        finally:
+            model.signature_defs = []
+        unsigned(model, names)
+        return info
     key = keys[0]
     restored = float_weights(model)
     inner = chain_inner_ops(model, original_tensors) if original_tensors else []
@@ -91,6 +109,19 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
     return {"tool": f"ai-edge-quantizer {version('ai-edge-quantizer')}", "recipe": RECIPE, "samples": len(batches),
             "versions_raised": raised, "float_weights_restored": restored, "per_tensor_chain_ops": len(inner),
             "balanced_channels": balanced, "integer_inputs_rewired": rewired}
+
+
+def unsigned(model: Model, output_names: list[str]) -> None:
+    """The model quantized with `CALIBRATION_SIGNATURE` back without a signature, like its input, its outputs
+    named as before: ai-edge-quantizer names the float output of its DEQUANTIZE '<name>_dequant' and the int8
+    tensor '<name>', and a caller without a signature reads outputs by tensor name (the names are swapped)."""
+    model.signature_defs = []
+    for out, name in zip(model.main.outputs, output_names):
+        if out.name != name:
+            inner = next((t for t in model.main.tensors if t.name == name), None)
+            if inner is not None:
+                inner.name = out.name
+            out.name = name
 
 
 INTEGER = (schema.TensorType.INT8, schema.TensorType.INT16)
