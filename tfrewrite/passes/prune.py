@@ -35,7 +35,8 @@ from ..linalg import sparse
 from ..report import Entry
 from .common import Skip, SparsityOption, StoredWeight, bias_values, find_stored_weight, new_entry
 from .int8_chain import bias_real, per_tensor
-from .sparse_encode import INT8_FC_BLOCK, fc_direct_kind, planned_int8_fc_nbytes, planned_nbytes, storage_refusal
+from .sparse_encode import (INT8_FC_BLOCK, fc_direct_kind, planned_int8_fc_nbytes, planned_nbytes, planned_refusal,
+                            storage_refusal)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -70,6 +71,22 @@ def keep_mask(op: Operator, weight: StoredWeight, sparsity: float, block) -> tup
                     f"block{bh}x{bw}" + replaced_block_note(asked, block))
         return sparse.prune_magnitude(mags, sparsity), f"magnitude (block {bh}x{bw} does not divide {rows}x{cols})"
     return sparse.prune_magnitude(mags, sparsity), "magnitude"
+
+
+def dense_zeros_refusal(model: Model, weight: StoredWeight, keep: np.ndarray, settings,
+                        full_int8: bool = False) -> str | None:
+    """Why a float32 / float16 weight pruned to `keep` would still be stored dense (`sparse_encode.decide` on
+    the values as that pass will see them: float16 after --quantize float16), None when it will be stored sparse.
+    Asked before anything is zeroed, on the magnitude mask: the data-aware one removes as many weights (to the
+    rounding of its column blocks), and the CSR bytes depend on their count only. Full-integer and int8 weights:
+    `storage_refusal`."""
+    if weight.kind not in ("float32", "float16") or full_int8:
+        return None
+    raw = np.asarray(weight.raw)
+    planned = np.where(keep, raw, np.zeros((), raw.dtype))
+    if weight.kind == "float32" and settings.quantize == "float16":
+        planned = planned.astype(np.float16)
+    return planned_refusal(model, weight, planned)
 
 
 def data_aware_reason(op: Operator, weight: StoredWeight) -> str | None:
@@ -325,6 +342,11 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
                 ask=lambda u: _asked(ctx.settings(u.op)), differ="its readers ask for different pruning")
             if reason:
                 raise Skip(reason)
+        magnitude = keep_mask(op, weight, float(settings.prune), settings.prune_block)
+        reason = dense_zeros_refusal(model, weight, magnitude[0], settings, ctx.plan.full_int8)
+        if reason:
+            ctx.layer_data.pop(id(op), None)
+            raise Skip(f"does not pay: {reason}; zeros would stay dense, so it is not pruned")
         data = ctx.layer_data.get(id(op))
         reason = None
         if data is not None and uses.shared:
@@ -348,7 +370,7 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
             for reader in uses.ops if uses.shared else [op]:  # rows not needed again: free them
                 ctx.layer_data.pop(id(reader), None)
         if pruned is None:
-            keep, method = keep_mask(op, weight, float(settings.prune), settings.prune_block)
+            keep, method = magnitude
             if reason is not None:
                 method += f" ({reason})"
             raw = np.asarray(weight.raw)
