@@ -47,6 +47,13 @@ def test_a_full_stdout_is_one_error_line_and_the_outputs_stay_complete(tmp, caps
         done = _cli(["inspect", SMALL], stdout=full)
     assert done.returncode == 2
     _one_error_line(done.stderr, "could not write to stdout")
+    for argv in (["--help"], ["inspect", "--help"], ["compare", "--help"]):  # argparse prints and exits itself
+        with open("/dev/full", "w") as full:
+            done = _cli(argv, stdout=full)
+        assert done.returncode == 2, argv
+        _one_error_line(done.stderr, "could not write to stdout")
+    done = _cli(["--help"], stdout=subprocess.PIPE)
+    assert done.returncode == 0 and "usage: tfrewrite" in done.stdout and done.stderr == ""
 
 
 def test_a_reader_that_stops_reading_ends_the_run_quietly(tmp):
