@@ -77,6 +77,36 @@ def test_links_to_a_file_read_are_the_same_file(capsys, tmp):
     _assert_refused(capsys, tmp, model, sub / "o.tflite", "--report", tmp / "link" / "o.tflite", words=["same file"])
 
 
+def test_an_output_that_is_a_link_writes_the_file_it_points_to(capsys, tmp):
+    """A link stays a link (as `cp` treats it): the model and the report go to the files the links lead to,
+    through a chain of links and a dangling one too; a link into /dev or /proc (`/dev/stdout`) is a stream, not a
+    file: refused, and nothing there is replaced."""
+    model, _, _ = _folder(tmp)
+    other = tmp / "other"
+    other.mkdir()
+    (other / "old.tflite").write_bytes(b"old")
+    (tmp / "out.tflite").symlink_to(other / "old.tflite")
+    (tmp / "chain.json").symlink_to(tmp / "step.json")
+    (tmp / "step.json").symlink_to(other / "new.json")  # dangling: the report creates it
+    code, out, err = _run(capsys, model, tmp / "out.tflite", "--quantize", "float16", "--report", tmp / "chain.json")
+    assert code == 0, err
+    assert (tmp / "out.tflite").is_symlink() and (tmp / "chain.json").is_symlink() and (tmp / "step.json").is_symlink()
+    io.read(other / "old.tflite").validate()
+    assert json.loads((other / "new.json").read_text())["layers"]
+    assert sorted(p.name for p in other.iterdir()) == ["new.json", "old.tflite"]  # no temporary file left
+    (tmp / "stdout.tflite").symlink_to("/dev/stdout")
+    (tmp / "fd.json").symlink_to("/proc/self/fd/1")
+    _assert_refused(capsys, tmp, model, tmp / "stdout.tflite", "--quantize", "float16", words=["/dev/stdout",
+                                                                                                 "not to a file"])
+    _assert_refused(capsys, tmp, model, tmp / "o.tflite", "--report", tmp / "fd.json", words=["/proc/self/fd/1"])
+    assert (tmp / "stdout.tflite").is_symlink() and (tmp / "fd.json").is_symlink()
+    (tmp / "loop.tflite").symlink_to(tmp / "loop.tflite")
+    _assert_refused(capsys, tmp, model, tmp / "loop.tflite", words=["loop.tflite"])
+    # The library's own writer follows a link the same way.
+    io.write(io.read(model), tmp / "out.tflite")
+    assert (tmp / "out.tflite").is_symlink() and (other / "old.tflite").read_bytes() == io.to_bytes(io.read(model))
+
+
 def test_missing_folders_and_folders_as_files(capsys, tmp):
     model, _, _ = _folder(tmp)
     out = tmp / "out.tflite"

@@ -81,7 +81,11 @@ def test_depthwise_only_with_the_flag():
     dw = [e for e in entries if e["op"] == "DEPTHWISE_CONV_2D"]
     assert dw and all(e["action"] == "skipped" and "--prune-depthwise" in e["reason"] for e in dw)
     entries, _ = run_prune(m, prune=0.5, prune_depthwise=True)
-    assert all(e["action"] == "pruned" for e in entries if e["op"] == "DEPTHWISE_CONV_2D")
+    dw = [e for e in entries if e["op"] == "DEPTHWISE_CONV_2D"]
+    # The 3x3x16 one's sparse form would take more bytes than its dense weight: not pruned.
+    assert sum(e["action"] == "pruned" for e in dw) == len(dw) - 1
+    assert all(e["action"] == "pruned" or (e["weight_shape"] == [1, 3, 3, 16] and
+                                           e["reason"].startswith("does not pay")) for e in dw)
 
 
 def test_only_skip_and_min_params():
@@ -190,3 +194,33 @@ def test_a_16x8_model_is_left_as_it_is(tmp_path):
     assert len(pruning) == 1 and pruning[0]["action"] == "skipped" and "does not pay" in pruning[0]["reason"]
     assert report["totals"]["nonzero_params_after"] == report["totals"]["nonzero_params_before"]
 
+
+
+@pytest.mark.parametrize("case", ["float32 1x1 conv", "float16 conv", "float32 conv --quantize float16"])
+def test_float_weights_whose_sparse_form_saves_nothing_are_not_pruned(case):
+    """A float weight whose pruned form `sparse_encode` would leave dense (index vectors and tables cost more than
+    the zeros free) is not pruned: "does not pay" with that pass's own reason, the weight untouched."""
+    rng = np.random.default_rng(33)
+    options = dict(quantize="float16") if case.endswith("float16") else {}
+    if case == "float32 1x1 conv":
+        model = B.conv_model(rng.standard_normal((16, 1, 1, 8)))
+    else:
+        model = B.conv_model(rng.standard_normal((16, 3, 3, 4)), form="float16" if case == "float16 conv" else "float32")
+    (e,), m = run_prune(model, prune=0.5, **options)
+    assert e["action"] == "skipped" and e["reason"].startswith("does not pay: encoding does not save bytes")
+    _weights_untouched(io.read_buffer(model), m)
+
+
+def test_every_pruned_float_layer_is_stored_sparse(tmp_path):
+    """The same conv weight pays stored float32 (pruned and encoded) but not as float16; a small 1x1 conv beside
+    it is left dense and unpruned: no layer keeps zeros stored dense."""
+    rng = np.random.default_rng(34)
+    src = tmp_path / "in.tflite"
+    src.write_bytes(B.conv_model(rng.standard_normal((16, 3, 3, 4))))
+    report = rewrite.run(src, tmp_path / "out.tflite", rewrite.Options(prune=0.5))
+    by_kind = {e["kind"]: e for e in report["layers"]}
+    assert by_kind["prune"]["action"] == "pruned" and by_kind["sparse_encode"]["action"] == "encoded"
+    report = rewrite.run(src, tmp_path / "out16.tflite", rewrite.Options(prune=0.5, quantize="float16"))
+    by_kind = {e["kind"]: e for e in report["layers"]}
+    assert by_kind["prune"]["action"] == "skipped" and by_kind["prune"]["reason"].startswith("does not pay")
+    assert report["totals"]["nonzero_params_after"] == report["totals"]["nonzero_params_before"]

@@ -204,7 +204,10 @@ def test_depthwise_layers_pruned_by_exact_obs_per_channel(tmp_path):
         out[mode] = io.to_bytes(model), entries
     data, entries = out["data-aware"]
     pruned = [e for e in entries if e["kind"] == "prune" and e["action"] == "pruned"]
-    assert len(pruned) == 17 and all(e["op"] == "DEPTHWISE_CONV_2D" for e in pruned)
+    # 17 depthwise layers; the 3x3x16 one's sparse form would outweigh its dense weight: not pruned.
+    assert len(pruned) == 16 and all(e["op"] == "DEPTHWISE_CONV_2D" for e in pruned)
+    assert [e["weight_shape"] for e in entries if e["kind"] == "prune" and e["op"] == "DEPTHWISE_CONV_2D" and
+            (e["reason"] or "").startswith("does not pay")] == [[1, 3, 3, 16]]
     for e in pruned:
         assert e["method"] == "obs" and e["bias_corrected"] and abs(e["sparsity_after"] - 0.5) < 0.01
         assert e["output_error"] < e["output_error_magnitude"], e["output"]

@@ -30,6 +30,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as for bad input
         raise UsageError(message)
 
+    def print_help(self, file=None):  # argparse drops a failed write: `--help > /dev/full` is an error as for any output
+        with _printing():
+            print(self.format_help(), end="", file=file or sys.stdout)
+
 
 def _auto_or(kind):
     """An argument type: a number of `kind`, or the word 'auto' (the budget chooses it per layer)."""

@@ -52,6 +52,27 @@ def _identity(path: Path):
         return ("path", str(path.resolve()))
 
 
+# Links into these are streams and devices (/dev/stdout → /proc/self/fd/1), never files to replace.
+STREAM_FOLDERS = ("/dev/", "/proc/")
+
+
+def _link_hops(path: Path) -> list[str]:
+    """Where a chain of symbolic links at `path` leads, hop by hop (empty when `path` is no link)."""
+    hops, seen, current = [], set(), str(path)
+    while os.path.islink(current) and current not in seen:
+        seen.add(current)
+        current = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(current)), os.readlink(current)))
+        hops.append(current)
+    return hops
+
+
+def write_target(path) -> Path:
+    """The file that writing `path` replaces: the one a symbolic link leads to (the link stays a link, as for
+    `cp`), else `path`."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+
+
 def check_paths(reads: dict, writes: dict) -> None:
     """Before any work: every file to read is an existing file; every file to write is a new or regular file
     in an existing folder we can create files in, and none of them is a file read or another file written.
@@ -71,6 +92,11 @@ def check_paths(reads: dict, writes: dict) -> None:
             raise PathError(f"{what} {path}: is not a regular file")
         seen.setdefault(_identity(path), what)
     for what, path in writes.items():
+        hops = _link_hops(path)
+        stream = [h for h in hops if h.startswith(STREAM_FOLDERS)]
+        if stream:
+            raise PathError(f"{what} {path}: is a link to {stream[0]}, not to a file; give a file name")
+        path = write_target(path)
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:
@@ -102,7 +128,7 @@ class Staged:
     whatever is not committed is removed on leaving the `with` block, so an error or Ctrl-C leaves nothing."""
 
     def __init__(self, committed: list | None = None):
-        self.pending: list[tuple[Path, Path]] = []
+        self.pending: list[tuple[Path, Path]] = []  # (temporary file, the path asked for)
         # The targets moved into place, in the caller's list when it gives one: what a Ctrl-C after the commit
         # leaves (complete files), for the caller to say.
         self.committed = committed if committed is not None else []
@@ -112,9 +138,9 @@ class Staged:
 
     def path(self, target) -> Path:
         """A fresh temporary file beside `target`, to be moved onto it by `commit`."""
-        target = Path(target)
+        target, real = Path(target), write_target(target)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
         except OSError as e:
             raise PathError(f"{target}: cannot write ({e.strerror or e})") from None
         os.close(fd)
@@ -144,7 +170,7 @@ class Staged:
                                     "folder or itself); nothing written")
             for tmp, target in chosen:
                 try:
-                    os.replace(tmp, target)
+                    os.replace(tmp, write_target(target))  # a link's file, the link kept
                 except OSError as e:  # removed in the instant between two moves
                     left = (f"{' and '.join(map(str, self.committed))} already in place" if self.committed
                             else "nothing written")
@@ -482,7 +508,9 @@ class _Reader:
             self.vector_length(fb.VariantTensorsLength())
             t.variant_tensors = [schema.VariantSubTypeT.InitFromObj(fb.VariantTensors(i))
                                  for i in range(fb.VariantTensorsLength())]
-        if t.is_constant and t.sparsity is None and t.dtype is not None and all(d >= 0 for d in shape):
+        if t.is_constant and t.sparsity is None and t.dtype is not None:
+            if any(d < 0 for d in shape):  # a constant's shape is static (LiteRT refuses the file)
+                self.fail(f"constant tensor {t.name!r} has a negative dimension in its shape {shape}")
             expected = int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize
             if expected != t.buffer.nbytes:
                 self.fail(f"tensor {t.name!r} of shape {shape} needs {expected} bytes, its buffer has {t.buffer.nbytes}")
@@ -565,7 +593,7 @@ def write(model: Model, path: str | os.PathLike, large_layout: bool | None = Non
 
     `large_layout`: None chooses by size; True forces weights after the flatbuffer (for tests).
     """
-    path = Path(path)
+    path = write_target(path)
     header, chunks, size = _Packer(model).pack(large_layout)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     sources: dict[str, int] = {}

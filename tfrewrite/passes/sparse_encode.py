@@ -226,13 +226,18 @@ def planned_nbytes(raw: np.ndarray, direct_fc: bool) -> int:
     return min(dense, stored_nbytes(enc, method.endswith("DENSIFY")))
 
 
-def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[Operator]) -> Decision:
-    """How to store one weight, given every op that reads it (directly or through its DEQUANTIZE)."""
+def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[Operator],
+           planned: np.ndarray | None = None) -> Decision:
+    """How to store one weight, given every op that reads it (directly or through its DEQUANTIZE). `planned`:
+    the values the weight will hold when this pass runs, asked before they are written (`prune` does not zero a
+    weight this would leave dense); float16 values of a float32 weight: --quantize float16 puts them behind a
+    DEQUANTIZE first."""
     t = weight.tensor
-    raw = np.asarray(weight.raw)
-    dense_bytes = t.buffer.nbytes
+    raw = np.asarray(weight.raw if planned is None else planned)
+    dense_bytes = t.buffer.nbytes if planned is None else raw.nbytes
+    carried = weight.carrier is not None or raw.dtype != t.dtype
     zf = zero_share(raw)
-    fc_kinds = [fc_direct_kind(op, t) for op in direct_readers] if weight.carrier is None else []
+    fc_kinds = [fc_direct_kind(op, t) for op in direct_readers] if not carried else []
     direct_fc = bool(fc_kinds) and all(k is not None for k in fc_kinds) and len(set(fc_kinds)) == 1 \
         and len(direct_readers) == len(readers)
     if t.type == T.INT8:
@@ -251,7 +256,7 @@ def decide(weight: StoredWeight, readers: list[Operator], direct_readers: list[O
     elif t.type not in (T.FLOAT32, T.FLOAT16):
         return Decision(reason=f"{t.type_name} weights are not encoded")
     else:
-        enc, method = float_encoding(raw, direct_fc and t.type == T.FLOAT32)
+        enc, method = float_encoding(raw, direct_fc and raw.dtype == np.float32)
     densify = method.endswith("DENSIFY")
     after = stored_nbytes(enc, densify)
     if after >= dense_bytes:
@@ -329,6 +334,12 @@ def run(model: Model, ctx, progress=None) -> list[Entry]:
         if progress:
             progress(entry)
     return [e for _, e, _, _ in per_op]
+
+
+def planned_refusal(model: Model, weight: StoredWeight, planned: np.ndarray) -> str | None:
+    """Why `decide` would leave this float weight dense once it holds `planned` (None: it will be stored sparse)."""
+    found = weight_uses(model, weight.tensor)
+    return decide(weight, found.ops, found.carriers or found.ops, planned).reason
 
 
 def _decide_and_apply(model: Model, weight: StoredWeight, group: list[Operator]) -> Decision:
