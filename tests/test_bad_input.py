@@ -258,3 +258,22 @@ def test_a_weight_holding_nan_or_inf_is_left_as_it_is_and_named_when_the_model_m
         assert len(err) == 1 and err[0].startswith("tfrewrite: error: ") and "'fc0/weight'" in err[0] \
             and "NaN or infinite" in err[0] and "calibration samples" not in err[0], err
     assert src.read_bytes() == before
+
+
+def test_a_layer_missing_its_weight_input_is_refused_by_the_runtime_without_a_crash(tmp):
+    """A FULLY_CONNECTED whose weight input is -1: XNNPACK's failure path crashed the process (SIGSEGV, exit 139,
+    no message) while the tool captured stderr (R6-13). The builtin kernels now prepare the model first and say
+    why it does not run; the layer is left as it is."""
+    rng = np.random.default_rng(0)
+    m = io.read_buffer(B.fc_chain([rng.standard_normal((32, 16)), rng.standard_normal((10, 32))]))
+    m.main.operators[0].inputs[1] = None
+    src = tmp / "no_weight.tflite"
+    src.write_bytes(io.to_bytes(m))
+    for argv in (["--quantize", "float16"], ["--rank", "4", "--force"]):
+        done = subprocess.run([sys.executable, "-m", "tfrewrite.cli", str(src), str(tmp / "o.tflite"), *argv],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert done.returncode in (0, 2), (argv, done.returncode, done.stderr)
+        assert "does not run in LiteRT" in done.stdout + done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "tfrewrite.cli", "compare", str(src), str(src)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("tfrewrite: error: "), (done.returncode, done.stderr)

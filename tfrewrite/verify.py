@@ -7,6 +7,7 @@ prepares its packed weights) are never timed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import tempfile
@@ -50,17 +51,29 @@ def interpreter(model, xnnpack: bool = True, threads: int = 1, name: str | None 
     """An allocated interpreter for a path or the model's bytes; XNNPACK on or off. `name` says what the model
     is in an error (a file the tool made itself must not be named as if the user gave it)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     kwargs = {"model_path": str(model)} if isinstance(model, (str, Path)) else {"model_content": bytes(model)}
+    reason = None
+    # With XNNPACK, the builtin kernels prepare the model first: XNNPACK's own failure path crashes the process
+    # (SIGSEGV) when stderr is captured as here, on a model its kernels refuse (a FULLY_CONNECTED without its
+    # weight input); the builtin kernels refuse the same models and say why.
+    resolvers = [OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES] + ([OpResolverType.AUTO] if xnnpack else [])
     try:
         with _quiet_runtime_info():
-            it = Interpreter(**kwargs, num_threads=threads, experimental_op_resolver_type=resolver)
-            it.allocate_tensors()
+            for resolver in resolvers:
+                it = None
+                it = Interpreter(**kwargs, num_threads=threads, experimental_op_resolver_type=resolver)
+                it.allocate_tensors()
     except (RuntimeError, ValueError) as e:
-        name = name or (str(model) if isinstance(model, (str, Path)) else "the model")
         reason = _runtime_reason(e)
-        raise NotRunnable(f"{name} does not run in LiteRT: {reason}", reason) from None
-    return it
+    if reason is None:
+        return it
+    # The failed interpreter must be gone before another is made: LiteRT crashes (SIGSEGV) allocating a second
+    # one while one that failed to prepare is alive. Raised outside the `except`, so that no traceback (whose
+    # frames hold it) stays attached to the error as its context.
+    it = None
+    gc.collect()
+    name = name or (str(model) if isinstance(model, (str, Path)) else "the model")
+    raise NotRunnable(f"{name} does not run in LiteRT: {reason}", reason)
 
 
 @contextlib.contextmanager
