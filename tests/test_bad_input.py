@@ -277,3 +277,30 @@ def test_a_layer_missing_its_weight_input_is_refused_by_the_runtime_without_a_cr
     done = subprocess.run([sys.executable, "-m", "tfrewrite.cli", "compare", str(src), str(src)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("tfrewrite: error: "), (done.returncode, done.stderr)
+
+
+def test_a_weight_that_is_also_a_model_output_is_never_changed(tmp):
+    """A model that returns one of its weights (R6-14: --prune-channels was an internal error, --prune --force
+    rewrote that output): every pass leaves that weight as it is, with the reason, and the output stays exact."""
+    rng = np.random.default_rng(1)
+    m = io.read_buffer(B.fc_chain([rng.standard_normal((64, 32)), rng.standard_normal((48, 64)),
+                                   rng.standard_normal((10, 48))]))
+    weight = m.main.operators[1].inputs[1]
+    m.main.outputs = list(m.main.outputs) + [weight]
+    m.signature_defs = []
+    src = tmp / "returns_weight.tflite"
+    src.write_bytes(io.to_bytes(m))
+    calib = tmp / "c.npz"
+    np.savez(calib, x=rng.standard_normal((32, 32)).astype(np.float32))
+    expected = np.asarray(weight.data).copy()
+    for argv in (["--prune", "0.5", "--force"], ["--rank", "4", "--force"], ["--prune-channels", "0.5",
+                 "--calibration", str(calib)], ["--quantize", "int8"], ["--prune", "0.6", "--calibration", str(calib)]):
+        out = tmp / "o.tflite"
+        assert cli.main([str(src), str(out), *argv, "--report", str(tmp / "r.json")]) == 0, argv
+        layers = json.loads((tmp / "r.json").read_text())["layers"]
+        said = [e for e in layers if "output" in (e["reason"] or "")]
+        assert said and all(e["action"] == "skipped" for e in said), (argv, layers)
+        assert all(e["action"] == "skipped" for e in layers if e["output"] == "fc1/out"), argv
+        written = io.read(out)
+        (returned,) = [t for t in written.main.outputs if t.name == weight.name]
+        np.testing.assert_array_equal(np.asarray(returned.data), expected)

@@ -309,3 +309,14 @@ def test_the_output_error_on_generated_inputs_says_when_they_are_noise(tmp):
     said = verify.output_error(vector, vector)
     assert said["worst"] == 0 and "standard-normal noise" in said["note"] and "real inputs" in said["note"]
     assert "note" not in verify.output_error(image, image)
+
+
+def test_an_output_whose_shape_changed_is_named_not_a_numpy_error(tmp):
+    """No pass may change what a model returns; if one did, the output-error check says which output changed shape
+    (it was a numpy broadcast error, R6-14)."""
+    rng = np.random.default_rng(0)
+    a, b = tmp / "a.tflite", tmp / "b.tflite"
+    a.write_bytes(B.fc_model(rng.standard_normal((8, 16)), None, (1, 16)))
+    b.write_bytes(B.fc_model(rng.standard_normal((6, 16)), None, (1, 16)))
+    with pytest.raises(verify.CandidateFailed, match=r"has shape \[1, 6\] where the input model's has \[1, 8\]"):
+        verify.output_error(a, b)

@@ -50,6 +50,13 @@ class Stored(NamedTuple):
         return None
 
 
+def is_subgraph_output(t: Tensor | None) -> bool:
+    """Whether `t` is an output of the subgraph that lists it (a constant can be: its values are then part of what
+    the model returns, and no pass may change them)."""
+    sg = t.subgraph if t is not None else None
+    return sg is not None and any(o is t for o in sg.outputs)
+
+
 def stored(t: Tensor | None) -> Stored | None:
     """The weight reader every pass uses: the constant behind `t`, following DEQUANTIZE / DENSIFY back to the
     stored tensor (None when `t` is not a stored constant)."""

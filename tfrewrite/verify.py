@@ -627,6 +627,9 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
         raise CandidateFailed(_first_line(e)) from None
     rows = []
     for j, name in enumerate(names):
+        shapes = [list(np.shape(outs[0][j])) for outs in (outs_a, outs_b)] if outs_a and outs_b else [[], []]
+        if shapes[0] != shapes[1]:  # no pass may change what the model returns
+            raise CandidateFailed(f"its output {name} has shape {shapes[1]} where the input model's has {shapes[0]}")
         a, b = _joined(outs_a, j), _joined(outs_b, j)
         broken = bool(np.any(~np.isfinite(b) & np.isfinite(a)))
         rows.append({"name": name, "rel_l2": None if broken else fidelity(a, b)["rel_l2"]})

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import io, ops, schema
-from ..analysis import numel, static_shape, stored, weight_uses
+from ..analysis import is_subgraph_output, numel, static_shape, stored, weight_uses
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
 from ..report import Entry
 
@@ -153,11 +153,16 @@ def nonfinite_reason(values) -> str | None:
     return None
 
 
+OUTPUT_WEIGHT = "its weight is also a model output: left as it is"
+
+
 def read_weight(op: Operator, index: int = 1) -> LayerWeight:
     w = op.inputs[index] if len(op.inputs) > index else None
     if w is None:
         raise Skip("no weight input")
     src = stored(w)
+    if is_subgraph_output(w) or (src is not None and is_subgraph_output(src.tensor)):
+        raise Skip(OUTPUT_WEIGHT)
     reason = chained_weight_reason(src)
     if reason:
         raise Skip(reason)
@@ -221,6 +226,8 @@ def find_stored_weight(op: Operator) -> StoredWeight:
     if w is None:
         raise Skip("no weight input")
     src = stored(w)
+    if is_subgraph_output(w) or (src is not None and is_subgraph_output(src.tensor)):
+        raise Skip(OUTPUT_WEIGHT)
     reason = chained_weight_reason(src)
     if reason:
         raise Skip(reason)

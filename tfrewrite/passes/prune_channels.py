@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import schema
-from ..analysis import Stored, macs, numel, private_weight, stored
+from ..analysis import Stored, is_subgraph_output, macs, numel, private_weight, stored
 from ..graph import Model, Operator, Subgraph, Tensor
 from ..linalg.svd import single_threaded_lapack
 from ..ops import semantics
@@ -231,6 +231,9 @@ def _link(g: ChannelGraph, op: Operator) -> None:
         weight = w.tensor if w is not None else None
         if weight is None or weight.data is None:
             raise Barrier("weight is not a dense constant")
+        constants = [ins[layout.weight], weight] + ([ins[layout.bias]] if len(ins) > layout.bias else [])
+        if any(is_subgraph_output(t) for t in constants):
+            raise Barrier("its weight or bias is also a model output")
         if weight.type not in (T.FLOAT32, T.FLOAT16, T.INT8):
             raise Barrier(f"{weight.type_name} weight")
         if w.values() is None:
