@@ -402,9 +402,19 @@ class _Reader:
         sg.inputs = self.tensor_list(sg, self.int_vector(fb.InputsLength(), fb.InputsAsNumpy), "input tensor")
         sg.outputs = self.tensor_list(sg, self.int_vector(fb.OutputsLength(), fb.OutputsAsNumpy), "output tensor")
         self.quantization_references(sg)
+        writers: dict[int, int] = {}  # id(tensor) → the operator writing it (LiteRT refuses a second, or a loop)
         for oi in range(self.vector_length(fb.OperatorsLength())):
             self.where = f"in subgraph {si}, operator {oi}"
-            sg.operators.append(self.operator(fb.Operators(oi), sg, opcodes, n_subgraphs))
+            op = self.operator(fb.Operators(oi), sg, opcodes, n_subgraphs)
+            for t in op.outputs:
+                if t is None:
+                    continue
+                if any(u is t for u in op.inputs):
+                    self.fail(f"tensor {t.name!r} is both an input and an output of the operator")
+                if id(t) in writers:
+                    self.fail(f"tensor {t.name!r} is written by operators {writers[id(t)]} and {oi}")
+                writers[id(t)] = oi
+            sg.operators.append(op)
         self.where = f"in subgraph {si}"
         sg.extra = _unmodelled_fields(schema.SubGraphT, _SUBGRAPH_EXTRA, fb)
         return sg
