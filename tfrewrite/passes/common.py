@@ -356,6 +356,7 @@ def finish_data_aware(sg: Subgraph, entry: Entry, policy: "RankPolicy", weight: 
         return bias
     from ..linalg import fit
     mean, target_mean = policy.extra.get("mean"), policy.extra.get("target_mean")
+    # (`chain_bias` mirrors which bias this returns, for counting a rewrite's bytes before it is fitted.)
     if mean is None:  # a shared weight's pooled rows (`shared_layer_data`): the error only, the bias kept
         entry.output_error = fit.lowrank_output_error(weight, *approx, metric) if isinstance(approx, tuple) \
             else fit.output_error(weight, approx(), metric)
@@ -372,6 +373,27 @@ def finish_data_aware(sg: Subgraph, entry: Entry, policy: "RankPolicy", weight: 
     values = bias_values(bias, weight.shape[0]) + shift.astype(np.float32)
     entry.bias_corrected = True
     return sg.add_constant(name, values.astype(np.float32))
+
+
+def chain_bias(sg: Subgraph, policy: "RankPolicy", bias: Tensor | None, channels: int, name: str) -> Tensor | None:
+    """The bias a rewrite's last op will read, with placeholder values: a new float32 one where
+    `finish_data_aware` corrects it (calibration rows and their mean), else the layer's own."""
+    if policy.extra.get("rows") is None or policy.extra.get("mean") is None:
+        return bias
+    return sg.add_constant(name, np.zeros(channels, np.float32))
+
+
+def size_change(model: Model, edit) -> int:
+    """The file bytes `edit()` adds to `model` (negative: frees), by `io.estimated_size`, the measure the
+    does-not-pay check of `rewrite_one` uses; the model is put back as it was. The budget asks this of each
+    option (`option_bytes` of the low-rank passes: the rewrite's own ops and tensors, placeholder values), so
+    that it never chooses a rank the rewrite then refuses, and its estimate is the size the rewrite writes."""
+    snapshot, before = model.snapshot(), io.estimated_size(model)
+    try:
+        edit()
+        return io.estimated_size(model) - before
+    finally:
+        snapshot.restore()
 
 
 def zero_bias(sg: Subgraph, name: str, channels: int) -> Tensor:
