@@ -265,7 +265,7 @@ def rank_layers(model, ctx, passes, progress=None, full_int8: bool = False) -> t
                 with blas_threads_for(weight.values.size):
                     options = pass_.rank_options(op, weight, policy, CANDIDATE_RATIOS)
                 layer = _budget_layer(op, weight, options, ctx, full_int8,
-                                      lambda o: pass_.option_bytes(model, op, weight, o, policy))
+                                      lambda ranked: pass_.option_bytes(model, op, weight, ranked, policy))
             if progress:
                 progress(op)
             ops.append(op)
@@ -422,7 +422,7 @@ def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool, kep
 def _budget_layer(op, weight, options: list, ctx, full_int8: bool = False, option_bytes=None) -> BudgetLayer:
     """A layer's budget entry: its dense cost as stored in the input, its options at the itemsize the run stores
     its weights in (a float32 weight becomes float16 / int8 under --quantize). An option's bytes are what its
-    rewrite adds to the file (`option_bytes(option)`: the pass's own ops, tensors, quantization parameters and
+    rewrite adds to the file (`option_bytes(options)`, one number per rank option: the pass's own ops, tensors, quantization parameters and
     DEQUANTIZE ops, counted as its does-not-pay check counts them) when the weights stay as they are stored;
     with `full_int8` (--quantize full-int8 follows) the bytes of its ops as full-integer layers (`stored_bytes`:
     28 bytes per output channel beside the 1-byte weights). An option whose ops would take more than the dense
@@ -442,7 +442,9 @@ def _budget_layer(op, weight, options: list, ctx, full_int8: bool = False, optio
                             numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])), 1 if weight.full_integer
                             else now, input_bytes=dense, dense_bytes=dense,
                             op_bytes=stored_bytes(0, (0,), "full-int8", nb) if weight.full_integer else 0.0)
-        measured = [o._replace(nbytes=dense + option_bytes(o)) if isinstance(o, RankOption) else o for o in options]
+        ranked = [o for o in options if isinstance(o, RankOption)]
+        added = dict(zip(map(id, ranked), option_bytes(ranked)))
+        measured = [o._replace(nbytes=dense + added[id(o)]) if id(o) in added else o for o in options]
         layer.options = [o for o in _with_layer_overhead(measured, layer, weight) if o.nbytes is None or o.nbytes < dense]
         return layer
     if weight.full_integer or full_int8:

@@ -383,17 +383,31 @@ def chain_bias(sg: Subgraph, policy: "RankPolicy", bias: Tensor | None, channels
     return sg.add_constant(name, np.zeros(channels, np.float32))
 
 
-def size_change(model: Model, edit) -> int:
-    """The file bytes `edit()` adds to `model` (negative: frees), by `io.estimated_size`, the measure the
-    does-not-pay check of `rewrite_one` uses; the model is put back as it was. The budget asks this of each
-    option (`option_bytes` of the low-rank passes: the rewrite's own ops and tensors, placeholder values), so
-    that it never chooses a rank the rewrite then refuses, and its estimate is the size the rewrite writes."""
-    snapshot, before = model.snapshot(), io.estimated_size(model)
-    try:
-        edit()
-        return io.estimated_size(model) - before
-    finally:
-        snapshot.restore()
+def size_changes(model: Model, sg: Subgraph, edits: list) -> list[int]:
+    """The file bytes each of `edits` adds to `model` (negative: frees), by `io.estimated_size`, the measure the
+    does-not-pay check of `rewrite_one` uses; the model is put back as it was after each. The budget asks this
+    of each option of a layer (`option_bytes` of the low-rank passes: each edit puts the rewrite's own ops and
+    tensors, with placeholder values, in place of one op of `sg`), so that it never chooses a rank the rewrite
+    then refuses and its estimate is the size the rewrite writes. Every edit of one op frees the same op and
+    tensors, so only the first is measured on the whole model; the others differ from it by what they add
+    (`io.added_size`: per option a few tables, not the whole model)."""
+    out, freed = [], None
+    for edit in edits:
+        operators, tensors = list(sg.operators), list(sg.tensors)
+        snapshot, before = (model.snapshot(), io.estimated_size(model)) if freed is None else (None, 0)
+        try:
+            edit()
+            old = {id(op) for op in operators}
+            added = io.added_size([op for op in sg.operators if id(op) not in old], sg.tensors[len(tensors):])
+            if freed is None:
+                freed = added - (io.estimated_size(model) - before)
+            out.append(added - freed)
+        finally:
+            if snapshot is not None:
+                snapshot.restore()
+            else:  # the edits only add tensors to `sg` and replace one of its ops: its two lists put it back
+                sg.operators, sg.tensors = operators, tensors
+    return out
 
 
 def zero_bias(sg: Subgraph, name: str, channels: int) -> Tensor:

@@ -21,7 +21,7 @@ from ..report import Entry
 from .common import (QUICK_SWEEPS, LayerWeight, RankOption, RankPolicy, Skip, chain_bias, degenerate_reason,
                      eligible_ops, emit_shared, emit_weight, finish_data_aware, fit_metric, layer_cross, layer_metric,
                      lowrank_rel_error, output_variation_error, pixels, refuse_clearly_degenerate, refuse_degenerate,
-                     rel_error, rewrite_all, rewrite_one, shared_key, size_change, stored_weight_values, usable_option,
+                     rel_error, rewrite_all, rewrite_one, shared_key, size_changes, stored_weight_values, usable_option,
                      zero_bias)
 
 OP = schema.BuiltinOperator
@@ -377,18 +377,18 @@ def _emit_1x1_chain(sg: Subgraph, op: Operator, factors: list, bias, r: int) -> 
     sg.replace_operator(op, pre1 + pre2 + chain)
 
 
-def option_bytes(model: Model, op: Operator, weight: LayerWeight, option: RankOption, policy: RankPolicy) -> int:
-    """The file bytes the rewrite at `option`'s rank adds (negative: frees), counted as its does-not-pay check
-    counts them (`size_change`): the same factors, ops and tensors, with placeholder values. Full-integer
+def option_bytes(model: Model, op: Operator, weight: LayerWeight, options: list, policy: RankPolicy) -> list[int]:
+    """The file bytes the rewrite at each option's rank adds (negative: frees), counted as its does-not-pay check
+    counts them (`size_changes`): the same factors, ops and tensors, with placeholder values. Full-integer
     layers: `int8_chain.option_bytes`."""
     if weight.full_integer:
-        return int8_chain.option_bytes(model, op, weight, option, policy, _chain_dry)
+        return int8_chain.option_bytes(model, op, weight, options, policy, _chain_dry)
     o, kh, kw, i = weight.values.shape
-    sg, rank = op.subgraph, option.rank
+    sg = op.subgraph
     base = op.outputs[0].name.split(";")[0]
     bias = op.inputs[2] if len(op.inputs) > 2 else None
 
-    def emit():
+    def emit(rank):
         if kh == kw == 1:
             factors = _emit_1x1_factors(sg, base, np.ones((o, rank), np.float32), np.ones((rank, i), np.float32),
                                         weight)
@@ -399,7 +399,7 @@ def option_bytes(model: Model, op: Operator, weight: LayerWeight, option: RankOp
         shapes = ((r_in, 1, 1, i), (r_out, kh, kw, r_in) if method == "tucker2" else (1, kh, kw, r_in), (o, 1, 1, r_out))
         factors = _emit_factors(sg, base, method, tuple(np.ones(s, np.float32) for s in shapes), weight)
         _emit_kxk_chain(sg, op, method, factors, chain_bias(sg, policy, bias, o, f"{base}/{method}/bias"), rank)
-    return size_change(model, emit)
+    return size_changes(model, sg, [lambda rank=x.rank: emit(rank) for x in options])
 
 
 def _chain_dry(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, option: RankOption,

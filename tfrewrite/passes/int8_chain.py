@@ -31,7 +31,7 @@ from .. import ops, schema
 from ..analysis import static_shape
 from ..graph import Operator, Quantization, Subgraph, Tensor
 from ..report import Entry
-from .common import LayerWeight, RankPolicy, Skip, size_change
+from .common import LayerWeight, RankPolicy, Skip, size_changes
 
 T = schema.TensorType
 # The range of a chain's new int8 tensors (`--activation-percentile`): min/max of the calibration values.
@@ -189,11 +189,12 @@ class PlaceholderChain(Chain):
         self.sg.replace_operator(self.op, ops_)
 
 
-def option_bytes(model, op: Operator, weight: LayerWeight, option, policy: RankPolicy, emit) -> int:
-    """The file bytes a full-integer chain at `option`'s rank adds to `model` (negative: frees), counted as the
-    rewrite's does-not-pay check counts them: `emit(sg, op, weight, policy, option, PlaceholderChain)` writes the
-    pass's chain (`svd` or `kxk`) with placeholder values."""
-    return size_change(model, lambda: emit(op.subgraph, op, weight, policy, option, PlaceholderChain))
+def option_bytes(model, op: Operator, weight: LayerWeight, options: list, policy: RankPolicy, emit) -> list[int]:
+    """The file bytes a full-integer chain at each option's rank adds to `model` (negative: frees), counted as
+    the rewrite's does-not-pay check counts them (`size_changes`): `emit(sg, op, weight, policy, option,
+    PlaceholderChain)` writes the pass's chain (`svd` or `kxk`) with placeholder values."""
+    sg = op.subgraph
+    return size_changes(model, sg, [lambda o=o: emit(sg, op, weight, policy, o, PlaceholderChain) for o in options])
 
 
 def svd(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, entry: Entry, left: np.ndarray,

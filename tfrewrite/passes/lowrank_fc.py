@@ -15,7 +15,7 @@ from ..report import Entry
 from .common import (LayerWeight, RankOption, RankPolicy, Skip, chain_bias, eligible_ops, emit_shared,
                      emit_weight, finish_data_aware, fit_metric, layer_cross, layer_metric, lowrank_rel_error,
                      output_variation_error, refuse_degenerate, rewrite_all, rewrite_one, shared_key,
-                     size_change, stored_weight_values, usable_option)
+                     size_changes, stored_weight_values, usable_option)
 
 OP = schema.BuiltinOperator
 # The spectrum of a weight (whitened by the calibration metric when there is one) is computed up to the rank
@@ -245,21 +245,21 @@ def _emit_chain(sg: Subgraph, op: Operator, weight: LayerWeight, factors: list, 
     sg.replace_operator(op, pre1 + pre2 + [fc1, fc2])
 
 
-def option_bytes(model: Model, op: Operator, weight: LayerWeight, option: RankOption, policy: RankPolicy) -> int:
-    """The file bytes the rewrite at `option`'s rank adds (negative: frees), counted as its does-not-pay check
-    counts them (`size_change`): the same factors, ops and tensors, with placeholder values. Full-integer
+def option_bytes(model: Model, op: Operator, weight: LayerWeight, options: list, policy: RankPolicy) -> list[int]:
+    """The file bytes the rewrite at each option's rank adds (negative: frees), counted as its does-not-pay check
+    counts them (`size_changes`): the same factors, ops and tensors, with placeholder values. Full-integer
     layers: `int8_chain.option_bytes`."""
     if weight.full_integer:
-        return int8_chain.option_bytes(model, op, weight, option, policy, _chain_dry)
+        return int8_chain.option_bytes(model, op, weight, options, policy, _chain_dry)
     m, n = weight.values.shape
-    r, sg = option.rank, op.subgraph
+    sg = op.subgraph
     base = op.outputs[0].name.split(";")[0]
     bias = op.inputs[2] if len(op.inputs) > 2 else None
 
-    def emit():
+    def emit(r):
         factors = _emit_factors(sg, base, np.ones((m, r), np.float32), np.ones((r, n), np.float32), weight)
         _emit_chain(sg, op, weight, factors, chain_bias(sg, policy, bias, m, f"{base}/lowrank/bias"), r)
-    return size_change(model, emit)
+    return size_changes(model, sg, [lambda r=o.rank: emit(r) for o in options])
 
 
 def _chain_dry(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, option: RankOption,
