@@ -421,21 +421,21 @@ def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool, kep
 
 def _budget_layer(op, weight, options: list, ctx, full_int8: bool = False, option_bytes=None) -> BudgetLayer:
     """A layer's budget entry: its dense cost as stored in the input, its options at the itemsize the run stores
-    its weights in (a float32 weight becomes float16 / int8 under --quantize). An option's bytes are what its
-    rewrite adds to the file (`option_bytes(options)`, one number per rank option: the pass's own ops, tensors, quantization parameters and
-    DEQUANTIZE ops, counted as its does-not-pay check counts them) when the weights stay as they are stored;
-    with `full_int8` (--quantize full-int8 follows) the bytes of its ops as full-integer layers (`stored_bytes`:
-    28 bytes per output channel beside the 1-byte weights). An option whose ops would take more than the dense
-    layer is not offered (small int8 layers: each new op's tables and quantization parameters outweigh the
-    weights it saves)."""
+    its weights in (a float32 weight becomes float16 / int8 under --quantize). Where the weights stay as they are
+    stored, an option's bytes are what its rewrite adds to the file (`option_bytes(options)`, one number per rank
+    option: the pass's own factors with their scales and zero points, DEQUANTIZE ops and their float tensors,
+    biases, intermediate tensors and op tables, counted as its does-not-pay check counts them); with `full_int8`
+    (--quantize full-int8 follows) the bytes of its ops as full-integer layers (`stored_bytes`: 28 bytes per
+    output channel beside the 1-byte weights). An option whose ops would take more than the dense layer is not
+    offered (small int8 layers: each new op's tables and quantization parameters outweigh the weights it saves)."""
     from .passes import quantize
     w = weight.values
     now = ITEMSIZE.get(weight.kind, 4)
     if option_bytes is not None and (weight.full_integer or not full_int8 and quantize.stored_itemsize(
             weight.kind, w.size, ctx.settings(op).quantize, ctx.plan.min_params) == now):
-        # Full-integer layers count their ops as `stored_bytes` does (so that sparsity options and channel cuts,
-        # counted that way, compare); the others their weights' bytes. Either way an option is that less what
-        # its rewrite frees.
+        # The dense cost of a full-integer layer is its ops' bytes as `stored_bytes` counts them (as its sparsity
+        # options and channel cuts are counted), of the others their weights' bytes; either way an option costs
+        # that plus what its rewrite adds (a negative number: only options that free bytes are offered).
         nb = len(op.outputs[0].name.split(";")[0]) + 12
         dense = stored_bytes(w.size, (w.shape[0],), "full-int8", nb) if weight.full_integer else w.size * now
         layer = BudgetLayer(op.outputs[0].name, [], w.size,

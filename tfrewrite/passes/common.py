@@ -356,8 +356,7 @@ def finish_data_aware(sg: Subgraph, entry: Entry, policy: "RankPolicy", weight: 
         return bias
     from ..linalg import fit
     mean, target_mean = policy.extra.get("mean"), policy.extra.get("target_mean")
-    # (`chain_bias` mirrors which bias this returns, for counting a rewrite's bytes before it is fitted.)
-    if mean is None:  # a shared weight's pooled rows (`shared_layer_data`): the error only, the bias kept
+    if not corrects_bias(policy):  # a shared weight's pooled rows (`shared_layer_data`): the error only, the bias kept
         entry.output_error = fit.lowrank_output_error(weight, *approx, metric) if isinstance(approx, tuple) \
             else fit.output_error(weight, approx(), metric)
         return bias
@@ -375,12 +374,16 @@ def finish_data_aware(sg: Subgraph, entry: Entry, policy: "RankPolicy", weight: 
     return sg.add_constant(name, values.astype(np.float32))
 
 
+def corrects_bias(policy: "RankPolicy") -> bool:
+    """Whether `finish_data_aware` gives the rewritten layer a new, corrected bias: it has sample rows (calibration
+    or generated) and their mean (a shared weight's pooled rows have none: its readers keep their biases)."""
+    return policy.extra.get("rows") is not None and policy.extra.get("mean") is not None
+
+
 def chain_bias(sg: Subgraph, policy: "RankPolicy", bias: Tensor | None, channels: int, name: str) -> Tensor | None:
-    """The bias a rewrite's last op will read, with placeholder values: a new float32 one where
-    `finish_data_aware` corrects it (calibration rows and their mean), else the layer's own."""
-    if policy.extra.get("rows") is None or policy.extra.get("mean") is None:
-        return bias
-    return sg.add_constant(name, np.zeros(channels, np.float32))
+    """The bias a rewrite's last op will read, with placeholder values (for counting its bytes before the fit):
+    a new float32 one where `finish_data_aware` corrects it (`corrects_bias`), else the layer's own."""
+    return sg.add_constant(name, np.zeros(channels, np.float32)) if corrects_bias(policy) else bias
 
 
 def size_changes(model: Model, sg: Subgraph, edits: list) -> list[int]:
