@@ -179,6 +179,26 @@ def shared_in_one_subgraph(width=16, hidden=32, out=10, form="float32", seed=0):
     return io.to_bytes(model)
 
 
+def fc_chain(weights, seed=0):
+    """x → FC → RELU → FC → ... (float32, with biases): weights[k] of shape (out, in), each layer its own."""
+    rng = np.random.default_rng(seed)
+    sg = Subgraph(name="main")
+    x = sg.add_tensor(Tensor("x", T.FLOAT32, [1, weights[0].shape[1]]))
+    operators = []
+    for k, w in enumerate(weights):
+        y = sg.add_activation(f"fc{k}/out", T.FLOAT32, [1, w.shape[0]])
+        bias = sg.add_constant(f"fc{k}/bias", rng.standard_normal(w.shape[0]).astype(np.float32) / 10)
+        last = k == len(weights) - 1
+        operators.append(ops.fully_connected(x, sg.add_constant(f"fc{k}/weight", np.asarray(w, np.float32)), bias, y,
+                                             activation=ACT["NONE" if last else "RELU"]))
+        x = y
+    sg.operators = operators
+    sg.inputs, sg.outputs = [operators[0].inputs[0]], [x]
+    model = Model(subgraphs=[sg])
+    model.signature_defs = [_signature("serving_default", sg)]
+    return io.to_bytes(model)
+
+
 def unrolled_rnn(steps=12, width=8, hidden=32, out=4, form="float32", seed=0, unused_bytes=0, recurrent=None):
     """An unrolled recurrence without an input per step: h1 = relu(W_in·x + b), h(t+1) = relu(U·h(t) + b) for
     `steps` steps, y = W_out·h: one recurrent weight U (stored as `form`) read by `steps` FULLY_CONNECTED ops,

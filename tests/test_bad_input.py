@@ -1,4 +1,5 @@
 """Broken, truncated and hostile files: one error line, exit status 2, no output file, never a traceback."""
+import json
 import os
 import subprocess
 import sys
@@ -7,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
+import builders as B
 from conftest import FIXTURES, ROOT
-from tfrewrite import cli, schema
+from tfrewrite import cli, io, schema
 
 SMALL = FIXTURES / "two_signatures.tflite"
 CONTROL_FLOW = FIXTURES / "control_flow.tflite"
@@ -120,6 +122,11 @@ OUT_OF_RANGE = {
     "weight size": lambda m: setattr(next(t for sg in m.subgraphs for t in sg.tensors
                                           if m.buffers[t.buffer].data is not None and len(m.buffers[t.buffer].data) > 4),
                                      "shape", np.array([10_000, 10_000], np.int32)),
+    # A negative dimension skipped the size check and reached a reshape (R6-10: an internal error, and `inspect`
+    # printed negative parameter counts).
+    "weight negative dimension": lambda m: setattr(next(t for sg in m.subgraphs for t in sg.tensors
+                                                        if m.buffers[t.buffer].data is not None),
+                                                   "shape", np.array([-722, 16777216], np.int32)),
 }
 
 
@@ -219,3 +226,35 @@ def test_an_ascii_only_terminal_gets_escapes_not_an_error(tmp):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "\\u2026" in done.stdout
+
+
+def test_a_weight_holding_nan_or_inf_is_left_as_it_is_and_named_when_the_model_must_run(tmp, capsys):
+    """A model whose weight holds NaN / inf (a broken export): weight-only rewrites leave that layer as it is with
+    the reason, the others go on (no internal error from the CP / SVD fit, no numpy warning from the int8 cast);
+    a mode that runs the model to fit or measure its layers is one error line naming the constant, exit 2."""
+    import warnings
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((48, 32))
+    first[3, 5], first[7, 1] = np.nan, np.inf
+    src = tmp / "nan.tflite"
+    src.write_bytes(B.fc_chain([first, rng.standard_normal((48, 48)), rng.standard_normal((10, 48))]))
+    before = src.read_bytes()
+    out = tmp / "o.tflite"
+    for argv in (["--rank", "4"], ["--quantize", "int8", "--min-params", "1"], ["--prune", "0.5"],
+                 ["--quantize", "float16"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cli.main([str(src), str(out), *argv, "--report", str(tmp / "r.json")]) == 0, argv
+        layers = json.loads((tmp / "r.json").read_text())["layers"]
+        nan_layer = [e for e in layers if e["output"] == "fc0/out"]
+        assert nan_layer and all(e["action"] == "skipped" and "NaN or infinite" in e["reason"] for e in nan_layer), \
+            (argv, nan_layer)
+        io.read(out).validate()
+    assert any(e["action"] != "skipped" for e in layers)  # the finite layers still rewritten (float16)
+    capsys.readouterr()
+    for argv in (["--ratio", "2"], ["--target-size", "2"]):
+        assert cli.main([str(src), str(out), *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tfrewrite: error: ") and "'fc0/weight'" in err[0] \
+            and "NaN or infinite" in err[0] and "calibration samples" not in err[0], err
+    assert src.read_bytes() == before

@@ -195,8 +195,7 @@ def plan_ranks(model, ctx, target: float, by_macs: bool, total: float, passes, p
         result.choice = [None] * len(everything)
     settings, info = rank_settings(ctx, ops, layers, result.choice[:n], by_macs, kept)
     ctx.per_tensor = per_tensor_choice(pt_ops, result.choice[n:])
-    note = None if result.reached else \
-        f"{out_of_reach}; nothing was rewritten (ask for less, or add --prune auto or --quantize)"
+    note = None if result.reached else f"{out_of_reach}; {_unreached_hint(ctx, passes, sparsity_options, full_int8)}"
     damage = "measured on the calibration data" if data_aware else "estimated from the weights (no data)"
     if not everything:
         damage = "not measured (no layer the budget's techniques apply to)"
@@ -386,12 +385,21 @@ def per_tensor_info(layers: list, choice: list, by_macs: bool) -> list[dict]:
             for layer, c in zip(layers, choice)]
 
 
+def _unreached_hint(ctx, passes, sparsity_options, full_int8: bool) -> str:
+    """What the note on an unreached target says was done, and what else to try (the options not given)."""
+    more = [option for option, given in (("--rank auto", bool(passes)), ("--prune auto", sparsity_options is not None),
+                                         ("--quantize", full_int8 or ctx.uses("quantize"))) if not given]
+    quantized = full_int8 or ctx.uses("quantize")
+    done = "the budget's layers were left as they are" + (", the model still quantized" if quantized else "")
+    return f"{done}: ask for less{', or add ' + ' or '.join(more) if more else ''}"
+
+
 def _techniques(layers: list) -> str:
     """What the layers' options are, for a message: 'low rank', 'pruning', 'per-tensor weights', joined."""
     from .passes.per_tensor import PerTensorOption
     kinds = {type(o) for layer in layers for o in layer.options}
     names = (("low rank", RankOption), ("pruning", SparsityOption), ("per-tensor weights", PerTensorOption))
-    return " and ".join(name for name, kind in names if kind in kinds) or "low rank"
+    return " and ".join(name for name, kind in names if kind in kinds) or "the options asked (no layer qualified)"
 
 
 def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool, kept: str = KEPT_DENSE

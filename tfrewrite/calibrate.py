@@ -104,6 +104,17 @@ def real_values(x: np.ndarray, tensor) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
+def nonfinite_constant(model: Model) -> str | None:
+    """The first float constant an op reads that holds NaN or infinite values, said for a message; None if none."""
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            for t in op.inputs:
+                floating = t is not None and t.type in (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
+                if floating and t.is_constant and t.data is not None and not np.all(np.isfinite(t.data)):
+                    return f"the model's constant {t.name!r} (read by {op.name}) holds NaN or infinite values"
+    return None
+
+
 def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], seed: int = 0,
             progress=None, max_rows: int = MAX_ROWS, row_caps: dict | None = None) -> dict[int, LayerRows]:
     """id(op) → sampled input rows (at most `max_rows` per layer, or `row_caps[id(op)]` where given), for layers of
@@ -163,7 +174,12 @@ def collect(model: Model, samples: list[list[np.ndarray]], ops: list[Operator], 
     for op in ops:
         rows = np.concatenate(chunks.pop(id(op)))[: budget[id(op)] * 2]
         if not np.all(np.isfinite(rows)):
-            raise verify.DataError(f"the calibration samples drive the inputs of layer {op.outputs[0].name!r} to NaN or "
-                                   "infinite values (values far outside the range this model was trained on?)")
+            broken = nonfinite_constant(model)
+            if broken:
+                raise verify.DataError(f"layer {op.outputs[0].name!r} gets NaN or infinite inputs: {broken}, so "
+                                       "the model cannot be run to fit or measure its layers (--rank, --prune or "
+                                       "--quantize alone leave such a weight as it is)")
+            raise verify.DataError(f"the samples drive the inputs of layer {op.outputs[0].name!r} to NaN or infinite "
+                                   "values (values far outside the range this model was trained on?)")
         result[id(op)] = LayerRows(rows=rows, mean=rows.mean(axis=0, dtype=np.float64))
     return result

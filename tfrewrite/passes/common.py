@@ -144,6 +144,15 @@ def chained_weight_reason(src) -> str | None:
     return f"{form} weight ({' → '.join(op.name for op in reversed(src.carriers))}): left as it is"
 
 
+def nonfinite_reason(values) -> str | None:
+    """Why a float weight holding NaN or infinite values is left as it is (no fit, mask or scale means anything
+    there), None for a finite one."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+        return "its weight holds NaN or infinite values: left as it is"
+    return None
+
+
 def read_weight(op: Operator, index: int = 1) -> LayerWeight:
     w = op.inputs[index] if len(op.inputs) > index else None
     if w is None:
@@ -164,9 +173,12 @@ def read_weight(op: Operator, index: int = 1) -> LayerWeight:
     if carrier is not None:
         if c.type != T.FLOAT16:
             raise Skip("weight behind DEQUANTIZE is not float16")
-        return LayerWeight("float16", src.values(), c)
-    if c.type == T.FLOAT32:
-        return LayerWeight("float32", src.values(), c)
+    if carrier is not None or c.type == T.FLOAT32:
+        values = src.values()
+        reason = nonfinite_reason(values)
+        if reason:
+            raise Skip(reason)
+        return LayerWeight("float16" if carrier is not None else "float32", values, c)
     if c.type == T.INT8 and c.quantization is not None and c.quantization.scale is not None:
         if op.inputs[0] is not None and op.inputs[0].type == T.INT16:
             raise Skip("int16 activations (a 16x8 layer): left as it is")
@@ -223,10 +235,11 @@ def find_stored_weight(op: Operator) -> StoredWeight:
         w = src.tensor
     if w.sparsity is not None:
         raise Skip("weight is already sparse")
-    if w.type == T.FLOAT32:
-        return StoredWeight(w, "float32", carrier)
-    if w.type == T.FLOAT16:
-        return StoredWeight(w, "float16", carrier)
+    if w.type in (T.FLOAT32, T.FLOAT16):
+        reason = nonfinite_reason(w.data)
+        if reason:
+            raise Skip(reason)
+        return StoredWeight(w, "float32" if w.type == T.FLOAT32 else "float16", carrier)
     if w.type == T.INT8:
         q = w.quantization
         if q is None or q.scale is None or len(q.scale) == 0:

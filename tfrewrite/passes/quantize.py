@@ -25,7 +25,7 @@ from ..analysis import macs, numel, refusal
 from ..graph import Buffer, Model, OpCode, Operator, Quantization, Subgraph, Tensor
 from ..ops import semantics, versions
 from ..report import Entry
-from .common import Skip, hybrid_reads_alike, new_entry, read_weight
+from .common import Skip, hybrid_reads_alike, new_entry, nonfinite_reason, read_weight
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -155,6 +155,8 @@ def _judge(model, use: _Use, ctx, blocked: bool) -> None:
         reason = f"fewer than {INT8_MIN_ELEMENTS} weights (int8 default, as the TF converter; --min-params sets it)"
     if reason is None and mode is None:
         reason = "no quantization asked for this layer"
+    if reason is None:
+        reason = nonfinite_reason(t.data)
     if reason is None and blocked:
         reason = "the constant is also a bias, a subgraph output or read by DEQUANTIZE/QUANTIZE"
     if reason is None and mode == "int8" and layer_weight:
