@@ -365,3 +365,62 @@ def odd_models() -> dict[str, bytes]:
         "stateful_signatures": stateful_model(),
         "int16_fc": int16_fc_model(),
     }
+
+
+def layer_stack(form="float32", widths=(8, 48, 64, 32), out=16, hw=8, rank=6, seed=0):
+    """conv 3×3 → conv 3×3 → conv 1×1 (RELU each) → FULLY_CONNECTED over every pixel, weights stored as `form`
+    ('float32', 'float16' behind DEQUANTIZE, 'int8' hybrid per channel) and of low CP / matrix rank `rank` plus
+    a little noise (so that low-rank options do little damage)."""
+    rng = np.random.default_rng(seed)
+
+    def low_rank(o, k, i):
+        cp = np.einsum("or,kr,ir->oki", *(rng.standard_normal((n, rank)) for n in (o, k, i)))
+        w = cp + 0.05 * np.std(cp) * rng.standard_normal(cp.shape)
+        return w / np.sqrt(k * i * rank)
+
+    sg = Subgraph()
+    x = sg.add_tensor(Tensor("input", T.FLOAT32, [1, hw, hw, widths[0]]))
+    sg.inputs, chain = [x], []
+    for n, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+        k = 1 if n == len(widths) - 2 else 3
+        w, pre = _weight(sg, f"conv{n}/kernel", low_rank(o, k * k, i).reshape(o, k, k, i), form, 0)
+        b = sg.add_constant(f"conv{n}/bias", rng.standard_normal(o).astype(np.float32) * 0.1)
+        y = sg.add_tensor(Tensor(f"conv{n}", T.FLOAT32, [1, hw, hw, o]))
+        chain += pre + [ops.conv2d(x, w, b, y, padding=PAD["SAME"], activation=ACT["RELU"])]
+        x = y
+    w, pre = _weight(sg, "fc/weight", low_rank(out, 1, widths[-1]).reshape(out, -1), form, 0)
+    y = sg.add_tensor(Tensor("fc", T.FLOAT32, [hw * hw, out]))
+    chain += pre + [ops.fully_connected(x, w, sg.add_constant("fc/bias", np.zeros(out, np.float32)), y)]
+    sg.operators, sg.outputs = chain, [y]
+    return io.to_bytes(Model(subgraphs=[sg]))
+
+
+def int8_fc_chain(widths=(64, 128, 96, 10), bias=False, rank=8, seed=0):
+    """A full-integer int8 chain of FULLY_CONNECTED layers (RELU but the last), int8 weights per output channel
+    of low rank `rank` plus a little noise, int32 biases at s_in·s_w or none (`bias`: the TF converter writes a
+    Dense(use_bias=False) without one)."""
+    rng = np.random.default_rng(seed)
+
+    def quantization(scale, zero=0):
+        scale = np.asarray(scale, np.float32).reshape(-1)
+        return Quantization.affine(scale, np.full(len(scale), zero))
+
+    sg = Subgraph()
+    x = sg.add_tensor(Tensor("input", T.INT8, [1, widths[0]], quantization=quantization([1 / 64])))
+    sg.inputs = [x]
+    for k, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+        w = rng.standard_normal((o, rank)) @ rng.standard_normal((rank, i)) / np.sqrt(i * rank)
+        w += 0.05 * np.std(w) * rng.standard_normal(w.shape)
+        q, scales = quant.quantize_symmetric_int8(w, axis=0)
+        weight = sg.add_constant(f"fc{k}/weight", q, quantization=quantization(scales))
+        b = None
+        if bias:
+            s_b = float(x.quantization.scale[0]) * np.asarray(scales, np.float64).reshape(-1)
+            b = sg.add_constant(f"fc{k}/bias", np.round(rng.standard_normal(o) * 0.2 / s_b).astype(np.int32),
+                                quantization=quantization(s_b))
+        last = k == len(widths) - 2
+        y = sg.add_tensor(Tensor(f"fc{k}", T.INT8, [1, o], quantization=quantization([0.04], 0 if last else -128)))
+        sg.operators.append(ops.fully_connected(x, weight, b, y, activation=ACT["NONE" if last else "RELU"]))
+        x = y
+    sg.outputs = [x]
+    return io.to_bytes(Model(subgraphs=[sg]))

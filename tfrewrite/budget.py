@@ -260,9 +260,11 @@ def rank_layers(model, ctx, passes, progress=None, full_int8: bool = False) -> t
                 if layer is None:
                     continue
             else:
+                policy = ctx.rank_policy(op, kind)
                 with blas_threads_for(weight.values.size):
-                    options = pass_.rank_options(op, weight, ctx.rank_policy(op, kind), CANDIDATE_RATIOS)
-                layer = _budget_layer(op, weight, options, ctx, full_int8)
+                    options = pass_.rank_options(op, weight, policy, CANDIDATE_RATIOS)
+                layer = _budget_layer(op, weight, options, ctx, full_int8,
+                                      lambda ranked: pass_.option_bytes(model, op, weight, ranked, policy))
             if progress:
                 progress(op)
             ops.append(op)
@@ -425,14 +427,34 @@ def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool, kep
     return settings, info
 
 
-def _budget_layer(op, weight, options: list, ctx, full_int8: bool = False) -> BudgetLayer:
+def _budget_layer(op, weight, options: list, ctx, full_int8: bool = False, option_bytes=None) -> BudgetLayer:
     """A layer's budget entry: its dense cost as stored in the input, its options at the itemsize the run stores
-    its weights in (a float32 weight becomes float16 / int8 under --quantize). A full-integer layer (or any with
-    `full_int8`) counts the bytes of its ops (`stored_bytes`: 28 bytes per output channel beside the 1-byte
-    weights), and an option whose ops would take more than the dense layer is not offered (small int8 layers:
-    each new op's tables and quantization parameters outweigh the weights it saves)."""
+    its weights in (a float32 weight becomes float16 / int8 under --quantize). Where the weights stay as they are
+    stored, an option's bytes are what its rewrite adds to the file (`option_bytes(options)`, one number per rank
+    option: the pass's own factors with their scales and zero points, DEQUANTIZE ops and their float tensors,
+    biases, intermediate tensors and op tables, counted as its does-not-pay check counts them); with `full_int8`
+    (--quantize full-int8 follows) the bytes of its ops as full-integer layers (`stored_bytes`: 28 bytes per
+    output channel beside the 1-byte weights). An option whose ops would take more than the dense layer is not
+    offered (small int8 layers: each new op's tables and quantization parameters outweigh the weights it saves)."""
     from .passes import quantize
     w = weight.values
+    now = ITEMSIZE.get(weight.kind, 4)
+    if option_bytes is not None and (weight.full_integer or not full_int8 and quantize.stored_itemsize(
+            weight.kind, w.size, ctx.settings(op).quantize, ctx.plan.min_params) == now):
+        # The dense cost of a full-integer layer is its ops' bytes as `stored_bytes` counts them (as its sparsity
+        # options and channel cuts are counted), of the others their weights' bytes; either way an option costs
+        # that plus what its rewrite adds (a negative number: only options that free bytes are offered).
+        nb = len(op.outputs[0].name.split(";")[0]) + 12
+        dense = stored_bytes(w.size, (w.shape[0],), "full-int8", nb) if weight.full_integer else w.size * now
+        layer = BudgetLayer(op.outputs[0].name, [], w.size,
+                            numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])), 1 if weight.full_integer
+                            else now, input_bytes=dense, dense_bytes=dense,
+                            op_bytes=stored_bytes(0, (0,), "full-int8", nb) if weight.full_integer else 0.0)
+        ranked = [o for o in options if isinstance(o, RankOption)]
+        added = dict(zip(map(id, ranked), option_bytes(ranked)))
+        measured = [o._replace(nbytes=dense + added[id(o)]) if id(o) in added else o for o in options]
+        layer.options = [o for o in _with_layer_overhead(measured, layer, weight) if o.nbytes is None or o.nbytes < dense]
+        return layer
     if weight.full_integer or full_int8:
         nb = len(op.outputs[0].name.split(";")[0]) + 12  # the chain's tensors: the layer's name + a suffix
         dense = stored_bytes(w.size, (w.shape[0],), "full-int8", nb)
@@ -443,7 +465,6 @@ def _budget_layer(op, weight, options: list, ctx, full_int8: bool = False) -> Bu
                    if getattr(o, "channels", None) else o for o in options]
         layer.options = [o for o in _with_layer_overhead(options, layer, weight) if o.nbytes is None or o.nbytes < dense]
         return layer
-    now = ITEMSIZE.get(weight.kind, 4)
     return BudgetLayer(op.outputs[0].name, list(options), w.size,
                        numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
                        quantize.stored_itemsize(weight.kind, w.size, ctx.settings(op).quantize, ctx.plan.min_params),

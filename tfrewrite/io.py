@@ -909,12 +909,23 @@ def estimated_size(model: Model) -> int:
     for comparing a model before and after one edit (a few bytes off per table, the same way both times)."""
     total, buffers = 256, {}
     for sg in model.subgraphs:
-        operators, tensors = sg.live(model.signature_tensors(sg))
-        total += sum(operator_bytes(op) for op in operators)
-        for t in tensors:
-            total += tensor_bytes(t)
-            if t.buffer is not None and t.buffer.nbytes:
-                buffers[id(t.buffer)] = t.buffer.nbytes
+        total += _tables_bytes(*sg.live(model.signature_tensors(sg)), buffers)
     for _, buf in model.metadata:
         buffers[id(buf)] = buf.nbytes
     return total + sum(BUFFER_BYTES + n for n in buffers.values())
+
+
+def added_size(operators: list[Operator], tensors: list[Tensor]) -> int:
+    """What new `operators` and `tensors` (all live, on buffers no other tensor holds) add to `estimated_size`."""
+    buffers = {}
+    return _tables_bytes(operators, tensors, buffers) + sum(BUFFER_BYTES + n for n in buffers.values())
+
+
+def _tables_bytes(operators, tensors, buffers: dict) -> int:
+    """The tables of `operators` and `tensors`; their buffers (id → bytes) are added to `buffers`."""
+    total = sum(operator_bytes(op) for op in operators)
+    for t in tensors:
+        total += tensor_bytes(t)
+        if t.buffer is not None and t.buffer.nbytes:
+            buffers[id(t.buffer)] = t.buffer.nbytes
+    return total

@@ -376,7 +376,7 @@ def finish_data_aware(sg: Subgraph, entry: Entry, policy: "RankPolicy", weight: 
         return bias
     from ..linalg import fit
     mean, target_mean = policy.extra.get("mean"), policy.extra.get("target_mean")
-    if mean is None:  # a shared weight's pooled rows (`shared_layer_data`): the error only, the bias kept
+    if not corrects_bias(policy):  # a shared weight's pooled rows (`shared_layer_data`): the error only, the bias kept
         entry.output_error = fit.lowrank_output_error(weight, *approx, metric) if isinstance(approx, tuple) \
             else fit.output_error(weight, approx(), metric)
         return bias
@@ -392,6 +392,45 @@ def finish_data_aware(sg: Subgraph, entry: Entry, policy: "RankPolicy", weight: 
     values = bias_values(bias, weight.shape[0]) + shift.astype(np.float32)
     entry.bias_corrected = True
     return sg.add_constant(name, values.astype(np.float32))
+
+
+def corrects_bias(policy: "RankPolicy") -> bool:
+    """Whether `finish_data_aware` gives the rewritten layer a new, corrected bias: it has sample rows (calibration
+    or generated) and their mean (a shared weight's pooled rows have none: its readers keep their biases)."""
+    return policy.extra.get("rows") is not None and policy.extra.get("mean") is not None
+
+
+def chain_bias(sg: Subgraph, policy: "RankPolicy", bias: Tensor | None, channels: int, name: str) -> Tensor | None:
+    """The bias a rewrite's last op will read, with placeholder values (for counting its bytes before the fit):
+    a new float32 one where `finish_data_aware` corrects it (`corrects_bias`), else the layer's own."""
+    return sg.add_constant(name, np.zeros(channels, np.float32)) if corrects_bias(policy) else bias
+
+
+def size_changes(model: Model, sg: Subgraph, edits: list) -> list[int]:
+    """The file bytes each of `edits` adds to `model` (negative: frees), by `io.estimated_size`, the measure the
+    does-not-pay check of `rewrite_one` uses; the model is put back as it was after each. The budget asks this
+    of each option of a layer (`option_bytes` of the low-rank passes: each edit puts the rewrite's own ops and
+    tensors, with placeholder values, in place of one op of `sg`), so that it never chooses a rank the rewrite
+    then refuses and its estimate is the size the rewrite writes. Every edit of one op frees the same op and
+    tensors, so only the first is measured on the whole model; the others differ from it by what they add
+    (`io.added_size`: per option a few tables, not the whole model)."""
+    out, freed = [], None
+    for edit in edits:
+        operators, tensors = list(sg.operators), list(sg.tensors)
+        snapshot, before = (model.snapshot(), io.estimated_size(model)) if freed is None else (None, 0)
+        try:
+            edit()
+            old = {id(op) for op in operators}
+            added = io.added_size([op for op in sg.operators if id(op) not in old], sg.tensors[len(tensors):])
+            if freed is None:
+                freed = added - (io.estimated_size(model) - before)
+            out.append(added - freed)
+        finally:
+            if snapshot is not None:
+                snapshot.restore()
+            else:  # the edits only add tensors to `sg` and replace one of its ops: its two lists put it back
+                sg.operators, sg.tensors = operators, tensors
+    return out
 
 
 def zero_bias(sg: Subgraph, name: str, channels: int) -> Tensor:

@@ -18,10 +18,11 @@ from ..graph import Model, Operator, Subgraph
 from . import int8_chain, lowrank_fc
 from ..linalg import fit
 from ..report import Entry
-from .common import (QUICK_SWEEPS, LayerWeight, RankOption, RankPolicy, Skip, degenerate_reason, eligible_ops,
-                     emit_shared, emit_weight, finish_data_aware, fit_metric, layer_cross, layer_metric,
+from .common import (QUICK_SWEEPS, LayerWeight, RankOption, RankPolicy, Skip, chain_bias, degenerate_reason,
+                     eligible_ops, emit_shared, emit_weight, finish_data_aware, fit_metric, layer_cross, layer_metric,
                      lowrank_rel_error, output_variation_error, pixels, refuse_clearly_degenerate, refuse_degenerate,
-                     rel_error, rewrite_all, rewrite_one, shared_key, stored_weight_values, usable_option, zero_bias)
+                     rel_error, rewrite_all, rewrite_one, shared_key, size_changes, stored_weight_values, usable_option,
+                     zero_bias)
 
 OP = schema.BuiltinOperator
 T = schema.TensorType
@@ -197,7 +198,6 @@ def _rewrite(sg, op, weight: LayerWeight, policy, ctx, entry):
                   weight_dtype=weight.kind, params_before=w.size + bias_params, params_after=w.size + bias_params,
                   macs_before=dense_macs, macs_after=dense_macs)
     check(op, weight, ctx)
-    opts = op.builtin_options
     in_pixels, out_pixels = pixels(x), pixels(out)
     if weight.full_integer:
         int8_chain.check(op, weight, policy, entry)
@@ -208,9 +208,6 @@ def _rewrite(sg, op, weight: LayerWeight, policy, ctx, entry):
 
     kernel = w.reshape(o, kh * kw, i)
     base = out.name.split(";")[0]
-    stride = (opts.strideH, opts.strideW)
-    dilation = (opts.dilationHFactor, opts.dilationWFactor)
-    act = opts.fusedActivationFunction
     k = kh * kw
     metric = fit_metric(policy)
     cross = layer_cross(policy, w.reshape(o, -1)) if metric is not None else None
@@ -237,22 +234,15 @@ def _rewrite(sg, op, weight: LayerWeight, policy, ctx, entry):
             refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error,
                               output_error=lambda: output_variation_error(policy, w.reshape(o, -1),
                                                                           approx.reshape(o, -1)))
-            emitted = [emit_weight(sg, f"{base}/tucker2/in", sf, weight, 0, hybrid=False),
-                       emit_weight(sg, f"{base}/tucker2/core", sm, weight, 0),
-                       emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0, hybrid=False)]
-            return emitted, (sf, sm, sl, approx, weight_error, {"init": "hosvd"})
+            return _emit_factors(sg, base, "tucker2", (sf, sm, sl), weight), \
+                (sf, sm, sl, approx, weight_error, {"init": "hosvd"})
 
         emitted = emit_shared(ctx, sg, shared_key(weight, "tucker2", r_out, r_in), make) if entry.shared \
             else make()
-        ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
+        factors, (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
                                  f"{base}/tucker2/bias")
-        z1 = sg.add_activation(f"{base}/tucker2/z1", T.FLOAT32, static_shape(x)[:-1] + [r_in], like=x)
-        z2 = sg.add_activation(f"{base}/tucker2/z2", T.FLOAT32, static_shape(out)[:-1] + [r_out], like=out)
-        chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/tucker2/in_bias", r_in), z1),
-                 ops.conv2d(z1, w2, zero_bias(sg, f"{base}/tucker2/core_bias", r_out), z2, stride=stride,
-                            padding=opts.padding, dilation=dilation),
-                 ops.conv2d(z2, w3, bias, out, activation=act)]
+        _emit_kxk_chain(sg, op, "tucker2", factors, bias, rank)
         entry.set(method="tucker2", rank=[int(r_out), int(r_in)])
     else:
         r = rank
@@ -273,24 +263,15 @@ def _rewrite(sg, op, weight: LayerWeight, policy, ctx, entry):
             refuse_degenerate(policy, rank, (o, k * i), in_channels=i, weight_error=weight_error,
                               output_error=lambda: output_variation_error(policy, w.reshape(o, -1),
                                                                           approx.reshape(o, -1)))
-            emitted = [emit_weight(sg, f"{base}/cp/in", sf, weight, 0, hybrid=False),
-                       emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3, hybrid=False),
-                       emit_weight(sg, f"{base}/cp/out", sl, weight, 0, hybrid=False)]
             extra = {"init": res.init, "degeneracy": round(float(res.degeneracy), 4), "n_iter": int(res.n_iter)}
-            return emitted, (sf, sm, sl, approx, weight_error, extra)
+            return _emit_factors(sg, base, "cp", (sf, sm, sl), weight), (sf, sm, sl, approx, weight_error, extra)
 
         emitted = emit_shared(ctx, sg, shared_key(weight, "cp", r), make) if entry.shared else make()
-        ((w1, pre1), (w2, pre2), (w3, pre3)), (sf, sm, sl, approx, weight_error, extra) = emitted
+        factors, (sf, sm, sl, approx, weight_error, extra) = emitted
         bias = finish_data_aware(sg, entry, policy, w.reshape(o, -1), lambda: approx.reshape(o, -1), bias,
                                  f"{base}/cp/bias")
-        z1 = sg.add_activation(f"{base}/cp/z1", T.FLOAT32, static_shape(x)[:-1] + [r], like=x)
-        z2 = sg.add_activation(f"{base}/cp/z2", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
-        chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/cp/in_bias", r), z1),
-                 ops.depthwise_conv2d(z1, w2, zero_bias(sg, f"{base}/cp/depthwise_bias", r), z2, stride=stride,
-                                      padding=opts.padding, dilation=dilation),
-                 ops.conv2d(z2, w3, bias, out, activation=act)]
+        _emit_kxk_chain(sg, op, "cp", factors, bias, rank)
         entry.set(method="cp", rank=int(r))
-    sg.replace_operator(op, pre1 + pre2 + pre3 + chain)
     entry.set(action="rewritten", params_after=params + bias_params, macs_after=macs, rel_error=weight_error,
               **extra)
     entry.factors = {"first": sf, "middle": sm, "last": sl}
@@ -332,22 +313,108 @@ def _rewrite_1x1(sg, op, weight, policy, ctx, entry, bias, bias_params, out_pixe
         weight_error = lowrank_rel_error(w, sl.reshape(o, r), sr.reshape(r, i))
         refuse_degenerate(policy, r, (o, i), weight_error=weight_error, output_error=lambda: output_variation_error(
             policy, w, factors=(sl.reshape(o, r), sr.reshape(r, i))))
-        emitted = [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0, hybrid=False),
-                   emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0, hybrid=False)]
-        return emitted, (sl, sr, weight_error)
+        return _emit_1x1_factors(sg, base, left, right, weight), (sl, sr, weight_error)
 
     emitted = emit_shared(ctx, sg, shared_key(weight, "svd1x1", r), make) if entry.shared else make()
-    ((w1, pre1), (w2, pre2)), (sl, sr, weight_error) = emitted
+    factors, (sl, sr, weight_error) = emitted
     bias = finish_data_aware(sg, entry, policy, w, (sl.reshape(o, r), sr.reshape(r, i)), bias,
                              f"{base}/lowrank/bias")
+    _emit_1x1_chain(sg, op, factors, bias, r)
+    entry.set(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+              rel_error=weight_error)
+    entry.factors = {"left": sl, "right": sr}
+
+
+def _emit_factors(sg: Subgraph, base: str, method: str, factors: tuple, weight: LayerWeight) -> list:
+    """The three factors of a k×k chain (as stored: `fit_cp` / `fit_tucker2`) as new weights stored as `weight`
+    is: [(tensor, ops to run first), ...]."""
+    sf, sm, sl = factors
+    if method == "tucker2":
+        return [emit_weight(sg, f"{base}/tucker2/in", sf, weight, 0, hybrid=False),
+                emit_weight(sg, f"{base}/tucker2/core", sm, weight, 0),
+                emit_weight(sg, f"{base}/tucker2/out", sl, weight, 0, hybrid=False)]
+    return [emit_weight(sg, f"{base}/cp/in", sf, weight, 0, hybrid=False),
+            emit_weight(sg, f"{base}/cp/depthwise", sm, weight, 3, hybrid=False),
+            emit_weight(sg, f"{base}/cp/out", sl, weight, 0, hybrid=False)]
+
+
+def _emit_kxk_chain(sg: Subgraph, op: Operator, method: str, factors: list, bias, rank) -> None:
+    """Put the three ops of a k×k chain reading `factors` (`_emit_factors`) in `op`'s place."""
+    ((w1, pre1), (w2, pre2), (w3, pre3)) = factors
+    x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
+    base = out.name.split(";")[0]
+    stride, dilation = (opts.strideH, opts.strideW), (opts.dilationHFactor, opts.dilationWFactor)
+    r_in, r_out, _ = chain_channels(method, 0, rank)
+    z1 = sg.add_activation(f"{base}/{method}/z1", T.FLOAT32, static_shape(x)[:-1] + [r_in], like=x)
+    z2 = sg.add_activation(f"{base}/{method}/z2", T.FLOAT32, static_shape(out)[:-1] + [r_out], like=out)
+    if method == "tucker2":
+        middle = ops.conv2d(z1, w2, zero_bias(sg, f"{base}/tucker2/core_bias", r_out), z2, stride=stride,
+                            padding=opts.padding, dilation=dilation)
+    else:
+        middle = ops.depthwise_conv2d(z1, w2, zero_bias(sg, f"{base}/cp/depthwise_bias", r_out), z2, stride=stride,
+                                      padding=opts.padding, dilation=dilation)
+    chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/{method}/in_bias", r_in), z1), middle,
+             ops.conv2d(z2, w3, bias, out, activation=opts.fusedActivationFunction)]
+    sg.replace_operator(op, pre1 + pre2 + pre3 + chain)
+
+
+def _emit_1x1_factors(sg: Subgraph, base: str, left: np.ndarray, right: np.ndarray, weight: LayerWeight) -> list:
+    """The two factors of a 1×1 conv (left [out, r], right [r, in]) as new 1×1 weights stored as `weight` is."""
+    (o, r), i = left.shape, right.shape[1]
+    return [emit_weight(sg, f"{base}/lowrank/right", right.reshape(r, 1, 1, i), weight, 0, hybrid=False),
+            emit_weight(sg, f"{base}/lowrank/left", left.reshape(o, 1, 1, r), weight, 0, hybrid=False)]
+
+
+def _emit_1x1_chain(sg: Subgraph, op: Operator, factors: list, bias, r: int) -> None:
+    """Put the two 1×1 CONV_2D ops reading `factors` (`_emit_1x1_factors`) in `op`'s place."""
+    (w1, pre1), (w2, pre2) = factors
+    x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
+    base = out.name.split(";")[0]
     mid = sg.add_activation(f"{base}/lowrank/mid", T.FLOAT32, static_shape(out)[:-1] + [r], like=out)
     chain = [ops.conv2d(x, w1, zero_bias(sg, f"{base}/lowrank/right_bias", r), mid, stride=(opts.strideH, opts.strideW),
                         padding=opts.padding),
              ops.conv2d(mid, w2, bias, out, activation=opts.fusedActivationFunction)]
     sg.replace_operator(op, pre1 + pre2 + chain)
-    entry.set(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-              rel_error=weight_error)
-    entry.factors = {"left": sl, "right": sr}
+
+
+def option_bytes(model: Model, op: Operator, weight: LayerWeight, options: list, policy: RankPolicy) -> list[int]:
+    """The file bytes the rewrite at each option's rank adds (negative: frees), counted as its does-not-pay check
+    counts them (`size_changes`): the same factors, ops and tensors, with placeholder values. Full-integer
+    layers: `int8_chain.option_bytes`."""
+    if weight.full_integer:
+        return int8_chain.option_bytes(model, op, weight, options, policy, _chain_dry)
+    o, kh, kw, i = weight.values.shape
+    sg = op.subgraph
+    base = op.outputs[0].name.split(";")[0]
+    bias = op.inputs[2] if len(op.inputs) > 2 else None
+
+    def emit(rank):
+        if kh == kw == 1:
+            factors = _emit_1x1_factors(sg, base, np.ones((o, rank), np.float32), np.ones((rank, i), np.float32),
+                                        weight)
+            _emit_1x1_chain(sg, op, factors, chain_bias(sg, policy, bias, o, f"{base}/lowrank/bias"), rank)
+            return
+        method = "tucker2" if isinstance(rank, tuple) else "cp"
+        r_in, r_out, _ = chain_channels(method, o, rank)
+        shapes = ((r_in, 1, 1, i), (r_out, kh, kw, r_in) if method == "tucker2" else (1, kh, kw, r_in), (o, 1, 1, r_out))
+        factors = _emit_factors(sg, base, method, tuple(np.ones(s, np.float32) for s in shapes), weight)
+        _emit_kxk_chain(sg, op, method, factors, chain_bias(sg, policy, bias, o, f"{base}/{method}/bias"), rank)
+    return size_changes(model, sg, [lambda rank=x.rank: emit(rank) for x in options])
+
+
+def _chain_dry(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, option: RankOption,
+               chain_type: type) -> None:
+    """The full-integer chain of `option` with placeholder factors (`int8_chain.option_bytes`)."""
+    o, kh, kw, i = weight.values.shape
+    base, rank = op.outputs[0].name.split(";")[0], option.rank
+    if kh == kw == 1:
+        int8_chain.svd(sg, op, weight, policy, None, np.ones((o, rank)), np.ones((rank, i)), base, chain_type)
+        return
+    method = "tucker2" if isinstance(rank, tuple) else "cp"
+    r_in, r_out, _ = chain_channels(method, o, rank)
+    middle = np.ones((r_out, kh * kw, r_in)) if method == "tucker2" else np.ones((kh * kw, r_in))
+    int8_chain.kxk(sg, op, weight, policy, None, method, np.ones((r_in, i)), middle, np.ones((o, r_out)), base,
+                   chain_type)
 
 
 def run(model: Model, ctx, progress=None, done=()) -> list[Entry]:

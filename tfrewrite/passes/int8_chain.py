@@ -31,7 +31,7 @@ from .. import ops, schema
 from ..analysis import static_shape
 from ..graph import Operator, Quantization, Subgraph, Tensor
 from ..report import Entry
-from .common import LayerWeight, RankPolicy, Skip
+from .common import LayerWeight, RankPolicy, Skip, size_changes
 
 T = schema.TensorType
 # The range of a chain's new int8 tensors (`--activation-percentile`): min/max of the calibration values.
@@ -83,6 +83,8 @@ def _activation(sg: Subgraph, name: str, shape, like: Tensor, scale: float, zero
 class Chain:
     """Quantizes a chain stage by stage on the calibration rows and emits its constants.
     `rows` [N, K·C] are the layer's real-valued inputs (patches of K taps for k×k convs, K = 1 otherwise)."""
+
+    fitted = True  # `PlaceholderChain`: the same tensors and ops, nothing fitted
 
     def __init__(self, sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, taps: int, base: str):
         from ..linalg import fit
@@ -160,12 +162,47 @@ class Chain:
         return w_t, b_t, a_real
 
 
+class PlaceholderChain(Chain):
+    """A chain that writes the tensors, quantization parameters and ops `Chain` writes, with placeholder values
+    and without the calibration rows: what `option_bytes` measures."""
+
+    fitted = False
+
+    def __init__(self, sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, taps: int, base: str):
+        self.sg, self.op, self.base, self.taps = sg, op, base, taps
+        self.axis = 0 if weight.per_channel else None
+        self.in_scale = 1.0
+        self.z = np.zeros((1, taps, weight.values.shape[-1]))
+        self.first_new_tensor, self.entry = len(sg.tensors), None
+
+    def intermediate(self, values: np.ndarray, name: str, shape, like: Tensor) -> tuple[Tensor, float]:
+        self.z = np.zeros_like(values)
+        return _activation(self.sg, f"{self.base}/{name}", shape, like, 1.0, 0), 1.0
+
+    def last(self, name: str, prior: np.ndarray, in_scale: float, entry: Entry, conv: bool
+             ) -> tuple[Tensor, Tensor, np.ndarray]:
+        w_t, b_t, a_real = self.weight(name, prior.reshape(prior.shape[0], 1, 1, -1) if conv else prior, 0, in_scale,
+                                       np.zeros(prior.shape[0]))
+        return w_t, b_t, a_real.reshape(prior.shape)
+
+    def replace(self, ops_: list[Operator]) -> None:
+        self.sg.replace_operator(self.op, ops_)
+
+
+def option_bytes(model, op: Operator, weight: LayerWeight, options: list, policy: RankPolicy, emit) -> list[int]:
+    """The file bytes a full-integer chain at each option's rank adds to `model` (negative: frees), counted as
+    the rewrite's does-not-pay check counts them (`size_changes`): `emit(sg, op, weight, policy, option,
+    PlaceholderChain)` writes the pass's chain (`svd` or `kxk`) with placeholder values."""
+    sg = op.subgraph
+    return size_changes(model, sg, [lambda o=o: emit(sg, op, weight, policy, o, PlaceholderChain) for o in options])
+
+
 def svd(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, entry: Entry, left: np.ndarray,
-        right: np.ndarray, base: str) -> dict:
+        right: np.ndarray, base: str, chain_type: type = Chain) -> dict:
     """FULLY_CONNECTED or 1×1 CONV_2D → two int8 ops from (left [out, r], right [r, in])."""
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     r = right.shape[0]
-    chain = Chain(sg, op, weight, policy, 1, base)
+    chain = chain_type(sg, op, weight, policy, 1, base)
     fc = op.builtin == schema.BuiltinOperator.FULLY_CONNECTED
     w1, b1, right_real = chain.weight("lowrank/right", right if fc else right.reshape(r, 1, 1, -1), 0, chain.in_scale,
                                       per_tensor=True)
@@ -191,7 +228,8 @@ def svd(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, ent
 
 
 def kxk(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, entry: Entry, method: str,
-        first: np.ndarray, middle: np.ndarray, last: np.ndarray, base: str) -> tuple[dict, np.ndarray]:
+        first: np.ndarray, middle: np.ndarray, last: np.ndarray, base: str, chain_type: type = Chain
+        ) -> tuple[dict, np.ndarray]:
     """k×k CONV_2D → 1×1 CONV_2D (first [r_in, in]) → k×k op → 1×1 CONV_2D (last [out, r_out]), all int8. The
     k×k op is a DEPTHWISE_CONV_2D for CP (middle [k·k, r]) or a CONV_2D for Tucker-2 (core [r_out, k·k, r_in]).
     Returns the stored factors (shaped as emitted) and their reconstruction [out, k·k, in]."""
@@ -199,7 +237,7 @@ def kxk(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, ent
     x, out, opts = op.inputs[0], op.outputs[0], op.builtin_options
     _, kh, kw, i = weight.values.shape
     k, r_in = kh * kw, first.shape[0]
-    chain = Chain(sg, op, weight, policy, k, base)
+    chain = chain_type(sg, op, weight, policy, k, base)
     w1, b1, first_real = chain.weight(f"{method}/in", first.reshape(r_in, 1, 1, i), 0, chain.in_scale, per_tensor=True)
     z1, s1 = chain.intermediate(chain.z @ first_real.reshape(r_in, i).T, f"{method}/z1",
                                 static_shape(x)[:-1] + [r_in], x)
@@ -218,6 +256,8 @@ def kxk(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, ent
         build(z1, w2, b2, z2, stride=(opts.strideH, opts.strideW), padding=opts.padding,
               dilation=(opts.dilationHFactor, opts.dilationWFactor)),
         ops.conv2d(z2, w3, b3, out, activation=opts.fusedActivationFunction)])
+    if not chain.fitted:
+        return {}, None
     # Contracted pairwise (a three-operand einsum loops over every index at once: VGG16's 512-channel int8 convs
     # spent 1650 of a 2380 s rewrite there).
     if method == "cp":

@@ -12,10 +12,10 @@ from ..analysis import numel, static_shape
 from ..graph import Model, Operator, Subgraph
 from . import int8_chain
 from ..report import Entry
-from .common import (LayerWeight, RankOption, RankPolicy, Skip, eligible_ops, emit_shared, emit_weight,
-                     finish_data_aware, fit_metric, layer_cross, layer_metric, lowrank_rel_error,
+from .common import (LayerWeight, RankOption, RankPolicy, Skip, chain_bias, eligible_ops, emit_shared,
+                     emit_weight, finish_data_aware, fit_metric, layer_cross, layer_metric, lowrank_rel_error,
                      output_variation_error, refuse_degenerate, rewrite_all, rewrite_one, shared_key,
-                     stored_weight_values, usable_option)
+                     size_changes, stored_weight_values, usable_option)
 
 OP = schema.BuiltinOperator
 # The spectrum of a weight (whitened by the calibration metric when there is one) is computed up to the rank
@@ -173,9 +173,7 @@ def rewrite_op(model: Model, sg: Subgraph, op: Operator, ctx) -> Entry:
 
 def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, ctx, entry: Entry):
     w = weight.values
-    x, bias = op.inputs[0], (op.inputs[2] if len(op.inputs) > 2 else None)
-    out = op.outputs[0]
-    options = op.builtin_options or schema.FullyConnectedOptionsT()
+    bias, out = (op.inputs[2] if len(op.inputs) > 2 else None), op.outputs[0]
     if w.ndim == 2:
         m, n = w.shape
         rows = numel(static_shape(out)) // m
@@ -207,18 +205,35 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
         weight_error = lowrank_rel_error(w, *stored)
         refuse_degenerate(policy, r, (m, n), weight_error=weight_error,
                           output_error=lambda: output_variation_error(policy, w, factors=stored))
-        emitted = [emit_weight(sg, f"{base}/lowrank/right", right, weight),
-                   emit_weight(sg, f"{base}/lowrank/left", left, weight)]
-        return emitted, (*stored, weight_error)
+        return _emit_factors(sg, base, left, right, weight), (*stored, weight_error)
 
     # A weight shared by several FCs (in any subgraph) gets one pair of factors, shared too.
     emitted = emit_shared(ctx, sg, shared_key(weight, "svd", r), make) if entry.shared else make()
-    ((w1, pre1), (w2, pre2)), (stored_left, stored_right, weight_error) = emitted
+    factors, (stored_left, stored_right, weight_error) = emitted
     bias = finish_data_aware(sg, entry, policy, w, (stored_left, stored_right), bias,
                              f"{base}/lowrank/bias")
+    _emit_chain(sg, op, weight, factors, bias, r)
+
+    entry.set(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
+              rel_error=weight_error)
+    entry.factors = {"left": stored_left, "right": stored_right}
+
+
+def _emit_factors(sg: Subgraph, base: str, left: np.ndarray, right: np.ndarray, weight: LayerWeight) -> list:
+    """The two factors as new weights stored as `weight` is (`emit_weight`): [(tensor, ops to run first), ...]."""
+    return [emit_weight(sg, f"{base}/lowrank/right", right, weight),
+            emit_weight(sg, f"{base}/lowrank/left", left, weight)]
+
+
+def _emit_chain(sg: Subgraph, op: Operator, weight: LayerWeight, factors: list, bias, r: int) -> None:
+    """Put the two FULLY_CONNECTED ops reading `factors` (`_emit_factors`) in `op`'s place."""
+    (w1, pre1), (w2, pre2) = factors
+    x, out = op.inputs[0], op.outputs[0]
+    options = op.builtin_options or schema.FullyConnectedOptionsT()
+    n = weight.values.shape[1]
     keep = bool(getattr(options, "keepNumDims", False))
     mid_shape = (static_shape(x)[:-1] if keep else [numel(static_shape(x)) // n]) + [r]
-    mid = sg.add_activation(f"{base}/lowrank/mid", schema.TensorType.FLOAT32, mid_shape, like=x)
+    mid = sg.add_activation(f"{out.name.split(';')[0]}/lowrank/mid", schema.TensorType.FLOAT32, mid_shape, like=x)
     if x.shape_signature is not None and not keep and any(d < 0 for d in x.shape_signature):
         mid.shape_signature = [-1, r]
     # Hybrid (float input, int8 weight): XNNPACK always quantizes the input asymmetrically, the builtin kernel only
@@ -229,9 +244,31 @@ def _rewrite(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy
                               asymmetric_quantize_inputs=asym)
     sg.replace_operator(op, pre1 + pre2 + [fc1, fc2])
 
-    entry.set(action="rewritten", method="svd", rank=r, params_after=pa + bias_params, macs_after=ma,
-              rel_error=weight_error)
-    entry.factors = {"left": stored_left, "right": stored_right}
+
+def option_bytes(model: Model, op: Operator, weight: LayerWeight, options: list, policy: RankPolicy) -> list[int]:
+    """The file bytes the rewrite at each option's rank adds (negative: frees), counted as its does-not-pay check
+    counts them (`size_changes`): the same factors, ops and tensors, with placeholder values. Full-integer
+    layers: `int8_chain.option_bytes`."""
+    if weight.full_integer:
+        return int8_chain.option_bytes(model, op, weight, options, policy, _chain_dry)
+    m, n = weight.values.shape
+    sg = op.subgraph
+    base = op.outputs[0].name.split(";")[0]
+    bias = op.inputs[2] if len(op.inputs) > 2 else None
+
+    def emit(r):
+        factors = _emit_factors(sg, base, np.ones((m, r), np.float32), np.ones((r, n), np.float32), weight)
+        _emit_chain(sg, op, weight, factors, chain_bias(sg, policy, bias, m, f"{base}/lowrank/bias"), r)
+    return size_changes(model, sg, [lambda r=o.rank: emit(r) for o in options])
+
+
+def _chain_dry(sg: Subgraph, op: Operator, weight: LayerWeight, policy: RankPolicy, option: RankOption,
+               chain_type: type) -> None:
+    """The full-integer chain of `option` with placeholder factors (`int8_chain.option_bytes`)."""
+    m, n = weight.values.shape
+    r = option.rank
+    int8_chain.svd(sg, op, weight, policy, None, np.ones((m, r)), np.ones((r, n)), op.outputs[0].name.split(";")[0],
+                   chain_type)
 
 
 def run(model: Model, ctx, progress=None, done=()) -> list[Entry]:
