@@ -309,3 +309,17 @@ def test_a_weight_that_is_also_a_model_output_is_never_changed(tmp):
         written = io.read(out)
         (returned,) = [t for t in written.main.outputs if t.name == weight.name]
         np.testing.assert_array_equal(np.asarray(returned.data), expected)
+
+
+def test_a_malformed_graph_a_pass_cannot_go_through_is_named_not_an_internal_error(tmp, capsys):
+    """An op reading a tensor nothing writes (LiteRT: "lacks data"): the graph invariants find it in the input
+    already; a pass that then fails on it answers with that problem, exit 2 (it was an internal error, R6-15)."""
+    rng = np.random.default_rng(0)
+    m = io.read_buffer(B.fc_chain([rng.standard_normal((32, 16)), rng.standard_normal((24, 32)),
+                                   rng.standard_normal((10, 24))]))
+    m.main.operators[2].inputs[0] = m.main.add_activation("orphan", schema.TensorType.FLOAT32, [1, 24])
+    src = tmp / "orphan.tflite"
+    src.write_bytes(io.to_bytes(m))
+    code, _, err = _run_cli(capsys, src, tmp / "o.tflite", "--rank", "4")
+    assert code == 2 and err.count("\n") == 1 and "malformed graph" in err and "'orphan'" in err, err
+    assert not (tmp / "o.tflite").exists()

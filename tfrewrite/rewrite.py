@@ -283,15 +283,36 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
     """Run the passes on `model` in place, in the order decompose, prune, quantize, encode sparse.
     Returns one report entry per op each pass considered. `context`: the run's state (a new one for the options'
     plan when None; the caller's holds what the run found and chose afterwards). `source`: the model's file, for
-    calibration."""
+    calibration. An input the graph invariants already find malformed (a cycle, a tensor read before it is
+    written, options of another op type) is rewritten as far as it goes; where a pass then fails on it, the
+    answer is a ModelError naming the input's problem, not an internal error."""
+    from .io import ModelError
+    from .verify import DataError, NotRunnable
+    # Problems the input already has are not ours to fix; any new one after a pass is a fault of that pass.
+    known_problems = model.problems()
+    try:
+        return _rewrite_model(model, options, progress, context, source, known_problems)
+    except (ModelError, DataError, NotRunnable, OptionError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if not known_problems:
+            raise
+        raise ModelError(f"{source or 'the input model'}: malformed graph ({known_problems[0]}); the rewrite "
+                         f"cannot go through it ({type(e).__name__}: {_first_line(str(e))})") from None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _rewrite_model(model, options: Options, progress, context: RunContext | None, source, known_problems: list
+                   ) -> list[Entry]:
     from .passes import cp_conv, lowrank_fc
     options.validate()  # a library caller's Options have not been through the command line's checks
     ctx = context or RunContext(options.plan())
     ctx.remember_input(model)
     lowrank = (cp_conv, lowrank_fc)
     entries = []
-    # Problems the input already has are not ours to fix; any new one after a pass is a fault of that pass.
-    known_problems = model.problems()
 
     def checked(pass_entries: list[Entry]) -> list[Entry]:
         model.validate(known_problems)
