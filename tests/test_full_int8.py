@@ -275,3 +275,27 @@ def test_a_model_without_a_signature_is_quantized_and_stays_without_one(tmp_path
     same = rewrite.run(signed, tmp_path / "qs.tflite", rewrite.Options(quantize="full-int8", calibration=str(calib)))
     assert report["output_error"]["worst"] == same["output_error"]["worst"]  # the same quantization
     assert_runs_alike(out, (1, 16), 4)
+
+
+@pytest.mark.parametrize("count, held_out", [(32, 4), (16, 2), (7, 0)])
+def test_the_output_error_checks_samples_are_not_calibrated_on(count, held_out, tmp_path, monkeypatch):
+    """The output-error check measures on the calibration file's last min(4, n // 8) samples, which no fit may
+    see: ai-edge-quantizer got every sample, the held-out ones too, and measured the activation ranges on the
+    check's own inputs. It now gets the others, in the file's order (all of them below 8 samples)."""
+    from ai_edge_quantizer import quantizer
+    source = tmp_path / "m.tflite"
+    source.write_bytes(output_also_read(seed=5))
+    calib = calibration(tmp_path / "c.npz", "x", (1, 16), 6, count=count)
+    fed = []
+    calibrate = quantizer.Quantizer.calibrate
+
+    def recorded(self, data, *args, **kwargs):
+        fed.extend(row["x"] for rows in data.values() for row in rows)
+        return calibrate(self, data, *args, **kwargs)
+    monkeypatch.setattr(quantizer.Quantizer, "calibrate", recorded)
+    report = rewrite.run(source, tmp_path / "q.tflite", rewrite.Options(quantize="full-int8",
+                                                                         calibration=str(calib), force=True))
+    assert rewrite.held_out_count(count) == held_out
+    assert report["calibration"]["full_int8"]["samples"] == count - held_out
+    np.testing.assert_array_equal(np.concatenate(fed), np.load(calib)["x"][:count - held_out])
+    assert report["output_error"]["samples"] == (held_out or 4)

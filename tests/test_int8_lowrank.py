@@ -437,6 +437,44 @@ def test_balancing_chain_factors_keeps_the_float_model():
         np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-6)
 
 
+def test_balancing_does_not_depend_on_which_object_ids_get_reused(calib, monkeypatch):
+    """Balancing and quantizing the same chains twice writes the same bytes. Counted by id(buffer), a factor's
+    new buffer from the first pair of its chain was found unshared by the second pair only when it reused a freed
+    buffer's id: one run in four of --prune auto --rank auto --target-size 3 --quantize full-int8 skipped a CP
+    chain's second pair and wrote another model. The second run here keeps every replaced buffer alive (no id
+    is reused), as an unlucky allocator would."""
+    from tfrewrite.graph import Tensor
+    from tfrewrite.passes import full_int8
+    options = rewrite.Options(rank=24, only="conv2_1|fc1")
+    model = io.read(FIXTURES / "vgg_digits.tflite")
+    ctx = RunContext(options.plan())
+    rewrite.rewrite_model(model, options, context=ctx)
+    data = io.to_bytes(model)
+    chains = full_int8.chain_inner_ops(model, ctx.input_tensors)
+    written = [a.outputs[0].name for _, a, _ in chains]
+    channels = sum(a.outputs[0].shape[-1] for _, a, _ in chains)  # one scale per written channel
+    assert len(chains) == 3  # the CP chain's two inner factors (conv → depthwise → conv) and the SVD's first
+
+    def balanced_and_quantized() -> tuple[int, bytes]:
+        again = io.read_buffer(data, "<test>")
+        original = {id(t): t for sg in again.subgraphs for t in sg.tensors if t.name not in written}
+        info = full_int8.run(again, str(calib), None, original)
+        return info["balanced_channels"], io.to_bytes(again)
+
+    first = balanced_and_quantized()
+    kept = []
+    set_data = Tensor.set_data
+
+    def keeping_the_old_buffer(self, *args, **kwargs):
+        kept.append(self.buffer)
+        return set_data(self, *args, **kwargs)
+    monkeypatch.setattr(Tensor, "set_data", keeping_the_old_buffer)
+    second = balanced_and_quantized()
+    assert kept
+    assert first[0] == second[0] == channels
+    assert first[1] == second[1]
+
+
 def test_full_int8_after_low_rank_of_a_dynamic_range_model(calib, tmp_path):
     """Low rank on a dynamic-range int8 model stores 1x1 factors int8 behind a DEQUANTIZE; full-int8 in the same
     run must get their float values back too (ai-edge-quantizer took them for activations and gave a conv weight

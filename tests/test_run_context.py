@@ -60,3 +60,30 @@ def test_a_run_leaves_its_plan_and_reports_input_ops_through_typed_entries(case,
         assert ctx.positions[id(source)] == (e.subgraph, e.index), e
         created += source is not op
     assert created, "the case reports no op a pass created"
+
+
+def test_the_input_tensors_are_held_so_no_new_tensor_takes_one_of_their_ids():
+    """full-int8 tells a low-rank chain's inner factors by the input model's tensors (id(tensor)). Were only the
+    ids kept, a tensor a pass dropped could be freed and a factor's new tensor take its id (the allocator reuses
+    freed memory at will): that factor would pass for an input tensor, and the written model depend on the
+    allocator."""
+    import gc
+    import weakref
+    model = io.read(FIXTURES / "vgg_digits.tflite")
+    ctx = RunContext()
+    ctx.remember_input(model)
+    sg = model.main
+    op = sg.operators[0]
+    dropped = op.outputs[0]
+    seen = weakref.ref(dropped)
+    replacement = sg.add_activation(dropped.name + "/new", dropped.type, list(dropped.shape))
+    op.outputs[0] = replacement
+    sg.operators[1].inputs[0] = replacement
+    ctx.input_ops = []  # only the context's own record of tensors may keep it
+    model.cleanup()
+    del dropped, op
+    gc.collect()
+    assert seen() is not None and id(seen()) in ctx.input_tensors
+    ctx.release_model()
+    gc.collect()
+    assert seen() is None

@@ -261,7 +261,9 @@ class RunContext:
     # themselves are held in `input_ops` so that no op a pass creates can reuse one of their ids.
     positions: dict = field(default_factory=dict)
     input_ops: list = field(default_factory=list)
-    input_tensors: set = field(default_factory=set)
+    # id(tensor) → tensor of the input model: held, so that no tensor a pass creates after one was dropped can
+    # take its id and pass for an input tensor (full-int8 tells a low-rank chain's inner factors by it).
+    input_tensors: dict = field(default_factory=dict)
     # Per-op extra data for data-aware fitting: id(op) → dict (calibration rows, their mean, ...).
     layer_data: dict = field(default_factory=dict)
     # id(op) → LayerSettings chosen by the global budget search (override the defaults and the recipe).
@@ -303,13 +305,14 @@ class RunContext:
     def remember_input(self, model) -> None:
         """Record the input model's ops (positions for the report; passes rewrite only these) and tensors."""
         self.input_ops = [op for sg in model.subgraphs for op in sg.operators]
-        self.input_tensors = {id(t) for sg in model.subgraphs for t in sg.tensors}
+        self.input_tensors = {id(t): t for sg in model.subgraphs for t in sg.tensors}
         self.positions = {id(op): (si, oi) for si, sg in enumerate(model.subgraphs) for oi, op in enumerate(sg.operators)}
 
     def release_model(self) -> None:
         """Drop every reference to the model's ops, tensors and arrays (the report keeps positions and summaries),
         so that the rewritten model can be freed once written."""
         self.input_ops = []
+        self.input_tensors = {}
         self.layer_data = {}
         self.shared_factors = {}
 

@@ -37,9 +37,9 @@ class QuantizeError(io.ModelError):
     """The model cannot be quantized this way; the message says why (exit 2)."""
 
 
-def run(model: Model, calibration, signature: str | None = None, original_tensors: set | None = None) -> dict:
+def run(model: Model, calibration, signature: str | None = None, original_tensors: dict | None = None) -> dict:
     """Replace `model`'s contents by its full-integer version; returns what the report shows.
-    `original_tensors`: ids of the input model's tensors — a conv / FC writing any other tensor into a single
+    `original_tensors`: id(tensor) → tensor of the input model's tensors (held, so no new tensor takes an id) — a conv / FC writing any other tensor into a single
     conv / FC reader is an inner factor of a low-rank chain (per-tensor weight scales, balanced first)."""
     from importlib.metadata import version
 
@@ -78,6 +78,10 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
     data = io.to_bytes(model)
     runner = verify.Runner(data, signature=key)
     batches, _ = runner.samples_from(calibration)
+    # The output-error check measures on the file's last samples (`held_out_count`): no activation range is
+    # measured on them either, as no layer is fitted on them.
+    from ..rewrite import held_out_count
+    batches = batches[:len(batches) - held_out_count(len(batches))]
     names = [name for name, _, _ in runner.inputs]
     steps = getattr(recipe, RECIPE)() + [  # the model's float inputs and outputs stay float
         {"regex": ".*", "operation": edge, "algorithm_key": "no_quantize"} for edge in ("INPUT", "OUTPUT")]
@@ -175,7 +179,7 @@ def keep_origins(old: Model, new: Model) -> None:
                 op.origin = source
 
 
-def chain_inner_ops(model: Model, original_tensors: set) -> list[tuple]:
+def chain_inner_ops(model: Model, original_tensors: dict) -> list[tuple]:
     """(subgraph, op, reader) for every inner factor of a low-rank chain: a CONV_2D, DEPTHWISE_CONV_2D or
     FULLY_CONNECTED without fused activation writing a new tensor that exactly one such op reads."""
     from ..ops.semantics import LAYER_OPS
@@ -201,19 +205,24 @@ def balance(model: Model, inner: list[tuple]) -> int:
     Returns how many channels were rescaled."""
     from ..linalg.int8 import channel_ranges, equalization_scales
     from ..ops.semantics import LAYERS
-    users: dict = {}
+    readers: dict = {}  # Buffer → how many op inputs read it (held, not its id: see `own`)
     for _, op in model.operators():
         for t in op.inputs:
             if t is not None and t.is_constant:
-                users[id(t.buffer)] = users.get(id(t.buffer), 0) + 1
+                readers[t.buffer] = readers.get(t.buffer, 0) + 1
+    # The constants no other op reads, as tensors: rescaling one gives it a new buffer of its own, which the next
+    # pair of the chain (the depthwise factor of a CP chain is in two) must still find unshared. Counted by
+    # id(buffer), the new buffer was found only when it happened to reuse a freed buffer's id: the same run
+    # balanced all pairs or skipped some, and wrote different models.
+    own = {t for _, op in model.operators() for t in op.inputs
+           if t is not None and t.is_constant and readers[t.buffer] == 1}
     changed = 0
     for _, a, b in inner:
         la, lb = LAYERS[a.builtin], LAYERS[b.builtin]
         wa, wb = a.inputs[la.weight], b.inputs[lb.weight]
         bias = a.inputs[la.bias] if len(a.inputs) > la.bias else None
         consts = [t for t in (wa, wb, bias) if t is not None]
-        if any(not t.is_constant or t.type != schema.TensorType.FLOAT32 or users.get(id(t.buffer)) != 1
-               for t in consts):
+        if any(not t.is_constant or t.type != schema.TensorType.FLOAT32 or t not in own for t in consts):
             continue
         a_axis, b_axis = la.out_axis, (lb.out_axis if lb.coupled else lb.in_axis)
         va, vb = np.asarray(wa.data, np.float64), np.asarray(wb.data, np.float64)
