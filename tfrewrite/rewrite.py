@@ -410,7 +410,9 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
         if already:
             info = {"skipped": already}
         else:
-            info = full_int8.run(model, options.calibration, options.signature, ctx.input_tensors)
+            # Not calibrated on the samples the output-error check measures on, as no layer is fitted on them.
+            info = full_int8.run(model, options.calibration, options.signature, ctx.input_tensors,
+                                 held_out=held_out_count)
             update_min_runtime_version(model)
             model.validate(known_problems)
         ctx.calibration = dict(ctx.calibration or {}, full_int8={**info, **full_int8.float_report(model)})

@@ -37,10 +37,13 @@ class QuantizeError(io.ModelError):
     """The model cannot be quantized this way; the message says why (exit 2)."""
 
 
-def run(model: Model, calibration, signature: str | None = None, original_tensors: dict | None = None) -> dict:
+def run(model: Model, calibration, signature: str | None = None, original_tensors: dict | None = None,
+        held_out=None) -> dict:
     """Replace `model`'s contents by its full-integer version; returns what the report shows.
-    `original_tensors`: id(tensor) → tensor of the input model's tensors (held, so no new tensor takes an id) — a conv / FC writing any other tensor into a single
-    conv / FC reader is an inner factor of a low-rank chain (per-tensor weight scales, balanced first)."""
+    `original_tensors`: id(tensor) → tensor for the input model's tensors (held, so no new tensor takes an id) —
+    a conv / FC writing any other tensor into a single conv / FC reader is an inner factor of a low-rank chain
+    (per-tensor weight scales, balanced first). `held_out`: how many of the calibration file's last samples (given
+    their number) the run's output-error check measures on; no activation range is measured on them (None: none)."""
     from importlib.metadata import version
 
     from .. import verify
@@ -66,7 +69,7 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
         model.signature_defs = [SignatureDef(CALIBRATION_SIGNATURE, main, [(t.name, t) for t in main.inputs],
                                              [(t.name, t) for t in main.outputs])]
         try:
-            info = run(model, calibration, None, original_tensors)
+            info = run(model, calibration, None, original_tensors, held_out)
         finally:
             model.signature_defs = []
         unsigned(model, names)
@@ -79,10 +82,8 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
     data = io.to_bytes(model)
     runner = verify.Runner(data, signature=key)
     batches, _ = runner.samples_from(calibration)
-    # The output-error check measures on the file's last samples (`held_out_count`): no activation range is
-    # measured on them either, as no layer is fitted on them.
-    from ..rewrite import held_out_count
-    batches = batches[:len(batches) - held_out_count(len(batches))]
+    if held_out is not None:
+        batches = batches[:len(batches) - held_out(len(batches))]
     names = [name for name, _, _ in runner.inputs]
     steps = getattr(recipe, RECIPE)() + [  # the model's float inputs and outputs stay float
         {"regex": ".*", "operation": edge, "algorithm_key": "no_quantize"} for edge in ("INPUT", "OUTPUT")]
