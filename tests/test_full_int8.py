@@ -131,6 +131,33 @@ def test_an_output_a_concatenation_reads_stays_float(signed, tmp_path):
     assert_runs_alike(out, (1, 16), 2)
 
 
+def test_a_dynamic_batch_output_stays_dynamic(tmp_path):
+    """ai-edge-quantizer writes its QUANTIZE / DEQUANTIZE tensors without a shape signature: the output [-1, 10]
+    of a dynamic-batch model came out [1, 10] (the interface check refused the result). They get their input's."""
+    rng = np.random.default_rng(11)
+    sg = Subgraph(name="main")
+    x = sg.add_tensor(Tensor("x", T.FLOAT32, [1, 16], shape_signature=[-1, 16]))
+    h, y = sg.add_activation("h", T.FLOAT32, [1, 32], like=x), sg.add_activation("y", T.FLOAT32, [1, 10], like=x)
+    sg.operators = [
+        ops.fully_connected(x, sg.add_constant("h/w", (rng.standard_normal((32, 16)) / 4).astype(np.float32)), None,
+                            h, activation=B.ACT["RELU"]),
+        ops.fully_connected(h, sg.add_constant("y/w", (rng.standard_normal((10, 32)) / 6).astype(np.float32)), None, y)]
+    sg.inputs, sg.outputs = [x], [y]
+    source = tmp_path / "dyn.tflite"
+    source.write_bytes(with_signature(sg))
+    calib = calibration(tmp_path / "c.npz", "x", (1, 16), 12, count=32)
+    out = tmp_path / "q.tflite"
+    report = rewrite.run(source, out, rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    assert not report["notes"] and report["output_error"]["worst"] < 0.05
+    model = io.read(out)
+    assert [t.shape_signature for t in model.main.outputs] == [[-1, 10]]
+    assert [t.shape_signature for _, t in model.signature_defs[0].outputs] == [[-1, 10]]
+    it = verify.interpreter(out)
+    it.resize_tensor_input(it.get_input_details()[0]["index"], [3, 16])
+    it.allocate_tensors()
+    assert list(it.get_output_details()[0]["shape"]) == [3, 10]
+
+
 def test_an_output_whose_type_changes_is_refused_whatever_made_it(tmp_path, monkeypatch, capsys):
     """The final check compares every input's and output's type, shape signature and name with the input
     model's: a changed one is the rewrite's fault, and the input is written unchanged with the reason (also with

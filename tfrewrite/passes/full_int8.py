@@ -105,6 +105,7 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
                                 f"{text[0] if text else type(e).__name__}") from None
     new = io.read_buffer(bytes(quantized), "<ai-edge-quantizer output>")
     outputs_restored = float_outputs(new, edge_types)
+    edge_shape_signatures(new)
     rewired = read_integer_outputs(new)
     if rewired or outputs_restored:
         new.cleanup()
@@ -123,7 +124,7 @@ def calibrate(data: bytes, steps: list[dict], samples: dict) -> dict:
     `samples` ({signature key: [inputs by name]}), as the TF converter measures them and tfrewrite's own int8
     chains do. `Quantizer.calibrate` keeps, per tensor, a moving average (smoothing 0.95) of each sample's min
     and max instead: close to the typical sample's extremes, so an input of standard normal features got the
-    range ±1.8 where the data spans ±3.3 (clipped; outputs 15-20x further from the float model's than the
+    range ±1.8 where the data spans ±3.3 (clipped; outputs 14-22x further from the float model's than the
     converter's). ai-edge-quantizer's own Calibrator takes the update rule as an argument (`qsv_update_func`),
     and its `min_max_update` is the global min / max; the result is the {tensor name: {min, max}} mapping
     `Quantizer.quantize` reads, the form `Quantizer.calibrate` returns."""
@@ -189,6 +190,21 @@ def float_outputs(model: Model, types: dict) -> int:
             if before.get(name) in FLOATS and t.type in INTEGER:
                 sig.outputs[i] = (name, float_copy(sig.subgraph, t, before[name]))
     return len({id(c) for c in copies.values()})
+
+
+def edge_shape_signatures(model: Model) -> int:
+    """Each QUANTIZE / DEQUANTIZE output without a shape signature gets its input's: ai-edge-quantizer 0.10 writes
+    the tensors of the ops it adds at the edges without one, so a model output of dynamic batch size ([-1, 10])
+    came out fixed ([1, 10]). Both ops keep the shape. Returns how many tensors got one."""
+    given = 0
+    for _, op in model.operators():
+        x, y = (op.inputs[0] if op.inputs else None), (op.outputs[0] if op.outputs else None)
+        if op.builtin in (OP.QUANTIZE, OP.DEQUANTIZE) and x is not None and y is not None \
+                and y.shape_signature is None and x.shape_signature is not None and list(x.shape) == list(y.shape) \
+                and len(x.shape_signature) == len(x.shape):
+            y.shape_signature = [int(d) for d in x.shape_signature]
+            given += 1
+    return given
 
 
 def output_types(model: Model) -> dict:
