@@ -122,6 +122,11 @@ OUT_OF_RANGE = {
     "weight size": lambda m: setattr(next(t for sg in m.subgraphs for t in sg.tensors
                                           if m.buffers[t.buffer].data is not None and len(m.buffers[t.buffer].data) > 4),
                                      "shape", np.array([10_000, 10_000], np.int32)),
+    # A negative dimension skipped the size check and reached a reshape (R6-10: an internal error, and `inspect`
+    # printed negative parameter counts).
+    "weight negative dimension": lambda m: setattr(next(t for sg in m.subgraphs for t in sg.tensors
+                                                        if m.buffers[t.buffer].data is not None),
+                                                   "shape", np.array([-722, 16777216], np.int32)),
 }
 
 

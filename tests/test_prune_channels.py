@@ -217,6 +217,17 @@ def test_barriers_leave_groups_untouched():
     assert shapes["c2"][-1] == 16 and shapes["c3"][-1] == 16 and shapes["c1"][-1] == 8
 
 
+def test_a_grouped_conv_is_a_barrier_named_as_such():
+    rng = np.random.default_rng(4)
+    n = Net(rng, [1, 6, 6, 4])
+    c1 = n.conv("c1", n.x, 16)
+    grouped = n.conv("g", c1, 8, weight=rng.standard_normal((8, 1, 1, 4)))  # 16 channels read in 4 groups of 4
+    m, ctx = prune(n.finish(n.conv("c3", grouped, 4)), prune_channels=0.5)
+    ((sg, g, groups),) = pc.candidates(m, ctx)
+    reasons = {grp.tensors[0].name: grp.reason for grp in groups if grp.producers}
+    assert "grouped convolution (4 groups)" in reasons["c1"], reasons
+
+
 def test_semantics_table_is_one_source():
     from tfrewrite.passes import prune, quantize
     assert prune.TARGETS is semantics.LAYER_OPS and quantize.LAYER_OPS is semantics.LAYER_OPS

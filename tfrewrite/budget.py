@@ -389,7 +389,7 @@ def _techniques(layers: list) -> str:
     from .passes.per_tensor import PerTensorOption
     kinds = {type(o) for layer in layers for o in layer.options}
     names = (("low rank", RankOption), ("pruning", SparsityOption), ("per-tensor weights", PerTensorOption))
-    return " and ".join(name for name, kind in names if kind in kinds) or "low rank"
+    return " and ".join(name for name, kind in names if kind in kinds) or "the options asked (no layer qualified)"
 
 
 def rank_settings(ctx, ops: list, layers: list, choice: list, by_macs: bool, kept: str = KEPT_DENSE

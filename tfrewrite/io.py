@@ -508,7 +508,9 @@ class _Reader:
             self.vector_length(fb.VariantTensorsLength())
             t.variant_tensors = [schema.VariantSubTypeT.InitFromObj(fb.VariantTensors(i))
                                  for i in range(fb.VariantTensorsLength())]
-        if t.is_constant and t.sparsity is None and t.dtype is not None and all(d >= 0 for d in shape):
+        if t.is_constant and t.sparsity is None and t.dtype is not None:
+            if any(d < 0 for d in shape):  # a constant's shape is static (LiteRT refuses the file)
+                self.fail(f"constant tensor {t.name!r} has a negative dimension in its shape {shape}")
             expected = int(np.prod(shape, dtype=np.int64)) * t.dtype.itemsize
             if expected != t.buffer.nbytes:
                 self.fail(f"tensor {t.name!r} of shape {shape} needs {expected} bytes, its buffer has {t.buffer.nbytes}")

@@ -689,9 +689,10 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
             report["budget"] = judge_budget(ctx.budget_summary, report["totals"])
             if ctx.budget_summary["reached"] and not report["budget"]["reached"] and changed and not notes:
                 # The plan met the target on paper; the file says otherwise: a miss is said, not only shown.
-                warnings.append(f"the target {report['budget']['goal']:g}x was not reached: the written file is "
-                                f"{report['budget']['achieved']:.2f}x smaller (the budget estimated "
-                                f"{report['budget']['estimate']:.2f}x)")
+                goal, achieved = report["budget"]["goal"], report["budget"]["achieved"]
+                digits = 2 if round(achieved, 2) < goal else 3  # 2.996x is not "3.00x"
+                warnings.append(f"the target {goal:g}x was not reached: the written file is {achieved:.{digits}f}x "
+                                f"smaller (the budget estimated {report['budget']['estimate']:.{digits}f}x)")
         if options.verify:
             report["verify"] = verify_against(input_path, target, options)
         if report_target is not None:

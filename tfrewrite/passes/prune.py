@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import schema
+from .. import io, schema
 from ..ops import semantics
 from ..analysis import macs, numel, weight_uses
 from ..graph import Model, Operator, Quantization, Subgraph, Tensor
@@ -87,6 +87,38 @@ def dense_zeros_refusal(model: Model, weight: StoredWeight, keep: np.ndarray, se
     if weight.kind == "float32" and settings.quantize == "float16":
         planned = planned.astype(np.float16)
     return planned_refusal(model, weight, planned)
+
+
+def _storage(op: Operator, weight: StoredWeight, settings, min_params: int, full_int8: bool) -> tuple[str, int, bool]:
+    """How a prunable weight will be stored once the later passes ran: (form, its dense bytes, whether a float32
+    FULLY_CONNECTED reads it directly, so that `sparse_encode` may drop DENSIFY)."""
+    from .quantize import stored_itemsize
+    n = numel(weight.tensor.shape)
+    if weight.kind.startswith("int8") or full_int8:  # what storage_refusal lets through: a full-integer FC
+        return "int8 (full-integer)", n, False
+    store_as = {4: "float32", 2: "float16"}[stored_itemsize(weight.kind, n, settings.quantize, min_params)]
+    direct_fc = store_as == "float32" and weight.carrier is None and fc_direct_kind(op, weight.tensor) == "float32"
+    return store_as, n * (2 if store_as == "float16" else 4), direct_fc
+
+
+def _planned_bytes(values: np.ndarray, store_as: str, direct_fc: bool) -> int:
+    """Bytes `sparse_encode` will store `values` (zeros included) in, as `store_as`."""
+    if store_as.startswith("int8"):
+        return planned_int8_fc_nbytes(values)
+    return planned_nbytes(np.asarray(values, np.float16) if store_as == "float16" else values, direct_fc)
+
+
+def new_bias_bytes(op: Operator, weight: StoredWeight, full_int8: bool) -> int:
+    """Bytes a data-aware prune adds to the file by giving a layer without a bias its corrected bias (0 for a layer
+    with one: its new values replace the old): the values, and in a full-integer model the int32 bias's per-channel
+    scales and zero points, its tensor and its buffer."""
+    if _bias(op) is not None:
+        return 0
+    channels = weight.tensor.shape[-1] if op.builtin == OP.DEPTHWISE_CONV_2D else weight.tensor.shape[0]
+    integer = full_int8 or weight.kind == "int8 (full-integer)"
+    bias = Tensor(f"{op.outputs[0].name}/pruned_bias", T.INT32 if integer else T.FLOAT32, [channels],
+                  quantization=Quantization.symmetric(np.ones(channels)) if integer else None)
+    return 4 * channels + io.tensor_bytes(bias) + io.BUFFER_BYTES
 
 
 def data_aware_reason(op: Operator, weight: StoredWeight) -> str | None:
@@ -355,6 +387,11 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
             data = pool if pool is not None else data
         if data is not None:
             reason = reason or data_aware_reason(op, weight)
+            if reason is None:
+                refusal = _bias_refusal(op, weight, magnitude[0], settings, ctx.plan.min_params, ctx.plan.full_int8)
+                if refusal:
+                    ctx.layer_data.pop(id(op), None)
+                    raise Skip(f"does not pay: {refusal}, so it is not pruned")
         pruned = None
         if data is not None and reason is None:
             try:
@@ -383,6 +420,23 @@ def prune_op(model: Model, sg: Subgraph, op: Operator, ctx, done: dict) -> Entry
     except Skip as e:
         entry.reason = str(e)
     return entry
+
+
+def _bias_refusal(op: Operator, weight: StoredWeight, keep: np.ndarray, settings, min_params: int,
+                  full_int8: bool) -> str | None:
+    """Why a layer without a bias is not pruned data-aware: the corrected bias that prune gives it would take more
+    bytes than its zeros free (`keep`: the magnitude mask; the data-aware one removes as many weights). Pruned by
+    magnitude instead it would free the bytes but lose the update, and at a sparsity worth storing that breaks
+    small layers (0.85 output error against 0.04). None when it pays, or the layer has a bias."""
+    added = new_bias_bytes(op, weight, full_int8)
+    if not added:
+        return None
+    store_as, dense_bytes, direct_fc = _storage(op, weight, settings, min_params, full_int8)
+    raw = np.asarray(weight.raw)
+    freed = dense_bytes - _planned_bytes(np.where(keep, raw, np.zeros((), raw.dtype)), store_as, direct_fc)
+    if freed > added:
+        return None
+    return f"the corrected bias it needs would take {added} bytes, its zeros free {freed}"
 
 
 def _reason_to_leave(op: Operator, ctx, n: int) -> str | None:
@@ -427,7 +481,6 @@ def sparsity_options(model: Model, op: Operator, settings, data: dict, sparsitie
     an int8 model, or any with `full_int8`: --quantize full-int8 follows; the budget adds its per-channel
     parameters, as for the dense layer: `budget._budget_layer`), or when no sparsity would save bytes."""
     from ..linalg import obs
-    from .quantize import stored_itemsize
     weight = find_stored_weight(op)
     reason = data_aware_reason(op, weight)
     if reason:
@@ -439,15 +492,9 @@ def sparsity_options(model: Model, op: Operator, settings, data: dict, sparsitie
     reason = storage_refusal(op, weight, settings, min_params, full_int8)
     if reason:
         raise Skip(reason)
-    n = numel(weight.tensor.shape)
-    block = settings.prune_block
-    if weight.kind.startswith("int8") or full_int8:  # what storage_refusal lets through: a full-integer FC
-        store_as, block, dense_bytes = "int8 (full-integer)", INT8_FC_BLOCK, n
-    else:
-        store_as = {4: "float32", 2: "float16"}[stored_itemsize(weight.kind, n, settings.quantize, min_params)]
-        dense_bytes = n * (2 if store_as == "float16" else 4)
-    direct_fc = store_as == "float32" and weight.carrier is None and \
-        fc_direct_kind(op, weight.tensor) == "float32"
+    store_as, dense_bytes, direct_fc = _storage(op, weight, settings, min_params, full_int8)
+    block = INT8_FC_BLOCK if store_as.startswith("int8") else settings.prune_block
+    added = new_bias_bytes(op, weight, full_int8)  # the corrected bias a bias-free layer gets
     macs_ = macs(op, op.inputs[1])
     # Damage is judged on rows the prune did not see: fitted on the first half of the samples, measured on the
     # second. With fewer rows than inputs (an FC layer gets one row per image) the update reproduces the rows it
@@ -460,8 +507,7 @@ def sparsity_options(model: Model, op: Operator, settings, data: dict, sparsitie
     for s in sparsities:
         result = data_aware_weights(op, weight, s, block, fit_data,
                                     store_as=store_as if store_as == "float16" else None, cache=cache)
-        nbytes = planned_int8_fc_nbytes(result.stored) if store_as.startswith("int8") \
-            else planned_nbytes(result.stored, direct_fc)
+        nbytes = _planned_bytes(result.stored, store_as, direct_fc) + added
         if nbytes < dense_bytes:
             options.append(SparsityOption(s, int(np.count_nonzero(result.stored)), nbytes, macs_,
                                           obs.output_error(result.matrix, result.values, rows[half:])))

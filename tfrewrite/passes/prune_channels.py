@@ -251,7 +251,9 @@ def _link(g: ChannelGraph, op: Operator) -> None:
             c = np.arange(x.shape[-1])
             g.join(op, x, np.repeat(c, m), y, np.arange(wshape[3]))
         elif x.shape[-1] != wshape[layout.in_axis]:
-            raise Barrier("input is flattened implicitly")
+            grouped = op.builtin == OP.CONV_2D and wshape[layout.in_axis] and x.shape[-1] % wshape[layout.in_axis] == 0
+            raise Barrier(f"grouped convolution ({x.shape[-1] // wshape[layout.in_axis]} groups)" if grouped
+                          else "input is flattened implicitly")
         g.space(x), g.space(y)
         g.layers[id(op)] = Layer(op, layout)
         return
