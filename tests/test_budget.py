@@ -216,7 +216,13 @@ def test_a_target_out_of_reach_rewrites_nothing_and_says_how_far_it_goes(tmp_pat
     budget = report["budget"]
     assert not budget["reached"] and budget["achieved"] == 1.0 and 1 < budget["estimate"] < 200
     assert f"cannot reach 200x with low rank: at most about {budget['estimate']:.2f}x" in budget["note"]
+    # What else to try: the options not given (it said "add --prune auto or --quantize" when both were).
+    assert budget["note"].endswith("ask for less, or add --prune auto or --quantize"), budget["note"]
     assert (tmp_path / "o.tflite").read_bytes() == src.read_bytes()
+    assert cli.main([str(src), str(tmp_path / "o.tflite"), "--target-size", "200", "--quantize", "float16",
+                     "--report", str(rep), "--quiet"]) == 0
+    note = json.loads(rep.read_text())["budget"]["note"]
+    assert "the model still quantized: ask for less, or add --prune auto" in note and "--quantize" not in note, note
     assert all(e["action"] == "skipped" and "cannot reach 200x" in e["reason"] for e in report["layers"])
 
 

@@ -195,8 +195,7 @@ def plan_ranks(model, ctx, target: float, by_macs: bool, total: float, passes, p
         result.choice = [None] * len(everything)
     settings, info = rank_settings(ctx, ops, layers, result.choice[:n], by_macs, kept)
     ctx.per_tensor = per_tensor_choice(pt_ops, result.choice[n:])
-    note = None if result.reached else \
-        f"{out_of_reach}; nothing was rewritten (ask for less, or add --prune auto or --quantize)"
+    note = None if result.reached else f"{out_of_reach}; {_unreached_hint(ctx, passes, sparsity_options, full_int8)}"
     damage = "measured on the calibration data" if data_aware else "estimated from the weights (no data)"
     if not everything:
         damage = "not measured (no layer the budget's techniques apply to)"
@@ -382,6 +381,15 @@ def per_tensor_info(layers: list, choice: list, by_macs: bool) -> list[dict]:
              "share": round(cost(layer, c, by_macs) / spent, 6),
              "candidates": [{"per_tensor": True, "damage": round(o.damage, 6)} for o in layer.options]}
             for layer, c in zip(layers, choice)]
+
+
+def _unreached_hint(ctx, passes, sparsity_options, full_int8: bool) -> str:
+    """What the note on an unreached target says was done, and what else to try (the options not given)."""
+    more = [option for option, given in (("--rank auto", bool(passes)), ("--prune auto", sparsity_options is not None),
+                                         ("--quantize", full_int8 or ctx.uses("quantize"))) if not given]
+    quantized = full_int8 or ctx.uses("quantize")
+    done = "the budget's layers were left as they are" + (", the model still quantized" if quantized else "")
+    return f"{done}: ask for less{', or add ' + ' or '.join(more) if more else ''}"
 
 
 def _techniques(layers: list) -> str:
