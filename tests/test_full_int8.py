@@ -82,6 +82,136 @@ def test_an_output_another_op_reads_stays_integer_inside(tmp_path):
         np.testing.assert_array_equal(verify.invoke(with_emb, [x[i:i + 1]])[1], verify.invoke(without, [x[i:i + 1]])[0])
 
 
+def output_into_concat(seed=0, signed=True) -> bytes:
+    """x[1, 16] → FC 32 (RELU) → a, an output; x → FC 32 (RELU) → b; CONCATENATION(a, b) → FC 10 → logits, the
+    other output (R6-4: an output another op reads through a CONCATENATION)."""
+    rng = np.random.default_rng(seed)
+    sg = Subgraph(name="main")
+    x = sg.add_tensor(Tensor("x", T.FLOAT32, [1, 16]))
+    a, b = (sg.add_activation(n, T.FLOAT32, [1, 32]) for n in ("a", "b"))
+    joined, logits = sg.add_activation("joined", T.FLOAT32, [1, 64]), sg.add_activation("logits", T.FLOAT32, [1, 10])
+    concat = schema.ConcatenationOptionsT()
+    concat.axis = 1
+    sg.operators = [
+        ops.fully_connected(x, sg.add_constant("a/w", (rng.standard_normal((32, 16)) / 4).astype(np.float32)), None,
+                            a, activation=B.ACT["RELU"]),
+        ops.fully_connected(x, sg.add_constant("b/w", (rng.standard_normal((32, 16)) / 2).astype(np.float32)), None,
+                            b, activation=B.ACT["RELU"]),
+        op(OP.CONCATENATION, [a, b], [joined], concat, schema.BuiltinOptions.ConcatenationOptions),
+        ops.fully_connected(joined, sg.add_constant("w", (rng.standard_normal((10, 64)) / 6).astype(np.float32)),
+                            None, logits)]
+    sg.inputs, sg.outputs = [x], [logits, a]
+    return with_signature(sg) if signed else io.to_bytes(Model(subgraphs=[sg]))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_an_output_a_concatenation_reads_stays_float(signed, tmp_path):
+    """ai-edge-quantizer 0.10 made the QUANTIZE that requantizes the output for the CONCATENATION the model
+    output (an int8 output, exit 0) and left the output's DEQUANTIZE unread. The DEQUANTIZE'd tensor is the
+    output again, the QUANTIZE feeds only the CONCATENATION, and no op is left without a reader."""
+    source = tmp_path / "concat.tflite"
+    source.write_bytes(output_into_concat(signed=signed))
+    calib = calibration(tmp_path / "c.npz", "x", (1, 16), 1, count=32)
+    out = tmp_path / "q.tflite"
+    report = rewrite.run(source, out, rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    model = io.read(out)
+    assert [(t.type, t.shape) for t in model.main.outputs] == [(T.FLOAT32, [1, 10]), (T.FLOAT32, [1, 32])]
+    if signed:
+        assert {n: t.type for n, t in model.signature_defs[0].outputs} == {"a": T.FLOAT32, "logits": T.FLOAT32}
+    else:  # read by tensor name
+        assert [t.name for t in model.main.outputs] == ["logits", "a"]
+    outputs = {id(t) for t in model.main.outputs}
+    assert all(any(id(t) in outputs or t.consumers for t in op.outputs) for op in model.main.operators)  # no dead op
+    a = model.main.outputs[1]
+    assert a.producer.builtin == OP.DEQUANTIZE and a.producer.inputs[0].producer.builtin == OP.FULLY_CONNECTED
+    concat, = [o for o in model.main.operators if o.builtin == OP.CONCATENATION]
+    assert all(t.type == T.INT8 for t in concat.inputs)
+    assert report["calibration"]["full_int8"]["float_outputs_restored"] == 1 and not report["notes"]
+    assert report["output_error"]["worst"] < 0.1
+    assert_runs_alike(out, (1, 16), 2)
+
+
+def test_a_dynamic_batch_output_stays_dynamic(tmp_path):
+    """ai-edge-quantizer writes its QUANTIZE / DEQUANTIZE tensors without a shape signature: the output [-1, 10]
+    of a dynamic-batch model came out [1, 10] (the interface check refused the result). They get their input's."""
+    rng = np.random.default_rng(11)
+    sg = Subgraph(name="main")
+    x = sg.add_tensor(Tensor("x", T.FLOAT32, [1, 16], shape_signature=[-1, 16]))
+    h, y = sg.add_activation("h", T.FLOAT32, [1, 32], like=x), sg.add_activation("y", T.FLOAT32, [1, 10], like=x)
+    sg.operators = [
+        ops.fully_connected(x, sg.add_constant("h/w", (rng.standard_normal((32, 16)) / 4).astype(np.float32)), None,
+                            h, activation=B.ACT["RELU"]),
+        ops.fully_connected(h, sg.add_constant("y/w", (rng.standard_normal((10, 32)) / 6).astype(np.float32)), None, y)]
+    sg.inputs, sg.outputs = [x], [y]
+    source = tmp_path / "dyn.tflite"
+    source.write_bytes(with_signature(sg))
+    calib = calibration(tmp_path / "c.npz", "x", (1, 16), 12, count=32)
+    out = tmp_path / "q.tflite"
+    report = rewrite.run(source, out, rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    assert not report["notes"] and report["output_error"]["worst"] < 0.05
+    model = io.read(out)
+    assert [t.shape_signature for t in model.main.outputs] == [[-1, 10]]
+    assert [t.shape_signature for _, t in model.signature_defs[0].outputs] == [[-1, 10]]
+    it = verify.interpreter(out)
+    it.resize_tensor_input(it.get_input_details()[0]["index"], [3, 16])
+    it.allocate_tensors()
+    assert list(it.get_output_details()[0]["shape"]) == [3, 10]
+
+
+def test_an_output_whose_type_changes_is_refused_whatever_made_it(tmp_path, monkeypatch, capsys):
+    """The final check compares every input's and output's type, shape signature and name with the input
+    model's: a changed one is the rewrite's fault, and the input is written unchanged with the reason (also with
+    --force). The output-error check alone measured dequantized values and passed an int8 output."""
+    from tfrewrite.passes import full_int8
+    source = tmp_path / "concat.tflite"
+    source.write_bytes(output_into_concat())
+    calib = calibration(tmp_path / "c.npz", "x", (1, 16), 1, count=32)
+    monkeypatch.setattr(full_int8, "float_outputs", lambda model, types: 0)  # the quantizer's wiring as it was
+    out = tmp_path / "q.tflite"
+    for force in (False, True):
+        report = rewrite.run(source, out, rewrite.Options(quantize="full-int8", calibration=str(calib), force=force))
+        assert out.read_bytes() == source.read_bytes()
+        note, = report["notes"]
+        assert "changed the model's inputs or outputs" in note
+        assert "signature 'serving_default' output 'a': float32 [1, 32] became int8 [1, 32]" in note
+        assert report["calibration"]["full_int8"]["skipped"].startswith("undone: ")
+        assert "output_error" not in report
+    monkeypatch.undo()
+
+    # Any pass: a low-rank rewrite whose output lost its dynamic batch dimension.
+    def fixed_batch(model, options, *args, **kwargs):
+        entries = real(model, options, *args, **kwargs)
+        model.main.outputs[0].shape_signature = [1, 10]
+        return entries
+    real = rewrite.rewrite_model
+    signed = io.read_buffer(output_into_concat(seed=3))
+    signed.main.outputs[0].shape_signature = [-1, 10]
+    source.write_bytes(io.to_bytes(signed))
+    monkeypatch.setattr(rewrite, "rewrite_model", fixed_batch)
+    assert cli.main([str(source), str(out), "--rank", "4"]) == 0
+    printed = capsys.readouterr()
+    assert out.read_bytes() == source.read_bytes()
+    assert "output 'logits': float32 [-1, 10] became float32 [1, 10]" in printed.out
+
+
+def test_activation_ranges_are_the_min_and_max_over_all_calibration_samples(tmp_path):
+    """ai-edge-quantizer's calibration keeps a moving average of each sample's min / max (smoothing 0.95): on
+    standard normal features the input's range was about ±2.1, the typical sample's extremes, where the samples
+    span about ±3 — clipped, output error 0.30 (the TF converter's: about 0.01). The ranges are now the min and
+    max over every calibration sample (the held-out ones excepted), as the converter measures them."""
+    source = tmp_path / "emb.tflite"
+    source.write_bytes(output_also_read(seed=4))
+    calib = calibration(tmp_path / "c.npz", "x", (1, 16), 4, count=32)
+    out = tmp_path / "q.tflite"
+    report = rewrite.run(source, out, rewrite.Options(quantize="full-int8", calibration=str(calib)))
+    x = np.load(calib)["x"][:32 - rewrite.held_out_count(32)]
+    quantize = io.read(out).main.operators[0]
+    assert quantize.builtin == OP.QUANTIZE and quantize.inputs[0].name == "x"
+    q = quantize.outputs[0].quantization  # int8 over [min, max]: 255 steps
+    np.testing.assert_allclose(q.scale, [(x.max() - x.min()) / 255], rtol=1e-5)
+    assert report["output_error"]["worst"] < 0.03
+
+
 def test_a_quantizer_result_that_does_not_run_is_exit_2(tmp_path, capsys, monkeypatch):
     """Whatever else ai-edge-quantizer writes that LiteRT refuses is one error line naming its output and the op,
     never an internal error."""
@@ -282,17 +412,17 @@ def test_the_output_error_checks_samples_are_not_calibrated_on(count, held_out, 
     """The output-error check measures on the calibration file's last min(4, n // 8) samples, which no fit may
     see: ai-edge-quantizer got every sample, the held-out ones too, and measured the activation ranges on the
     check's own inputs. It now gets the others, in the file's order (all of them below 8 samples)."""
-    from ai_edge_quantizer import quantizer
+    from ai_edge_quantizer import calibrator
     source = tmp_path / "m.tflite"
     source.write_bytes(output_also_read(seed=5))
     calib = calibration(tmp_path / "c.npz", "x", (1, 16), 6, count=count)
     fed = []
-    calibrate = quantizer.Quantizer.calibrate
+    calibrate = calibrator.Calibrator.calibrate  # what the quantizer's Calibrator measures the ranges on
 
     def recorded(self, data, *args, **kwargs):
         fed.extend(row["x"] for rows in data.values() for row in rows)
         return calibrate(self, data, *args, **kwargs)
-    monkeypatch.setattr(quantizer.Quantizer, "calibrate", recorded)
+    monkeypatch.setattr(calibrator.Calibrator, "calibrate", recorded)
     report = rewrite.run(source, tmp_path / "q.tflite", rewrite.Options(quantize="full-int8",
                                                                          calibration=str(calib), force=True))
     assert rewrite.held_out_count(count) == held_out

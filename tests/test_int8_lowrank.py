@@ -516,11 +516,11 @@ def test_full_int8_refusals_are_one_line(calib, tmp_path, capsys, monkeypatch):
                      "--calibration", str(tmp_path / "sig.npz")])
     err = capsys.readouterr().err
     assert code == 2 and "one signature at most" in err and err.count("\n") == 1
-    from ai_edge_quantizer import quantizer
+    from ai_edge_quantizer import calibrator
 
     def fails(*args, **kwargs):
         raise ValueError("Tensor data is null. Run allocate_tensors() first\nmore")
-    monkeypatch.setattr(quantizer.Quantizer, "calibrate", fails)
+    monkeypatch.setattr(calibrator.Calibrator, "calibrate", fails)
     code = cli.main([str(FIXTURES / "vgg_digits.tflite"), str(tmp_path / "o.tflite"), "--quantize", "full-int8",
                      "--calibration", str(calib)])
     err = capsys.readouterr().err

@@ -590,6 +590,8 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
     warnings = options.check_used(plan)
     ctx = RunContext(plan)
     model = io.read(input_path)
+    from . import verify
+    interface_before = verify.interface(model)
     from .passes import int8_chain
     # A budget's low rank counts too: chains whose int8 ranges came from generated images gave XNNPACK and the
     # builtin kernels outputs 15 % apart (the input: 1.6 %).
@@ -652,6 +654,7 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
             size_after, model = _written(lambda: _copy_unchanged(input_path, target), output_path), io.read(input_path)
         after = analysis.summary(model, zeros=False)["totals"]
         nonzero_after = analysis.nonzero_params(model)
+        interface_changes = verify.interface_changes(interface_before, verify.interface(model))
         # The output-error check loads the input and the written model in LiteRT: let go of the rewritten IR
         # first (its new weights and the input's mapped pages; 1.7 GB for VGG16 pruned to 50 %).
         model = None
@@ -660,10 +663,15 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
         gc.collect()
         fidelity = None
         if not notes or kept_larger:  # whenever the written model is not the input's
-            fidelity = measure_output_error(input_path, target, options)
-            gap = fidelity.get("xnnpack")
+            # A caller of the input must be able to call what is written: an input or output whose type, shape
+            # or name changed is a fault of the rewrite (full-int8 once made a float output int8, and the output
+            # error, measured on dequantized values, did not show it). Refused even with --force: no trade-off.
+            fidelity = None if interface_changes else measure_output_error(input_path, target, options)
+            gap = fidelity.get("xnnpack") if fidelity else None
             refused = None
-            if broken_result(fidelity) and not options.force:
+            if interface_changes:
+                refused = _interface_refused(entries, notes, interface_changes)
+            elif broken_result(fidelity) and not options.force:
                 # A broken model is not a result, whichever technique or budget made it: the input goes out as it
                 # is (MobileNetV2 fixture, low rank at 4.36x: every 1x1 conv at rank 3-9, output error 0.8-1.0,
                 # 11 %; a channel budget on a BatchNorm-folded net without data), and the report says why.
@@ -764,6 +772,15 @@ def _broken_refused(entries: list[Entry], notes: list[str], summary: dict | None
         notes.append(f"the rewrite gave {measured} (above {OUTPUT_ERROR_WARNING}: a broken model), so the input "
                      "was written unchanged (ask for less, or --force to keep it)")
     return notes[-1]
+
+
+def _interface_refused(entries: list[Entry], notes: list[str], changes: list[str]) -> str:
+    """Say in the entries and notes (the note replaces any other) why a result whose inputs or outputs differ
+    from the input model's (`verify.interface_changes`) is replaced by the input."""
+    reason = f"the rewrite changed the model's inputs or outputs ({'; '.join(changes)})"
+    _undo_entries(entries, f"undone: {reason}")
+    notes[:] = [f"{reason}: a fault of the rewrite; the input was written unchanged"]
+    return notes[0]
 
 
 def _delegates_refused(entries: list[Entry], notes: list[str], gap: dict) -> str:

@@ -729,3 +729,48 @@ def time_interleaved(models: list, runs: int = 20, threads: int = 1, xnnpack: bo
                 r(x)
             times[i].append(time.perf_counter() - t0)
     return [float(np.median(t) * 1e3) for t in times]
+
+
+def interface(model) -> dict[tuple, tuple]:
+    """What a caller of `model` (a path, bytes or a Model) relies on: for every signature, each input and output by
+    its signature name, and for subgraph 0 each input and output by position: (name, element type, shape
+    signature — -1 for a dynamic dimension). The name of a subgraph's tensor counts only in a model without
+    signatures, whose callers read them by tensor name (a signed model's are the signature's names; the
+    full-integer tensors of ai-edge-quantizer's are named '<name>_dequant')."""
+    from . import io, schema
+    from .graph import Model
+    if not isinstance(model, Model):
+        model = io.read(model) if isinstance(model, (str, Path)) else io.read_buffer(bytes(model))
+    type_names = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+
+    def seen(t) -> tuple:
+        shape = t.shape_signature if t.shape_signature is not None and len(t.shape_signature) else t.shape
+        return type_names.get(t.type, str(t.type)), [int(d) for d in shape]
+    out: dict[tuple, tuple] = {}
+    for sig in model.signature_defs:
+        for role, items in (("input", sig.inputs), ("output", sig.outputs)):
+            for name, t in items:
+                out[(f"signature {sig.key!r} {role}", name)] = (name, *seen(t))
+    if model.subgraphs:
+        for role, tensors in (("input", model.main.inputs), ("output", model.main.outputs)):
+            for i, t in enumerate(tensors):
+                out[(role, i)] = (None if model.signature_defs else t.name, *seen(t))
+    return out
+
+
+def interface_changes(a: dict, b: dict) -> list[str]:
+    """How the inputs and outputs of the model whose `interface` is `b` differ from those of `a`'s: one line
+    each, empty when a caller of the one can call the other."""
+    def where(key, name) -> str:
+        return f"{key[0]} {name!r}" if name is not None else f"{key[0]} {key[1]}"  # by position when unnamed
+    changes = []
+    for key, (name, dtype, shape) in a.items():
+        if key not in b:
+            changes.append(f"{where(key, name)} is gone")
+            continue
+        new_name, new_dtype, new_shape = b[key]
+        if (new_name, new_dtype, new_shape) != (name, dtype, shape):
+            renamed = f"{new_name!r} " if new_name != name else ""
+            changes.append(f"{where(key, name)}: {dtype} {shape} became {renamed}{new_dtype} {new_shape}")
+    changes += [f"{where(key, b[key][0])} is new" for key in b if key not in a]
+    return changes

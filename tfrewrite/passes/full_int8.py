@@ -19,7 +19,7 @@ from io import StringIO
 
 import numpy as np
 
-from .. import io, schema
+from .. import io, ops, schema
 from ..graph import Model, SignatureDef
 
 RECIPE = "static_wi8_ai8"
@@ -75,6 +75,7 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
         unsigned(model, names)
         return info
     key = keys[0]
+    edge_types = output_types(model)
     restored = float_weights(model)
     inner = chain_inner_ops(model, original_tensors) if original_tensors else []
     balanced = balance(model, inner)
@@ -96,15 +97,17 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
     with warnings.catch_warnings(), contextlib.redirect_stderr(StringIO()):
         warnings.simplefilter("ignore")
         try:
-            result = qt.calibrate({key: [dict(zip(names, batch)) for batch in batches]})
+            result = calibrate(data, steps, {key: [dict(zip(names, batch)) for batch in batches]})
             quantized = qt.quantize(result, enable_progress_report=False).quantized_model
         except Exception as e:  # what it cannot handle (recurrent ops, control flow, ...): a model error, not ours
             text = str(e).strip().splitlines()
             raise QuantizeError(f"ai-edge-quantizer cannot quantize this model to full-integer: "
                                 f"{text[0] if text else type(e).__name__}") from None
     new = io.read_buffer(bytes(quantized), "<ai-edge-quantizer output>")
+    outputs_restored = float_outputs(new, edge_types)
+    edge_shape_signatures(new)
     rewired = read_integer_outputs(new)
-    if rewired:
+    if rewired or outputs_restored:
         new.cleanup()
     keep_origins(model, new)
     for f in dataclasses.fields(Model):
@@ -113,7 +116,27 @@ def run(model: Model, calibration, signature: str | None = None, original_tensor
     check_runs(model)
     return {"tool": f"ai-edge-quantizer {version('ai-edge-quantizer')}", "recipe": RECIPE, "samples": len(batches),
             "versions_raised": raised, "float_weights_restored": restored, "per_tensor_chain_ops": len(inner),
-            "balanced_channels": balanced, "integer_inputs_rewired": rewired}
+            "balanced_channels": balanced, "integer_inputs_rewired": rewired, "float_outputs_restored": outputs_restored}
+
+
+def calibrate(data: bytes, steps: list[dict], samples: dict) -> dict:
+    """Activation ranges of the float model `data` for the recipe `steps`: each tensor's min and max over all
+    `samples` ({signature key: [inputs by name]}), as the TF converter measures them and tfrewrite's own int8
+    chains do. `Quantizer.calibrate` keeps, per tensor, a moving average (smoothing 0.95) of each sample's min
+    and max instead: close to the typical sample's extremes, so an input of standard normal features got the
+    range ±1.8 where the data spans ±3.3 (clipped; outputs 14-22x further from the float model's than the
+    converter's). ai-edge-quantizer's own Calibrator takes the update rule as an argument (`qsv_update_func`),
+    and its `min_max_update` is the global min / max; the result is the {tensor name: {min, max}} mapping
+    `Quantizer.quantize` reads, the form `Quantizer.calibrate` returns."""
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(steps)
+    if not manager.need_calibration():
+        return {}
+    ranges = calibrator.Calibrator(data, qsv_update_func=qsv_utils.min_max_update)
+    ranges.calibrate(samples, manager)
+    return ranges.get_model_qsvs()
 
 
 def unsigned(model: Model, output_names: list[str]) -> None:
@@ -130,6 +153,64 @@ def unsigned(model: Model, output_names: list[str]) -> None:
 
 
 INTEGER = (schema.TensorType.INT8, schema.TensorType.INT16)
+
+
+def float_outputs(model: Model, types: dict) -> int:
+    """Every output (of a subgraph or of a signature) that was float and came out integer is float again:
+    ai-edge-quantizer 0.10, for an output a CONCATENATION also reads (its inputs share one scale, so it gets a
+    requantizing QUANTIZE), pointed the signature's output at the op's int8 result and made that QUANTIZE's
+    int8 copy the subgraph output (the output's DEQUANTIZE was left unread) — an int8 output, exit 0. The output
+    becomes that DEQUANTIZE's float tensor again (the one that reads the op's own int8 result, not the
+    requantized copy), or a new DEQUANTIZE's; the QUANTIZE feeds only its other readers. `types`: what
+    `output_types` gave before quantization. Returns how many float tensors became outputs again."""
+    copies: dict = {}  # id(integer tensor) → its float copy: one DEQUANTIZE per tensor, however many name it
+
+    def float_copy(sg, t, was):
+        if id(t) not in copies:
+            sources = [t]
+            if t.producer is not None and t.producer.builtin == OP.QUANTIZE and t.producer.inputs[0] is not None \
+                    and t.producer.inputs[0].type in INTEGER:
+                sources.insert(0, t.producer.inputs[0])  # the requantized tensor's source: no second rounding
+            copy = next((d.outputs[0] for s in sources for d in s.consumers if d.builtin == OP.DEQUANTIZE
+                         and d.outputs and d.outputs[0].type == was), None)
+            if copy is None:
+                copy = sg.add_activation(t.name + "_dequant", was, t.shape, like=t)
+                copy.shape_signature = list(t.shape_signature) if t.shape_signature is not None else None
+                sg.add_operator(ops.dequantize(sources[0], copy))
+            copies[id(t)] = copy
+        return copies[id(t)]
+
+    for sg, before in zip(model.subgraphs, types["subgraphs"]):
+        for i, (t, was) in enumerate(zip(list(sg.outputs), before)):
+            if was in FLOATS and t.type in INTEGER:
+                sg.outputs[i] = float_copy(sg, t, was)
+    for sig in model.signature_defs:
+        before = types["signatures"].get(sig.key, {})
+        for i, (name, t) in enumerate(list(sig.outputs)):
+            if before.get(name) in FLOATS and t.type in INTEGER:
+                sig.outputs[i] = (name, float_copy(sig.subgraph, t, before[name]))
+    return len({id(c) for c in copies.values()})
+
+
+def edge_shape_signatures(model: Model) -> int:
+    """Each QUANTIZE / DEQUANTIZE output without a shape signature gets its input's: ai-edge-quantizer 0.10 writes
+    the tensors of the ops it adds at the edges without one, so a model output of dynamic batch size ([-1, 10])
+    came out fixed ([1, 10]). Both ops keep the shape. Returns how many tensors got one."""
+    given = 0
+    for _, op in model.operators():
+        x, y = (op.inputs[0] if op.inputs else None), (op.outputs[0] if op.outputs else None)
+        if op.builtin in (OP.QUANTIZE, OP.DEQUANTIZE) and x is not None and y is not None \
+                and y.shape_signature is None and x.shape_signature is not None and list(x.shape) == list(y.shape) \
+                and len(x.shape_signature) == len(x.shape):
+            y.shape_signature = [int(d) for d in x.shape_signature]
+            given += 1
+    return given
+
+
+def output_types(model: Model) -> dict:
+    """The element types of every subgraph's outputs, and of every signature's by name (for `float_outputs`)."""
+    return {"subgraphs": [[t.type for t in sg.outputs] for sg in model.subgraphs],
+            "signatures": {sig.key: {name: t.type for name, t in sig.outputs} for sig in model.signature_defs}}
 
 
 def read_integer_outputs(model: Model) -> int:
