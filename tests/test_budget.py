@@ -304,3 +304,19 @@ def test_a_weight_read_by_many_ops_is_one_layer_of_the_budget(tmp_path):
     assert len(readers) == 8 and all(e["action"] == "rewritten" and e["rank"] == shared["rank"] for e in readers)
     assert budget["reached"] and abs(budget["achieved"] - budget["estimate"]) <= 0.03 * budget["estimate"]
     assert report["output_error"]["worst"] < 0.1
+
+
+def test_the_full_int8_baseline_counts_a_shared_weight_once():
+    """The file size `--quantize full-int8` alone would write (the baseline a target applies to) quantized a weight
+    two ops read once per reader: a siamese model's estimate was negative (R6-6)."""
+    from tfrewrite import budget
+    shared = io.read_buffer(B.shared_in_one_subgraph(width=16, hidden=64))
+    own = io.read_buffer(B.shared_in_one_subgraph(width=16, hidden=64))
+    second = own.main.operators[2]
+    second.inputs[1] = own.main.add_constant("own/weight", np.asarray(second.inputs[1].data).copy())
+    sizes = {name: len(io.to_bytes(m)) for name, m in (("shared", shared), ("own", own))}
+    estimates = {name: budget.full_int8_size(m, sizes[name]) for name, m in (("shared", shared), ("own", own))}
+    assert 0 < estimates["shared"] < sizes["shared"]
+    # The copy adds 64x64 float32 bytes to the file, and about a quarter of them to the quantized one.
+    added = sizes["own"] - sizes["shared"]
+    assert 0.2 * added < estimates["own"] - estimates["shared"] < 0.4 * added, (estimates, sizes)

@@ -88,6 +88,7 @@ def full_int8_size(model, file_bytes: int) -> float:
     from .ops.semantics import LAYERS
     from .io import CHANNEL_QUANTIZATION_BYTES, QUANTIZATION_BYTES
     size = float(file_bytes)
+    counted = []  # buffers already quantized: a weight several ops read is stored once
     for sg in model.subgraphs:
         for op in sg.operators:
             layout = LAYERS.get(op.builtin)
@@ -97,8 +98,10 @@ def full_int8_size(model, file_bytes: int) -> float:
                 weight = read_weight(op, layout.weight)
             except Skip:
                 continue
-            if weight.full_integer or weight.kind not in ("float32", "float16"):
+            if weight.full_integer or weight.kind not in ("float32", "float16") or \
+                    any(b is weight.stored.buffer for b in counted):
                 continue
+            counted.append(weight.stored.buffer)
             w, nb = weight.values, len(op.outputs[0].name)
             channels = (w.shape[layout.out_axis],)
             size += stored_bytes(w.size, channels, "full-int8", nb) - stored_bytes(w.size, channels, weight.kind, nb)
