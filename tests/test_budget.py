@@ -320,3 +320,17 @@ def test_the_full_int8_baseline_counts_a_shared_weight_once():
     # The copy adds 64x64 float32 bytes to the file, and about a quarter of them to the quantized one.
     added = sizes["own"] - sizes["shared"]
     assert 0.2 * added < estimates["own"] - estimates["shared"] < 0.4 * added, (estimates, sizes)
+
+
+def test_target_macs_is_refused_for_an_input_of_open_height_and_width(tmp_path, capsys):
+    """MACs are counted on the file's shapes, 1x1 where the height and width are left open: the layers' shares at
+    the size the model runs at differ, and a budget cut the wrong layers ("2.79x" that was 1.07x at 64x64, R6-16)."""
+    rng = np.random.default_rng(2)
+    m = io.read_buffer(B.conv_model(rng.standard_normal((16, 3, 3, 8)), rng.standard_normal(16), (1, 1)))
+    m.main.inputs[0].shape_signature = [1, -1, -1, 8]
+    src = tmp_path / "dynamic_hw.tflite"
+    src.write_bytes(io.to_bytes(m))
+    assert cli.main([str(src), str(tmp_path / "o.tflite"), "--target-macs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dynamic height or width" in err and "--target-size" in err
+    assert not (tmp_path / "o.tflite").exists()

@@ -301,6 +301,13 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
                          f"cannot go through it ({type(e).__name__}: {_first_line(str(e))})") from None
 
 
+def _dynamic_spatial_inputs(model) -> list[str]:
+    """The names of the main subgraph's [N, H, W, C] inputs whose height or width is dynamic (-1 in the shape
+    signature)."""
+    return [t.name for t in model.main.inputs if t is not None and t.shape_signature is not None
+            and len(t.shape_signature) == 4 and min(t.shape_signature[1:3]) < 0]
+
+
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
@@ -601,6 +608,11 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
             int8_chain.is_full_integer(op) for op in lowrank_targets(model, ctx)):
         raise io.ModelError(f"{input_path}: a full-integer int8 model: low rank needs --calibration (the new "
                             "intermediate tensors get their int8 ranges from it)")
+    if options.target_macs and _dynamic_spatial_inputs(model):
+        # MACs are counted on the file's shapes, 1x1 where an image's size is left open: the layers' shares at the
+        # real size differ (a "2.79x" at 1x1 was 1.07x at 64x64), so the budget would cut the wrong layers.
+        raise io.ModelError(f"{input_path}: input {', '.join(_dynamic_spatial_inputs(model))} has a dynamic height "
+                            "or width, so its MACs depend on the size it is run at: use --target-size")
     keys = [d.key for d in model.signature_defs]
     if options.signature is not None and options.signature not in keys:
         from .verify import DataError
