@@ -214,3 +214,16 @@ def test_library_callers_get_the_same_checks_as_the_command_line(bad, tmp_path):
     with pytest.raises(ValueError):
         rewrite.run(FIXTURES / "two_signatures.tflite", tmp_path / "o.tflite", rewrite.Options(**bad))
     assert not (tmp_path / "o.tflite").exists()
+
+
+def test_options_for_full_integer_layers_say_when_the_model_has_none(tmp, capsys):
+    """--per-tensor and --activation-percentile act on the layers of a full-integer input model only: on a float
+    model they silently changed nothing (R6-8); now a warning says so."""
+    rng = np.random.default_rng(0)
+    src, calib = tmp / "fc.tflite", tmp / "c.npz"
+    src.write_bytes(B.fc_model(rng.standard_normal((64, 32)), rng.standard_normal(64), (1, 32)))
+    np.savez(calib, input=rng.standard_normal((16, 32)).astype(np.float32))
+    assert cli.main([str(src), str(tmp / "o.tflite"), "--rank", "8", "--activation-percentile", "99.9",
+                     "--calibration", str(calib)]) == 0
+    err = capsys.readouterr().err
+    assert "--activation-percentile: the model has no full-integer layer, so it changes nothing" in err, err

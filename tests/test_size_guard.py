@@ -64,6 +64,9 @@ def test_a_rewrite_that_still_makes_the_file_larger_writes_the_input_unchanged(t
     assert report["totals"]["file_bytes_after"] == report["totals"]["file_bytes_before"]
     assert all(e["action"] == "skipped" for e in report["layers"])
     assert "written unchanged" in capsys.readouterr().out
+    # With nothing rewritten --force asks for nothing: the input, not its 8-byte-larger re-serialization.
+    assert cli.main([str(src), str(out), "--prune-channels", "0.5", "--force"]) == 0
+    assert out.read_bytes() == src.read_bytes()
     # --force asks for the rewrite whatever it costs.
     assert cli.main([str(src), str(out), "--rank", "2", "--force"]) == 0
     assert out.stat().st_size > src.stat().st_size

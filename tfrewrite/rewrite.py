@@ -608,6 +608,14 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
             int8_chain.is_full_integer(op) for op in lowrank_targets(model, ctx)):
         raise io.ModelError(f"{input_path}: a full-integer int8 model: low rank needs --calibration (the new "
                             "intermediate tensors get their int8 ranges from it)")
+    if (options.per_tensor or options.activation_percentile is not None) and not any(
+            op.inputs and op.outputs and int8_chain.is_full_integer(op) for op in model.main.operators):
+        # Both act on full-integer layers only (the input's own): on another model they would change nothing.
+        asked = " and ".join(flag for flag, given in (("--per-tensor", options.per_tensor),
+                                                      ("--activation-percentile", options.activation_percentile
+                                                       is not None)) if given)
+        warnings.append(f"{asked}: the model has no full-integer layer, so it changes nothing (it acts on the "
+                        "layers of a full-integer int8 input model)")
     if options.target_macs and _dynamic_spatial_inputs(model):
         # MACs are counted on the file's shapes, 1x1 where an image's size is left open: the layers' shares at the
         # real size differ (a "2.79x" at 1x1 was 1.07x at 64x64), so the budget would cut the wrong layers.
@@ -655,8 +663,9 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
             notes.append(f"the full-integer model is larger than the input ({size_after} > {size_before} bytes); "
                          "kept (--force)")
             kept_larger = True
-        elif size_after > size_before and not options.force:
-            # Never a larger file unless asked for (--force): the input goes out as it is, and the report says so.
+        elif size_after > size_before and (not options.force or not changed):
+            # Never a larger file unless asked for (--force; and when nothing was rewritten, --force asked for
+            # nothing): the input goes out as it is, and the report says so.
             if not notes:
                 _undo_entries(entries, f"undone: the rewritten file ({size_after} bytes) was larger than the input "
                                        f"({size_before} bytes)")
