@@ -127,6 +127,11 @@ OUT_OF_RANGE = {
                                                         [m.subgraphs[0].operators[1].inputs[0]]),
     "two operators writing one tensor": lambda m: setattr(m.subgraphs[0].operators[1], "outputs",
                                                           list(m.subgraphs[0].operators[0].outputs)),
+    # A layer's options of another op type: the conv pass read strideH off FullyConnectedOptions (internal error).
+    "options of another op type": lambda m: [
+        setattr(_first_op_with(m, schema.BuiltinOperator.FULLY_CONNECTED), "builtinOptionsType",
+                schema.BuiltinOptions.Conv2DOptions),
+        setattr(_first_op_with(m, schema.BuiltinOperator.FULLY_CONNECTED), "builtinOptions", schema.Conv2DOptionsT())],
     # A negative dimension skipped the size check and reached a reshape (R6-10: an internal error, and `inspect`
     # printed negative parameter counts).
     "weight negative dimension": lambda m: setattr(next(t for sg in m.subgraphs for t in sg.tensors

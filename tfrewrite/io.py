@@ -463,6 +463,10 @@ class _Reader:
                 suffix = "2" if n else ""
                 setattr(op, f"builtin_options{suffix}_type", get_type())
                 setattr(op, f"builtin_options{suffix}", creator(get_type(), table))
+        expected = _LAYER_OPTIONS.get(op.builtin)
+        if expected is not None and op.builtin_options_type not in (schema.BuiltinOptions.NONE, expected):
+            self.fail(f"a {op.name} operator with the options of another op type (builtin options type "
+                      f"{op.builtin_options_type}, expected {expected})")
         for attr, value in _subgraph_references(op):
             for v in (value if isinstance(value, (list, tuple, np.ndarray)) else [value]):
                 self.index(v, n_subgraphs, f"{attr} subgraph")
@@ -526,6 +530,12 @@ class _Reader:
                 self.fail(f"tensor {t.name!r} of shape {shape} needs {expected} bytes, its buffer has {t.buffer.nbytes}")
         t.extra = _unmodelled_fields(schema.TensorT, _TENSOR_EXTRA, fb)
         return t
+
+
+# The options table of each op the passes rewrite (LiteRT reads a table of another type as its own: a hostile file).
+_LAYER_OPTIONS = {schema.BuiltinOperator.CONV_2D: schema.BuiltinOptions.Conv2DOptions,
+                  schema.BuiltinOperator.DEPTHWISE_CONV_2D: schema.BuiltinOptions.DepthwiseConv2DOptions,
+                  schema.BuiltinOperator.FULLY_CONNECTED: schema.BuiltinOptions.FullyConnectedOptions}
 
 
 # Fields of the schema's Model, SubGraph, Operator and Tensor tables that the IR models itself (object-API
