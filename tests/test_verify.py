@@ -85,6 +85,8 @@ def test_verify_failure_exits_3_and_leaves_no_output(tmp, capsys):
     report = json.loads(rep.read_text())
     _validate(report)
     assert report["verify"]["passed"] is False and report["verify"]["failures"]
+    # The report is the one file written: it says the model it names was not (R6-8).
+    assert f"verification failed, so {out} was not written" in report["notes"]
 
 
 def test_verify_top5_bound(tmp, capsys, labelled):

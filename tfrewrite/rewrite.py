@@ -737,6 +737,8 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
                                 f"smaller (the budget estimated {report['budget']['estimate']:.{digits}f}x)")
         if options.verify:
             report["verify"] = verify_against(input_path, target, options)
+            if not report["verify"]["passed"]:  # only the report is written then: say so in it
+                report["notes"].append(f"verification failed, so {output_path} was not written")
         if report_target is not None:
             _written(lambda: write_json(report, report_target), options.report)
         if options.verify and not report["verify"]["passed"]:
