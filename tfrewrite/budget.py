@@ -442,36 +442,29 @@ def _budget_layer(op, weight, options: list, ctx, full_int8: bool = False, optio
     from .passes import quantize
     w = weight.values
     now = ITEMSIZE.get(weight.kind, 4)
-    if option_bytes is not None and (weight.full_integer or not full_int8 and quantize.stored_itemsize(
-            weight.kind, w.size, ctx.settings(op).quantize, ctx.plan.min_params) == now):
-        # The dense cost of a full-integer layer is its ops' bytes as `stored_bytes` counts them (as its sparsity
-        # options and channel cuts are counted), of the others their weights' bytes; either way an option costs
-        # that plus what its rewrite adds (a negative number: only options that free bytes are offered).
-        nb = len(op.outputs[0].name.split(";")[0]) + 12
-        dense = stored_bytes(w.size, (w.shape[0],), "full-int8", nb) if weight.full_integer else w.size * now
-        layer = BudgetLayer(op.outputs[0].name, [], w.size,
-                            numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])), 1 if weight.full_integer
-                            else now, input_bytes=dense, dense_bytes=dense,
-                            op_bytes=stored_bytes(0, (0,), "full-int8", nb) if weight.full_integer else 0.0)
+    macs_ = numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:]))
+    integer = weight.full_integer or full_int8
+
+    def stored_as() -> int:  # the itemsize --quantize stores a float weight in (no context for an integer layer)
+        return quantize.stored_itemsize(weight.kind, w.size, ctx.settings(op).quantize, ctx.plan.min_params)
+    measured = option_bytes is not None and (weight.full_integer or not full_int8 and stored_as() == now)
+    if not (measured or integer):
+        return BudgetLayer(op.outputs[0].name, list(options), w.size, macs_, stored_as(), input_bytes=w.size * now)
+    # The dense cost of a full-integer layer is its ops' bytes as `stored_bytes` counts them (as its sparsity
+    # options and channel cuts are counted), of the others their weights' bytes.
+    nb = len(op.outputs[0].name.split(";")[0]) + 12  # the chain's tensors: the layer's name + a suffix
+    dense = stored_bytes(w.size, (w.shape[0],), "full-int8", nb) if integer else w.size * now
+    layer = BudgetLayer(op.outputs[0].name, [], w.size, macs_, 1 if integer else now, input_bytes=dense,
+                        dense_bytes=dense, op_bytes=stored_bytes(0, (0,), "full-int8", nb) if integer else 0.0)
+    if measured:  # an option costs the dense bytes plus what its rewrite adds (negative where it frees bytes)
         ranked = [o for o in options if isinstance(o, RankOption)]
         added = dict(zip(map(id, ranked), option_bytes(ranked)))
-        measured = [o._replace(nbytes=dense + added[id(o)]) if id(o) in added else o for o in options]
-        layer.options = [o for o in _with_layer_overhead(measured, layer, weight) if o.nbytes is None or o.nbytes < dense]
-        return layer
-    if weight.full_integer or full_int8:
-        nb = len(op.outputs[0].name.split(";")[0]) + 12  # the chain's tensors: the layer's name + a suffix
-        dense = stored_bytes(w.size, (w.shape[0],), "full-int8", nb)
-        layer = BudgetLayer(op.outputs[0].name, [], w.size,
-                            numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])), 1,
-                            input_bytes=dense, dense_bytes=dense, op_bytes=stored_bytes(0, (0,), "full-int8", nb))
+        options = [o._replace(nbytes=dense + added[id(o)]) if id(o) in added else o for o in options]
+    else:
         options = [o._replace(nbytes=stored_bytes(o.params, o.channels, "full-int8", nb))
                    if getattr(o, "channels", None) else o for o in options]
-        layer.options = [o for o in _with_layer_overhead(options, layer, weight) if o.nbytes is None or o.nbytes < dense]
-        return layer
-    return BudgetLayer(op.outputs[0].name, list(options), w.size,
-                       numel(static_shape(op.outputs[0])) * int(np.prod(w.shape[1:])),
-                       quantize.stored_itemsize(weight.kind, w.size, ctx.settings(op).quantize, ctx.plan.min_params),
-                       input_bytes=w.size * now)
+    layer.options = [o for o in _with_layer_overhead(options, layer, weight) if o.nbytes is None or o.nbytes < dense]
+    return layer
 
 
 def _with_layer_overhead(options: list, layer: BudgetLayer, weight) -> list:

@@ -287,7 +287,7 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
     written, options of another op type) is rewritten as far as it goes; where a pass then fails on it, the
     answer is a ModelError naming the input's problem, not an internal error."""
     from .io import ModelError
-    from .verify import DataError, NotRunnable
+    from .verify import DataError, NotRunnable, first_line
     # Problems the input already has are not ours to fix; any new one after a pass is a fault of that pass.
     known_problems = model.problems()
     try:
@@ -298,7 +298,7 @@ def rewrite_model(model, options: Options, progress=None, context: RunContext | 
         if not known_problems:
             raise
         raise ModelError(f"{source or 'the input model'}: malformed graph ({known_problems[0]}); the rewrite "
-                         f"cannot go through it ({type(e).__name__}: {_first_line(str(e))})") from None
+                         f"cannot go through it ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _dynamic_spatial_inputs(model) -> list[str]:
@@ -306,10 +306,6 @@ def _dynamic_spatial_inputs(model) -> list[str]:
     signature)."""
     return [t.name for t in model.main.inputs if t is not None and t.shape_signature is not None
             and len(t.shape_signature) == 4 and min(t.shape_signature[1:3]) < 0]
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def _rewrite_model(model, options: Options, progress, context: RunContext | None, source, known_problems: list
@@ -609,18 +605,19 @@ def run(input_path, output_path, options: Options, progress: bool = False, commi
         raise io.ModelError(f"{input_path}: a full-integer int8 model: low rank needs --calibration (the new "
                             "intermediate tensors get their int8 ranges from it)")
     if (options.per_tensor or options.activation_percentile is not None) and not any(
-            op.inputs and op.outputs and int8_chain.is_full_integer(op) for op in model.main.operators):
+            int8_chain.is_full_integer(op) for op in model.main.operators):
         # Both act on full-integer layers only (the input's own): on another model they would change nothing.
         asked = " and ".join(flag for flag, given in (("--per-tensor", options.per_tensor),
                                                       ("--activation-percentile", options.activation_percentile
                                                        is not None)) if given)
         warnings.append(f"{asked}: the model has no full-integer layer, so it changes nothing (it acts on the "
                         "layers of a full-integer int8 input model)")
-    if options.target_macs and _dynamic_spatial_inputs(model):
+    open_size = _dynamic_spatial_inputs(model) if options.target_macs else []
+    if open_size:
         # MACs are counted on the file's shapes, 1x1 where an image's size is left open: the layers' shares at the
         # real size differ (a "2.79x" at 1x1 was 1.07x at 64x64), so the budget would cut the wrong layers.
-        raise io.ModelError(f"{input_path}: input {', '.join(_dynamic_spatial_inputs(model))} has a dynamic height "
-                            "or width, so its MACs depend on the size it is run at: use --target-size")
+        raise io.ModelError(f"{input_path}: input {', '.join(open_size)} has a dynamic height or width, so its MACs "
+                            "depend on the size it is run at: use --target-size")
     keys = [d.key for d in model.signature_defs]
     if options.signature is not None and options.signature not in keys:
         from .verify import DataError

@@ -617,14 +617,14 @@ def output_error(reference, candidate, inputs=None, samples: int = 4, signature:
         names = ra.outputs
         del ra  # one interpreter at a time: XNNPACK's packed weights of a large model are freed first
     except Exception as e:  # whatever the runtime raises for a model it cannot run
-        return {"measured": False, "reason": f"the input model does not run in LiteRT: {_first_line(e)}"}
+        return {"measured": False, "reason": f"the input model does not run in LiteRT: {first_line(e)}"}
     try:
         rb = Runner(candidate, True, 1, signature)
         outs_b = rb.real(rb.per_sample(inputs))
     except NotRunnable as e:  # the runtime's reason only: the candidate is the tool's temporary file
-        raise CandidateFailed(_first_line(e.reason)) from None
+        raise CandidateFailed(first_line(e.reason)) from None
     except Exception as e:
-        raise CandidateFailed(_first_line(e)) from None
+        raise CandidateFailed(first_line(e)) from None
     rows = []
     for j, name in enumerate(names):
         shapes = [list(np.shape(outs[0][j])) for outs in (outs_a, outs_b)] if outs_a and outs_b else [[], []]
@@ -692,7 +692,8 @@ def _integer_step(t) -> float | None:
     return float(q.scale[0]) or None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 

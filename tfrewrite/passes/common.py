@@ -156,7 +156,9 @@ def nonfinite_reason(values) -> str | None:
 OUTPUT_WEIGHT = "its weight is also a model output: left as it is"
 
 
-def read_weight(op: Operator, index: int = 1) -> LayerWeight:
+def _weight_source(op: Operator, index: int):
+    """(input `index` of `op`, `analysis.stored` of it): what both weight readers start from; Skip for a missing
+    weight, one that is also a model output, or one behind a chain of carriers."""
     w = op.inputs[index] if len(op.inputs) > index else None
     if w is None:
         raise Skip("no weight input")
@@ -166,6 +168,11 @@ def read_weight(op: Operator, index: int = 1) -> LayerWeight:
     reason = chained_weight_reason(src)
     if reason:
         raise Skip(reason)
+    return w, src
+
+
+def read_weight(op: Operator, index: int = 1) -> LayerWeight:
+    w, src = _weight_source(op, index)
     carrier = src.carrier if src is not None else w.producer
     if carrier is not None and carrier.builtin == OP.DENSIFY:
         raise Skip("sparse weight (behind DENSIFY)")
@@ -222,15 +229,7 @@ class StoredWeight:
 
 def find_stored_weight(op: Operator) -> StoredWeight:
     """The stored constant of input 1, following one DEQUANTIZE; Skip when it cannot be pruned."""
-    w = op.inputs[1] if len(op.inputs) > 1 else None
-    if w is None:
-        raise Skip("no weight input")
-    src = stored(w)
-    if is_subgraph_output(w) or (src is not None and is_subgraph_output(src.tensor)):
-        raise Skip(OUTPUT_WEIGHT)
-    reason = chained_weight_reason(src)
-    if reason:
-        raise Skip(reason)
+    w, src = _weight_source(op, 1)
     carrier = src.carrier if src is not None else w.producer
     if not w.is_constant:
         if carrier is None:

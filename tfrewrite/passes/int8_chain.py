@@ -40,8 +40,10 @@ DEFAULT_PERCENTILE = 100.0
 
 def is_full_integer(op: Operator) -> bool:
     """int8 activations in and out and an int8 weight: the op runs on the integer kernels."""
-    x, w, out = op.inputs[0], (op.inputs[1] if len(op.inputs) > 1 else None), op.outputs[0]
-    return x is not None and w is not None and x.type == T.INT8 and w.type == T.INT8 and out.type == T.INT8
+    x, w = (list(op.inputs) + [None, None])[:2]
+    out = op.outputs[0] if op.outputs else None  # ops without operands (VAR_HANDLE) are none
+    return x is not None and w is not None and out is not None and x.type == T.INT8 and w.type == T.INT8 \
+        and out.type == T.INT8
 
 
 def per_tensor(t: Tensor) -> tuple[float, int]:
